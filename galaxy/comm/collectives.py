@@ -1,0 +1,191 @@
+"""Autograd-aware collectives: each forward is paired with its conjugate in backward.
+
+    copy_to_all      fwd identity          bwd all-reduce
+    all_reduce       fwd all-reduce        bwd identity
+    split_scatter    fwd keep own slice    bwd all-gather
+    gather_along_dim fwd all-gather        bwd keep own slice
+    reduce_scatter   fwd reduce-scatter    bwd all-gather
+    all_gather       fwd all-gather        bwd reduce-scatter
+
+Every function takes the process group and, where a dimension is split, the list of
+per-rank sizes along it, so uneven splits (heterogeneous devices) work. A group of one
+rank makes every collective the identity, which is how the serial layout runs.
+"""
+import torch
+import torch.distributed as dist
+
+from galaxy.comm import stats
+
+
+def _world(group):
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _rank(group):
+    return 0 if group is None else dist.get_rank(group)
+
+
+def _offset(sizes, rank):
+    return sum(sizes[:rank])
+
+
+# --- plain (non-autograd) helpers shared by forward and backward -------------------------
+
+def _all_reduce(x, group):
+    if _world(group) == 1:
+        return x
+    x = x.contiguous()
+    stats.record("all_reduce", x)
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _split(x, dim, sizes, group):
+    rank = _rank(group)
+    return x.narrow(dim, _offset(sizes, rank), sizes[rank]).contiguous()
+
+
+def _all_gather(x, dim, sizes, group):
+    """Concatenate every rank's slice along `dim`. gloo's all_gather rejects uneven
+    sizes, so slices are padded to the largest, gathered in one call, then trimmed."""
+    if _world(group) == 1:
+        return x
+    stats.record("all_gather", x)
+    longest = max(sizes)
+    moved = x.movedim(dim, 0)
+    if moved.shape[0] < longest:
+        pad = moved.new_zeros((longest - moved.shape[0],) + moved.shape[1:])
+        moved = torch.cat([moved, pad])
+    out = moved.new_empty((len(sizes) * longest,) + moved.shape[1:])
+    dist.all_gather_single(out, moved.contiguous(), group=group)
+    pieces = [out[r * longest: r * longest + n] for r, n in enumerate(sizes)]
+    return torch.cat(pieces).movedim(0, dim).contiguous()
+
+
+def _reduce_scatter(x, dim, sizes, group):
+    """Sum over ranks, each rank keeping its own (possibly uneven) slice along `dim`."""
+    if _world(group) == 1:
+        return x
+    stats.record("reduce_scatter", x)
+    chunks = [c.contiguous() for c in x.split(sizes, dim)]
+    out = torch.empty_like(chunks[_rank(group)])
+    dist.reduce_scatter(out, chunks, group=group)
+    return out
+
+
+# --- autograd functions ---------------------------------------------------------------
+
+class _CopyToAll(torch.autograd.Function):
+    """Identity in forward; all-reduce in backward (each rank's partial gradient sums)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad.clone(), ctx.group), None
+
+
+class _AllReduce(torch.autograd.Function):
+    """All-reduce (sum of partial results) in forward; identity in backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x.clone(), group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _SplitScatter(torch.autograd.Function):
+    """Keep this rank's slice in forward; all-gather the slices' gradients in backward."""
+
+    @staticmethod
+    def forward(ctx, x, dim, sizes, group):
+        ctx.args = (dim, sizes, group)
+        return _split(x, dim, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, *ctx.args), None, None, None
+
+
+class _GatherAlongDim(torch.autograd.Function):
+    """All-gather in forward; keep this rank's slice of the gradient in backward.
+    Use it when every rank consumes the gathered tensor identically (replicated work)."""
+
+    @staticmethod
+    def forward(ctx, x, dim, sizes, group):
+        ctx.args = (dim, sizes, group)
+        return _all_gather(x, dim, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _split(grad, *ctx.args), None, None, None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    """Reduce-scatter in forward; all-gather in backward."""
+
+    @staticmethod
+    def forward(ctx, x, dim, sizes, group):
+        ctx.args = (dim, sizes, group)
+        return _reduce_scatter(x, dim, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, *ctx.args), None, None, None
+
+
+class _AllGather(torch.autograd.Function):
+    """All-gather in forward; reduce-scatter in backward. Use it when each rank consumes
+    the gathered tensor differently (its own heads/columns), so gradients are partial."""
+
+    @staticmethod
+    def forward(ctx, x, dim, sizes, group):
+        ctx.args = (dim, sizes, group)
+        return _all_gather(x, dim, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter(grad, *ctx.args), None, None, None
+
+
+def _check_sizes(x, dim, sizes, group, full):
+    world = _world(group)
+    if len(sizes) != world:
+        raise ValueError(f"sizes {list(sizes)} has {len(sizes)} entries for a group of {world} ranks")
+    expected = sum(sizes) if full else sizes[_rank(group)]
+    if x.shape[dim] != expected:
+        raise ValueError(f"tensor has {x.shape[dim]} along dim {dim}, sizes {list(sizes)} expect {expected}")
+
+
+def copy_to_all(x, group):
+    return _CopyToAll.apply(x, group)
+
+
+def all_reduce(x, group):
+    return _AllReduce.apply(x, group)
+
+
+def split_scatter(x, dim, sizes, group):
+    _check_sizes(x, dim, sizes, group, full=True)
+    return _SplitScatter.apply(x, dim, list(sizes), group)
+
+
+def gather_along_dim(x, dim, sizes, group):
+    _check_sizes(x, dim, sizes, group, full=False)
+    return _GatherAlongDim.apply(x, dim, list(sizes), group)
+
+
+def reduce_scatter(x, dim, sizes, group):
+    _check_sizes(x, dim, sizes, group, full=True)
+    return _ReduceScatter.apply(x, dim, list(sizes), group)
+
+
+def all_gather(x, dim, sizes, group):
+    _check_sizes(x, dim, sizes, group, full=False)
+    return _AllGather.apply(x, dim, list(sizes), group)

@@ -1,0 +1,107 @@
+"""ParallelContext: this rank's coordinates and process groups, built from world, rank and Plan.
+
+Ranks are laid out tensor-fastest, then data, then pipeline (as in Megatron):
+    rank = pp_rank * (dp_size * tp_size) + dp_rank * tp_size + tp_rank
+so the ranks that exchange activations every block are neighbours. The context is passed
+explicitly to whatever needs it; there is no global state.
+"""
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from galaxy.plan import Plan
+
+
+def _owned(sizes, index):
+    start = sum(sizes[:index])
+    return range(start, start + sizes[index])
+
+
+@dataclass
+class ParallelContext:
+    plan: Plan
+    rank: int = 0
+    tp_group: object = None   # None means "a group of one": collectives become identities
+    dp_group: object = None
+    pp_group: object = None   # this rank's pipeline: one rank per stage
+
+    @property
+    def world(self):
+        return self.plan.world
+
+    @property
+    def tp_size(self):
+        return self.plan.tp_size
+
+    @property
+    def tp_rank(self):
+        return self.rank % self.plan.tp_size
+
+    @property
+    def dp_rank(self):
+        return (self.rank // self.plan.tp_size) % self.plan.dp_size
+
+    @property
+    def pp_rank(self):
+        return self.rank // (self.plan.tp_size * self.plan.dp_size)
+
+    def pp_peer(self, stage):
+        """Global rank of the same (dp, tp) coordinates at another pipeline stage."""
+        return self.rank + (stage - self.pp_rank) * self.plan.tp_size * self.plan.dp_size
+
+    @property
+    def is_first_stage(self):
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self):
+        return self.pp_rank == self.plan.pp_size - 1
+
+    # What this rank owns, as ranges into the full model.
+    @property
+    def heads(self):
+        return _owned(self.plan.heads, self.tp_rank)
+
+    @property
+    def kv_heads(self):
+        return _owned(self.plan.kv_heads, self.tp_rank)
+
+    @property
+    def columns(self):
+        return _owned(self.plan.columns, self.tp_rank)
+
+    @property
+    def positions(self):
+        return _owned(self.plan.positions, self.tp_rank)
+
+    @property
+    def layers(self):
+        return _owned(self.plan.stage_layers, self.pp_rank)
+
+    @classmethod
+    def create(cls, plan, rank):
+        """Build every group (all ranks must call new_group for every group, in order)."""
+        if plan.world == 1:
+            return cls(plan, rank)
+        if not dist.is_initialized():
+            raise RuntimeError("ParallelContext.create needs torch.distributed initialised (see galaxy.comm.launch)")
+        tp, dp, pp = plan.tp_size, plan.dp_size, plan.pp_size
+        ctx = cls(plan, rank)
+        coords = [(r // (tp * dp), (r // tp) % dp, r % tp) for r in range(plan.world)]
+        ctx.tp_group = _groups(coords, rank, tp, lambda c: (c[0], c[1]))
+        ctx.dp_group = _groups(coords, rank, dp, lambda c: (c[0], c[2]))
+        ctx.pp_group = _groups(coords, rank, pp, lambda c: (c[1], c[2]))
+        return ctx
+
+
+def _groups(coords, rank, size, key):
+    """Create one group per value of `key` (ranks sharing it); return the one holding `rank`."""
+    if size == 1:
+        return None
+    mine = None
+    for value in sorted({key(c) for c in coords}):
+        members = [r for r, c in enumerate(coords) if key(c) == value]
+        group = dist.new_group(members)
+        if rank in members:
+            mine = group
+    return mine

@@ -1,0 +1,143 @@
+"""The layout as data: which parallel method each block of a layer uses, and how many
+heads, intermediate columns, sequence positions and layers each rank owns.
+
+A Plan is computed once from the config and the world size, before any process group
+exists, so a bad split fails fast with a message naming the key. Models ask the plan
+what to build; they never branch on layout names.
+
+    method per block     ATT        CON        MLP
+    serial               NONE       NONE       NONE
+    tp                   TP         NONE       TP
+    sp                   SP         SP         SP
+    galaxy               TP         SP         TP
+    galaxy2              TP         SP         SP
+    dp / pp              NONE       NONE       NONE   (+ data / pipeline groups)
+"""
+from dataclasses import dataclass
+
+from galaxy.train.errors import ConfigError
+
+LAYOUTS = {
+    "serial": ("NONE", "NONE", "NONE"),
+    "tp": ("TP", "NONE", "TP"),
+    "sp": ("SP", "SP", "SP"),
+    "galaxy": ("TP", "SP", "TP"),
+    "galaxy2": ("TP", "SP", "SP"),
+    "dp": ("NONE", "NONE", "NONE"),
+    "pp": ("NONE", "NONE", "NONE"),
+}
+BLOCK_METHODS = {
+    "att_parallel_method": ("TP", "SP", "NONE"),
+    "con_parallel_method": ("SP", "NONE"),
+    "mlp_parallel_method": ("TP", "SP", "NONE"),
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    att: str = "NONE"
+    con: str = "NONE"
+    mlp: str = "NONE"
+    tp_size: int = 1          # ranks sharing one layer's tensors (TP/SP/Galaxy group)
+    dp_size: int = 1          # model replicas
+    pp_size: int = 1          # pipeline stages
+    heads: tuple = ()         # attention heads per tensor rank
+    kv_heads: tuple = ()      # key/value heads per tensor rank (GQA); equals heads for MHA
+    columns: tuple = ()       # MLP intermediate columns per tensor rank
+    positions: tuple = ()     # sequence positions per tensor rank
+    stage_layers: tuple = ()  # transformer layers per pipeline stage
+
+    @property
+    def world(self):
+        return self.tp_size * self.dp_size * self.pp_size
+
+    def describe(self):
+        return (f"ATT={self.att} CON={self.con} MLP={self.mlp} tp={self.tp_size} dp={self.dp_size} "
+                f"pp={self.pp_size} heads={list(self.heads)} columns={list(self.columns)} "
+                f"positions={list(self.positions)} stage_layers={list(self.stage_layers)}")
+
+
+def _even(total, parts, key):
+    if total % parts:
+        raise ConfigError(f"{key} is not given and {total} does not split evenly over {parts} ranks; "
+                          f"list the per-rank sizes in {key}")
+    return [total // parts] * parts
+
+
+def _split(cfg, key, total, parts, what):
+    sizes = cfg.get(key)
+    if sizes is None:
+        return tuple(_even(total, parts, key))
+    if len(sizes) != parts:
+        raise ConfigError(f"{key} {sizes} has {len(sizes)} entries, but {parts} ranks share each layer "
+                          f"(world size / pipeline stages / data-parallel replicas)")
+    if any(s < 1 for s in sizes):
+        raise ConfigError(f"{key} {sizes}: every rank must own at least one {what}")
+    if sum(sizes) != total:
+        raise ConfigError(f"{key} {sizes} sums to {sum(sizes)}, model has {total} {what}s")
+    return tuple(sizes)
+
+
+def _methods(cfg):
+    layout = (cfg.get("parallel") or "serial").lower()
+    if layout not in LAYOUTS:
+        raise ConfigError(f"parallel '{cfg.get('parallel')}' is not one of {sorted(LAYOUTS)}")
+    methods = dict(zip(BLOCK_METHODS, LAYOUTS[layout]))
+    for key, allowed in BLOCK_METHODS.items():
+        if cfg.get(key) is not None:
+            value = cfg[key].upper()
+            if value not in allowed:
+                raise ConfigError(f"{key} '{cfg[key]}' is not one of {list(allowed)}")
+            methods[key] = value
+    return methods
+
+
+def build_plan(cfg, world):
+    """Validate the config's layout keys against the world size and return the Plan."""
+    if world < 1:
+        raise ConfigError(f"world size {world} must be at least 1")
+    m = _methods(cfg)
+    layers = cfg["num_hidden_layers"]
+    if world == 1:  # any layout run on one rank is the serial reference
+        return Plan(heads=(cfg["num_attention_heads"],), kv_heads=(_kv_heads(cfg),),
+                    columns=(cfg["intermediate_size"],), positions=(cfg["seq_length"],),
+                    stage_layers=(layers,))
+    stages = cfg.get("stage_num_hidden_layers_list")  # a list of more than one entry turns pipelining on
+    pp = len(stages) if stages else 1
+    if world % pp:
+        raise ConfigError(f"stage_num_hidden_layers_list {stages} has {pp} stages, world size {world} is not a multiple")
+    stage_layers = _split(cfg, "stage_num_hidden_layers_list", layers, pp, "layer")
+    sharded = any(v != "NONE" for v in m.values())
+    dp = cfg.get("data_parallel_size") or (1 if sharded else world // pp)
+    if world % (pp * dp):
+        raise ConfigError(f"data_parallel_size {dp} x {pp} pipeline stages does not divide world size {world}")
+    tp = world // (pp * dp)
+    if tp > 1 and not sharded:
+        raise ConfigError(f"world {world} = {pp} stages x {dp} replicas x {tp}, but no block is parallel: "
+                          f"set parallel or att/con/mlp_parallel_method, or data_parallel_size")
+    heads = _split(cfg, "tp_num_attention_heads_list", cfg["num_attention_heads"], tp, "attention head") \
+        if m["att_parallel_method"] == "TP" else (cfg["num_attention_heads"],) * tp
+    kv = _kv_split(cfg, heads) if m["att_parallel_method"] == "TP" else (_kv_heads(cfg),) * tp
+    columns = _split(cfg, "tp_intermediate_size_list", cfg["intermediate_size"], tp, "intermediate column") \
+        if m["mlp_parallel_method"] == "TP" else (cfg["intermediate_size"],) * tp
+    positions = _split(cfg, "seq_scatter_list", cfg["seq_length"], tp, "sequence position") \
+        if "SP" in m.values() else (cfg["seq_length"],) * tp
+    return Plan(att=m["att_parallel_method"], con=m["con_parallel_method"], mlp=m["mlp_parallel_method"],
+                tp_size=tp, dp_size=dp, pp_size=pp, heads=heads, kv_heads=kv, columns=columns,
+                positions=positions, stage_layers=stage_layers)
+
+
+def _kv_heads(cfg):
+    return cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+
+
+def _kv_split(cfg, heads):
+    """Under TP each rank keeps whole GQA groups: its query heads map onto its own KV heads."""
+    total, kv = cfg["num_attention_heads"], _kv_heads(cfg)
+    if total % kv:
+        raise ConfigError(f"num_attention_heads {total} is not a multiple of num_key_value_heads {kv}")
+    group = total // kv
+    if any(h % group for h in heads):
+        raise ConfigError(f"tp_num_attention_heads_list {list(heads)} splits GQA groups of {group} query heads "
+                          f"(num_attention_heads {total} / num_key_value_heads {kv}); each entry must be a multiple of {group}")
+    return tuple(h // group for h in heads)

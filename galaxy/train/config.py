@@ -1,0 +1,186 @@
+"""Flat JSON configs with the research prototype's key names, validated in one place.
+
+Every key has a type and a default; unknown keys and wrong types are errors naming the key.
+Command-line `--key value` pairs override the file. Aliases keep old names working.
+"""
+import hashlib
+import json
+from pathlib import Path
+
+from galaxy.train.errors import ConfigError
+
+INT_LIST = "list[int]"
+
+# key: (type, default, meaning)
+SCHEMA = {
+    # model
+    "model": (str, "bert", "architecture: bert | llama | bart"),
+    "hidden_size": (int, 768, ""),
+    "intermediate_size": (int, 3072, ""),
+    "num_attention_heads": (int, 12, ""),
+    "num_key_value_heads": (int, None, "GQA key/value heads (LLaMA); default = num_attention_heads"),
+    "num_hidden_layers": (int, 12, ""),
+    "num_decoder_layers": (int, None, "BART decoder layers; default = num_hidden_layers"),
+    "vocab_size": (int, 8000, ""),
+    "type_vocab_size": (int, 2, ""),
+    "max_position_embeddings": (int, 512, ""),
+    "hidden_dropout_prob": (float, 0.1, ""),
+    "attention_probs_dropout_prob": (float, 0.1, ""),
+    "layer_norm_eps": (float, 1e-12, ""),
+    "rms_norm_eps": (float, 1e-6, ""),
+    "rope_theta": (float, 10000.0, ""),
+    "tie_word_embeddings": (bool, None, "share input embeddings with the output head"),
+    "initializer_range": (float, 0.02, ""),
+    "hidden_act": (str, "gelu", ""),
+    # data
+    "train": (bool, True, "train (true) or only run the forward pass (false)"),
+    "data": (str, "corpus", "corpus | synthetic"),
+    "data_file": (str, "data/python_docs/pretrain.jsonl", ""),
+    "tokenizer_file": (str, "data/python_docs/spm_bert.model", ""),
+    "seq_length": (int, 128, "tokens per sequence (alias: pad_size, max_seq_length)"),
+    "batch_size": (int, 8, "global batch size per optimizer micro-step"),
+    # optimisation
+    "learning_rate": (float, 5e-4, "(alias: lr)"),
+    "weight_decay": (float, 0.01, ""),
+    "adam_beta1": (float, 0.9, ""),
+    "adam_beta2": (float, 0.999, ""),
+    "adam_eps": (float, 1e-8, ""),
+    "warmup_steps": (int, 10, ""),
+    "lr_scheduler": (str, "linear", "linear | cosine | constant"),
+    "gradient_accumulation_steps": (int, 1, ""),
+    "max_grad_norm": (float, 1.0, "0 disables clipping"),
+    "num_epochs": (int, 1, ""),
+    "max_steps": (int, None, "optimizer steps; default = one pass of num_epochs"),
+    "seed": (int, 42, ""),
+    "dtype": (str, "fp32", "fp32 | bf16 (autocast; fp32 master weights)"),
+    "activation_checkpointing": (bool, False, ""),
+    "log_every": (int, 1, ""),
+    # tuning method: exactly one true
+    "full_model": (bool, True, ""),
+    "use_lora": (bool, False, ""),
+    "lora_dim": (int, 8, "LoRA rank r (alias: lora_att_dim, lora_r)"),
+    "lora_alpha": (float, 32.0, ""),
+    "lora_dropout": (float, 0.0, ""),
+    "fan_in_fan_out": (bool, False, ""),
+    "merge_weights": (bool, False, ""),
+    "lora_targets": (list, ["query", "value"], "projections that get LoRA"),
+    "use_adapter": (bool, False, ""),
+    "adapter_reduction_dim": (int, 16, ""),
+    "non_linearity": (str, "relu", ""),
+    "use_side": (bool, False, ""),
+    "use_side_only": (bool, False, ""),
+    "side_reduction_factor": (int, 8, ""),
+    "add_bias_sampling": (bool, True, ""),
+    # layout
+    "parallel": (str, None, "serial | tp | sp | dp | galaxy | galaxy2 | pp"),
+    "att_parallel_method": (str, None, "TP | SP | NONE"),
+    "con_parallel_method": (str, None, "SP | NONE"),
+    "mlp_parallel_method": (str, None, "TP | SP | NONE"),
+    "tp_num_attention_heads_list": (INT_LIST, None, ""),
+    "tp_intermediate_size_list": (INT_LIST, None, ""),
+    "seq_scatter_list": (INT_LIST, None, ""),
+    "stage_num_hidden_layers_list": (INT_LIST, None, ""),
+    "data_parallel_size": (int, None, ""),
+    "num_microbatches": (int, 1, ""),
+    "pipeline_schedule": (str, "1f1b", "gpipe | 1f1b"),
+    "overlap_tiles": (int, 1, "tiles for comm/compute overlap; 1 = off"),
+    "bucket_size_mb": (float, 25.0, "gradient all-reduce bucket size"),
+    # processes
+    "init_method": (str, None, "e.g. tcp://127.0.0.1:23000"),
+    "distributed_backend": (str, None, "gloo | nccl (default: nccl on CUDA, else gloo)"),
+    "timeout_s": (float, 300.0, "collective / rendezvous timeout"),
+    # checkpoints
+    "load_checkpoint": (str, None, "a Hugging Face directory or safetensors file to start from"),
+    "save_dir": (str, None, ""),
+    "save_every": (int, 0, ""),
+    "resume": (bool, False, ""),
+    "save_trainable_only": (bool, False, ""),
+}
+ALIASES = {"pad_size": "seq_length", "max_seq_length": "seq_length", "lr": "learning_rate",
+           "lora_att_dim": "lora_dim", "lora_r": "lora_dim", "grad_accum_steps": "gradient_accumulation_steps"}
+TUNING_KEYS = ("full_model", "use_lora", "use_adapter", "use_side", "use_side_only")
+
+
+def _check_type(key, value, kind):
+    if value is None:
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind == INT_LIST:
+        if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return value
+        raise ConfigError(f"config key '{key}' must be a list of integers, got {value!r}")
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"config key '{key}' must be {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _canonical(key):
+    key = ALIASES.get(key, key)
+    if key not in SCHEMA:
+        raise ConfigError(f"unknown config key '{key}'")
+    return key
+
+
+def parse_cli_value(key, text):
+    """Turn a command-line string into the key's type (JSON for lists and booleans)."""
+    kind = SCHEMA[_canonical(key)][0]
+    if kind is str:
+        return text
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise ConfigError(f"--{key} {text!r} is not a valid {getattr(kind, '__name__', kind)}") from None
+
+
+def load_config(path=None, overrides=None):
+    """Read a JSON config (or only defaults), apply overrides, validate; return a plain dict."""
+    raw = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold one JSON object")
+    cfg = {key: spec[1] for key, spec in SCHEMA.items()}
+    for source in (raw, overrides or {}):
+        for key, value in source.items():
+            canon = _canonical(key)
+            cfg[canon] = _check_type(canon, value, SCHEMA[canon][0])
+    _check_rules(cfg)
+    return cfg
+
+
+def _check_rules(cfg):
+    for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size",
+                "seq_length", "batch_size", "gradient_accumulation_steps", "num_microbatches", "overlap_tiles"):
+        if cfg[key] < 1:
+            raise ConfigError(f"config key '{key}' must be >= 1, got {cfg[key]}")
+    if cfg["hidden_size"] % cfg["num_attention_heads"]:
+        raise ConfigError(f"hidden_size {cfg['hidden_size']} is not divisible by num_attention_heads "
+                          f"{cfg['num_attention_heads']}")
+    if cfg["seq_length"] > cfg["max_position_embeddings"] and cfg["model"] != "llama":
+        raise ConfigError(f"seq_length {cfg['seq_length']} exceeds max_position_embeddings {cfg['max_position_embeddings']}")
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "lora_dropout"):
+        if not 0.0 <= cfg[key] < 1.0:
+            raise ConfigError(f"config key '{key}' must be in [0, 1), got {cfg[key]}")
+    choices = {"model": ("bert", "llama", "bart"), "data": ("corpus", "synthetic", "instruction"),
+               "lr_scheduler": ("linear", "cosine", "constant"), "dtype": ("fp32", "bf16"),
+               "pipeline_schedule": ("gpipe", "1f1b"), "distributed_backend": ("gloo", "nccl", None)}
+    for key, allowed in choices.items():
+        if cfg[key] not in allowed:
+            raise ConfigError(f"config key '{key}' is {cfg[key]!r}, expected one of {[a for a in allowed if a]}")
+    methods = [k for k in TUNING_KEYS[1:] if cfg[k]]
+    if len(methods) > 1:
+        raise ConfigError(f"tuning methods {methods} are all true; set exactly one of {list(TUNING_KEYS)}")
+    cfg["full_model"] = not methods  # a PEFT method switches full-model tuning off
+
+
+def config_hash(cfg):
+    """Stable digest ranks compare at start-up, so ranks started with different configs stop."""
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
