@@ -1,0 +1,3 @@
+from galaxy.models.bert.model import BertConfig, BertForMaskedLM, BertModel
+
+__all__ = ["BertConfig", "BertModel", "BertForMaskedLM"]

@@ -1,0 +1,78 @@
+"""Self-attention over the heads and query positions this rank owns.
+
+    NONE  all heads, all positions                    -> output REPLICATE
+    TP    heads ctx.heads (GQA: whole KV groups)      -> output PARTIAL (row-parallel o)
+    SP    all heads, queries at ctx.positions; K and V of every position are all-gathered
+          (backward: reduce-scatter, since every rank's queries used them) -> output SEQ
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from galaxy.comm import collectives as C
+from galaxy.layers.dropout import LayoutInvariantDropout
+from galaxy.layers.linear import ColumnLinear, RowLinear, mark_partial_grad
+
+
+def _scaled(owned, factor):
+    return range(owned.start * factor, owned.stop * factor)
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden, num_heads, method, ctx, *, num_kv_heads=None, bias=True, dropout_p=0.0,
+                 site=0, rotary=None):
+        super().__init__()
+        num_kv_heads = num_kv_heads or num_heads
+        self.method, self.ctx, self.rotary = method, ctx, rotary
+        self.head_dim = hidden // num_heads
+        heads = ctx.heads if method == "TP" else range(num_heads)
+        kv_heads = ctx.kv_heads if method == "TP" else range(num_kv_heads)
+        self.heads, self.num_heads, self.n_local, self.kv_local = heads, num_heads, len(heads), len(kv_heads)
+        q_dim, kv_dim = num_heads * self.head_dim, num_kv_heads * self.head_dim
+        self.q = ColumnLinear(hidden, _scaled(heads, self.head_dim), q_dim, bias)
+        self.k = ColumnLinear(hidden, _scaled(kv_heads, self.head_dim), kv_dim, bias)
+        self.v = ColumnLinear(hidden, _scaled(kv_heads, self.head_dim), kv_dim, bias)
+        self.o = RowLinear(_scaled(heads, self.head_dim), q_dim, hidden, bias,
+                           owns_bias=method != "TP" or ctx.tp_rank == 0)
+        if method == "TP" and bias:
+            self.o.bias.partial_grad = True
+        if method == "SP":
+            mark_partial_grad(self)
+        self.dropout = LayoutInvariantDropout(dropout_p, site)
+
+    def query_positions(self, seq_len):
+        return self.ctx.positions if self.method == "SP" else range(seq_len)
+
+    def forward(self, x, attn_bias=None):
+        """x [B, t, H]; attn_bias additive, broadcastable to [B, heads, T, T] over *all* positions."""
+        B, t, _ = x.shape
+        q = self.q(x).view(B, t, self.n_local, self.head_dim).transpose(1, 2)
+        k = self.k(x).view(B, t, self.kv_local, self.head_dim).transpose(1, 2)
+        v = self.v(x).view(B, t, self.kv_local, self.head_dim).transpose(1, 2)
+        seq_len = sum(self.ctx.plan.positions) if self.method == "SP" else t
+        rows = self.query_positions(seq_len)
+        if self.rotary is not None:
+            q, k = self.rotary(q, rows), self.rotary(k, rows)
+        if self.method == "SP":
+            k = C.all_gather(k, 2, self.ctx.plan.positions, self.ctx.tp_group)
+            v = C.all_gather(v, 2, self.ctx.plan.positions, self.ctx.tp_group)
+        if self.kv_local != self.n_local:  # grouped-query attention: share each KV head
+            k = k.repeat_interleave(self.n_local // self.kv_local, dim=1)
+            v = v.repeat_interleave(self.n_local // self.kv_local, dim=1)
+        if attn_bias is not None and attn_bias.shape[-2] > 1:
+            attn_bias = attn_bias[..., rows.start:rows.stop, :]
+        out = self._attend(q, k, v, attn_bias, (B, self.num_heads, seq_len, seq_len), rows)
+        return self.o(out.transpose(1, 2).reshape(B, t, self.n_local * self.head_dim))
+
+    def _attend(self, q, k, v, attn_bias, full_shape, rows):
+        if not self.training or self.dropout.p == 0.0:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias)
+        # Explicit softmax so the probabilities' dropout mask is layout-invariant.
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
+        if attn_bias is not None:
+            scores = scores + attn_bias
+        index = (slice(None), slice(self.heads.start, self.heads.stop), slice(rows.start, rows.stop), slice(None))
+        probs = self.dropout(torch.softmax(scores, dim=-1), full_shape, index)
+        return probs @ v

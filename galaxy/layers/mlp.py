@@ -1,0 +1,32 @@
+"""Feed-forward block over the intermediate columns this rank owns.
+
+    NONE  all columns                        -> output REPLICATE
+    TP    columns ctx.columns (up/gate column-parallel, down row-parallel) -> output PARTIAL
+    SP    all columns on this rank's positions -> output SEQ
+"""
+import torch.nn.functional as F
+from torch import nn
+
+from galaxy.layers.linear import ColumnLinear, RowLinear, mark_partial_grad
+
+ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden, intermediate, method, ctx, *, act="gelu", gated=False, bias=True):
+        super().__init__()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act '{act}' is not one of {sorted(ACTIVATIONS)}")
+        self.act = ACTIVATIONS[act]
+        cols = ctx.columns if method == "TP" else range(intermediate)
+        self.gate = ColumnLinear(hidden, cols, intermediate, bias) if gated else None
+        self.up = ColumnLinear(hidden, cols, intermediate, bias)
+        self.down = RowLinear(cols, intermediate, hidden, bias, owns_bias=method != "TP" or ctx.tp_rank == 0)
+        if method == "TP" and bias:
+            self.down.bias.partial_grad = True
+        if method == "SP":
+            mark_partial_grad(self)
+
+    def forward(self, x):
+        h = self.act(self.gate(x)) * self.up(x) if self.gate is not None else self.act(self.up(x))
+        return self.down(h)

@@ -1,0 +1,72 @@
+"""One transformer layer as four blocks, ATT -> CON1 -> MLP -> CON2, joined by the
+placement table (galaxy.layers.placement): the plan says each block's method, the
+collectives between blocks follow from it.
+
+CON is dropout + residual add, plus the norm for post-norm models (BERT, BART). Pre-norm
+models (LLaMA) pass `norm_in`/`norm_mid`, which run *before* redistribution, i.e. on the
+local shard when the connective block is sequence-parallel.
+"""
+import torch
+from torch import nn
+
+from galaxy.layers.dropout import LayoutInvariantDropout
+from galaxy.layers.linear import mark_partial_grad
+from galaxy.layers.placement import PRODUCES, SEQ, SEQ_DIM, consumes, redistribute
+
+
+class Connective(nn.Module):
+    def __init__(self, norm, dropout_p, site, method, ctx):
+        super().__init__()
+        self.norm, self.method, self.ctx = norm, method, ctx
+        self.dropout = LayoutInvariantDropout(dropout_p, site)
+        if method == "SP":
+            mark_partial_grad(self)
+
+    def forward(self, h, residual):
+        full_shape, index = None, None
+        if self.method == "SP":
+            pos = self.ctx.positions
+            full_shape = (h.shape[0], sum(self.ctx.plan.positions)) + tuple(h.shape[2:])
+            index = (slice(None), slice(pos.start, pos.stop))
+        x = self.dropout(h, full_shape, index) + residual
+        return self.norm(x) if self.norm is not None else x
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, attn, mlp, con1, con2, plan, input_placement, norm_in=None, norm_mid=None):
+        super().__init__()
+        self.attn, self.con1, self.mlp, self.con2 = attn, con1, mlp, con2
+        self.norm_in, self.norm_mid = norm_in, norm_mid
+        self.plan, self.input_placement = plan, input_placement
+        for norm, placement in ((norm_in, input_placement), (norm_mid, self.output_placement)):
+            if norm is not None and placement == SEQ:
+                mark_partial_grad(norm)
+
+    @property
+    def output_placement(self):
+        return consumes(self.plan.con)
+
+    def forward(self, x, attn_bias=None):
+        plan, ctx = self.plan, self.attn.ctx
+        rest = self.output_placement
+        h = x if self.norm_in is None else self.norm_in(x)
+        a = self.attn(redistribute(h, self.input_placement, plan.att, ctx), attn_bias)
+        x = self.con1(redistribute(a, PRODUCES[plan.att], plan.con, ctx),
+                      redistribute(x, self.input_placement, plan.con, ctx))
+        h = x if self.norm_mid is None else self.norm_mid(x)
+        m = self.mlp(redistribute(h, rest, plan.mlp, ctx))
+        return self.con2(redistribute(m, PRODUCES[plan.mlp], plan.con, ctx), x)
+
+
+def run_layers(layers, x, placement, attn_bias, checkpoint=False):
+    """Run layers in order; returns the activation and its placement."""
+    for layer in layers:
+        if checkpoint and layer.training:
+            x = torch.utils.checkpoint.checkpoint(layer, x, attn_bias, use_reentrant=False)
+        else:
+            x = layer(x, attn_bias)
+        placement = layer.output_placement
+    return x, placement
+
+
+__all__ = ["Connective", "TransformerLayer", "run_layers", "SEQ_DIM"]

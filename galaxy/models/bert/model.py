@@ -1,0 +1,230 @@
+"""BERT encoder and masked-LM head, written once for every layout.
+
+Read it as a plain BERT: embeddings -> N x (ATT, CON1, MLP, CON2) -> MLM head. The
+ParallelContext's plan decides, per block, which heads / columns / positions this rank
+builds and computes (galaxy.layers); with the default context it is the serial model.
+Under pipeline parallelism a rank builds only its stage: embeddings on the first,
+its own layers, the head on the last.
+
+Parameter names are ours; HF_NAMES maps them to Hugging Face's for checkpoints.
+"""
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from galaxy.comm.context import ParallelContext
+from galaxy.layers.attention import Attention
+from galaxy.layers.dropout import LayoutInvariantDropout
+from galaxy.layers.mlp import MLP
+from galaxy.layers.placement import REPLICATE, redistribute
+from galaxy.layers.transformer import Connective, TransformerLayer, run_layers
+from galaxy.models import checkpoint
+from galaxy.plan import Plan
+
+HF_NAMES = [
+    (r"\.attn\.q\.", ".attention.self.query."),
+    (r"\.attn\.k\.", ".attention.self.key."),
+    (r"\.attn\.v\.", ".attention.self.value."),
+    (r"\.attn\.o\.", ".attention.output.dense."),
+    (r"\.con1\.norm\.", ".attention.output.LayerNorm."),
+    (r"\.mlp\.up\.", ".intermediate.dense."),
+    (r"\.mlp\.down\.", ".output.dense."),
+    (r"\.con2\.norm\.", ".output.LayerNorm."),
+]
+
+
+def to_hf(name):
+    return checkpoint.rename(name, HF_NAMES)
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    activation_checkpointing: bool = False
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
+
+
+def serial_context(cfg):
+    plan = Plan(heads=(cfg.num_attention_heads,), kv_heads=(cfg.num_attention_heads,),
+                columns=(cfg.intermediate_size,), positions=(cfg.max_position_embeddings,),
+                stage_layers=(cfg.num_hidden_layers,))
+    return ParallelContext(plan)
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=0)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = LayoutInvariantDropout(cfg.hidden_dropout_prob, site=0)
+
+    def forward(self, input_ids, token_type_ids=None):
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions) \
+            + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(x))
+
+
+def bert_layer(cfg, ctx, index, input_placement):
+    """One encoder layer; dropout sites are numbered by layer so every layout draws the same masks."""
+    plan, h = ctx.plan, cfg.hidden_size
+    attn = Attention(h, cfg.num_attention_heads, plan.att, ctx,
+                     dropout_p=cfg.attention_probs_dropout_prob, site=4 * index + 1)
+    mlp = MLP(h, cfg.intermediate_size, plan.mlp, ctx, act=cfg.hidden_act)
+    con1 = Connective(nn.LayerNorm(h, eps=cfg.layer_norm_eps), cfg.hidden_dropout_prob, 4 * index + 2, plan.con, ctx)
+    con2 = Connective(nn.LayerNorm(h, eps=cfg.layer_norm_eps), cfg.hidden_dropout_prob, 4 * index + 3, plan.con, ctx)
+    return TransformerLayer(attn, mlp, con1, con2, plan, input_placement)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, cfg, ctx):
+        super().__init__()
+        placement = REPLICATE
+        self.layer = nn.ModuleDict()
+        for i in ctx.layers:  # global layer numbers, so names match the full model's
+            self.layer[str(i)] = bert_layer(cfg, ctx, i, placement)
+            placement = self.layer[str(i)].output_placement
+        self.checkpoint = cfg.activation_checkpointing
+
+    def forward(self, x, attn_bias, placement=REPLICATE):
+        return run_layers(self.layer.values(), x, placement, attn_bias, self.checkpoint)
+
+
+def attention_bias(attention_mask, dtype):
+    """[B, T] of 1 (attend) / 0 (padding) -> additive [B, 1, 1, T]; None when nothing is masked."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+class BertModel(nn.Module):
+    """Embeddings + encoder; returns the last hidden states [B, T, H] (replicated on every rank)."""
+
+    def __init__(self, cfg, ctx=None):
+        super().__init__()
+        self.config, self.ctx = cfg, ctx or serial_context(cfg)
+        self.embeddings = BertEmbeddings(cfg) if self.ctx.is_first_stage else None
+        self.encoder = BertEncoder(cfg, self.ctx)
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, hidden_states=None):
+        x = self.embeddings(input_ids, token_type_ids) if self.embeddings is not None else hidden_states
+        x, placement = self.encoder(x, attention_bias(attention_mask, x.dtype))
+        return redistribute(x, placement, "NONE", self.ctx)
+
+    @classmethod
+    def from_pretrained(cls, path, ctx=None):
+        """Load a Hugging Face BERT directory (config.json + safetensors) into this layout."""
+        path = Path(path)
+        cfg = BertConfig.from_dict(json.loads((path / "config.json").read_text()))
+        model = cls(cfg, ctx)
+        model.load_hf(path)
+        return model
+
+    def load_hf(self, path):
+        return checkpoint.load_checkpoint(self, path, to_hf, strip_prefix="bert.")
+
+
+class BertLMHead(nn.Module):
+    def __init__(self, cfg, word_embeddings):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        if word_embeddings is not None:
+            self.decoder_weight = word_embeddings.weight
+        else:  # a pipeline's last stage holds its own copy; it starts equal to the embeddings
+            self.decoder_weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
+            self.decoder_weight.init_name = "bert.embeddings.word_embeddings.weight"
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, x):
+        x = self.LayerNorm(F.gelu(self.dense(x)))
+        return F.linear(x, self.decoder_weight, self.bias)
+
+
+LM_HEAD_NAMES = [(r"^cls\.dense\.", "cls.predictions.transform.dense."),
+                 (r"^cls\.LayerNorm\.", "cls.predictions.transform.LayerNorm."),
+                 (r"^cls\.decoder_weight$", "cls.predictions.decoder.weight"),
+                 (r"^cls\.bias$", "cls.predictions.bias")]
+
+
+def mlm_to_hf(name):
+    return checkpoint.rename(name, LM_HEAD_NAMES) if name.startswith("cls.") else to_hf(name)
+
+
+class BertForMaskedLM(nn.Module):
+    """BERT with the masked-LM head. forward returns (sum of token losses, number of label tokens),
+    so callers can divide by the count of the *global* batch and match serial exactly."""
+
+    def __init__(self, cfg, ctx=None):
+        super().__init__()
+        self.config = cfg
+        self.bert = BertModel(cfg, ctx)
+        self.ctx = self.bert.ctx
+        if self.ctx.is_last_stage:
+            tied = self.bert.embeddings.word_embeddings if self.bert.embeddings is not None else None
+            self.cls = BertLMHead(cfg, tied)
+        else:
+            self.cls = None
+        init_weights(self, cfg.initializer_range)
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, hidden_states=None):
+        x = self.bert(input_ids, attention_mask, token_type_ids, hidden_states)
+        if self.cls is None:
+            return x
+        logits = self.cls(x)
+        if labels is None:
+            return logits
+        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+        return loss_sum, (labels != -100).sum()
+
+    def load_hf(self, path):
+        return checkpoint.load_checkpoint(self, path, mlm_to_hf)
+
+    def save_hf(self, path):
+        cfg = json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert", **vars(self.config)}, indent=1)
+        checkpoint.save_checkpoint(self, self.ctx, path, mlm_to_hf, {"config.json": cfg})
+
+
+def init_weights(model, std):
+    """BERT's initialisation, drawn per *full* tensor from a seed derived from the parameter's
+    name, then sliced: every layout starts from exactly the serial model's weights."""
+    for name, p in model.named_parameters():
+        shard = getattr(p, "shard", None)
+        full = p.shape if shard is None else p.shape[:shard[0]] + (shard[3],) + p.shape[shard[0] + 1:]
+        if name.endswith("bias"):
+            value = torch.zeros(full)
+        elif "norm" in name.lower() and p.dim() == 1:
+            value = torch.ones(full)
+        else:
+            seed = _name_seed(getattr(p, "init_name", name))
+            value = torch.randn(full, generator=torch.Generator().manual_seed(seed)) * std
+        if shard is not None:
+            value = value.narrow(shard[0], shard[1], shard[2])
+        with torch.no_grad():
+            p.copy_(value)
+
+
+def _name_seed(name):
+    return sum((i + 1) * ord(c) for i, c in enumerate(name)) % (2**31)

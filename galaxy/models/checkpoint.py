@@ -1,0 +1,149 @@
+"""Hugging Face safetensors checkpoints in and out of any layout.
+
+Loading: every rank opens the checkpoint lazily and reads only the slices its parameters
+hold (`param.shard`), so no rank materialises the full model. A directory may hold one
+model.safetensors or shards listed in model.safetensors.index.json.
+
+Saving: shards are gathered over the tensor group; the first tensor rank of the first
+data-parallel replica of every pipeline stage writes that stage's tensors to its own file,
+and an index names the file of every tensor (the Hugging Face sharded format).
+"""
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from galaxy.comm import collectives as C
+
+INDEX = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def rename(name, rules):
+    """Apply (pattern, replacement) rules, first match wins; used for ours <-> HF names."""
+    for pattern, repl in rules:
+        new, n = re.subn(pattern, repl, name)
+        if n:
+            return new
+    return name
+
+
+def _files(path):
+    """Map tensor name -> safetensors file for a file, a directory, or a sharded directory."""
+    path = Path(path)
+    if path.is_file():
+        files = [path]
+    elif (path / INDEX).is_file():
+        weight_map = json.loads((path / INDEX).read_text())["weight_map"]
+        return {name: path / file for name, file in weight_map.items()}
+    elif (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    else:
+        raise CheckpointError(f"{path}: no model.safetensors, {INDEX} or .safetensors file found")
+    out = {}
+    for f in files:
+        try:
+            with safe_open(str(f), "pt") as handle:
+                out.update({name: f for name in handle.keys()})
+        except Exception as e:
+            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
+    return out
+
+
+def load_checkpoint(model, path, to_hf, strip_prefix=""):
+    """Copy this rank's slices of a full HF checkpoint into `model` (names mapped by to_hf).
+
+    A checkpoint with a different prefix (e.g. a bare BertModel "embeddings.*" loaded into
+    BertForMaskedLM "bert.embeddings.*") is matched by trying the name without strip_prefix.
+    Returns the checkpoint names that no parameter used.
+    """
+    where = _files(path)
+    handles, used = {}, set()
+    try:
+        for name, param in _unique_params(model):
+            hf = to_hf(name)
+            if hf not in where and strip_prefix and hf.startswith(strip_prefix):
+                hf = hf[len(strip_prefix):]
+            if hf not in where:
+                raise CheckpointError(f"{path}: tensor '{hf}' (for parameter '{name}') is missing")
+            f = where[hf]
+            handle = handles.setdefault(f, safe_open(str(f), "pt"))
+            tensor = _read_slice(handle.get_slice(hf), param)
+            if tensor.shape != param.shape:
+                raise CheckpointError(f"{path}: '{hf}' gives shape {tuple(tensor.shape)}, parameter '{name}' "
+                                      f"needs {tuple(param.shape)} (does the config match the checkpoint?)")
+            with torch.no_grad():
+                param.copy_(tensor)
+            used.add(hf)
+    finally:
+        handles.clear()
+    return sorted(set(where) - used)
+
+
+def _read_slice(view, param):
+    shard = getattr(param, "shard", None)
+    if shard is None:
+        return view[:]
+    dim, start, length, _ = shard
+    index = [slice(None)] * len(view.get_shape())
+    index[dim] = slice(start, start + length)
+    return view[tuple(index)]
+
+
+def _unique_params(model):
+    """Named parameters, each tied tensor once (under its first name)."""
+    seen = set()
+    for name, p in model.named_parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            yield name, p
+
+
+def gather_full_state(model, ctx, to_hf):
+    """Full (unsharded) tensors of this pipeline stage, HF-named, on every tensor rank."""
+    params = list(_unique_params(model))
+    meta = torch.tensor([getattr(p, "shard", (0, 0, 0, 0))[1:3] for _, p in params], dtype=torch.long)
+    # one small all-gather tells every rank where each rank's shard of each tensor starts
+    meta = C.gather_along_dim(meta.unsqueeze(0), 0, [1] * ctx.tp_size, ctx.tp_group)
+    out = {}
+    for i, (name, p) in enumerate(params):
+        tensor = p.detach()
+        starts, sizes = meta[:, i, 0].tolist(), meta[:, i, 1].tolist()
+        if len(set(starts)) > 1:  # split over the tensor group (replicated tensors start at 0 everywhere)
+            tensor = C.gather_along_dim(tensor.contiguous(), p.shard[0], sizes, ctx.tp_group)
+        out[to_hf(name)] = tensor.contiguous().cpu()
+    return out
+
+
+def save_checkpoint(model, ctx, path, to_hf, extra_files=None):
+    """Write the full model as HF sharded safetensors under directory `path` (collective)."""
+    tensors = gather_full_state(model, ctx, to_hf)
+    path = Path(path)
+    writer = ctx.tp_rank == 0 and ctx.dp_rank == 0
+    file = f"model-stage{ctx.pp_rank:02d}-of-{ctx.plan.pp_size:02d}.safetensors"
+    if writer:
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path / file), metadata={"format": "pt"})
+    names = {name: (file, t.numel() * t.element_size()) for name, t in tensors.items()}
+    if ctx.plan.pp_size > 1:  # every stage's names meet on all ranks for the index
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, names)
+        names = {k: v for part in gathered for k, v in part.items()}
+    if ctx.rank == 0:
+        index = {"metadata": {"total_size": sum(n for _, n in names.values())},
+                 "weight_map": {k: f for k, (f, _) in sorted(names.items())}}
+        tmp = path / (INDEX + ".tmp")
+        tmp.write_text(json.dumps(index, indent=1))
+        os.replace(tmp, path / INDEX)
+        for name, text in (extra_files or {}).items():
+            (path / name).write_text(text)
+    if dist.is_initialized() and ctx.world > 1:
+        dist.barrier()
