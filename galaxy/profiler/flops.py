@@ -111,7 +111,8 @@ _RULES = {
     F.linear: _linear,
     F.scaled_dot_product_attention: _sdpa,
     F.layer_norm: _layer_norm,
-    F.embedding: _per_element(0),
+    F.embedding: _per_element(0),  # a gather; listed to make the 0 a decision, not an omission
+    F.rms_norm: _rms_norm,
     F.gelu: _per_element(8),
     F.silu: _per_element(4),
     F.relu: _per_element(1),
@@ -127,8 +128,6 @@ for _name in ("add", "sub", "mul", "div"):
         _RULES[_f] = _per_element(1)
 for _f in (torch.rsub, _T.__rsub__, _T.__rdiv__):  # scalar-on-the-left operators
     _RULES[_f] = _per_element(1)
-if hasattr(F, "rms_norm"):  # torch >= 2.4
-    _RULES[F.rms_norm] = _rms_norm
 
 
 # ----------------------------------------------------------------------------- profiler
@@ -245,6 +244,13 @@ class FlopsProfiler:
     def get_total_duration(self) -> float:
         """Seconds spent in top-level module forwards."""
         return self._total_duration
+
+    def get_module_profile(self, module: nn.Module) -> dict:
+        """Numbers of one submodule: params, macs, flops (inclusive of its children),
+        self_flops (its own code only) and duration (seconds)."""
+        s = self._stats[module]
+        return {"params": _params(module), "macs": s.macs, "flops": s.flops,
+                "self_flops": s.self_flops, "duration": s.duration}
 
     def profile_table(self, depth: int = -1) -> str:
         """One row per module down to ``depth`` (root = 0, -1 = all), indented by depth."""
