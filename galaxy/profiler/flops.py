@@ -56,9 +56,9 @@ from torch.overrides import TorchFunctionMode
 # A rule maps (args, kwargs, out) -> (flops, macs).
 
 
-def _arg(args, kwargs, i, name, default=None):
+def _arg(args, kwargs, i, name):
     """Positional-or-keyword argument ``name`` at position ``i``."""
-    return args[i] if len(args) > i else kwargs.get(name, default)
+    return args[i] if len(args) > i else kwargs.get(name)
 
 
 def _matmul(args, kwargs, out):
@@ -145,7 +145,7 @@ def _sync():
 
 
 class _CountMode(TorchFunctionMode):
-    def __init__(self, profiler: "FlopsProfiler"):
+    def __init__(self, profiler: FlopsProfiler):
         super().__init__()
         self.profiler = profiler
 
