@@ -24,6 +24,7 @@ class ParallelContext:
     tp_group: object = None   # None means "a group of one": collectives become identities
     dp_group: object = None
     pp_group: object = None   # this rank's pipeline: one rank per stage
+    stage_group: object = None  # every rank of this pipeline stage (tensor x data ranks)
 
     @property
     def world(self):
@@ -91,6 +92,7 @@ class ParallelContext:
         ctx.tp_group = _groups(coords, rank, tp, lambda c: (c[0], c[1]))
         ctx.dp_group = _groups(coords, rank, dp, lambda c: (c[0], c[2]))
         ctx.pp_group = _groups(coords, rank, pp, lambda c: (c[1], c[2]))
+        ctx.stage_group = _groups(coords, rank, tp * dp, lambda c: c[0])
         return ctx
 
 

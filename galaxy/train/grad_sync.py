@@ -1,0 +1,127 @@
+"""Gradient reduction that starts during backward (bucketed, asynchronous), as DDP does.
+
+Two kinds of parameters need their gradients summed after backward:
+  * every trainable parameter, over the data-parallel replicas (the loss is already divided
+    by the global token count, so a sum gives the serial gradient);
+  * replicated parameters marked `partial_grad` (used on a sequence shard, or a row-parallel
+    bias added on one rank only), additionally over the tensor group.
+A partial_grad parameter is therefore summed over the whole stage (tensor x data ranks)
+and every other one over the data group, each by its own GradBuckets.
+"""
+import torch
+import torch.distributed as dist
+
+
+class GradBuckets:
+    """Sum the grads of `params` over `group`, launching each bucket as soon as its last
+    gradient is accumulated. Between `arm()` and `finish()` hooks are live (arm only on the
+    last micro-batch of an accumulation, so earlier micro-batches accumulate locally)."""
+
+    def __init__(self, params, group, bucket_mb=25.0):
+        self.group, self.armed, self.pending = group, False, []
+        self.buckets, current, size = [], [], 0
+        for p in reversed(params):  # backward produces gradients roughly in reverse order
+            current.append(p)
+            size += p.numel() * p.element_size()
+            if size >= bucket_mb * 2**20:
+                self.buckets.append(current)
+                current, size = [], 0
+        if current:
+            self.buckets.append(current)
+        self.bucket_of = {p: i for i, b in enumerate(self.buckets) for p in b}
+        self.waiting = [len(b) for b in self.buckets]
+        if group is not None:
+            for p in params:
+                p.register_post_accumulate_grad_hook(self._ready)
+
+    def arm(self):
+        self.armed = self.group is not None
+        self.waiting = [len(b) for b in self.buckets]
+
+    def _ready(self, p):
+        if not self.armed:
+            return
+        i = self.bucket_of[p]
+        self.waiting[i] -= 1
+        if self.waiting[i] == 0:
+            self._launch(i)
+
+    def _launch(self, i):
+        bucket = self.buckets[i]
+        for p in bucket:  # a parameter unused on this rank (e.g. a bias added elsewhere) contributes 0
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+        self.pending.append((bucket, flat, dist.all_reduce(flat, group=self.group, async_op=True)))
+        self.waiting[i] = -1
+
+    def finish(self):
+        """Launch buckets whose gradients never all arrived, wait for all, copy sums back."""
+        if not self.armed:
+            return
+        for i, left in enumerate(self.waiting):
+            if left > 0:
+                self._launch(i)
+        for bucket, flat, work in self.pending:
+            work.wait()
+            offset = 0
+            for p in bucket:
+                p.grad.copy_(flat[offset: offset + p.numel()].view_as(p.grad))
+                offset += p.numel()
+        self.pending, self.armed = [], False
+
+
+class GradSync:
+    def __init__(self, model, ctx, bucket_mb=25.0):
+        trainable = [p for p in _unique(model) if p.requires_grad]
+        partial = [p for p in trainable if getattr(p, "partial_grad", False) and ctx.tp_size > 1]
+        rest = [p for p in trainable if not (getattr(p, "partial_grad", False) and ctx.tp_size > 1)]
+        self.parts = [GradBuckets(partial, ctx.stage_group, bucket_mb),
+                      GradBuckets(rest, ctx.dp_group, bucket_mb)]
+
+    def arm(self):
+        for part in self.parts:
+            part.arm()
+
+    def finish(self):
+        for part in self.parts:
+            part.finish()
+
+
+def _unique(model):
+    seen = set()
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            yield p
+
+
+def clip_grad_norm(model, ctx, max_norm):
+    """Global L2 norm over every rank's parameters, each counted once: split tensors' squares are
+    summed over the tensor group, stages' over the pipeline; replicas hold equal grads."""
+    split, replicated = torch.zeros(()), torch.zeros(())
+    for p in _unique(model):
+        if p.grad is None or getattr(p, "pipeline_copy", False):
+            continue
+        sq = p.grad.detach().float().pow(2).sum()
+        if _is_split(p, ctx):
+            split += sq
+        else:
+            replicated += sq
+    if ctx.tp_group is not None:
+        dist.all_reduce(split, group=ctx.tp_group)
+    total = split + replicated
+    if ctx.pp_group is not None:
+        dist.all_reduce(total, group=ctx.pp_group)
+    norm = total.sqrt()
+    if max_norm > 0:
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for p in _unique(model):
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    return norm.item()
+
+
+def _is_split(p, ctx):
+    shard = getattr(p, "shard", None)
+    return ctx.tp_size > 1 and shard is not None and shard[2] < shard[3]

@@ -1,0 +1,31 @@
+"""AdamW over the trainable parameters only, with warmup then linear / cosine / constant decay."""
+import math
+
+import torch
+
+
+def build_optimizer(model, cfg, total_steps):
+    params = [p for p in dict.fromkeys(model.parameters()) if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]  # biases and norms, as in BERT
+    groups = [g for g in ({"params": decay, "weight_decay": cfg["weight_decay"]},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    opt = torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["adam_beta1"], cfg["adam_beta2"]),
+                            eps=cfg["adam_eps"], foreach=False)
+    schedule = lr_lambda(cfg["lr_scheduler"], cfg["warmup_steps"], total_steps)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+
+def lr_lambda(kind, warmup, total):
+    def factor(step):  # step counts optimizer steps already taken
+        if step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+    return factor
+
+
+def optimizer_state_bytes(opt):
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
