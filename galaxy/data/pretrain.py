@@ -8,6 +8,7 @@ A rank takes its slice of batch_indices(...) and calls get_batch on it; resuming
 needs only the step number.
 """
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ def read_jsonl(path, required_keys):
     Blank lines are skipped. Any defect raises DataError "<path>:<line>: why".
     """
     try:
-        raw = open(path, "rb").read()
+        raw = Path(path).read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
     rows = []

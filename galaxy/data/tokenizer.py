@@ -54,8 +54,8 @@ class Tokenizer:
             | ({self.mask_id} if self.mask_id is not None else set()))
 
     def _piece_id(self, piece):
-        i = self._sp.piece_to_id(piece)
-        return None if i == self.unk_id and piece != self._sp.id_to_piece(i) else i
+        i = self._sp.piece_to_id(piece)  # unknown pieces map to unk_id
+        return i if self._sp.id_to_piece(i) == piece else None
 
     def encode(self, text):
         """Token ids of text, without any special tokens added."""
@@ -65,9 +65,6 @@ class Tokenizer:
         """Text of ids; control pieces ([PAD], [CLS], ...) decode to nothing."""
         return self._sp.decode([int(i) for i in ids])
 
-    def __len__(self):
-        return self.vocab_size
-
 
 def train_sentencepiece(text_lines_or_file, model_prefix, vocab_size, kind="bert",
                         model_type="unigram"):
@@ -76,7 +73,8 @@ def train_sentencepiece(text_lines_or_file, model_prefix, vocab_size, kind="bert
     text_lines_or_file: an iterable of strings (one sentence/paragraph each) or the
     path of a UTF-8 text file with one per line. Training is single-threaded over
     all input lines, unshuffled, so the same input gives the same model bytes.
-    sentencepiece raises if vocab_size exceeds what the text can support.
+    model_type is "unigram" or "bpe". sentencepiece raises if vocab_size exceeds
+    what the text can support.
     """
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {sorted(_KINDS)}, got {kind!r}")
@@ -91,6 +89,7 @@ def train_sentencepiece(text_lines_or_file, model_prefix, vocab_size, kind="bert
         sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
         model_type=model_type, character_coverage=0.9995, num_threads=1,
         input_sentence_size=0, shuffle_input_sentence=False,
+        # The default 4192-byte limit would silently skip long paragraphs.
         max_sentence_length=1 << 16, minloglevel=2, **_KINDS[kind])
     path = Path(f"{model_prefix}.model")
     path.write_bytes(model.getvalue())
