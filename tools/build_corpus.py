@@ -225,11 +225,11 @@ def parse_sections(rst):
 
 
 def first_sentences(text, limit=MAX_TARGET_CHARS):
-    """Leading whole sentences of text, at most `limit` characters (None if none fit)."""
+    """Leading whole sentences of text, shorter than `limit` characters (None if none fit)."""
     out = ""
     for sentence in re.split(r"(?<=[.!?])\s+(?=[A-Z])", text):
         candidate = f"{out} {sentence}".strip()
-        if len(candidate) > limit:
+        if len(candidate) >= limit:
             break
         out = candidate
     return out if out.endswith((".", "!", "?")) and len(out) >= 20 else None
