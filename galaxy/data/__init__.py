@@ -1,0 +1,15 @@
+"""Tokenizer, MLM masking, and the pretraining / instruction datasets.
+
+Every dataset has len(data) and get_batch(indices) -> dict of LongTensors;
+batch_indices(step, ...) says which indices make global batch `step`.
+"""
+from .errors import DataError
+from .instruction import InstructionData, PretrainTextData
+from .mlm import IGNORE_INDEX, mask_tokens
+from .pretrain import (BertPretrainData, SyntheticMLM, batch_indices, read_jsonl,
+                       seeded_generator)
+from .tokenizer import Tokenizer, train_sentencepiece
+
+__all__ = ["DataError", "Tokenizer", "train_sentencepiece", "mask_tokens", "IGNORE_INDEX",
+           "read_jsonl", "batch_indices", "seeded_generator", "BertPretrainData",
+           "SyntheticMLM", "InstructionData", "PretrainTextData"]

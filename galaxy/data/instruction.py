@@ -1,0 +1,91 @@
+"""Causal-LM data: instruction tuning with prompt masking, and plain pretraining.
+
+Labels are aligned with input_ids (label[t] is the id at position t); the model
+shifts them by one when computing the next-token loss, as Hugging Face models do.
+"""
+import torch
+
+from .errors import DataError
+from .mlm import IGNORE_INDEX
+from .pretrain import _check_index, read_jsonl
+
+
+class InstructionData:
+    """{"input","target"} JSONL -> [bos] + input + target + [eos], prompt masked.
+
+    Labels are IGNORE_INDEX on [bos] + input, so only target tokens and [eos]
+    carry loss. Samples longer than max_seq_length keep their first
+    max_seq_length tokens and are counted in num_truncated (a sample whose prompt
+    alone fills max_seq_length then carries no loss at all).
+
+    get_batch right-pads to the longest sample in the batch, or always to
+    max_seq_length with pad_to_max_length=True (fixed shapes, as sequence or
+    pipeline splits need). Padding uses pad_id (eos_id if the model has none),
+    attention_mask 0 and label IGNORE_INDEX.
+    """
+
+    def __init__(self, jsonl_path, tokenizer, max_seq_length, pad_to_max_length=False):
+        if tokenizer.bos_id is None or tokenizer.eos_id is None:
+            raise ValueError(f"tokenizer {tokenizer.model_file} needs bos and eos pieces")
+        self.max_seq_length, self.pad_to_max_length = max_seq_length, pad_to_max_length
+        self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+        self.num_truncated = 0
+        self._samples = []  # (input_ids, labels) as lists
+        for row in read_jsonl(jsonl_path, ("input", "target")):
+            prompt = [tokenizer.bos_id] + tokenizer.encode(row["input"])
+            answer = tokenizer.encode(row["target"]) + [tokenizer.eos_id]
+            ids, labels = prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
+            if len(ids) > max_seq_length:
+                self.num_truncated += 1
+                ids, labels = ids[:max_seq_length], labels[:max_seq_length]
+            self._samples.append((ids, labels))
+
+    def __len__(self):
+        return len(self._samples)
+
+    def get_batch(self, indices):
+        """input_ids, attention_mask, labels: [len(indices), padded length] long."""
+        for i in indices:
+            _check_index(i, len(self))
+        rows = [self._samples[i] for i in indices]
+        length = self.max_seq_length if self.pad_to_max_length else max(len(r[0]) for r in rows)
+        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for b, (ids, lab) in enumerate(rows):
+            input_ids[b, :len(ids)] = torch.tensor(ids)
+            labels[b, :len(lab)] = torch.tensor(lab)
+            attention_mask[b, :len(ids)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class PretrainTextData:
+    """{"title","content"} JSONL -> fixed-length causal-LM sequences.
+
+    Each document becomes [bos] + title + content + [eos] (bos/eos left out if
+    the tokenizer lacks them); documents are concatenated and cut into len(self)
+    sequences of seq_length, dropping the tail. labels == input_ids.
+    """
+
+    def __init__(self, jsonl_path, tokenizer, seq_length):
+        bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+        eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+        stream = [t for row in read_jsonl(jsonl_path, ("title", "content"))
+                  for t in bos + tokenizer.encode(row["title"]) + tokenizer.encode(row["content"]) + eos]
+        n = len(stream) // seq_length
+        if n == 0:
+            raise DataError(f"{jsonl_path}: {len(stream)} tokens, too few for one "
+                            f"sequence of length {seq_length}")
+        self.seq_length = seq_length
+        self._seqs = torch.tensor(stream[:n * seq_length], dtype=torch.long).view(n, seq_length)
+
+    def __len__(self):
+        return len(self._seqs)
+
+    def get_batch(self, indices):
+        """input_ids, attention_mask (all 1), labels: [len(indices), seq_length] long."""
+        for i in indices:
+            _check_index(i, len(self))
+        input_ids = self._seqs[list(indices)]
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                "labels": input_ids.clone()}
