@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from galaxy.data import batch_indices
 from galaxy.layers.dropout import set_dropout_seed
 from galaxy.train.grad_sync import GradSync, clip_grad_norm
 from galaxy.train.optim import build_optimizer, optimizer_state_bytes
@@ -54,7 +55,6 @@ class Trainer:
 
     def micro_batches(self, step):
         """This replica's batches for every micro-step of optimizer step `step`."""
-        from galaxy.data import batch_indices
         accum, size = self.cfg["gradient_accumulation_steps"], self.cfg["batch_size"]
         out = []
         for micro in range(accum):

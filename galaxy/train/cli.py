@@ -1,0 +1,55 @@
+"""Command line shared by the entry scripts: config file, launch flags, and `--key value`
+overrides for any config key. Everything is validated before a process group is formed."""
+import argparse
+
+from galaxy.comm import launch
+from galaxy.plan import build_plan
+from galaxy.train.config import SCHEMA, ALIASES, load_config, parse_cli_value
+from galaxy.train.errors import ConfigError
+
+
+def parse(description, default_config, argv=None):
+    parser = argparse.ArgumentParser(description=description,
+                                     epilog="Any config key can be overridden with --key value.")
+    parser.add_argument("--config_file", "--config", dest="config_file", default=default_config)
+    launch.add_launch_args(parser)
+    parser.add_argument("--metrics_file", default=None, help="append one JSON line per optimizer step")
+    parser.add_argument("--explain", action="store_true", help="print the parallel plan and exit")
+    parser.add_argument("--trace_dir", default=None, help="write Chrome traces of compute and collectives")
+    args, rest = parser.parse_known_args(argv)
+    overrides = _overrides(parser, rest)
+    for flag in ("timeout_s",):
+        if getattr(args, flag) is not None:
+            overrides[flag] = getattr(args, flag)
+    if args.backend:
+        overrides["distributed_backend"] = args.backend
+    try:
+        cfg = load_config(args.config_file, overrides)
+        world, rank = launch.resolve_world_rank(args)
+        plan = build_plan(cfg, world)
+    except ConfigError as e:
+        parser.exit(2, f"galaxy: config error: {e}\n")
+    args.init_method = launch.init_method_from(args, cfg["init_method"])
+    return args, cfg, plan, world, rank
+
+
+def _overrides(parser, rest):
+    """Turn leftover `--key value` / `--key=value` pairs into validated config overrides."""
+    out, i = {}, 0
+    while i < len(rest):
+        token = rest[i]
+        if not token.startswith("--"):
+            parser.error(f"unexpected argument {token!r}")
+        key, _, value = token[2:].partition("=")
+        if key not in SCHEMA and key not in ALIASES:
+            parser.error(f"unknown option --{key} (not a flag and not a config key)")
+        if not value:
+            if i + 1 >= len(rest):
+                parser.error(f"--{key} needs a value")
+            value, i = rest[i + 1], i + 1
+        try:
+            out[key] = parse_cli_value(key, value)
+        except ConfigError as e:
+            parser.error(str(e))
+        i += 1
+    return out
