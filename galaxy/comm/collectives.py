@@ -1,11 +1,5 @@
-"""Autograd-aware collectives: each forward is paired with its conjugate in backward.
-
-    copy_to_all      fwd identity          bwd all-reduce
-    all_reduce       fwd all-reduce        bwd identity
-    split_scatter    fwd keep own slice    bwd all-gather
-    gather_along_dim fwd all-gather        bwd keep own slice
-    reduce_scatter   fwd reduce-scatter    bwd all-gather
-    all_gather       fwd all-gather        bwd reduce-scatter
+"""Autograd-aware collectives: each forward is paired with its conjugate in backward
+(CONJUGATES below; --explain reads it to list what moves in each pass).
 
 Every function takes the process group and, where a dimension is split, the list of
 per-rank sizes along it, so uneven splits (heterogeneous devices) work. A group of one
@@ -15,7 +9,17 @@ import torch
 import torch.distributed as dist
 
 from galaxy.comm import stats
+from galaxy.comm.stats import BWD, FWD
 
+# name: (communication in forward, in backward); None = no communication (identity or keep own slice)
+CONJUGATES = {
+    "copy_to_all": (None, "all_reduce"),
+    "all_reduce": ("all_reduce", None),
+    "split_scatter": (None, "all_gather"),
+    "gather_along_dim": ("all_gather", None),
+    "reduce_scatter": ("reduce_scatter", "all_gather"),
+    "all_gather": ("all_gather", "reduce_scatter"),
+}
 
 def _world(group):
     return 1 if group is None else dist.get_world_size(group)
@@ -31,12 +35,12 @@ def _offset(sizes, rank):
 
 # --- plain (non-autograd) helpers shared by forward and backward -------------------------
 
-def _all_reduce(x, group):
+def _all_reduce(x, group, phase):
     if _world(group) == 1:
         return x
     x = x.contiguous()
-    stats.record("all_reduce", x)
-    dist.all_reduce(x, group=group)
+    with stats.timed("all_reduce", x, phase):
+        dist.all_reduce(x, group=group)
     return x
 
 
@@ -45,31 +49,31 @@ def _split(x, dim, sizes, group):
     return x.narrow(dim, _offset(sizes, rank), sizes[rank]).contiguous()
 
 
-def _all_gather(x, dim, sizes, group):
+def _all_gather(x, dim, sizes, group, phase):
     """Concatenate every rank's slice along `dim`. gloo's all_gather rejects uneven
     sizes, so slices are padded to the largest, gathered in one call, then trimmed."""
     if _world(group) == 1:
         return x
-    stats.record("all_gather", x)
     longest = max(sizes)
     moved = x.movedim(dim, 0)
     if moved.shape[0] < longest:
         pad = moved.new_zeros((longest - moved.shape[0],) + moved.shape[1:])
         moved = torch.cat([moved, pad])
     out = moved.new_empty((len(sizes) * longest,) + moved.shape[1:])
-    dist.all_gather_single(out, moved.contiguous(), group=group)
+    with stats.timed("all_gather", x, phase):
+        dist.all_gather_single(out, moved.contiguous(), group=group)
     pieces = [out[r * longest: r * longest + n] for r, n in enumerate(sizes)]
     return torch.cat(pieces).movedim(0, dim).contiguous()
 
 
-def _reduce_scatter(x, dim, sizes, group):
+def _reduce_scatter(x, dim, sizes, group, phase):
     """Sum over ranks, each rank keeping its own (possibly uneven) slice along `dim`."""
     if _world(group) == 1:
         return x
-    stats.record("reduce_scatter", x)
     chunks = [c.contiguous() for c in x.split(sizes, dim)]
     out = torch.empty_like(chunks[_rank(group)])
-    dist.reduce_scatter(out, chunks, group=group)
+    with stats.timed("reduce_scatter", x, phase):
+        dist.reduce_scatter(out, chunks, group=group)
     return out
 
 
@@ -85,7 +89,7 @@ class _CopyToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_reduce(grad.clone(), ctx.group), None
+        return _all_reduce(grad.clone(), ctx.group, BWD), None
 
 
 class _AllReduce(torch.autograd.Function):
@@ -93,7 +97,7 @@ class _AllReduce(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group):
-        return _all_reduce(x.clone(), group)
+        return _all_reduce(x.clone(), group, FWD)
 
     @staticmethod
     def backward(ctx, grad):
@@ -110,7 +114,7 @@ class _SplitScatter(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, *ctx.args), None, None, None
+        return _all_gather(grad, *ctx.args, BWD), None, None, None
 
 
 class _GatherAlongDim(torch.autograd.Function):
@@ -120,7 +124,7 @@ class _GatherAlongDim(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, sizes, group):
         ctx.args = (dim, sizes, group)
-        return _all_gather(x, dim, sizes, group)
+        return _all_gather(x, dim, sizes, group, FWD)
 
     @staticmethod
     def backward(ctx, grad):
@@ -133,11 +137,11 @@ class _ReduceScatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, sizes, group):
         ctx.args = (dim, sizes, group)
-        return _reduce_scatter(x, dim, sizes, group)
+        return _reduce_scatter(x, dim, sizes, group, FWD)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, *ctx.args), None, None, None
+        return _all_gather(grad, *ctx.args, BWD), None, None, None
 
 
 class _AllGather(torch.autograd.Function):
@@ -147,11 +151,11 @@ class _AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, sizes, group):
         ctx.args = (dim, sizes, group)
-        return _all_gather(x, dim, sizes, group)
+        return _all_gather(x, dim, sizes, group, FWD)
 
     @staticmethod
     def backward(ctx, grad):
-        return _reduce_scatter(grad, *ctx.args), None, None, None
+        return _reduce_scatter(grad, *ctx.args, BWD), None, None, None
 
 
 def _check_sizes(x, dim, sizes, group, full):
