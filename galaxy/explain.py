@@ -9,6 +9,7 @@ observe tests check the byte totals against a traced run.
 
 The boundaries walked per layer are those of TransformerLayer.forward, in its order.
 """
+import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -16,15 +17,16 @@ from galaxy.comm.collectives import CONJUGATES
 from galaxy.comm.context import ParallelContext
 from galaxy.comm.stats import BWD, FWD, GRAD, label
 from galaxy.layers.placement import PRODUCES, REPLICATE, TABLE, consumes
+from galaxy.train.grad_sync import grad_groups
 
-BYTES_PER_ELEMENT = 4  # fp32 activations and gradients
+BYTES_PER_ELEMENT = 4  # fp32 activations and gradients (bf16 autocast would change some, not all)
 
 
 @dataclass
 class Move:
     layer: int        # global layer index, None outside layers
     where: str        # e.g. "ATT out -> CON1"
-    op: str           # the galaxy.comm.collectives function (or "bucket" for gradient sync)
+    op: str           # the galaxy.comm.collectives function ("buckets" for gradient sync)
     phase: str        # fwd | bwd | grad
     kind: str         # all_gather | reduce_scatter | all_reduce
     shape: tuple      # the tensor this rank contributes
@@ -32,10 +34,7 @@ class Move:
 
     @property
     def nbytes(self):
-        n = BYTES_PER_ELEMENT
-        for d in self.shape:
-            n *= d
-        return n * self.times
+        return BYTES_PER_ELEMENT * math.prod(self.shape) * self.times
 
 
 def layer_boundaries(plan, input_placement):
@@ -81,7 +80,6 @@ def activation_moves(plan, cfg, rank):
 
 def grad_moves(model, ctx):
     """Gradient all-reduces of one step: parameters summed over the stage, then over replicas."""
-    from galaxy.train.grad_sync import grad_groups  # train depends on comm, not the other way
     moves = []
     for name, params, _, size in grad_groups(model, ctx):
         n = sum(p.numel() for p in params)
