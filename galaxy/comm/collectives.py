@@ -100,58 +100,30 @@ class _AllReduce(torch.autograd.Function):
         return grad, None
 
 
-class _SplitScatter(torch.autograd.Function):
-    """Keep this rank's slice in forward; all-gather the slices' gradients in backward."""
+def _dim_pair(name, forward_op, backward_op, doc):
+    """An autograd Function over a split dimension: forward_op in forward, its conjugate in backward."""
 
-    @staticmethod
     def forward(ctx, x, dim, sizes, group):
         ctx.args = (dim, sizes, group)
-        return _split(x, dim, sizes, group)
+        return forward_op(x, dim, sizes, group)
 
-    @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, *ctx.args), None, None, None
+        return backward_op(grad, *ctx.args), None, None, None
+
+    return type(name, (torch.autograd.Function,), {"__doc__": doc, "forward": staticmethod(forward),
+                                                    "backward": staticmethod(backward)})
 
 
-class _GatherAlongDim(torch.autograd.Function):
-    """All-gather in forward; keep this rank's slice of the gradient in backward.
-    Use it when every rank consumes the gathered tensor identically (replicated work)."""
-
-    @staticmethod
-    def forward(ctx, x, dim, sizes, group):
-        ctx.args = (dim, sizes, group)
-        return _all_gather(x, dim, sizes, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _split(grad, *ctx.args), None, None, None
-
-
-class _ReduceScatter(torch.autograd.Function):
-    """Reduce-scatter in forward; all-gather in backward."""
-
-    @staticmethod
-    def forward(ctx, x, dim, sizes, group):
-        ctx.args = (dim, sizes, group)
-        return _reduce_scatter(x, dim, sizes, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, *ctx.args), None, None, None
-
-
-class _AllGather(torch.autograd.Function):
-    """All-gather in forward; reduce-scatter in backward. Use it when each rank consumes
-    the gathered tensor differently (its own heads/columns), so gradients are partial."""
-
-    @staticmethod
-    def forward(ctx, x, dim, sizes, group):
-        ctx.args = (dim, sizes, group)
-        return _all_gather(x, dim, sizes, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter(grad, *ctx.args), None, None, None
+_SplitScatter = _dim_pair("_SplitScatter", _split, _all_gather,
+                          "Keep this rank's slice in forward; all-gather the slices' gradients in backward.")
+_GatherAlongDim = _dim_pair("_GatherAlongDim", _all_gather, _split,
+                            "All-gather in forward; keep this rank's slice of the gradient in backward. Use it "
+                            "when every rank consumes the gathered tensor identically (replicated work).")
+_ReduceScatter = _dim_pair("_ReduceScatter", _reduce_scatter, _all_gather,
+                           "Reduce-scatter in forward; all-gather in backward.")
+_AllGather = _dim_pair("_AllGather", _all_gather, _reduce_scatter,
+                       "All-gather in forward; reduce-scatter in backward. Use it when each rank consumes the "
+                       "gathered tensor differently (its own heads/columns), so gradients are partial.")
 
 
 def _check_sizes(x, dim, sizes, group, full):
