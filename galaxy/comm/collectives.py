@@ -9,7 +9,6 @@ import torch
 import torch.distributed as dist
 
 from galaxy.comm import stats
-from galaxy.comm.stats import BWD, FWD
 
 # name: (communication in forward, in backward); None = no communication (identity or keep own slice)
 CONJUGATES = {
@@ -20,6 +19,7 @@ CONJUGATES = {
     "reduce_scatter": ("reduce_scatter", "all_gather"),
     "all_gather": ("all_gather", "reduce_scatter"),
 }
+
 
 def _world(group):
     return 1 if group is None else dist.get_world_size(group)
@@ -35,11 +35,11 @@ def _offset(sizes, rank):
 
 # --- plain (non-autograd) helpers shared by forward and backward -------------------------
 
-def _all_reduce(x, group, phase):
+def _all_reduce(x, group):
     if _world(group) == 1:
         return x
     x = x.contiguous()
-    with stats.timed("all_reduce", x, phase):
+    with stats.timed("all_reduce", x):
         dist.all_reduce(x, group=group)
     return x
 
@@ -49,7 +49,7 @@ def _split(x, dim, sizes, group):
     return x.narrow(dim, _offset(sizes, rank), sizes[rank]).contiguous()
 
 
-def _all_gather(x, dim, sizes, group, phase):
+def _all_gather(x, dim, sizes, group):
     """Concatenate every rank's slice along `dim`. gloo's all_gather rejects uneven
     sizes, so slices are padded to the largest, gathered in one call, then trimmed."""
     if _world(group) == 1:
@@ -60,19 +60,19 @@ def _all_gather(x, dim, sizes, group, phase):
         pad = moved.new_zeros((longest - moved.shape[0],) + moved.shape[1:])
         moved = torch.cat([moved, pad])
     out = moved.new_empty((len(sizes) * longest,) + moved.shape[1:])
-    with stats.timed("all_gather", x, phase):
+    with stats.timed("all_gather", x):
         dist.all_gather_single(out, moved.contiguous(), group=group)
     pieces = [out[r * longest: r * longest + n] for r, n in enumerate(sizes)]
     return torch.cat(pieces).movedim(0, dim).contiguous()
 
 
-def _reduce_scatter(x, dim, sizes, group, phase):
+def _reduce_scatter(x, dim, sizes, group):
     """Sum over ranks, each rank keeping its own (possibly uneven) slice along `dim`."""
     if _world(group) == 1:
         return x
     chunks = [c.contiguous() for c in x.split(sizes, dim)]
     out = torch.empty_like(chunks[_rank(group)])
-    with stats.timed("reduce_scatter", x, phase):
+    with stats.timed("reduce_scatter", x):
         dist.reduce_scatter(out, chunks, group=group)
     return out
 
@@ -89,7 +89,8 @@ class _CopyToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_reduce(grad.clone(), ctx.group, BWD), None
+        with stats.phase(stats.BWD):
+            return _all_reduce(grad.clone(), ctx.group), None
 
 
 class _AllReduce(torch.autograd.Function):
@@ -97,65 +98,38 @@ class _AllReduce(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group):
-        return _all_reduce(x.clone(), group, FWD)
+        return _all_reduce(x.clone(), group)
 
     @staticmethod
     def backward(ctx, grad):
         return grad, None
 
 
-class _SplitScatter(torch.autograd.Function):
-    """Keep this rank's slice in forward; all-gather the slices' gradients in backward."""
+def _dim_pair(name, forward_op, backward_op, doc):
+    """An autograd Function over a split dimension: forward_op in forward, its conjugate in backward."""
 
-    @staticmethod
     def forward(ctx, x, dim, sizes, group):
         ctx.args = (dim, sizes, group)
-        return _split(x, dim, sizes, group)
+        return forward_op(x, dim, sizes, group)
 
-    @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, *ctx.args, BWD), None, None, None
+        with stats.phase(stats.BWD):
+            return backward_op(grad, *ctx.args), None, None, None
+
+    return type(name, (torch.autograd.Function,), {"__doc__": doc, "forward": staticmethod(forward),
+                                                    "backward": staticmethod(backward)})
 
 
-class _GatherAlongDim(torch.autograd.Function):
-    """All-gather in forward; keep this rank's slice of the gradient in backward.
-    Use it when every rank consumes the gathered tensor identically (replicated work)."""
-
-    @staticmethod
-    def forward(ctx, x, dim, sizes, group):
-        ctx.args = (dim, sizes, group)
-        return _all_gather(x, dim, sizes, group, FWD)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _split(grad, *ctx.args), None, None, None
-
-
-class _ReduceScatter(torch.autograd.Function):
-    """Reduce-scatter in forward; all-gather in backward."""
-
-    @staticmethod
-    def forward(ctx, x, dim, sizes, group):
-        ctx.args = (dim, sizes, group)
-        return _reduce_scatter(x, dim, sizes, group, FWD)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, *ctx.args, BWD), None, None, None
-
-
-class _AllGather(torch.autograd.Function):
-    """All-gather in forward; reduce-scatter in backward. Use it when each rank consumes
-    the gathered tensor differently (its own heads/columns), so gradients are partial."""
-
-    @staticmethod
-    def forward(ctx, x, dim, sizes, group):
-        ctx.args = (dim, sizes, group)
-        return _all_gather(x, dim, sizes, group, FWD)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter(grad, *ctx.args, BWD), None, None, None
+_SplitScatter = _dim_pair("_SplitScatter", _split, _all_gather,
+                          "Keep this rank's slice in forward; all-gather the slices' gradients in backward.")
+_GatherAlongDim = _dim_pair("_GatherAlongDim", _all_gather, _split,
+                            "All-gather in forward; keep this rank's slice of the gradient in backward. Use it "
+                            "when every rank consumes the gathered tensor identically (replicated work).")
+_ReduceScatter = _dim_pair("_ReduceScatter", _reduce_scatter, _all_gather,
+                           "Reduce-scatter in forward; all-gather in backward.")
+_AllGather = _dim_pair("_AllGather", _all_gather, _reduce_scatter,
+                       "All-gather in forward; reduce-scatter in backward. Use it when each rank consumes the "
+                       "gathered tensor differently (its own heads/columns), so gradients are partial.")
 
 
 def _check_sizes(x, dim, sizes, group, full):

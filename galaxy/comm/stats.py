@@ -2,8 +2,9 @@
 
 Off by default (a single `if` per collective). Every collective reports the tensor this rank
 contributes (all-gather: its own slice; reduce-scatter / all-reduce: its whole input) and
-whether it runs in the forward pass, in backward (the conjugate of a forward collective), or
-for gradient synchronisation. Listeners are called as listen(kind, nbytes, phase, start_s, dur_s).
+whether it runs in the forward pass, in backward (the conjugate of a forward collective: the
+autograd collectives' backward runs inside `phase(BWD)`), or for gradient synchronisation.
+Listeners are called as listen(kind, nbytes, phase, start_s, dur_s).
 """
 import time
 from collections import Counter
@@ -12,6 +13,7 @@ from contextlib import contextmanager, nullcontext
 FWD, BWD, GRAD = "fwd", "bwd", "grad"
 _listeners = []
 _OFF = nullcontext()
+_phase = FWD  # what collectives run now are part of, unless they say otherwise
 
 
 def label(kind, phase):
@@ -19,24 +21,36 @@ def label(kind, phase):
     return kind if phase == FWD else f"{kind}({phase})"
 
 
-def record(kind, tensor, phase=FWD, start_s=None, dur_s=0.0):
+@contextmanager
+def phase(name):
+    """Tag the collectives run inside the block with `name` (BWD for the conjugates in backward)."""
+    global _phase
+    outer, _phase = _phase, name
+    try:
+        yield
+    finally:
+        _phase = outer
+
+
+def record(kind, tensor, phase=None, start_s=None, dur_s=0.0):
     if _listeners:
+        phase = phase or _phase
         nbytes = tensor.numel() * tensor.element_size()
         start_s = time.perf_counter() if start_s is None else start_s
         for listen in _listeners:
             listen(kind, nbytes, phase, start_s, dur_s)
 
 
-def timed(kind, tensor, phase=FWD):
+def timed(kind, tensor):
     """Wrap one collective call: records it with its duration (a no-op when nobody listens)."""
-    return _timed(kind, tensor, phase) if _listeners else _OFF
+    return _timed(kind, tensor) if _listeners else _OFF
 
 
 @contextmanager
-def _timed(kind, tensor, phase):
+def _timed(kind, tensor):
     start = time.perf_counter()
     yield
-    record(kind, tensor, phase, start, time.perf_counter() - start)
+    record(kind, tensor, None, start, time.perf_counter() - start)
 
 
 @contextmanager

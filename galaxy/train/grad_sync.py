@@ -22,7 +22,7 @@ class GradBuckets:
     last micro-batch of an accumulation, so earlier micro-batches accumulate locally)."""
 
     def __init__(self, params, group, bucket_mb=25.0):
-        self.group, self.armed, self.pending = group, False, []
+        self.group, self.armed, self.pending, self.next_launch = group, False, [], 0
         self.buckets, current, size = [], [], 0
         for p in reversed(params):  # backward produces gradients roughly in reverse order
             current.append(p)
@@ -39,16 +39,17 @@ class GradBuckets:
                 p.register_post_accumulate_grad_hook(self._ready)
 
     def arm(self):
-        self.armed = self.group is not None
-        self.waiting = [len(b) for b in self.buckets]
+        self.armed, self.next_launch = self.group is not None, 0
+        # a parameter this rank never uses (a bias added on another rank) is ready from the start
+        self.waiting = [sum(not getattr(p, "unused_here", False) for p in b) for b in self.buckets]
 
     def _ready(self, p):
         if not self.armed:
             return
-        i = self.bucket_of[p]
-        self.waiting[i] -= 1
-        if self.waiting[i] == 0:
-            self._launch(i)
+        self.waiting[self.bucket_of[p]] -= 1
+        # launch in bucket order: every rank must issue its all-reduces in the same sequence
+        while self.next_launch < len(self.buckets) and self.waiting[self.next_launch] == 0:
+            self._launch(self.next_launch)
 
     def _launch(self, i):
         bucket = self.buckets[i]
@@ -58,15 +59,14 @@ class GradBuckets:
         flat = torch.cat([p.grad.reshape(-1) for p in bucket])
         work = dist.all_reduce(flat, group=self.group, async_op=True)
         self.pending.append((bucket, flat, work, time.perf_counter()))
-        self.waiting[i] = -1
+        self.next_launch = i + 1
 
     def finish(self):
-        """Launch buckets whose gradients never all arrived, wait for all, copy sums back."""
+        """Launch the buckets not launched yet, wait for all, copy the sums back."""
         if not self.armed:
             return
-        for i, left in enumerate(self.waiting):
-            if left > 0:
-                self._launch(i)
+        while self.next_launch < len(self.buckets):
+            self._launch(self.next_launch)
         for bucket, flat, work, start in self.pending:
             work.wait()  # the recorded span runs from launch until this wait returns
             stats.record("all_reduce", flat, stats.GRAD, start, time.perf_counter() - start)
