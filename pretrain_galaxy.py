@@ -15,6 +15,7 @@ from galaxy.comm.context import ParallelContext
 from galaxy.data import BertPretrainData, SyntheticMLM, Tokenizer
 from galaxy.explain import explain
 from galaxy.models.bert import BertConfig, BertForMaskedLM
+from galaxy.models.tuning import apply_tuning
 from galaxy.profiler import observe
 from galaxy.train import cli
 from galaxy.train.config import config_hash
@@ -49,15 +50,17 @@ def main(rank, world, cfg, plan, args):
     model = BertForMaskedLM(BertConfig.from_dict(cfg), ctx)
     if cfg["load_checkpoint"]:
         model.load_hf(cfg["load_checkpoint"])
+    tuning = apply_tuning(model, cfg, ctx)  # LoRA / adapter / side: freezes the rest
     total = cfg["max_steps"] or cfg["num_epochs"] * len(data) // (cfg["batch_size"] * cfg["gradient_accumulation_steps"])
     log = (lambda msg: print(f"[rank {rank}] {msg}", flush=True))
     if rank == 0:
         log(f"plan: {plan.describe()}")
+    log(tuning)
     trainer = Trainer(model, ctx, cfg, data, total, log=log)
     with observe.traced(args.trace_dir, rank, model, lambda: trainer.step + 1) as on_step:
         run_training(trainer, total, args.metrics_file, on_step)
     if cfg["save_dir"]:
-        model.save_hf(cfg["save_dir"])
+        model.save_hf(cfg["save_dir"], cfg["save_trainable_only"])
 
 
 if __name__ == "__main__":

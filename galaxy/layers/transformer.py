@@ -19,6 +19,7 @@ class Connective(nn.Module):
         super().__init__()
         self.norm, self.method, self.ctx = norm, method, ctx
         self.dropout = LayoutInvariantDropout(dropout_p, site)
+        self.adapter = None  # a bottleneck adapter set by galaxy.models.tuning (Houlsby: before the residual add)
         if method == "SP":
             mark_partial_grad(self)
 
@@ -28,7 +29,10 @@ class Connective(nn.Module):
             pos = self.ctx.positions
             full_shape = (h.shape[0], sum(self.ctx.plan.positions)) + tuple(h.shape[2:])
             index = (slice(None), slice(pos.start, pos.stop))
-        x = self.dropout(h, full_shape, index) + residual
+        h = self.dropout(h, full_shape, index)
+        if self.adapter is not None:
+            h = self.adapter(h)
+        x = h + residual
         return self.norm(x) if self.norm is not None else x
 
 

@@ -107,10 +107,11 @@ def _unique_params(model):
             yield name, p
 
 
-def gather_full_state(model, ctx, to_hf, tensor_of=lambda p: p.detach()):
+def gather_full_state(model, ctx, to_hf, tensor_of=lambda p: p.detach(), trainable_only=False):
     """Full (unsharded) tensors of this pipeline stage, HF-named, on every tensor rank.
-    `tensor_of` picks what to gather per parameter (e.g. its gradient)."""
-    params = list(_unique_params(model))
+    `tensor_of` picks what to gather per parameter (e.g. its gradient); trainable_only keeps
+    only those with requires_grad (a fine-tune's own weights)."""
+    params = [(n, p) for n, p in _unique_params(model) if p.requires_grad or not trainable_only]
     meta = torch.tensor([getattr(p, "shard", (0, 0, 0, 0))[1:3] for _, p in params], dtype=torch.long)
     # one small all-gather tells every rank where each rank's shard of each tensor starts
     meta = C.gather_along_dim(meta.unsqueeze(0), 0, [1] * ctx.tp_size, ctx.tp_group)
@@ -124,9 +125,9 @@ def gather_full_state(model, ctx, to_hf, tensor_of=lambda p: p.detach()):
     return out
 
 
-def save_checkpoint(model, ctx, path, to_hf, extra_files=None):
+def save_checkpoint(model, ctx, path, to_hf, extra_files=None, trainable_only=False):
     """Write the full model as HF sharded safetensors under directory `path` (collective)."""
-    tensors = gather_full_state(model, ctx, to_hf)
+    tensors = gather_full_state(model, ctx, to_hf, trainable_only)
     path = Path(path)
     writer = ctx.tp_rank == 0 and ctx.dp_rank == 0
     file = f"model-stage{ctx.pp_rank:02d}-of-{ctx.plan.pp_size:02d}.safetensors"

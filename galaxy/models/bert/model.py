@@ -202,9 +202,9 @@ class BertForMaskedLM(nn.Module):
     def load_hf(self, path):
         return checkpoint.load_checkpoint(self, path, mlm_to_hf)
 
-    def save_hf(self, path):
+    def save_hf(self, path, trainable_only=False):
         cfg = json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert", **vars(self.config)}, indent=1)
-        checkpoint.save_checkpoint(self, self.ctx, path, mlm_to_hf, {"config.json": cfg})
+        checkpoint.save_checkpoint(self, self.ctx, path, mlm_to_hf, {"config.json": cfg}, trainable_only)
 
 
 def init_weights(model, std):
