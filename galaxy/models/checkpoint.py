@@ -127,7 +127,7 @@ def gather_full_state(model, ctx, to_hf, tensor_of=lambda p: p.detach(), trainab
 
 def save_checkpoint(model, ctx, path, to_hf, extra_files=None, trainable_only=False):
     """Write the full model as HF sharded safetensors under directory `path` (collective)."""
-    tensors = gather_full_state(model, ctx, to_hf, trainable_only)
+    tensors = gather_full_state(model, ctx, to_hf, trainable_only=trainable_only)
     path = Path(path)
     writer = ctx.tp_rank == 0 and ctx.dp_rank == 0
     file = f"model-stage{ctx.pp_rank:02d}-of-{ctx.plan.pp_size:02d}.safetensors"
