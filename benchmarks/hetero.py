@@ -13,10 +13,11 @@ from galaxy.planner.run import measure_forward, profile_and_plan
 
 
 def bench(rank, world, args):
-    slow_down(rank, {args.slow_rank})
+    stop = slow_down(rank, {args.slow_rank})
     cfg = bert_cfg("galaxy", args.layers, args.seq, args.batch)
     split, predicted, even, even_predicted, profiles, _ = profile_and_plan(cfg, world, column_unit=64)
     measured = measure_forward(cfg, {"even": even, "planner": split}, rank, world, args.repeats)
+    stop.set()
     return {"even": (even, even_predicted, measured["even"]), "planner": (split, predicted, measured["planner"]),
             "profiles": profiles}
 

@@ -55,16 +55,19 @@ def measure_bandwidth(nbytes=8 << 20, repeats=3, group=None):
 
 def slow_down(rank, slowed, cores=None):
     """Emulate a weaker device: pin rank r to core r % cores; on `slowed` ranks a busy thread
-    shares that core, so the rank gets about half of it (2x slower compute)."""
+    shares that core, so the rank gets about half of it (2x slower compute) when nothing else
+    runs there. Returns an Event that stops the busy thread (set it before exiting)."""
     cores = cores or os.cpu_count()
     core = {rank % cores}
     for tid in os.listdir("/proc/self/task"):  # every thread that exists now (gloo's included)
         os.sched_setaffinity(int(tid), core)
+    stop = threading.Event()
     if rank in slowed:
         a = torch.randn(256, 256)
 
         def spin():
-            while True:
+            while not stop.is_set():
                 a @ a
 
         threading.Thread(target=spin, daemon=True).start()
+    return stop

@@ -57,10 +57,11 @@ def measure_forward(cfg, splits, rank, world, repeats=3):
 def plan_and_check(rank, world, cfg, args):
     """One rank of `python -m galaxy.planner` (module-level so spawned ranks can import it):
     optional slow-down, profile, plan, then measure the planned and the even split."""
-    if args.slow_rank is not None:
-        slow_down(rank, {args.slow_rank})
+    stop = slow_down(rank, {args.slow_rank}) if args.slow_rank is not None else None
     memory = args.memory_mb[rank] * 2**20 if args.memory_mb else float("inf")
     split, predicted, even, even_predicted, profiles, bandwidth = profile_and_plan(cfg, world, memory, args.column_unit)
     measured = measure_forward(cfg, {"planned": split, "even": even}, rank, world, args.repeats)
+    if stop is not None:
+        stop.set()
     return dict(split=split, predicted=predicted, even=even, even_predicted=even_predicted,
                 profiles=[vars(p) for p in profiles], bandwidth=bandwidth, measured=measured)
