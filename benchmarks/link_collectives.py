@@ -13,6 +13,18 @@ from benchmarks.netem import EdgeNet, rate_bits
 PORT = 29541
 
 
+def _p2p_reduce_scatter(full, half, rank):
+    """World 2 by hand: send the peer's half, receive the peer's contribution to mine, add."""
+    import torch
+    import torch.distributed as dist
+    mine, theirs = full.split(half, 1)[rank].contiguous(), full.split(half, 1)[1 - rank].contiguous()
+    incoming = torch.empty_like(mine)
+    works = [dist.isend(theirs, 1 - rank), dist.irecv(incoming, 1 - rank)]
+    for w in works:
+        w.wait()
+    return mine + incoming
+
+
 def worker(args):
     import torch
     import torch.distributed as dist
@@ -25,6 +37,7 @@ def worker(args):
         "all_reduce": (lambda: dist.all_reduce(full.clone()), full.nbytes),
         "reduce_scatter": (lambda: dist.reduce_scatter(torch.empty_like(half), list(full.split(args.seq // 2, 1))),
                            full.nbytes / 2),
+        "reduce_scatter, p2p": (lambda: _p2p_reduce_scatter(full, args.seq // 2, args.rank), full.nbytes / 2),
         "all_gather": (lambda: dist.all_gather_single(torch.empty(2 * half.numel()), half.flatten()), half.nbytes),
     }
     for name, (call, nbytes) in ops.items():
@@ -37,7 +50,7 @@ def worker(args):
         if args.rank == 0:
             m = statistics.median(times[1:])
             ideal = nbytes * 8 / rate_bits(args.rate)
-            print(f"{name:15s} {m * 1e3:8.1f} ms   ring volume {nbytes / 2**20:5.2f} MiB -> {ideal * 1e3:7.1f} ms "
+            print(f"{name:20s} {m * 1e3:8.1f} ms   ring volume {nbytes / 2**20:5.2f} MiB -> {ideal * 1e3:7.1f} ms "
                   f"at {args.rate}   ({m / ideal:.2f}x)", flush=True)
     dist.destroy_process_group()
 
