@@ -56,6 +56,7 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
     activation_checkpointing: bool = False
+    overlap_tiles: int = 1  # > 1: Galaxy's tiled comm/compute overlap (galaxy.comm.overlap)
 
     @classmethod
     def from_dict(cls, d):
@@ -95,7 +96,7 @@ def bert_layer(cfg, ctx, index, input_placement):
     mlp = MLP(h, cfg.intermediate_size, plan.mlp, ctx, act=cfg.hidden_act)
     con1 = Connective(nn.LayerNorm(h, eps=cfg.layer_norm_eps), cfg.hidden_dropout_prob, 4 * index + 2, plan.con, ctx)
     con2 = Connective(nn.LayerNorm(h, eps=cfg.layer_norm_eps), cfg.hidden_dropout_prob, 4 * index + 3, plan.con, ctx)
-    return TransformerLayer(attn, mlp, con1, con2, plan, input_placement)
+    return TransformerLayer(attn, mlp, con1, con2, plan, input_placement, overlap_tiles=cfg.overlap_tiles)
 
 
 class BertEncoder(nn.Module):
