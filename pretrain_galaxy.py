@@ -12,6 +12,7 @@ from galaxy.comm import launch
 from galaxy.comm.context import ParallelContext
 from galaxy.data import BertPretrainData, SyntheticMLM, Tokenizer
 from galaxy.models.bert import BertConfig, BertForMaskedLM
+from galaxy.pipeline import PipelineForwardBackward
 from galaxy.train import cli
 from galaxy.train.config import config_hash
 from galaxy.train.loop import Trainer, run_training
@@ -50,6 +51,8 @@ def main(rank, world, cfg, plan, args):
     if rank == 0:
         log(f"plan: {plan.describe()}")
     trainer = Trainer(model, ctx, cfg, data, total, log=log)
+    if plan.pp_size > 1:
+        trainer.forward_backward = PipelineForwardBackward(trainer)
     run_training(trainer, total, args.metrics_file)
     if cfg["save_dir"]:
         model.save_hf(cfg["save_dir"])
