@@ -12,7 +12,7 @@ from galaxy.comm import launch
 from galaxy.comm.context import ParallelContext
 from galaxy.data import BertPretrainData, SyntheticMLM, Tokenizer
 from galaxy.models.bert import BertConfig, BertForMaskedLM
-from galaxy.pipeline import PipelineForwardBackward
+from galaxy.pipeline import PipelineForwardBackward, format_actions
 from galaxy.train import cli
 from galaxy.train.config import config_hash
 from galaxy.train.loop import Trainer, run_training
@@ -52,7 +52,10 @@ def main(rank, world, cfg, plan, args):
         log(f"plan: {plan.describe()}")
     trainer = Trainer(model, ctx, cfg, data, total, log=log)
     if plan.pp_size > 1:
-        trainer.forward_backward = PipelineForwardBackward(trainer)
+        pipe = trainer.forward_backward = PipelineForwardBackward(trainer)
+        if ctx.dp_rank == 0 and ctx.tp_rank == 0:
+            actions = pipe.actions(cfg["gradient_accumulation_steps"] * cfg["num_microbatches"])
+            log(f"{cfg['pipeline_schedule']} stage {ctx.pp_rank}: {format_actions(actions)}")
     run_training(trainer, total, args.metrics_file)
     if cfg["save_dir"]:
         model.save_hf(cfg["save_dir"])
