@@ -4,6 +4,8 @@
     python pretrain_galaxy.py --config_file train_config/bert/galaxy/full.json --world 2 --rank 0   # terminal 1
     python pretrain_galaxy.py --config_file train_config/bert/galaxy/full.json --world 2 --rank 1   # terminal 2
     python pretrain_galaxy.py --config_file train_config/bert/galaxy/full.json --world 2            # both ranks here
+    python pretrain_galaxy.py --config_file train_config/bert/galaxy/full.json --world 2 --explain  # the plan only
+    python pretrain_galaxy.py --config_file train_config/bert/galaxy/full.json --world 2 --trace_dir traces --max_steps 2
 """
 import torch
 import torch.distributed as dist
@@ -11,8 +13,10 @@ import torch.distributed as dist
 from galaxy.comm import launch
 from galaxy.comm.context import ParallelContext
 from galaxy.data import BertPretrainData, SyntheticMLM, Tokenizer
+from galaxy.explain import explain
 from galaxy.models.bert import BertConfig, BertForMaskedLM
 from galaxy.pipeline import PipelineForwardBackward, format_actions
+from galaxy.profiler import observe
 from galaxy.train import cli
 from galaxy.train.config import config_hash
 from galaxy.train.loop import Trainer, run_training
@@ -56,11 +60,14 @@ def main(rank, world, cfg, plan, args):
         if ctx.dp_rank == 0 and ctx.tp_rank == 0:
             actions = pipe.actions(cfg["gradient_accumulation_steps"] * cfg["num_microbatches"])
             log(f"{cfg['pipeline_schedule']} stage {ctx.pp_rank}: {format_actions(actions)}")
-    run_training(trainer, total, args.metrics_file)
+    with observe.traced(args.trace_dir, rank, model, lambda: trainer.step + 1) as on_step:
+        run_training(trainer, total, args.metrics_file, on_step)
     if cfg["save_dir"]:
         model.save_hf(cfg["save_dir"])
 
 
 if __name__ == "__main__":
     args, cfg, plan, world, rank = cli.parse(__doc__.splitlines()[0], "train_config/bert/full.json")
+    if args.explain:  # the plan only: no process group, no training
+        raise SystemExit(print(explain(plan, cfg, lambda ctx: BertForMaskedLM(BertConfig.from_dict(cfg), ctx))))
     launch.run(main, world, rank, (cfg, plan, args), args.init_method, cfg["distributed_backend"], cfg["timeout_s"])

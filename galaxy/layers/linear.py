@@ -37,6 +37,8 @@ class RowLinear(nn.Linear):
         super().__init__(len(cols), out_features, bias=bias)
         self.owns_bias = owns_bias
         tag_shard(self.weight, 1, cols, full_in)
+        if bias:
+            self.bias.unused_here = not owns_bias  # gradient sync must not wait for it
 
     def forward(self, x):
         return F.linear(x, self.weight, self.bias if self.owns_bias else None)

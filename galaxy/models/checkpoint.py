@@ -112,16 +112,17 @@ def _unique_params(model):
             yield name, p
 
 
-def gather_full_state(model, ctx, to_hf):
+def gather_full_state(model, ctx, to_hf, tensor_of=lambda p: p.detach()):
     """Full (unsharded) tensors of this pipeline stage, HF-named, on every tensor rank.
-    Pipeline copies of tied weights are left out: the first stage saves the original."""
+    `tensor_of` picks what to gather per parameter (e.g. its gradient). Pipeline copies of
+    tied weights are left out: the first stage holds the original."""
     params = [(n, p) for n, p in _unique_params(model) if not getattr(p, "pipeline_copy", False)]
     meta = torch.tensor([getattr(p, "shard", (0, 0, 0, 0))[1:3] for _, p in params], dtype=torch.long)
     # one small all-gather tells every rank where each rank's shard of each tensor starts
     meta = C.gather_along_dim(meta.unsqueeze(0), 0, [1] * ctx.tp_size, ctx.tp_group)
     out = {}
     for i, (name, p) in enumerate(params):
-        tensor = p.detach()
+        tensor = tensor_of(p)
         starts, sizes = meta[:, i, 0].tolist(), meta[:, i, 1].tolist()
         if len(set(starts)) > 1:  # split over the tensor group (replicated tensors start at 0 everywhere)
             tensor = C.gather_along_dim(tensor.contiguous(), p.shard[0], sizes, ctx.tp_group)

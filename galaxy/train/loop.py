@@ -52,6 +52,7 @@ class Trainer:
         self.autocast = torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16) \
             if cfg["dtype"] == "bf16" else nullcontext()
         self.step = 0
+        self.before_update = None  # called with the synced, clipped gradients in place (tests, debugging)
 
     def micro_batches(self, step):
         """This replica's batches for every micro-step of optimizer step `step`."""
@@ -84,6 +85,8 @@ class Trainer:
         self.sync.finish()
         grad_norm = clip_grad_norm(self.model, self.ctx, self.cfg["max_grad_norm"])
         lr = self.sched.get_last_lr()[0]
+        if self.before_update:
+            self.before_update()
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)

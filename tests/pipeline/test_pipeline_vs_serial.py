@@ -40,13 +40,9 @@ def train(cfg, world, rank, steps=2, load=None):
     pipe = None
     if plan.pp_size > 1:
         pipe = trainer.forward_backward = PipelineForwardBackward(trainer)
-    grads, sched_step = [], trainer.sched.step
-
-    def record_then_step():  # grads as the optimizer used them (synced, clipped), before zero_grad
-        grads.append({_serial_name(n, p): p.grad.clone() for n, p in model.named_parameters()})
-        sched_step()
-
-    trainer.sched.step = record_then_step
+    grads = []  # as the optimizer takes them: synced and clipped
+    trainer.before_update = lambda: grads.append({_serial_name(n, p): p.grad.clone()
+                                                  for n, p in model.named_parameters()})
     losses = [trainer.train_step()["loss"] for _ in range(steps)]
     return {"losses": losses, "grads": grads, "weights": _weights(model), "loaded": loaded,
             "peak": pipe.stats.peak_live if pipe else None, "model": model}
