@@ -21,20 +21,20 @@ class StageLinks:
         self.pending = []  # (tensor, works) of sends in flight; the tensor must outlive its send
 
     def send_forward(self, activation):
-        self._send(activation, self.next)
+        self._send(activation, self.next, stats.FWD)
 
     def recv_forward(self, shape, dtype):
         return self._recv(shape, dtype, self.prev)
 
     def send_backward(self, grad):
-        self._send(grad, self.prev)
+        self._send(grad, self.prev, stats.BWD)
 
     def recv_backward(self, shape, dtype):
         return self._recv(shape, dtype, self.next)
 
-    def _send(self, tensor, peer):
+    def _send(self, tensor, peer, phase):
         tensor = tensor.detach().contiguous()
-        stats.record("p2p", tensor)
+        stats.record("send", tensor, phase)
         works = dist.batch_isend_irecv([dist.P2POp(dist.isend, tensor, peer)])
         self.pending = [(t, w) for t, w in self.pending if not all(x.is_completed() for x in w)]
         self.pending.append((tensor, works))
