@@ -16,6 +16,7 @@ from galaxy.data import BertPretrainData, SyntheticMLM, Tokenizer
 from galaxy.explain import explain
 from galaxy.models.bert import BertConfig, BertForMaskedLM
 from galaxy.models.tuning import apply_tuning
+from galaxy.pipeline import PipelineForwardBackward, format_actions
 from galaxy.profiler import observe
 from galaxy.train import cli
 from galaxy.train.config import config_hash
@@ -57,6 +58,11 @@ def main(rank, world, cfg, plan, args):
         log(f"plan: {plan.describe()}")
     log(tuning)
     trainer = Trainer(model, ctx, cfg, data, total, log=log)
+    if plan.pp_size > 1:
+        pipe = trainer.forward_backward = PipelineForwardBackward(trainer)
+        if ctx.dp_rank == 0 and ctx.tp_rank == 0:
+            actions = pipe.actions(cfg["gradient_accumulation_steps"] * cfg["num_microbatches"])
+            log(f"{cfg['pipeline_schedule']} stage {ctx.pp_rank}: {format_actions(actions)}")
     with observe.traced(args.trace_dir, rank, model, lambda: trainer.step + 1) as on_step:
         run_training(trainer, total, args.metrics_file, on_step)
     if cfg["save_dir"]:

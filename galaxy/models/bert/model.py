@@ -157,6 +157,7 @@ class BertLMHead(nn.Module):
         else:  # a pipeline's last stage holds its own copy; it starts equal to the embeddings
             self.decoder_weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
             self.decoder_weight.init_name = "bert.embeddings.word_embeddings.weight"
+            self.decoder_weight.pipeline_copy = True  # galaxy.pipeline sums its grad with the original's
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
     def forward(self, x):
