@@ -10,9 +10,10 @@ import torch.distributed as dist
 
 from galaxy.comm import launch
 from galaxy.comm.context import ParallelContext
-from galaxy.data import BertPretrainData, SyntheticMLM, Tokenizer
+from galaxy.data import BertPretrainData, DataError, SyntheticMLM, Tokenizer
 from galaxy.models.bert import BertConfig, BertForMaskedLM
-from galaxy.train import cli
+from galaxy.models.checkpoint import CheckpointError
+from galaxy.train import checkpoint, cli
 from galaxy.train.config import config_hash
 from galaxy.train.loop import Trainer, run_training
 
@@ -24,7 +25,11 @@ def build_data(cfg):
     if tok.vocab_size > cfg["vocab_size"]:
         raise SystemExit(f"galaxy: tokenizer {cfg['tokenizer_file']} has {tok.vocab_size} pieces, "
                          f"config vocab_size is {cfg['vocab_size']}")
-    return BertPretrainData(cfg["data_file"], tok, cfg["seq_length"], cfg["seed"])
+    data = BertPretrainData(cfg["data_file"], tok, cfg["seq_length"], cfg["seed"])
+    if len(data) < cfg["batch_size"]:
+        raise DataError(f"{cfg['data_file']}: {len(data)} sequences of {cfg['seq_length']} tokens, "
+                        f"fewer than one batch (batch_size {cfg['batch_size']})")
+    return data
 
 
 def check_same_config(cfg, ctx):
@@ -38,19 +43,39 @@ def check_same_config(cfg, ctx):
 
 
 def main(rank, world, cfg, plan, args):
+    try:
+        train(rank, world, cfg, plan, args)
+    except (DataError, CheckpointError) as e:  # bad input: a message, not a traceback
+        raise SystemExit(f"galaxy: rank {rank}: {e}") from None
+
+
+def checkpoint_saver(trainer, total):
+    """on_step callback: a training checkpoint every save_every steps and at the last step."""
+    def on_step(metrics):
+        if metrics["step"] % trainer.cfg["save_every"] == 0 or metrics["step"] == total:
+            path = checkpoint.save(trainer, trainer.cfg["save_dir"], trainer.cfg["keep_checkpoints"])
+            trainer.log(f"saved training checkpoint {path}")
+    return on_step
+
+
+def train(rank, world, cfg, plan, args):
     ctx = ParallelContext.create(plan, rank)
     check_same_config(cfg, ctx)
     torch.manual_seed(cfg["seed"])
     data = build_data(cfg)
     model = BertForMaskedLM(BertConfig.from_dict(cfg), ctx)
-    if cfg["load_checkpoint"]:
+    if cfg["load_checkpoint"] and not cfg["resume"]:
         model.load_hf(cfg["load_checkpoint"])
     total = cfg["max_steps"] or cfg["num_epochs"] * len(data) // (cfg["batch_size"] * cfg["gradient_accumulation_steps"])
     log = (lambda msg: print(f"[rank {rank}] {msg}", flush=True))
     if rank == 0:
         log(f"plan: {plan.describe()}")
     trainer = Trainer(model, ctx, cfg, data, total, log=log)
-    run_training(trainer, total, args.metrics_file)
+    if cfg["resume"]:
+        step = checkpoint.resume(trainer, cfg["save_dir"])
+        if rank == 0:
+            log(f"resumed from step {step} of {cfg['save_dir']}")
+    run_training(trainer, total, args.metrics_file, on_step=checkpoint_saver(trainer, total) if cfg["save_every"] else None)
     if cfg["save_dir"]:
         model.save_hf(cfg["save_dir"])
 
