@@ -33,13 +33,19 @@ def build_data(cfg):
 
 
 def check_same_config(cfg, ctx):
-    """Ranks started with different configs would deadlock or diverge: stop them now."""
+    """Ranks started with different configs would deadlock or diverge: stop them now,
+    naming the keys that differ from rank 0's."""
     if ctx.world == 1:
         return
     digests = [None] * ctx.world
     dist.all_gather_object(digests, config_hash(cfg))
-    if len(set(digests)) > 1:
-        raise SystemExit(f"galaxy: ranks were started with different configs (digests {digests})")
+    if len(set(digests)) == 1:
+        return
+    configs = [None] * ctx.world
+    dist.all_gather_object(configs, cfg)
+    diffs = [f"rank {r}: {k}={configs[r][k]!r} (rank 0: {configs[0][k]!r})"
+             for r in range(1, ctx.world) for k in sorted(cfg) if configs[r][k] != configs[0][k]]
+    raise SystemExit(f"galaxy: rank {ctx.rank}: ranks were started with different configs: {'; '.join(diffs)}")
 
 
 def main(rank, world, cfg, plan, args):
