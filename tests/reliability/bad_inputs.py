@@ -6,6 +6,7 @@ in-process, and the table of docs/bad_inputs.md, made by running them for real:
 import contextlib
 import io
 import runpy
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -29,6 +30,11 @@ def write_files(d):
     (d / "garbage.safetensors").write_bytes(b"\x00" * 64)
     (d / "no_model").mkdir(exist_ok=True)
     (d / "empty_save").mkdir(exist_ok=True)
+    run_in_process(["--max_steps", "1", "--save_dir", str(d / "ck"), "--save_every", "1"])
+    shutil.copytree(d / "ck", d / "ck_bad", dirs_exist_ok=True)
+    victim = d / "ck_bad" / "step-00000001" / "rank-00000.optim.safetensors"
+    data = victim.read_bytes()
+    victim.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
 
 
 # (input, arguments with {d} for the files' directory, text the output must contain, exit code)
@@ -67,6 +73,10 @@ CASES = [
      "{d}/garbage.safetensors: not a readable safetensors file", 1),
     ("resume with no checkpoint", [*SYNTH, "--save_dir", "{d}/empty_save", "--resume", "true"],
      "--resume: no complete checkpoint (step-*/manifest.json) in save_dir {d}/empty_save", 1),
+    ("resume from a corrupted checkpoint", [*SYNTH, "--save_dir", "{d}/ck_bad", "--resume", "true"],
+     "{d}/ck_bad/step-00000001/rank-00000.optim.safetensors: sha256 does not match", 1),
+    ("resume with a changed config", [*SYNTH, "--save_dir", "{d}/ck", "--resume", "true", "--lr", "0.1"],
+     "the config differs from the checkpoint's in learning_rate: 0.001 -> 0.1", 1),
 ]
 
 
@@ -93,6 +103,8 @@ def run_in_process(args):
 
 
 def _message(output):
+    if "step     1 |" in output:  # it trained: show the first step
+        return next(ln for ln in output.splitlines() if "step     1 |" in ln)
     lines = [ln for ln in output.strip().splitlines() if ln.startswith("galaxy:") or "error" in ln.lower()]
     return (lines or output.strip().splitlines() or [""])[-1]
 
@@ -127,6 +139,12 @@ def _multi_process_rows(d):
     ranks = procs.start_ranks(2, ["--parallel", "galaxy", "--max_steps", "1"], d, ranks=[0])
     code = procs.finish(ranks, 120)[0]
     rows.append(_row("rank 1 never starts (rank 0's view)", ["--world", "2", "--rank", "0"], code, (d / "rank0.log").read_text()))
+    port = procs.free_port()
+    ranks = {r: procs.start(["--parallel", "galaxy", "--world", "2", "--rank", str(r), "--master_port", str(port),
+                             "--max_steps", "1", "--lr", str(0.001 * (r + 1))], d / f"rank{r}.log") for r in range(2)}
+    code = procs.finish(ranks, 120)[0]
+    rows.append(_row("ranks started with different configs (rank 0's view)", ["--world 2 --rank R --lr 0.00(R+1)"], code,
+                     (d / "rank0.log").read_text()))
     ranks = procs.start_ranks(2, ["--parallel", "galaxy", "--max_steps", "100000"], d)
     procs.wait_for(d / "rank0.log", "step     1 |", ranks[0])
     ranks[1].send_signal(signal.SIGKILL)
@@ -138,7 +156,9 @@ def _multi_process_rows(d):
 
 if __name__ == "__main__":
     print("# Bad inputs and what they get\n\nMade by `python -m tests.reliability.bad_inputs > docs/bad_inputs.md` "
-          "(each row run as a real process; DIR is a temporary directory). Exit 2 = rejected by the command line / "
+          "(each row run as a real process; DIR is a temporary directory). "
+          "Documents longer than seq_length are not an error: the corpus is one token stream cut into "
+          "seq_length pieces, so nothing is skipped (only the tail shorter than one sequence is dropped). Exit 2 = rejected by the command line / "
           "config check before any process starts training; 1 = a runtime error with a message naming the "
           "file, key or rank.\n")
     print(table())
