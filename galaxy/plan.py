@@ -112,7 +112,7 @@ def build_plan(cfg, world):
     if world % (pp * dp):
         raise ConfigError(f"data_parallel_size {dp} x {pp} pipeline stages does not divide world size {world}")
     tp = world // (pp * dp)
-    if cfg["batch_size"] % dp:
+    if cfg.get("batch_size", dp) % dp:
         raise ConfigError(f"batch_size {cfg['batch_size']} does not split evenly over {dp} data-parallel replicas")
     if tp > 1 and not sharded:
         raise ConfigError(f"world {world} = {pp} stages x {dp} replicas x {tp}, but no block is parallel: "

@@ -102,15 +102,15 @@ def run_in_process(args):
     return code, out.getvalue()
 
 
-def _message(output):
-    if "step     1 |" in output:  # it trained: show the first step
+def _message(code, output):
+    if code == 0:  # it trained: show the first step
         return next(ln for ln in output.splitlines() if "step     1 |" in ln)
     lines = [ln for ln in output.strip().splitlines() if ln.startswith("galaxy:") or "error" in ln.lower()]
     return (lines or output.strip().splitlines() or [""])[-1]
 
 
 def _row(what, args, code, output):
-    cell = _message(output).replace("|", "\\|")
+    cell = _message(code, output).replace("|", "\\|")
     return f"| {what} | `{' '.join(args)}` | {code} | {cell} |"
 
 
