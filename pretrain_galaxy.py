@@ -17,14 +17,18 @@ from galaxy.train.config import config_hash
 from galaxy.train.loop import Trainer, run_training
 
 
-def build_data(cfg):
-    if cfg["data"] == "synthetic":
-        return SyntheticMLM(cfg["vocab_size"], cfg["seq_length"], cfg["seed"])
+def load_tokenizer(cfg):
     tok = Tokenizer(cfg["tokenizer_file"])
     if tok.vocab_size > cfg["vocab_size"]:
         raise SystemExit(f"galaxy: tokenizer {cfg['tokenizer_file']} has {tok.vocab_size} pieces, "
                          f"config vocab_size is {cfg['vocab_size']}")
-    return BertPretrainData(cfg["data_file"], tok, cfg["seq_length"], cfg["seed"])
+    return tok
+
+
+def build_data(cfg):
+    if cfg["data"] == "synthetic":
+        return SyntheticMLM(cfg["vocab_size"], cfg["seq_length"], cfg["seed"])
+    return BertPretrainData(cfg["data_file"], load_tokenizer(cfg), cfg["seq_length"], cfg["seed"])
 
 
 def check_same_config(cfg, ctx):
@@ -37,12 +41,16 @@ def check_same_config(cfg, ctx):
         raise SystemExit(f"galaxy: ranks were started with different configs (digests {digests})")
 
 
-def main(rank, world, cfg, plan, args):
+def build_bert(cfg, ctx):
+    return BertForMaskedLM(BertConfig.from_dict(cfg), ctx), build_data(cfg)
+
+
+def main(rank, world, cfg, plan, args, build=build_bert):
+    """Train on this rank; build(cfg, ctx) -> (model, data) picks the architecture."""
     ctx = ParallelContext.create(plan, rank)
     check_same_config(cfg, ctx)
     torch.manual_seed(cfg["seed"])
-    data = build_data(cfg)
-    model = BertForMaskedLM(BertConfig.from_dict(cfg), ctx)
+    model, data = build(cfg, ctx)
     if cfg["load_checkpoint"]:
         model.load_hf(cfg["load_checkpoint"])
     total = cfg["max_steps"] or cfg["num_epochs"] * len(data) // (cfg["batch_size"] * cfg["gradient_accumulation_steps"])

@@ -45,12 +45,14 @@ class Attention(nn.Module):
     def query_positions(self, seq_len):
         return self.ctx.positions if self.method == "SP" else range(seq_len)
 
-    def forward(self, x, attn_bias=None):
-        """x [B, t, H]; attn_bias additive, broadcastable to [B, heads, T, T] over *all* positions."""
+    def forward(self, x, attn_bias=None, kv_input=None):
+        """x [B, t, H]; attn_bias additive, broadcastable to [B, heads, T, T_kv] over *all* positions.
+        Keys and values come from x, or for cross-attention from kv_input (in x's placement)."""
         B, t, _ = x.shape
+        src = x if kv_input is None else kv_input
         q = self.q(x).view(B, t, self.n_local, self.head_dim).transpose(1, 2)
-        k = self.k(x).view(B, t, self.kv_local, self.head_dim).transpose(1, 2)
-        v = self.v(x).view(B, t, self.kv_local, self.head_dim).transpose(1, 2)
+        k = self.k(src).view(B, src.shape[1], self.kv_local, self.head_dim).transpose(1, 2)
+        v = self.v(src).view(B, src.shape[1], self.kv_local, self.head_dim).transpose(1, 2)
         seq_len = sum(self.ctx.plan.positions) if self.method == "SP" else t
         rows = self.query_positions(seq_len)
         if self.rotary is not None:
@@ -63,7 +65,7 @@ class Attention(nn.Module):
             v = v.repeat_interleave(self.n_local // self.kv_local, dim=1)
         if attn_bias is not None and attn_bias.shape[-2] > 1:
             attn_bias = attn_bias[..., rows.start:rows.stop, :]
-        out = self._attend(q, k, v, attn_bias, (B, self.num_heads, seq_len, seq_len), rows)
+        out = self._attend(q, k, v, attn_bias, (B, self.num_heads, seq_len, k.shape[2]), rows)
         return self.o(out.transpose(1, 2).reshape(B, t, self.n_local * self.head_dim))
 
     def _attend(self, q, k, v, attn_bias, full_shape, rows):

@@ -47,26 +47,29 @@ class TransformerLayer(nn.Module):
         return consumes(self.plan.con)
 
     def forward(self, x, attn_bias=None):
-        plan, ctx = self.plan, self.attn.ctx
-        rest = self.output_placement
-        h = x if self.norm_in is None else self.norm_in(x)
-        a = self.attn(redistribute(h, self.input_placement, plan.att, ctx), attn_bias)
-        x = self.con1(redistribute(a, PRODUCES[plan.att], plan.con, ctx),
-                      redistribute(x, self.input_placement, plan.con, ctx))
-        h = x if self.norm_mid is None else self.norm_mid(x)
-        m = self.mlp(redistribute(h, rest, plan.mlp, ctx))
-        return self.con2(redistribute(m, PRODUCES[plan.mlp], plan.con, ctx), x)
+        x = sublayer(self.attn, self.plan.att, self.con1, x, self.input_placement, attn_bias, norm=self.norm_in)
+        return sublayer(self.mlp, self.plan.mlp, self.con2, x, self.output_placement, norm=self.norm_mid)
 
 
-def run_layers(layers, x, placement, attn_bias, checkpoint=False):
-    """Run layers in order; returns the activation and its placement."""
+def sublayer(block, method, con, x, placement, *args, norm=None, **kwargs):
+    """One block of `method` and its connective: con(block(norm(x)), x), each operand moved by the
+    placement table. x is in `placement`; the result is in what the connective consumes."""
+    h = x if norm is None else norm(x)
+    out = block(redistribute(h, placement, method, con.ctx), *args, **kwargs)
+    residual = redistribute(x, placement, con.method, con.ctx)
+    return con(redistribute(out, PRODUCES[method], con.method, con.ctx), residual)
+
+
+def run_layers(layers, x, placement, attn_bias, checkpoint=False, extra=()):
+    """Run layers in order (each called as layer(x, attn_bias, *extra)); returns the activation
+    and its placement."""
     for layer in layers:
         if checkpoint and layer.training:
-            x = torch.utils.checkpoint.checkpoint(layer, x, attn_bias, use_reentrant=False)
+            x = torch.utils.checkpoint.checkpoint(layer, x, attn_bias, *extra, use_reentrant=False)
         else:
-            x = layer(x, attn_bias)
+            x = layer(x, attn_bias, *extra)
         placement = layer.output_placement
     return x, placement
 
 
-__all__ = ["Connective", "TransformerLayer", "run_layers", "SEQ_DIM"]
+__all__ = ["Connective", "TransformerLayer", "sublayer", "run_layers", "SEQ_DIM"]
