@@ -17,12 +17,15 @@ def build_bart(cfg, ctx):
 
 def check_supported(cfg, plan):
     """What BART cannot do here, refused before any process group forms."""
+    problem = None
     if cfg["model"] != "bart":
-        raise SystemExit(f"galaxy: config error: pretrain_bart.py trains model 'bart', config says {cfg['model']!r}")
-    if cfg["data"] != "corpus":
-        raise SystemExit(f"galaxy: config error: BART trains on the corpus (data 'corpus'), config says {cfg['data']!r}")
-    if plan.pp_size > 1:
-        raise SystemExit("galaxy: config error: stage_num_hidden_layers_list: BART does not support pipeline parallelism")
+        problem = f"pretrain_bart.py trains model 'bart', config says {cfg['model']!r}"
+    elif cfg["data"] != "corpus":
+        problem = f"BART trains on the corpus (data 'corpus'), config says {cfg['data']!r}"
+    elif plan.pp_size > 1:
+        problem = "stage_num_hidden_layers_list: BART does not support pipeline parallelism"
+    if problem:
+        raise SystemExit(f"galaxy: config error: {problem}")
 
 
 if __name__ == "__main__":

@@ -55,9 +55,9 @@ def sublayer(block, method, con, x, placement, *args, norm=None, **kwargs):
     """One block of `method` and its connective: con(block(norm(x)), x), each operand moved by the
     placement table. x is in `placement`; the result is in what the connective consumes."""
     h = x if norm is None else norm(x)
-    out = block(redistribute(h, placement, method, con.ctx), *args, **kwargs)
-    residual = redistribute(x, placement, con.method, con.ctx)
-    return con(redistribute(out, PRODUCES[method], con.method, con.ctx), residual)
+    out = redistribute(block(redistribute(h, placement, method, con.ctx), *args, **kwargs),
+                       PRODUCES[method], con.method, con.ctx)
+    return con(out, redistribute(x, placement, con.method, con.ctx))
 
 
 def run_layers(layers, x, placement, attn_bias, checkpoint=False, extra=()):

@@ -1,5 +1,6 @@
 """Serial BART: determinism, training, decoder causality, encoder padding, and agreement with
 Hugging Face's BartForConditionalGeneration (skipped when transformers is not installed)."""
+import dataclasses
 import json
 
 import pytest
@@ -7,8 +8,8 @@ import torch
 
 from galaxy.data import BartDenoisingData, Tokenizer
 from galaxy.models.bart import BartConfig, BartForConditionalGeneration
-from galaxy.plan import Plan
 from galaxy.comm.context import ParallelContext
+from galaxy.plan import Plan
 from galaxy.train.config import load_config
 from galaxy.train.loop import Trainer
 
@@ -49,6 +50,20 @@ def test_padded_encoder_positions_are_not_attended():
     changed = ids.clone()
     changed[1, 10:] = 7  # only under the padding mask
     torch.testing.assert_close(model(changed, mask, dec), model(ids, mask, dec), rtol=0, atol=1e-6)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    ids, mask, dec = batch()
+    results = []
+    for checkpointing in (False, True):
+        model = BartForConditionalGeneration(dataclasses.replace(TINY, activation_checkpointing=checkpointing)).train()
+        loss_sum, _ = model(ids, mask, dec, labels=dec)
+        loss_sum.backward()
+        results.append((loss_sum, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b) and grads_a.keys() == grads_b.keys()
+    for name, g in grads_a.items():
+        torch.testing.assert_close(grads_b[name], g, rtol=0, atol=1e-7, msg=name)
 
 
 def test_short_denoising_training_lowers_the_loss():
