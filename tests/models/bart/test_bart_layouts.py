@@ -18,7 +18,7 @@ from tests.helpers import rel_err, run_ranks
 
 MODEL = dict(model="bart", hidden_size=64, num_attention_heads=4, intermediate_size=96, num_hidden_layers=2,
              num_decoder_layers=2, vocab_size=8000, seq_length=32, max_position_embeddings=32, batch_size=6,
-             gradient_accumulation_steps=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+             gradient_accumulation_steps=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
              layer_norm_eps=1e-5, scale_embedding=True, warmup_steps=1, max_grad_norm=1.0, bucket_size_mb=0.01)
 DROPOUT = dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
 SPLITS = {2: dict(tp_num_attention_heads_list=[3, 1], tp_intermediate_size_list=[64, 32], seq_scatter_list=[20, 12]),
