@@ -24,14 +24,18 @@ from galaxy.train.config import config_hash
 from galaxy.train.loop import Trainer, run_training
 
 
-def build_data(cfg):
-    if cfg["data"] == "synthetic":
-        return SyntheticMLM(cfg["vocab_size"], cfg["seq_length"], cfg["seed"])
+def load_tokenizer(cfg):
     tok = Tokenizer(cfg["tokenizer_file"])
     if tok.vocab_size > cfg["vocab_size"]:
         raise SystemExit(f"galaxy: tokenizer {cfg['tokenizer_file']} has {tok.vocab_size} pieces, "
                          f"config vocab_size is {cfg['vocab_size']}")
-    data = BertPretrainData(cfg["data_file"], tok, cfg["seq_length"], cfg["seed"])
+    return tok
+
+
+def build_data(cfg):
+    if cfg["data"] == "synthetic":
+        return SyntheticMLM(cfg["vocab_size"], cfg["seq_length"], cfg["seed"])
+    data = BertPretrainData(cfg["data_file"], load_tokenizer(cfg), cfg["seq_length"], cfg["seed"])
     if len(data) < cfg["batch_size"]:
         raise DataError(f"{cfg['data_file']}: {len(data)} sequences of {cfg['seq_length']} tokens, "
                         f"fewer than one batch (batch_size {cfg['batch_size']})")
@@ -54,9 +58,14 @@ def check_same_config(cfg, ctx):
     raise SystemExit(f"galaxy: rank {ctx.rank}: ranks were started with different configs: {'; '.join(diffs)}")
 
 
-def main(rank, world, cfg, plan, args):
+def build_bert(cfg, ctx):
+    return BertForMaskedLM(BertConfig.from_dict(cfg), ctx), build_data(cfg)
+
+
+def main(rank, world, cfg, plan, args, build=build_bert):
+    """Train on this rank; build(cfg, ctx) -> (model, data) picks the architecture."""
     try:
-        train(rank, world, cfg, plan, args)
+        train(rank, world, cfg, plan, args, build)
     except (DataError, CheckpointError) as e:  # bad input: a message, not a traceback
         raise SystemExit(f"galaxy: rank {rank}: {e}") from None
 
@@ -70,12 +79,11 @@ def checkpoint_saver(trainer, total):
     return on_step
 
 
-def train(rank, world, cfg, plan, args):
+def train(rank, world, cfg, plan, args, build):
     ctx = ParallelContext.create(plan, rank)
     check_same_config(cfg, ctx)
     torch.manual_seed(cfg["seed"])
-    data = build_data(cfg)
-    model = BertForMaskedLM(BertConfig.from_dict(cfg), ctx)
+    model, data = build(cfg, ctx)
     if cfg["load_checkpoint"] and not cfg["resume"]:
         model.load_hf(cfg["load_checkpoint"])
     tuning = apply_tuning(model, cfg, ctx)  # LoRA / adapter / side: freezes the rest

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from galaxy.comm.launch import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--hidden_size", "32", "--num_attention_heads", "4", "--intermediate_size", "64",
         "--num_hidden_layers", "2", "--batch_size", "4", "--seq_length", "32", "--log_every", "1"]
@@ -17,6 +19,7 @@ def run(*args, timeout=240):
 def test_galaxy_config_spawns_two_ranks_and_writes_metrics_once(tmp_path):
     metrics = tmp_path / "m.jsonl"
     out = run("--config_file", "train_config/bert/galaxy/full.json", "--world", "2", "--max_steps", "2",
+              "--master_port", str(free_port()),
               "--metrics_file", str(metrics), "--tp_num_attention_heads_list", "[3,1]",
               "--tp_intermediate_size_list", "[40,24]", "--seq_scatter_list", "[20,12]", *TINY)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -3,6 +3,7 @@
 Every dataset has len(data) and get_batch(indices) -> dict of LongTensors;
 batch_indices(step, ...) says which indices make global batch `step`.
 """
+from .denoising import BartDenoisingData, infill_spans
 from .errors import DataError
 from .instruction import InstructionData, PretrainTextData
 from .mlm import IGNORE_INDEX, mask_tokens
@@ -12,4 +13,4 @@ from .tokenizer import Tokenizer, train_sentencepiece
 
 __all__ = ["DataError", "Tokenizer", "train_sentencepiece", "mask_tokens", "IGNORE_INDEX",
            "read_jsonl", "batch_indices", "seeded_generator", "BertPretrainData",
-           "SyntheticMLM", "InstructionData", "PretrainTextData"]
+           "SyntheticMLM", "InstructionData", "PretrainTextData", "BartDenoisingData", "infill_spans"]

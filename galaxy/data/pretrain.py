@@ -19,7 +19,7 @@ from .mlm import mask_tokens
 # Id layout of the BERT tokenizer (kind="bert"); SyntheticMLM uses it as well.
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(5)
 
-_MASK_STREAM, _ORDER_STREAM, _SYNTH_STREAM = range(3)  # keep the random streams apart
+_MASK_STREAM, _ORDER_STREAM, _SYNTH_STREAM, _INFILL_STREAM = range(4)  # keep the random streams apart
 
 
 def seeded_generator(*words):
@@ -84,6 +84,18 @@ def _check_index(i, n):
         raise IndexError(f"sample index {i} out of range for {n} samples")
 
 
+def token_chunks(jsonl_path, tokenizer, body):
+    """{"title","content"} JSONL -> [n, body] LongTensor: all documents (title tokens, then content
+    tokens) concatenated into one stream, cut into consecutive chunks; the tail is dropped."""
+    stream = [t for row in read_jsonl(jsonl_path, ("title", "content"))
+              for t in tokenizer.encode(row["title"]) + tokenizer.encode(row["content"])]
+    n = len(stream) // body
+    if n == 0:
+        raise DataError(f"{jsonl_path}: {len(stream)} tokens, too few for one "
+                        f"sequence of length {body + 2}")
+    return torch.tensor(stream[:n * body], dtype=torch.long).view(n, body)
+
+
 def _stack_mlm(samples):
     """Batch dict from per-sample (inputs, labels) of equal length."""
     inputs = torch.stack([s[0] for s in samples])
@@ -96,8 +108,7 @@ def _stack_mlm(samples):
 class BertPretrainData:
     """{"title","content"} JSONL -> [CLS] + seq_length-2 tokens + [SEP] MLM samples.
 
-    All documents (title tokens, then content tokens) are concatenated into one
-    stream, which is cut into len(self) consecutive chunks; the tail is dropped.
+    The samples are the corpus's token_chunks of seq_length-2 tokens.
     """
 
     def __init__(self, jsonl_path, tokenizer, seq_length, seed, mlm_probability=0.15):
@@ -109,14 +120,7 @@ class BertPretrainData:
             raise ValueError(f"seq_length must be >= 3, got {seq_length}")
         self.tokenizer, self.seq_length, self.seed = tokenizer, seq_length, seed
         self.mlm_probability = mlm_probability
-        stream = [t for row in read_jsonl(jsonl_path, ("title", "content"))
-                  for t in tokenizer.encode(row["title"]) + tokenizer.encode(row["content"])]
-        body = seq_length - 2
-        n = len(stream) // body
-        if n == 0:
-            raise DataError(f"{jsonl_path}: {len(stream)} tokens, too few for one "
-                            f"sequence of length {seq_length}")
-        self._chunks = torch.tensor(stream[:n * body], dtype=torch.long).view(n, body)
+        self._chunks = token_chunks(jsonl_path, tokenizer, seq_length - 2)
 
     def __len__(self):
         return len(self._chunks)

@@ -47,13 +47,17 @@ class Attention(nn.Module):
     def query_positions(self, seq_len):
         return self.ctx.positions if self.method == "SP" else range(seq_len)
 
-    def forward(self, x, attn_bias=None):
-        """x [B, t, H]; attn_bias additive, broadcastable to [B, heads, T, T] over *all* positions."""
-        q, k, v = column_in(x, (self.q, self.k, self.v), self.tiling)
+    def forward(self, x, attn_bias=None, kv_input=None):
+        """x [B, t, H]; attn_bias additive, broadcastable to [B, heads, T, T_kv] over *all* positions.
+        Keys and values come from x, or for cross-attention from kv_input (in x's placement)."""
+        if kv_input is None:
+            q, k, v = column_in(x, (self.q, self.k, self.v), self.tiling)
+        else:  # cross-attention runs untiled (the tiling fuses only a block's own input gather)
+            q, k, v = self.q(x), self.k(kv_input), self.v(kv_input)
         B, t = q.shape[:2]  # t: the positions attended from (all of them when the input was gathered)
         q = q.view(B, t, self.n_local, self.head_dim).transpose(1, 2)
-        k = k.view(B, t, self.kv_local, self.head_dim).transpose(1, 2)
-        v = v.view(B, t, self.kv_local, self.head_dim).transpose(1, 2)
+        k = k.view(B, k.shape[1], self.kv_local, self.head_dim).transpose(1, 2)
+        v = v.view(B, v.shape[1], self.kv_local, self.head_dim).transpose(1, 2)
         seq_len = sum(self.ctx.plan.positions) if self.method == "SP" else t
         rows = self.query_positions(seq_len)
         if self.rotary is not None:
@@ -66,7 +70,7 @@ class Attention(nn.Module):
             v = v.repeat_interleave(self.n_local // self.kv_local, dim=1)
         if attn_bias is not None and attn_bias.shape[-2] > 1:
             attn_bias = attn_bias[..., rows.start:rows.stop, :]
-        out = self._attend(q, k, v, attn_bias, (B, self.num_heads, seq_len, seq_len), rows)
+        out = self._attend(q, k, v, attn_bias, (B, self.num_heads, seq_len, k.shape[2]), rows)
         return row_out(out.transpose(1, 2).reshape(B, t, self.n_local * self.head_dim), self.o, self.tiling)
 
     def _attend(self, q, k, v, attn_bias, full_shape, rows):

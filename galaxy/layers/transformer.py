@@ -55,36 +55,32 @@ class TransformerLayer(nn.Module):
         return consumes(self.plan.con)
 
     def forward(self, x, attn_bias=None):
-        plan, ctx = self.plan, self.attn.ctx
-        rest = self.output_placement
-        h = x if self.norm_in is None else self.norm_in(x)
-        a = self.attn(self._into(h, self.input_placement, plan.att, self.attn), attn_bias)
-        x = self.con1(self._out_of(a, plan.att, self.attn), redistribute(x, self.input_placement, plan.con, ctx))
-        h = x if self.norm_mid is None else self.norm_mid(x)
-        m = self.mlp(self._into(h, rest, plan.mlp, self.mlp))
-        return self.con2(self._out_of(m, plan.mlp, self.mlp), x)
-
-    def _into(self, h, src, method, block):
-        """A block's input in the placement it consumes; a tiled block gathers its input itself."""
-        if block.tiling is not None and block.tiling.gather_in:
-            return h
-        return redistribute(h, src, method, self.attn.ctx)
-
-    def _out_of(self, y, method, block):
-        """A block's output moved to the connective's placement; a tiled block has reduce-scattered it."""
-        src = SEQ if block.tiling is not None and block.tiling.scatter_out else PRODUCES[method]
-        return redistribute(y, src, self.plan.con, self.attn.ctx)
+        x = sublayer(self.attn, self.plan.att, self.con1, x, self.input_placement, attn_bias, norm=self.norm_in)
+        return sublayer(self.mlp, self.plan.mlp, self.con2, x, self.output_placement, norm=self.norm_mid)
 
 
-def run_layers(layers, x, placement, attn_bias, checkpoint=False):
-    """Run layers in order; returns the activation and its placement."""
+def sublayer(block, method, con, x, placement, *args, norm=None, **kwargs):
+    """One block of `method` and its connective: con(block(norm(x)), x), each operand moved by the
+    placement table. x is in `placement`; the result is in what the connective consumes."""
+    h = x if norm is None else norm(x)
+    tiling = getattr(block, "tiling", None)  # a tiled block gathers its input / scatters its output itself
+    if tiling is None or not tiling.gather_in:
+        h = redistribute(h, placement, method, con.ctx)
+    out = block(h, *args, **kwargs)
+    produced = SEQ if tiling is not None and tiling.scatter_out else PRODUCES[method]
+    return con(redistribute(out, produced, con.method, con.ctx), redistribute(x, placement, con.method, con.ctx))
+
+
+def run_layers(layers, x, placement, attn_bias, checkpoint=False, extra=()):
+    """Run layers in order (each called as layer(x, attn_bias, *extra)); returns the activation
+    and its placement."""
     for layer in layers:
         if checkpoint and layer.training:
-            x = torch.utils.checkpoint.checkpoint(layer, x, attn_bias, use_reentrant=False)
+            x = torch.utils.checkpoint.checkpoint(layer, x, attn_bias, *extra, use_reentrant=False)
         else:
-            x = layer(x, attn_bias)
+            x = layer(x, attn_bias, *extra)
         placement = layer.output_placement
     return x, placement
 
 
-__all__ = ["Connective", "TransformerLayer", "run_layers", "SEQ_DIM"]
+__all__ = ["Connective", "TransformerLayer", "sublayer", "run_layers", "SEQ_DIM"]

@@ -31,6 +31,7 @@ SCHEMA = {
     "rms_norm_eps": (float, 1e-6, ""),
     "rope_theta": (float, 10000.0, ""),
     "tie_word_embeddings": (bool, None, "share input embeddings with the output head"),
+    "scale_embedding": (bool, False, "BART: multiply token embeddings by sqrt(hidden_size)"),
     "initializer_range": (float, 0.02, ""),
     "hidden_act": (str, "gelu", ""),
     # data

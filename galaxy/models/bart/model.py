@@ -1,0 +1,224 @@
+"""BART encoder-decoder with its LM head, written once for every layout.
+
+Read it as a plain BART (Lewis et al. 2020, the Hugging Face `BartForConditionalGeneration`):
+
+    shared token embeddings (x sqrt(hidden) when scale_embedding) + learned positions (offset 2)
+      -> layernorm_embedding -> dropout, for the encoder and for the decoder, each with its own
+         positions and LayerNorm
+    encoder layer: ATT(self) -> CON -> MLP -> CON                       (post-norm, as BERT's)
+    decoder layer: ATT(causal self) -> CON -> ATT(cross) -> CON -> MLP -> CON
+    logits = decoder output @ shared^T + final_logits_bias
+
+The plan says each block's method (galaxy.layers), for encoder and decoder alike. Cross-attention
+takes its queries from the decoder stream and its keys/values from the encoder output, moved by
+the placement table to what the attention consumes (under TP: the whole sequence on every rank,
+each rank attending with its own heads). Pipeline parallelism is not supported for BART.
+
+Parameter names are Hugging Face's outside the layers; HF_NAMES maps the layers' block names.
+"""
+import json
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from galaxy.layers.attention import Attention
+from galaxy.layers.dropout import LayoutInvariantDropout
+from galaxy.layers.mlp import MLP
+from galaxy.layers.placement import REPLICATE, consumes, redistribute
+from galaxy.layers.transformer import Connective, run_layers, sublayer
+from galaxy.models import checkpoint
+from galaxy.models.bert.model import attention_bias, bert_layer, init_weights, serial_context
+
+HF_NAMES = [
+    (r"\.attn\.([qkv])\.", r".self_attn.\1_proj."),
+    (r"\.attn\.o\.", ".self_attn.out_proj."),
+    (r"\.cross_attn\.([qkv])\.", r".encoder_attn.\1_proj."),
+    (r"\.cross_attn\.o\.", ".encoder_attn.out_proj."),
+    (r"\.con1\.norm\.", ".self_attn_layer_norm."),
+    (r"(decoder\.layers\.\d+)\.con2\.norm\.", r"\1.encoder_attn_layer_norm."),
+    (r"\.con[23]\.norm\.", ".final_layer_norm."),
+    (r"\.mlp\.up\.", ".fc1."),
+    (r"\.mlp\.down\.", ".fc2."),
+]
+POSITION_OFFSET = 2  # BART's learned position table has two extra leading rows (a fairseq legacy)
+
+
+def to_hf(name):
+    return checkpoint.rename(name, HF_NAMES)
+
+
+@dataclass
+class BartConfig:
+    """Field names are the flat config's (galaxy.train.config); HF's d_model = hidden_size,
+    encoder_layers = num_hidden_layers, decoder_layers = num_decoder_layers, ffn_dim = intermediate_size."""
+    vocab_size: int = 50265
+    hidden_size: int = 768
+    num_hidden_layers: int = 6
+    num_decoder_layers: int = None  # None: as many as the encoder
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.0
+    max_position_embeddings: int = 1024
+    layer_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    scale_embedding: bool = False
+    pad_token_id: int = 0
+    activation_checkpointing: bool = False
+
+    def __post_init__(self):
+        if self.num_decoder_layers is None:
+            self.num_decoder_layers = self.num_hidden_layers
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
+
+    @classmethod
+    def from_hf(cls, d):
+        """From a Hugging Face BART config.json's dict."""
+        return cls.from_dict({ours: d.get(theirs) for ours, theirs in HF_CONFIG.items()})
+
+    def to_hf(self):
+        return {"architectures": ["BartForConditionalGeneration"], "model_type": "bart",
+                "decoder_attention_heads": self.num_attention_heads, "decoder_ffn_dim": self.intermediate_size,
+                **{theirs: getattr(self, ours) for ours, theirs in HF_CONFIG.items()}}
+
+
+# our config field -> HF BartConfig key (HF's LayerNorm eps is fixed at 1e-5; decoder heads/ffn = encoder's here)
+HF_CONFIG = {"vocab_size": "vocab_size", "hidden_size": "d_model", "num_hidden_layers": "encoder_layers",
+             "num_decoder_layers": "decoder_layers", "num_attention_heads": "encoder_attention_heads",
+             "intermediate_size": "encoder_ffn_dim", "hidden_act": "activation_function",
+             "hidden_dropout_prob": "dropout", "attention_probs_dropout_prob": "attention_dropout",
+             "max_position_embeddings": "max_position_embeddings", "initializer_range": "init_std",
+             "scale_embedding": "scale_embedding", "pad_token_id": "pad_token_id"}
+
+
+def causal_bias(length, dtype, device):
+    """Additive [1, 1, T, T]: position i attends to positions <= i."""
+    future = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
+    bias = torch.zeros(length, length, dtype=dtype, device=device).masked_fill(future, torch.finfo(dtype).min)
+    return bias[None, None]
+
+
+class BartDecoderLayer(nn.Module):
+    """ATT(self) -> CON1 -> ATT(cross) -> CON2 -> MLP -> CON3, each joined by the placement table."""
+
+    def __init__(self, attn, cross_attn, mlp, con1, con2, con3, plan, input_placement):
+        super().__init__()
+        self.attn, self.con1, self.cross_attn, self.con2, self.mlp, self.con3 = attn, con1, cross_attn, con2, mlp, con3
+        self.plan, self.input_placement = plan, input_placement
+
+    @property
+    def output_placement(self):
+        return consumes(self.plan.con)
+
+    def forward(self, x, attn_bias, memory, memory_placement, memory_bias):
+        plan, rest = self.plan, self.output_placement
+        x = sublayer(self.attn, plan.att, self.con1, x, self.input_placement, attn_bias)
+        memory = redistribute(memory, memory_placement, plan.att, self.attn.ctx)
+        x = sublayer(self.cross_attn, plan.att, self.con2, x, rest, memory_bias, kv_input=memory)
+        return sublayer(self.mlp, plan.mlp, self.con3, x, rest)
+
+
+def decoder_layer(cfg, ctx, site, input_placement):
+    """Dropout sites site..site+4, numbered so every layout draws the same masks."""
+    plan, h = ctx.plan, cfg.hidden_size
+
+    def attention(s):
+        return Attention(h, cfg.num_attention_heads, plan.att, ctx, dropout_p=cfg.attention_probs_dropout_prob, site=s)
+
+    def connective(s):
+        return Connective(nn.LayerNorm(h, eps=cfg.layer_norm_eps), cfg.hidden_dropout_prob, s, plan.con, ctx)
+
+    mlp = MLP(h, cfg.intermediate_size, plan.mlp, ctx, act=cfg.hidden_act)
+    return BartDecoderLayer(attention(site), attention(site + 2), mlp, connective(site + 1), connective(site + 3),
+                            connective(site + 4), plan, input_placement)
+
+
+class BartStack(nn.Module):
+    """Encoder or decoder: embeddings (token table passed in, since it is shared) then layers."""
+
+    def __init__(self, cfg, layers, embed_site):
+        super().__init__()
+        self.embed_positions = nn.Embedding(cfg.max_position_embeddings + POSITION_OFFSET, cfg.hidden_size)
+        self.layernorm_embedding = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = LayoutInvariantDropout(cfg.hidden_dropout_prob, embed_site)
+        self.embed_scale = math.sqrt(cfg.hidden_size) if cfg.scale_embedding else 1.0
+        self.layers = nn.ModuleList(layers)
+        self.checkpoint = cfg.activation_checkpointing
+
+    def forward(self, ids, shared, attn_bias, extra=()):
+        """Returns the last layer's output and its placement."""
+        positions = torch.arange(ids.shape[1], device=ids.device) + POSITION_OFFSET
+        x = self.dropout(self.layernorm_embedding(shared(ids) * self.embed_scale + self.embed_positions(positions)))
+        return run_layers(self.layers, x, REPLICATE, attn_bias, self.checkpoint, extra)
+
+
+def _chain(build, count):
+    """count layers, each built as build(index, input placement) from its predecessor's output placement."""
+    layers, placement = [], REPLICATE
+    for i in range(count):
+        layers.append(build(i, placement))
+        placement = layers[-1].output_placement
+    return layers
+
+
+class BartModel(nn.Module):
+    """Encoder + decoder; returns the decoder's last hidden states [B, T_dec, H] (replicated)."""
+
+    def __init__(self, cfg, ctx=None):
+        super().__init__()
+        self.config, self.ctx = cfg, ctx or serial_context(cfg)
+        if self.ctx.plan.pp_size > 1:
+            raise ValueError("BART does not support pipeline parallelism (stage_num_hidden_layers_list)")
+        n_enc = cfg.num_hidden_layers
+        self.shared = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        # dropout sites: encoder embeddings 0, encoder layer i 4i+1..4i+3 (bert_layer's numbering),
+        # decoder embeddings 4*n_enc, decoder layer j the five from 4*n_enc + 1 + 5j
+        self.encoder = BartStack(cfg, _chain(lambda i, p: bert_layer(cfg, self.ctx, i, p), n_enc), embed_site=0)
+        self.decoder = BartStack(cfg, _chain(lambda j, p: decoder_layer(cfg, self.ctx, 4 * n_enc + 1 + 5 * j, p),
+                                             cfg.num_decoder_layers), embed_site=4 * n_enc)
+
+    def forward(self, input_ids, attention_mask=None, decoder_input_ids=None):
+        if decoder_input_ids is None:
+            raise ValueError("BART needs decoder_input_ids (the target shifted right)")
+        dtype = self.shared.weight.dtype
+        memory_bias = attention_bias(attention_mask, dtype)
+        memory, placement = self.encoder(input_ids, self.shared, memory_bias)
+        causal = causal_bias(decoder_input_ids.shape[1], dtype, decoder_input_ids.device)
+        x, placement = self.decoder(decoder_input_ids, self.shared, causal, (memory, placement, memory_bias))
+        return redistribute(x, placement, "NONE", self.ctx)
+
+
+class BartForConditionalGeneration(nn.Module):
+    """BART with the tied LM head. forward returns logits, or with labels (sum of token losses,
+    number of label tokens), as BertForMaskedLM does, so galaxy.train.loop.Trainer trains it."""
+
+    def __init__(self, cfg, ctx=None):
+        super().__init__()
+        self.config = cfg
+        self.model = BartModel(cfg, ctx)
+        self.ctx = self.model.ctx
+        # HF keeps this as a buffer that is never trained; a frozen parameter loads and saves with the rest
+        self.final_logits_bias = nn.Parameter(torch.zeros(1, cfg.vocab_size), requires_grad=False)
+        init_weights(self, cfg.initializer_range)
+
+    def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, labels=None):
+        x = self.model(input_ids, attention_mask, decoder_input_ids)
+        logits = F.linear(x, self.model.shared.weight) + self.final_logits_bias
+        if labels is None:
+            return logits
+        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+        return loss_sum, (labels != -100).sum()
+
+    def load_hf(self, path):
+        return checkpoint.load_checkpoint(self, path, to_hf)
+
+    def save_hf(self, path):
+        cfg = json.dumps(self.config.to_hf(), indent=1)
+        checkpoint.save_checkpoint(self, self.ctx, path, to_hf, {"config.json": cfg})
