@@ -69,6 +69,7 @@ class BartConfig:
     scale_embedding: bool = False
     pad_token_id: int = 0
     activation_checkpointing: bool = False
+    overlap_tiles: int = 1  # encoder layers are BERT's, which may tile (galaxy.comm.overlap)
 
     def __post_init__(self):
         if self.num_decoder_layers is None:
