@@ -1,0 +1,71 @@
+"""What every training entry script does once its rank has joined the process group:
+groups from the plan, a config check across ranks, data, model, Trainer, save.
+
+An entry script only says how to build its model and its data:
+
+    entry.main(__doc__, "x", "train_config/x/full.json", build_model, build_data)
+
+build_model(cfg, ctx) and build_data(cfg, ctx) must be module-level functions (spawned ranks
+unpickle them).
+"""
+import torch
+import torch.distributed as dist
+
+from galaxy.comm import launch
+from galaxy.comm.context import ParallelContext
+from galaxy.data import Tokenizer
+from galaxy.train import cli
+from galaxy.train.config import TUNING_KEYS, config_hash
+from galaxy.train.loop import Trainer, run_training
+
+
+def load_tokenizer(cfg):
+    tok = Tokenizer(cfg["tokenizer_file"])
+    if tok.vocab_size > cfg["vocab_size"]:
+        raise SystemExit(f"galaxy: tokenizer {cfg['tokenizer_file']} has {tok.vocab_size} pieces, "
+                         f"config vocab_size is {cfg['vocab_size']}")
+    return tok
+
+
+def check_same_config(cfg, ctx):
+    """Ranks started with different configs would deadlock or diverge: stop them now."""
+    if ctx.world == 1:
+        return
+    digests = [None] * ctx.world
+    dist.all_gather_object(digests, config_hash(cfg))
+    if len(set(digests)) > 1:
+        raise SystemExit(f"galaxy: ranks were started with different configs (digests {digests})")
+
+
+def train(rank, world, cfg, plan, args, build_model, build_data):
+    """Train on this rank; returns every step's metrics (a list of dicts)."""
+    if not cfg["full_model"]:
+        method = next(k for k in TUNING_KEYS[1:] if cfg[k])
+        raise SystemExit(f"galaxy: {method} is not wired into the training entry yet; set full_model")
+    ctx = ParallelContext.create(plan, rank)
+    check_same_config(cfg, ctx)
+    torch.manual_seed(cfg["seed"])
+    data = build_data(cfg, ctx)
+    model = build_model(cfg, ctx)
+    if cfg["load_checkpoint"]:
+        model.load_hf(cfg["load_checkpoint"])
+    total = cfg["max_steps"] or cfg["num_epochs"] * len(data) // (cfg["batch_size"] * cfg["gradient_accumulation_steps"])
+    log = (lambda msg: print(f"[rank {rank}] {msg}", flush=True))
+    if rank == 0:
+        log(f"plan: {plan.describe()}")
+    trainer = Trainer(model, ctx, cfg, data, total, log=log)
+    history = []
+    run_training(trainer, total, args.metrics_file, on_step=history.append)
+    if cfg["save_dir"]:
+        model.save_hf(cfg["save_dir"])
+    return history
+
+
+def main(doc, model, default_config, build_model, build_data, argv=None):
+    """Parse the command line (config errors stop here, before any process starts) and train
+    `model` ("bert", "llama") on this rank, or on every rank spawned here."""
+    args, cfg, plan, world, rank = cli.parse(doc.splitlines()[0], default_config, argv)
+    if cfg["model"] != model:
+        raise SystemExit(f"galaxy: config {args.config_file} has model '{cfg['model']}', this script trains {model}")
+    launch.run(train, world, rank, (cfg, plan, args, build_model, build_data), args.init_method,
+               cfg["distributed_backend"], cfg["timeout_s"])
