@@ -29,6 +29,7 @@ def parse(argv=None):
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--tokenizer_file", default="data/python_docs/spm_llama.model")
+    parser.add_argument("--ignore_eos", action="store_true", help="keep going after </s>")
     parser.add_argument("--tp_num_attention_heads_list", type=json.loads, default=None, help="e.g. [4,2,2]")
     parser.add_argument("--tp_intermediate_size_list", type=json.loads, default=None, help="e.g. [344,172,172]")
     launch.add_launch_args(parser)
@@ -55,9 +56,10 @@ def main(rank, world, args, plan):
     model = LlamaForCausalLM.from_pretrained(args.checkpoint, ctx)
     tok = Tokenizer(args.tokenizer_file)
     prompt = [tok.bos_id] + tok.encode(args.prompt.replace("\\n", "\n"))
-    out = greedy_generate(model, torch.tensor([prompt]), args.max_new_tokens, tok.eos_id)
+    out = greedy_generate(model, torch.tensor([prompt]), args.max_new_tokens, None if args.ignore_eos else tok.eos_id)
+    new = out[0, len(prompt):].tolist()
     if rank == 0:
-        print(tok.decode(out[0, len(prompt):].tolist()), flush=True)
+        print(f"{tok.decode(new)}\n[{len(new)} new tokens: {new}]", flush=True)
 
 
 if __name__ == "__main__":

@@ -39,9 +39,6 @@ def check_same_config(cfg, ctx):
 
 def train(rank, world, cfg, plan, args, build_model, build_data):
     """Train on this rank; returns every step's metrics (a list of dicts)."""
-    if not cfg["full_model"]:
-        method = next(k for k in TUNING_KEYS[1:] if cfg[k])
-        raise SystemExit(f"galaxy: {method} is not wired into the training entry yet; set full_model")
     ctx = ParallelContext.create(plan, rank)
     check_same_config(cfg, ctx)
     torch.manual_seed(cfg["seed"])
@@ -67,5 +64,8 @@ def main(doc, model, default_config, build_model, build_data, argv=None):
     args, cfg, plan, world, rank = cli.parse(doc.splitlines()[0], default_config, argv)
     if cfg["model"] != model:
         raise SystemExit(f"galaxy: config {args.config_file} has model '{cfg['model']}', this script trains {model}")
+    if not cfg["full_model"]:
+        method = next(k for k in TUNING_KEYS[1:] if cfg[k])
+        raise SystemExit(f"galaxy: {method} is not wired into the training entry yet; set full_model")
     launch.run(train, world, rank, (cfg, plan, args, build_model, build_data), args.init_method,
                cfg["distributed_backend"], cfg["timeout_s"])
