@@ -4,6 +4,8 @@
     python pretrain_galaxy.py --config_file train_config/bert/galaxy/full.json --world 2 --rank 0   # terminal 1
     python pretrain_galaxy.py --config_file train_config/bert/galaxy/full.json --world 2 --rank 1   # terminal 2
     python pretrain_galaxy.py --config_file train_config/bert/galaxy/full.json --world 2            # both ranks here
+    python pretrain_galaxy.py --config_file train_config/bert/galaxy/full.json --world 2 --explain  # the plan only
+    python pretrain_galaxy.py --config_file train_config/bert/galaxy/full.json --world 2 --trace_dir traces --max_steps 2
 """
 from galaxy.data import BertPretrainData, SyntheticMLM
 from galaxy.models.bert import BertConfig, BertForMaskedLM

@@ -1,11 +1,5 @@
-"""Autograd-aware collectives: each forward is paired with its conjugate in backward.
-
-    copy_to_all      fwd identity          bwd all-reduce
-    all_reduce       fwd all-reduce        bwd identity
-    split_scatter    fwd keep own slice    bwd all-gather
-    gather_along_dim fwd all-gather        bwd keep own slice
-    reduce_scatter   fwd reduce-scatter    bwd all-gather
-    all_gather       fwd all-gather        bwd reduce-scatter
+"""Autograd-aware collectives: each forward is paired with its conjugate in backward
+(CONJUGATES below; --explain reads it to list what moves in each pass).
 
 Every function takes the process group and, where a dimension is split, the list of
 per-rank sizes along it, so uneven splits (heterogeneous devices) work. A group of one
@@ -15,6 +9,16 @@ import torch
 import torch.distributed as dist
 
 from galaxy.comm import stats
+
+# name: (communication in forward, in backward); None = no communication (identity or keep own slice)
+CONJUGATES = {
+    "copy_to_all": (None, "all_reduce"),
+    "all_reduce": ("all_reduce", None),
+    "split_scatter": (None, "all_gather"),
+    "gather_along_dim": ("all_gather", None),
+    "reduce_scatter": ("reduce_scatter", "all_gather"),
+    "all_gather": ("all_gather", "reduce_scatter"),
+}
 
 
 def _world(group):
@@ -35,8 +39,8 @@ def _all_reduce(x, group):
     if _world(group) == 1:
         return x
     x = x.contiguous()
-    stats.record("all_reduce", x)
-    dist.all_reduce(x, group=group)
+    with stats.timed("all_reduce", x):
+        dist.all_reduce(x, group=group)
     return x
 
 
@@ -50,14 +54,14 @@ def _all_gather(x, dim, sizes, group):
     sizes, so slices are padded to the largest, gathered in one call, then trimmed."""
     if _world(group) == 1:
         return x
-    stats.record("all_gather", x)
     longest = max(sizes)
     moved = x.movedim(dim, 0)
     if moved.shape[0] < longest:
         pad = moved.new_zeros((longest - moved.shape[0],) + moved.shape[1:])
         moved = torch.cat([moved, pad])
     out = moved.new_empty((len(sizes) * longest,) + moved.shape[1:])
-    dist.all_gather_single(out, moved.contiguous(), group=group)
+    with stats.timed("all_gather", x):
+        dist.all_gather_single(out, moved.contiguous(), group=group)
     pieces = [out[r * longest: r * longest + n] for r, n in enumerate(sizes)]
     return torch.cat(pieces).movedim(0, dim).contiguous()
 
@@ -66,10 +70,10 @@ def _reduce_scatter(x, dim, sizes, group):
     """Sum over ranks, each rank keeping its own (possibly uneven) slice along `dim`."""
     if _world(group) == 1:
         return x
-    stats.record("reduce_scatter", x)
     chunks = [c.contiguous() for c in x.split(sizes, dim)]
     out = torch.empty_like(chunks[_rank(group)])
-    dist.reduce_scatter(out, chunks, group=group)
+    with stats.timed("reduce_scatter", x):
+        dist.reduce_scatter(out, chunks, group=group)
     return out
 
 
@@ -85,7 +89,8 @@ class _CopyToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_reduce(grad.clone(), ctx.group), None
+        with stats.phase(stats.BWD):
+            return _all_reduce(grad.clone(), ctx.group), None
 
 
 class _AllReduce(torch.autograd.Function):
@@ -100,58 +105,31 @@ class _AllReduce(torch.autograd.Function):
         return grad, None
 
 
-class _SplitScatter(torch.autograd.Function):
-    """Keep this rank's slice in forward; all-gather the slices' gradients in backward."""
+def _dim_pair(name, forward_op, backward_op, doc):
+    """An autograd Function over a split dimension: forward_op in forward, its conjugate in backward."""
 
-    @staticmethod
     def forward(ctx, x, dim, sizes, group):
         ctx.args = (dim, sizes, group)
-        return _split(x, dim, sizes, group)
+        return forward_op(x, dim, sizes, group)
 
-    @staticmethod
     def backward(ctx, grad):
-        return _all_gather(grad, *ctx.args), None, None, None
+        with stats.phase(stats.BWD):
+            return backward_op(grad, *ctx.args), None, None, None
+
+    return type(name, (torch.autograd.Function,), {"__doc__": doc, "forward": staticmethod(forward),
+                                                    "backward": staticmethod(backward)})
 
 
-class _GatherAlongDim(torch.autograd.Function):
-    """All-gather in forward; keep this rank's slice of the gradient in backward.
-    Use it when every rank consumes the gathered tensor identically (replicated work)."""
-
-    @staticmethod
-    def forward(ctx, x, dim, sizes, group):
-        ctx.args = (dim, sizes, group)
-        return _all_gather(x, dim, sizes, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _split(grad, *ctx.args), None, None, None
-
-
-class _ReduceScatter(torch.autograd.Function):
-    """Reduce-scatter in forward; all-gather in backward."""
-
-    @staticmethod
-    def forward(ctx, x, dim, sizes, group):
-        ctx.args = (dim, sizes, group)
-        return _reduce_scatter(x, dim, sizes, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, *ctx.args), None, None, None
-
-
-class _AllGather(torch.autograd.Function):
-    """All-gather in forward; reduce-scatter in backward. Use it when each rank consumes
-    the gathered tensor differently (its own heads/columns), so gradients are partial."""
-
-    @staticmethod
-    def forward(ctx, x, dim, sizes, group):
-        ctx.args = (dim, sizes, group)
-        return _all_gather(x, dim, sizes, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter(grad, *ctx.args), None, None, None
+_SplitScatter = _dim_pair("_SplitScatter", _split, _all_gather,
+                          "Keep this rank's slice in forward; all-gather the slices' gradients in backward.")
+_GatherAlongDim = _dim_pair("_GatherAlongDim", _all_gather, _split,
+                            "All-gather in forward; keep this rank's slice of the gradient in backward. Use it "
+                            "when every rank consumes the gathered tensor identically (replicated work).")
+_ReduceScatter = _dim_pair("_ReduceScatter", _reduce_scatter, _all_gather,
+                           "Reduce-scatter in forward; all-gather in backward.")
+_AllGather = _dim_pair("_AllGather", _all_gather, _reduce_scatter,
+                       "All-gather in forward; reduce-scatter in backward. Use it when each rank consumes the "
+                       "gathered tensor differently (its own heads/columns), so gradients are partial.")
 
 
 def _check_sizes(x, dim, sizes, group, full):

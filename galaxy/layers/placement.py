@@ -6,7 +6,8 @@ An activation [B, T, H] is in one of three placements across the tensor group:
     PARTIAL    every rank holds a whole-shaped tensor that is one term of a sum (TP block output)
 
 A block of method NONE or TP consumes REPLICATE, SP consumes SEQ. NONE produces REPLICATE,
-TP produces PARTIAL, SP produces SEQ. Every layout is this table applied between blocks:
+TP produces PARTIAL, SP produces SEQ. Every layout is this table applied between blocks
+(TABLE below; `redistribute` runs it, galaxy.explain prints it):
 
     from \\ to block   NONE               TP                     SP
     REPLICATE          -                  copy_to_all            split_scatter
@@ -19,22 +20,27 @@ REPLICATE, SEQ, PARTIAL = "replicate", "seq", "partial"
 SEQ_DIM = 1
 PRODUCES = {"NONE": REPLICATE, "TP": PARTIAL, "SP": SEQ}
 
+# (placement of x, method of the consuming block) -> collectives of galaxy.comm.collectives, in order
+TABLE = {
+    (REPLICATE, "NONE"): (),
+    (REPLICATE, "TP"): ("copy_to_all",),
+    (REPLICATE, "SP"): ("split_scatter",),
+    (SEQ, "NONE"): ("gather_along_dim",),
+    (SEQ, "TP"): ("all_gather",),
+    (SEQ, "SP"): (),
+    (PARTIAL, "NONE"): ("all_reduce",),
+    (PARTIAL, "TP"): ("all_reduce", "copy_to_all"),
+    (PARTIAL, "SP"): ("reduce_scatter",),
+}
+_SPLIT_ALONG_SEQ = {"split_scatter", "gather_along_dim", "all_gather", "reduce_scatter"}
+
 
 def redistribute(x, src, method, ctx):
     """Move activation x from placement `src` to what a block of `method` consumes."""
-    group, sizes = ctx.tp_group, ctx.plan.positions
-    if src == REPLICATE:
-        if method == "TP":
-            return C.copy_to_all(x, group)
-        return C.split_scatter(x, SEQ_DIM, sizes, group) if method == "SP" else x
-    if src == SEQ:
-        if method == "TP":
-            return C.all_gather(x, SEQ_DIM, sizes, group)
-        return x if method == "SP" else C.gather_along_dim(x, SEQ_DIM, sizes, group)
-    if method == "SP":
-        return C.reduce_scatter(x, SEQ_DIM, sizes, group)
-    x = C.all_reduce(x, group)
-    return C.copy_to_all(x, group) if method == "TP" else x
+    for name in TABLE[src, method]:
+        op = getattr(C, name)
+        x = op(x, SEQ_DIM, ctx.plan.positions, ctx.tp_group) if name in _SPLIT_ALONG_SEQ else op(x, ctx.tp_group)
+    return x
 
 
 def consumes(method):

@@ -17,7 +17,7 @@ def parse(description, default_config, argv=None):
     parser.add_argument("--explain", action="store_true", help="print the parallel plan and exit")
     parser.add_argument("--trace_dir", default=None, help="write Chrome traces of compute and collectives")
     args, rest = parser.parse_known_args(argv)
-    overrides = _overrides(parser, rest)
+    overrides = config_overrides(parser, rest)
     for flag in ("timeout_s",):
         if getattr(args, flag) is not None:
             overrides[flag] = getattr(args, flag)
@@ -33,7 +33,7 @@ def parse(description, default_config, argv=None):
     return args, cfg, plan, world, rank
 
 
-def _overrides(parser, rest):
+def config_overrides(parser, rest):
     """Turn leftover `--key value` / `--key=value` pairs into validated config overrides."""
     out, i = {}, 0
     while i < len(rest):

@@ -1,5 +1,6 @@
-"""What every training entry script does once its rank has joined the process group:
-groups from the plan, a config check across ranks, data, model, Trainer, save.
+"""What every training entry script does: parse and validate (or only --explain the plan),
+then on each rank: groups from the plan, a config check across ranks, data, model, Trainer
+(traced with --trace_dir), save.
 
 An entry script only says how to build its model and its data:
 
@@ -14,6 +15,8 @@ import torch.distributed as dist
 from galaxy.comm import launch
 from galaxy.comm.context import ParallelContext
 from galaxy.data import Tokenizer
+from galaxy.explain import explain
+from galaxy.profiler import observe
 from galaxy.train import cli
 from galaxy.train.config import TUNING_KEYS, config_hash
 from galaxy.train.loop import Trainer, run_training
@@ -38,7 +41,7 @@ def check_same_config(cfg, ctx):
 
 
 def train(rank, world, cfg, plan, args, build_model, build_data):
-    """Train on this rank; returns every step's metrics (a list of dicts)."""
+    """Train on this rank (args: metrics_file, trace_dir)."""
     ctx = ParallelContext.create(plan, rank)
     check_same_config(cfg, ctx)
     torch.manual_seed(cfg["seed"])
@@ -51,11 +54,10 @@ def train(rank, world, cfg, plan, args, build_model, build_data):
     if rank == 0:
         log(f"plan: {plan.describe()}")
     trainer = Trainer(model, ctx, cfg, data, total, log=log)
-    history = []
-    run_training(trainer, total, args.metrics_file, on_step=history.append)
+    with observe.traced(args.trace_dir, rank, model, lambda: trainer.step + 1) as on_step:
+        run_training(trainer, total, args.metrics_file, on_step)
     if cfg["save_dir"]:
         model.save_hf(cfg["save_dir"])
-    return history
 
 
 def main(doc, model, default_config, build_model, build_data, argv=None):
@@ -64,6 +66,8 @@ def main(doc, model, default_config, build_model, build_data, argv=None):
     args, cfg, plan, world, rank = cli.parse(doc.splitlines()[0], default_config, argv)
     if cfg["model"] != model:
         raise SystemExit(f"galaxy: config {args.config_file} has model '{cfg['model']}', this script trains {model}")
+    if args.explain:  # the plan only: no process group, no training
+        raise SystemExit(print(explain(plan, cfg, lambda ctx: build_model(cfg, ctx))))
     if not cfg["full_model"]:
         method = next(k for k in TUNING_KEYS[1:] if cfg[k])
         raise SystemExit(f"galaxy: {method} is not wired into the training entry yet; set full_model")

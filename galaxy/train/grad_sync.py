@@ -8,8 +8,12 @@ Two kinds of parameters need their gradients summed after backward:
 A partial_grad parameter is therefore summed over the whole stage (tensor x data ranks)
 and every other one over the data group, each by its own GradBuckets.
 """
+import time
+
 import torch
 import torch.distributed as dist
+
+from galaxy.comm import stats
 
 
 class GradBuckets:
@@ -53,7 +57,8 @@ class GradBuckets:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         flat = torch.cat([p.grad.reshape(-1) for p in bucket])
-        self.pending.append((bucket, flat, dist.all_reduce(flat, group=self.group, async_op=True)))
+        work = dist.all_reduce(flat, group=self.group, async_op=True)
+        self.pending.append((bucket, flat, work, time.perf_counter()))
         self.next_launch = i + 1
 
     def finish(self):
@@ -62,8 +67,9 @@ class GradBuckets:
             return
         while self.next_launch < len(self.buckets):
             self._launch(self.next_launch)
-        for bucket, flat, work in self.pending:
-            work.wait()
+        for bucket, flat, work, start in self.pending:
+            work.wait()  # the recorded span runs from launch until this wait returns
+            stats.record("all_reduce", flat, stats.GRAD, start, time.perf_counter() - start)
             offset = 0
             for p in bucket:
                 p.grad.copy_(flat[offset: offset + p.numel()].view_as(p.grad))
@@ -71,13 +77,21 @@ class GradBuckets:
         self.pending, self.armed = [], False
 
 
+def grad_groups(model, ctx):
+    """[(name, params, group, group size)]: partial_grad parameters summed over the stage, the rest
+    over the data-parallel replicas (a group of size 1 moves nothing)."""
+    trainable = [p for p in _unique(model) if p.requires_grad]
+
+    def over_stage(p):
+        return ctx.tp_size > 1 and getattr(p, "partial_grad", False)
+
+    return [("stage", [p for p in trainable if over_stage(p)], ctx.stage_group, ctx.tp_size * ctx.plan.dp_size),
+            ("data-parallel", [p for p in trainable if not over_stage(p)], ctx.dp_group, ctx.plan.dp_size)]
+
+
 class GradSync:
     def __init__(self, model, ctx, bucket_mb=25.0):
-        trainable = [p for p in _unique(model) if p.requires_grad]
-        partial = [p for p in trainable if getattr(p, "partial_grad", False) and ctx.tp_size > 1]
-        rest = [p for p in trainable if not (getattr(p, "partial_grad", False) and ctx.tp_size > 1)]
-        self.parts = [GradBuckets(partial, ctx.stage_group, bucket_mb),
-                      GradBuckets(rest, ctx.dp_group, bucket_mb)]
+        self.parts = [GradBuckets(params, group, bucket_mb) for _, params, group, _ in grad_groups(model, ctx)]
 
     def arm(self):
         for part in self.parts:

@@ -1,0 +1,36 @@
+"""pretrain_galaxy.py end to end: local spawn, metrics file, and errors before any rendezvous."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--hidden_size", "32", "--num_attention_heads", "4", "--intermediate_size", "64",
+        "--num_hidden_layers", "2", "--batch_size", "4", "--seq_length", "32", "--log_every", "1"]
+
+
+def run(*args, timeout=240):
+    return subprocess.run([sys.executable, "pretrain_galaxy.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_galaxy_config_spawns_two_ranks_and_writes_metrics_once(tmp_path):
+    metrics = tmp_path / "m.jsonl"
+    out = run("--config_file", "train_config/bert/galaxy/full.json", "--world", "2", "--max_steps", "2",
+              "--metrics_file", str(metrics), "--tp_num_attention_heads_list", "[3,1]",
+              "--tp_intermediate_size_list", "[40,24]", "--seq_scatter_list", "[20,12]", *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2]
+    assert {"step", "loss", "lr", "tokens_per_s", "step_time_s"} <= lines[0].keys()
+
+
+def test_bad_key_and_bad_split_stop_before_rendezvous():
+    # --rank 0 of 2 with no peer would wait for rank 1; validation must fail first
+    out = run("--config_file", "train_config/bert/galaxy/full.json", "--world", "2", "--rank", "0",
+              "--tp_num_attention_heads_list", "[3,2]", timeout=60)
+    assert out.returncode == 2 and "tp_num_attention_heads_list [3, 2] sums to 5, model has 4" in out.stderr
+    out = run("--config_file", "train_config/bert/full.json", "--hiden_size", "3", timeout=60)
+    assert out.returncode == 2 and "--hiden_size" in out.stderr
+    out = run("--config_file", "train_config/bert/nope.json", timeout=60)
+    assert out.returncode == 2 and "nope.json does not exist" in out.stderr
