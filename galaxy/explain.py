@@ -17,6 +17,7 @@ from galaxy.comm.collectives import CONJUGATES
 from galaxy.comm.context import ParallelContext
 from galaxy.comm.stats import BWD, FWD, GRAD, label
 from galaxy.layers.placement import PRODUCES, REPLICATE, TABLE, consumes
+from galaxy.pipeline.schedule import format_actions, schedule_actions
 from galaxy.train.grad_sync import grad_groups
 
 BYTES_PER_ELEMENT = 4  # fp32 activations and gradients (bf16 autocast would change some, not all)
@@ -176,6 +177,18 @@ def explain(plan, cfg, build_model=None):
         lines.append(f"{rank:>4} " + " ".join(f"{_mib(t.get(k, 0)):>20}" for k in kinds)
                      + f" {_mib(sum(t.values())):>12}")
     if plan.pp_size > 1:
-        lines.append("pipeline stages also send activations forward and gradients back point-to-point "
-                     "(galaxy/pipeline); those are not listed here")
+        lines += [""] + _pipeline_lines(plan, cfg)
     return "\n".join(lines)
+
+
+def _pipeline_lines(plan, cfg):
+    """Each stage's schedule as its action list, and the point-to-point bytes per boundary."""
+    m = cfg["gradient_accumulation_steps"] * cfg["num_microbatches"]
+    boundary = 4 * cfg["batch_size"] // plan.dp_size * cfg["seq_length"] * cfg["hidden_size"] \
+        * cfg["gradient_accumulation_steps"]
+    lines = [f"pipeline schedule {cfg['pipeline_schedule']}, {m} micro-batches per optimizer step:"]
+    for stage in range(plan.pp_size):
+        lines.append(f"  stage {stage}: {format_actions(schedule_actions(cfg['pipeline_schedule'], plan.pp_size, stage, m))}")
+    lines.append(f"point-to-point per stage boundary and replica: {_mib(boundary)} activations forward, "
+                 f"{_mib(boundary)} gradients back (not in the table above)")
+    return lines

@@ -9,6 +9,7 @@ import pickle
 import queue
 import socket
 import sys
+import time
 import traceback
 from datetime import timedelta
 
@@ -105,16 +106,15 @@ def spawn(fn, world, args=(), backend="gloo", timeout_s=120.0, init_method=None)
     for p in procs:
         p.start()
     outcome, errors = {}, {}
+    deadline = time.monotonic() + timeout_s + 30
     try:
-        for _ in range(world):
+        while len(outcome) < world and not errors:
             try:
-                rank, status, value = results.get(timeout=timeout_s + 30)
+                rank, status, value = results.get(timeout=1.0)
             except queue.Empty:
-                missing = sorted(set(range(world)) - set(outcome) - set(errors))
-                raise RuntimeError(f"ranks {missing} gave no result within {timeout_s + 30:.0f}s") from None
-            (outcome if status == "ok" else errors)[rank] = value
-            if errors:  # one failure is enough: the peers would only time out
-                break
+                _check_alive(procs, outcome, errors, deadline)
+                continue
+            (outcome if status == "ok" else errors)[rank] = value  # one failure is enough: peers would time out
     finally:
         for p in procs:
             p.join(timeout=5)
@@ -124,6 +124,16 @@ def spawn(fn, world, args=(), backend="gloo", timeout_s=120.0, init_method=None)
         rank = min(errors)
         raise RuntimeError(f"rank {rank} failed: {errors[rank]}")
     return [pickle.loads(outcome[r]) for r in range(world)]
+
+
+def _check_alive(procs, outcome, errors, deadline):
+    """A rank that died without reporting (killed, or failed before it could) fails the run now."""
+    for rank, p in enumerate(procs):
+        if rank not in outcome and rank not in errors and p.exitcode not in (None, 0):
+            errors[rank] = f"process exited with code {p.exitcode} before reporting a result"
+    if not errors and time.monotonic() > deadline:
+        missing = [r for r in range(len(procs)) if r not in outcome]
+        raise RuntimeError(f"ranks {missing} gave no result before the timeout")
 
 
 def run(main, world, rank, args=(), init_method=None, backend=None, timeout_s=300.0):

@@ -17,6 +17,7 @@ from torch import nn
 from galaxy.comm import collectives as C
 from galaxy.layers.dropout import LayoutInvariantDropout
 from galaxy.layers.linear import ColumnLinear, RowLinear, mark_partial_grad
+from galaxy.layers.tiling import column_in, row_out
 
 
 class KVCache:
@@ -60,6 +61,7 @@ class Attention(nn.Module):
         if method == "SP":
             mark_partial_grad(self)
         self.dropout = LayoutInvariantDropout(dropout_p, site)
+        self.tiling = None  # set by TransformerLayer when overlap_tiles > 1 (galaxy.layers.tiling)
         self.kv_cache = None
 
     def query_positions(self, seq_len):
@@ -67,10 +69,11 @@ class Attention(nn.Module):
 
     def forward(self, x, attn_bias=None):
         """x [B, t, H]; attn_bias additive, broadcastable to [B, heads, T, T] over *all* positions."""
-        B, t, _ = x.shape
-        q = self.q(x).view(B, t, self.n_local, self.head_dim).transpose(1, 2)
-        k = self.k(x).view(B, t, self.kv_local, self.head_dim).transpose(1, 2)
-        v = self.v(x).view(B, t, self.kv_local, self.head_dim).transpose(1, 2)
+        q, k, v = column_in(x, (self.q, self.k, self.v), self.tiling)
+        B, t = q.shape[:2]  # t: the positions attended from (all of them when the input was gathered)
+        q = q.view(B, t, self.n_local, self.head_dim).transpose(1, 2)
+        k = k.view(B, t, self.kv_local, self.head_dim).transpose(1, 2)
+        v = v.view(B, t, self.kv_local, self.head_dim).transpose(1, 2)
         seq_len = sum(self.ctx.plan.positions) if self.method == "SP" else t
         rows = self.query_positions(seq_len)
         if self.kv_cache is not None:
@@ -88,7 +91,7 @@ class Attention(nn.Module):
         if attn_bias is not None and attn_bias.shape[-2] > 1:
             attn_bias = attn_bias[..., rows.start:rows.stop, :]
         out = self._attend(q, k, v, attn_bias, (B, self.num_heads, seq_len, seq_len), rows)
-        return self.o(out.transpose(1, 2).reshape(B, t, self.n_local * self.head_dim))
+        return row_out(out.transpose(1, 2).reshape(B, t, self.n_local * self.head_dim), self.o, self.tiling)
 
     def _attend(self, q, k, v, attn_bias, full_shape, rows):
         if not self.training or self.dropout.p == 0.0:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from galaxy.layers.linear import ColumnLinear, RowLinear, mark_partial_grad
+from galaxy.layers.tiling import column_in, row_out
 
 ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
 
@@ -26,7 +27,12 @@ class MLP(nn.Module):
             self.down.bias.partial_grad = True
         if method == "SP":
             mark_partial_grad(self)
+        self.tiling = None  # set by TransformerLayer when overlap_tiles > 1 (galaxy.layers.tiling)
 
     def forward(self, x):
-        h = self.act(self.gate(x)) * self.up(x) if self.gate is not None else self.act(self.up(x))
-        return self.down(h)
+        if self.gate is not None:
+            gate, up = column_in(x, (self.gate, self.up), self.tiling)
+            h = self.act(gate) * up
+        else:
+            h = self.act(column_in(x, (self.up,), self.tiling)[0])
+        return row_out(h, self.down, self.tiling)

@@ -12,6 +12,7 @@ from torch import nn
 from galaxy.layers.dropout import LayoutInvariantDropout
 from galaxy.layers.linear import mark_partial_grad
 from galaxy.layers.placement import PRODUCES, SEQ, SEQ_DIM, consumes, redistribute
+from galaxy.layers.tiling import tiling_for
 
 
 class Connective(nn.Module):
@@ -19,6 +20,7 @@ class Connective(nn.Module):
         super().__init__()
         self.norm, self.method, self.ctx = norm, method, ctx
         self.dropout = LayoutInvariantDropout(dropout_p, site)
+        self.adapter = None  # a bottleneck adapter set by galaxy.models.tuning (Houlsby: before the residual add)
         if method == "SP":
             mark_partial_grad(self)
 
@@ -28,12 +30,15 @@ class Connective(nn.Module):
             pos = self.ctx.positions
             full_shape = (h.shape[0], sum(self.ctx.plan.positions)) + tuple(h.shape[2:])
             index = (slice(None), slice(pos.start, pos.stop))
-        x = self.dropout(h, full_shape, index) + residual
+        h = self.dropout(h, full_shape, index)
+        if self.adapter is not None:
+            h = self.adapter(h)
+        x = h + residual
         return self.norm(x) if self.norm is not None else x
 
 
 class TransformerLayer(nn.Module):
-    def __init__(self, attn, mlp, con1, con2, plan, input_placement, norm_in=None, norm_mid=None):
+    def __init__(self, attn, mlp, con1, con2, plan, input_placement, norm_in=None, norm_mid=None, overlap_tiles=1):
         super().__init__()
         self.attn, self.con1, self.mlp, self.con2 = attn, con1, mlp, con2
         self.norm_in, self.norm_mid = norm_in, norm_mid
@@ -41,6 +46,9 @@ class TransformerLayer(nn.Module):
         for norm, placement in ((norm_in, input_placement), (norm_mid, self.output_placement)):
             if norm is not None and placement == SEQ:
                 mark_partial_grad(norm)
+        # TP blocks next to SP connectives may fuse their edge collectives into their linears
+        attn.tiling = tiling_for(plan.att, input_placement, plan.con, attn.ctx, overlap_tiles)
+        mlp.tiling = tiling_for(plan.mlp, self.output_placement, plan.con, attn.ctx, overlap_tiles)
 
     @property
     def output_placement(self):
@@ -50,12 +58,22 @@ class TransformerLayer(nn.Module):
         plan, ctx = self.plan, self.attn.ctx
         rest = self.output_placement
         h = x if self.norm_in is None else self.norm_in(x)
-        a = self.attn(redistribute(h, self.input_placement, plan.att, ctx), attn_bias)
-        x = self.con1(redistribute(a, PRODUCES[plan.att], plan.con, ctx),
-                      redistribute(x, self.input_placement, plan.con, ctx))
+        a = self.attn(self._into(h, self.input_placement, plan.att, self.attn), attn_bias)
+        x = self.con1(self._out_of(a, plan.att, self.attn), redistribute(x, self.input_placement, plan.con, ctx))
         h = x if self.norm_mid is None else self.norm_mid(x)
-        m = self.mlp(redistribute(h, rest, plan.mlp, ctx))
-        return self.con2(redistribute(m, PRODUCES[plan.mlp], plan.con, ctx), x)
+        m = self.mlp(self._into(h, rest, plan.mlp, self.mlp))
+        return self.con2(self._out_of(m, plan.mlp, self.mlp), x)
+
+    def _into(self, h, src, method, block):
+        """A block's input in the placement it consumes; a tiled block gathers its input itself."""
+        if block.tiling is not None and block.tiling.gather_in:
+            return h
+        return redistribute(h, src, method, self.attn.ctx)
+
+    def _out_of(self, y, method, block):
+        """A block's output moved to the connective's placement; a tiled block has reduce-scattered it."""
+        src = SEQ if block.tiling is not None and block.tiling.scatter_out else PRODUCES[method]
+        return redistribute(y, src, self.plan.con, self.attn.ctx)
 
 
 def run_layers(layers, x, placement, attn_bias, checkpoint=False):

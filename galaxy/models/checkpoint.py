@@ -69,7 +69,7 @@ def load_checkpoint(model, path, to_hf, strip_prefix=""):
     handles, used = {}, set()
     try:
         for name, param in _unique_params(model):
-            hf = to_hf(name)
+            hf = to_hf(_source_name(name, param))
             if hf not in where and strip_prefix and hf.startswith(strip_prefix):
                 hf = hf[len(strip_prefix):]
             if hf not in where:
@@ -86,6 +86,11 @@ def load_checkpoint(model, path, to_hf, strip_prefix=""):
     finally:
         handles.clear()
     return sorted(set(where) - used)
+
+
+def _source_name(name, param):
+    """A pipeline's copy of a tied weight (last stage) loads, and is saved, as its original."""
+    return param.init_name if getattr(param, "pipeline_copy", False) else name
 
 
 def _read_slice(view, param):
@@ -107,10 +112,13 @@ def _unique_params(model):
             yield name, p
 
 
-def gather_full_state(model, ctx, to_hf, tensor_of=lambda p: p.detach()):
+def gather_full_state(model, ctx, to_hf, tensor_of=lambda p: p.detach(), trainable_only=False):
     """Full (unsharded) tensors of this pipeline stage, HF-named, on every tensor rank.
-    `tensor_of` picks what to gather per parameter (e.g. its gradient)."""
-    params = list(_unique_params(model))
+    `tensor_of` picks what to gather per parameter (e.g. its gradient); trainable_only keeps
+    only those with requires_grad (a fine-tune's own weights). Pipeline copies of tied weights
+    are left out: the first stage holds the original."""
+    params = [(n, p) for n, p in _unique_params(model)
+              if (p.requires_grad or not trainable_only) and not getattr(p, "pipeline_copy", False)]
     meta = torch.tensor([getattr(p, "shard", (0, 0, 0, 0))[1:3] for _, p in params], dtype=torch.long)
     # one small all-gather tells every rank where each rank's shard of each tensor starts
     meta = C.gather_along_dim(meta.unsqueeze(0), 0, [1] * ctx.tp_size, ctx.tp_group)
@@ -124,9 +132,9 @@ def gather_full_state(model, ctx, to_hf, tensor_of=lambda p: p.detach()):
     return out
 
 
-def save_checkpoint(model, ctx, path, to_hf, extra_files=None):
+def save_checkpoint(model, ctx, path, to_hf, extra_files=None, trainable_only=False):
     """Write the full model as HF sharded safetensors under directory `path` (collective)."""
-    tensors = gather_full_state(model, ctx, to_hf)
+    tensors = gather_full_state(model, ctx, to_hf, trainable_only=trainable_only)
     path = Path(path)
     writer = ctx.tp_rank == 0 and ctx.dp_rank == 0
     file = f"model-stage{ctx.pp_rank:02d}-of-{ctx.plan.pp_size:02d}.safetensors"

@@ -7,6 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from galaxy.models.tuning import check_tuning
 from galaxy.train.errors import ConfigError
 
 INT_LIST = "list[int]"
@@ -179,6 +180,7 @@ def _check_rules(cfg):
     if len(methods) > 1:
         raise ConfigError(f"tuning methods {methods} are all true; set exactly one of {list(TUNING_KEYS)}")
     cfg["full_model"] = not methods  # a PEFT method switches full-model tuning off
+    check_tuning(cfg)
 
 
 def config_hash(cfg):

@@ -127,5 +127,4 @@ def run_training(trainer, max_steps, metrics_file=None, on_step=None):
     finally:
         if writer:
             writer.close()
-    if is_reporting_rank(ctx):
-        trainer.log(f"optimizer state on this rank: {optimizer_state_bytes(trainer.opt) / 2**20:.1f} MiB")
+    trainer.log(f"optimizer state on this rank: {optimizer_state_bytes(trainer.opt) / 2**20:.1f} MiB")

@@ -55,6 +55,7 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
     activation_checkpointing: bool = False
+    overlap_tiles: int = 1  # > 1: Galaxy's tiled comm/compute overlap (galaxy.comm.overlap)
 
     @classmethod
     def from_dict(cls, d):
@@ -87,7 +88,7 @@ def bert_layer(cfg, ctx, index, input_placement):
     mlp = MLP(h, cfg.intermediate_size, plan.mlp, ctx, act=cfg.hidden_act)
     con1 = Connective(nn.LayerNorm(h, eps=cfg.layer_norm_eps), cfg.hidden_dropout_prob, 4 * index + 2, plan.con, ctx)
     con2 = Connective(nn.LayerNorm(h, eps=cfg.layer_norm_eps), cfg.hidden_dropout_prob, 4 * index + 3, plan.con, ctx)
-    return TransformerLayer(attn, mlp, con1, con2, plan, input_placement)
+    return TransformerLayer(attn, mlp, con1, con2, plan, input_placement, overlap_tiles=cfg.overlap_tiles)
 
 
 class BertEncoder(nn.Module):
@@ -148,6 +149,7 @@ class BertLMHead(nn.Module):
         else:  # a pipeline's last stage holds its own copy; it starts equal to the embeddings
             self.decoder_weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
             self.decoder_weight.init_name = "bert.embeddings.word_embeddings.weight"
+            self.decoder_weight.pipeline_copy = True  # galaxy.pipeline sums its grad with the original's
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
     def forward(self, x):
@@ -194,7 +196,7 @@ class BertForMaskedLM(nn.Module):
     def load_hf(self, path):
         return checkpoint.load_checkpoint(self, path, mlm_to_hf)
 
-    def save_hf(self, path):
+    def save_hf(self, path, trainable_only=False):
         cfg = json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert", **vars(self.config)}, indent=1)
-        checkpoint.save_checkpoint(self, self.ctx, path, mlm_to_hf, {"config.json": cfg})
+        checkpoint.save_checkpoint(self, self.ctx, path, mlm_to_hf, {"config.json": cfg}, trainable_only)
 

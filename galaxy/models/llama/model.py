@@ -195,6 +195,6 @@ class LlamaForCausalLM(nn.Module):
     def load_hf(self, path):
         return checkpoint.load_checkpoint(self, path, self.to_hf)
 
-    def save_hf(self, path):
+    def save_hf(self, path, trainable_only=False):
         cfg = json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama", **vars(self.config)}, indent=1)
-        checkpoint.save_checkpoint(self, self.ctx, path, self.to_hf, {"config.json": cfg})
+        checkpoint.save_checkpoint(self, self.ctx, path, self.to_hf, {"config.json": cfg}, trainable_only)

@@ -1,0 +1,129 @@
+"""Shared by the benchmark scripts: a BERT-base config per layout, one rank's model and step,
+bytes sent per step, and interleaved timing (every layout timed in the same rounds, so load
+from other processes on the machine hits all of them alike).
+
+Run the scripts as modules from the repository root: `python -m benchmarks.layouts`.
+"""
+import statistics
+import time
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+
+from galaxy.comm import stats
+from galaxy.comm.context import ParallelContext
+from galaxy.layers.placement import REPLICATE
+from galaxy.models.bert.model import BertConfig, BertModel, init_weights
+from galaxy.plan import build_plan
+from galaxy.train.config import load_config
+from galaxy.train.grad_sync import GradSync
+
+# Bytes a rank *sends* for a collective, per byte it contributes (galaxy.comm.stats records the
+# contributed tensor), for the ring algorithm over p ranks. all_reduce and reduce_scatter
+# contribute the whole tensor, all_gather this rank's slice. gloo picks its own algorithms;
+# these are the textbook ring volumes, the lower bound a bandwidth-optimal algorithm reaches.
+RING_FACTOR = {
+    "all_reduce": lambda p: 2 * (p - 1) / p,
+    "reduce_scatter": lambda p: (p - 1) / p,
+    "all_gather": lambda p: p - 1,
+}
+
+
+LAYOUT_NAMES = ("serial", "tp", "sp", "galaxy", "galaxy2", "dp")
+
+
+def bert_cfg(layout, layers=4, seq=512, batch=4, **extra):
+    """BERT-base sizes (hidden 768, 12 heads, intermediate 3072, vocab 30522), dropout 0."""
+    over = dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=layers,
+                vocab_size=30522, seq_length=seq, max_position_embeddings=max(512, seq), batch_size=batch,
+                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, parallel=layout, data="synthetic")
+    over.update(extra)
+    return load_config(None, over)
+
+
+def sent_bytes(counts, p):
+    """Convert {kind: contributed bytes} to bytes sent by this rank (ring volumes)."""
+    return sum(RING_FACTOR[kind](p) * n for kind, n in counts.items())
+
+
+class Runner:
+    """One layout's BERT encoder on this rank: a training step (forward, backward, gradient sync)
+    or an inference forward on a fixed synthetic batch. Serial runs on rank 0 alone."""
+
+    def __init__(self, name, cfg, rank, world):
+        self.name = name
+        plan = build_plan(cfg, 1 if cfg["parallel"] == "serial" else world)
+        self.ctx = ParallelContext.create(plan, rank) if plan.world > 1 else ParallelContext(plan, rank)
+        self.active = plan.world > 1 or rank == 0
+        if not self.active:
+            return
+        self.model = BertModel(BertConfig.from_dict(cfg), self.ctx)
+        init_weights(self.model, cfg["initializer_range"])
+        self.sync = GradSync(self.model, self.ctx, cfg["bucket_size_mb"])
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(5, cfg["vocab_size"], (cfg["batch_size"], cfg["seq_length"]), generator=g)
+        weight = torch.randn(cfg["batch_size"], cfg["seq_length"], cfg["hidden_size"], generator=g)
+        per = cfg["batch_size"] // plan.dp_size  # a data-parallel replica takes its share of the batch
+        rows = slice(self.ctx.dp_rank * per, (self.ctx.dp_rank + 1) * per)
+        self.ids, self.weight = ids[rows], weight[rows]
+
+    def train_step(self):
+        self.model.train()
+        self.sync.arm()
+        out = self.model(self.ids)
+        (out * self.weight).sum().backward()  # a fixed linear loss: every layout gets the same gradient
+        self.sync.finish()
+        self.model.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def infer(self):
+        self.model.eval()
+        return self.model(self.ids)
+
+    def grad_sync_bytes(self):
+        """Bytes sent per step by the gradient all-reduces (ring), summed over this rank's groups."""
+        total = 0.0
+        for part in self.sync.parts:
+            if part.group is None:
+                continue
+            n = sum(p.numel() * p.element_size() for bucket in part.buckets for p in bucket)
+            total += RING_FACTOR["all_reduce"](dist.get_world_size(part.group)) * n
+        return total
+
+    def activation_bytes(self, step):
+        """Bytes sent by the layout's collectives (forward + backward) during one call of `step`."""
+        with stats.count_bytes() as counts:
+            step()
+        return sent_bytes(Counter(counts), self.ctx.tp_size)
+
+
+def interleaved(runners, step_of, repeats, warmup=1):
+    """Time `step_of(runner)` for every runner in each round, rotating the order per round.
+    A step's time is from a barrier before to a barrier after, i.e. the slowest rank's.
+    Returns {name: [seconds per round]} (identical on every rank)."""
+    times = {r.name: [] for r in runners}
+    for round_ in range(warmup + repeats):
+        k = round_ % len(runners)
+        for r in runners[k:] + runners[:k]:
+            dist.barrier()
+            start = time.perf_counter()
+            if r.active:
+                step_of(r)
+            dist.barrier()
+            if round_ >= warmup:
+                times[r.name].append(time.perf_counter() - start)
+    return times
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def table(rows, headers):
+    """Plain fixed-width table as a string."""
+    cells = [headers] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,137 @@
+"""BERT-base inference latency at world 2 over emulated edge links (benchmarks.netem):
+serial, TP, SP, Galaxy without and with tiled overlap, seq 512 and 1024, batch 1.
+
+    sudo python -m benchmarks.edge_latency                        # 100mbit and 1gbit links, 12 layers
+    sudo python -m benchmarks.edge_latency --links 1gbit --layers 4 --repeats 3
+
+Each rank runs in its own network namespace; the two talk over the shaped veth link only.
+All variants are timed interleaved in the same rounds (medians reported). Writes
+edge_latency.csv and edge_latency.svg (a plain SVG bar chart) to --out_dir.
+"""
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.common import Runner, bert_cfg, interleaved, median
+from benchmarks.netem import EdgeNet
+
+VARIANTS = {"serial": ("serial", {}), "tp": ("tp", {}), "sp": ("sp", {}), "galaxy": ("galaxy", {}),
+            "galaxy+overlap": ("galaxy", {"overlap_tiles": 4})}
+PORT = 29531
+
+
+def worker(args):
+    """One rank inside its namespace: time every variant at every sequence length."""
+    import torch.distributed as dist
+
+    from galaxy.comm.launch import init_distributed
+    init_distributed(2, args.rank, f"tcp://{args.master_addr}:{PORT}", "gloo", timeout_s=1800)
+    results = {}
+    for seq in args.seqs:
+        runners = [Runner(name, bert_cfg(layout, args.layers, seq, 1, **extra), args.rank, 2)
+                   for name, (layout, extra) in VARIANTS.items()]
+        times = interleaved(runners, Runner.infer, args.repeats)
+        results[seq] = times
+        del runners
+    if args.rank == 0:
+        Path(args.out).write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def run_link(rate, delay, args):
+    with EdgeNet(rate, delay) as net, tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "times.json"
+        argv = [sys.executable, "-m", "benchmarks.edge_latency", "--worker", "--master_addr", net.addr[0],
+                "--out", str(out), "--layers", str(args.layers), "--repeats", str(args.repeats),
+                "--seqs", *map(str, args.seqs)]
+        procs = [net.popen(r, argv + ["--rank", str(r)]) for r in range(2)]
+        try:
+            codes = [p.wait(timeout=args.timeout_s) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        if any(codes):
+            raise SystemExit(f"edge_latency: ranks exited with {codes} on link {rate}")
+        return net.shaping, {int(k): v for k, v in json.loads(out.read_text()).items()}
+
+
+def svg_bars(groups, series, values, title):
+    """Grouped bar chart as SVG text: groups on x, one bar per series, values in ms."""
+    colors = ["#888888", "#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1"]
+    bar, gap, height, top, left = 18, 30, 300, 40, 60
+    width = left + len(groups) * (len(series) * bar + gap) + 160
+    vmax = max(values.values()) * 1.1
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + top + 80}" '
+             f'font-family="sans-serif" font-size="11">',
+             f'<text x="{left}" y="20" font-size="14">{title}</text>',
+             f'<line x1="{left}" y1="{top + height}" x2="{width - 160}" y2="{top + height}" stroke="black"/>']
+    for tick in range(5):
+        v = vmax * tick / 4
+        y = top + height - height * tick / 4
+        parts.append(f'<text x="{left - 5}" y="{y + 4:.0f}" text-anchor="end">{v:.0f}</text>')
+    parts.append(f'<text x="12" y="{top + height / 2}" transform="rotate(-90 12 {top + height / 2})">ms</text>')
+    for g, group in enumerate(groups):
+        x0 = left + gap / 2 + g * (len(series) * bar + gap)
+        for s, name in enumerate(series):
+            v = values[(group, name)]
+            h = height * v / vmax
+            parts.append(f'<rect x="{x0 + s * bar:.0f}" y="{top + height - h:.0f}" width="{bar - 2}" '
+                         f'height="{h:.0f}" fill="{colors[s % len(colors)]}"><title>{name}: {v:.0f} ms</title></rect>')
+        parts.append(f'<text x="{x0 + len(series) * bar / 2:.0f}" y="{top + height + 16}" '
+                     f'text-anchor="middle">{group}</text>')
+    for s, name in enumerate(series):
+        y = top + 14 * s
+        parts.append(f'<rect x="{width - 150}" y="{y}" width="10" height="10" fill="{colors[s % len(colors)]}"/>'
+                     f'<text x="{width - 135}" y="{y + 9}">{name}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--links", nargs="+", default=["100mbit", "1gbit"])
+    p.add_argument("--delay", default="1ms")
+    p.add_argument("--seqs", nargs="+", type=int, default=[512, 1024])
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out_dir", default=".")
+    p.add_argument("--timeout_s", type=float, default=3000)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--rank", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--master_addr", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+    rows, values, groups = [], {}, []
+    for rate in args.links:
+        shaping, results = run_link(rate, args.delay, args)
+        print(f"link: {shaping}")
+        for seq, times in results.items():
+            group = f"{rate} seq{seq}"
+            groups.append(group)
+            base = median(times["serial"])
+            for name, ts in times.items():
+                m = median(ts)
+                values[(group, name)] = m * 1e3
+                rows.append(dict(link=rate, shaping=shaping, seq=seq, layout=name, median_ms=round(m * 1e3, 1),
+                                 min_ms=round(min(ts) * 1e3, 1), max_ms=round(max(ts) * 1e3, 1),
+                                 speedup_vs_serial=round(base / m, 3)))
+                print(f"  seq {seq:5d} {name:15s} median {m * 1e3:8.0f} ms   {base / m:5.2f}x vs serial")
+    out = Path(args.out_dir)
+    with open(out / "edge_latency.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    title = f"BERT-base ({args.layers} layers) inference latency, world 2, batch 1"
+    (out / "edge_latency.svg").write_text(svg_bars(groups, list(VARIANTS), values, title))
+    print(f"wrote {out / 'edge_latency.csv'} and {out / 'edge_latency.svg'}")
+
+
+if __name__ == "__main__":
+    main()

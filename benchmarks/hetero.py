@@ -1,0 +1,52 @@
+"""One rank slowed 2x (pinned to its core with a busy thread sharing it): Galaxy with the even
+split vs the planner's split (galaxy.planner), BERT-base sizes, world 2 gloo, forward latency.
+
+    python -m benchmarks.hetero                      # 4 layers, seq 512, batch 1
+    python -m benchmarks.hetero --layers 12 --repeats 5
+"""
+import argparse
+
+from benchmarks.common import bert_cfg, table
+from galaxy.comm.launch import spawn
+from galaxy.planner.profile import slow_down
+from galaxy.planner.run import measure_forward, profile_and_plan
+
+
+def bench(rank, world, args):
+    stop = slow_down(rank, {args.slow_rank})
+    cfg = bert_cfg("galaxy", args.layers, args.seq, args.batch)
+    split, predicted, even, even_predicted, profiles, _ = profile_and_plan(cfg, world, column_unit=64)
+    measured = measure_forward(cfg, {"even": even, "planner": split}, rank, world, args.repeats)
+    stop.set()
+    return {"even": (even, even_predicted, measured["even"]), "planner": (split, predicted, measured["planner"]),
+            "profiles": profiles}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--slow_rank", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--timeout_s", type=float, default=3000)
+    args = p.parse_args()
+    r = spawn(bench, 2, (args,), timeout_s=args.timeout_s)[0]
+    slow, fast = r["profiles"][args.slow_rank], r["profiles"][1 - args.slow_rank]
+    print(f"rank {args.slow_rank} slowed; measured slow/fast cost per head {slow.att_s_per_head / fast.att_s_per_head:.2f}x, "
+          f"per column {slow.mlp_s_per_column / fast.mlp_s_per_column:.2f}x, "
+          f"per position {slow.con_s_per_position / fast.con_s_per_position:.2f}x "
+          f"(the busy thread's 2x is diluted when other processes load the cores)")
+    rows = []
+    for name in ("even", "planner"):
+        split, predicted, measured = r[name]
+        rows.append([name, split["tp_num_attention_heads_list"], split["tp_intermediate_size_list"],
+                     split["seq_scatter_list"], f"{predicted * 1e3:.0f}", f"{measured * 1e3:.0f}",
+                     f"{r['even'][2] / measured:.2f}x"])
+    print(f"BERT-base Galaxy layout ({args.layers} layers), seq {args.seq}, batch {args.batch}, world 2 gloo, "
+          f"forward, {args.repeats} interleaved rounds (medians)")
+    print(table(rows, ["split", "heads", "columns", "positions", "predicted ms", "measured ms", "speed-up vs even"]))
+
+
+if __name__ == "__main__":
+    main()

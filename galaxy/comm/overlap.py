@@ -1,0 +1,157 @@
+"""Tile-based overlap of communication with computation (Galaxy, INFOCOM'24, Sec. IV-C).
+
+Between sequence-parallel blocks a tensor-parallel block is bracketed by collectives:
+all-gather the sequence -> column linears ... row linear -> reduce-scatter the sequence.
+Fused here, the sequence is cut into tiles so the network works on one tile while the
+CPU multiplies another:
+
+    gather_linear          fwd  all-gather tile i+1 (async) while tile i's rows go through the linears
+                           bwd  reduce-scatter tile i's input gradient (async) while tile i+1's is computed
+    linear_reduce_scatter  fwd  reduce-scatter tile i's output rows (async) while tile i+1's are computed
+                           bwd  all-gather tile i+1's output gradient (async) while tile i's input gradient is computed
+
+Tiles follow the per-rank split: each rank cuts *its own* positions into `count` tiles, and
+tile i is the concatenation, in rank order, of every rank's i-th piece (uneven sizes work).
+The results equal the unfused collective + linear up to float summation order; the bytes
+moved are the same.
+"""
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from galaxy.comm import stats
+
+
+def _pieces(n, count):
+    """n positions cut into `count` contiguous pieces, the first n % count one longer."""
+    return [n // count + (i < n % count) for i in range(count)]
+
+
+class SeqTiles:
+    """Tile geometry for per-rank sequence sizes `positions` as seen by rank `rank`."""
+
+    def __init__(self, positions, rank, tiles):
+        self.count = max(1, min(tiles, min(positions)))  # every rank keeps >= 1 position per tile
+        per_rank = [_pieces(n, self.count) for n in positions]
+        self.total = sum(positions)
+        self.sizes, self.index, self.local = [], [], []
+        for i in range(self.count):
+            sizes = [pieces[i] for pieces in per_rank]
+            rows = []
+            for r, pieces in enumerate(per_rank):
+                start = sum(positions[:r]) + sum(pieces[:i])
+                rows.extend(range(start, start + pieces[i]))
+            mine = sum(per_rank[rank][:i])
+            self.sizes.append(sizes)
+            self.index.append(torch.tensor(rows))            # global rows of tile i, rank order
+            self.local.append(slice(mine, mine + sizes[rank]))  # this rank's rows of tile i, locally
+
+
+class _Pending:
+    """An async collective and how to turn its buffer into the result."""
+
+    def __init__(self, work, finish):
+        self.work, self.finish = work, finish
+
+    def wait(self):
+        self.work.wait()
+        return self.finish()
+
+
+def _start_all_gather(x, sizes, group):
+    """Async all-gather along dim 1 with per-rank sizes (padded to the longest, as gloo needs)."""
+    stats.record("all_gather", x)
+    longest = max(sizes)
+    moved = x.movedim(1, 0)
+    if moved.shape[0] < longest:
+        moved = torch.cat([moved, moved.new_zeros((longest - moved.shape[0],) + moved.shape[1:])])
+    out = moved.new_empty((len(sizes) * longest,) + moved.shape[1:])
+    work = dist.all_gather_single(out, moved.contiguous(), group=group, async_op=True)
+    return _Pending(work, lambda: torch.cat([out[r * longest: r * longest + n] for r, n in enumerate(sizes)])
+                    .movedim(0, 1))
+
+
+def _start_reduce_scatter(x, sizes, group):
+    """Async reduce-scatter along dim 1: the sum over ranks, each keeping its own piece."""
+    stats.record("reduce_scatter", x)
+    chunks = [c.contiguous() for c in x.split(sizes, 1)]
+    out = torch.empty_like(chunks[dist.get_rank(group)])
+    work = dist.reduce_scatter(out, chunks, group=group, async_op=True)
+    return _Pending(work, lambda: out)
+
+
+class _GatherLinear(torch.autograd.Function):
+    """linears(all_gather(x)) for x = this rank's sequence shard [B, t, H]; params = (w0, b0, w1, b1, ...)."""
+
+    @staticmethod
+    def forward(ctx, x, tiles, group, *params):
+        weights, biases = params[0::2], params[1::2]
+        full = x.new_empty(x.shape[0], tiles.total, x.shape[2])  # kept for the weight gradients
+        outs = [x.new_empty(x.shape[0], tiles.total, w.shape[0]) for w in weights]
+        pending = _start_all_gather(x[:, tiles.local[0]], tiles.sizes[0], group)
+        for i in range(tiles.count):
+            xi = pending.wait()
+            if i + 1 < tiles.count:
+                pending = _start_all_gather(x[:, tiles.local[i + 1]], tiles.sizes[i + 1], group)
+            full.index_copy_(1, tiles.index[i], xi)
+            for out, w, b in zip(outs, weights, biases):
+                out.index_copy_(1, tiles.index[i], F.linear(xi, w, b))
+        ctx.save_for_backward(full, *weights)
+        ctx.tiles, ctx.group, ctx.has_bias = tiles, group, [b is not None for b in biases]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        full, *weights = ctx.saved_tensors
+        tiles = ctx.tiles
+        pending = []
+        for i in range(tiles.count):
+            gx = sum(g.index_select(1, tiles.index[i]) @ w for g, w in zip(grads, weights))
+            pending.append(_start_reduce_scatter(gx, tiles.sizes[i], ctx.group))
+        flat_x = full.flatten(0, 1)
+        param_grads = []
+        for g, has_bias in zip(grads, ctx.has_bias):  # weight gradients while the last tiles travel
+            flat_g = g.flatten(0, 1)
+            param_grads += [flat_g.t() @ flat_x, flat_g.sum(0) if has_bias else None]
+        grad_x = torch.cat([p.wait() for p in pending], dim=1)
+        return (grad_x, None, None, *param_grads)
+
+
+class _LinearReduceScatter(torch.autograd.Function):
+    """reduce_scatter(linear(h)) along the sequence for a row-parallel linear's input h [B, T, k]."""
+
+    @staticmethod
+    def forward(ctx, h, tiles, group, weight, bias):
+        pending = [_start_reduce_scatter(F.linear(h.index_select(1, tiles.index[i]), weight, bias),
+                                         tiles.sizes[i], group) for i in range(tiles.count)]
+        ctx.save_for_backward(h, weight)
+        ctx.tiles, ctx.group, ctx.has_bias = tiles, group, bias is not None
+        return torch.cat([p.wait() for p in pending], dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, weight = ctx.saved_tensors
+        tiles = ctx.tiles
+        g_full = grad.new_empty(grad.shape[0], tiles.total, grad.shape[2])
+        grad_h = torch.empty_like(h)
+        pending = _start_all_gather(grad[:, tiles.local[0]], tiles.sizes[0], ctx.group)
+        for i in range(tiles.count):
+            gi = pending.wait()
+            if i + 1 < tiles.count:
+                pending = _start_all_gather(grad[:, tiles.local[i + 1]], tiles.sizes[i + 1], ctx.group)
+            g_full.index_copy_(1, tiles.index[i], gi)
+            grad_h.index_copy_(1, tiles.index[i], gi @ weight)
+        flat_g = g_full.flatten(0, 1)
+        grad_w = flat_g.t() @ h.flatten(0, 1)
+        return grad_h, None, None, grad_w, flat_g.sum(0) if ctx.has_bias else None
+
+
+def gather_linear(x, weights, biases, tiles, group):
+    """[F.linear(all_gather(x, seq), w, b) for each (w, b)], tiled; x is this rank's shard [B, t, H]."""
+    params = [t for pair in zip(weights, biases) for t in pair]
+    return list(_GatherLinear.apply(x, tiles, group, *params))
+
+
+def linear_reduce_scatter(h, weight, bias, tiles, group):
+    """reduce_scatter(F.linear(h, weight, bias), seq), tiled; returns this rank's shard [B, t, out]."""
+    return _LinearReduceScatter.apply(h, tiles, group, weight, bias)

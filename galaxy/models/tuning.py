@@ -1,0 +1,227 @@
+"""Parameter-efficient tuning in any layout: LoRA, bottleneck adapters, ladder side-tuning.
+
+`apply_tuning(model, cfg, ctx)` runs once the model is built and its weights are loaded. It
+adds the method's modules to the blocks this rank holds (it walks the rank's TransformerLayers,
+so a pipeline stage holding only some layers works too), gives the new parameters
+layout-invariant initial values and the `.shard` / `.partial_grad` tags the rest of the engine
+reads, and freezes every other parameter. The optimizer and gradient sync then see only what
+trains.
+
+How each method meets the layouts:
+  LoRA     A column-parallel projection (q, k, v, up: output rows split) keeps lora_A whole and
+           holds lora_B's rows; a row-parallel one (o, down: input columns split) holds lora_A's
+           columns and keeps lora_B whole (galaxy.loralib.lora_shard_slices). The whole factor's
+           gradient is then one rank's share of a sum: partial_grad. In an SP block both factors
+           are partial_grad, like the block's own weights (each rank saw only its positions).
+  adapter  Runs inside the connective block (Houlsby: after dropout, before the residual add) on h
+           after its redistribution, REPLICATE or SEQ, never on a TP block's PARTIAL output.
+           partial_grad when the connective block is SP.
+  side     Reads the first layer's input and every layer's output, gathered to REPLICATE, and
+           feeds the MLM head: use_side gives the head backbone output + side output (side_upsample
+           starts at zero, so training starts from the backbone's own predictions), use_side_only
+           the side output alone. Every tensor rank runs the same side network on the same inputs,
+           so its gradients need no tensor-group sum. The MLM head stays frozen.
+
+Initial values are drawn for the full tensor from a seed derived from the parameter's name, then
+sliced by its shard (as init_weights does), so every layout starts from the serial values.
+"""
+import math
+import zlib
+
+import torch
+import torch.nn.functional as F
+
+from galaxy.adapters import Adapter, SideNetwork, mark_only_adapters_as_trainable, mark_only_side_as_trainable
+from galaxy.adapters.utils import ACTIVATIONS
+from galaxy.layers.dropout import LayoutInvariantDropout
+from galaxy.layers.linear import mark_partial_grad, tag_shard
+from galaxy.layers.placement import redistribute
+from galaxy.layers.transformer import TransformerLayer
+from galaxy.loralib import Linear as LoraLinear
+from galaxy.loralib import mark_only_lora_as_trainable
+from galaxy.train.errors import ConfigError
+
+# config name (Hugging Face BERT's module name) -> (block, projection) in our layers
+LORA_TARGETS = {"query": ("attn", "q"), "key": ("attn", "k"), "value": ("attn", "v"),
+                "dense": ("attn", "o"), "intermediate": ("mlp", "up"), "output": ("mlp", "down")}
+BLOCK_METHOD = {"attn": "att", "mlp": "mlp"}  # which Plan field says how a block is split
+
+
+def tuning_method(cfg):
+    return next((k for k in ("use_lora", "use_adapter", "use_side", "use_side_only") if cfg[k]), "full_model")
+
+
+def check_tuning(cfg):
+    """The tuning keys' rules; ConfigError naming the key (called by load_config)."""
+    method = tuning_method(cfg)
+    if method == "use_lora":
+        if cfg["lora_dim"] < 1:
+            raise ConfigError(f"lora_dim must be >= 1 with use_lora, got {cfg['lora_dim']}")
+        unknown = [t for t in cfg["lora_targets"] if t not in LORA_TARGETS]
+        if unknown or not cfg["lora_targets"]:
+            raise ConfigError(f"lora_targets {cfg['lora_targets']}: each must be one of {list(LORA_TARGETS)}")
+        if cfg["fan_in_fan_out"]:
+            raise ConfigError("fan_in_fan_out is for GPT-2 Conv1D weights stored [in, out]; "
+                              "BERT's linears are [out, in]: set it false")
+    if method == "use_adapter" and cfg["adapter_reduction_dim"] < 1:
+        raise ConfigError(f"adapter_reduction_dim must be >= 1, got {cfg['adapter_reduction_dim']}")
+    if method in ("use_adapter", "use_side", "use_side_only") and cfg["non_linearity"] not in ACTIVATIONS:
+        raise ConfigError(f"non_linearity '{cfg['non_linearity']}' is not one of {sorted(ACTIVATIONS)}")
+    if method in ("use_side", "use_side_only"):
+        factor = cfg["side_reduction_factor"]
+        if factor < 1 or cfg["hidden_size"] % factor:
+            raise ConfigError(f"side_reduction_factor {factor} must be >= 1 and divide hidden_size {cfg['hidden_size']}")
+        if len(cfg.get("stage_num_hidden_layers_list") or []) > 1:
+            raise ConfigError("use_side / use_side_only read every layer's output on one rank: "
+                              "not supported with pipeline stages (stage_num_hidden_layers_list)")
+
+
+def apply_tuning(model, cfg, ctx):
+    """Add the config's tuning method to `model` in place and freeze what it does not train.
+    Returns a one-line summary for the log."""
+    check_tuning(cfg)
+    method = tuning_method(cfg)
+    existing = {id(p) for p in model.parameters()}
+    zero_init = ()
+    if method == "use_lora":
+        _add_lora(model, cfg, ctx)
+        mark_only_lora_as_trainable(model)
+        zero_init = ("lora_B",)  # B = 0: a fresh LoRA layer computes what the frozen one did
+    elif method == "use_adapter":
+        _add_adapters(model, cfg)
+        mark_only_adapters_as_trainable(model)
+        zero_init = ("adapter_up",)  # a fresh adapter is the identity
+    elif method in ("use_side", "use_side_only"):
+        _add_side(model, cfg, ctx)
+        mark_only_side_as_trainable(model)
+        zero_init = ("side_upsample",) if method == "use_side" else ()
+    _init_new_parameters(model, existing, zero_init)
+    params = list(dict.fromkeys(model.parameters()))
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    return f"tuning {method}: {trainable:,} of {sum(p.numel() for p in params):,} parameters on this rank train"
+
+
+def _layers(model):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, TransformerLayer)]
+
+
+def _name_seed(name):
+    return zlib.crc32(name.encode())  # stable across processes, unlike hash(str)
+
+
+class LoraShard(LoraLinear):
+    """LoRA on this rank's shard of a ColumnLinear / RowLinear.
+
+    It takes over the base's weight and bias Parameters (loaded values and `.shard` tags, so
+    checkpoints still find them) and adds its part of the full LoRA pair. The LoRA input's
+    dropout mask is drawn for the full input and sliced, so it matches the serial run's.
+    """
+
+    def __init__(self, base, cfg, method, ctx, site):
+        out_features, in_features = base.weight.shape
+        super().__init__(in_features, out_features, r=cfg["lora_dim"], lora_alpha=cfg["lora_alpha"],
+                         merge_weights=cfg["merge_weights"], bias=base.bias is not None)
+        self.weight, self.bias = base.weight, base.bias
+        self.owns_bias = getattr(base, "owns_bias", True)  # a row-parallel bias is added on one rank
+        self.lora_dropout = LayoutInvariantDropout(cfg["lora_dropout"], site)
+        self.ctx, self.seq_sharded = ctx, method == "SP"
+        dim, start, length, full = base.weight.shard
+        held, whole = (self.lora_B, self.lora_A) if dim == 0 else (self.lora_A, self.lora_B)
+        tag_shard(held, dim, range(start, start + length), full)
+        self.in_cols = (start, length, full) if dim == 1 else None
+        if length < full:
+            whole.partial_grad = True
+        if self.seq_sharded:
+            mark_partial_grad(self)
+
+    def _dropout_view(self, x):
+        """The full [B, T, in] LoRA input's shape and this rank's index into it."""
+        full, seq, cols = list(x.shape), slice(None), slice(None)
+        if self.seq_sharded:
+            pos = self.ctx.positions
+            full[1], seq = sum(self.ctx.plan.positions), slice(pos.start, pos.stop)
+        if self.in_cols is not None:
+            start, length, full[-1] = self.in_cols
+            cols = slice(start, start + length)
+        return tuple(full), (slice(None), seq, cols)
+
+    def forward(self, x):
+        out = F.linear(x, self.weight, self.bias if self.owns_bias else None)
+        if self.merged:
+            return out
+        dropped = self.lora_dropout(x, *self._dropout_view(x))
+        return out + (dropped @ self.lora_A.T @ self.lora_B.T) * self.scaling
+
+
+def _add_lora(model, cfg, ctx):
+    for name, layer in _layers(model):
+        for target in cfg["lora_targets"]:
+            block_name, proj = LORA_TARGETS[target]
+            block = getattr(layer, block_name)
+            method = getattr(ctx.plan, BLOCK_METHOD[block_name])
+            site = _name_seed(f"{name}.{block_name}.{proj}")  # a dropout site no other module uses
+            setattr(block, proj, LoraShard(getattr(block, proj), cfg, method, ctx, site))
+
+
+def _add_adapters(model, cfg):
+    for _, layer in _layers(model):
+        for con in (layer.con1, layer.con2):
+            con.adapter = Adapter(cfg["hidden_size"], cfg["adapter_reduction_dim"], cfg["non_linearity"])
+            if con.method == "SP":
+                mark_partial_grad(con.adapter)
+
+
+class SideTap:
+    """Forward hooks that collect the backbone's hidden states (first layer's input, each
+    layer's output) as REPLICATE tensors and, as the backbone's forward hook, hand the side
+    network's output to the head in place of the backbone's."""
+
+    def __init__(self, side, layers, ctx, keep_backbone):
+        self.side, self.ctx, self.keep_backbone = side, ctx, keep_backbone
+        self.states = []
+        layers[0].register_forward_pre_hook(self._first_input)
+        for layer in layers:
+            layer.register_forward_hook(self._layer_output)
+
+    def _replicated(self, x, placement):
+        # detached first: no gradient flows into the frozen backbone, so the gather records no graph
+        return redistribute(x.detach(), placement, "NONE", self.ctx)
+
+    def _first_input(self, layer, args):
+        self.states = [self._replicated(args[0], layer.input_placement)]
+
+    def _layer_output(self, layer, args, out):
+        self.states.append(self._replicated(out, layer.output_placement))
+
+    def __call__(self, backbone, args, out):
+        side, self.states = self.side(self.states), []
+        return out.detach() + side if self.keep_backbone else side
+
+
+def _add_side(model, cfg, ctx):
+    layers = [layer for _, layer in _layers(model)]
+    model.side = SideNetwork(cfg["hidden_size"], len(layers), cfg["side_reduction_factor"],
+                             cfg["add_bias_sampling"], cfg["non_linearity"])
+    model.bert.register_forward_hook(SideTap(model.side, layers, ctx, keep_backbone=cfg["use_side"]))
+
+
+def _init_new_parameters(model, existing, zero_init):
+    for name, p in model.named_parameters():
+        if id(p) not in existing:
+            with torch.no_grad():
+                p.copy_(_initial_value(name, p, zero_init))
+
+
+def _initial_value(name, p, zero_init):
+    """Biases 0, norm weights 1, `zero_init` matrices 0, other matrices nn.Linear's default
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)); drawn full, then sliced by the shard."""
+    shard = getattr(p, "shard", None)
+    full = p.shape if shard is None else p.shape[:shard[0]] + (shard[3],) + p.shape[shard[0] + 1:]
+    if name.endswith("bias") or (p.dim() < 2 and "norm" not in name) or any(z in name for z in zero_init):
+        value = torch.zeros(full)
+    elif p.dim() < 2:
+        value = torch.ones(full)
+    else:
+        gen = torch.Generator().manual_seed(_name_seed(name))
+        value = (torch.rand(full, generator=gen) * 2 - 1) / math.sqrt(full[-1])
+    return value if shard is None else value.narrow(shard[0], shard[1], shard[2])

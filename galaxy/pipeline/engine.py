@@ -1,0 +1,149 @@
+"""One optimizer step of a pipeline stage: micro-batches through the schedule, then the
+gradient sums the pipeline adds to data parallelism (tied weights held on two stages).
+
+The model only needs the stage interface BertForMaskedLM has:
+  * `model.ctx` (the ParallelContext) and `model.config.hidden_size`;
+  * `model(**batch, hidden_states=h)`: the first stage ignores h and embeds the batch;
+    a middle stage returns hidden states [micro_batch, seq, hidden]; the last stage
+    returns (loss_sum, n_label_tokens) from the batch's labels;
+  * a weight the last stage shares with the first (tied embeddings) is a separate
+    parameter there with `pipeline_copy=True` and `init_name` = the first stage's name.
+Every stage holds every micro-batch (attention masks are needed everywhere; building a
+batch is cheap), so receive shapes follow from the batch and no metadata is sent.
+"""
+import torch
+import torch.distributed as dist
+
+from galaxy.layers.dropout import set_dropout_seed
+from galaxy.pipeline.p2p import StageLinks
+from galaxy.pipeline.schedule import BACKWARD, run_schedule, schedule_actions
+
+
+def split_batch(batch, n):
+    """A batch dict -> n micro-batch dicts along the sample dimension."""
+    size = len(next(iter(batch.values())))
+    if size % n:
+        raise ValueError(f"a batch of {size} samples does not split into num_microbatches {n}")
+    return [{k: v[i * (size // n): (i + 1) * (size // n)] for k, v in batch.items()} for i in range(n)]
+
+
+def _unique_named(model):
+    seen = set()
+    for name, p in model.named_parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            yield name, p
+
+
+class TiedCopies:
+    """Weights held by both the first and the last stage (tied input/output embeddings).
+    Each copy only sees its own stage's gradient; summing the two gives the serial gradient,
+    so both copies take the same optimizer step and stay equal. Collective to construct."""
+
+    def __init__(self, model, ctx):
+        copies = {p.init_name: p for _, p in _unique_named(model) if getattr(p, "pipeline_copy", False)}
+        per_stage = [None] * ctx.plan.pp_size
+        dist.all_gather_object(per_stage, sorted(copies), group=ctx.pp_group)
+        names = per_stage[-1]  # the last stage holds the copies
+        own = dict(_unique_named(model))
+        if ctx.is_first_stage:
+            missing = [n for n in names if n not in own]
+            if missing:
+                raise ValueError(f"last stage copies {missing}, which the first stage does not hold")
+            self.params = [own[n] for n in names]
+        else:
+            self.params = [copies[n] for n in names] if ctx.is_last_stage else []
+        self.params = [p for p in self.params if p.requires_grad]
+        self.group = _first_last_group(ctx) if names else None
+
+    def all_reduce(self):
+        if self.group is None or not self.params:
+            return
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in self.params])
+        dist.all_reduce(flat, group=self.group)
+        offset = 0
+        for p in self.params:
+            p.grad.copy_(flat[offset: offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+
+
+def _first_last_group(ctx):
+    """The group {first stage, last stage} of this rank's pipeline (every rank creates every pair)."""
+    if ctx.plan.pp_size == 2:
+        return ctx.pp_group
+    stride = ctx.plan.tp_size * ctx.plan.dp_size
+    mine = None
+    for base in range(stride):
+        pair = [base, base + (ctx.plan.pp_size - 1) * stride]
+        group = dist.new_group(pair)
+        if ctx.rank in pair:
+            mine = group
+    return mine
+
+
+class PipelineForwardBackward:
+    """Trainer.forward_backward for a pipeline stage:  trainer.forward_backward = PipelineForwardBackward(trainer).
+
+    It needs the trainer's GradSync (the tied-weight sum must follow the data-parallel
+    reduction) and step counter (dropout seeds), hence built from the trainer. The batches of
+    all accumulation steps are split into `num_microbatches` each and run as one schedule.
+    `stats` holds the last schedule run's ScheduleStats (peak live micro-batches)."""
+
+    def __init__(self, trainer):
+        self.trainer, self.model, self.ctx = trainer, trainer.model, trainer.ctx
+        self.num_microbatches = trainer.cfg["num_microbatches"]
+        self.schedule = trainer.cfg["pipeline_schedule"]
+        self.hidden = self.model.config.hidden_size
+        self.dtype = next(self.model.parameters()).dtype  # activations travel in the weights' dtype
+        self.links = StageLinks(self.ctx)
+        self.tied = TiedCopies(self.model, self.ctx)
+        self.stats = None
+
+    def actions(self, num_microbatches):
+        return schedule_actions(self.schedule, self.ctx.plan.pp_size, self.ctx.pp_rank, num_microbatches)
+
+    def __call__(self, batches, n_tokens):
+        self.micro = [m for b in batches for m in split_batch(b, self.num_microbatches)]
+        self.n_tokens, self.loss_sum = n_tokens, 0.0
+        actions = self.actions(len(self.micro))
+        self.last_backward = [i for kind, i in actions if kind == BACKWARD][-1]
+        self.stats = run_schedule(actions, self._forward, self._backward)
+        self.links.finish()
+        self.trainer.sync.finish()  # data-parallel sums first, then the tied copies' sum
+        self.tied.all_reduce()
+        return self.loss_sum
+
+    def _seed(self, i):
+        t = self.trainer
+        set_dropout_seed(self.model, hash((t.cfg["seed"], t.step, i, self.ctx.dp_rank)))
+
+    def _forward(self, i):
+        batch, x = self.micro[i], None
+        self._seed(i)
+        if not self.ctx.is_first_stage:
+            shape = tuple(batch["input_ids"].shape) + (self.hidden,)
+            x = self.links.recv_forward(shape, self.dtype).requires_grad_()
+        with self.trainer.autocast:
+            out = self.model(**batch, hidden_states=x)
+        if self.ctx.is_last_stage:
+            loss_sum, _ = out
+            self.loss_sum += loss_sum.item()
+            return loss_sum / self.n_tokens, x
+        self.links.send_forward(out.to(self.dtype))
+        return out, x
+
+    def _backward(self, i, saved):
+        out, x = saved
+        if i == self.last_backward:
+            self.trainer.sync.arm()  # reduce gradients during the last backward only
+        self._seed(i)  # recomputed (checkpointed) layers redraw this micro-batch's masks
+        if self.ctx.is_last_stage:
+            out.backward()
+        else:
+            grad = self.links.recv_backward(out.shape, self.dtype)
+            torch.autograd.backward(out, grad.to(out.dtype))
+        if x is not None:
+            self.links.send_backward(x.grad)

@@ -1,0 +1,73 @@
+"""What the planner measures on each rank: the time of the model's own blocks (attention,
+MLP, connective of one layer, built serially at the run's batch and sequence length) and the
+link bandwidth between ranks; plus `slow_down`, which emulates a weaker device."""
+import os
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+from galaxy.comm.context import ParallelContext
+from galaxy.layers.placement import REPLICATE
+from galaxy.models.bert.model import BertConfig, bert_layer
+from galaxy.plan import Plan
+from galaxy.planner.split import RankProfile
+
+
+def _best_time(fn, repeats):
+    """Fastest of `repeats` runs after a warm-up: other processes only ever add time, so the
+    minimum is the steadiest estimate of this rank's own speed (a slowed rank stays slow)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+@torch.no_grad()
+def measure_blocks(cfg, memory_bytes=float("inf"), repeats=5):
+    """This rank's seconds per attention head, per MLP column and per position (forward)."""
+    bcfg = BertConfig.from_dict(cfg)
+    seq, heads, inter = cfg["seq_length"], cfg["num_attention_heads"], cfg["intermediate_size"]
+    plan = Plan(heads=(heads,), kv_heads=(heads,), columns=(inter,), positions=(seq,), stage_layers=(1,))
+    layer = bert_layer(bcfg, ParallelContext(plan), 0, REPLICATE).eval()
+    x = torch.randn(cfg["batch_size"], seq, cfg["hidden_size"])
+    return RankProfile(att_s_per_head=_best_time(lambda: layer.attn(x), repeats) / heads,
+                       mlp_s_per_column=_best_time(lambda: layer.mlp(x), repeats) / inter,
+                       con_s_per_position=_best_time(lambda: layer.con1(x, x), repeats) / seq,
+                       memory_bytes=memory_bytes)
+
+
+def measure_bandwidth(nbytes=8 << 20, repeats=3, group=None):
+    """Bytes per second one rank sends in an all-gather of nbytes per rank (ring volume (p-1)*n);
+    the slowest rank's figure, so every rank plans with the same number."""
+    world = dist.get_world_size(group)
+    x = torch.zeros(nbytes // 4)
+    out = torch.empty(world * x.numel())
+    dist.barrier(group=group)
+    seconds = torch.tensor(_best_time(lambda: dist.all_gather_single(out, x, group=group), repeats))
+    dist.all_reduce(seconds, op=dist.ReduceOp.MAX, group=group)
+    return (world - 1) * nbytes / seconds.item()
+
+
+def slow_down(rank, slowed, cores=None):
+    """Emulate a weaker device: pin rank r to core r % cores; on `slowed` ranks a busy thread
+    shares that core, so the rank gets about half of it (2x slower compute) when nothing else
+    runs there. Returns an Event that stops the busy thread (set it before exiting)."""
+    cores = cores or os.cpu_count()
+    core = {rank % cores}
+    for tid in os.listdir("/proc/self/task"):  # every thread that exists now (gloo's included)
+        os.sched_setaffinity(int(tid), core)
+    stop = threading.Event()
+    if rank in slowed:
+        a = torch.randn(256, 256)
+
+        def spin():
+            while not stop.is_set():
+                a @ a
+
+        threading.Thread(target=spin, daemon=True).start()
+    return stop
