@@ -112,9 +112,10 @@ def build_plan(cfg, world):
     if world % (pp * dp):
         raise ConfigError(f"data_parallel_size {dp} x {pp} pipeline stages does not divide world size {world}")
     tp = world // (pp * dp)
-    if pp > 1 and cfg["batch_size"] % (dp * cfg["num_microbatches"]):
-        raise ConfigError(f"batch_size {cfg['batch_size']} does not split into {dp} data-parallel replicas x "
-                          f"num_microbatches {cfg['num_microbatches']}")
+    per_replica = dp * (cfg.get("num_microbatches", 1) if pp > 1 else 1)
+    if cfg.get("batch_size", per_replica) % per_replica:
+        raise ConfigError(f"batch_size {cfg['batch_size']} does not split evenly over {dp} data-parallel replicas"
+                          + (f" x num_microbatches {cfg['num_microbatches']}" if pp > 1 else ""))
     if tp > 1 and not sharded:
         raise ConfigError(f"world {world} = {pp} stages x {dp} replicas x {tp}, but no block is parallel: "
                           f"set parallel or att/con/mlp_parallel_method, or data_parallel_size")

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from galaxy.comm import health
+
 DEFAULT_ADDR, DEFAULT_PORT = "127.0.0.1", 29500
 
 
@@ -55,22 +57,40 @@ def default_backend():
 
 
 def init_distributed(world, rank, init_method, backend=None, timeout_s=300.0):
-    """Join the process group. A port already taken by another program is reported as such."""
+    """Join the process group; returns the Rendezvous (None for one rank) that names lost peers.
+
+    A tcp:// rendezvous goes through our own store so that ranks that never joined are named,
+    and a port already taken by another program is reported as such.
+    """
     if world == 1:
-        return
+        return None
     backend = backend or default_backend()
     if backend == "gloo":
         torch.set_num_threads(1)  # ranks share this machine's cores; more threads only contend
     if backend == "nccl":
         torch.cuda.set_device(rank % torch.cuda.device_count())
+    timeout = timedelta(seconds=timeout_s)
+    if not init_method.startswith("tcp://"):  # env:// or file://: torch's own rendezvous
+        dist.init_process_group(backend, init_method=init_method, world_size=world, rank=rank, timeout=timeout)
+        return None
+    rendezvous = health.Rendezvous(init_method, rank, world, timeout_s)
+    rendezvous.join(timeout_s)
+    dist.init_process_group(backend, store=rendezvous.store, world_size=world, rank=rank, timeout=timeout)
+    return rendezvous
+
+
+def call_reporting_peers(fn, rank, world, args, rendezvous):
+    """fn(rank, world, *args), turning a collective that failed because a peer is gone into
+    a PeerError naming that peer."""
     try:
-        dist.init_process_group(backend, init_method=init_method, world_size=world, rank=rank,
-                                timeout=timedelta(seconds=timeout_s))
-    except RuntimeError as e:
-        if "address already in use" in str(e).lower() or "EADDRINUSE" in str(e):
-            raise SystemExit(f"rank {rank}: rendezvous address {init_method} is already in use by another "
-                             f"program; pick another --master_port") from None
-        raise
+        return fn(rank, world, *args)
+    except Exception as e:
+        if rendezvous is None or not health.is_comm_error(e):
+            raise
+        raise health.PeerError(rendezvous.explain(e)) from None
+    finally:
+        if rendezvous is not None:
+            rendezvous.stop()
 
 
 def free_port():
@@ -81,9 +101,9 @@ def free_port():
 
 def _worker(rank, world, init_method, backend, timeout_s, fn, args, results):
     try:
-        init_distributed(world, rank, init_method, backend, timeout_s)
+        rendezvous = init_distributed(world, rank, init_method, backend, timeout_s)
         # plain pickle: torch's queue would share tensors through memory that dies with this process
-        results.put((rank, "ok", pickle.dumps(fn(rank, world, *args))))
+        results.put((rank, "ok", pickle.dumps(call_reporting_peers(fn, rank, world, args, rendezvous))))
     except BaseException as e:  # report every failure, including SystemExit, to the parent
         results.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
     finally:
@@ -147,9 +167,11 @@ def run(main, world, rank, args=(), init_method=None, backend=None, timeout_s=30
             sys.exit(f"galaxy: {e}")
         return None
     rank = rank or 0
-    init_distributed(world, rank, init_method, backend, timeout_s)
     try:
-        return main(rank, world, *args)
+        rendezvous = init_distributed(world, rank, init_method, backend, timeout_s)
+        return call_reporting_peers(main, rank, world, args, rendezvous)
+    except health.PeerError as e:
+        sys.exit(f"galaxy: {e}")
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -92,9 +92,10 @@ SCHEMA = {
     "timeout_s": (float, 300.0, "collective / rendezvous timeout"),
     # checkpoints
     "load_checkpoint": (str, None, "a Hugging Face directory or safetensors file to start from"),
-    "save_dir": (str, None, ""),
-    "save_every": (int, 0, ""),
-    "resume": (bool, False, ""),
+    "save_dir": (str, None, "training checkpoints go to save_dir/step-N/; the final HF export to save_dir"),
+    "save_every": (int, 0, "save a training checkpoint every N optimizer steps (and at the last); 0 = never"),
+    "keep_checkpoints": (int, 0, "keep only the newest K training checkpoints; 0 = keep all"),
+    "resume": (bool, False, "continue from the newest complete checkpoint in save_dir"),
     "save_trainable_only": (bool, False, ""),
 }
 ALIASES = {"pad_size": "seq_length", "max_seq_length": "seq_length", "lr": "learning_rate",
@@ -162,6 +163,27 @@ def _check_rules(cfg):
                 "seq_length", "batch_size", "gradient_accumulation_steps", "num_microbatches", "overlap_tiles"):
         if cfg[key] < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {cfg[key]}")
+    for key in ("save_every", "keep_checkpoints", "warmup_steps", "num_epochs"):
+        if cfg[key] < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {cfg[key]}")
+    for key in ("max_steps", "log_every"):
+        if cfg[key] is not None and cfg[key] < 1:
+            raise ConfigError(f"config key '{key}' must be >= 1, got {cfg[key]}")
+    for key in ("learning_rate", "weight_decay", "max_grad_norm"):
+        if cfg[key] < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {cfg[key]}")
+    for key in ("timeout_s", "bucket_size_mb", "adam_eps", "layer_norm_eps", "initializer_range"):
+        if not cfg[key] > 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {cfg[key]}")
+    for key in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= cfg[key] < 1.0:
+            raise ConfigError(f"config key '{key}' must be in [0, 1), got {cfg[key]}")
+    if cfg["model"] == "bert" and cfg["seq_length"] < 3:
+        raise ConfigError(f"config key 'seq_length' is {cfg['seq_length']}; BERT needs >= 3 ([CLS] token [SEP])")
+    for key in ("resume", "save_every"):
+        if cfg[key] and not cfg["save_dir"]:
+            raise ConfigError(f"config key '{key}' is {cfg[key]!r} but save_dir is not set; "
+                              f"training checkpoints live in save_dir")
     if cfg["hidden_size"] % cfg["num_attention_heads"]:
         raise ConfigError(f"hidden_size {cfg['hidden_size']} is not divisible by num_attention_heads "
                           f"{cfg['num_attention_heads']}")

@@ -1,6 +1,7 @@
 """What every training entry script does: parse and validate (or only --explain the plan),
 then on each rank: groups from the plan, a config check across ranks, data, model, tuning
-method, Trainer (pipeline schedule when pp > 1, traced with --trace_dir), save.
+method, Trainer (pipeline schedule when pp > 1, traced with --trace_dir, training checkpoints
+and resume), final Hugging Face export.
 
 An entry script only says how to build its model and its data:
 
@@ -14,12 +15,13 @@ import torch.distributed as dist
 
 from galaxy.comm import launch
 from galaxy.comm.context import ParallelContext
-from galaxy.data import Tokenizer
+from galaxy.data import DataError, Tokenizer
 from galaxy.explain import explain
+from galaxy.models.checkpoint import CheckpointError
 from galaxy.models.tuning import apply_tuning
 from galaxy.pipeline import PipelineForwardBackward, format_actions
 from galaxy.profiler import observe
-from galaxy.train import cli
+from galaxy.train import checkpoint, cli
 from galaxy.train.config import config_hash
 from galaxy.train.loop import Trainer, run_training
 
@@ -33,23 +35,49 @@ def load_tokenizer(cfg):
 
 
 def check_same_config(cfg, ctx):
-    """Ranks started with different configs would deadlock or diverge: stop them now."""
+    """Ranks started with different configs would deadlock or diverge: stop them now,
+    naming the keys that differ from rank 0's."""
     if ctx.world == 1:
         return
     digests = [None] * ctx.world
     dist.all_gather_object(digests, config_hash(cfg))
-    if len(set(digests)) > 1:
-        raise SystemExit(f"galaxy: ranks were started with different configs (digests {digests})")
+    if len(set(digests)) == 1:
+        return
+    configs = [None] * ctx.world
+    dist.all_gather_object(configs, cfg)
+    diffs = [f"rank {r}: {k}={configs[r][k]!r} (rank 0: {configs[0][k]!r})"
+             for r in range(1, ctx.world) for k in sorted(cfg) if configs[r][k] != configs[0][k]]
+    raise SystemExit(f"galaxy: rank {ctx.rank}: ranks were started with different configs: {'; '.join(diffs)}")
+
+
+def checkpoint_saver(trainer, total):
+    """on_step callback: a training checkpoint every save_every steps and at the last step."""
+    def on_step(metrics):
+        if metrics["step"] % trainer.cfg["save_every"] == 0 or metrics["step"] == total:
+            path = checkpoint.save(trainer, trainer.cfg["save_dir"], trainer.cfg["keep_checkpoints"])
+            trainer.log(f"saved training checkpoint {path}")
+    return on_step
 
 
 def train(rank, world, cfg, plan, args, build_model, build_data):
-    """Train on this rank (args: metrics_file, trace_dir)."""
+    """Train on this rank (args: metrics_file, trace_dir); bad data or checkpoints end it with
+    a message naming the rank, not a traceback."""
+    try:
+        _train(rank, world, cfg, plan, args, build_model, build_data)
+    except (DataError, CheckpointError) as e:
+        raise SystemExit(f"galaxy: rank {rank}: {e}") from None
+
+
+def _train(rank, world, cfg, plan, args, build_model, build_data):
     ctx = ParallelContext.create(plan, rank)
     check_same_config(cfg, ctx)
     torch.manual_seed(cfg["seed"])
     data = build_data(cfg, ctx)
+    if len(data) < cfg["batch_size"]:
+        raise DataError(f"{cfg['data_file']}: {len(data)} sequences of {cfg['seq_length']} tokens, "
+                        f"fewer than one batch (batch_size {cfg['batch_size']})")
     model = build_model(cfg, ctx)
-    if cfg["load_checkpoint"]:
+    if cfg["load_checkpoint"] and not cfg["resume"]:
         model.load_hf(cfg["load_checkpoint"])
     tuning = apply_tuning(model, cfg, ctx)  # LoRA / adapter / side: freezes the rest
     total = cfg["max_steps"] or cfg["num_epochs"] * len(data) // (cfg["batch_size"] * cfg["gradient_accumulation_steps"])
@@ -63,7 +91,16 @@ def train(rank, world, cfg, plan, args, build_model, build_data):
         if ctx.dp_rank == 0 and ctx.tp_rank == 0:
             actions = pipe.actions(cfg["gradient_accumulation_steps"] * cfg["num_microbatches"])
             log(f"{cfg['pipeline_schedule']} stage {ctx.pp_rank}: {format_actions(actions)}")
-    with observe.traced(args.trace_dir, rank, model, lambda: trainer.step + 1) as on_step:
+    if cfg["resume"]:
+        step = checkpoint.resume(trainer, cfg["save_dir"])
+        if rank == 0:
+            log(f"resumed from step {step} of {cfg['save_dir']}")
+    saver = checkpoint_saver(trainer, total) if cfg["save_every"] else None
+    with observe.traced(args.trace_dir, rank, model, lambda: trainer.step + 1) as trace_step:
+        def on_step(metrics):
+            for callback in (trace_step, saver):
+                if callback:
+                    callback(metrics)
         run_training(trainer, total, args.metrics_file, on_step)
     if cfg["save_dir"]:
         model.save_hf(cfg["save_dir"], cfg["save_trainable_only"])

@@ -1,0 +1,139 @@
+"""Naming the rank that is gone.
+
+A rank that is killed, crashes or never starts leaves its peers blocked: in the rendezvous,
+or in a collective that gloo ends with a closed connection or after timeout_s. Gloo's message
+names socket addresses, not ranks. So ranks meet in a TCPStore (hosted by rank 0) where each
+leaves a "joined" key, and a daemon thread bumps each rank's heartbeat counter every second.
+When the rendezvous times out, the missing "joined" keys name the ranks that never started;
+when a collective fails, the counters that stopped moving name the ranks that died.
+"""
+import socket
+import threading
+import time
+from datetime import timedelta
+from urllib.parse import urlparse
+
+import torch.distributed as dist
+from torch.distributed.rendezvous import _torchelastic_use_agent_store
+
+BEAT_S = 1.0
+_PROBE_TIMEOUT_S = 5.0
+# substrings of the RuntimeErrors that gloo / NCCL / the store raise when a peer is gone
+_COMM_MARKERS = ("gloo", "nccl", "connection closed", "connection reset", "broken pipe", "timed out", "peer")
+
+
+class PeerError(RuntimeError):
+    """A peer rank never joined or stopped responding; the message names it."""
+
+
+def _key(kind, rank):
+    return f"galaxy/{kind}/{rank}"
+
+
+def is_comm_error(error):
+    """True for the errors a collective or the store raises when a peer is gone or too slow."""
+    if isinstance(error, dist.DistError):
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error).lower() for m in _COMM_MARKERS)
+
+
+def _wait_for_listener(host, port, timeout_s):
+    """True once host:port accepts connections. TCPStore's own connect retries overshoot its
+    timeout severalfold, so a missing store host is detected here, within timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
+                return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+
+
+def _client(host, port, timeout_s):
+    if not _wait_for_listener(host, port, timeout_s):
+        raise dist.DistNetworkError(f"nothing listens on {host}:{port}")
+    return dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+
+
+def _first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+
+
+class Rendezvous:
+    """The store all ranks joined through, and this rank's heartbeat."""
+
+    def __init__(self, init_method, rank, world, timeout_s):
+        url = urlparse(init_method)
+        self.host, self.port, self.rank, self.world = url.hostname, url.port, rank, world
+        self.where = f"{self.host}:{self.port}"
+        self.store = self._open(timeout_s)
+        self._stop = threading.Event()
+        self._beat_store = None
+
+    def _open(self, timeout_s):
+        host_here = self.rank == 0 and not _torchelastic_use_agent_store()  # torchrun's agent hosts its own
+        try:
+            if host_here:
+                return dist.TCPStore(self.host, self.port, self.world, is_master=True,
+                                     timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+            return _client(self.host, self.port, timeout_s)
+        except RuntimeError as e:
+            if "address already in use" in str(e).lower() or "EADDRINUSE" in str(e):
+                raise PeerError(f"rank {self.rank}: rendezvous address {self.where} is already in use by another "
+                                f"program; pick another --master_port") from None
+            if host_here:
+                raise
+            raise PeerError(f"rank {self.rank}: could not reach rank 0's rendezvous store at {self.where} within "
+                            f"{timeout_s:.0f}s: rank 0 never started, or it listens on another address/port "
+                            f"({_first_line(e)})") from None
+
+    def join(self, timeout_s):
+        """Wait until every rank has joined; name the ranks that did not."""
+        self.store.set(_key("joined", self.rank), "1")
+        try:
+            self.store.wait([_key("joined", r) for r in range(self.world)], timedelta(seconds=timeout_s))
+        except RuntimeError:
+            try:
+                missing = [r for r in range(self.world) if not self.store.check([_key("joined", r)])]
+            except RuntimeError:  # the store went away: rank 0 gave up (and reports the missing ranks)
+                raise PeerError(f"rank {self.rank}: rank 0 closed the rendezvous at {self.where} before every "
+                                f"rank joined") from None
+            raise PeerError(f"rank {self.rank}: rank(s) {missing} never joined the rendezvous at {self.where} "
+                            f"within {timeout_s:.0f}s (not started, crashed at start-up, or started with another "
+                            f"--world / --master_port)") from None
+        self._beat_store = _client(self.host, self.port, timeout_s)
+        threading.Thread(target=self._beat, daemon=True, name="galaxy-heartbeat").start()
+
+    def _beat(self):
+        while not self._stop.wait(BEAT_S):
+            try:
+                self._beat_store.add(_key("beat", self.rank), 1)
+            except RuntimeError:  # the store's host has gone; the main thread reports it
+                return
+
+    def stop(self):
+        self._stop.set()
+
+    def silent_ranks(self):
+        """Ranks whose heartbeat stood still for a few beats; None if the store itself is gone."""
+        try:
+            probe = _client(self.host, self.port, _PROBE_TIMEOUT_S)
+            before = [probe.add(_key("beat", r), 0) for r in range(self.world)]
+            time.sleep(3 * BEAT_S)
+            after = [probe.add(_key("beat", r), 0) for r in range(self.world)]
+        except RuntimeError:
+            return None
+        return [r for r in range(self.world) if r != self.rank and after[r] == before[r]]
+
+    def explain(self, error):
+        """One line naming the lost rank(s) for a collective that failed with `error`."""
+        silent = self.silent_ranks()
+        if silent is None:
+            who = f"rank 0 (host of the rendezvous store {self.where}) stopped responding / lost"
+        elif silent:
+            who = f"peer rank(s) {silent} stopped responding / lost"
+        else:
+            who = "every peer is still alive, but a collective failed or timed out (a peer is stuck or too slow)"
+        return f"rank {self.rank}: {who}; collective error: {_first_line(error)}"

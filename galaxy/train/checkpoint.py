@@ -1,0 +1,276 @@
+"""Training checkpoints: everything a rank needs to continue exactly where it stopped.
+
+    save_dir/step-00000004/
+        manifest.json                  step, world, plan, config, sha256 of every file (written last)
+        rank-00000.model.safetensors   this rank's parameters as they are (its shard, its stage)
+        rank-00000.optim.safetensors   its optimizer tensors and RNG state
+        rank-00000.state.json          step, LR schedule, optimizer hyper-parameters, Python/NumPy RNG
+        rank-00001....
+
+Every rank writes only its own files, so tensor-, sequence-, pipeline- and data-parallel
+ranks all use the same format. The data position is the step: batch_indices makes the
+data order a function of it, and dropout seeds derive from (seed, step, micro-batch).
+
+Atomicity: files go into a hidden `.tmp-step-*` directory; once every rank has written and
+hashed its files (an all-gather of the hashes), rank 0 writes the manifest and renames the
+directory to `step-*` in one os.rename. A crash at any point before leaves no `step-*`
+directory, so the previous checkpoint stays the latest. The ranks must share save_dir
+(one machine, or a shared filesystem).
+"""
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from galaxy.models.checkpoint import CheckpointError, _unique_params
+
+FORMAT = "galaxy-train-checkpoint/1"
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+# keys a resumed run may change: where and how long to train, how to launch and log
+RESUME_FREE_KEYS = ("max_steps", "num_epochs", "resume", "save_dir", "save_every", "keep_checkpoints",
+                    "timeout_s", "log_every", "init_method", "distributed_backend", "load_checkpoint")
+
+
+def _rank_files(rank):
+    stem = f"rank-{rank:05d}"
+    return f"{stem}.model.safetensors", f"{stem}.optim.safetensors", f"{stem}.state.json"
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _all_gather(ctx, value):
+    if ctx.world == 1:
+        return [value]
+    out = [None] * ctx.world
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _barrier(ctx):
+    if ctx.world > 1:
+        dist.barrier()
+
+
+def _raise_if_any(ctx, error):
+    """Every rank raises the first rank's error, so all ranks stop with the same message."""
+    errors = [e for e in _all_gather(ctx, error) if e]
+    if errors:
+        raise CheckpointError(errors[0])
+
+
+# ---- what one rank holds ------------------------------------------------------------------
+
+def _param_names(trainer):
+    names = {id(p): n for n, p in _unique_params(trainer.model)}
+    return [names[id(p)] for group in trainer.opt.param_groups for p in group["params"]]
+
+
+def _rank_state(trainer):
+    """(model tensors, optimizer + RNG tensors, JSON state) of this rank."""
+    model = {name: p.detach().contiguous().cpu() for name, p in _unique_params(trainer.model)}
+    opt = trainer.opt.state_dict()
+    tensors = {f"optim.{i}.{key}": value.contiguous().cpu()
+               for i, state in opt["state"].items() for key, value in state.items()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    np_kind, np_keys, np_pos, np_gauss, np_cached = np.random.get_state()
+    tensors["rng.numpy"] = torch.from_numpy(np_keys.astype(np.int64))
+    state = {"format": FORMAT, "rank": trainer.ctx.rank, "step": trainer.step,
+             "pp_rank": trainer.ctx.pp_rank, "tp_rank": trainer.ctx.tp_rank, "dp_rank": trainer.ctx.dp_rank,
+             "optimizer_params": _param_names(trainer), "param_groups": opt["param_groups"],
+             "scheduler": trainer.sched.state_dict(), "rng_python": random.getstate(),
+             "rng_numpy": [np_kind, int(np_pos), int(np_gauss), float(np_cached)]}
+    return model, tensors, state
+
+
+def _write_rank(trainer, directory):
+    model, tensors, state = _rank_state(trainer)
+    files = _rank_files(trainer.ctx.rank)
+    save_file(model, str(directory / files[0]))
+    save_file(tensors, str(directory / files[1]))
+    (directory / files[2]).write_text(json.dumps(state))
+    hashes = {}
+    for name in files:
+        _fsync(directory / name)
+        hashes[name] = sha256(directory / name)
+    return hashes
+
+
+# ---- save ---------------------------------------------------------------------------------
+
+def resume_config(cfg):
+    """The part of the config a checkpoint is bound to."""
+    return {k: v for k, v in cfg.items() if k not in RESUME_FREE_KEYS}
+
+
+def save(trainer, save_dir, keep=0):
+    """Write a checkpoint of every rank at trainer.step (collective). Returns its directory."""
+    ctx, save_dir = trainer.ctx, Path(save_dir)
+    final = save_dir / f"step-{trainer.step:08d}"
+    tmp = save_dir / f".tmp-step-{trainer.step:08d}"
+    if ctx.rank == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        for stale in save_dir.glob(".tmp-step-*"):  # left by a save that crashed
+            shutil.rmtree(stale)
+        tmp.mkdir()
+    _barrier(ctx)
+    hashes = _all_gather(ctx, _write_rank(trainer, tmp))
+    if ctx.rank == 0:
+        _publish(tmp, final, _manifest(trainer, hashes))
+        if keep:
+            for old in sorted(checkpoints(save_dir))[:-keep]:
+                shutil.rmtree(old[1])
+    _barrier(ctx)
+    return final
+
+
+def _manifest(trainer, hashes):
+    return {"format": FORMAT, "step": trainer.step, "world": trainer.ctx.world,
+            "plan": trainer.ctx.plan.describe(), "config": resume_config(trainer.cfg),
+            "files": {name: digest for rank_hashes in hashes for name, digest in rank_hashes.items()}}
+
+
+def _publish(tmp, final, manifest):
+    """The commit point: the manifest is written and synced, then the directory appears whole."""
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    _fsync(tmp / MANIFEST)
+    if final.exists():  # the same step saved again after a resume
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync(final.parent)
+
+
+# ---- load ---------------------------------------------------------------------------------
+
+def checkpoints(save_dir):
+    """(step, directory) of every complete checkpoint under save_dir."""
+    out = []
+    for d in Path(save_dir).iterdir() if Path(save_dir).is_dir() else ():
+        m = _STEP_DIR.match(d.name)
+        if m and (d / MANIFEST).is_file():
+            out.append((int(m.group(1)), d))
+    return sorted(out)
+
+
+def latest(save_dir):
+    found = checkpoints(save_dir)
+    if not found:
+        raise CheckpointError(f"--resume: no complete checkpoint (step-*/{MANIFEST}) in save_dir {save_dir}")
+    return found[-1][1]
+
+
+def _read_manifest(directory):
+    path = directory / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable manifest ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def _check_compatible(manifest, directory, trainer):
+    ctx = trainer.ctx
+    if manifest["world"] != ctx.world or manifest["plan"] != ctx.plan.describe():
+        raise CheckpointError(f"{directory}: written by {manifest['world']} ranks with plan [{manifest['plan']}]; "
+                              f"this run has {ctx.world} ranks with plan [{ctx.plan.describe()}]. A training "
+                              f"checkpoint resumes in its own layout (export with save_hf to change layouts)")
+    now = resume_config(trainer.cfg)
+    changed = sorted(k for k in set(now) | set(manifest["config"]) if now.get(k) != manifest["config"].get(k))
+    if changed:
+        diffs = ", ".join(f"{k}: {manifest['config'].get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise CheckpointError(f"{directory}: the config differs from the checkpoint's in {diffs}; only "
+                              f"{list(RESUME_FREE_KEYS)} may change on resume")
+
+
+def _verify(manifest, directory, rank):
+    for name in _rank_files(rank):
+        path = directory / name
+        if name not in manifest["files"]:
+            return f"{path}: not listed in {directory / MANIFEST}"
+        if not path.is_file():
+            return f"{path}: missing"
+        if sha256(path) != manifest["files"][name]:
+            return f"{path}: sha256 does not match {directory / MANIFEST} (file corrupt or modified)"
+    return None
+
+
+def _read_rank(directory, rank):
+    files = [directory / name for name in _rank_files(rank)]
+    try:
+        return load_file(str(files[0])), load_file(str(files[1])), json.loads(files[2].read_text())
+    except (SafetensorError, OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{directory}: rank {rank}'s files are unreadable ({e})") from None
+
+
+def _restore(trainer, model_tensors, tensors, state, directory):
+    params = dict(_unique_params(trainer.model))
+    if set(params) != set(model_tensors):
+        missing, extra = sorted(set(params) - set(model_tensors)), sorted(set(model_tensors) - set(params))
+        raise CheckpointError(f"{directory}: rank {trainer.ctx.rank} parameters differ (missing {missing}, "
+                              f"unexpected {extra})")
+    if state["optimizer_params"] != _param_names(trainer):
+        raise CheckpointError(f"{directory}: rank {trainer.ctx.rank} optimizer covers other parameters")
+    with torch.no_grad():
+        for name, p in params.items():
+            if p.shape != model_tensors[name].shape:
+                raise CheckpointError(f"{directory}: '{name}' has shape {tuple(model_tensors[name].shape)}, "
+                                      f"parameter needs {tuple(p.shape)}")
+            p.copy_(model_tensors[name])
+    opt_state = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, field = key.split(".", 2)
+            opt_state.setdefault(int(index), {})[field] = value
+    trainer.opt.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    trainer.sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    version, internal, gauss = state["rng_python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, pos, has_gauss, cached = state["rng_numpy"]
+    np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    trainer.step = state["step"]
+
+
+def load(trainer, directory):
+    """Restore this rank from checkpoint `directory` (collective: all ranks agree or all raise)."""
+    directory, rank = Path(directory), trainer.ctx.rank
+    error = None
+    try:
+        manifest = _read_manifest(directory)
+        _check_compatible(manifest, directory, trainer)
+        error = _verify(manifest, directory, rank)
+    except CheckpointError as e:
+        error = str(e)
+    _raise_if_any(trainer.ctx, error)
+    _restore(trainer, *_read_rank(directory, rank), directory)
+    return trainer.step
+
+
+def resume(trainer, save_dir):
+    """Load the latest complete checkpoint under save_dir; returns its step."""
+    return load(trainer, latest(save_dir))

@@ -1,0 +1,164 @@
+"""Bad inputs to pretrain_galaxy.py and what each gets: the cases test_bad_inputs.py checks
+in-process, and the table of docs/bad_inputs.md, made by running them for real:
+
+    python -m tests.reliability.bad_inputs > docs/bad_inputs.md
+"""
+import contextlib
+import io
+import runpy
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from tests.reliability import procs
+
+CORPUS = ["--data", "corpus", "--vocab_size", "8000", "--max_steps", "1"]
+SYNTH = ["--max_steps", "1"]
+
+
+def write_files(d):
+    """The bad files the cases point at, under directory d."""
+    d = Path(d)
+    (d / "empty.jsonl").write_bytes(b"\n\n")
+    (d / "latin1.jsonl").write_bytes(b'{"title": "ok", "content": "fine"}\n{"title": "caf\xe9", "content": "x"}\n')
+    (d / "malformed.jsonl").write_text('{"title": "a", "content": "b"}\n{"title": "a", "content": \n')
+    (d / "missing_key.jsonl").write_text('{"title": "a", "text": "b"}\n')
+    (d / "short.jsonl").write_text('{"title": "A", "content": "few words only"}\n')
+    (d / "long.jsonl").write_text('{"title": "long", "content": "%s"}\n' % ("the module defines a class " * 400))
+    (d / "not_json.json").write_text("{batch_size: 8")
+    (d / "garbage.safetensors").write_bytes(b"\x00" * 64)
+    (d / "no_model").mkdir(exist_ok=True)
+    (d / "empty_save").mkdir(exist_ok=True)
+    run_in_process(["--max_steps", "1", "--save_dir", str(d / "ck"), "--save_every", "1"])
+    shutil.copytree(d / "ck", d / "ck_bad", dirs_exist_ok=True)
+    victim = d / "ck_bad" / "step-00000001" / "rank-00000.optim.safetensors"
+    data = victim.read_bytes()
+    victim.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+
+
+# (input, arguments with {d} for the files' directory, text the output must contain, exit code)
+CASES = [
+    ("unknown option", ["--hiden_size", "64"], "unknown option --hiden_size", 2),
+    ("wrong type", ["--batch_size", "eight"], "--batch_size 'eight' is not a valid int", 2),
+    ("out of range", ["--batch_size", "0"], "config key 'batch_size' must be >= 1, got 0", 2),
+    ("dropout out of range", ["--hidden_dropout_prob", "1.5"], "'hidden_dropout_prob' must be in [0, 1), got 1.5", 2),
+    ("negative learning rate", ["--lr", "-1"], "config key 'learning_rate' must be >= 0, got -1.0", 2),
+    ("zero timeout", ["--timeout_s", "0"], "config key 'timeout_s' must be > 0, got 0.0", 2),
+    ("heads do not divide hidden", ["--num_attention_heads", "3"], "hidden_size 64 is not divisible by num_attention_heads 3", 2),
+    ("sequence longer than positions", ["--seq_length", "600"], "seq_length 600 exceeds max_position_embeddings 512", 2),
+    ("two tuning methods", ["--use_lora", "true", "--use_adapter", "true"], "tuning methods ['use_lora', 'use_adapter'] are all true", 2),
+    ("head split sums wrong", ["--world", "2", "--parallel", "tp", "--tp_num_attention_heads_list", "[2,1]"],
+     "tp_num_attention_heads_list [2, 1] sums to 3, model has 2 attention heads", 2),
+    ("batch does not split over DP", ["--world", "2", "--parallel", "dp", "--batch_size", "5"],
+     "batch_size 5 does not split evenly over 2 data-parallel replicas", 2),
+    ("rank outside world", ["--world", "2", "--rank", "5"], "--rank 5 is outside 0..1 for --world 2", 1),
+    ("resume without save_dir", ["--resume", "true"], "'resume' is True but save_dir is not set", 2),
+    ("missing config file", ["--config_file", "{d}/nope.json"], "config file {d}/nope.json does not exist", 2),
+    ("config file not JSON", ["--config_file", "{d}/not_json.json"], "config file {d}/not_json.json is not valid JSON", 2),
+    ("missing data file", [*CORPUS, "--data_file", "{d}/nope.jsonl"], "{d}/nope.jsonl: cannot read (No such file or directory)", 1),
+    ("empty data file", [*CORPUS, "--data_file", "{d}/empty.jsonl"], "{d}/empty.jsonl: empty file", 1),
+    ("non-UTF-8 data", [*CORPUS, "--data_file", "{d}/latin1.jsonl"], "{d}/latin1.jsonl:2: not valid UTF-8 (byte 15)", 1),
+    ("malformed JSON line", [*CORPUS, "--data_file", "{d}/malformed.jsonl"], "{d}/malformed.jsonl:2: malformed JSON", 1),
+    ("missing JSON key", [*CORPUS, "--data_file", "{d}/missing_key.jsonl"], "{d}/missing_key.jsonl:1: missing key 'content'", 1),
+    ("data shorter than one sequence", [*CORPUS, "--data_file", "{d}/short.jsonl"],
+     "{d}/short.jsonl: 4 tokens, too few for one sequence of length 32", 1),
+    ("data shorter than one batch", [*CORPUS, "--data_file", "{d}/long.jsonl", "--batch_size", "1000"],
+     "fewer than one batch (batch_size 1000)", 1),
+    ("document longer than seq_length", [*CORPUS, "--data_file", "{d}/long.jsonl"], "step     1 | loss", 0),
+    ("tokenizer is not a model", [*CORPUS, "--tokenizer_file", "{d}/not_json.json"], "{d}/not_json.json: not a valid sentencepiece model", 1),
+    ("tokenizer larger than vocab", ["--data", "corpus", "--vocab_size", "200"], "has 8000 pieces, config vocab_size is 200", 1),
+    ("load_checkpoint missing", [*SYNTH, "--load_checkpoint", "{d}/no_model"], "{d}/no_model: no model.safetensors", 1),
+    ("load_checkpoint corrupt", [*SYNTH, "--load_checkpoint", "{d}/garbage.safetensors"],
+     "{d}/garbage.safetensors: not a readable safetensors file", 1),
+    ("resume with no checkpoint", [*SYNTH, "--save_dir", "{d}/empty_save", "--resume", "true"],
+     "--resume: no complete checkpoint (step-*/manifest.json) in save_dir {d}/empty_save", 1),
+    ("resume from a corrupted checkpoint", [*SYNTH, "--save_dir", "{d}/ck_bad", "--resume", "true"],
+     "{d}/ck_bad/step-00000001/rank-00000.optim.safetensors: sha256 does not match", 1),
+    ("resume with a changed config", [*SYNTH, "--save_dir", "{d}/ck", "--resume", "true", "--lr", "0.1"],
+     "the config differs from the checkpoint's in learning_rate: 0.001 -> 0.1", 1),
+]
+
+
+def fill(items, d):
+    return [str(x).replace("{d}", str(d)) for x in items]
+
+
+def run_in_process(args):
+    """pretrain_galaxy.py's exit code and output, run inside this process (no process group)."""
+    out = io.StringIO()
+    saved_argv = sys.argv
+    sys.argv = [str(procs.ROOT / "pretrain_galaxy.py"), *procs.TINY, *args]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            runpy.run_path(sys.argv[0], run_name="__main__")
+    except SystemExit as e:  # like the interpreter: a string code is printed and exits 1
+        code = e.code if isinstance(e.code, int) else 1
+        if not isinstance(e.code, int) and e.code is not None:
+            out.write(f"{e.code}\n")
+    finally:
+        sys.argv = saved_argv
+    return code, out.getvalue()
+
+
+def _message(code, output):
+    if code == 0:  # it trained: show the first step
+        return next(ln for ln in output.splitlines() if "step     1 |" in ln)
+    lines = [ln for ln in output.strip().splitlines() if ln.startswith("galaxy:") or "error" in ln.lower()]
+    return (lines or output.strip().splitlines() or [""])[-1]
+
+
+def _row(what, args, code, output):
+    cell = _message(code, output).replace("|", "\\|")
+    return f"| {what} | `{' '.join(args)}` | {code} | {cell} |"
+
+
+def table():
+    """Run every case (and the multi-process failures) as real processes; return the Markdown."""
+    rows = ["| bad input | arguments (besides a tiny model) | exit | message |", "|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as d:
+        write_files(d)
+        for what, args, _, _ in CASES:
+            code, out = procs.run(fill(args, d))
+            rows.append(_row(what, fill(args, d), code, out).replace(d, "DIR"))
+        rows += _multi_process_rows(Path(d))
+    return "\n".join(rows)
+
+
+def _multi_process_rows(d):
+    import signal
+    import socket
+    rows = []
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        args = ["--world", "2", "--rank", "0", "--master_port", str(taken.getsockname()[1]), "--max_steps", "1"]
+        code, out = procs.run(args)
+        rows.append(_row("port already in use", args, code, out))
+    ranks = procs.start_ranks(2, ["--parallel", "galaxy", "--max_steps", "1"], d, ranks=[0])
+    code = procs.finish(ranks, 120)[0]
+    rows.append(_row("rank 1 never starts (rank 0's view)", ["--world", "2", "--rank", "0"], code, (d / "rank0.log").read_text()))
+    port = procs.free_port()
+    ranks = {r: procs.start(["--parallel", "galaxy", "--world", "2", "--rank", str(r), "--master_port", str(port),
+                             "--max_steps", "1", "--lr", str(0.001 * (r + 1))], d / f"rank{r}.log") for r in range(2)}
+    code = procs.finish(ranks, 120)[0]
+    rows.append(_row("ranks started with different configs (rank 0's view)", ["--world 2 --rank R --lr 0.00(R+1)"], code,
+                     (d / "rank0.log").read_text()))
+    ranks = procs.start_ranks(2, ["--parallel", "galaxy", "--max_steps", "100000"], d)
+    procs.wait_for(d / "rank0.log", "step     1 |", ranks[0])
+    ranks[1].send_signal(signal.SIGKILL)
+    code = procs.finish(ranks, 120)[0]
+    rows.append(_row("rank 1 SIGKILLed mid-training (rank 0's view)", ["--world", "2", "--rank", "0"], code,
+                     (d / "rank0.log").read_text()))
+    return rows
+
+
+if __name__ == "__main__":
+    print("# Bad inputs and what they get\n\nMade by `python -m tests.reliability.bad_inputs > docs/bad_inputs.md` "
+          "(each row run as a real process; DIR is a temporary directory). "
+          "Documents longer than seq_length are not an error: the corpus is one token stream cut into "
+          "seq_length pieces, so nothing is skipped (only the tail shorter than one sequence is dropped). Exit 2 = rejected by the command line / "
+          "config check before any process starts training; 1 = a runtime error with a message naming the "
+          "file, key or rank.\n")
+    print(table())

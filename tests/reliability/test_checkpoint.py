@@ -1,0 +1,123 @@
+"""Training checkpoints: resume gives the losses of an uninterrupted run (serial and Galaxy at
+world 2, fp32, dropout on), a save that dies half-way leaves the previous checkpoint loadable,
+and damaged or mismatched checkpoints stop with an error naming the file or key."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from galaxy.comm.context import ParallelContext
+from galaxy.data import SyntheticMLM
+from galaxy.models.bert import BertConfig, BertForMaskedLM
+from galaxy.models.checkpoint import CheckpointError
+from galaxy.plan import build_plan
+from galaxy.train import checkpoint
+from galaxy.train.config import load_config
+from galaxy.train.loop import Trainer
+from tests.helpers import run_ranks
+
+TOTAL = 6
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_hidden_layers": 2,
+        "seq_length": 32, "batch_size": 4, "vocab_size": 200, "data": "synthetic", "max_steps": TOTAL,
+        "warmup_steps": 2, "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
+
+
+def tiny_cfg(**over):
+    return load_config(None, {**TINY, **over})
+
+
+def make_trainer(cfg, rank=0, world=1):
+    ctx = ParallelContext.create(build_plan(cfg, world), rank)
+    torch.manual_seed(cfg["seed"])
+    model = BertForMaskedLM(BertConfig.from_dict(cfg), ctx)
+    data = SyntheticMLM(cfg["vocab_size"], cfg["seq_length"], cfg["seed"], num_samples=64)
+    return Trainer(model, ctx, cfg, data, TOTAL, log=lambda msg: None)
+
+
+def train(trainer, until):
+    losses = []
+    while trainer.step < until:
+        losses.append(trainer.train_step()["loss"])
+    return losses
+
+
+def straight_and_resumed(rank, world, cfg, save_dir):
+    """Losses of 6 uninterrupted steps, and of 3 steps + save + fresh trainer + resume + 3 steps."""
+    straight = train(make_trainer(cfg, rank, world), TOTAL)
+    first = make_trainer(cfg, rank, world)
+    head = train(first, 3)
+    checkpoint.save(first, save_dir)
+    second = make_trainer(cfg, rank, world)
+    step = checkpoint.resume(second, save_dir)
+    return straight, head + train(second, TOTAL), step
+
+
+def test_resume_serial_gives_identical_losses(tmp_path):
+    straight, resumed, step = straight_and_resumed(0, 1, tiny_cfg(), tmp_path)
+    assert step == 3
+    assert resumed == straight  # bit-identical, not just close
+
+
+def test_resume_galaxy_world2_gives_identical_losses(tmp_path):
+    cfg = tiny_cfg(parallel="galaxy", seq_scatter_list=[20, 12])  # uneven sequence split
+    results = run_ranks(straight_and_resumed, 2, cfg, str(tmp_path))
+    straight, resumed, step = results[0]
+    assert step == 3 and resumed == straight
+    manifest = json.loads((tmp_path / "step-00000003" / checkpoint.MANIFEST).read_text())
+    assert sorted(manifest["files"]) == sorted(checkpoint._rank_files(0) + checkpoint._rank_files(1))
+
+
+def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    cfg = tiny_cfg()
+    trainer = make_trainer(cfg)
+    train(trainer, 2)
+    checkpoint.save(trainer, tmp_path)
+    train(trainer, 4)
+
+    def die(tmp, final, manifest):  # every rank file is written; the manifest and rename never happen
+        raise KeyboardInterrupt("killed mid-save")
+    monkeypatch.setattr(checkpoint, "_publish", die)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(trainer, tmp_path)
+    monkeypatch.undo()
+    assert [step for step, _ in checkpoint.checkpoints(tmp_path)] == [2]
+    assert (tmp_path / ".tmp-step-00000004").is_dir()  # the partial save is visible but never loads
+
+    resumed = make_trainer(cfg)
+    assert checkpoint.resume(resumed, tmp_path) == 2
+    assert train(resumed, TOTAL) == train(make_trainer(cfg), TOTAL)[2:]
+    checkpoint.save(resumed, tmp_path, keep=1)  # the next save clears the partial one and prunes
+    assert not list(tmp_path.glob(".tmp-*"))
+    assert [step for step, _ in checkpoint.checkpoints(tmp_path)] == [TOTAL]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("ckpt")
+    trainer = make_trainer(tiny_cfg())
+    train(trainer, 1)
+    return checkpoint.save(trainer, directory)
+
+
+def test_corrupt_file_is_named(saved, tmp_path):
+    copy = tmp_path / saved.name
+    shutil.copytree(saved, copy)
+    victim = copy / "rank-00000.optim.safetensors"
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"rank-00000\.optim\.safetensors: sha256 does not match"):
+        checkpoint.load(make_trainer(tiny_cfg()), copy)
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=r"rank-00000\.optim\.safetensors: missing"):
+        checkpoint.load(make_trainer(tiny_cfg()), copy)
+
+
+def test_mismatched_config_or_layout_is_refused(saved):
+    with pytest.raises(CheckpointError, match=r"learning_rate: 0.0005 -> 0.1"):
+        checkpoint.load(make_trainer(tiny_cfg(learning_rate=0.1)), saved)
+    trainer = make_trainer(tiny_cfg(max_steps=10, save_every=1, save_dir="elsewhere"))
+    assert checkpoint.load(trainer, saved) == 1  # run length and saving may change on resume
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        checkpoint.resume(trainer, saved)  # a step directory is not a save_dir
