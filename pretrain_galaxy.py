@@ -7,114 +7,20 @@
     python pretrain_galaxy.py --config_file train_config/bert/galaxy/full.json --world 2 --explain  # the plan only
     python pretrain_galaxy.py --config_file train_config/bert/galaxy/full.json --world 2 --trace_dir traces --max_steps 2
 """
-import torch
-import torch.distributed as dist
-
-from galaxy.comm import launch
-from galaxy.comm.context import ParallelContext
-from galaxy.data import BertPretrainData, DataError, SyntheticMLM, Tokenizer
-from galaxy.explain import explain
+from galaxy.data import BertPretrainData, SyntheticMLM
 from galaxy.models.bert import BertConfig, BertForMaskedLM
-from galaxy.models.checkpoint import CheckpointError
-from galaxy.models.tuning import apply_tuning
-from galaxy.pipeline import PipelineForwardBackward, format_actions
-from galaxy.profiler import observe
-from galaxy.train import checkpoint, cli
-from galaxy.train.config import config_hash
-from galaxy.train.loop import Trainer, run_training
+from galaxy.train import entry
 
 
-def load_tokenizer(cfg):
-    tok = Tokenizer(cfg["tokenizer_file"])
-    if tok.vocab_size > cfg["vocab_size"]:
-        raise SystemExit(f"galaxy: tokenizer {cfg['tokenizer_file']} has {tok.vocab_size} pieces, "
-                         f"config vocab_size is {cfg['vocab_size']}")
-    return tok
-
-
-def build_data(cfg):
+def build_data(cfg, ctx):
     if cfg["data"] == "synthetic":
         return SyntheticMLM(cfg["vocab_size"], cfg["seq_length"], cfg["seed"])
-    data = BertPretrainData(cfg["data_file"], load_tokenizer(cfg), cfg["seq_length"], cfg["seed"])
-    if len(data) < cfg["batch_size"]:
-        raise DataError(f"{cfg['data_file']}: {len(data)} sequences of {cfg['seq_length']} tokens, "
-                        f"fewer than one batch (batch_size {cfg['batch_size']})")
-    return data
+    return BertPretrainData(cfg["data_file"], entry.load_tokenizer(cfg), cfg["seq_length"], cfg["seed"])
 
 
-def check_same_config(cfg, ctx):
-    """Ranks started with different configs would deadlock or diverge: stop them now,
-    naming the keys that differ from rank 0's."""
-    if ctx.world == 1:
-        return
-    digests = [None] * ctx.world
-    dist.all_gather_object(digests, config_hash(cfg))
-    if len(set(digests)) == 1:
-        return
-    configs = [None] * ctx.world
-    dist.all_gather_object(configs, cfg)
-    diffs = [f"rank {r}: {k}={configs[r][k]!r} (rank 0: {configs[0][k]!r})"
-             for r in range(1, ctx.world) for k in sorted(cfg) if configs[r][k] != configs[0][k]]
-    raise SystemExit(f"galaxy: rank {ctx.rank}: ranks were started with different configs: {'; '.join(diffs)}")
-
-
-def build_bert(cfg, ctx):
-    return BertForMaskedLM(BertConfig.from_dict(cfg), ctx), build_data(cfg)
-
-
-def main(rank, world, cfg, plan, args, build=build_bert):
-    """Train on this rank; build(cfg, ctx) -> (model, data) picks the architecture."""
-    try:
-        train(rank, world, cfg, plan, args, build)
-    except (DataError, CheckpointError) as e:  # bad input: a message, not a traceback
-        raise SystemExit(f"galaxy: rank {rank}: {e}") from None
-
-
-def checkpoint_saver(trainer, total):
-    """on_step callback: a training checkpoint every save_every steps and at the last step."""
-    def on_step(metrics):
-        if metrics["step"] % trainer.cfg["save_every"] == 0 or metrics["step"] == total:
-            path = checkpoint.save(trainer, trainer.cfg["save_dir"], trainer.cfg["keep_checkpoints"])
-            trainer.log(f"saved training checkpoint {path}")
-    return on_step
-
-
-def train(rank, world, cfg, plan, args, build):
-    ctx = ParallelContext.create(plan, rank)
-    check_same_config(cfg, ctx)
-    torch.manual_seed(cfg["seed"])
-    model, data = build(cfg, ctx)
-    if cfg["load_checkpoint"] and not cfg["resume"]:
-        model.load_hf(cfg["load_checkpoint"])
-    tuning = apply_tuning(model, cfg, ctx)  # LoRA / adapter / side: freezes the rest
-    total = cfg["max_steps"] or cfg["num_epochs"] * len(data) // (cfg["batch_size"] * cfg["gradient_accumulation_steps"])
-    log = (lambda msg: print(f"[rank {rank}] {msg}", flush=True))
-    if rank == 0:
-        log(f"plan: {plan.describe()}")
-    log(tuning)
-    trainer = Trainer(model, ctx, cfg, data, total, log=log)
-    if plan.pp_size > 1:
-        pipe = trainer.forward_backward = PipelineForwardBackward(trainer)
-        if ctx.dp_rank == 0 and ctx.tp_rank == 0:
-            actions = pipe.actions(cfg["gradient_accumulation_steps"] * cfg["num_microbatches"])
-            log(f"{cfg['pipeline_schedule']} stage {ctx.pp_rank}: {format_actions(actions)}")
-    if cfg["resume"]:
-        step = checkpoint.resume(trainer, cfg["save_dir"])
-        if rank == 0:
-            log(f"resumed from step {step} of {cfg['save_dir']}")
-    saver = checkpoint_saver(trainer, total) if cfg["save_every"] else None
-    with observe.traced(args.trace_dir, rank, model, lambda: trainer.step + 1) as trace_step:
-        def on_step(metrics):
-            for callback in (trace_step, saver):
-                if callback:
-                    callback(metrics)
-        run_training(trainer, total, args.metrics_file, on_step)
-    if cfg["save_dir"]:
-        model.save_hf(cfg["save_dir"], cfg["save_trainable_only"])
+def build_model(cfg, ctx):
+    return BertForMaskedLM(BertConfig.from_dict(cfg), ctx)
 
 
 if __name__ == "__main__":
-    args, cfg, plan, world, rank = cli.parse(__doc__.splitlines()[0], "train_config/bert/full.json")
-    if args.explain:  # the plan only: no process group, no training
-        raise SystemExit(print(explain(plan, cfg, lambda ctx: BertForMaskedLM(BertConfig.from_dict(cfg), ctx))))
-    launch.run(main, world, rank, (cfg, plan, args), args.init_method, cfg["distributed_backend"], cfg["timeout_s"])
+    entry.main(__doc__, "bert", "train_config/bert/full.json", build_model, build_data)

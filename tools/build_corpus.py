@@ -1,4 +1,4 @@
-"""Build the shipped Python-docs corpus and the BERT SentencePiece model.
+"""Build the shipped Python-docs corpus and the BERT and LLaMA SentencePiece models.
 
 Reads the reST sources of the Python 3.11 documentation from the Debian package
 python3-doc, strips the markup to plain prose, splits it into one document per
@@ -8,6 +8,9 @@ section and writes, under data/python_docs/:
   instructions.jsonl  {"input", "target"} question/answer pairs from the sections
   spm_bert.model      SentencePiece unigram model, vocab 8000, ids 0-4 =
                       [PAD] [UNK] [CLS] [SEP] [MASK]
+  spm_llama.model     SentencePiece BPE model, vocab 4000, ids 0-3 =
+                      <unk> <s> </s> <pad> (the tiny LLaMA configs' tokenizer),
+                      trained on the sections and the instructions
 
 Usage:  python tools/build_corpus.py [--src DIR] [--out DIR]
 Output is deterministic: same sources in, same bytes out.
@@ -26,6 +29,7 @@ OUT = REPO / "data" / "python_docs"
 DOCS = Path("/usr/share/doc/python3-doc/html/_sources")
 MAX_PRETRAIN_BYTES = 1_500_000
 VOCAB_SIZE = 8000
+LLAMA_VOCAB_SIZE = 4000
 MIN_CONTENT_CHARS = 150  # shorter sections are mostly a heading plus a link
 MAX_TARGET_CHARS = 300
 
@@ -296,8 +300,11 @@ def main():
     write_jsonl(args.out / "instructions.jsonl", pairs)
     lines = [line for _, t, c in docs for line in [t, *c.split("\n")]]
     model = train_sentencepiece(lines, args.out / "spm_bert", VOCAB_SIZE, kind="bert")
+    # the instructions too: their "Question:" prompts would otherwise meet a rare "Q" as <unk>
+    lines += [line for p in pairs for line in (p["input"] + "\n" + p["target"]).split("\n")]
+    llama = train_sentencepiece(lines, args.out / "spm_llama", LLAMA_VOCAB_SIZE, kind="llama", model_type="bpe")
     size = (args.out / "pretrain.jsonl").stat().st_size
-    print(f"{len(docs)} documents ({size} bytes), {len(pairs)} instructions, model {model}")
+    print(f"{len(docs)} documents ({size} bytes), {len(pairs)} instructions, models {model} {llama}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,9 @@
     TP    heads ctx.heads (GQA: whole KV groups)      -> output PARTIAL (row-parallel o)
     SP    all heads, queries at ctx.positions; K and V of every position are all-gathered
           (backward: reduce-scatter, since every rank's queries used them) -> output SEQ
+
+For generation, `kv_cache` (a KVCache, set by the generator) keeps this rank's K and V heads
+of earlier tokens; the new tokens then sit at positions after the cached ones.
 """
 import math
 
@@ -15,6 +18,22 @@ from galaxy.comm import collectives as C
 from galaxy.layers.dropout import LayoutInvariantDropout
 from galaxy.layers.linear import ColumnLinear, RowLinear, mark_partial_grad
 from galaxy.layers.tiling import column_in, row_out
+
+
+class KVCache:
+    """Keys and values [B, kv_heads, t, d] of the tokens seen so far (after the rotary)."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    @property
+    def length(self):
+        return 0 if self.k is None else self.k.shape[2]
+
+    def append(self, k, v):
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
 
 
 def _scaled(owned, factor):
@@ -43,6 +62,7 @@ class Attention(nn.Module):
             mark_partial_grad(self)
         self.dropout = LayoutInvariantDropout(dropout_p, site)
         self.tiling = None  # set by TransformerLayer when overlap_tiles > 1 (galaxy.layers.tiling)
+        self.kv_cache = None
 
     def query_positions(self, seq_len):
         return self.ctx.positions if self.method == "SP" else range(seq_len)
@@ -60,11 +80,15 @@ class Attention(nn.Module):
         v = v.view(B, v.shape[1], self.kv_local, self.head_dim).transpose(1, 2)
         seq_len = sum(self.ctx.plan.positions) if self.method == "SP" else t
         rows = self.query_positions(seq_len)
+        if self.kv_cache is not None:
+            rows = range(self.kv_cache.length, self.kv_cache.length + t)
         if self.rotary is not None:
             q, k = self.rotary(q, rows), self.rotary(k, rows)
         if self.method == "SP":
             k = C.all_gather(k, 2, self.ctx.plan.positions, self.ctx.tp_group)
             v = C.all_gather(v, 2, self.ctx.plan.positions, self.ctx.tp_group)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.append(k, v)
         if self.kv_local != self.n_local:  # grouped-query attention: share each KV head
             k = k.repeat_interleave(self.n_local // self.kv_local, dim=1)
             v = v.repeat_interleave(self.n_local // self.kv_local, dim=1)

@@ -33,10 +33,10 @@ SCHEMA = {
     "tie_word_embeddings": (bool, None, "share input embeddings with the output head"),
     "scale_embedding": (bool, False, "BART: multiply token embeddings by sqrt(hidden_size)"),
     "initializer_range": (float, 0.02, ""),
-    "hidden_act": (str, "gelu", ""),
+    "hidden_act": (str, None, "default: the model's own (gelu for BERT, silu for LLaMA)"),
     # data
     "train": (bool, True, "train (true) or only run the forward pass (false)"),
-    "data": (str, "corpus", "corpus | synthetic"),
+    "data": (str, "corpus", "corpus | synthetic | instruction"),
     "data_file": (str, "data/python_docs/pretrain.jsonl", ""),
     "tokenizer_file": (str, "data/python_docs/spm_bert.model", ""),
     "seq_length": (int, 128, "tokens per sequence (alias: pad_size, max_seq_length)"),

@@ -36,6 +36,12 @@ def sum_over(value, *groups):
     return t.item()
 
 
+def label_tokens(model, labels):
+    """Tokens that carry loss, as the model counts them (a causal LM skips position 0)."""
+    count = getattr(model, "label_tokens", None)
+    return count(labels) if count else (labels != -100).sum()
+
+
 class Trainer:
     """Owns the model, optimizer, schedule and gradient sync of one rank.
 
@@ -79,7 +85,7 @@ class Trainer:
         start = time.perf_counter()
         self.model.train()
         batches = self.micro_batches(self.step)
-        local_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
+        local_tokens = sum(int(label_tokens(self.model, b["labels"])) for b in batches)
         n_tokens = max(1.0, sum_over(local_tokens, self.ctx.dp_group))
         loss_sum = self.forward_backward(batches, n_tokens)
         self.sync.finish()

@@ -1,5 +1,5 @@
 """--trace_dir and --explain on real training steps: one spawn of 2 ranks runs one optimizer step
-of every layout (tiny BERT, uneven splits, 2 micro-steps) through pretrain_galaxy.main.
+of every layout (tiny BERT, uneven splits, 2 micro-steps) through pretrain_galaxy's entry.
 
 Bytes compared are those each rank contributes to each collective: its own slice for an
 all-gather, its whole input tensor for a reduce-scatter or all-reduce (galaxy.comm.stats)."""
@@ -11,6 +11,7 @@ import pretrain_galaxy
 from galaxy.explain import bytes_by_label, step_moves
 from galaxy.models.bert import BertConfig, BertForMaskedLM
 from galaxy.plan import build_plan
+from galaxy.train import entry
 from galaxy.train.config import load_config
 from tests.helpers import run_ranks
 
@@ -29,7 +30,7 @@ def _train_every_layout(rank, world, trace_root):
     for layout in LAYOUTS:
         cfg = config(layout)
         args = argparse.Namespace(trace_dir=f"{trace_root}/{layout}", metrics_file=None)
-        pretrain_galaxy.main(rank, world, cfg, build_plan(cfg, world), args)
+        entry.train(rank, world, cfg, build_plan(cfg, world), args, pretrain_galaxy.build_model, pretrain_galaxy.build_data)
 
 
 def _load(trace_root, layout, rank):

@@ -16,14 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from galaxy.comm.context import ParallelContext
 from galaxy.layers.attention import Attention
 from galaxy.layers.dropout import LayoutInvariantDropout
 from galaxy.layers.mlp import MLP
 from galaxy.layers.placement import REPLICATE, redistribute
 from galaxy.layers.transformer import Connective, TransformerLayer, run_layers
 from galaxy.models import checkpoint
-from galaxy.plan import Plan
+from galaxy.models.common import init_weights, serial_context
 
 HF_NAMES = [
     (r"\.attn\.q\.", ".attention.self.query."),
@@ -61,13 +60,6 @@ class BertConfig:
     @classmethod
     def from_dict(cls, d):
         return cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
-
-
-def serial_context(cfg):
-    plan = Plan(heads=(cfg.num_attention_heads,), kv_heads=(cfg.num_attention_heads,),
-                columns=(cfg.intermediate_size,), positions=(cfg.max_position_embeddings,),
-                stage_layers=(cfg.num_hidden_layers,))
-    return ParallelContext(plan)
 
 
 class BertEmbeddings(nn.Module):
@@ -208,25 +200,3 @@ class BertForMaskedLM(nn.Module):
         cfg = json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert", **vars(self.config)}, indent=1)
         checkpoint.save_checkpoint(self, self.ctx, path, mlm_to_hf, {"config.json": cfg}, trainable_only)
 
-
-def init_weights(model, std):
-    """BERT's initialisation, drawn per *full* tensor from a seed derived from the parameter's
-    name, then sliced: every layout starts from exactly the serial model's weights."""
-    for name, p in model.named_parameters():
-        shard = getattr(p, "shard", None)
-        full = p.shape if shard is None else p.shape[:shard[0]] + (shard[3],) + p.shape[shard[0] + 1:]
-        if name.endswith("bias"):
-            value = torch.zeros(full)
-        elif "norm" in name.lower() and p.dim() == 1:
-            value = torch.ones(full)
-        else:
-            seed = _name_seed(getattr(p, "init_name", name))
-            value = torch.randn(full, generator=torch.Generator().manual_seed(seed)) * std
-        if shard is not None:
-            value = value.narrow(shard[0], shard[1], shard[2])
-        with torch.no_grad():
-            p.copy_(value)
-
-
-def _name_seed(name):
-    return sum((i + 1) * ord(c) for i, c in enumerate(name)) % (2**31)

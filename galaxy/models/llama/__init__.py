@@ -1,0 +1,3 @@
+from galaxy.models.llama.model import LlamaConfig, LlamaForCausalLM, LlamaModel
+
+__all__ = ["LlamaConfig", "LlamaModel", "LlamaForCausalLM"]

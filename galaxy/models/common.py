@@ -1,0 +1,38 @@
+"""What every architecture shares: the serial context and the per-name weight init."""
+import torch
+
+from galaxy.comm.context import ParallelContext
+from galaxy.plan import Plan
+
+
+def serial_context(cfg):
+    """The one-rank context a model gets when none is given: it builds the whole model."""
+    heads = cfg.num_attention_heads
+    plan = Plan(heads=(heads,), kv_heads=(getattr(cfg, "num_key_value_heads", None) or heads,),
+                columns=(cfg.intermediate_size,), positions=(cfg.max_position_embeddings,),
+                stage_layers=(cfg.num_hidden_layers,))
+    return ParallelContext(plan)
+
+
+def init_weights(model, std):
+    """Normal(0, std) weights, zero biases, unit norm scales (BERT's and LLaMA's initialisation),
+    drawn per *full* tensor from a seed derived from the parameter's name, then sliced: every
+    layout starts from exactly the serial model's weights."""
+    for name, p in model.named_parameters():
+        shard = getattr(p, "shard", None)
+        full = p.shape if shard is None else p.shape[:shard[0]] + (shard[3],) + p.shape[shard[0] + 1:]
+        if name.endswith("bias"):
+            value = torch.zeros(full)
+        elif "norm" in name.lower() and p.dim() == 1:
+            value = torch.ones(full)
+        else:
+            seed = _name_seed(getattr(p, "init_name", name))
+            value = torch.randn(full, generator=torch.Generator().manual_seed(seed)) * std
+        if shard is not None:
+            value = value.narrow(shard[0], shard[1], shard[2])
+        with torch.no_grad():
+            p.copy_(value)
+
+
+def _name_seed(name):
+    return sum((i + 1) * ord(c) for i, c in enumerate(name)) % (2**31)

@@ -1,0 +1,200 @@
+"""LLaMA decoder and causal-LM head, written once for every layout.
+
+Read it as a plain LLaMA: token embeddings -> N x pre-norm layers (RMSNorm -> ATT with
+rotary positions and grouped-query heads -> residual, RMSNorm -> SwiGLU MLP -> residual)
+-> RMSNorm -> lm_head. The ParallelContext's plan decides, per block, which heads /
+columns / positions this rank builds and computes (galaxy.layers); with the default
+context it is the serial model. Under pipeline parallelism a rank builds only its stage:
+embeddings on the first, its own layers, the final norm and lm_head on the last.
+
+Parameter names are ours; HF_NAMES maps them to Hugging Face's for checkpoints.
+"""
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from galaxy.layers.attention import Attention
+from galaxy.layers.linear import mark_partial_grad
+from galaxy.layers.mlp import MLP
+from galaxy.layers.placement import REPLICATE, SEQ, consumes, redistribute
+from galaxy.layers.transformer import Connective, TransformerLayer, run_layers
+from galaxy.models import checkpoint
+from galaxy.models.common import init_weights, serial_context
+
+IGNORE_INDEX = -100
+
+HF_NAMES = [
+    (r"\.attn\.([qkvo])\.", r".self_attn.\1_proj."),
+    (r"\.mlp\.(gate|up|down)\.", r".mlp.\1_proj."),
+    (r"\.norm_in\.", ".input_layernorm."),
+    (r"\.norm_mid\.", ".post_attention_layernorm."),
+]
+TIED_HEAD = [(r"^lm_head\.weight$", "model.embed_tokens.weight")]
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = None  # None: as many as query heads (no grouping)
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+    activation_checkpointing: bool = False
+
+    def __post_init__(self):
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, d):
+        """From a Hugging Face config.json or a Galaxy config (other keys are ignored)."""
+        for key in ("rope_scaling", "attention_bias", "mlp_bias"):
+            if d.get(key):
+                raise ValueError(f"LLaMA config key '{key}' = {d[key]!r} is not supported")
+        return cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in fp32 (as LLaMA does under bf16)."""
+
+    def __init__(self, hidden, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden))
+        self.eps = eps
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding in the Hugging Face layout: feature i and i + d/2 of a head
+    form a pair, rotated by angle position * rope_theta^(-2i/d). Called with the *global*
+    positions of x's rows, so a sequence shard is rotated exactly as in the full sequence."""
+
+    def __init__(self, head_dim, theta):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x, positions):
+        """x [B, heads, t, d]; positions: a range of t global positions."""
+        pos = torch.arange(positions.start, positions.stop, device=x.device, dtype=torch.float32)
+        angles = torch.outer(pos, self.inv_freq)
+        cos, sin = angles.cos(), angles.sin()
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def llama_layer(cfg, ctx, rotary, input_placement):
+    """One decoder layer: pre-norms in the layer, connective blocks are only the residual adds."""
+    plan, h = ctx.plan, cfg.hidden_size
+    attn = Attention(h, cfg.num_attention_heads, plan.att, ctx, num_kv_heads=cfg.num_key_value_heads,
+                     bias=False, rotary=rotary)
+    mlp = MLP(h, cfg.intermediate_size, plan.mlp, ctx, act=cfg.hidden_act, gated=True, bias=False)
+    con1, con2 = (Connective(None, 0.0, 0, plan.con, ctx) for _ in range(2))
+    return TransformerLayer(attn, mlp, con1, con2, plan, input_placement,
+                            norm_in=RMSNorm(h, cfg.rms_norm_eps), norm_mid=RMSNorm(h, cfg.rms_norm_eps))
+
+
+def causal_bias(length, attention_mask=None, dtype=torch.float32, device=None):
+    """Additive [1 or B, 1, length, length] bias over all positions: position i sees j <= i, and
+    with attention_mask ([B, length], 1 = token, 0 = padding) no padding."""
+    allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
+    if attention_mask is not None and not bool(attention_mask.all()):
+        allowed = allowed & attention_mask[:, None, None, :].bool()
+    # finfo.min rather than -inf: a fully masked row (a padding query) stays finite
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+class LlamaModel(nn.Module):
+    """Embeddings + decoder layers (+ final norm on the last stage); returns hidden states
+    [B, T, H], replicated on every tensor rank."""
+
+    def __init__(self, cfg, ctx=None):
+        super().__init__()
+        self.config, self.ctx = cfg, ctx or serial_context(cfg)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if self.ctx.is_first_stage else None
+        self.rotary = Rotary(cfg.hidden_size // cfg.num_attention_heads, cfg.rope_theta)
+        placement = REPLICATE
+        self.layers = nn.ModuleDict()
+        for i in self.ctx.layers:  # global layer numbers, so names match the full model's
+            self.layers[str(i)] = llama_layer(cfg, self.ctx, self.rotary, placement)
+            placement = self.layers[str(i)].output_placement
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if self.ctx.is_last_stage else None
+        if self.norm is not None and consumes(self.ctx.plan.con) == SEQ:
+            mark_partial_grad(self.norm)  # it runs on this rank's positions only
+
+    def forward(self, input_ids=None, attention_mask=None, hidden_states=None, past_length=0):
+        """past_length: tokens already in the layers' KV caches (generation); attention_mask,
+        if given, covers those too."""
+        x = self.embed_tokens(input_ids) if self.embed_tokens is not None else hidden_states
+        bias = causal_bias(past_length + x.shape[1], attention_mask, x.dtype, x.device)
+        x, placement = run_layers(self.layers.values(), x, REPLICATE, bias, self.config.activation_checkpointing)
+        if self.norm is not None:  # before the gather: each rank normalises only its own positions
+            x = self.norm(x)
+        return redistribute(x, placement, "NONE", self.ctx)
+
+
+class LlamaForCausalLM(nn.Module):
+    """LLaMA with the LM head. forward returns logits [B, T, V], or with labels (aligned with
+    input_ids; the shift by one happens here) (sum of token losses, number of label tokens)."""
+
+    def __init__(self, cfg, ctx=None):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg, ctx)
+        self.ctx = self.model.ctx
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if self.ctx.is_last_stage else None
+        if self.lm_head is not None and cfg.tie_word_embeddings:
+            if self.model.embed_tokens is not None:
+                self.lm_head.weight = self.model.embed_tokens.weight
+            else:  # a pipeline's last stage holds its own copy; it starts equal to the embeddings
+                self.lm_head.weight.init_name = "model.embed_tokens.weight"
+        init_weights(self, cfg.initializer_range)
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, hidden_states=None, past_length=0):
+        x = self.model(input_ids, attention_mask, hidden_states, past_length)
+        if self.lm_head is None:
+            return x
+        logits = self.lm_head(x)
+        if labels is None:
+            return logits
+        loss_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss_sum, self.label_tokens(labels)
+
+    @staticmethod
+    def label_tokens(labels):
+        """Tokens that carry loss: position 0 predicts nothing (labels are shifted by one)."""
+        return (labels[:, 1:] != IGNORE_INDEX).sum()
+
+    def to_hf(self, name):
+        rules = TIED_HEAD + HF_NAMES if self.config.tie_word_embeddings else HF_NAMES
+        return checkpoint.rename(name, rules)
+
+    @classmethod
+    def from_pretrained(cls, path, ctx=None):
+        """Load a Hugging Face LLaMA directory (config.json + safetensors) into this layout."""
+        path = Path(path)
+        model = cls(LlamaConfig.from_dict(json.loads((path / "config.json").read_text())), ctx)
+        model.load_hf(path)
+        return model
+
+    def load_hf(self, path):
+        return checkpoint.load_checkpoint(self, path, self.to_hf)
+
+    def save_hf(self, path, trainable_only=False):
+        cfg = json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama", **vars(self.config)}, indent=1)
+        checkpoint.save_checkpoint(self, self.ctx, path, self.to_hf, {"config.json": cfg}, trainable_only)

@@ -1,0 +1,121 @@
+"""What every training entry script does: parse and validate (or only --explain the plan),
+then on each rank: groups from the plan, a config check across ranks, data, model, tuning
+method, Trainer (pipeline schedule when pp > 1, traced with --trace_dir, training checkpoints
+and resume), final Hugging Face export.
+
+An entry script only says how to build its model and its data:
+
+    entry.main(__doc__, "x", "train_config/x/full.json", build_model, build_data)
+
+build_model(cfg, ctx) and build_data(cfg, ctx) must be module-level functions (spawned ranks
+unpickle them).
+"""
+import torch
+import torch.distributed as dist
+
+from galaxy.comm import launch
+from galaxy.comm.context import ParallelContext
+from galaxy.data import DataError, Tokenizer
+from galaxy.explain import explain
+from galaxy.models.checkpoint import CheckpointError
+from galaxy.models.tuning import apply_tuning
+from galaxy.pipeline import PipelineForwardBackward, format_actions
+from galaxy.profiler import observe
+from galaxy.train import checkpoint, cli
+from galaxy.train.config import config_hash
+from galaxy.train.loop import Trainer, run_training
+
+
+def load_tokenizer(cfg):
+    tok = Tokenizer(cfg["tokenizer_file"])
+    if tok.vocab_size > cfg["vocab_size"]:
+        raise SystemExit(f"galaxy: tokenizer {cfg['tokenizer_file']} has {tok.vocab_size} pieces, "
+                         f"config vocab_size is {cfg['vocab_size']}")
+    return tok
+
+
+def check_same_config(cfg, ctx):
+    """Ranks started with different configs would deadlock or diverge: stop them now,
+    naming the keys that differ from rank 0's."""
+    if ctx.world == 1:
+        return
+    digests = [None] * ctx.world
+    dist.all_gather_object(digests, config_hash(cfg))
+    if len(set(digests)) == 1:
+        return
+    configs = [None] * ctx.world
+    dist.all_gather_object(configs, cfg)
+    diffs = [f"rank {r}: {k}={configs[r][k]!r} (rank 0: {configs[0][k]!r})"
+             for r in range(1, ctx.world) for k in sorted(cfg) if configs[r][k] != configs[0][k]]
+    raise SystemExit(f"galaxy: rank {ctx.rank}: ranks were started with different configs: {'; '.join(diffs)}")
+
+
+def checkpoint_saver(trainer, total):
+    """on_step callback: a training checkpoint every save_every steps and at the last step."""
+    def on_step(metrics):
+        if metrics["step"] % trainer.cfg["save_every"] == 0 or metrics["step"] == total:
+            path = checkpoint.save(trainer, trainer.cfg["save_dir"], trainer.cfg["keep_checkpoints"])
+            trainer.log(f"saved training checkpoint {path}")
+    return on_step
+
+
+def train(rank, world, cfg, plan, args, build_model, build_data):
+    """Train on this rank (args: metrics_file, trace_dir); bad data or checkpoints end it with
+    a message naming the rank, not a traceback."""
+    try:
+        _train(rank, world, cfg, plan, args, build_model, build_data)
+    except (DataError, CheckpointError) as e:
+        raise SystemExit(f"galaxy: rank {rank}: {e}") from None
+
+
+def _train(rank, world, cfg, plan, args, build_model, build_data):
+    ctx = ParallelContext.create(plan, rank)
+    check_same_config(cfg, ctx)
+    torch.manual_seed(cfg["seed"])
+    data = build_data(cfg, ctx)
+    if len(data) < cfg["batch_size"]:
+        raise DataError(f"{cfg['data_file']}: {len(data)} sequences of {cfg['seq_length']} tokens, "
+                        f"fewer than one batch (batch_size {cfg['batch_size']})")
+    model = build_model(cfg, ctx)
+    if cfg["load_checkpoint"] and not cfg["resume"]:
+        model.load_hf(cfg["load_checkpoint"])
+    tuning = apply_tuning(model, cfg, ctx)  # LoRA / adapter / side: freezes the rest
+    total = cfg["max_steps"] or cfg["num_epochs"] * len(data) // (cfg["batch_size"] * cfg["gradient_accumulation_steps"])
+    log = (lambda msg: print(f"[rank {rank}] {msg}", flush=True))
+    if rank == 0:
+        log(f"plan: {plan.describe()}")
+    log(tuning)
+    trainer = Trainer(model, ctx, cfg, data, total, log=log)
+    if plan.pp_size > 1:
+        pipe = trainer.forward_backward = PipelineForwardBackward(trainer)
+        if ctx.dp_rank == 0 and ctx.tp_rank == 0:
+            actions = pipe.actions(cfg["gradient_accumulation_steps"] * cfg["num_microbatches"])
+            log(f"{cfg['pipeline_schedule']} stage {ctx.pp_rank}: {format_actions(actions)}")
+    if cfg["resume"]:
+        step = checkpoint.resume(trainer, cfg["save_dir"])
+        if rank == 0:
+            log(f"resumed from step {step} of {cfg['save_dir']}")
+    saver = checkpoint_saver(trainer, total) if cfg["save_every"] else None
+    with observe.traced(args.trace_dir, rank, model, lambda: trainer.step + 1) as trace_step:
+        def on_step(metrics):
+            for callback in (trace_step, saver):
+                if callback:
+                    callback(metrics)
+        run_training(trainer, total, args.metrics_file, on_step)
+    if cfg["save_dir"]:
+        model.save_hf(cfg["save_dir"], cfg["save_trainable_only"])
+
+
+def main(doc, model, default_config, build_model, build_data, argv=None, check=None):
+    """Parse the command line (config errors stop here, before any process starts) and train
+    `model` ("bert", "llama", "bart") on this rank, or on every rank spawned here.
+    check(cfg, plan) may refuse what this model does not support, also before any process starts."""
+    args, cfg, plan, world, rank = cli.parse(doc.splitlines()[0], default_config, argv)
+    if cfg["model"] != model:
+        raise SystemExit(f"galaxy: config {args.config_file} has model '{cfg['model']}', this script trains {model}")
+    if check:
+        check(cfg, plan)
+    if args.explain:  # the plan only: no process group, no training
+        raise SystemExit(print(explain(plan, cfg, lambda ctx: build_model(cfg, ctx))))
+    launch.run(train, world, rank, (cfg, plan, args, build_model, build_data), args.init_method,
+               cfg["distributed_backend"], cfg["timeout_s"])

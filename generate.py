@@ -1,0 +1,67 @@
+"""Greedy text generation from a LLaMA checkpoint, serial or tensor-parallel.
+
+    python generate.py --checkpoint out/llama_tiny --prompt "Question: What is a list?\\nAnswer:"
+    python generate.py --checkpoint out/llama_tiny --prompt "..." --world 2          # TP, heads split evenly
+    python generate.py --checkpoint out/llama_tiny --prompt "..." --world 3 --tp_num_attention_heads_list [4,2,2]
+
+The checkpoint is a Hugging Face LLaMA directory (config.json + safetensors), e.g. what
+finetune_llama.py --save_dir writes. "\\n" in the prompt stands for a newline.
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from galaxy.comm import launch
+from galaxy.comm.context import ParallelContext
+from galaxy.data import Tokenizer
+from galaxy.models.llama import LlamaForCausalLM
+from galaxy.models.llama.generate import check_can_generate, greedy_generate
+from galaxy.plan import build_plan
+from galaxy.train.config import SCHEMA, load_config
+from galaxy.train.errors import ConfigError
+
+
+def parse(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="Hugging Face LLaMA directory")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--tokenizer_file", default="data/python_docs/spm_llama.model")
+    parser.add_argument("--ignore_eos", action="store_true", help="keep going after </s>")
+    parser.add_argument("--tp_num_attention_heads_list", type=json.loads, default=None, help="e.g. [4,2,2]")
+    parser.add_argument("--tp_intermediate_size_list", type=json.loads, default=None, help="e.g. [344,172,172]")
+    launch.add_launch_args(parser)
+    args = parser.parse_args(argv)
+    config = Path(args.checkpoint) / "config.json"
+    if not config.is_file():
+        parser.exit(2, f"galaxy: {config} not found (--checkpoint must be a Hugging Face LLaMA directory)\n")
+    shape = {k: v for k, v in json.loads(config.read_text()).items() if k in SCHEMA and v is not None}
+    world, rank = launch.resolve_world_rank(args)
+    layout = {"parallel": "tp" if world > 1 else "serial",
+              "tp_num_attention_heads_list": args.tp_num_attention_heads_list,
+              "tp_intermediate_size_list": args.tp_intermediate_size_list}
+    try:
+        cfg = load_config(None, {**shape, **layout, "model": "llama", "seq_length": 1})
+        plan = build_plan(cfg, world)
+        check_can_generate(plan)
+    except (ConfigError, ValueError) as e:
+        parser.exit(2, f"galaxy: config error: {e}\n")
+    return args, plan, world, rank
+
+
+def main(rank, world, args, plan):
+    ctx = ParallelContext.create(plan, rank)
+    model = LlamaForCausalLM.from_pretrained(args.checkpoint, ctx)
+    tok = Tokenizer(args.tokenizer_file)
+    prompt = [tok.bos_id] + tok.encode(args.prompt.replace("\\n", "\n"))
+    out = greedy_generate(model, torch.tensor([prompt]), args.max_new_tokens, None if args.ignore_eos else tok.eos_id)
+    new = out[0, len(prompt):].tolist()
+    if rank == 0:
+        print(f"{tok.decode(new)}\n[{len(new)} new tokens: {new}]", flush=True)
+
+
+if __name__ == "__main__":
+    args, plan, world, rank = parse()
+    launch.run(main, world, rank, (args, plan), launch.init_method_from(args), args.backend)
