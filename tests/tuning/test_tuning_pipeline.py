@@ -1,7 +1,8 @@
 """Every tuning method under pipeline parallelism against the serial model, at world 2 with uneven
-stages [3, 1] and 4 micro-batches, 1F1B (and GPipe for side-tuning): the same trainable gradients
-(synced and clipped, as the optimizer takes them) and the same losses over two optimizer steps (so
-the stages' updates match too), rel. error < 1e-5 fp32; frozen parameters get no gradient.
+stages [3, 1] and 4 micro-batches, 1F1B (and GPipe for side-tuning), and side-tuning at world 3
+with stages [2, 1, 1]: the same trainable gradients (synced and clipped, as the optimizer takes
+them) and the same losses over two optimizer steps (so the stages' updates match too), rel. error
+< 1e-5 fp32; frozen parameters get no gradient.
 Side-tuning splits its side network by stage and passes the side state on beside the hidden
 states: it is the case that exercises a second pipeline stream.
 
@@ -9,7 +10,9 @@ Gradients are compared at the first step only: Adam's first update moves each we
 lr * sign(grad), so rounding-level differences in near-zero gradient entries (micro-batch sums vs
 one batch) become lr-sized weight differences; measured second-step gradient errors reach ~5e-6.
 
-One spawn runs every (method, schedule) case; the serial references run in the test process."""
+One spawn per world runs its (method, schedule) cases; the serial references run in the test process."""
+import functools
+
 import pytest
 import torch
 
@@ -31,8 +34,15 @@ MODEL = dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_hi
              adapter_reduction_dim=8, side_reduction_factor=4, non_linearity="gelu", data="synthetic",
              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, lora_dropout=0.0,
              warmup_steps=1, max_grad_norm=1.0, seed=5)
-PIPELINE = dict(stage_num_hidden_layers_list=[3, 1], num_microbatches=4)
-CASES = [(method, "1f1b") for method in METHODS] + [("side", "gpipe")]  # GPipe: once, on the two-stream case
+# world -> (stages, (method, schedule) cases). World 2: every method under 1F1B, GPipe once on the
+# two-stream case; world 3: side-tuning through a middle stage, which receives and sends the side state.
+RUNS = {2: ([3, 1], [(method, "1f1b") for method in METHODS] + [("side", "gpipe")]),
+        3: ([2, 1, 1], [("side", "1f1b")])}
+
+
+def serial_name(name, p):
+    """The last stage's copy of the tied embeddings is the embeddings in the serial model."""
+    return p.init_name if getattr(p, "pipeline_copy", False) else name
 
 
 def train(cfg, world, rank):
@@ -60,27 +70,26 @@ def train(cfg, world, rank):
     return {"losses": losses, "grads": grads, "frozen_grads": sorted(frozen)}
 
 
-def serial_name(name, p):
-    """The last stage's copy of the tied embeddings is the embeddings in the serial model."""
-    return p.init_name if getattr(p, "pipeline_copy", False) else name
-
-
 def _pipeline_cases(rank, world):
-    return {(method, schedule): train(load_config(None, {**MODEL, **METHODS[method], **PIPELINE,
+    stages, cases = RUNS[world]
+    return {(method, schedule): train(load_config(None, {**MODEL, **METHODS[method], "num_microbatches": 4,
+                                                         "stage_num_hidden_layers_list": stages,
                                                          "pipeline_schedule": schedule}), world, rank)
-            for method, schedule in CASES}
+            for method, schedule in cases}
 
 
-@pytest.fixture(scope="module")
-def serial():
-    return {method: train(load_config(None, {**MODEL, **keys}), 1, 0) for method, keys in METHODS.items()}
+@functools.cache  # each method's serial reference once per test process, only if a case needs it
+def serial(method):
+    return train(load_config(None, {**MODEL, **METHODS[method]}), 1, 0)
 
 
-def test_every_method_under_pipeline_matches_serial(serial):
-    results = run_ranks(_pipeline_cases, 2, timeout_s=240.0)
-    assert set(results[0]) == set(CASES)
-    for (method, schedule) in CASES:
-        want = serial[method]
+@pytest.mark.parametrize("world", sorted(RUNS))
+def test_every_method_under_pipeline_matches_serial(world):
+    results = run_ranks(_pipeline_cases, world, timeout_s=240.0)
+    cases = RUNS[world][1]
+    assert set(results[0]) == set(cases)
+    for (method, schedule) in cases:
+        want = serial(method)
         stages = [r[(method, schedule)] for r in results]
         for rank, got in enumerate(stages):
             where = f"{method} {schedule} stage {rank}"
