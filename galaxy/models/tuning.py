@@ -20,7 +20,9 @@ How each method meets the layouts:
            feeds the MLM head: use_side gives the head backbone output + side output (side_upsample
            starts at zero, so training starts from the backbone's own predictions), use_side_only
            the side output alone. Every tensor rank runs the same side network on the same inputs,
-           so its gradients need no tensor-group sum. The MLM head stays frozen.
+           so its gradients need no tensor-group sum. The MLM head stays frozen. A pipeline stage
+           holds the side network's part for its own layers (galaxy.adapters.SideNetwork) and
+           passes the side state on beside the hidden states (`model.pipeline_streams`).
 
 Initial values are drawn for the full tensor from a seed derived from the parameter's name, then
 sliced by its shard (as init_weights does), so every layout starts from the serial values.
@@ -71,9 +73,6 @@ def check_tuning(cfg):
         factor = cfg["side_reduction_factor"]
         if factor < 1 or cfg["hidden_size"] % factor:
             raise ConfigError(f"side_reduction_factor {factor} must be >= 1 and divide hidden_size {cfg['hidden_size']}")
-        if len(cfg.get("stage_num_hidden_layers_list") or []) > 1:
-            raise ConfigError("use_side / use_side_only read every layer's output on one rank: "
-                              "not supported with pipeline stages (stage_num_hidden_layers_list)")
 
 
 def apply_tuning(model, cfg, ctx):
@@ -172,20 +171,32 @@ def _add_adapters(model, cfg):
 
 
 class SideTap:
-    """Forward hooks that collect the backbone's hidden states (first layer's input, each
-    layer's output) as REPLICATE tensors and, as the backbone's forward hook, hand the side
-    network's output to the head in place of the backbone's."""
+    """Hooks that run this stage's part of the side network beside the backbone.
 
-    def __init__(self, side, layers, ctx, keep_backbone):
+    They collect the backbone's hidden states (the embedding output on the first stage, each
+    layer's output) as REPLICATE tensors and, as the backbone's forward hook, run the side part
+    on them. The last stage hands the head the side output in place of (or added to) the
+    backbone's; an earlier stage returns (hidden states, side state) for the next stage, which
+    receives them as `hidden_states=(h, side)` (split off by the model's pre-hook)."""
+
+    def __init__(self, model, side, layers, ctx, keep_backbone):
         self.side, self.ctx, self.keep_backbone = side, ctx, keep_backbone
-        self.states = []
-        layers[0].register_forward_pre_hook(self._first_input)
+        self.states, self.incoming = [], None
+        model.register_forward_pre_hook(self._stage_input, with_kwargs=True)
+        if side.first:
+            layers[0].register_forward_pre_hook(self._first_input)
         for layer in layers:
             layer.register_forward_hook(self._layer_output)
+        model.bert.register_forward_hook(self)
 
     def _replicated(self, x, placement):
         # detached first: no gradient flows into the frozen backbone, so the gather records no graph
         return redistribute(x.detach(), placement, "NONE", self.ctx)
+
+    def _stage_input(self, model, args, kwargs):
+        if isinstance(kwargs.get("hidden_states"), tuple):  # a later pipeline stage
+            kwargs["hidden_states"], self.incoming = kwargs["hidden_states"]
+        return args, kwargs
 
     def _first_input(self, layer, args):
         self.states = [self._replicated(args[0], layer.input_placement)]
@@ -194,15 +205,20 @@ class SideTap:
         self.states.append(self._replicated(out, layer.output_placement))
 
     def __call__(self, backbone, args, out):
-        side, self.states = self.side(self.states), []
+        side = self.side(self.states, self.incoming)
+        self.states, self.incoming = [], None
+        if not self.side.last:
+            return out, side
         return out.detach() + side if self.keep_backbone else side
 
 
 def _add_side(model, cfg, ctx):
     layers = [layer for _, layer in _layers(model)]
-    model.side = SideNetwork(cfg["hidden_size"], len(layers), cfg["side_reduction_factor"],
-                             cfg["add_bias_sampling"], cfg["non_linearity"])
-    model.bert.register_forward_hook(SideTap(model.side, layers, ctx, keep_backbone=cfg["use_side"]))
+    model.side = SideNetwork(cfg["hidden_size"], ctx.layers, cfg["side_reduction_factor"], cfg["add_bias_sampling"],
+                             cfg["non_linearity"], first=ctx.is_first_stage, last=ctx.is_last_stage)
+    SideTap(model, model.side, layers, ctx, keep_backbone=cfg["use_side"])
+    # the backbone is frozen and read detached: only the side state carries a gradient back
+    model.pipeline_streams = ((cfg["hidden_size"], False), (model.side.width, True))
 
 
 def _init_new_parameters(model, existing, zero_init):

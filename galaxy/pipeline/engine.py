@@ -6,6 +6,10 @@ The model only needs the stage interface BertForMaskedLM has:
   * `model(**batch, hidden_states=h)`: the first stage ignores h and embeds the batch;
     a middle stage returns hidden states [micro_batch, seq, hidden]; the last stage
     returns (loss_sum, n_label_tokens) from the batch's labels;
+  * optionally `model.pipeline_streams`: ((width, carries_grad), ...) when a stage hands on
+    more than its hidden states (side-tuning adds the side network's state). A stage then
+    returns, and is given as h, a tuple of [micro_batch, seq, width] tensors, and only the
+    streams that carry a gradient send one back;
   * a weight the last stage shares with the first (tied embeddings) is a separate
     parameter there with `pipeline_copy=True` and `init_name` = the first stage's name.
 Every stage holds every micro-batch (attention masks are needed everywhere; building a
@@ -96,7 +100,7 @@ class PipelineForwardBackward:
         self.trainer, self.model, self.ctx = trainer, trainer.model, trainer.ctx
         self.num_microbatches = trainer.cfg["num_microbatches"]
         self.schedule = trainer.cfg["pipeline_schedule"]
-        self.hidden = self.model.config.hidden_size
+        self.streams = getattr(self.model, "pipeline_streams", ((self.model.config.hidden_size, True),))
         self.dtype = next(self.model.parameters()).dtype  # activations travel in the weights' dtype
         self.links = StageLinks(self.ctx)
         self.tied = TiedCopies(self.model, self.ctx)
@@ -121,29 +125,37 @@ class PipelineForwardBackward:
         set_dropout_seed(self.model, hash((t.cfg["seed"], t.step, i, self.ctx.dp_rank)))
 
     def _forward(self, i):
-        batch, x = self.micro[i], None
+        batch, received, x = self.micro[i], [], None
         self._seed(i)
         if not self.ctx.is_first_stage:
-            shape = tuple(batch["input_ids"].shape) + (self.hidden,)
-            x = self.links.recv_forward(shape, self.dtype).requires_grad_()
+            shapes = [tuple(batch["input_ids"].shape) + (width,) for width, _ in self.streams]
+            received = self.links.recv_forward(shapes, self.dtype)
+            for r, (_, carries_grad) in zip(received, self.streams):
+                r.requires_grad_(carries_grad)
+            x = received[0] if len(received) == 1 else tuple(received)
         with self.trainer.autocast:
             out = self.model(**batch, hidden_states=x)
         if self.ctx.is_last_stage:
             loss_sum, _ = out
             self.loss_sum += loss_sum.item()
-            return loss_sum / self.n_tokens, x
-        self.links.send_forward(out.to(self.dtype))
-        return out, x
+            return loss_sum / self.n_tokens, received
+        outs = out if isinstance(out, tuple) else (out,)
+        self.links.send_forward([o.to(self.dtype) for o in outs])
+        return outs, received
+
+    def _with_grad(self, tensors):
+        return [t for t, (_, carries_grad) in zip(tensors, self.streams) if carries_grad]
 
     def _backward(self, i, saved):
-        out, x = saved
+        out, received = saved
         if i == self.last_backward:
             self.trainer.sync.arm()  # reduce gradients during the last backward only
         self._seed(i)  # recomputed (checkpointed) layers redraw this micro-batch's masks
         if self.ctx.is_last_stage:
             out.backward()
         else:
-            grad = self.links.recv_backward(out.shape, self.dtype)
-            torch.autograd.backward(out, grad.to(out.dtype))
-        if x is not None:
-            self.links.send_backward(x.grad)
+            outs = self._with_grad(out)
+            grads = self.links.recv_backward([o.shape for o in outs], self.dtype)
+            torch.autograd.backward(outs, [g.to(o.dtype) for g, o in zip(grads, outs)])
+        if received:
+            self.links.send_backward([r.grad for r in self._with_grad(received)])

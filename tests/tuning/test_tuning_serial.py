@@ -101,7 +101,6 @@ def test_merge_weights_on_eval_keeps_the_output():
     ({"use_adapter": True, "adapter_reduction_dim": 0}, "adapter_reduction_dim"),
     ({"use_adapter": True, "non_linearity": "swish"}, "non_linearity"),
     ({"use_side": True, "side_reduction_factor": 5}, "side_reduction_factor"),
-    ({"use_side_only": True, "stage_num_hidden_layers_list": [1, 1]}, "stage_num_hidden_layers_list"),
     ({"use_lora": True, "use_adapter": True}, "tuning methods"),
 ])
 def test_bad_tuning_configs_fail_at_load_naming_the_key(keys, message):
