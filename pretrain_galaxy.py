@@ -1,4 +1,4 @@
-"""BERT masked-LM pretraining in any layout; the config says which.
+"""BERT masked-LM pretraining in any layout; the config says which (default: the Galaxy layout).
 
     python pretrain_galaxy.py --config_file train_config/bert/full.json --max_steps 50
     python pretrain_galaxy.py --config_file train_config/bert/galaxy/full.json --world 2 --rank 0   # terminal 1
@@ -23,4 +23,4 @@ def build_model(cfg, ctx):
 
 
 if __name__ == "__main__":
-    entry.main(__doc__, "bert", "train_config/bert/full.json", build_model, build_data)
+    entry.main(__doc__, "bert", "train_config/bert/galaxy/full.json", build_model, build_data)
