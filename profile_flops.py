@@ -2,6 +2,7 @@
 config describes, for one forward of batch_size x seq_length tokens (eval mode: no dropout).
 
     python profile_flops.py --model bert --config train_config/bert/full.json --depth 3
+    python profile_flops.py --model bart --config train_config/bart/full.json
     python profile_flops.py --config train_config/bert/full.json --hidden_size 768 --num_hidden_layers 12 \\
         --num_attention_heads 12 --intermediate_size 3072 --vocab_size 30522 --seq_length 128 --batch_size 1
 
@@ -20,7 +21,8 @@ from galaxy.train.errors import ConfigError
 
 # --model: (package, config class, model class); each model class takes Config.from_dict(cfg)
 MODELS = {"bert": ("galaxy.models.bert", "BertConfig", "BertForMaskedLM"),
-          "llama": ("galaxy.models.llama", "LlamaConfig", "LlamaForCausalLM")}
+          "llama": ("galaxy.models.llama", "LlamaConfig", "LlamaForCausalLM"),
+          "bart": ("galaxy.models.bart", "BartConfig", "BartForConditionalGeneration")}
 
 
 def build_model(name, cfg):
@@ -51,7 +53,10 @@ def main(argv=None):
     ids = torch.randint(cfg["vocab_size"], (cfg["batch_size"], cfg["seq_length"]),
                         generator=torch.Generator().manual_seed(cfg["seed"]))
     print(f"{name}: one forward of batch {cfg['batch_size']} x seq {cfg['seq_length']}")
-    return get_model_profile(model, kwargs={"input_ids": ids}, depth=args.depth)
+    inputs = {"input_ids": ids}
+    if name == "bart":  # encoder-decoder: the decoder reads the same tokens
+        inputs["decoder_input_ids"] = ids
+    return get_model_profile(model, kwargs=inputs, depth=args.depth)
 
 
 if __name__ == "__main__":

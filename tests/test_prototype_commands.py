@@ -12,11 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
     ("pretrain_bert.py", "ATT=NONE"), ("pretrain_tp_bert.py", "ATT=TP CON=NONE MLP=TP"),
     ("pretrain_sp_bert.py", "ATT=SP CON=SP MLP=SP"), ("pretrain_dp_bert.py", "dp=2"),
     ("pretrain_pp_bert.py", "pp=2"), ("pretrain_galaxy.py", "ATT=TP CON=SP MLP=TP"),
-    ("finetune_pp_llama.py", "pp=2"), ("profile_flpos.py", None),
+    ("finetune_pp_llama.py", "pp=2"), ("profile_flpos.py", "bert"), ("profile_flops.py", "bart"),
 ])
 def test_prototype_script_runs(script, layout):
-    args = ["--model", "bert", "--config", "train_config/bert/full.json", "--depth", "1"] if layout is None \
+    profiling = script.startswith("profile")
+    args = ["--model", layout, "--config", f"train_config/{layout}/full.json", "--depth", "1"] if profiling \
         else ["--world", "2", "--rank", "0", "--explain"]
     out = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert layout is None or layout in out.stdout
+    assert profiling or layout in out.stdout
