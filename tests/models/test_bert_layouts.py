@@ -29,8 +29,8 @@ def config(layout, world):
 
 
 def train_two_steps(cfg, plan, rank):
-    """Losses of 2 optimizer steps, the gradients (full, HF-named) of the second, and this rank's
-    parameter count."""
+    """Losses of 2 optimizer steps, the gradients (full, HF-named) of the second, and the shapes of
+    this rank's first-layer parameters."""
     ctx = ParallelContext.create(plan, rank)
     model = BertForMaskedLM(BertConfig.from_dict(cfg), ctx)
     data = SyntheticMLM(cfg["vocab_size"], cfg["seq_length"], cfg["seed"], num_samples=64)
@@ -38,7 +38,7 @@ def train_two_steps(cfg, plan, rank):
     grads = {}
     trainer.before_update = lambda: grads.update(gather_full_state(model, ctx, mlm_to_hf, lambda p: p.grad))
     losses = [trainer.train_step()["loss"] for _ in range(2)]
-    return losses, grads, sum(p.numel() for p in model.parameters())
+    return losses, grads, {n: tuple(p.shape) for n, p in model.named_parameters() if ".layer.0." in n}
 
 
 def _all_layouts(rank, world):
@@ -49,6 +49,17 @@ def _all_layouts(rank, world):
     return out
 
 
+def check_shard_shapes(shapes, split, rank, layout):
+    layer = "bert.encoder.layer.0."
+    head_dim = MODEL["hidden_size"] // MODEL["num_attention_heads"]
+    rows = split["tp_num_attention_heads_list"][rank] * head_dim
+    for proj in "qkv":
+        assert shapes[layer + f"attn.{proj}.weight"] == (rows, MODEL["hidden_size"]), layout
+    assert shapes[layer + "attn.o.weight"] == (MODEL["hidden_size"], rows), layout
+    columns = split["tp_intermediate_size_list"][rank] if layout != "galaxy2" else MODEL["intermediate_size"]
+    assert shapes[layer + "mlp.up.weight"] == (columns, MODEL["hidden_size"]), layout
+
+
 @pytest.fixture(scope="module")
 def serial():
     cfg = config("serial", 1)
@@ -57,14 +68,14 @@ def serial():
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_layouts_match_serial(world, serial):
-    ref_losses, ref_grads, ref_params = serial
+    ref_losses, ref_grads, _ = serial
     results = run_ranks(_all_layouts, world, timeout_s=300)
     for rank, per_layout in enumerate(results):
-        for layout, (losses, grads, n_params) in per_layout.items():
+        for layout, (losses, grads, shapes) in per_layout.items():
             for got, want in zip(losses, ref_losses):
                 assert abs(got - want) / abs(want) < 1e-5, (layout, rank, losses, ref_losses)
             assert grads.keys() == ref_grads.keys(), layout
             for name, g in grads.items():
                 assert rel_err(g, ref_grads[name]) < 1e-5, (layout, rank, name, rel_err(g, ref_grads[name]))
-            if layout == "tp":  # a rank's share of Q, K, V, O and MLP follows the split
-                assert n_params < ref_params
+            if layout in ("tp", "galaxy", "galaxy2"):  # a rank holds its share of Q, K, V, O (and MLP)
+                check_shard_shapes(shapes, SPLITS[world], rank, layout)
