@@ -92,8 +92,9 @@ class Runner:
         return total
 
     def activation_bytes(self, step):
-        """Bytes sent by the layout's collectives (forward + backward) during one call of `step`."""
-        with stats.count_bytes() as counts:
+        """Bytes sent by the layout's collectives (forward + backward) during one call of `step`;
+        the gradient all-reduces are counted by grad_sync_bytes."""
+        with stats.count_bytes(phases=(stats.FWD, stats.BWD)) as counts:
             step()
         return sent_bytes(Counter(counts), self.ctx.tp_size)
 

@@ -64,12 +64,14 @@ def listening(listen):
 
 
 @contextmanager
-def count_bytes():
-    """Yield a Counter of bytes contributed per collective kind (all phases) inside the block."""
+def count_bytes(phases=(FWD, BWD, GRAD)):
+    """Yield a Counter of bytes contributed per collective kind inside the block, counting the
+    collectives of the given phases (default all: forward, backward and gradient sync)."""
     counts = Counter()
 
-    def listen(kind, nbytes, *_):
-        counts[kind] += nbytes
+    def listen(kind, nbytes, phase, *_):
+        if phase in phases:
+            counts[kind] += nbytes
 
     with listening(listen):
         yield counts
