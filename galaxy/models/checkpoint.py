@@ -68,7 +68,7 @@ def load_checkpoint(model, path, to_hf, strip_prefix=""):
     where = _files(path)
     handles, used = {}, set()
     try:
-        for name, param in _unique_params(model):
+        for name, param in model.named_parameters():
             hf = to_hf(_source_name(name, param))
             if hf not in where and strip_prefix and hf.startswith(strip_prefix):
                 hf = hf[len(strip_prefix):]
@@ -103,13 +103,6 @@ def _read_slice(view, param):
     return view[tuple(index)]
 
 
-def _unique_params(model):
-    """Named parameters, each tied tensor once (under its first name)."""
-    seen = set()
-    for name, p in model.named_parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            yield name, p
 
 
 def gather_full_state(model, ctx, to_hf, tensor_of=lambda p: p.detach(), trainable_only=False):
@@ -117,7 +110,7 @@ def gather_full_state(model, ctx, to_hf, tensor_of=lambda p: p.detach(), trainab
     `tensor_of` picks what to gather per parameter (e.g. its gradient); trainable_only keeps
     only those with requires_grad (a fine-tune's own weights). Pipeline copies of tied weights
     are left out: the first stage holds the original."""
-    params = [(n, p) for n, p in _unique_params(model)
+    params = [(n, p) for n, p in model.named_parameters()
               if (p.requires_grad or not trainable_only) and not getattr(p, "pipeline_copy", False)]
     meta = torch.tensor([getattr(p, "shard", (0, 0, 0, 0))[1:3] for _, p in params], dtype=torch.long)
     # one small all-gather tells every rank where each rank's shard of each tensor starts

@@ -31,12 +31,6 @@ def split_batch(batch, n):
     return [{k: v[i * (size // n): (i + 1) * (size // n)] for k, v in batch.items()} for i in range(n)]
 
 
-def _unique_named(model):
-    seen = set()
-    for name, p in model.named_parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            yield name, p
 
 
 class TiedCopies:
@@ -45,11 +39,11 @@ class TiedCopies:
     so both copies take the same optimizer step and stay equal. Collective to construct."""
 
     def __init__(self, model, ctx):
-        copies = {p.init_name: p for _, p in _unique_named(model) if getattr(p, "pipeline_copy", False)}
+        copies = {p.init_name: p for _, p in model.named_parameters() if getattr(p, "pipeline_copy", False)}
         per_stage = [None] * ctx.plan.pp_size
         dist.all_gather_object(per_stage, sorted(copies), group=ctx.pp_group)
         names = per_stage[-1]  # the last stage holds the copies
-        own = dict(_unique_named(model))
+        own = dict(model.named_parameters())
         if ctx.is_first_stage:
             missing = [n for n in names if n not in own]
             if missing:

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from galaxy.models.checkpoint import CheckpointError, _unique_params
+from galaxy.models.checkpoint import CheckpointError
 
 FORMAT = "galaxy-train-checkpoint/1"
 MANIFEST = "manifest.json"
@@ -85,13 +85,13 @@ def _raise_if_any(ctx, error):
 # ---- what one rank holds ------------------------------------------------------------------
 
 def _param_names(trainer):
-    names = {id(p): n for n, p in _unique_params(trainer.model)}
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
     return [names[id(p)] for group in trainer.opt.param_groups for p in group["params"]]
 
 
 def _rank_state(trainer):
     """(model tensors, optimizer + RNG tensors, JSON state) of this rank."""
-    model = {name: p.detach().contiguous().cpu() for name, p in _unique_params(trainer.model)}
+    model = {name: p.detach().contiguous().cpu() for name, p in trainer.model.named_parameters()}
     opt = trainer.opt.state_dict()
     tensors = {f"optim.{i}.{key}": value.contiguous().cpu()
                for i, state in opt["state"].items() for key, value in state.items()}
@@ -228,7 +228,7 @@ def _read_rank(directory, rank):
 
 
 def _restore(trainer, model_tensors, tensors, state, directory):
-    params = dict(_unique_params(trainer.model))
+    params = dict(trainer.model.named_parameters())
     if set(params) != set(model_tensors):
         missing, extra = sorted(set(params) - set(model_tensors)), sorted(set(model_tensors) - set(params))
         raise CheckpointError(f"{directory}: rank {trainer.ctx.rank} parameters differ (missing {missing}, "

@@ -80,7 +80,7 @@ class GradBuckets:
 def grad_groups(model, ctx):
     """[(name, params, group, group size)]: partial_grad parameters summed over the stage, the rest
     over the data-parallel replicas (a group of size 1 moves nothing)."""
-    trainable = [p for p in _unique(model) if p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad]
 
     def over_stage(p):
         return ctx.tp_size > 1 and getattr(p, "partial_grad", False)
@@ -102,19 +102,13 @@ class GradSync:
             part.finish()
 
 
-def _unique(model):
-    seen = set()
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            yield p
 
 
 def clip_grad_norm(model, ctx, max_norm):
     """Global L2 norm over every rank's parameters, each counted once: split tensors' squares are
     summed over the tensor group, stages' over the pipeline; replicas hold equal grads."""
     split, replicated = torch.zeros(()), torch.zeros(())
-    for p in _unique(model):
+    for p in model.parameters():
         if p.grad is None or getattr(p, "pipeline_copy", False):
             continue
         sq = p.grad.detach().float().pow(2).sum()
@@ -130,7 +124,7 @@ def clip_grad_norm(model, ctx, max_norm):
     norm = total.sqrt()
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for p in _unique(model):
+        for p in model.parameters():
             if p.grad is not None:
                 p.grad.mul_(scale)
     return norm.item()
