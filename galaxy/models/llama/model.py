@@ -162,6 +162,7 @@ class LlamaForCausalLM(nn.Module):
                 self.lm_head.weight = self.model.embed_tokens.weight
             else:  # a pipeline's last stage holds its own copy; it starts equal to the embeddings
                 self.lm_head.weight.init_name = "model.embed_tokens.weight"
+                self.lm_head.weight.pipeline_copy = True  # galaxy.pipeline sums its grad with the original's
         init_weights(self, cfg.initializer_range)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, hidden_states=None, past_length=0):
