@@ -4,6 +4,7 @@ from other processes on the machine hits all of them alike).
 
 Run the scripts as modules from the repository root: `python -m benchmarks.layouts`.
 """
+import argparse
 import statistics
 import time
 from collections import Counter
@@ -115,6 +116,17 @@ def interleaved(runners, step_of, repeats, warmup=1):
             if round_ >= warmup:
                 times[r.name].append(time.perf_counter() - start)
     return times
+
+
+def parser(doc, batch=4):
+    """The arguments every BERT-base benchmark shares: model depth, sequence, batch, rounds."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--timeout_s", type=float, default=3000)
+    return p
 
 
 def median(xs):

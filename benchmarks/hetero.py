@@ -4,9 +4,8 @@ split vs the planner's split (galaxy.planner), BERT-base sizes, world 2 gloo, fo
     python -m benchmarks.hetero                      # 4 layers, seq 512, batch 1
     python -m benchmarks.hetero --layers 12 --repeats 5
 """
-import argparse
 
-from benchmarks.common import bert_cfg, table
+from benchmarks.common import bert_cfg, parser, table
 from galaxy.comm.launch import spawn
 from galaxy.planner.profile import slow_down
 from galaxy.planner.run import measure_forward, profile_and_plan
@@ -23,13 +22,8 @@ def bench(rank, world, args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--batch", type=int, default=1)
+    p = parser(__doc__, batch=1)
     p.add_argument("--slow_rank", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--timeout_s", type=float, default=3000)
     args = p.parse_args()
     r = spawn(bench, 2, (args,), timeout_s=args.timeout_s)[0]
     slow, fast = r["profiles"][args.slow_rank], r["profiles"][1 - args.slow_rank]

@@ -11,11 +11,10 @@ Steps are interleaved: each round runs every layout once, order rotated; medians
 Bytes: what galaxy.comm.stats records per collective kind, converted to bytes *sent* per rank
 with ring-algorithm factors (benchmarks.common.RING_FACTOR), plus the gradient all-reduces.
 """
-import argparse
 
 import torch
 
-from benchmarks.common import LAYOUT_NAMES, Runner, bert_cfg, interleaved, median, table
+from benchmarks.common import LAYOUT_NAMES, Runner, bert_cfg, interleaved, median, parser, table
 from galaxy.comm.launch import spawn
 
 
@@ -31,13 +30,8 @@ def bench(rank, world, args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=5)
+    p = parser(__doc__)
     p.add_argument("--layouts", nargs="+", default=list(LAYOUT_NAMES))
-    p.add_argument("--timeout_s", type=float, default=3000)
     args = p.parse_args()
     results = spawn(bench, 2, (args,), timeout_s=args.timeout_s)
     times = results[0][0]

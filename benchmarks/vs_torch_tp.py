@@ -10,7 +10,6 @@ torch_tp_sp  the same + SequenceParallel LayerNorms, sequence-sharded between bl
 Both models use our BertEmbeddings (replicated) and a plain torch BERT layer; the loss is the
 same fixed linear function of the full output as in benchmarks.layouts.
 """
-import argparse
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +19,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
                                                SequenceParallel, parallelize_module)
 
-from benchmarks.common import Runner, bert_cfg, interleaved, median, table
+from benchmarks.common import Runner, bert_cfg, interleaved, median, parser, table
 from galaxy.comm.launch import spawn
 from galaxy.models.bert.model import BertConfig, BertEmbeddings
 
@@ -114,12 +113,7 @@ def bench(rank, world, args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--timeout_s", type=float, default=3000)
+    p = parser(__doc__)
     args = p.parse_args()
     times = spawn(bench, 2, (args,), timeout_s=args.timeout_s)[0]
     med = {k: median(v) for k, v in times.items()}
