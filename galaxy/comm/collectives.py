@@ -49,32 +49,60 @@ def _split(x, dim, sizes, group):
     return x.narrow(dim, _offset(sizes, rank), sizes[rank]).contiguous()
 
 
-def _all_gather(x, dim, sizes, group):
-    """Concatenate every rank's slice along `dim`. gloo's all_gather rejects uneven
+class Pending:
+    """An asynchronous collective: wait() finishes it and returns the result."""
+
+    def __init__(self, work, finish):
+        self.work, self.finish = work, finish
+
+    def wait(self):
+        self.work.wait()
+        return self.finish()
+
+
+def start_all_gather(x, dim, sizes, group):
+    """Start concatenating every rank's slice along `dim`. gloo's all_gather rejects uneven
     sizes, so slices are padded to the largest, gathered in one call, then trimmed."""
-    if _world(group) == 1:
-        return x
     longest = max(sizes)
     moved = x.movedim(dim, 0)
     if moved.shape[0] < longest:
-        pad = moved.new_zeros((longest - moved.shape[0],) + moved.shape[1:])
-        moved = torch.cat([moved, pad])
+        moved = torch.cat([moved, moved.new_zeros((longest - moved.shape[0],) + moved.shape[1:])])
     out = moved.new_empty((len(sizes) * longest,) + moved.shape[1:])
+    work = dist.all_gather_single(out, moved.contiguous(), group=group, async_op=True)
+    return Pending(work, lambda: torch.cat([out[r * longest: r * longest + n] for r, n in enumerate(sizes)])
+                   .movedim(0, dim).contiguous())
+
+
+def start_reduce_scatter(x, dim, sizes, group):
+    """Start summing over ranks, each rank keeping its own slice along `dim`. gloo's reduce_scatter
+    costs as much as a full all-reduce (measured: 26.7 vs 27.0 ms for 12 MiB at world 2), so on gloo
+    each rank sends every peer that peer's slice (all_to_all: (n-1)/n of the data) and sums what it
+    receives (17.9 ms); other backends use their native reduce-scatter."""
+    rank, n = _rank(group), len(sizes)
+    moved = x.movedim(dim, 0).contiguous()
+    if dist.get_backend(group) == "gloo":
+        recv = moved.new_empty((n * sizes[rank],) + moved.shape[1:])
+        work = dist.all_to_all_single(recv, moved, output_split_sizes=[sizes[rank]] * n,
+                                      input_split_sizes=list(sizes), group=group, async_op=True)
+        return Pending(work, lambda: recv.view((n, sizes[rank]) + moved.shape[1:]).sum(0).movedim(0, dim).contiguous())
+    chunks = [c.contiguous() for c in moved.split(sizes)]
+    out = torch.empty_like(chunks[rank])
+    work = dist.reduce_scatter(out, chunks, group=group, async_op=True)
+    return Pending(work, lambda: out.movedim(0, dim).contiguous())
+
+
+def _all_gather(x, dim, sizes, group):
+    if _world(group) == 1:
+        return x
     with stats.timed("all_gather", x):
-        dist.all_gather_single(out, moved.contiguous(), group=group)
-    pieces = [out[r * longest: r * longest + n] for r, n in enumerate(sizes)]
-    return torch.cat(pieces).movedim(0, dim).contiguous()
+        return start_all_gather(x, dim, sizes, group).wait()
 
 
 def _reduce_scatter(x, dim, sizes, group):
-    """Sum over ranks, each rank keeping its own (possibly uneven) slice along `dim`."""
     if _world(group) == 1:
         return x
-    chunks = [c.contiguous() for c in x.split(sizes, dim)]
-    out = torch.empty_like(chunks[_rank(group)])
     with stats.timed("reduce_scatter", x):
-        dist.reduce_scatter(out, chunks, group=group)
-    return out
+        return start_reduce_scatter(x, dim, sizes, group).wait()
 
 
 # --- autograd functions ---------------------------------------------------------------

@@ -16,9 +16,9 @@ The results equal the unfused collective + linear up to float summation order; t
 moved are the same.
 """
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from galaxy.comm import collectives as C
 from galaxy.comm import stats
 
 
@@ -47,37 +47,14 @@ class SeqTiles:
             self.local.append(slice(mine, mine + sizes[rank]))  # this rank's rows of tile i, locally
 
 
-class _Pending:
-    """An async collective and how to turn its buffer into the result."""
-
-    def __init__(self, work, finish):
-        self.work, self.finish = work, finish
-
-    def wait(self):
-        self.work.wait()
-        return self.finish()
-
-
 def _start_all_gather(x, sizes, group):
-    """Async all-gather along dim 1 with per-rank sizes (padded to the longest, as gloo needs)."""
     stats.record("all_gather", x)
-    longest = max(sizes)
-    moved = x.movedim(1, 0)
-    if moved.shape[0] < longest:
-        moved = torch.cat([moved, moved.new_zeros((longest - moved.shape[0],) + moved.shape[1:])])
-    out = moved.new_empty((len(sizes) * longest,) + moved.shape[1:])
-    work = dist.all_gather_single(out, moved.contiguous(), group=group, async_op=True)
-    return _Pending(work, lambda: torch.cat([out[r * longest: r * longest + n] for r, n in enumerate(sizes)])
-                    .movedim(0, 1))
+    return C.start_all_gather(x, 1, sizes, group)
 
 
 def _start_reduce_scatter(x, sizes, group):
-    """Async reduce-scatter along dim 1: the sum over ranks, each keeping its own piece."""
     stats.record("reduce_scatter", x)
-    chunks = [c.contiguous() for c in x.split(sizes, 1)]
-    out = torch.empty_like(chunks[dist.get_rank(group)])
-    work = dist.reduce_scatter(out, chunks, group=group, async_op=True)
-    return _Pending(work, lambda: out)
+    return C.start_reduce_scatter(x, 1, sizes, group)
 
 
 class _GatherLinear(torch.autograd.Function):
