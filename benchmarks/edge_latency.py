@@ -124,6 +124,7 @@ def main():
                                  speedup_vs_serial=round(base / m, 3)))
                 print(f"  seq {seq:5d} {name:15s} median {m * 1e3:8.0f} ms   {base / m:5.2f}x vs serial")
     out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     with open(out / "edge_latency.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
