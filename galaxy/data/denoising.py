@@ -10,7 +10,7 @@ only on (file, tokenizer, seq_length, seed, i).
 """
 import torch
 
-from .pretrain import _INFILL_STREAM, _check_index, seeded_generator, token_chunks
+from .pretrain import _INFILL_STREAM, _check_index, check_bert_pieces, seeded_generator, token_chunks
 
 
 def infill_spans(ids, mask_id, generator, mask_ratio=0.3, poisson_lambda=3.0):
@@ -35,12 +35,7 @@ class BartDenoisingData:
     """{"title","content"} JSONL -> text-infilling samples of seq_length tokens (see module doc)."""
 
     def __init__(self, jsonl_path, tokenizer, seq_length, seed, mask_ratio=0.3, poisson_lambda=3.0):
-        for name in ("pad_id", "cls_id", "sep_id", "mask_id"):
-            if getattr(tokenizer, name) is None:
-                raise ValueError(f"tokenizer {tokenizer.model_file} has no {name} "
-                                 "(BART data needs a kind='bert' tokenizer)")
-        if seq_length < 3:
-            raise ValueError(f"seq_length must be >= 3, got {seq_length}")
+        check_bert_pieces(tokenizer, seq_length, "BART")
         self.tokenizer, self.seq_length, self.seed = tokenizer, seq_length, seed
         self.mask_ratio, self.poisson_lambda = mask_ratio, poisson_lambda
         self._chunks = token_chunks(jsonl_path, tokenizer, seq_length - 2)

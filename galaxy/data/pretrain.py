@@ -105,6 +105,16 @@ def _stack_mlm(samples):
             "labels": torch.stack([s[1] for s in samples])}
 
 
+def check_bert_pieces(tokenizer, seq_length, model):
+    """[CLS] ... [SEP] samples need BERT's special pieces and room for one token between them."""
+    for name in ("pad_id", "cls_id", "sep_id", "mask_id"):
+        if getattr(tokenizer, name) is None:
+            raise ValueError(f"tokenizer {tokenizer.model_file} has no {name} "
+                             f"({model} data needs a kind='bert' tokenizer)")
+    if seq_length < 3:
+        raise ValueError(f"seq_length must be >= 3, got {seq_length}")
+
+
 class BertPretrainData:
     """{"title","content"} JSONL -> [CLS] + seq_length-2 tokens + [SEP] MLM samples.
 
@@ -112,12 +122,7 @@ class BertPretrainData:
     """
 
     def __init__(self, jsonl_path, tokenizer, seq_length, seed, mlm_probability=0.15):
-        for name in ("pad_id", "cls_id", "sep_id", "mask_id"):
-            if getattr(tokenizer, name) is None:
-                raise ValueError(f"tokenizer {tokenizer.model_file} has no {name} "
-                                 "(BERT data needs a kind='bert' tokenizer)")
-        if seq_length < 3:
-            raise ValueError(f"seq_length must be >= 3, got {seq_length}")
+        check_bert_pieces(tokenizer, seq_length, "BERT")
         self.tokenizer, self.seq_length, self.seed = tokenizer, seq_length, seed
         self.mlm_probability = mlm_probability
         self._chunks = token_chunks(jsonl_path, tokenizer, seq_length - 2)
