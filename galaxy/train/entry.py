@@ -116,6 +116,7 @@ def main(doc, model, default_config, build_model, build_data, argv=None, check=N
     if check:
         check(cfg, plan)
     if args.explain:  # the plan only: no process group, no training
-        raise SystemExit(print(explain(plan, cfg, lambda ctx: build_model(cfg, ctx))))
+        print(explain(plan, cfg, lambda ctx: build_model(cfg, ctx)))
+        return
     launch.run(train, world, rank, (cfg, plan, args, build_model, build_data), args.init_method,
                cfg["distributed_backend"], cfg["timeout_s"])
