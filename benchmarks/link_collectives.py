@@ -1,5 +1,6 @@
 """Time of each gloo collective over an emulated link (benchmarks.netem) vs its ring-volume
 prediction, for one BERT activation [1, T, 768] fp32 at world 2: are gloo's algorithms ring-efficient?
+"reduce_scatter, galaxy" is galaxy.comm.collectives' (all_to_all on gloo).
 
     sudo python -m benchmarks.link_collectives --rate 100mbit --seq 1024
 """
@@ -29,6 +30,7 @@ def worker(args):
     import torch
     import torch.distributed as dist
 
+    from galaxy.comm import collectives as C
     from galaxy.comm.launch import init_distributed
     init_distributed(2, args.rank, f"tcp://{args.master_addr}:{PORT}", "gloo", timeout_s=600)
     full = torch.randn(1, args.seq, 768)
@@ -38,6 +40,8 @@ def worker(args):
         "reduce_scatter": (lambda: dist.reduce_scatter(torch.empty_like(half), list(full.split(args.seq // 2, 1))),
                            full.nbytes / 2),
         "reduce_scatter, p2p": (lambda: _p2p_reduce_scatter(full, args.seq // 2, args.rank), full.nbytes / 2),
+        "reduce_scatter, galaxy": (lambda: C.start_reduce_scatter(full, 1, [args.seq // 2] * 2, None).wait(),
+                                   full.nbytes / 2),
         "all_gather": (lambda: dist.all_gather_single(torch.empty(2 * half.numel()), half.flatten()), half.nbytes),
     }
     for name, (call, nbytes) in ops.items():
