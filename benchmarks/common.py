@@ -14,7 +14,6 @@ import torch.distributed as dist
 
 from galaxy.comm import stats
 from galaxy.comm.context import ParallelContext
-from galaxy.layers.placement import REPLICATE
 from galaxy.models.bert.model import BertConfig, BertModel, init_weights
 from galaxy.plan import build_plan
 from galaxy.train.config import load_config

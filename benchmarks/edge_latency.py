@@ -11,7 +11,6 @@ edge_latency.csv and edge_latency.svg (a plain SVG bar chart) to --out_dir.
 import argparse
 import csv
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path

@@ -1,7 +1,17 @@
-"""Shared test helper: run a function on N gloo ranks (free port, timeout) and collect results."""
+"""Shared test helpers: run a function on N gloo ranks (free port, timeout) and collect results,
+run an entry script, train a tiny LLaMA tokenizer on the shipped corpus."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from galaxy.comm.launch import spawn
+from galaxy.data import train_sentencepiece
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "data" / "python_docs"
 
 
 def run_ranks(fn, world, *args, timeout_s=120.0):
@@ -14,6 +24,21 @@ def rel_err(a, b, floor=1e-6):
     softmax is one: it shifts every score of a row equally) from dividing rounding noise by ~0."""
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(floor)).item()
+
+
+def run_script(script, *args, timeout=240):
+    """Run one of the repository's entry scripts as a user would, from the repository root."""
+    return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_llama_tokenizer(directory, documents=60, vocab_size=300):
+    """A kind="llama" SentencePiece model trained on the first shipped documents; returns its path."""
+    lines = []
+    with open(SHIPPED / "pretrain.jsonl", encoding="utf-8") as f:
+        for _, line in zip(range(documents), f):
+            row = json.loads(line)
+            lines += [row["title"], *row["content"].split("\n")]
+    return train_sentencepiece(lines, Path(directory) / "tiny", vocab_size, kind="llama")
 
 
 def seeded(*shape, seed=0):

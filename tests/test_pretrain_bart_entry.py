@@ -1,19 +1,15 @@
 """pretrain_bart.py end to end: a Galaxy run on two spawned ranks, and refusals before rendezvous."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 from galaxy.comm.launch import free_port
+from tests.helpers import run_script
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--hidden_size", "32", "--num_attention_heads", "4", "--intermediate_size", "64", "--num_hidden_layers", "1",
         "--num_decoder_layers", "1", "--batch_size", "4", "--seq_length", "32", "--log_every", "1"]
 
 
 def run(*args, timeout=240):
-    return subprocess.run([sys.executable, "pretrain_bart.py", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+    return run_script("pretrain_bart.py", *args, timeout=timeout)
 
 
 def test_galaxy_config_trains_on_two_ranks(tmp_path):

@@ -1,19 +1,15 @@
 """pretrain_galaxy.py end to end: local spawn, metrics file, and errors before any rendezvous."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 from galaxy.comm.launch import free_port
+from tests.helpers import run_script
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--hidden_size", "32", "--num_attention_heads", "4", "--intermediate_size", "64",
         "--num_hidden_layers", "2", "--batch_size", "4", "--seq_length", "32", "--log_every", "1"]
 
 
 def run(*args, timeout=240):
-    return subprocess.run([sys.executable, "pretrain_galaxy.py", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+    return run_script("pretrain_galaxy.py", *args, timeout=timeout)
 
 
 def test_galaxy_config_spawns_two_ranks_and_writes_metrics_once(tmp_path):

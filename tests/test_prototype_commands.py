@@ -1,11 +1,7 @@
 """The research prototype's commands keep working (here with --explain: the plan, no training)."""
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import run_script
 
 
 @pytest.mark.parametrize("script, layout", [
@@ -18,6 +14,6 @@ def test_prototype_script_runs(script, layout):
     profiling = script.startswith("profile")
     args = ["--model", layout, "--config", f"train_config/{layout}/full.json", "--depth", "1"] if profiling \
         else ["--world", "2", "--rank", "0", "--explain"]
-    out = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = run_script(script, *args, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert profiling or layout in out.stdout

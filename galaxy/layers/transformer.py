@@ -11,7 +11,7 @@ from torch import nn
 
 from galaxy.layers.dropout import LayoutInvariantDropout
 from galaxy.layers.linear import mark_partial_grad
-from galaxy.layers.placement import PRODUCES, SEQ, SEQ_DIM, consumes, redistribute
+from galaxy.layers.placement import PRODUCES, SEQ, consumes, redistribute
 from galaxy.layers.tiling import tiling_for
 
 
@@ -83,4 +83,4 @@ def run_layers(layers, x, placement, attn_bias, checkpoint=False, extra=()):
     return x, placement
 
 
-__all__ = ["Connective", "TransformerLayer", "sublayer", "run_layers", "SEQ_DIM"]
+__all__ = ["Connective", "TransformerLayer", "sublayer", "run_layers"]

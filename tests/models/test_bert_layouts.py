@@ -1,7 +1,6 @@
 """Every layout of BERT against the serial model: same seed, weights and batches ->
 same losses over 2 optimizer steps and same gradients, at world 2 and 3 with uneven splits."""
 import pytest
-import torch
 
 from galaxy.comm.context import ParallelContext
 from galaxy.data import SyntheticMLM

@@ -6,8 +6,8 @@ import time
 from pathlib import Path
 
 from galaxy.comm.launch import free_port
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 20  # the ranks' --timeout_s: short, so a lost peer is noticed quickly
 TINY = ["--config_file", "train_config/bert/full.json", "--hidden_size", "64", "--intermediate_size", "128", "--num_attention_heads", "2", "--num_hidden_layers", "2",
         "--seq_length", "32", "--batch_size", "6", "--vocab_size", "200", "--data", "synthetic",

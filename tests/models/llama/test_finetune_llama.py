@@ -1,19 +1,16 @@
 """finetune_llama.py end to end (serial, in-process) on the shipped instructions with a tiny
 tokenizer trained here, and the shipped LLaMA configs."""
 import json
-from pathlib import Path
 
 import pytest
 
 import finetune_llama
-from galaxy.data import train_sentencepiece
 from galaxy.models.llama import LlamaConfig
 from galaxy.plan import build_plan
 from galaxy.train import entry
 from galaxy.train.config import load_config
+from tests.helpers import ROOT, SHIPPED, tiny_llama_tokenizer
 
-REPO = Path(__file__).resolve().parents[3]
-SHIPPED = REPO / "data" / "python_docs"
 TINY = ["--hidden_size", "64", "--intermediate_size", "128", "--num_attention_heads", "4", "--num_key_value_heads", "2",
         "--num_hidden_layers", "2", "--seq_length", "64", "--batch_size", "8", "--learning_rate", "3e-3",
         "--warmup_steps", "2", "--lr_scheduler", "constant"]
@@ -21,17 +18,12 @@ TINY = ["--hidden_size", "64", "--intermediate_size", "128", "--num_attention_he
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    lines = []
-    with open(SHIPPED / "pretrain.jsonl", encoding="utf-8") as f:
-        for _, line in zip(range(60), f):
-            row = json.loads(line)
-            lines += [row["title"], *row["content"].split("\n")]
-    return str(train_sentencepiece(lines, tmp_path_factory.mktemp("spm") / "tiny", 300, kind="llama"))
+    return str(tiny_llama_tokenizer(tmp_path_factory.mktemp("spm")))
 
 
 def finetune(tmp_path, tokenizer, *extra):
     metrics = tmp_path / "metrics.jsonl"
-    entry.main(finetune_llama.__doc__, "llama", str(REPO / "train_config/llama/full.json"), finetune_llama.build_model,
+    entry.main(finetune_llama.__doc__, "llama", str(ROOT / "train_config/llama/full.json"), finetune_llama.build_model,
                finetune_llama.build_data, ["--data_file", str(SHIPPED / "instructions.jsonl"), "--tokenizer_file", tokenizer,
                                            "--vocab_size", "300", "--metrics_file", str(metrics), *TINY, *extra])
     return [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
@@ -50,10 +42,10 @@ def test_bf16_with_activation_checkpointing_trains(tmp_path, tokenizer):
 
 def test_configs_validate():
     for name, world in [("tiny", 1), ("full", 1), ("7b", 1), ("tp/full", 2), ("sp/full", 2), ("galaxy/full", 2)]:
-        cfg = load_config(REPO / f"train_config/llama/{name}.json")
+        cfg = load_config(ROOT / f"train_config/llama/{name}.json")
         assert cfg["model"] == "llama" and build_plan(cfg, world).world == world
-    lora = load_config(REPO / "train_config/llama/lora.json")
+    lora = load_config(ROOT / "train_config/llama/lora.json")
     assert lora["use_lora"] and not lora["full_model"]
-    b7 = LlamaConfig.from_dict(load_config(REPO / "train_config/llama/7b.json"))
+    b7 = LlamaConfig.from_dict(load_config(ROOT / "train_config/llama/7b.json"))
     assert (b7.hidden_size, b7.intermediate_size, b7.num_attention_heads, b7.num_hidden_layers, b7.vocab_size) == \
         (4096, 11008, 32, 32, 32000)
