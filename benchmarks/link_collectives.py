@@ -1,6 +1,6 @@
 """Time of each gloo collective over an emulated link (benchmarks.netem) vs its ring-volume
 prediction, for one BERT activation [1, T, 768] fp32 at world 2: are gloo's algorithms ring-efficient?
-"galaxy ..." are galaxy.comm.collectives' versions (on gloo: direct exchanges in 64 KiB messages).
+"galaxy ..." are galaxy.comm.collectives' versions (on gloo: direct exchanges, receives posted first).
 
     sudo python -m benchmarks.link_collectives --rate 100mbit --seq 512
 """

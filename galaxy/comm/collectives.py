@@ -61,30 +61,22 @@ class Pending:
         return self.finish()
 
 
-# On gloo, all-gather and reduce-scatter are direct exchanges with every peer, posted at once and
-# cut into CHUNK_BYTES messages. Measured over a 100 Mbit/s link at world 2, 0.75 MiB per rank
-# (ideal 63 ms): gloo's all_gather 100 ms, its reduce_scatter 130 ms (it runs a full all-reduce),
-# one whole-tensor exchange 67 or 130 ms at random, 64 KiB messages 72-75 ms; BERT-base Galaxy
-# inference, 2 layers, seq 512: 1100 -> 780 ms (benchmarks/link_collectives.py). The bytes sent
-# are the ring volumes. Other backends (NCCL) use their native collectives.
-CHUNK_BYTES = 64 << 10
+# On gloo, all-gather and reduce-scatter are direct exchanges with every peer (the bytes sent are
+# the ring volumes), every receive posted before any send: gloo stalls a message that arrives
+# before its receive is posted, which made exchanges over a shaped link take 1x or 2x their time
+# at random. Measured over a 100 Mbit/s link at world 2, 0.75 MiB per rank (ideal 63 ms): gloo's
+# all_gather 98 ms, its reduce_scatter 138 ms (it runs a full all-reduce), these 68-69 ms
+# (benchmarks/link_collectives.py). Other backends (NCCL) use their native collectives.
 
 
 def _direct(group):
     return dist.get_backend(group) == "gloo"
 
 
-def _chunks(t):
-    return t.view(-1).split(max(1, CHUNK_BYTES // t.element_size()))
-
-
 def _exchange(sends, recvs, group):
-    """Post every isend and irecv at once ({group rank: contiguous tensor}); returns the works.
-    Both ends cut a tensor into the same chunks, so the n-th message matches the n-th receive."""
-    ops = []
-    for r in sends:
-        ops += [dist.P2POp(dist.isend, c, group=group, group_peer=r) for c in _chunks(sends[r])]
-        ops += [dist.P2POp(dist.irecv, c, group=group, group_peer=r) for c in _chunks(recvs[r])]
+    """Post every irecv, then every isend ({group rank: contiguous tensor}); returns the works."""
+    ops = [dist.P2POp(dist.irecv, t, group=group, group_peer=r) for r, t in recvs.items()]
+    ops += [dist.P2POp(dist.isend, t, group=group, group_peer=r) for r, t in sends.items()]
     return dist.batch_isend_irecv(ops)
 
 
