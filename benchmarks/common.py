@@ -5,9 +5,11 @@ from other processes on the machine hits all of them alike).
 Run the scripts as modules from the repository root: `python -m benchmarks.layouts`.
 """
 import argparse
+import csv
 import statistics
 import time
 from collections import Counter
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -29,6 +31,8 @@ RING_FACTOR = {
     "all_gather": lambda p: p - 1,
 }
 
+
+RESULTS = "docs/results"  # where the scripts write their CSV and SVG (the README links them)
 
 LAYOUT_NAMES = ("serial", "tp", "sp", "galaxy", "galaxy2", "dp")
 
@@ -125,6 +129,7 @@ def parser(doc, batch=4):
     p.add_argument("--batch", type=int, default=batch)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--timeout_s", type=float, default=3000)
+    p.add_argument("--out_dir", default=RESULTS, help="where the CSV and SVG of the results go")
     return p
 
 
@@ -139,3 +144,47 @@ def table(rows, headers):
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def svg_bars(groups, series, values, title):
+    """Grouped bar chart as SVG text: groups on x, one bar per series, values in ms."""
+    colors = ["#888888", "#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1"]
+    bar, gap, height, top, left = 18, 30, 300, 40, 60
+    width = left + len(groups) * (len(series) * bar + gap) + 160
+    vmax = max(values.values()) * 1.1
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + top + 80}" '
+             f'font-family="sans-serif" font-size="11">',
+             f'<text x="{left}" y="20" font-size="14">{title}</text>',
+             f'<line x1="{left}" y1="{top + height}" x2="{width - 160}" y2="{top + height}" stroke="black"/>']
+    for tick in range(5):
+        v = vmax * tick / 4
+        y = top + height - height * tick / 4
+        parts.append(f'<text x="{left - 5}" y="{y + 4:.0f}" text-anchor="end">{v:.0f}</text>')
+    parts.append(f'<text x="12" y="{top + height / 2}" transform="rotate(-90 12 {top + height / 2})">ms</text>')
+    for g, group in enumerate(groups):
+        x0 = left + gap / 2 + g * (len(series) * bar + gap)
+        for s, name in enumerate(series):
+            v = values[(group, name)]
+            h = height * v / vmax
+            parts.append(f'<rect x="{x0 + s * bar:.0f}" y="{top + height - h:.0f}" width="{bar - 2}" '
+                         f'height="{h:.0f}" fill="{colors[s % len(colors)]}"><title>{name}: {v:.0f} ms</title></rect>')
+        parts.append(f'<text x="{x0 + len(series) * bar / 2:.0f}" y="{top + height + 16}" '
+                     f'text-anchor="middle">{group}</text>')
+    for s, name in enumerate(series):
+        y = top + 14 * s
+        parts.append(f'<rect x="{width - 150}" y="{y}" width="10" height="10" fill="{colors[s % len(colors)]}"/>'
+                     f'<text x="{width - 135}" y="{y + 9}">{name}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def write_results(out_dir, stem, rows, svg):
+    """rows (dicts with the same keys) to out_dir/stem.csv and the chart to out_dir/stem.svg."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / f"{stem}.svg").write_text(svg)
+    print(f"wrote {out / f'{stem}.csv'} and {out / f'{stem}.svg'}")

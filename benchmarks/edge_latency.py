@@ -6,16 +6,15 @@ serial, TP, SP, Galaxy without and with tiled overlap, seq 512 and 1024, batch 1
 
 Each rank runs in its own network namespace; the two talk over the shaped veth link only.
 All variants are timed interleaved in the same rounds (medians reported). Writes
-edge_latency.csv and edge_latency.svg (a plain SVG bar chart) to --out_dir.
+edge_latency.csv and edge_latency.svg (a plain SVG bar chart) to --out_dir (docs/results).
 """
 import argparse
-import csv
 import json
 import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import Runner, bert_cfg, interleaved, median
+from benchmarks.common import RESULTS, Runner, bert_cfg, interleaved, median, svg_bars, write_results
 from benchmarks.netem import EdgeNet
 
 VARIANTS = {"serial": ("serial", {}), "tp": ("tp", {}), "sp": ("sp", {}), "galaxy": ("galaxy", {}),
@@ -59,38 +58,6 @@ def run_link(rate, delay, args):
         return net.shaping, {int(k): v for k, v in json.loads(out.read_text()).items()}
 
 
-def svg_bars(groups, series, values, title):
-    """Grouped bar chart as SVG text: groups on x, one bar per series, values in ms."""
-    colors = ["#888888", "#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1"]
-    bar, gap, height, top, left = 18, 30, 300, 40, 60
-    width = left + len(groups) * (len(series) * bar + gap) + 160
-    vmax = max(values.values()) * 1.1
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + top + 80}" '
-             f'font-family="sans-serif" font-size="11">',
-             f'<text x="{left}" y="20" font-size="14">{title}</text>',
-             f'<line x1="{left}" y1="{top + height}" x2="{width - 160}" y2="{top + height}" stroke="black"/>']
-    for tick in range(5):
-        v = vmax * tick / 4
-        y = top + height - height * tick / 4
-        parts.append(f'<text x="{left - 5}" y="{y + 4:.0f}" text-anchor="end">{v:.0f}</text>')
-    parts.append(f'<text x="12" y="{top + height / 2}" transform="rotate(-90 12 {top + height / 2})">ms</text>')
-    for g, group in enumerate(groups):
-        x0 = left + gap / 2 + g * (len(series) * bar + gap)
-        for s, name in enumerate(series):
-            v = values[(group, name)]
-            h = height * v / vmax
-            parts.append(f'<rect x="{x0 + s * bar:.0f}" y="{top + height - h:.0f}" width="{bar - 2}" '
-                         f'height="{h:.0f}" fill="{colors[s % len(colors)]}"><title>{name}: {v:.0f} ms</title></rect>')
-        parts.append(f'<text x="{x0 + len(series) * bar / 2:.0f}" y="{top + height + 16}" '
-                     f'text-anchor="middle">{group}</text>')
-    for s, name in enumerate(series):
-        y = top + 14 * s
-        parts.append(f'<rect x="{width - 150}" y="{y}" width="10" height="10" fill="{colors[s % len(colors)]}"/>'
-                     f'<text x="{width - 135}" y="{y + 9}">{name}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--links", nargs="+", default=["100mbit", "1gbit"])
@@ -98,7 +65,7 @@ def main():
     p.add_argument("--seqs", nargs="+", type=int, default=[512, 1024])
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out_dir", default=".")
+    p.add_argument("--out_dir", default=RESULTS)
     p.add_argument("--timeout_s", type=float, default=3000)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--rank", type=int, help=argparse.SUPPRESS)
@@ -122,15 +89,8 @@ def main():
                                  min_ms=round(min(ts) * 1e3, 1), max_ms=round(max(ts) * 1e3, 1),
                                  speedup_vs_serial=round(base / m, 3)))
                 print(f"  seq {seq:5d} {name:15s} median {m * 1e3:8.0f} ms   {base / m:5.2f}x vs serial")
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "edge_latency.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
     title = f"BERT-base ({args.layers} layers) inference latency, world 2, batch 1"
-    (out / "edge_latency.svg").write_text(svg_bars(groups, list(VARIANTS), values, title))
-    print(f"wrote {out / 'edge_latency.csv'} and {out / 'edge_latency.svg'}")
+    write_results(args.out_dir, "edge_latency", rows, svg_bars(groups, list(VARIANTS), values, title))
 
 
 if __name__ == "__main__":

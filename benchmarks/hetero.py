@@ -5,7 +5,7 @@ split vs the planner's split (galaxy.planner), BERT-base sizes, world 2 gloo, fo
     python -m benchmarks.hetero --layers 12 --repeats 5
 """
 
-from benchmarks.common import bert_cfg, parser, table
+from benchmarks.common import bert_cfg, parser, svg_bars, table, write_results
 from galaxy.comm.launch import spawn
 from galaxy.planner.profile import slow_down
 from galaxy.planner.run import measure_forward, profile_and_plan
@@ -39,7 +39,13 @@ def main():
                      f"{r['even'][2] / measured:.2f}x"])
     print(f"BERT-base Galaxy layout ({args.layers} layers), seq {args.seq}, batch {args.batch}, world 2 gloo, "
           f"forward, {args.repeats} interleaved rounds (medians)")
-    print(table(rows, ["split", "heads", "columns", "positions", "predicted ms", "measured ms", "speed-up vs even"]))
+    headers = ["split", "heads", "columns", "positions", "predicted ms", "measured ms", "speed-up vs even"]
+    print(table(rows, headers))
+    group = f"rank {args.slow_rank} slowed"
+    values = {(group, f"{name} {kind}"): float(row[col]) for name, row in zip(("even", "planner"), rows)
+              for kind, col in (("predicted", 4), ("measured", 5))}
+    chart = svg_bars([group], [s for _, s in values], values, f"Galaxy forward, {args.layers} layers, world 2 (ms)")
+    write_results(args.out_dir, "hetero", [dict(zip(headers, map(str, row))) for row in rows], chart)
 
 
 if __name__ == "__main__":

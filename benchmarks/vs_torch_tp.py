@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
                                                SequenceParallel, parallelize_module)
 
-from benchmarks.common import Runner, bert_cfg, interleaved, median, parser, table
+from benchmarks.common import Runner, bert_cfg, interleaved, median, parser, svg_bars, table, write_results
 from galaxy.comm.launch import spawn
 from galaxy.models.bert.model import BertConfig, BertEmbeddings
 
@@ -121,7 +121,12 @@ def main():
              f"{med['torch_tp'] / med[name]:.2f}x", f"{med['torch_tp_sp'] / med[name]:.2f}x"] for name in med]
     print(f"BERT-base-shaped encoder ({args.layers} layers), seq {args.seq}, batch {args.batch}, world 2 gloo, "
           f"{args.repeats} interleaved rounds (speed-up > 1 = faster than torch)")
-    print(table(rows, ["impl", "median ms", "min ms", "max ms", "vs torch_tp", "vs torch_tp_sp"]))
+    headers = ["impl", "median ms", "min ms", "max ms", "vs torch_tp", "vs torch_tp_sp"]
+    print(table(rows, headers))
+    group = f"{args.layers} layers seq {args.seq} batch {args.batch}"
+    chart = svg_bars([group], list(med), {(group, k): m * 1e3 for k, m in med.items()},
+                     "training step, BERT-base-shaped encoder, world 2 gloo (median ms)")
+    write_results(args.out_dir, "vs_torch_tp", [dict(zip(headers, row)) for row in rows], chart)
 
 
 if __name__ == "__main__":
