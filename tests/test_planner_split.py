@@ -1,8 +1,12 @@
 """The planner's split logic (pure functions, no processes)."""
+import itertools
+import random
+
 import pytest
 
-from galaxy.planner.split import RankProfile, apportion, comm_seconds, even_galaxy, plan_galaxy, \
-    predict_layer_seconds
+from galaxy.plan import build_plan
+from galaxy.planner.split import RankProfile, apportion, comm_seconds, even_galaxy, even_pipeline, plan_galaxy, \
+    plan_pipeline, plan_stage_layers, pipeline_seconds, predict_layer_seconds
 
 
 def test_apportion_is_proportional_to_speed_and_exact():
@@ -56,3 +60,82 @@ def test_memory_budget_caps_a_rank():
 def test_comm_model_counts_padding_of_uneven_shards():
     assert comm_seconds([512], 1, 768, 1e9) == 0.0
     assert comm_seconds([300, 212], 1, 768, 1e9) > comm_seconds([256, 256], 1, 768, 1e9)
+
+
+def test_pipeline_latency_is_the_first_trip_plus_one_bottleneck_step_per_micro_batch():
+    assert pipeline_seconds([2, 2], [1.0, 1.0], 4) == pytest.approx((4 + 2 - 1) * 2.0)  # GPipe's (M + S - 1) * T
+    assert pipeline_seconds([3, 1], [1.0, 2.0], 4, extra_s=[0.5, 0.0], link_s=0.25) == pytest.approx(
+        3.5 + 2.0 + 0.25 + 3 * 3.5)
+    assert pipeline_seconds([1, 1], [1.0, 1.0], 3, link_s=5.0) == pytest.approx(2.0 + 5.0 + 2 * 5.0)  # link-bound
+
+
+def test_slow_stage_gets_fewer_layers_within_memory_caps():
+    assert plan_stage_layers(12, [1.0, 2.0], 8)[0] == [8, 4]
+    assert plan_stage_layers(12, [1.0, 2.0], 8, caps=[5, 12])[0] == [5, 7]
+    assert plan_stage_layers(12, [2.0, 1.0], 8, extra_s=[2.0, 0.0])[0] == [3, 9]  # embeddings weigh on stage 0
+    # one micro-batch visits the stages one after another: every layer it can goes to the fastest stage
+    assert plan_stage_layers(6, [1.0, 2.0, 3.0], 1) == ([4, 1, 1], pytest.approx(9.0))
+
+
+def test_many_micro_batches_give_apportions_min_max_split():
+    costs = [1.0, 1.7, 2.9]
+    split, _ = plan_stage_layers(20, costs, 1000)
+    assert max(n * c for n, c in zip(split, costs)) == max(n * c for n, c in zip(apportion(20, costs), costs))
+
+
+def test_stage_layers_are_optimal_against_brute_force():
+    rng = random.Random(0)
+    for _ in range(60):
+        stages = rng.randint(1, 3)
+        layers = rng.randint(stages, 7)
+        t = [rng.uniform(0.5, 3.0) for _ in range(stages)]
+        extra = [rng.uniform(0.0, 2.0) for _ in range(stages)]
+        caps = [rng.randint(1, layers) for _ in range(stages)]
+        micro, link = rng.randint(1, 5), rng.uniform(0.0, 3.0)
+        if sum(caps) < layers:
+            continue
+        split, seconds = plan_stage_layers(layers, t, micro, extra_s=extra, link_s=link, caps=caps)
+        assert sum(split) == layers and all(1 <= n <= c for n, c in zip(split, caps))
+        brute = min(pipeline_seconds(n, t, micro, extra, link)
+                    for n in itertools.product(*(range(1, c + 1) for c in caps)) if sum(n) == layers)
+        assert seconds == pytest.approx(brute, rel=1e-12)
+
+
+@pytest.mark.parametrize("args, kwargs, message", [
+    ((1, [1.0, 1.0], 4), {}, "at least one layer"),
+    ((4, [1.0, 0.0], 4), {}, "positive and finite"),
+    ((4, [1.0, 1.0], 0), {}, "num_microbatches 0"),
+    ((4, [1.0, 1.0], 4), {"caps": [2, 1]}, r"memory caps \[2, 1\]"),
+    ((4, [1.0, 1.0], 4), {"caps": [0, 4]}, "memory caps"),
+    ((4, [1.0, 1.0], 4), {"caps": [4]}, "1 entries for 2 stages"),
+])
+def test_bad_stage_input_is_a_clear_error(args, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        plan_stage_layers(*args, **kwargs)
+
+
+PIPE = dict(hidden=256, heads=4, intermediate=1024, seq=128, layers=4, batch=4, microbatches=4, bandwidth_Bps=1e8)
+
+
+def _cfg(keys):
+    return dict(num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, seq_length=128,
+                batch_size=16, num_microbatches=4, **keys)
+
+
+def test_pipeline_plan_gives_the_slowed_stage_fewer_layers_and_loads():
+    split, predicted = plan_pipeline(_profiles(2.0), 2, **PIPE)
+    assert split == {"parallel": "pp", "stage_num_hidden_layers_list": [3, 1]}
+    even, even_predicted = even_pipeline(_profiles(2.0), 2, **PIPE)
+    assert even["stage_num_hidden_layers_list"] == [2, 2] and predicted < even_predicted
+    assert build_plan(_cfg(split), 2).stage_layers == (3, 1)
+
+
+def test_pipeline_of_galaxy_stages_plans_one_tensor_split_and_memory_caps_stages():
+    fast, slow = _profiles(2.0)
+    split, _ = plan_pipeline([fast, fast, fast, slow], 2, **PIPE)  # the slow rank: stage 1, tensor rank 1
+    assert split["tp_num_attention_heads_list"][1] < split["tp_num_attention_heads_list"][0]
+    assert build_plan(_cfg(split), 4).pp_size == 2
+    # a budget for about one layer's parameters keeps the fast stage to one layer
+    small = RankProfile(fast.att_s_per_head, fast.mlp_s_per_column, fast.con_s_per_position, memory_bytes=4e6)
+    split, _ = plan_pipeline([small, slow], 2, **PIPE)
+    assert split["stage_num_hidden_layers_list"] == [1, 3]

@@ -1,13 +1,18 @@
 """Heterogeneity-aware planner: measure each rank's speed on the model's own blocks and the link
-bandwidth, choose the Galaxy head / intermediate / sequence splits that minimise the predicted
-latency within memory budgets, write them into a config, and check the prediction.
+bandwidth, choose the Galaxy head / intermediate / sequence splits (and, for a pipeline, the
+layers of each stage) that minimise the predicted latency within memory budgets, write them into
+a config, and check the prediction.
 
     python -m galaxy.planner --config train_config/bert/galaxy/full.json --world 2
     python -m galaxy.planner --config ... --world 2 --slow_rank 1 --out planned.json
     python -m galaxy.planner --config ... --world 2 --memory_mb 400 100
+    python -m galaxy.planner --config train_config/bert/pp/full.json --world 2 --slow_rank 1
 
-Latencies are of the encoder's forward pass (inference); the cost model is in galaxy.planner.split.
-Pipeline stage splits (stage_num_hidden_layers_list) are not planned.
+A pipeline comes from the config's stage_num_hidden_layers_list (its length is the number of
+stages) or --stages; each stage's world / stages ranks run the Galaxy layout (plain pipelining
+with one rank per stage). Data parallelism is not planned. Latencies are of the encoder's
+forward pass (inference; a pipeline runs num_microbatches micro-batches through its stages);
+the cost model is in galaxy.planner.split.
 """
 import argparse
 import json
@@ -25,31 +30,59 @@ def main():
     p.add_argument("--out", default=None, help="write the config with the planned splits here")
     p.add_argument("--memory_mb", type=float, nargs="+", default=None, help="per-rank budget for layer parameters")
     p.add_argument("--column_unit", type=int, default=1, help="intermediate columns move in multiples of this")
-    p.add_argument("--slow_rank", type=int, default=None, help="emulate a 2x slower device on this rank")
+    p.add_argument("--stages", type=int, default=None, help="pipeline stages (default: the config's)")
+    p.add_argument("--slow_rank", type=int, default=None, help="emulate a slower device on this rank")
+    p.add_argument("--slow_factor", type=int, default=2, help="how many times slower --slow_rank is")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--timeout_s", type=float, default=1800)
     args = p.parse_args()
-    if args.memory_mb and len(args.memory_mb) != args.world:
-        p.error(f"--memory_mb has {len(args.memory_mb)} entries for --world {args.world}")
-    cfg = load_config(args.config, {"parallel": "galaxy", "hidden_dropout_prob": 0.0,
-                                    "attention_probs_dropout_prob": 0.0})
-    for key in ("tp_num_attention_heads_list", "tp_intermediate_size_list", "seq_scatter_list"):
+    cfg = load_config(args.config, {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0})
+    args.stages = args.stages or len(cfg["stage_num_hidden_layers_list"] or [None])
+    _check_args(p, cfg, args)
+    cfg["parallel"] = "galaxy" if args.world > args.stages else "pp"
+    for key in ("tp_num_attention_heads_list", "tp_intermediate_size_list", "seq_scatter_list",
+                "stage_num_hidden_layers_list"):
         cfg[key] = None  # the planner decides these
     r = spawn(plan_and_check, args.world, (cfg, args), timeout_s=args.timeout_s)[0]
     print(f"link bandwidth (all-gather, bytes sent per rank): {r['bandwidth'] / 1e6:.1f} MB/s")
     for rank, prof in enumerate(r["profiles"]):
         print(f"rank {rank}: {prof['att_s_per_head'] * 1e3:.2f} ms/head  {prof['mlp_s_per_column'] * 1e6:.2f} us/column  "
-              f"{prof['con_s_per_position'] * 1e6:.2f} us/position")
+              f"{prof['con_s_per_position'] * 1e6:.2f} us/position  {prof['embed_s'] * 1e3:.2f} ms embeddings")
     for name, split, predicted in (("planned", r["split"], r["predicted"]), ("even", r["even"], r["even_predicted"])):
-        print(f"{name:8s} heads {split['tp_num_attention_heads_list']} columns {split['tp_intermediate_size_list']} "
-              f"positions {split['seq_scatter_list']}: predicted {predicted * 1e3:.0f} ms, "
+        print(f"{name:8s} {_describe(split)}: predicted {predicted * 1e3:.0f} ms, "
               f"measured {r['measured'][name] * 1e3:.0f} ms")
     print(f"measured speed-up of planned over even split: {r['measured']['even'] / r['measured']['planned']:.2f}x")
     if args.out:
         raw = json.loads(Path(args.config).read_text())
+        raw.pop("stage_num_hidden_layers_list", None)  # the plan's replaces it; none when not pipelined
         raw.update(r["split"])
         Path(args.out).write_text(json.dumps(raw, indent=2) + "\n")
         print(f"wrote {args.out}")
+
+
+
+def _check_args(p, cfg, args):
+    """Errors the ranks would otherwise meet only after profiling."""
+    if args.memory_mb and len(args.memory_mb) != args.world:
+        p.error(f"--memory_mb has {len(args.memory_mb)} entries for --world {args.world}")
+    if args.slow_factor < 1:
+        p.error(f"--slow_factor {args.slow_factor} must be at least 1")
+    if args.stages < 1 or args.world % args.stages:
+        p.error(f"--world {args.world} is not a multiple of {args.stages} pipeline stages")
+    if cfg["num_hidden_layers"] < args.stages:
+        p.error(f"num_hidden_layers {cfg['num_hidden_layers']} cannot fill {args.stages} pipeline stages")
+    if args.stages > 1 and cfg["batch_size"] % cfg["num_microbatches"]:
+        p.error(f"batch_size {cfg['batch_size']} does not split into num_microbatches {cfg['num_microbatches']}")
+    if (cfg["data_parallel_size"] or 1) > 1:
+        p.error(f"data_parallel_size {cfg['data_parallel_size']}: the planner does not plan data parallelism")
+
+
+SPLIT_NAMES = {"tp_num_attention_heads_list": "heads", "tp_intermediate_size_list": "columns",
+               "seq_scatter_list": "positions", "stage_num_hidden_layers_list": "stage layers"}
+
+
+def _describe(split):
+    return " ".join(f"{name} {split[key]}" for key, name in SPLIT_NAMES.items() if key in split)
 
 
 if __name__ == "__main__":

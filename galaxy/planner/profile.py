@@ -1,6 +1,6 @@
 """What the planner measures on each rank: the time of the model's own blocks (attention,
-MLP, connective of one layer, built serially at the run's batch and sequence length) and the
-link bandwidth between ranks; plus `slow_down`, which emulates a weaker device."""
+MLP, connective of one layer and the embeddings, built serially at the given batch and sequence
+length) and the link bandwidth between ranks; plus `slow_down`, which emulates a weaker device."""
 import os
 import threading
 import time
@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from galaxy.comm.context import ParallelContext
 from galaxy.layers.placement import REPLICATE
-from galaxy.models.bert.model import BertConfig, bert_layer
+from galaxy.models.bert.model import BertConfig, BertEmbeddings, bert_layer
 from galaxy.plan import Plan
 from galaxy.planner.split import RankProfile
 
@@ -29,16 +29,19 @@ def _best_time(fn, repeats):
 
 @torch.no_grad()
 def measure_blocks(cfg, memory_bytes=float("inf"), repeats=5):
-    """This rank's seconds per attention head, per MLP column and per position (forward)."""
+    """This rank's seconds per attention head, per MLP column, per position and for the
+    embeddings (forward, at cfg's batch_size)."""
     bcfg = BertConfig.from_dict(cfg)
     seq, heads, inter = cfg["seq_length"], cfg["num_attention_heads"], cfg["intermediate_size"]
     plan = Plan(heads=(heads,), kv_heads=(heads,), columns=(inter,), positions=(seq,), stage_layers=(1,))
     layer = bert_layer(bcfg, ParallelContext(plan), 0, REPLICATE).eval()
     x = torch.randn(cfg["batch_size"], seq, cfg["hidden_size"])
+    embeddings = BertEmbeddings(bcfg).eval()
+    ids = torch.randint(cfg["vocab_size"], (cfg["batch_size"], seq))
     return RankProfile(att_s_per_head=_best_time(lambda: layer.attn(x), repeats) / heads,
                        mlp_s_per_column=_best_time(lambda: layer.mlp(x), repeats) / inter,
                        con_s_per_position=_best_time(lambda: layer.con1(x, x), repeats) / seq,
-                       memory_bytes=memory_bytes)
+                       memory_bytes=memory_bytes, embed_s=_best_time(lambda: embeddings(ids), repeats))
 
 
 def measure_bandwidth(nbytes=8 << 20, repeats=3, group=None):
@@ -53,10 +56,10 @@ def measure_bandwidth(nbytes=8 << 20, repeats=3, group=None):
     return (world - 1) * nbytes / seconds.item()
 
 
-def slow_down(rank, slowed, cores=None):
-    """Emulate a weaker device: pin rank r to core r % cores; on `slowed` ranks a busy thread
-    shares that core, so the rank gets about half of it (2x slower compute) when nothing else
-    runs there. Returns an Event that stops the busy thread (set it before exiting)."""
+def slow_down(rank, slowed, cores=None, factor=2):
+    """Emulate a weaker device: pin rank r to core r % cores; on `slowed` ranks factor - 1 busy
+    threads share that core, so the rank gets about 1/factor of it (factor x slower compute) when
+    nothing else runs there. Returns an Event that stops the busy threads (set it before exiting)."""
     cores = cores or os.cpu_count()
     core = {rank % cores}
     for tid in os.listdir("/proc/self/task"):  # every thread that exists now (gloo's included)
@@ -69,5 +72,6 @@ def slow_down(rank, slowed, cores=None):
             while not stop.is_set():
                 a @ a
 
-        threading.Thread(target=spin, daemon=True).start()
+        for _ in range(factor - 1):
+            threading.Thread(target=spin, daemon=True).start()
     return stop

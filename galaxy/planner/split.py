@@ -1,13 +1,19 @@
 """The planner's decisions as pure functions (no processes): given each rank's measured cost per
 head, per intermediate column and per sequence position, the link bandwidth and memory budgets,
-choose the Galaxy layout's per-rank splits that minimise the predicted layer latency.
+choose the Galaxy layout's per-rank splits that minimise the predicted layer latency, and, for a
+pipeline, how many layers each stage runs.
 
 Cost model for one Galaxy layer (ATT=TP, CON=SP, MLP=TP), forward:
     max_r(heads_r * att_r) + max_r(cols_r * mlp_r) + 2 * max_r(pos_r * con_r)
     + 2 all-gathers + 2 reduce-scatters of the [B, T, H] activation over the link
 Blocks are separated by collectives, so each block costs its slowest rank: every split is a
 min-max problem of its own, solved exactly by `apportion`.
+
+Cost model for a pipeline (`pipeline_seconds`): stage s runs its layers at its tensor group's
+planned layer time, the first stage also embeds, and each micro-batch's activation crosses
+every link between stages; `plan_stage_layers` minimises the resulting forward latency exactly.
 """
+from bisect import bisect_right
 from dataclasses import dataclass
 
 
@@ -17,6 +23,7 @@ class RankProfile:
     mlp_s_per_column: float   # MLP block time per intermediate column (full sequence)
     con_s_per_position: float  # connective block time per sequence position
     memory_bytes: float = float("inf")  # budget for this rank's layer parameters
+    embed_s: float = 0.0      # embeddings of the batch (paid by the first pipeline stage only)
 
 
 def apportion(total, costs, caps=None, unit=1):
@@ -57,17 +64,25 @@ def predict_layer_seconds(split, profiles, batch, hidden, bandwidth_Bps):
     return att + mlp + 2 * con + comm_seconds(pos, batch, hidden, bandwidth_Bps)
 
 
-def memory_caps(profiles, hidden, heads, intermediate, layers, bytes_per=4):
-    """Per-rank caps on heads and columns: each rank's budget shared between attention and MLP
-    parameters in the full model's proportion (head: q,k,v rows + o columns; column: up row + down column)."""
+def layer_param_bytes(hidden, heads, bytes_per=4):
+    """One layer's parameter bytes per attention head (q,k,v rows + o columns) and per
+    intermediate column (up row + down column)."""
     d = hidden // heads
-    per_head = layers * bytes_per * (4 * hidden * d + 3 * d)
-    per_col = layers * bytes_per * (2 * hidden + 1)
+    return bytes_per * (4 * hidden * d + 3 * d), bytes_per * (2 * hidden + 1)
+
+
+def _fit(budget, unit_bytes, most):
+    """How many units of unit_bytes fit in budget, at most `most` (all of them when unbounded)."""
+    return most if budget == float("inf") else min(most, int(budget // unit_bytes))
+
+
+def memory_caps(profiles, hidden, heads, intermediate, layers):
+    """Per-rank caps on heads and columns: each rank's budget shared between attention and MLP
+    parameters in the full model's proportion."""
+    per_head, per_col = (layers * b for b in layer_param_bytes(hidden, heads))
     att_share = heads * per_head / (heads * per_head + intermediate * per_col)
-    head_caps = [min(heads, int(p.memory_bytes * att_share // per_head)) if p.memory_bytes != float("inf") else heads
-                 for p in profiles]
-    col_caps = [min(intermediate, int(p.memory_bytes * (1 - att_share) // per_col))
-                if p.memory_bytes != float("inf") else intermediate for p in profiles]
+    head_caps = [_fit(p.memory_bytes * att_share, per_head, heads) for p in profiles]
+    col_caps = [_fit(p.memory_bytes * (1 - att_share), per_col, intermediate) for p in profiles]
     return head_caps, col_caps
 
 
@@ -85,9 +100,139 @@ def plan_galaxy(profiles, *, hidden, heads, intermediate, seq, layers, batch, ba
     return split, layers * predict_layer_seconds(split, profiles, batch, hidden, bandwidth_Bps)
 
 
+def _even(total, parts):
+    return [total // parts + (r < total % parts) for r in range(parts)]
+
+
 def even_galaxy(world, *, heads, intermediate, seq):
     """The even split (what a config without lists gets), for comparison."""
-    def even(total):
-        return [total // world + (r < total % world) for r in range(world)]
-    return {"parallel": "galaxy", "tp_num_attention_heads_list": even(heads),
-            "tp_intermediate_size_list": even(intermediate), "seq_scatter_list": even(seq)}
+    return {"parallel": "galaxy", "tp_num_attention_heads_list": _even(heads, world),
+            "tp_intermediate_size_list": _even(intermediate, world), "seq_scatter_list": _even(seq, world)}
+
+
+def pipeline_seconds(stage_layers, s_per_layer, microbatches, extra_s=None, link_s=0.0):
+    """Predicted forward latency of a pipeline of equal micro-batches. Stage s takes
+    T_s = stage_layers[s] * s_per_layer[s] + extra_s[s] per micro-batch, each of the S - 1 links
+    link_s. Micro-batches pass the stages and links in order, so (a flow shop of identical jobs)
+    the last one leaves after the first one's trip plus one bottleneck step per further one:
+        sum_s T_s + (S - 1) * link_s + (M - 1) * max(max_s T_s, link_s)
+    (GPipe's (M + S - 1) * max_s T_s when all stages are equal; the forward phase of GPipe/1F1B)."""
+    extra_s = extra_s or [0.0] * len(s_per_layer)
+    times = [n * t + e for n, t, e in zip(stage_layers, s_per_layer, extra_s)]
+    return sum(times) + (len(times) - 1) * link_s + (microbatches - 1) * max(max(times), link_s)
+
+
+def _check_stages(layers, s_per_layer, microbatches, extra_s, caps):
+    stages = len(s_per_layer)
+    if stages < 1 or layers < stages:
+        raise ValueError(f"{layers} layers cannot give each of {stages} pipeline stages at least one layer")
+    if microbatches < 1:
+        raise ValueError(f"num_microbatches {microbatches} must be at least 1")
+    if not all(0 < t < float("inf") for t in s_per_layer):
+        raise ValueError(f"seconds per layer {s_per_layer} must be positive and finite")
+    for name, values in (("extra seconds", extra_s), ("memory caps", caps)):
+        if len(values) != stages:
+            raise ValueError(f"{name} {values} have {len(values)} entries for {stages} stages")
+    if min(caps) < 1 or sum(min(c, layers) for c in caps) < layers:
+        raise ValueError(f"memory caps {caps} (layers each stage can hold) do not fit {layers} layers, "
+                         f"one or more on each stage")
+
+
+def _fill_fastest(layers, s_per_layer, room):
+    """One layer per stage, then the rest on the fastest stages, each up to its room: the least
+    total stage time among splits giving stage s at most room[s] layers."""
+    n = [1] * len(s_per_layer)
+    left = layers - len(n)
+    for s in sorted(range(len(n)), key=lambda s: s_per_layer[s]):
+        n[s] += min(room[s] - 1, left)
+        left -= n[s] - 1
+    return n
+
+
+def plan_stage_layers(layers, s_per_layer, microbatches, *, extra_s=None, link_s=0.0, caps=None):
+    """stage_num_hidden_layers_list (>= 1 layer and <= caps[s] on stage s, summing to `layers`)
+    minimising `pipeline_seconds`, and that latency (s).
+
+    Exact: an optimal split has some bottleneck stage time B, one of the values n * t_s + e_s.
+    For each such B, `_fill_fastest` within it gives the least sum of stage times with every
+    stage <= B, which is at least as good; the best over all B is optimal. With many micro-batches
+    only the bottleneck counts (without extra costs: `apportion`'s min-max split); with few, the
+    first micro-batch's trip counts too (M = 1 runs the stages one after another, so layers go to
+    the fastest stage), which is why this is not `apportion`."""
+    extra_s = extra_s or [0.0] * len(s_per_layer)
+    caps = caps or [layers] * len(s_per_layer)
+    _check_stages(layers, s_per_layer, microbatches, extra_s, caps)
+    # each stage's possible times per micro-batch, ascending: room within B is a bisection
+    times = [[n * t + e for n in range(1, min(cap, layers) + 1)] for t, e, cap in zip(s_per_layer, extra_s, caps)]
+    best = None
+    for bound in sorted({x for ts in times for x in ts}):
+        room = [bisect_right(ts, bound) for ts in times]
+        if min(room) < 1 or sum(room) < layers:
+            continue
+        n = _fill_fastest(layers, s_per_layer, room)
+        seconds = pipeline_seconds(n, s_per_layer, microbatches, extra_s, link_s)
+        if best is None or seconds < best[1]:
+            best = (n, seconds)
+    return best
+
+
+def stage_costs(tensor_split, profiles, stages, *, hidden, heads, seq, layers, batch, bandwidth_Bps):
+    """What `plan_stage_layers` needs, for `stages` stages of len(profiles) / stages tensor ranks
+    (rank order: tensor rank fastest, then stage) that all use tensor_split:
+    (seconds per layer, extra seconds, link seconds, layers within memory) per stage.
+    A stage's layer costs its planned Galaxy layer (slowest rank per block); the first stage also
+    embeds (its slowest rank); the link carries one [batch, seq, hidden] fp32 activation.
+    The LM head is not in the encoder forward the planner measures, so the last stage pays nothing extra."""
+    tp = len(profiles) // stages
+    groups = [profiles[s * tp:(s + 1) * tp] for s in range(stages)]
+    per_head, per_col = layer_param_bytes(hidden, heads)
+    shares = list(zip(tensor_split["tp_num_attention_heads_list"], tensor_split["tp_intermediate_size_list"]))
+    s_per_layer = [predict_layer_seconds(tensor_split, g, batch, hidden, bandwidth_Bps) for g in groups]
+    caps = [min(_fit(p.memory_bytes, h * per_head + c * per_col, layers) for p, (h, c) in zip(g, shares))
+            for g in groups]
+    extra_s = [max(p.embed_s for p in groups[0])] + [0.0] * (stages - 1)
+    return s_per_layer, extra_s, batch * seq * hidden * 4 / bandwidth_Bps, caps
+
+
+def _slowest(profiles):
+    """One profile with the worst of each figure (tightest memory)."""
+    return RankProfile(max(p.att_s_per_head for p in profiles), max(p.mlp_s_per_column for p in profiles),
+                       max(p.con_s_per_position for p in profiles), min(p.memory_bytes for p in profiles),
+                       max(p.embed_s for p in profiles))
+
+
+def _pipeline_keys(tensor_split, stage_layers, tp):
+    """Config keys: the tensor split when stages have several ranks, else plain pipelining."""
+    return dict(tensor_split if tp > 1 else {"parallel": "pp"}, stage_num_hidden_layers_list=stage_layers)
+
+
+def plan_pipeline(profiles, stages, *, hidden, heads, intermediate, seq, layers, batch, microbatches,
+                  bandwidth_Bps, column_unit=1):
+    """Config keys (tensor splits if a stage has several ranks, stage_num_hidden_layers_list) and
+    the predicted forward latency (s); `batch` is the micro-batch size the profiles were taken at.
+    The config has one tensor split for all stages: it is planned for each tensor position's slowest
+    rank over the stages (a heuristic: the stage with the slowest ranks tends to be the bottleneck),
+    with memory caps as if each stage held its even share of layers; the stage layers then follow
+    exactly from the stages' resulting layer times and memory."""
+    tp = len(profiles) // stages
+    if tp > 1:
+        worst = [_slowest(profiles[i::tp]) for i in range(tp)]
+        tensor = plan_galaxy(worst, hidden=hidden, heads=heads, intermediate=intermediate, seq=seq,
+                             layers=-(-layers // stages), batch=batch, bandwidth_Bps=bandwidth_Bps,
+                             column_unit=column_unit)[0]
+    else:  # one rank per stage runs whole layers; its memory only limits its layer count
+        tensor = even_galaxy(1, heads=heads, intermediate=intermediate, seq=seq)
+    s_per_layer, extra_s, link_s, caps = stage_costs(tensor, profiles, stages, hidden=hidden, heads=heads, seq=seq,
+                                                     layers=layers, batch=batch, bandwidth_Bps=bandwidth_Bps)
+    n, predicted = plan_stage_layers(layers, s_per_layer, microbatches, extra_s=extra_s, link_s=link_s, caps=caps)
+    return _pipeline_keys(tensor, n, tp), predicted
+
+
+def even_pipeline(profiles, stages, *, hidden, heads, intermediate, seq, layers, batch, microbatches, bandwidth_Bps):
+    """The even tensor split and even stage layers, with their predicted latency, for comparison."""
+    tp = len(profiles) // stages
+    tensor = even_galaxy(tp, heads=heads, intermediate=intermediate, seq=seq)
+    s_per_layer, extra_s, link_s, _ = stage_costs(tensor, profiles, stages, hidden=hidden, heads=heads, seq=seq,
+                                                  layers=layers, batch=batch, bandwidth_Bps=bandwidth_Bps)
+    n = _even(layers, stages)
+    return _pipeline_keys(tensor, n, tp), pipeline_seconds(n, s_per_layer, microbatches, extra_s, link_s)
