@@ -46,7 +46,7 @@ def apportion(total, costs, caps=None, unit=1):
 
 
 def comm_seconds(positions, batch, hidden, bandwidth_Bps, bytes_per=4):
-    """Galaxy's 4 edge collectives per layer (ring volumes; the all-gather pads to the longest shard)."""
+    """Galaxy's 4 edge collectives per layer (ring volumes; an all-gather lasts as long as the longest shard takes)."""
     p = len(positions)
     if p == 1:
         return 0.0
