@@ -5,10 +5,10 @@ all-gather the sequence -> column linears ... row linear -> reduce-scatter the s
 Fused here, the sequence is cut into tiles so the network works on one tile while the
 CPU multiplies another:
 
-    gather_linear          fwd  all-gather tile i+1 (async) while tile i's rows go through the linears
+    gather_linear          fwd  all-gather tiles i+1.. (async) while tile i's rows go through the linears
                            bwd  reduce-scatter tile i's input gradient (async) while tile i+1's is computed
     linear_reduce_scatter  fwd  reduce-scatter tile i's output rows (async) while tile i+1's are computed
-                           bwd  all-gather tile i+1's output gradient (async) while tile i's input gradient is computed
+                           bwd  all-gather tiles i+1..'s output gradient (async) while tile i's input gradient is computed
 
 Tiles follow the per-rank split: each rank cuts *its own* positions into `count` tiles, and
 tile i is the concatenation, in rank order, of every rank's i-th piece (uneven sizes work).
@@ -57,6 +57,12 @@ def _start_reduce_scatter(x, sizes, group):
     return C.start_reduce_scatter(x, 1, sizes, group)
 
 
+def _start_tiles(start, x, tiles, group):
+    """Post every tile's all-gather of this rank's shard x at once: the link streams them back to
+    back (in order) while the caller computes on each as it arrives."""
+    return [start(x[:, tiles.local[i]], tiles.sizes[i], group) for i in range(tiles.count)]
+
+
 class _GatherLinear(torch.autograd.Function):
     """linears(all_gather(x)) for x = this rank's sequence shard [B, t, H]; params = (w0, b0, w1, b1, ...)."""
 
@@ -65,11 +71,9 @@ class _GatherLinear(torch.autograd.Function):
         weights, biases = params[0::2], params[1::2]
         full = x.new_empty(x.shape[0], tiles.total, x.shape[2])  # kept for the weight gradients
         outs = [x.new_empty(x.shape[0], tiles.total, w.shape[0]) for w in weights]
-        pending = _start_all_gather(x[:, tiles.local[0]], tiles.sizes[0], group)
+        pending = _start_tiles(_start_all_gather, x, tiles, group)
         for i in range(tiles.count):
-            xi = pending.wait()
-            if i + 1 < tiles.count:
-                pending = _start_all_gather(x[:, tiles.local[i + 1]], tiles.sizes[i + 1], group)
+            xi = pending[i].wait()
             full.index_copy_(1, tiles.index[i], xi)
             for out, w, b in zip(outs, weights, biases):
                 out.index_copy_(1, tiles.index[i], F.linear(xi, w, b))
@@ -111,11 +115,9 @@ class _LinearReduceScatter(torch.autograd.Function):
         tiles = ctx.tiles
         g_full = grad.new_empty(grad.shape[0], tiles.total, grad.shape[2])
         grad_h = torch.empty_like(h)
-        pending = _start_all_gather(grad[:, tiles.local[0]], tiles.sizes[0], ctx.group)
+        pending = _start_tiles(_start_all_gather, grad, tiles, ctx.group)
         for i in range(tiles.count):
-            gi = pending.wait()
-            if i + 1 < tiles.count:
-                pending = _start_all_gather(grad[:, tiles.local[i + 1]], tiles.sizes[i + 1], ctx.group)
+            gi = pending[i].wait()
             g_full.index_copy_(1, tiles.index[i], gi)
             grad_h.index_copy_(1, tiles.index[i], gi @ weight)
         flat_g = g_full.flatten(0, 1)
