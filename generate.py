@@ -5,7 +5,10 @@
     python generate.py --checkpoint out/llama_tiny --prompt "..." --world 3 --tp_num_attention_heads_list [4,2,2]
 
 The checkpoint is a Hugging Face LLaMA directory (config.json + safetensors), e.g. what
-finetune_llama.py --save_dir writes. "\\n" in the prompt stands for a newline.
+finetune_llama.py --save_dir writes. "\\n" in the prompt stands for a newline. A LoRA / adapter
+fine-tune saved with --save_trainable_only true is its base checkpoint plus that directory:
+
+    python generate.py --checkpoint out/base --load_trainable out/lora --prompt "..."
 """
 import argparse
 import json
@@ -16,8 +19,10 @@ import torch
 from galaxy.comm import launch
 from galaxy.comm.context import ParallelContext
 from galaxy.data import Tokenizer
+from galaxy.models.checkpoint import CheckpointError
 from galaxy.models.llama import LlamaForCausalLM
 from galaxy.models.llama.generate import check_can_generate, greedy_generate
+from galaxy.models.tuning import TUNING_FILE, apply_tuning, read_tuning_record
 from galaxy.plan import build_plan
 from galaxy.train.config import SCHEMA, load_config
 from galaxy.train.errors import ConfigError
@@ -26,6 +31,8 @@ from galaxy.train.errors import ConfigError
 def parse(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="Hugging Face LLaMA directory")
+    parser.add_argument("--load_trainable", default=None,
+                        help="a finetune_llama.py --save_trainable_only directory (LoRA / adapter) applied to --checkpoint")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max_new_tokens", type=int, default=64)
     parser.add_argument("--tokenizer_file", default="data/python_docs/spm_llama.model")
@@ -43,17 +50,34 @@ def parse(argv=None):
               "tp_num_attention_heads_list": args.tp_num_attention_heads_list,
               "tp_intermediate_size_list": args.tp_intermediate_size_list}
     try:
-        cfg = load_config(None, {**shape, **layout, "model": "llama", "seq_length": 1})
+        tuning = _tuning(args.load_trainable)
+        cfg = load_config(None, {**shape, **layout, **tuning, "model": "llama", "seq_length": 1})
         plan = build_plan(cfg, world)
         check_can_generate(plan)
     except (ConfigError, ValueError) as e:
         parser.exit(2, f"galaxy: config error: {e}\n")
-    return args, plan, world, rank
+    return args, cfg, plan, world, rank
 
 
-def main(rank, world, args, plan):
+def _tuning(directory):
+    """The config keys that rebuild a trainable-only checkpoint's tuning method (its tuning.json)."""
+    if directory is None:
+        return {}
+    saved = read_tuning_record(directory)
+    if saved is None:
+        raise ConfigError(f"--load_trainable {directory}: no {TUNING_FILE} (it is written by --save_trainable_only true)")
+    return {**{k: v for k, v in saved.items() if k != "method"}, saved["method"]: True}
+
+
+def main(rank, world, args, cfg, plan):
     ctx = ParallelContext.create(plan, rank)
     model = LlamaForCausalLM.from_pretrained(args.checkpoint, ctx)
+    if args.load_trainable:
+        apply_tuning(model, cfg, ctx)
+        try:
+            model.load_hf(args.load_trainable, trainable_only=True)
+        except CheckpointError as e:
+            raise SystemExit(f"galaxy: rank {rank}: {e}") from None
     tok = Tokenizer(args.tokenizer_file)
     prompt = [tok.bos_id] + tok.encode(args.prompt.replace("\\n", "\n"))
     out = greedy_generate(model, torch.tensor([prompt]), args.max_new_tokens, None if args.ignore_eos else tok.eos_id)
@@ -63,5 +87,5 @@ def main(rank, world, args, plan):
 
 
 if __name__ == "__main__":
-    args, plan, world, rank = parse()
-    launch.run(main, world, rank, (args, plan), launch.init_method_from(args), args.backend)
+    args, cfg, plan, world, rank = parse()
+    launch.run(main, world, rank, (args, cfg, plan), launch.init_method_from(args), args.backend)

@@ -58,34 +58,85 @@ def _files(path):
     return out
 
 
-def load_checkpoint(model, path, to_hf, strip_prefix=""):
-    """Copy this rank's slices of a full HF checkpoint into `model` (names mapped by to_hf).
+def load_checkpoint(model, path, to_hf, strip_prefix="", trainable_only=False):
+    """Copy this rank's slices of a Hugging Face checkpoint into `model` (names mapped by to_hf).
 
-    A checkpoint with a different prefix (e.g. a bare BertModel "embeddings.*" loaded into
-    BertForMaskedLM "bert.embeddings.*") is matched by trying the name without strip_prefix.
-    Returns the checkpoint names that no parameter used.
+    A full load needs every parameter in the checkpoint and returns the checkpoint names no
+    parameter used. A checkpoint with a different prefix (e.g. a bare BertModel "embeddings.*"
+    loaded into BertForMaskedLM "bert.embeddings.*") is matched by trying the name without
+    strip_prefix.
+
+    trainable_only loads what save_checkpoint(trainable_only=True) wrote (a LoRA / adapter /
+    side file) into the parameters that train, after the tuning method has added them. The file
+    must hold exactly the whole model's trainable tensors. Pipeline stages hold different ones,
+    so the ranks pool what they found (one all-gather every rank reaches) and all raise the same
+    error before anything is copied.
     """
     where = _files(path)
-    handles, used = {}, set()
+    handles = {}
     try:
-        for name, param in model.named_parameters():
-            hf = to_hf(_source_name(name, param))
-            if hf not in where and strip_prefix and hf.startswith(strip_prefix):
-                hf = hf[len(strip_prefix):]
-            if hf not in where:
-                raise CheckpointError(f"{path}: tensor '{hf}' (for parameter '{name}') is missing")
-            f = where[hf]
-            handle = handles.setdefault(f, safe_open(str(f), "pt"))
-            tensor = _read_slice(handle.get_slice(hf), param)
-            if tensor.shape != param.shape:
-                raise CheckpointError(f"{path}: '{hf}' gives shape {tuple(tensor.shape)}, parameter '{name}' "
-                                      f"needs {tuple(param.shape)} (does the config match the checkpoint?)")
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad or not trainable_only]
+        found, problems = _match(params, where, handles, to_hf, strip_prefix)
+        used = {hf for hf, _, _ in found}
+        if trainable_only:
+            problems, used = _pooled(problems, used)
+            extra = sorted(set(where) - used)
+            if extra:
+                problems.append(f"{len(extra)} tensor(s) this model does not train: {_some([repr(e) for e in extra])}")
+        if problems:
+            hint = "saved by a run with other tuning settings?" if trainable_only else "does the config match?"
+            raise CheckpointError(f"{path}: " + "; ".join(problems) + f" ({hint})")
+        for hf, view, param in found:
             with torch.no_grad():
-                param.copy_(tensor)
-            used.add(hf)
+                param.copy_(_read_slice(view, param))
     finally:
         handles.clear()
     return sorted(set(where) - used)
+
+
+def _match(params, where, handles, to_hf, strip_prefix):
+    """([(checkpoint name, slice view, parameter)], problems): the tensor each parameter reads,
+    checked against the parameter's full (unsharded) shape before anything is read."""
+    found, missing, reshaped = [], [], []
+    for name, param in params:
+        hf = to_hf(_source_name(name, param))
+        if hf not in where and strip_prefix and hf.startswith(strip_prefix):
+            hf = hf[len(strip_prefix):]
+        named = f"'{hf}'" + (f" (parameter '{name}')" if hf != name else "")
+        if hf not in where:
+            missing.append(named)
+            continue
+        f = where[hf]
+        view = handles.setdefault(f, safe_open(str(f), "pt")).get_slice(hf)
+        shape, needed = tuple(view.get_shape()), full_shape(param)
+        if shape != needed:
+            reshaped.append(f"{named} is {shape} in the checkpoint, {needed} in the model")
+        found.append((hf, view, param))
+    problems = [f"{len(missing)} tensor(s) missing: {_some(missing)}"] if missing else []
+    if reshaped:
+        problems.append(f"{len(reshaped)} tensor(s) of another shape: {_some(reshaped)}")
+    return found, problems
+
+
+def _pooled(problems, used):
+    """Every rank's problems and used names, so each sees the whole model's (pipeline stages differ)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return problems, used
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (problems, used))
+    return list(dict.fromkeys(p for part, _ in parts for p in part)), set().union(*(u for _, u in parts))
+
+
+def _some(names, shown=3):
+    more = f" (+{len(names) - shown} more)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def full_shape(param):
+    """The unsharded shape of a parameter that may hold a slice (`param.shard`)."""
+    shard = getattr(param, "shard", None)
+    shape = tuple(param.shape)
+    return shape if shard is None else shape[:shard[0]] + (shard[3],) + shape[shard[0] + 1:]
 
 
 def _source_name(name, param):
@@ -101,8 +152,6 @@ def _read_slice(view, param):
     index = [slice(None)] * len(view.get_shape())
     index[dim] = slice(start, start + length)
     return view[tuple(index)]
-
-
 
 
 def gather_full_state(model, ctx, to_hf, tensor_of=lambda p: p.detach(), trainable_only=False):

@@ -2,6 +2,7 @@
 import torch
 
 from galaxy.comm.context import ParallelContext
+from galaxy.models.checkpoint import full_shape
 from galaxy.plan import Plan
 
 
@@ -20,7 +21,7 @@ def init_weights(model, std):
     layout starts from exactly the serial model's weights."""
     for name, p in model.named_parameters():
         shard = getattr(p, "shard", None)
-        full = p.shape if shard is None else p.shape[:shard[0]] + (shard[3],) + p.shape[shard[0] + 1:]
+        full = full_shape(p)
         if name.endswith("bias"):
             value = torch.zeros(full)
         elif "norm" in name.lower() and p.dim() == 1:

@@ -27,8 +27,10 @@ How each method meets the layouts:
 Initial values are drawn for the full tensor from a seed derived from the parameter's name, then
 sliced by its shard (as init_weights does), so every layout starts from the serial values.
 """
+import json
 import math
 import zlib
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -41,12 +43,19 @@ from galaxy.layers.placement import redistribute
 from galaxy.layers.transformer import TransformerLayer
 from galaxy.loralib import Linear as LoraLinear
 from galaxy.loralib import mark_only_lora_as_trainable
+from galaxy.models.checkpoint import full_shape
 from galaxy.train.errors import ConfigError
 
 # config name (Hugging Face BERT's module name) -> (block, projection) in our layers
 LORA_TARGETS = {"query": ("attn", "q"), "key": ("attn", "k"), "value": ("attn", "v"),
                 "dense": ("attn", "o"), "intermediate": ("mlp", "up"), "output": ("mlp", "down")}
 BLOCK_METHOD = {"attn": "att", "mlp": "mlp"}  # which Plan field says how a block is split
+# the keys that decide which tensors a method adds and what they compute (not how they train)
+METHOD_KEYS = {"full_model": (), "use_lora": ("lora_dim", "lora_alpha", "lora_targets"),
+               "use_adapter": ("adapter_reduction_dim", "non_linearity"),
+               "use_side": ("side_reduction_factor", "add_bias_sampling", "non_linearity"),
+               "use_side_only": ("side_reduction_factor", "add_bias_sampling", "non_linearity")}
+TUNING_FILE = "tuning.json"  # beside a trainable-only checkpoint, like PEFT's adapter_config.json
 
 
 def tuning_method(cfg):
@@ -73,6 +82,46 @@ def check_tuning(cfg):
         factor = cfg["side_reduction_factor"]
         if factor < 1 or cfg["hidden_size"] % factor:
             raise ConfigError(f"side_reduction_factor {factor} must be >= 1 and divide hidden_size {cfg['hidden_size']}")
+    if cfg.get("load_trainable"):
+        check_saved_tuning(cfg)
+
+
+def tuning_record(cfg):
+    """What a trainable-only checkpoint needs to be rebuilt: the method and its shaping keys."""
+    method = tuning_method(cfg)
+    return {"method": method, **{k: cfg[k] for k in METHOD_KEYS[method]}}
+
+
+def save_tuning_record(cfg, directory):
+    (Path(directory) / TUNING_FILE).write_text(json.dumps(tuning_record(cfg), indent=1))
+
+
+def read_tuning_record(directory):
+    """The tuning.json beside a trainable-only checkpoint, or None (e.g. a bare safetensors file)."""
+    path = Path(directory) / TUNING_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(record, dict) or record.get("method") not in METHOD_KEYS:
+        raise ConfigError(f"{path}: expected {{\"method\": one of {list(METHOD_KEYS)}, ...}}, got {record!r}")
+    return record
+
+
+def check_saved_tuning(cfg):
+    """The run that saved load_trainable must have used this run's tuning (a LoRA file does not fit an
+    adapter run; another lora_alpha would load but compute something else). Without a tuning.json
+    the tensor names and shapes are still checked when loading."""
+    saved, mine = read_tuning_record(cfg["load_trainable"]), tuning_record(cfg)
+    if saved is None:
+        return
+    keys = ["method"] if saved.get("method") != mine["method"] else list(mine)
+    diffs = [f"{k} {saved.get(k)!r} there, {mine[k]!r} here" for k in keys if saved.get(k) != mine[k]]
+    if diffs:
+        raise ConfigError(f"load_trainable {cfg['load_trainable']} was saved with other tuning "
+                          f"({TUNING_FILE}): {'; '.join(diffs)}")
 
 
 def apply_tuning(model, cfg, ctx):
@@ -232,7 +281,7 @@ def _initial_value(name, p, zero_init):
     """Biases 0, norm weights 1, `zero_init` matrices 0, other matrices nn.Linear's default
     U(-1/sqrt(fan_in), 1/sqrt(fan_in)); drawn full, then sliced by the shard."""
     shard = getattr(p, "shard", None)
-    full = p.shape if shard is None else p.shape[:shard[0]] + (shard[3],) + p.shape[shard[0] + 1:]
+    full = full_shape(p)
     if name.endswith("bias") or (p.dim() < 2 and "norm" not in name) or any(z in name for z in zero_init):
         value = torch.zeros(full)
     elif p.dim() < 2:

@@ -97,7 +97,10 @@ SCHEMA = {
     "save_every": (int, 0, "save a training checkpoint every N optimizer steps (and at the last); 0 = never"),
     "keep_checkpoints": (int, 0, "keep only the newest K training checkpoints; 0 = keep all"),
     "resume": (bool, False, "continue from the newest complete checkpoint in save_dir"),
-    "save_trainable_only": (bool, False, ""),
+    "save_trainable_only": (bool, False, "the final export holds only the trained tensors (LoRA / adapter / "
+                            "side), with tuning.json beside them"),
+    "load_trainable": (str, None, "a save_trainable_only directory, loaded after load_checkpoint once the "
+                       "tuning method has added its parameters (its tuning.json must match this run's)"),
 }
 ALIASES = {"pad_size": "seq_length", "max_seq_length": "seq_length", "lr": "learning_rate",
            "lora_att_dim": "lora_dim", "lora_r": "lora_dim", "grad_accum_steps": "gradient_accumulation_steps"}

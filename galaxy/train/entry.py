@@ -18,7 +18,7 @@ from galaxy.comm.context import ParallelContext
 from galaxy.data import DataError, Tokenizer
 from galaxy.explain import explain
 from galaxy.models.checkpoint import CheckpointError
-from galaxy.models.tuning import apply_tuning
+from galaxy.models.tuning import apply_tuning, save_tuning_record
 from galaxy.pipeline import PipelineForwardBackward, format_actions
 from galaxy.profiler import observe
 from galaxy.train import checkpoint, cli
@@ -80,6 +80,8 @@ def _train(rank, world, cfg, plan, args, build_model, build_data):
     if cfg["load_checkpoint"] and not cfg["resume"]:
         model.load_hf(cfg["load_checkpoint"])
     tuning = apply_tuning(model, cfg, ctx)  # LoRA / adapter / side: freezes the rest
+    if cfg["load_trainable"] and not cfg["resume"]:  # their parameters exist only now
+        model.load_hf(cfg["load_trainable"], trainable_only=True)
     total = cfg["max_steps"] or cfg["num_epochs"] * len(data) // (cfg["batch_size"] * cfg["gradient_accumulation_steps"])
     log = (lambda msg: print(f"[rank {rank}] {msg}", flush=True))
     if rank == 0:
@@ -104,6 +106,8 @@ def _train(rank, world, cfg, plan, args, build_model, build_data):
         run_training(trainer, total, args.metrics_file, on_step)
     if cfg["save_dir"]:
         model.save_hf(cfg["save_dir"], cfg["save_trainable_only"])
+        if cfg["save_trainable_only"] and rank == 0:  # what load_trainable and generate.py rebuild from
+            save_tuning_record(cfg, cfg["save_dir"])
 
 
 def main(doc, model, default_config, build_model, build_data, argv=None, check=None):

@@ -15,6 +15,7 @@ from tests.reliability import procs
 
 CORPUS = ["--data", "corpus", "--vocab_size", "8000", "--max_steps", "1"]
 SYNTH = ["--max_steps", "1"]
+LORA_FILE = "model-stage00-of-01.safetensors"  # a bare file has no tuning.json: checked tensor by tensor
 
 
 def write_files(d):
@@ -30,6 +31,8 @@ def write_files(d):
     (d / "garbage.safetensors").write_bytes(b"\x00" * 64)
     (d / "no_model").mkdir(exist_ok=True)
     (d / "empty_save").mkdir(exist_ok=True)
+    run_in_process(["--max_steps", "1", "--use_lora", "true", "--lora_dim", "4", "--save_dir", str(d / "lora"),
+                    "--save_trainable_only", "true"])
     run_in_process(["--max_steps", "1", "--save_dir", str(d / "ck"), "--save_every", "1"])
     shutil.copytree(d / "ck", d / "ck_bad", dirs_exist_ok=True)
     victim = d / "ck_bad" / "step-00000001" / "rank-00000.optim.safetensors"
@@ -71,6 +74,13 @@ CASES = [
     ("load_checkpoint missing", [*SYNTH, "--load_checkpoint", "{d}/no_model"], "{d}/no_model: no model.safetensors", 1),
     ("load_checkpoint corrupt", [*SYNTH, "--load_checkpoint", "{d}/garbage.safetensors"],
      "{d}/garbage.safetensors: not a readable safetensors file", 1),
+    ("load_trainable saved with other tuning", [*SYNTH, "--use_lora", "true", "--load_trainable", "{d}/lora"],
+     "load_trainable {d}/lora was saved with other tuning (tuning.json): lora_dim 4 there, 8 here", 2),
+    ("load_trainable tensors of another shape", [*SYNTH, "--use_lora", "true", "--load_trainable", "{d}/lora/" + LORA_FILE],
+     "8 tensor(s) of another shape: 'bert.encoder.layer.0.attention.self.query.lora_A' (parameter "
+     "'bert.encoder.layer.0.attn.q.lora_A') is (4, 64) in the checkpoint, (8, 64) in the model", 1),
+    ("load_trainable from another method", [*SYNTH, "--use_adapter", "true", "--load_trainable", "{d}/lora/" + LORA_FILE],
+     "16 tensor(s) missing: 'bert.encoder.layer.0.con1.adapter.adapter_down.weight'", 1),
     ("resume with no checkpoint", [*SYNTH, "--save_dir", "{d}/empty_save", "--resume", "true"],
      "--resume: no complete checkpoint (step-*/manifest.json) in save_dir {d}/empty_save", 1),
     ("resume from a corrupted checkpoint", [*SYNTH, "--save_dir", "{d}/ck_bad", "--resume", "true"],

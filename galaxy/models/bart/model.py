@@ -217,9 +217,9 @@ class BartForConditionalGeneration(nn.Module):
         loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
         return loss_sum, (labels != -100).sum()
 
-    def load_hf(self, path):
-        return checkpoint.load_checkpoint(self, path, to_hf)
+    def load_hf(self, path, trainable_only=False):
+        return checkpoint.load_checkpoint(self, path, to_hf, trainable_only=trainable_only)
 
-    def save_hf(self, path):
+    def save_hf(self, path, trainable_only=False):
         cfg = json.dumps(self.config.to_hf(), indent=1)
-        checkpoint.save_checkpoint(self, self.ctx, path, to_hf, {"config.json": cfg})
+        checkpoint.save_checkpoint(self, self.ctx, path, to_hf, {"config.json": cfg}, trainable_only)

@@ -193,8 +193,8 @@ class BertForMaskedLM(nn.Module):
         loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
         return loss_sum, (labels != -100).sum()
 
-    def load_hf(self, path):
-        return checkpoint.load_checkpoint(self, path, mlm_to_hf)
+    def load_hf(self, path, trainable_only=False):
+        return checkpoint.load_checkpoint(self, path, mlm_to_hf, trainable_only=trainable_only)
 
     def save_hf(self, path, trainable_only=False):
         cfg = json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert", **vars(self.config)}, indent=1)

@@ -193,8 +193,8 @@ class LlamaForCausalLM(nn.Module):
         model.load_hf(path)
         return model
 
-    def load_hf(self, path):
-        return checkpoint.load_checkpoint(self, path, self.to_hf)
+    def load_hf(self, path, trainable_only=False):
+        return checkpoint.load_checkpoint(self, path, self.to_hf, trainable_only=trainable_only)
 
     def save_hf(self, path, trainable_only=False):
         cfg = json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama", **vars(self.config)}, indent=1)

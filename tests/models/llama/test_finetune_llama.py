@@ -1,11 +1,16 @@
 """finetune_llama.py end to end (serial, in-process) on the shipped instructions with a tiny
-tokenizer trained here, and the shipped LLaMA configs."""
+tokenizer trained here, and the shipped LLaMA configs; a LoRA fine-tune saved trainable-only,
+loaded back by the entry and by generate.py."""
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 import finetune_llama
-from galaxy.models.llama import LlamaConfig
+import generate
+from galaxy.models.llama import LlamaConfig, LlamaForCausalLM
+from galaxy.models.llama.generate import greedy_generate
 from galaxy.plan import build_plan
 from galaxy.train import entry
 from galaxy.train.config import load_config
@@ -49,3 +54,50 @@ def test_configs_validate():
     b7 = LlamaConfig.from_dict(load_config(ROOT / "train_config/llama/7b.json"))
     assert (b7.hidden_size, b7.intermediate_size, b7.num_attention_heads, b7.num_hidden_layers, b7.vocab_size) == \
         (4096, 11008, 32, 32, 32000)
+
+
+def _tensors(directory):
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def test_lora_saved_trainable_only_loads_in_the_entry_and_in_generate(tmp_path, tokenizer, capsys):
+    base, lora, again = tmp_path / "base", tmp_path / "lora", tmp_path / "again"
+    for run in "btl":  # each run's metrics file
+        (tmp_path / run).mkdir()
+    finetune(tmp_path / "b", tokenizer, "--max_steps", "1", "--save_dir", str(base))
+    lora_args = ["--load_checkpoint", str(base), "--use_lora", "true", "--lora_dim", "4", "--save_trainable_only", "true"]
+    trained = finetune(tmp_path / "t", tokenizer, *lora_args, "--max_steps", "3", "--save_dir", str(lora))
+    # learning_rate 0: the loaded LoRA is saved again unchanged, and its first loss is the trained model's
+    loaded = finetune(tmp_path / "l", tokenizer, *lora_args, "--max_steps", "1", "--learning_rate", "0",
+                      "--load_trainable", str(lora), "--save_dir", str(again))
+    assert loaded[0] < trained[0], (loaded, trained)  # trained[0]: LoRA B = 0, the base model alone
+    first, second = _tensors(lora), _tensors(again)
+    assert set(first) == set(second) and len(first) == 2 * 2 * 2  # 2 layers x (q, v) x (A, B)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert json.loads((lora / "tuning.json").read_text())["lora_dim"] == 4
+
+    capsys.readouterr()
+    args, cfg, plan, _, _ = generate.parse(["--checkpoint", str(base), "--load_trainable", str(lora),
+                                          "--prompt", "Question: What is a list?", "--max_new_tokens", "6",
+                                          "--tokenizer_file", tokenizer, "--ignore_eos"])
+    generate.main(0, 1, args, cfg, plan)
+    printed = capsys.readouterr().out
+    merged = merged_generation(base, first, cfg, args.prompt, tokenizer)
+    assert f"new tokens: {merged}]" in printed, printed
+    assert merged != merged_generation(base, {}, cfg, args.prompt, tokenizer)  # the LoRA changes the answer
+
+
+def merged_generation(base, lora, cfg, prompt, tokenizer):
+    """The same greedy tokens from the base model with W + B A * alpha / r merged in by hand."""
+    model = LlamaForCausalLM.from_pretrained(base)
+    weights = {model.to_hf(n): p for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for name in [k for k in lora if k.endswith(".lora_A")]:
+            stem = name[:-len(".lora_A")]
+            weights[stem + ".weight"] += lora[stem + ".lora_B"] @ lora[name] * (cfg["lora_alpha"] / cfg["lora_dim"])
+    tok = generate.Tokenizer(tokenizer)
+    ids = torch.tensor([[tok.bos_id] + tok.encode(prompt)])
+    return greedy_generate(model, ids, 6)[0, ids.shape[1]:].tolist()
