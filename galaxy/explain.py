@@ -7,7 +7,9 @@ The collectives come from the placement TABLE that `redistribute` runs and from 
 galaxy.comm.collectives, so the printed plan and the executed one share their source; the
 observe tests check the byte totals against a traced run.
 
-The boundaries walked per layer are those of TransformerLayer.forward, in its order.
+The boundaries walked per layer are those of TransformerLayer.forward, in its order. Under
+pipeline parallelism a stage's point-to-point sends are listed too: every stream the model hands on
+(the hidden states; side-tuning adds the side state) forward, and those that carry a gradient back.
 """
 import math
 from collections import Counter
@@ -17,6 +19,7 @@ from galaxy.comm.collectives import CONJUGATES
 from galaxy.comm.context import ParallelContext
 from galaxy.comm.stats import BWD, FWD, GRAD, label
 from galaxy.layers.placement import PRODUCES, REPLICATE, TABLE, consumes
+from galaxy.pipeline.engine import pipeline_streams
 from galaxy.pipeline.schedule import format_actions, schedule_actions
 from galaxy.train.grad_sync import grad_groups
 
@@ -29,7 +32,7 @@ class Move:
     where: str        # e.g. "ATT out -> CON1"
     op: str           # the galaxy.comm.collectives function ("buckets" for gradient sync)
     phase: str        # fwd | bwd | grad
-    kind: str         # all_gather | reduce_scatter | all_reduce
+    kind: str         # all_gather | reduce_scatter | all_reduce | send
     shape: tuple      # the tensor this rank contributes
     times: int = 1    # per optimizer step (micro-batches)
 
@@ -90,12 +93,31 @@ def grad_moves(model, ctx):
     return moves
 
 
+def p2p_moves(cfg, ctx, streams):
+    """A pipeline stage's sends of one step (galaxy.pipeline.engine): each stream's micro-batches
+    to the next stage, and the gradients of the streams that carry one back to the previous."""
+    plan, moves = ctx.plan, []
+    micro = cfg["batch_size"] // plan.dp_size // cfg["num_microbatches"]
+    times = cfg["gradient_accumulation_steps"] * cfg["num_microbatches"]
+    for width, carries_grad in streams:
+        shape = (micro, cfg["seq_length"], width)
+        if not ctx.is_last_stage:
+            moves.append(Move(None, f"to stage {ctx.pp_rank + 1}, width {width}", "StageLinks", FWD, "send", shape, times))
+        if not ctx.is_first_stage and carries_grad:
+            moves.append(Move(None, f"to stage {ctx.pp_rank - 1}, width {width}", "StageLinks", BWD, "send", shape, times))
+    return moves
+
+
 def step_moves(plan, cfg, rank, build_model=None):
-    """Activation collectives, plus gradient sync when `build_model(ctx)` can build the rank's model."""
+    """Activation collectives and pipeline sends, plus gradient sync when `build_model(ctx)` can
+    build the rank's model (which also says what streams a pipeline stage hands on)."""
+    ctx = ParallelContext(plan, rank)
+    model = build_model(ctx) if build_model is not None else None
     moves = activation_moves(plan, cfg, rank)
-    if build_model is not None:
-        ctx = ParallelContext(plan, rank)
-        moves += grad_moves(build_model(ctx), ctx)
+    if plan.pp_size > 1:
+        moves += p2p_moves(cfg, ctx, pipeline_streams(model, cfg["hidden_size"]))
+    if model is not None:
+        moves += grad_moves(model, ctx)
     return moves
 
 
@@ -168,7 +190,7 @@ def explain(plan, cfg, build_model=None):
     for rank in range(plan.world):
         moves = step_moves(plan, cfg, rank, build_model)
         totals[rank] = bytes_by_label(moves)
-        lines += ["", f"rank {rank}: collectives of one optimizer step (bytes this rank contributes)"]
+        lines += ["", f"rank {rank}: collectives and pipeline sends of one optimizer step (bytes this rank contributes)"]
         lines += _move_lines(moves) if moves else ["  none"]
     kinds = sorted({k for t in totals.values() for k in t})
     lines += ["", "bytes per optimizer step, per rank:",
@@ -182,13 +204,9 @@ def explain(plan, cfg, build_model=None):
 
 
 def _pipeline_lines(plan, cfg):
-    """Each stage's schedule as its action list, and the point-to-point bytes per boundary."""
+    """Each stage's schedule as its action list (its sends are in the per-rank tables above)."""
     m = cfg["gradient_accumulation_steps"] * cfg["num_microbatches"]
-    boundary = 4 * cfg["batch_size"] // plan.dp_size * cfg["seq_length"] * cfg["hidden_size"] \
-        * cfg["gradient_accumulation_steps"]
     lines = [f"pipeline schedule {cfg['pipeline_schedule']}, {m} micro-batches per optimizer step:"]
     for stage in range(plan.pp_size):
         lines.append(f"  stage {stage}: {format_actions(schedule_actions(cfg['pipeline_schedule'], plan.pp_size, stage, m))}")
-    lines.append(f"point-to-point per stage boundary and replica: {_mib(boundary)} activations forward, "
-                 f"{_mib(boundary)} gradients back (not in the table above)")
     return lines

@@ -33,6 +33,11 @@ def split_batch(batch, n):
 
 
 
+def pipeline_streams(model, hidden_size):
+    """((width, carries_grad), ...) a stage hands on: its hidden states, unless the model says more."""
+    return getattr(model, "pipeline_streams", ((hidden_size, True),))
+
+
 class TiedCopies:
     """Weights held by both the first and the last stage (tied input/output embeddings).
     Each copy only sees its own stage's gradient; summing the two gives the serial gradient,
@@ -94,7 +99,7 @@ class PipelineForwardBackward:
         self.trainer, self.model, self.ctx = trainer, trainer.model, trainer.ctx
         self.num_microbatches = trainer.cfg["num_microbatches"]
         self.schedule = trainer.cfg["pipeline_schedule"]
-        self.streams = getattr(self.model, "pipeline_streams", ((self.model.config.hidden_size, True),))
+        self.streams = pipeline_streams(self.model, self.model.config.hidden_size)
         self.dtype = next(self.model.parameters()).dtype  # activations travel in the weights' dtype
         self.links = StageLinks(self.ctx)
         self.tied = TiedCopies(self.model, self.ctx)

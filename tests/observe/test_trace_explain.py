@@ -1,21 +1,25 @@
 """--trace_dir and --explain on real training steps: one spawn of 2 ranks runs one optimizer step
-of every layout (tiny BERT, uneven splits, 2 micro-steps) through pretrain_galaxy's entry.
+of every layout (tiny BERT, uneven splits, 2 micro-steps) through pretrain_galaxy's entry, and of
+a 2-stage pipeline with side-tuning (2 micro-batches per micro-step), whose stages send the side
+state beside the hidden states (and only the side state's gradient back).
 
 Bytes compared are those each rank contributes to each collective: its own slice for an
 all-gather, its whole input tensor for a reduce-scatter or all-reduce (galaxy.comm.stats)."""
 import argparse
+import functools
 import json
 from collections import Counter
 
 import pretrain_galaxy
 from galaxy.explain import bytes_by_label, step_moves
-from galaxy.models.bert import BertConfig, BertForMaskedLM
 from galaxy.plan import build_plan
 from galaxy.train import entry
 from galaxy.train.config import load_config
 from tests.helpers import run_ranks
 
-LAYOUTS = ("galaxy", "galaxy2", "sp", "tp", "dp")
+LAYOUTS = {layout: {"parallel": layout} for layout in ("galaxy", "galaxy2", "sp", "tp", "dp")}
+LAYOUTS["pp_side"] = {"parallel": "pp", "stage_num_hidden_layers_list": [2, 1], "num_microbatches": 2,
+                      "use_side": True, "side_reduction_factor": 4}
 TINY = {"hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64, "num_hidden_layers": 3,
         "vocab_size": 100, "seq_length": 16, "batch_size": 4, "gradient_accumulation_steps": 2,
         "max_steps": 1, "data": "synthetic", "warmup_steps": 1,
@@ -23,7 +27,7 @@ TINY = {"hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64, "n
 
 
 def config(layout):
-    return load_config("train_config/bert/full.json", {**TINY, "parallel": layout})
+    return load_config("train_config/bert/full.json", {**TINY, **LAYOUTS[layout]})
 
 
 def _train_every_layout(rank, world, trace_root):
@@ -76,8 +80,15 @@ def test_trace_and_explain(tmp_path):
         cfg = config(layout)
         plan = build_plan(cfg, 2)
         for rank in range(2):
-            expected = bytes_by_label(step_moves(plan, cfg, rank, lambda ctx: BertForMaskedLM(BertConfig.from_dict(cfg), ctx)))
+            build = functools.partial(entry.build_tuned, cfg, pretrain_galaxy.build_model)
+            expected = bytes_by_label(step_moves(plan, cfg, rank, build))
             traced = _load(tmp_path, layout, rank)["otherData"]["comm_bytes"]["1"]
             assert traced == expected, (layout, rank)
             assert sum(e["args"]["bytes"] for e in _load(tmp_path, layout, rank)["traceEvents"]
                        if e.get("cat") == "comm") == sum(expected.values())
+
+    # the pipeline's sends: stage 0 hands on hidden (32) and side (32 / 4) states of every micro-batch,
+    # stage 1 returns only the side state's gradient (the frozen backbone's needs none)
+    micro_batches, elements = 2 * 2, 2 * TINY["seq_length"] * 4  # per step; [2 samples, 16 positions, fp32 bytes]
+    assert _load(tmp_path, "pp_side", 0)["otherData"]["comm_bytes"]["1"] == {"send": micro_batches * elements * (32 + 8)}
+    assert _load(tmp_path, "pp_side", 1)["otherData"]["comm_bytes"]["1"] == {"send(bwd)": micro_batches * elements * 8}
