@@ -22,6 +22,9 @@ def check_supported(cfg, plan):
         raise SystemExit(f"galaxy: config error: BART trains on the corpus (data 'corpus'), config says {cfg['data']!r}")
     if plan.pp_size > 1:
         raise SystemExit("galaxy: config error: stage_num_hidden_layers_list: BART does not support pipeline parallelism")
+    if cfg["use_side"] or cfg["use_side_only"]:
+        raise SystemExit("galaxy: config error: use_side / use_side_only: side-tuning reads one stack of layers "
+                         "(BERT, LLaMA); BART's encoder-decoder is not supported")
 
 
 if __name__ == "__main__":

@@ -27,5 +27,7 @@ def test_pipeline_and_other_models_are_refused_before_rendezvous():
     out = run("--config_file", "train_config/bart/full.json", "--world", "2", "--rank", "0",
               "--stage_num_hidden_layers_list", "[1,1]", timeout=60)
     assert out.returncode != 0 and "BART does not support pipeline parallelism" in out.stderr
+    out = run("--config_file", "train_config/bart/full.json", "--use_side", "true", timeout=60)
+    assert out.returncode != 0 and "BART's encoder-decoder is not supported" in out.stderr
     out = run("--config_file", "train_config/bert/full.json", timeout=60)
     assert out.returncode != 0 and "this script trains bart" in out.stderr

@@ -236,7 +236,7 @@ class SideTap:
             layers[0].register_forward_pre_hook(self._first_input)
         for layer in layers:
             layer.register_forward_hook(self._layer_output)
-        model.bert.register_forward_hook(self)
+        model.side_backbone.register_forward_hook(self)
 
     def _replicated(self, x, placement):
         # detached first: no gradient flows into the frozen backbone, so the gather records no graph

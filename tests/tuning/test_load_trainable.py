@@ -38,7 +38,8 @@ MODELS = {
 METHODS = {"lora": {"use_lora": True, "lora_dim": 4, "lora_alpha": 8.0, "lora_targets": ALL_LORA},
            "adapter": {"use_adapter": True, "adapter_reduction_dim": 8},
            "side": {"use_side": True, "side_reduction_factor": 4}}
-CASES = [("bert", "lora"), ("bert", "adapter"), ("bert", "side"), ("llama", "lora"), ("llama", "adapter")]
+CASES = [("bert", "lora"), ("bert", "adapter"), ("bert", "side"), ("llama", "lora"), ("llama", "adapter"),
+         ("llama", "side")]
 LAYOUTS = {  # (model, world) -> layout name -> keys
     ("bert", 2): {"galaxy": {"parallel": "galaxy", "tp_num_attention_heads_list": [3, 1],
                              "tp_intermediate_size_list": [30, 18], "seq_scatter_list": [7, 3]}},

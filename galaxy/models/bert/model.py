@@ -183,6 +183,11 @@ class BertForMaskedLM(nn.Module):
             self.cls = None
         init_weights(self, cfg.initializer_range)
 
+    @property
+    def side_backbone(self):
+        """The module whose output a side network (side-tuning) replaces or adds to."""
+        return self.bert
+
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, hidden_states=None):
         x = self.bert(input_ids, attention_mask, token_type_ids, hidden_states)
         if self.cls is None:

@@ -165,6 +165,12 @@ class LlamaForCausalLM(nn.Module):
                 self.lm_head.weight.pipeline_copy = True  # galaxy.pipeline sums its grad with the original's
         init_weights(self, cfg.initializer_range)
 
+    @property
+    def side_backbone(self):
+        """The module whose output a side network (side-tuning) replaces or adds to: the decoder
+        stack with its final norm. The side blocks are token-wise, so generation needs no side cache."""
+        return self.model
+
     def forward(self, input_ids=None, attention_mask=None, labels=None, hidden_states=None, past_length=0):
         x = self.model(input_ids, attention_mask, hidden_states, past_length)
         if self.lm_head is None:
