@@ -10,6 +10,8 @@ observe tests check the byte totals against a traced run.
 The boundaries walked per layer are those of TransformerLayer.forward, in its order. Under
 pipeline parallelism a stage's point-to-point sends are listed too: every stream the model hands on
 (the hidden states; side-tuning adds the side state) forward, and those that carry a gradient back.
+Side-tuning also gathers every layer's output for the side network, and runs no backward collective
+in the frozen backbone.
 """
 import math
 from collections import Counter
@@ -70,6 +72,7 @@ def activation_moves(plan, cfg, rank):
     T, H, t = cfg["seq_length"], cfg["hidden_size"], len(ctx.positions)
     full, local = (b, T, H), (b, t, H)
     kv, d = cfg.get("num_key_value_heads") or cfg["num_attention_heads"], H // cfg["num_attention_heads"]
+    side = cfg.get("use_side") or cfg.get("use_side_only")
     moves, placement = [], REPLICATE
     for layer in ctx.layers:
         for where, src, method in layer_boundaries(plan, placement):
@@ -78,8 +81,11 @@ def activation_moves(plan, cfg, rank):
             for name in ("K", "V"):
                 moves += _op_moves(layer, f"ATT {name}", "all_gather", (b, kv, T, d), (b, kv, t, d), times)
         placement = consumes(plan.con)
+        if side:  # the side network reads each layer's output replicated
+            moves += _table_moves(layer, "layer out -> side", placement, "NONE", full, local, times)
     moves += _table_moves(None, "encoder out", placement, "NONE", full, local, times)
-    return moves
+    # side-tuning reads the frozen backbone detached: no gradient, so no backward collective, flows through it
+    return [m for m in moves if m.phase == FWD] if side else moves
 
 
 def grad_moves(model, ctx):

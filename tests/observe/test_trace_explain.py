@@ -1,6 +1,7 @@
 """--trace_dir and --explain on real training steps: one spawn of 2 ranks runs one optimizer step
-of every layout (tiny BERT, uneven splits, 2 micro-steps) through pretrain_galaxy's entry, and of
-a 2-stage pipeline with side-tuning (2 micro-batches per micro-step), whose stages send the side
+of every layout (tiny BERT, uneven splits, 2 micro-steps) through pretrain_galaxy's entry, of Galaxy
+with side-tuning (each layer's output gathered for the side network; no backward through the frozen
+backbone), and of a 2-stage pipeline with side-tuning (2 micro-batches per micro-step), whose stages send the side
 state beside the hidden states (and only the side state's gradient back).
 
 Bytes compared are those each rank contributes to each collective: its own slice for an
@@ -18,6 +19,7 @@ from galaxy.train.config import load_config
 from tests.helpers import run_ranks
 
 LAYOUTS = {layout: {"parallel": layout} for layout in ("galaxy", "galaxy2", "sp", "tp", "dp")}
+LAYOUTS["galaxy_side"] = {"parallel": "galaxy", "use_side": True, "side_reduction_factor": 4}
 LAYOUTS["pp_side"] = {"parallel": "pp", "stage_num_hidden_layers_list": [2, 1], "num_microbatches": 2,
                       "use_side": True, "side_reduction_factor": 4}
 TINY = {"hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64, "num_hidden_layers": 3,
