@@ -8,6 +8,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from galaxy.comm import collectives as C
 from galaxy.comm.context import ParallelContext
 from galaxy.layers.placement import REPLICATE
 from galaxy.models.bert.model import BertConfig, BertEmbeddings, bert_layer
@@ -45,13 +46,13 @@ def measure_blocks(cfg, memory_bytes=float("inf"), repeats=5):
 
 
 def measure_bandwidth(nbytes=8 << 20, repeats=3, group=None):
-    """Bytes per second one rank sends in an all-gather of nbytes per rank (ring volume (p-1)*n);
-    the slowest rank's figure, so every rank plans with the same number."""
+    """Bytes per second one rank sends in Galaxy's own all-gather of nbytes per rank (ring volume
+    (p-1)*n); the slowest rank's figure, so every rank plans with the same number."""
+    group = group or dist.group.WORLD
     world = dist.get_world_size(group)
-    x = torch.zeros(nbytes // 4)
-    out = torch.empty(world * x.numel())
+    x = torch.zeros(1, nbytes // 4)
     dist.barrier(group=group)
-    seconds = torch.tensor(_best_time(lambda: dist.all_gather_single(out, x, group=group), repeats))
+    seconds = torch.tensor(_best_time(lambda: C.start_all_gather(x, 0, [1] * world, group).wait(), repeats))
     dist.all_reduce(seconds, op=dist.ReduceOp.MAX, group=group)
     return (world - 1) * nbytes / seconds.item()
 
