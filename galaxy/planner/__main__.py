@@ -60,7 +60,6 @@ def main():
         print(f"wrote {args.out}")
 
 
-
 def _check_args(p, cfg, args):
     """Errors the ranks would otherwise meet only after profiling."""
     if args.memory_mb and len(args.memory_mb) != args.world:
