@@ -5,7 +5,7 @@ import random
 import pytest
 
 from galaxy.plan import build_plan
-from galaxy.planner.split import RankProfile, apportion, comm_seconds, even_galaxy, even_pipeline, plan_galaxy, \
+from galaxy.planner.split import RankProfile, apportion, tiled_variants, comm_seconds, even_galaxy, even_pipeline, plan_galaxy, \
     plan_pipeline, plan_stage_layers, pipeline_seconds, predict_layer_seconds
 
 
@@ -139,3 +139,11 @@ def test_pipeline_of_galaxy_stages_plans_one_tensor_split_and_memory_caps_stages
     small = RankProfile(fast.att_s_per_head, fast.mlp_s_per_column, fast.con_s_per_position, memory_bytes=4e6)
     split, _ = plan_pipeline([small, slow], 2, **PIPE)
     assert split["stage_num_hidden_layers_list"] == [1, 3]
+
+
+def test_tiled_variants_measure_the_planned_split_once_per_tile_count():
+    split = {"parallel": "galaxy", "seq_scatter_list": [3, 1]}
+    assert tiled_variants(split, [1]) == {"planned": split}
+    variants = tiled_variants(split, [1, 4])
+    assert list(variants) == ["planned, 1 tile(s)", "planned, 4 tile(s)"]
+    assert variants["planned, 4 tile(s)"] == dict(split, overlap_tiles=4) and "overlap_tiles" not in split

@@ -12,7 +12,8 @@ from galaxy.models.bert.model import BertConfig, BertModel, init_weights
 from galaxy.pipeline import StageLinks
 from galaxy.plan import build_plan
 from galaxy.planner.profile import measure_bandwidth, measure_blocks, slow_down
-from galaxy.planner.split import even_galaxy, even_pipeline, plan_galaxy, plan_pipeline, predict_layer_seconds
+from galaxy.planner.split import (even_galaxy, even_pipeline, plan_galaxy, plan_pipeline, predict_layer_seconds,
+                                  tiled_variants)
 
 
 def profile_and_plan(cfg, world, memory_bytes=float("inf"), column_unit=1, stages=1):
@@ -91,8 +92,11 @@ def plan_and_check(rank, world, cfg, args):
     memory = args.memory_mb[rank] * 2**20 if args.memory_mb else float("inf")
     split, predicted, even, even_predicted, profiles, bandwidth = profile_and_plan(cfg, world, memory, args.column_unit,
                                                                                    args.stages)
-    measured = measure_forward(cfg, {"planned": split, "even": even}, rank, world, args.repeats)
+    variants = {"even": even, **tiled_variants(split, args.tiles)}
+    measured = measure_forward(cfg, variants, rank, world, args.repeats)
     if stop is not None:
         stop.set()
-    return dict(split=split, predicted=predicted, even=even, even_predicted=even_predicted,
-                profiles=[vars(p) for p in profiles], bandwidth=bandwidth, measured=measured)
+    best = min((name for name in variants if name != "even"), key=measured.get)
+    return dict(split=variants[best], predicted=predicted, even=even, even_predicted=even_predicted,
+                profiles=[vars(p) for p in profiles], bandwidth=bandwidth, measured=measured, best=best)
+
