@@ -5,8 +5,8 @@ import random
 import pytest
 
 from galaxy.plan import build_plan
-from galaxy.planner.split import RankProfile, apportion, tiled_variants, comm_seconds, even_galaxy, even_pipeline, plan_galaxy, \
-    plan_pipeline, plan_stage_layers, pipeline_seconds, predict_layer_seconds
+from galaxy.planner.split import (RankProfile, apportion, comm_seconds, even_galaxy, even_pipeline, pipeline_seconds,
+                                  plan_galaxy, plan_pipeline, plan_stage_layers, predict_layer_seconds, tiled_variants)
 
 
 def test_apportion_is_proportional_to_speed_and_exact():
