@@ -65,7 +65,7 @@ class Pending:
 # the ring volumes), every receive posted before any send: gloo stalls a message that arrives
 # before its receive is posted, which made exchanges over a shaped link take 1x or 2x their time
 # at random. Measured over a 100 Mbit/s link at world 2, 0.75 MiB per rank (ideal 63 ms): gloo's
-# all_gather 98 ms, its reduce_scatter 138 ms (it runs a full all-reduce), these 68-69 ms
+# all_gather 74-98 ms, its reduce_scatter 135-138 ms (it runs a full all-reduce), these 70-72 ms
 # (benchmarks/link_collectives.py). Other backends (NCCL) use their native collectives.
 
 
