@@ -1,6 +1,7 @@
 """Time of each gloo collective over an emulated link (benchmarks.netem) vs its ring-volume
 prediction, for one BERT activation [1, T, 768] fp32 at world 2: are gloo's algorithms ring-efficient?
 "galaxy ..." are galaxy.comm.collectives' versions (on gloo: direct exchanges, receives posted first).
+Then how much slower compute runs while a collective is in flight: the CPU cost overlap pays here.
 
     sudo python -m benchmarks.link_collectives --rate 100mbit --seq 512
 """
@@ -46,7 +47,38 @@ def worker(args):
             ideal = nbytes * 8 / rate_bits(args.rate)
             print(f"{name:20s} {m * 1e3:8.1f} ms   ring volume {nbytes / 2**20:5.2f} MiB -> {ideal * 1e3:7.1f} ms "
                   f"at {args.rate}   ({m / ideal:.2f}x)", flush=True)
+    compute_tax(args)
     dist.destroy_process_group()
+
+
+def compute_tax(args):
+    """What overlap can win: a tile-sized linear, timed alone and while an all-gather travels. The
+    emulated link's packets are processed by the same 2 cores (veth + tc, no NIC offload)."""
+    import torch
+    import torch.distributed as dist
+
+    from galaxy.comm import collectives as C
+    x, w = torch.randn(args.seq // 4, 768), torch.randn(2304, 768)  # a quarter of the sequence, q|k|v
+    shard = torch.zeros(1, int(rate_bits(args.rate) / 8 / 4), 1)  # 1 s of link per rank: outlasts the linears
+
+    def linears():
+        start = time.perf_counter()
+        for _ in range(40):
+            torch.nn.functional.linear(x, w)
+        return time.perf_counter() - start
+
+    alone, during = [], []
+    for _ in range(args.repeats):
+        dist.barrier()
+        alone.append(linears())
+        dist.barrier()
+        pending = C.start_all_gather(shard, 1, [shard.shape[1]] * 2, dist.group.WORLD)
+        during.append(linears())
+        pending.wait()
+    if args.rank == 0:
+        a, d = statistics.median(alone), statistics.median(during)
+        print(f"40 linears [{args.seq // 4}, 768] x [768, 2304]: {a * 1e3:.0f} ms alone, {d * 1e3:.0f} ms while an "
+              f"all-gather is in flight ({d / a:.2f}x)", flush=True)
 
 
 def main():
