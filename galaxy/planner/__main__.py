@@ -28,7 +28,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", "--config_file", dest="config", required=True)
     p.add_argument("--world", type=int, required=True)
-    p.add_argument("--out", default=None, help="write the config with the planned splits here")
+    p.add_argument("--out", default=None, help="write the config with the fastest measured splits here")
     p.add_argument("--memory_mb", type=float, nargs="+", default=None, help="per-rank budget for layer parameters")
     p.add_argument("--column_unit", type=int, default=1, help="intermediate columns move in multiples of this")
     p.add_argument("--stages", type=int, default=None, help="pipeline stages (default: the config's)")
@@ -55,11 +55,13 @@ def main():
     print(f"even     {_describe(r['even'])}: predicted {r['even_predicted'] * 1e3:.0f} ms")
     for name, seconds in r["measured"].items():
         print(f"measured {name}: {seconds * 1e3:.0f} ms")
-    print(f"measured speed-up of {r['best']} over even split: {r['measured']['even'] / r['measured'][r['best']]:.2f}x")
+    planned = min((name for name in r["measured"] if name != "even"), key=r["measured"].get)
+    print(f"measured speed-up of {planned} over even split: {r['measured']['even'] / r['measured'][planned]:.2f}x")
+    print(f"fastest measured: {r['best']} ({_describe(r['chosen'])})")
     if args.out:
         raw = json.loads(Path(args.config).read_text())
         raw.pop("stage_num_hidden_layers_list", None)  # the plan's replaces it; none when not pipelined
-        raw.update(r["split"])
+        raw.update(r["chosen"])
         Path(args.out).write_text(json.dumps(raw, indent=2) + "\n")
         print(f"wrote {args.out}")
 
