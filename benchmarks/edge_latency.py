@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import RESULTS, Runner, bert_cfg, interleaved, median, svg_bars, write_results
-from benchmarks.netem import EdgeNet
+from benchmarks.netem import EdgeNet, add_worker_args
 
 VARIANTS = {"serial": ("serial", {}), "tp": ("tp", {}), "sp": ("sp", {}), "galaxy": ("galaxy", {}),
             "galaxy+overlap": ("galaxy", {"overlap_tiles": 4})}
@@ -46,15 +46,7 @@ def run_link(rate, delay, args):
         argv = [sys.executable, "-m", "benchmarks.edge_latency", "--worker", "--master_addr", net.addr[0],
                 "--out", str(out), "--layers", str(args.layers), "--repeats", str(args.repeats),
                 "--seqs", *map(str, args.seqs)]
-        procs = [net.popen(r, argv + ["--rank", str(r)]) for r in range(2)]
-        try:
-            codes = [p.wait(timeout=args.timeout_s) for p in procs]
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-        if any(codes):
-            raise SystemExit(f"edge_latency: ranks exited with {codes} on link {rate}")
+        net.run_ranks(argv, args.timeout_s)
         return net.shaping, {int(k): v for k, v in json.loads(out.read_text()).items()}
 
 
@@ -67,9 +59,7 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out_dir", default=RESULTS)
     p.add_argument("--timeout_s", type=float, default=3000)
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--rank", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--master_addr", help=argparse.SUPPRESS)
+    add_worker_args(p)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:

@@ -10,7 +10,7 @@ import statistics
 import sys
 import time
 
-from benchmarks.netem import EdgeNet, rate_bits
+from benchmarks.netem import EdgeNet, add_worker_args, rate_bits
 
 PORT = 29541
 
@@ -86,9 +86,7 @@ def main():
     p.add_argument("--rate", default="100mbit")
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--repeats", type=int, default=9)
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--rank", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--master_addr", help=argparse.SUPPRESS)
+    add_worker_args(p)
     args = p.parse_args()
     if args.worker:
         return worker(args)
@@ -96,10 +94,7 @@ def main():
         print(net.shaping)
         argv = [sys.executable, "-m", "benchmarks.link_collectives", "--worker", "--master_addr", net.addr[0],
                 "--rate", args.rate, "--seq", str(args.seq), "--repeats", str(args.repeats)]
-        procs = [net.popen(r, argv + ["--rank", str(r)]) for r in range(2)]
-        codes = [p.wait(timeout=600) for p in procs]
-    if any(codes):
-        raise SystemExit(f"link_collectives: ranks exited with {codes}")
+        net.run_ranks(argv, 600)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,13 @@ def _sh(*cmd):
     subprocess.run(cmd, check=True, capture_output=True, text=True)
 
 
+def add_worker_args(p):
+    """The hidden arguments with which a benchmark script re-runs itself as one rank in a namespace."""
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--rank", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--master_addr", help=argparse.SUPPRESS)
+
+
 def check_tools():
     """Raise with what to install/do when the emulator cannot run here."""
     missing = [t for t in ("ip", "tc") if shutil.which(t) is None]
@@ -97,6 +104,19 @@ class EdgeNet:
     def popen(self, rank, argv, **kw):
         """Start argv inside rank's namespace."""
         return subprocess.Popen(["ip", "netns", "exec", self.ns[rank], *argv], env=self.env(rank), **kw)
+
+    def run_ranks(self, argv, timeout_s):
+        """Run `argv --rank r` in each rank's namespace and wait; raise naming the exit codes if any
+        rank fails (a rank still running at the timeout is killed)."""
+        procs = [self.popen(r, [*argv, "--rank", str(r)]) for r in range(2)]
+        try:
+            codes = [p.wait(timeout=timeout_s) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        if any(codes):
+            raise SystemExit(f"{' '.join(argv[1:3])}: ranks exited with {codes} ({self.shaping})")
 
 
 _SINK = """

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from galaxy.layers.dropout import set_dropout_seed
 from galaxy.pipeline.p2p import StageLinks
-from galaxy.pipeline.schedule import BACKWARD, run_schedule, schedule_actions
+from galaxy.pipeline.schedule import BACKWARD, FORWARD, run_schedule, schedule_actions
 
 
 def split_batch(batch, n):
@@ -29,8 +29,6 @@ def split_batch(batch, n):
     if size % n:
         raise ValueError(f"a batch of {size} samples does not split into num_microbatches {n}")
     return [{k: v[i * (size // n): (i + 1) * (size // n)] for k, v in batch.items()} for i in range(n)]
-
-
 
 
 def pipeline_streams(model, hidden_size):
@@ -113,6 +111,8 @@ class PipelineForwardBackward:
         self.n_tokens, self.loss_sum = n_tokens, 0.0
         actions = self.actions(len(self.micro))
         self.last_backward = [i for kind, i in actions if kind == BACKWARD][-1]
+        self.upcoming = iter(actions)
+        self._post_next_recv()  # the first action's; each action then posts the one after it
         self.stats = run_schedule(actions, self._forward, self._backward)
         self.links.finish()
         self.trainer.sync.finish()  # data-parallel sums first, then the tied copies' sum
@@ -123,12 +123,26 @@ class PipelineForwardBackward:
         t = self.trainer
         set_dropout_seed(self.model, hash((t.cfg["seed"], t.step, i, self.ctx.dp_rank)))
 
+    def _stream_shapes(self, i, with_grad_only=False):
+        """[micro_batch, seq, width] of the streams micro-batch i hands on (or sends gradients of)."""
+        rows = tuple(self.micro[i]["input_ids"].shape)
+        return [rows + (width,) for width, carries_grad in self.streams if carries_grad or not with_grad_only]
+
+    def _post_next_recv(self):
+        """Post the receive of this stage's next action before the current one computes: its
+        message may arrive meanwhile, and a receive posted late stalls the link (galaxy.pipeline.p2p)."""
+        kind, i = next(self.upcoming, (None, None))
+        if kind == FORWARD and not self.ctx.is_first_stage:
+            self.links.post_recv_forward(self._stream_shapes(i), self.dtype)
+        elif kind == BACKWARD and not self.ctx.is_last_stage:
+            self.links.post_recv_backward(self._stream_shapes(i, with_grad_only=True), self.dtype)
+
     def _forward(self, i):
         batch, received, x = self.micro[i], [], None
+        self._post_next_recv()
         self._seed(i)
         if not self.ctx.is_first_stage:
-            shapes = [tuple(batch["input_ids"].shape) + (width,) for width, _ in self.streams]
-            received = self.links.recv_forward(shapes, self.dtype)
+            received = self.links.recv_forward(self._stream_shapes(i), self.dtype)
             for r, (_, carries_grad) in zip(received, self.streams):
                 r.requires_grad_(carries_grad)
             x = received[0] if len(received) == 1 else tuple(received)
@@ -147,6 +161,7 @@ class PipelineForwardBackward:
 
     def _backward(self, i, saved):
         out, received = saved
+        self._post_next_recv()
         if i == self.last_backward:
             self.trainer.sync.arm()  # reduce gradients during the last backward only
         self._seed(i)  # recomputed (checkpointed) layers redraw this micro-batch's masks
@@ -154,7 +169,7 @@ class PipelineForwardBackward:
             out.backward()
         else:
             outs = self._with_grad(out)
-            grads = self.links.recv_backward([o.shape for o in outs], self.dtype)
+            grads = self.links.recv_backward(self._stream_shapes(i, with_grad_only=True), self.dtype)
             torch.autograd.backward(outs, [g.to(o.dtype) for g, o in zip(grads, outs)])
         if received:
             self.links.send_backward([r.grad for r in self._with_grad(received)])

@@ -5,7 +5,15 @@ the micro-batch every stage holds, and a gradient has its activation's shape), s
 per-step metadata is exchanged. Sends are posted asynchronously and waited for only at
 the end of the step: a stage never blocks on a send, so no ordering of the two neighbours'
 actions can deadlock, and receives match sends in order (one FIFO per direction and pair).
+
+Receives can be posted ahead (`post_recv_forward` / `post_recv_backward`), which the pipeline
+step does one action early: gloo stalls a message that arrives before its receive is posted, and
+under 1F1B activations and gradients cross one pair's socket in both directions at once. Measured
+over a 100 Mbit/s link, 0.75 MiB each way with 20 ms of compute before the receive: 154 ms posted
+late, 72 ms posted ahead.
 """
+from collections import deque
+
 import torch
 import torch.distributed as dist
 
@@ -21,18 +29,25 @@ class StageLinks:
         self.prev = None if ctx.is_first_stage else ctx.pp_peer(ctx.pp_rank - 1)
         self.next = None if ctx.is_last_stage else ctx.pp_peer(ctx.pp_rank + 1)
         self.pending = []  # (tensors, works) of sends in flight; the tensors must outlive their send
+        self.posted = {stats.FWD: deque(), stats.BWD: deque()}  # receives posted ahead, oldest first
 
     def send_forward(self, activations):
         self._send(activations, self.next, stats.FWD)
 
+    def post_recv_forward(self, shapes, dtype):
+        self.posted[stats.FWD].append(self._post_recv(shapes, dtype, self.prev))
+
+    def post_recv_backward(self, shapes, dtype):
+        self.posted[stats.BWD].append(self._post_recv(shapes, dtype, self.next))
+
     def recv_forward(self, shapes, dtype):
-        return self._recv(shapes, dtype, self.prev)
+        return self._recv(shapes, dtype, self.prev, stats.FWD)
 
     def send_backward(self, grads):
         self._send(grads, self.prev, stats.BWD)
 
     def recv_backward(self, shapes, dtype):
-        return self._recv(shapes, dtype, self.next)
+        return self._recv(shapes, dtype, self.next, stats.BWD)
 
     def _send(self, tensors, peer, phase):
         tensors = [t.detach().contiguous() for t in tensors]
@@ -42,9 +57,19 @@ class StageLinks:
         self.pending = [(t, w) for t, w in self.pending if not all(x.is_completed() for x in w)]
         self.pending.append((tensors, works))
 
-    def _recv(self, shapes, dtype, peer):
+    @staticmethod
+    def _post_recv(shapes, dtype, peer):
         bufs = [torch.empty(shape, dtype=dtype) for shape in shapes]
-        for work in dist.batch_isend_irecv([dist.P2POp(dist.irecv, b, peer) for b in bufs]):
+        return bufs, dist.batch_isend_irecv([dist.P2POp(dist.irecv, b, peer) for b in bufs])
+
+    def _recv(self, shapes, dtype, peer, direction):
+        """The oldest receive posted ahead in this direction, else one posted now; waited for."""
+        queue = self.posted[direction]
+        bufs, works = queue.popleft() if queue else self._post_recv(shapes, dtype, peer)
+        if [tuple(b.shape) for b in bufs] != [tuple(s) for s in shapes] or bufs[0].dtype != dtype:
+            raise RuntimeError(f"{direction} receive posted ahead for {[tuple(b.shape) for b in bufs]} "
+                               f"{bufs[0].dtype}, consumed as {[tuple(s) for s in shapes]} {dtype}")
+        for work in works:
             work.wait()
         return bufs
 

@@ -44,6 +44,8 @@ def train(cfg, world, rank, steps=2, load=None):
     trainer.before_update = lambda: grads.append({_serial_name(n, p): p.grad.clone()
                                                   for n, p in model.named_parameters()})
     losses = [trainer.train_step()["loss"] for _ in range(steps)]
+    if pipe:  # every receive the schedule posted ahead was consumed by its action
+        assert not any(pipe.links.posted.values()), pipe.links.posted
     return {"losses": losses, "grads": grads, "weights": _weights(model), "loaded": loaded,
             "peak": pipe.stats.peak_live if pipe else None, "model": model}
 
