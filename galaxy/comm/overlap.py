@@ -57,10 +57,10 @@ def _start_reduce_scatter(x, sizes, group):
     return C.start_reduce_scatter(x, 1, sizes, group)
 
 
-def _start_tiles(start, x, tiles, group):
+def _start_tile_gathers(x, tiles, group):
     """Post every tile's all-gather of this rank's shard x at once: the link streams them back to
     back (in order) while the caller computes on each as it arrives."""
-    return [start(x[:, tiles.local[i]], tiles.sizes[i], group) for i in range(tiles.count)]
+    return [_start_all_gather(x[:, tiles.local[i]], tiles.sizes[i], group) for i in range(tiles.count)]
 
 
 class _GatherLinear(torch.autograd.Function):
@@ -71,7 +71,7 @@ class _GatherLinear(torch.autograd.Function):
         weights, biases = params[0::2], params[1::2]
         full = x.new_empty(x.shape[0], tiles.total, x.shape[2])  # kept for the weight gradients
         outs = [x.new_empty(x.shape[0], tiles.total, w.shape[0]) for w in weights]
-        pending = _start_tiles(_start_all_gather, x, tiles, group)
+        pending = _start_tile_gathers(x, tiles, group)
         for i in range(tiles.count):
             xi = pending[i].wait()
             full.index_copy_(1, tiles.index[i], xi)
@@ -115,7 +115,7 @@ class _LinearReduceScatter(torch.autograd.Function):
         tiles = ctx.tiles
         g_full = grad.new_empty(grad.shape[0], tiles.total, grad.shape[2])
         grad_h = torch.empty_like(h)
-        pending = _start_tiles(_start_all_gather, grad, tiles, ctx.group)
+        pending = _start_tile_gathers(grad, tiles, ctx.group)
         for i in range(tiles.count):
             gi = pending[i].wait()
             g_full.index_copy_(1, tiles.index[i], gi)

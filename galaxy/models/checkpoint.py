@@ -139,6 +139,12 @@ def full_shape(param):
     return shape if shard is None else shape[:shard[0]] + (shard[3],) + shape[shard[0] + 1:]
 
 
+def own_slice(full, param):
+    """The part of a full (unsharded) tensor that `param` holds (all of it when not sharded)."""
+    shard = getattr(param, "shard", None)
+    return full if shard is None else full.narrow(shard[0], shard[1], shard[2])
+
+
 def _source_name(name, param):
     """A pipeline's copy of a tied weight (last stage) loads, and is saved, as its original."""
     return param.init_name if getattr(param, "pipeline_copy", False) else name

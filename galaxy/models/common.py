@@ -2,7 +2,7 @@
 import torch
 
 from galaxy.comm.context import ParallelContext
-from galaxy.models.checkpoint import full_shape
+from galaxy.models.checkpoint import full_shape, own_slice
 from galaxy.plan import Plan
 
 
@@ -20,7 +20,6 @@ def init_weights(model, std):
     drawn per *full* tensor from a seed derived from the parameter's name, then sliced: every
     layout starts from exactly the serial model's weights."""
     for name, p in model.named_parameters():
-        shard = getattr(p, "shard", None)
         full = full_shape(p)
         if name.endswith("bias"):
             value = torch.zeros(full)
@@ -29,10 +28,8 @@ def init_weights(model, std):
         else:
             seed = _name_seed(getattr(p, "init_name", name))
             value = torch.randn(full, generator=torch.Generator().manual_seed(seed)) * std
-        if shard is not None:
-            value = value.narrow(shard[0], shard[1], shard[2])
         with torch.no_grad():
-            p.copy_(value)
+            p.copy_(own_slice(value, p))
 
 
 def _name_seed(name):

@@ -43,7 +43,7 @@ from galaxy.layers.placement import redistribute
 from galaxy.layers.transformer import TransformerLayer
 from galaxy.loralib import Linear as LoraLinear
 from galaxy.loralib import mark_only_lora_as_trainable
-from galaxy.models.checkpoint import full_shape
+from galaxy.models.checkpoint import full_shape, own_slice
 from galaxy.train.errors import ConfigError
 
 # config name (Hugging Face BERT's module name) -> (block, projection) in our layers
@@ -289,4 +289,4 @@ def _initial_value(name, p, zero_init):
     else:
         gen = torch.Generator().manual_seed(_name_seed(name))
         value = (torch.rand(full, generator=gen) * 2 - 1) / math.sqrt(full[-1])
-    return value if shard is None else value.narrow(shard[0], shard[1], shard[2])
+    return own_slice(value, p)
