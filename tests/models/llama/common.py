@@ -5,6 +5,7 @@ import torch
 from galaxy.comm.context import ParallelContext
 from galaxy.models.checkpoint import gather_full_state
 from galaxy.models.llama import LlamaConfig, LlamaForCausalLM
+from galaxy.models.tuning import apply_tuning
 from galaxy.pipeline import PipelineForwardBackward
 from galaxy.train.loop import Trainer
 from tests.helpers import rel_err
@@ -38,11 +39,13 @@ def train_two_steps(cfg, plan, rank):
     stage returns only its own parameters' gradients (tied copies under the original's name)."""
     ctx = ParallelContext.create(plan, rank)
     model = LlamaForCausalLM(LlamaConfig.from_dict(cfg), ctx)
+    apply_tuning(model, cfg, ctx)  # the config's method (full: nothing added, everything trains)
     trainer = Trainer(model, ctx, cfg, RandomInstructions(cfg["vocab_size"], cfg["seq_length"]), 2, log=lambda m: None)
     if plan.pp_size > 1:
         trainer.forward_backward = PipelineForwardBackward(trainer)
     grads = {}
-    trainer.before_update = lambda: grads.update(gather_full_state(model, ctx, model.to_hf, lambda p: p.grad))
+    trainer.before_update = lambda: grads.update(gather_full_state(model, ctx, model.to_hf, lambda p: p.grad,
+                                                                   trainable_only=True))
     return [trainer.train_step()["loss"] for _ in range(2)], grads
 
 

@@ -1,7 +1,8 @@
 """Every layout of LLaMA (GQA, padded, prompt-masked batches) against the serial model: same
 losses over 2 optimizer steps and same gradients at world 2 and 3 with uneven splits. The same
 spawn checks that a Hugging Face checkpoint loads into uneven TP and saves back, and that TP
-greedy generation (each rank caching its own KV heads) picks serial's tokens."""
+greedy generation (each rank caching its own KV heads) picks serial's tokens, and that side-tuning
+(the side network reads the backbone's gathered layer outputs) trains as in serial in Galaxy."""
 import pytest
 import torch
 
@@ -22,9 +23,12 @@ LAYOUTS = ["tp", "sp", "galaxy", "galaxy2", "dp"]
 PROMPT = [[1, 17, 5, 42, 9]]
 
 
-def config(layout, world):
+SIDE = {"use_side": True, "side_reduction_factor": 4}
+
+
+def config(layout, world, **tuning):
     extra = {} if layout in ("serial", "dp") else SPLITS[world]
-    return load_config(None, {**MODEL, **extra, "parallel": layout})
+    return load_config(None, {**MODEL, **extra, **tuning, "parallel": layout})
 
 
 def generate(cfg, plan, rank):
@@ -35,6 +39,8 @@ def generate(cfg, plan, rank):
 def _all_layouts(rank, world, hf_dir, save_dir):
     out = {layout: train_two_steps(config(layout, world), build_plan(config(layout, world), world), rank)
            for layout in LAYOUTS}
+    side = config("galaxy", world, **SIDE)
+    out["galaxy, side-tuning"] = train_two_steps(side, build_plan(side, world), rank)
     tp = config("tp", world)
     plan = build_plan(tp, world)
     out["generated"] = generate(tp, plan, rank)
@@ -47,13 +53,14 @@ def _all_layouts(rank, world, hf_dir, save_dir):
 
 @pytest.fixture(scope="module")
 def serial():
-    cfg = config("serial", 1)
-    return train_two_steps(cfg, build_plan(cfg, 1), 0), generate(cfg, build_plan(cfg, 1), 0)
+    cfg, side = config("serial", 1), config("serial", 1, **SIDE)
+    return (train_two_steps(cfg, build_plan(cfg, 1), 0), generate(cfg, build_plan(cfg, 1), 0),
+            train_two_steps(side, build_plan(side, 1), 0))
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_layouts_match_serial(world, serial, tmp_path):
-    (ref_losses, ref_grads), ref_tokens = serial
+    (ref_losses, ref_grads), ref_tokens, side_ref = serial
     shape = {k: MODEL[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size",
                                    "num_hidden_layers", "vocab_size", "rope_theta", "hidden_act")}
     hf_dir = write_random_checkpoint(tmp_path / "hf", {**shape, "rms_norm_eps": 1e-6})
@@ -64,6 +71,9 @@ def test_layouts_match_serial(world, serial, tmp_path):
     for rank, out in enumerate(results):
         assert torch.equal(out.pop("generated"), ref_tokens), rank
         assert rel_err(out.pop("hf_logits"), want_logits) < 1e-5, rank
+        side = out.pop("galaxy, side-tuning")
+        assert side[1].keys() == side_ref[1].keys() and all("side" in k for k in side[1]), rank
+        assert_matches_serial(side, side_ref, ("galaxy, side-tuning", rank))
         for layout, result in out.items():
             assert result[1].keys() == ref_grads.keys(), layout
             assert_matches_serial(result, (ref_losses, ref_grads), (layout, rank))
