@@ -42,11 +42,11 @@ def _scaled(owned, factor):
 
 class Attention(nn.Module):
     def __init__(self, hidden, num_heads, method, ctx, *, num_kv_heads=None, bias=True, dropout_p=0.0,
-                 site=0, rotary=None):
+                 site=0, rotary=None, head_dim=None):
         super().__init__()
         num_kv_heads = num_kv_heads or num_heads
         self.method, self.ctx, self.rotary = method, ctx, rotary
-        self.head_dim = hidden // num_heads
+        self.head_dim = head_dim or hidden // num_heads
         heads = ctx.heads if method == "TP" else range(num_heads)
         kv_heads = ctx.kv_heads if method == "TP" else range(num_kv_heads)
         self.heads, self.num_heads, self.n_local, self.kv_local = heads, num_heads, len(heads), len(kv_heads)
@@ -82,8 +82,9 @@ class Attention(nn.Module):
         rows = self.query_positions(seq_len)
         if self.kv_cache is not None:
             rows = range(self.kv_cache.length, self.kv_cache.length + t)
+            seq_len = rows.stop  # the sequence so far: dynamic RoPE scales with it
         if self.rotary is not None:
-            q, k = self.rotary(q, rows), self.rotary(k, rows)
+            q, k = self.rotary(q, rows, seq_len), self.rotary(k, rows, seq_len)
         if self.method == "SP":
             k = C.all_gather(k, 2, self.ctx.plan.positions, self.ctx.tp_group)
             v = C.all_gather(v, 2, self.ctx.plan.positions, self.ctx.tp_group)

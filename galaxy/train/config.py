@@ -7,6 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from galaxy.models.llama.config import LlamaConfig
 from galaxy.models.tuning import check_tuning
 from galaxy.train.errors import ConfigError
 
@@ -30,6 +31,9 @@ SCHEMA = {
     "layer_norm_eps": (float, 1e-12, ""),
     "rms_norm_eps": (float, 1e-6, ""),
     "rope_theta": (float, 10000.0, ""),
+    "rope_scaling": (dict, None, "LLaMA RoPE scaling as Hugging Face writes it, e.g. {\"rope_type\": \"linear\", "
+                     "\"factor\": 4.0}; rope_type linear | dynamic | llama3 (default: plain RoPE)"),
+    "head_dim": (int, None, "LLaMA width of one attention head; default = hidden_size / num_attention_heads"),
     "tie_word_embeddings": (bool, None, "share input embeddings with the output head"),
     "scale_embedding": (bool, False, "BART: multiply token embeddings by sqrt(hidden_size)"),
     "initializer_range": (float, 0.02, ""),
@@ -202,6 +206,11 @@ def _check_rules(cfg):
     for key, allowed in choices.items():
         if cfg[key] not in allowed:
             raise ConfigError(f"config key '{key}' is {cfg[key]!r}, expected one of {[a for a in allowed if a]}")
+    if cfg["model"] == "llama":
+        try:
+            LlamaConfig.from_dict(cfg)  # refuses unsupported RoPE scalings by name
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     methods = [k for k in TUNING_KEYS[1:] if cfg[k]]
     if len(methods) > 1:
         raise ConfigError(f"tuning methods {methods} are all true; set exactly one of {list(TUNING_KEYS)}")

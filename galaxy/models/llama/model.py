@@ -10,8 +10,6 @@ embeddings on the first, its own layers, the final norm and lm_head on the last.
 Parameter names are ours; HF_NAMES maps them to Hugging Face's for checkpoints.
 """
 import json
-from dataclasses import dataclass, fields
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +22,8 @@ from galaxy.layers.placement import REPLICATE, SEQ, consumes, redistribute
 from galaxy.layers.transformer import Connective, TransformerLayer, run_layers
 from galaxy.models import checkpoint
 from galaxy.models.common import init_weights, serial_context
+from galaxy.models.llama.config import LlamaConfig
+from galaxy.models.llama.rope import Rotary
 
 IGNORE_INDEX = -100
 
@@ -34,34 +34,6 @@ HF_NAMES = [
     (r"\.norm_mid\.", ".post_attention_layernorm."),
 ]
 TIED_HEAD = [(r"^lm_head\.weight$", "model.embed_tokens.weight")]
-
-
-@dataclass
-class LlamaConfig:
-    vocab_size: int = 32000
-    hidden_size: int = 4096
-    intermediate_size: int = 11008
-    num_hidden_layers: int = 32
-    num_attention_heads: int = 32
-    num_key_value_heads: int = None  # None: as many as query heads (no grouping)
-    hidden_act: str = "silu"
-    max_position_embeddings: int = 4096
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    initializer_range: float = 0.02
-    tie_word_embeddings: bool = False
-    activation_checkpointing: bool = False
-
-    def __post_init__(self):
-        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
-
-    @classmethod
-    def from_dict(cls, d):
-        """From a Hugging Face config.json or a Galaxy config (other keys are ignored)."""
-        for key in ("rope_scaling", "attention_bias", "mlp_bias"):
-            if d.get(key):
-                raise ValueError(f"LLaMA config key '{key}' = {d[key]!r} is not supported")
-        return cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
 
 
 class RMSNorm(nn.Module):
@@ -78,30 +50,11 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-class Rotary(nn.Module):
-    """Rotary position embedding in the Hugging Face layout: feature i and i + d/2 of a head
-    form a pair, rotated by angle position * rope_theta^(-2i/d). Called with the *global*
-    positions of x's rows, so a sequence shard is rotated exactly as in the full sequence."""
-
-    def __init__(self, head_dim, theta):
-        super().__init__()
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-
-    def forward(self, x, positions):
-        """x [B, heads, t, d]; positions: a range of t global positions."""
-        pos = torch.arange(positions.start, positions.stop, device=x.device, dtype=torch.float32)
-        angles = torch.outer(pos, self.inv_freq)
-        cos, sin = angles.cos(), angles.sin()
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
-
-
 def llama_layer(cfg, ctx, rotary, input_placement):
     """One decoder layer: pre-norms in the layer, connective blocks are only the residual adds."""
     plan, h = ctx.plan, cfg.hidden_size
     attn = Attention(h, cfg.num_attention_heads, plan.att, ctx, num_kv_heads=cfg.num_key_value_heads,
-                     bias=False, rotary=rotary)
+                     head_dim=cfg.head_dim, bias=False, rotary=rotary)
     mlp = MLP(h, cfg.intermediate_size, plan.mlp, ctx, act=cfg.hidden_act, gated=True, bias=False)
     con1, con2 = (Connective(None, 0.0, 0, plan.con, ctx) for _ in range(2))
     return TransformerLayer(attn, mlp, con1, con2, plan, input_placement,
@@ -126,7 +79,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.config, self.ctx = cfg, ctx or serial_context(cfg)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if self.ctx.is_first_stage else None
-        self.rotary = Rotary(cfg.hidden_size // cfg.num_attention_heads, cfg.rope_theta)
+        self.rotary = Rotary(cfg)
         placement = REPLICATE
         self.layers = nn.ModuleDict()
         for i in self.ctx.layers:  # global layer numbers, so names match the full model's
@@ -194,8 +147,7 @@ class LlamaForCausalLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path, ctx=None):
         """Load a Hugging Face LLaMA directory (config.json + safetensors) into this layout."""
-        path = Path(path)
-        model = cls(LlamaConfig.from_dict(json.loads((path / "config.json").read_text())), ctx)
+        model = cls(LlamaConfig.from_pretrained(path), ctx)
         model.load_hf(path)
         return model
 
