@@ -20,7 +20,7 @@ from galaxy.comm import launch
 from galaxy.comm.context import ParallelContext
 from galaxy.data import Tokenizer
 from galaxy.models.checkpoint import CheckpointError
-from galaxy.models.llama import LlamaForCausalLM
+from galaxy.models.llama import LlamaConfig, LlamaForCausalLM
 from galaxy.models.llama.generate import check_can_generate, greedy_generate
 from galaxy.models.tuning import TUNING_FILE, apply_tuning, read_tuning_record
 from galaxy.plan import build_plan
@@ -44,12 +44,14 @@ def parse(argv=None):
     config = Path(args.checkpoint) / "config.json"
     if not config.is_file():
         parser.exit(2, f"galaxy: {config} not found (--checkpoint must be a Hugging Face LLaMA directory)\n")
-    shape = {k: v for k, v in json.loads(config.read_text()).items() if k in SCHEMA and v is not None}
     world, rank = launch.resolve_world_rank(args)
     layout = {"parallel": "tp" if world > 1 else "serial",
               "tp_num_attention_heads_list": args.tp_num_attention_heads_list,
               "tp_intermediate_size_list": args.tp_intermediate_size_list}
     try:
+        # the model's own fields, not config.json's raw keys: transformers' "dtype" is not the engine's
+        model = vars(LlamaConfig.from_pretrained(args.checkpoint))
+        shape = {k: v for k, v in model.items() if k in SCHEMA and v is not None}
         tuning = _tuning(args.load_trainable)
         cfg = load_config(None, {**shape, **layout, **tuning, "model": "llama", "seq_length": 1})
         plan = build_plan(cfg, world)
