@@ -39,6 +39,15 @@ def test_logits_match_reference(tmp_path, name):
     assert rel_err(got, reference_logits(path, ids)) < 1e-5
 
 
+@pytest.mark.parametrize("rope", [{"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}},
+                                  {"rope_theta": 1e6, "rope_scaling": {"type": "yarn", "factor": 4.0}}])
+def test_other_rope_types_are_refused_by_name(rope):
+    """Both Hugging Face formats (transformers 5's rope_parameters, the older rope_scaling); plain RoPE
+    in place of an unknown scaling would give wrong logits without a word."""
+    with pytest.raises(ValueError, match="rope_type 'yarn' is not supported"):
+        LlamaConfig.from_dict({**CONFIGS["gqa"], **rope})
+
+
 def test_save_load_round_trip(tmp_path):
     path = write_random_checkpoint(tmp_path / "hf", CONFIGS["mha_tied"])
     model = LlamaForCausalLM.from_pretrained(path)
