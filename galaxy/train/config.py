@@ -90,6 +90,7 @@ SCHEMA = {
     # processes
     "init_method": (str, None, "e.g. tcp://127.0.0.1:23000"),
     "distributed_backend": (str, None, "gloo | nccl (default: nccl on CUDA, else gloo)"),
+    "device": (str, None, "cpu | cuda | cuda:N (default: cuda:<local rank> under nccl, else cpu)"),
     "timeout_s": (float, 300.0, "collective / rendezvous timeout"),
     # checkpoints
     "load_checkpoint": (str, None, "a Hugging Face directory or safetensors file to start from"),
@@ -202,6 +203,8 @@ def _check_rules(cfg):
     for key, allowed in choices.items():
         if cfg[key] not in allowed:
             raise ConfigError(f"config key '{key}' is {cfg[key]!r}, expected one of {[a for a in allowed if a]}")
+    if cfg["device"] is not None and cfg["device"].split(":")[0] not in ("cpu", "cuda"):
+        raise ConfigError(f"config key 'device' is {cfg['device']!r}, expected cpu, cuda or cuda:N")
     methods = [k for k in TUNING_KEYS[1:] if cfg[k]]
     if len(methods) > 1:
         raise ConfigError(f"tuning methods {methods} are all true; set exactly one of {list(TUNING_KEYS)}")
