@@ -23,7 +23,7 @@ from galaxy.layers.mlp import MLP
 from galaxy.layers.placement import REPLICATE, SEQ, consumes, redistribute
 from galaxy.layers.transformer import Connective, TransformerLayer, run_layers
 from galaxy.models import checkpoint
-from galaxy.models.common import init_weights, serial_context
+from galaxy.models.common import init_weights, on_context_device, serial_context
 
 IGNORE_INDEX = -100
 
@@ -122,6 +122,7 @@ class LlamaModel(nn.Module):
     """Embeddings + decoder layers (+ final norm on the last stage); returns hidden states
     [B, T, H], replicated on every tensor rank."""
 
+    @on_context_device
     def __init__(self, cfg, ctx=None):
         super().__init__()
         self.config, self.ctx = cfg, ctx or serial_context(cfg)
@@ -151,6 +152,7 @@ class LlamaForCausalLM(nn.Module):
     """LLaMA with the LM head. forward returns logits [B, T, V], or with labels (aligned with
     input_ids; the shift by one happens here) (sum of token losses, number of label tokens)."""
 
+    @on_context_device
     def __init__(self, cfg, ctx=None):
         super().__init__()
         self.config = cfg
