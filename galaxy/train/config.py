@@ -54,7 +54,8 @@ SCHEMA = {
     "num_epochs": (int, 1, ""),
     "max_steps": (int, None, "optimizer steps; default = one pass of num_epochs"),
     "seed": (int, 42, ""),
-    "dtype": (str, "fp32", "fp32 | bf16 (autocast; fp32 master weights)"),
+    "dtype": (str, "fp32", "fp32 | bf16 (autocast; fp32 master weights) | bf16_pure (bf16 parameters and "
+              "optimizer state)"),
     "activation_checkpointing": (bool, False, ""),
     "log_every": (int, 1, ""),
     # tuning method: exactly one true
@@ -198,7 +199,7 @@ def _check_rules(cfg):
         if not 0.0 <= cfg[key] < 1.0:
             raise ConfigError(f"config key '{key}' must be in [0, 1), got {cfg[key]}")
     choices = {"model": ("bert", "llama", "bart"), "data": ("corpus", "synthetic", "instruction"),
-               "lr_scheduler": ("linear", "cosine", "constant"), "dtype": ("fp32", "bf16"),
+               "lr_scheduler": ("linear", "cosine", "constant"), "dtype": ("fp32", "bf16", "bf16_pure"),
                "pipeline_schedule": ("gpipe", "1f1b"), "distributed_backend": ("gloo", "nccl", None)}
     for key, allowed in choices.items():
         if cfg[key] not in allowed:

@@ -52,6 +52,8 @@ class Trainer:
     def __init__(self, model, ctx, cfg, data, total_steps, forward_backward=None, log=print):
         self.model, self.ctx, self.cfg, self.data, self.log = model, ctx, cfg, data, log
         self.total_steps = total_steps
+        if cfg["dtype"] == "bf16_pure":  # parameters, gradients and optimizer state in bf16
+            model.to(torch.bfloat16)
         self.opt, self.sched = build_optimizer(model, cfg, total_steps)
         self.sync = GradSync(model, ctx, cfg["bucket_size_mb"])
         self.forward_backward = forward_backward or self._forward_backward
