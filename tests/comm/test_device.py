@@ -25,14 +25,15 @@ from tests.models.llama.common import MODEL as LLAMA, RandomInstructions
 BERT = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=3, vocab_size=64,
             seq_length=16, max_position_embeddings=16, batch_size=4, hidden_dropout_prob=0.1,
             attention_probs_dropout_prob=0.1, data="synthetic", warmup_steps=1, bucket_size_mb=0.001)
-SPLITS = {"bert": dict(tp_num_attention_heads_list=[3, 1], tp_intermediate_size_list=[40, 24], seq_scatter_list=[10, 6]),
-          "llama": dict(tp_num_attention_heads_list=[6, 2], tp_intermediate_size_list=[60, 36], seq_scatter_list=[10, 6])}
+SPLITS = {"bert": dict(tp_num_attention_heads_list=[3, 1], tp_intermediate_size_list=[40, 24]),
+          "llama": dict(tp_num_attention_heads_list=[6, 2], tp_intermediate_size_list=[60, 36])}
+SEQ = dict(seq_scatter_list=[10, 6])
 PP = dict(stage_num_hidden_layers_list=[2, 1], num_microbatches=2)
 LAYOUTS = ("serial", "tp", "sp", "galaxy", "galaxy2", "dp", "pp")
 
 
 def config(model_name, layout):
-    split = {"serial": {}, "dp": {}, "pp": PP}.get(layout, SPLITS[model_name])
+    split = {"serial": {}, "dp": {}, "pp": PP}.get(layout, {**SPLITS[model_name], **SEQ})
     shape = BERT if model_name == "bert" else {**LLAMA, "num_hidden_layers": 3, "seq_length": 16}
     return load_config(None, {**shape, **split, "parallel": layout})
 
