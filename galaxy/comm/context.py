@@ -110,13 +110,12 @@ class ParallelContext:
 
 
 def resolve_device(device, backend, rank):
-    """`device` if given; else under NCCL cuda:<local rank> (torchrun's LOCAL_RANK, else the rank
-    modulo this machine's GPUs); else the CPU (gloo, or world 1 with no backend named)."""
-    if device:
-        return torch.device(device)
-    if backend == "nccl":
+    """`device` if given, else CUDA under NCCL, else the CPU (gloo, or world 1 with no backend named).
+    CUDA without an index is this rank's GPU: torchrun's LOCAL_RANK, else the rank modulo the GPUs here."""
+    device = torch.device(device or ("cuda" if backend == "nccl" else "cpu"))
+    if device.type == "cuda" and device.index is None:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
-    return torch.device("cpu")
+    return device
 
 
 def _groups(coords, rank, size, key):

@@ -86,3 +86,5 @@ def test_device_follows_the_backend(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "3")  # torchrun's local rank wins
     assert resolve_device(None, "nccl", 5) == torch.device("cuda", 3)
     assert resolve_device("cpu", "nccl", 5) == torch.device("cpu")  # --device overrides
+    assert resolve_device("cuda:2", "gloo", 5) == torch.device("cuda", 2)
+    assert resolve_device("cuda", "gloo", 5) == torch.device("cuda", 3)  # this rank's GPU
