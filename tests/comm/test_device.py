@@ -34,13 +34,15 @@ SPLITS = {"bert": dict(tp_num_attention_heads_list=[3, 1], tp_intermediate_size_
           "bart": dict(tp_num_attention_heads_list=[3, 1], tp_intermediate_size_list=[64, 32])}
 SEQ = dict(seq_scatter_list=[10, 6])
 PP = dict(stage_num_hidden_layers_list=[2, 1], num_microbatches=2)
-LAYOUTS = ("serial", "tp", "sp", "galaxy", "galaxy2", "dp", "pp")
+LAYOUTS = ("serial", "tp", "sp", "galaxy", "galaxy2", "dp", "pp", "galaxy_tiles")  # tiles: comm/compute overlap
 MODELS = {"bert": (BertConfig, BertForMaskedLM), "llama": (LlamaConfig, LlamaForCausalLM),
           "bart": (BartConfig, BartForConditionalGeneration)}
 
 
 def config(model_name, layout):
     split = {"serial": {}, "dp": {}, "pp": PP}.get(layout, {**SPLITS[model_name], **SEQ})
+    if layout == "galaxy_tiles":
+        layout, split = "galaxy", {**split, "overlap_tiles": 2}
     return load_config(None, {**SHAPES[model_name], **split, "parallel": layout})
 
 
