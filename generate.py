@@ -72,7 +72,7 @@ def _tuning(directory):
 
 
 def main(rank, world, args, cfg, plan):
-    ctx = ParallelContext.create(plan, rank)
+    ctx = ParallelContext.create(plan, rank, backend=args.backend or launch.default_backend())
     model = LlamaForCausalLM.from_pretrained(args.checkpoint, ctx)
     if args.load_trainable:
         apply_tuning(model, cfg, ctx)
@@ -82,7 +82,8 @@ def main(rank, world, args, cfg, plan):
             raise SystemExit(f"galaxy: rank {rank}: {e}") from None
     tok = Tokenizer(args.tokenizer_file)
     prompt = [tok.bos_id] + tok.encode(args.prompt.replace("\\n", "\n"))
-    out = greedy_generate(model, torch.tensor([prompt]), args.max_new_tokens, None if args.ignore_eos else tok.eos_id)
+    ids = torch.tensor([prompt], device=ctx.device)
+    out = greedy_generate(model, ids, args.max_new_tokens, None if args.ignore_eos else tok.eos_id)
     new = out[0, len(prompt):].tolist()
     if rank == 0:
         print(f"{tok.decode(new)}\n[{len(new)} new tokens: {new}]", flush=True)

@@ -61,16 +61,15 @@ class Pending:
         return self.finish()
 
 
+# How slices move: each implementation takes the slices along dim 0 and returns (works, finish).
+#
 # On gloo, all-gather and reduce-scatter are direct exchanges with every peer (the bytes sent are
 # the ring volumes), every receive posted before any send: gloo stalls a message that arrives
 # before its receive is posted, which made exchanges over a shaped link take 1x or 2x their time
 # at random. Measured over a 100 Mbit/s link at world 2, 0.75 MiB per rank (ideal 63 ms): gloo's
 # all_gather 74-98 ms, its reduce_scatter 135-138 ms (it runs a full all-reduce), these 70-72 ms
-# (benchmarks/link_collectives.py). Other backends (NCCL) use their native collectives.
-
-
-def _direct(group):
-    return dist.get_backend(group) == "gloo"
+# (benchmarks/link_collectives.py). Other backends (NCCL) run their native single-tensor
+# collectives, which need equal slices: every slice is padded to the longest and trimmed after.
 
 
 def _exchange(sends, recvs, group):
@@ -80,39 +79,68 @@ def _exchange(sends, recvs, group):
     return dist.batch_isend_irecv(ops)
 
 
+def _direct_all_gather(mine, sizes, group):
+    rank = _rank(group)
+    out = mine.new_empty((sum(sizes),) + mine.shape[1:])
+    parts = out.split(sizes)
+    parts[rank].copy_(mine)
+    peers = [r for r in range(len(sizes)) if r != rank]
+    return _exchange({r: mine for r in peers}, {r: parts[r] for r in peers}, group), lambda: out
+
+
+def _direct_reduce_scatter(chunks, sizes, group):
+    rank = _rank(group)
+    peers = [r for r in range(len(sizes)) if r != rank]
+    incoming = {r: torch.empty_like(chunks[rank]) for r in peers}
+    works = _exchange({r: chunks[r] for r in peers}, incoming, group)
+    return works, lambda: sum(incoming.values(), chunks[rank])
+
+
+def _pad(x, length):
+    return torch.cat([x, x.new_zeros((length - x.shape[0],) + x.shape[1:])]) if x.shape[0] < length else x
+
+
+def _padded_all_gather(mine, sizes, group):
+    longest = max(sizes)
+    out = mine.new_empty((len(sizes) * longest,) + mine.shape[1:])
+    work = dist.all_gather_single(out, _pad(mine, longest), group=group, async_op=True)
+    return [work], lambda: torch.cat([out[r * longest: r * longest + n] for r, n in enumerate(sizes)])
+
+
+def _padded_reduce_scatter(chunks, sizes, group):
+    longest = max(sizes)
+    out = chunks[0].new_empty((longest,) + chunks[0].shape[1:])
+    work = dist.reduce_scatter_single(out, torch.cat([_pad(c, longest) for c in chunks]), group=group, async_op=True)
+    return [work], lambda: out[:sizes[_rank(group)]]
+
+
+DIRECT = (_direct_all_gather, _direct_reduce_scatter)
+PADDED = (_padded_all_gather, _padded_reduce_scatter)
+BY_BACKEND = {"gloo": DIRECT}  # any other backend: PADDED
+_chosen = {}  # process group -> (all_gather, reduce_scatter)
+
+
+def implementation(group, choice=None):
+    """The (all_gather, reduce_scatter) pair `group` uses: `choice` if given (tests, benchmarks),
+    else its backend's, looked up once, at the group's first all-gather or reduce-scatter."""
+    if choice is not None:
+        _chosen[group] = choice
+    if group not in _chosen:
+        _chosen[group] = BY_BACKEND.get(dist.get_backend(group), PADDED)
+    return _chosen[group]
+
+
 def start_all_gather(x, dim, sizes, group):
     """Start concatenating every rank's slice along `dim` (uneven sizes allowed)."""
-    rank = _rank(group)
-    moved = x.movedim(dim, 0).contiguous()
-    if _direct(group):
-        out = moved.new_empty((sum(sizes),) + moved.shape[1:])
-        parts = out.split(sizes)
-        parts[rank].copy_(moved)
-        peers = [r for r in range(len(sizes)) if r != rank]
-        works = _exchange({r: moved for r in peers}, {r: parts[r] for r in peers}, group)
-        return Pending(works, lambda: out.movedim(0, dim).contiguous())
-    # the native all_gather needs equal sizes: pad every slice to the longest, trim after
-    longest = max(sizes)
-    if moved.shape[0] < longest:
-        moved = torch.cat([moved, moved.new_zeros((longest - moved.shape[0],) + moved.shape[1:])])
-    out = moved.new_empty((len(sizes) * longest,) + moved.shape[1:])
-    work = dist.all_gather_single(out, moved, group=group, async_op=True)
-    return Pending([work], lambda: torch.cat([out[r * longest: r * longest + n] for r, n in enumerate(sizes)])
-                   .movedim(0, dim).contiguous())
+    works, finish = implementation(group)[0](x.movedim(dim, 0).contiguous(), sizes, group)
+    return Pending(works, lambda: finish().movedim(0, dim).contiguous())
 
 
 def start_reduce_scatter(x, dim, sizes, group):
     """Start summing over ranks, each rank keeping its own slice along `dim` (uneven sizes allowed)."""
-    rank = _rank(group)
     chunks = [c.contiguous() for c in x.movedim(dim, 0).split(sizes)]
-    if _direct(group):
-        peers = [r for r in range(len(sizes)) if r != rank]
-        incoming = {r: torch.empty_like(chunks[rank]) for r in peers}
-        works = _exchange({r: chunks[r] for r in peers}, incoming, group)
-        return Pending(works, lambda: sum(incoming.values(), chunks[rank]).movedim(0, dim).contiguous())
-    out = torch.empty_like(chunks[rank])
-    work = dist.reduce_scatter(out, chunks, group=group, async_op=True)
-    return Pending([work], lambda: out.movedim(0, dim).contiguous())
+    works, finish = implementation(group)[1](chunks, sizes, group)
+    return Pending(works, lambda: finish().movedim(0, dim).contiguous())
 
 
 def _all_gather(x, dim, sizes, group):

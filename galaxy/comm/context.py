@@ -4,9 +4,14 @@ Ranks are laid out tensor-fastest, then data, then pipeline (as in Megatron):
     rank = pp_rank * (dp_size * tp_size) + dp_rank * tp_size + tp_rank
 so the ranks that exchange activations every block are neighbours. The context is passed
 explicitly to whatever needs it; there is no global state.
+
+The context also owns the rank's device: the model, every buffer, batch, optimizer and RNG
+state the engine creates lives on `ctx.device`.
 """
+import os
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 
 from galaxy.plan import Plan
@@ -25,6 +30,7 @@ class ParallelContext:
     dp_group: object = None
     pp_group: object = None   # this rank's pipeline: one rank per stage
     stage_group: object = None  # every rank of this pipeline stage (tensor x data ranks)
+    device: torch.device = torch.device("cpu")
 
     @property
     def world(self):
@@ -80,20 +86,36 @@ class ParallelContext:
         return _owned(self.plan.stage_layers, self.pp_rank)
 
     @classmethod
-    def create(cls, plan, rank):
-        """Build every group (all ranks must call new_group for every group, in order)."""
+    def create(cls, plan, rank, device=None, backend=None):
+        """Build every group (all ranks must call new_group for every group, in order).
+        The device is `device` if given, else follows the process group's backend (`backend`
+        names it when there is no process group, at world 1): see resolve_device."""
+        if dist.is_initialized():
+            backend = dist.get_backend()
+        device = resolve_device(device, backend, rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL and kernels launched without a device use it
         if plan.world == 1:
-            return cls(plan, rank)
+            return cls(plan, rank, device=device)
         if not dist.is_initialized():
             raise RuntimeError("ParallelContext.create needs torch.distributed initialised (see galaxy.comm.launch)")
         tp, dp, pp = plan.tp_size, plan.dp_size, plan.pp_size
-        ctx = cls(plan, rank)
+        ctx = cls(plan, rank, device=device)
         coords = [(r // (tp * dp), (r // tp) % dp, r % tp) for r in range(plan.world)]
         ctx.tp_group = _groups(coords, rank, tp, lambda c: (c[0], c[1]))
         ctx.dp_group = _groups(coords, rank, dp, lambda c: (c[0], c[2]))
         ctx.pp_group = _groups(coords, rank, pp, lambda c: (c[1], c[2]))
         ctx.stage_group = _groups(coords, rank, tp * dp, lambda c: c[0])
         return ctx
+
+
+def resolve_device(device, backend, rank):
+    """`device` if given, else CUDA under NCCL, else the CPU (gloo, or world 1 with no backend named).
+    CUDA without an index is this rank's GPU: torchrun's LOCAL_RANK, else the rank modulo the GPUs here."""
+    device = torch.device(device or ("cuda" if backend == "nccl" else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+    return device
 
 
 def _groups(coords, rank, size, key):

@@ -167,7 +167,8 @@ def gather_full_state(model, ctx, to_hf, tensor_of=lambda p: p.detach(), trainab
     are left out: the first stage holds the original."""
     params = [(n, p) for n, p in model.named_parameters()
               if (p.requires_grad or not trainable_only) and not getattr(p, "pipeline_copy", False)]
-    meta = torch.tensor([getattr(p, "shard", (0, 0, 0, 0))[1:3] for _, p in params], dtype=torch.long)
+    meta = torch.tensor([getattr(p, "shard", (0, 0, 0, 0))[1:3] for _, p in params], dtype=torch.long,
+                        device=ctx.device)
     # one small all-gather tells every rank where each rank's shard of each tensor starts
     meta = C.gather_along_dim(meta.unsqueeze(0), 0, [1] * ctx.tp_size, ctx.tp_group)
     out = {}

@@ -1,4 +1,7 @@
-"""What every architecture shares: the serial context and the per-name weight init."""
+"""What every architecture shares: the serial context, building on the context's device, and
+the per-name weight init."""
+import functools
+
 import torch
 
 from galaxy.comm.context import ParallelContext
@@ -15,10 +18,21 @@ def serial_context(cfg):
     return ParallelContext(plan)
 
 
+def on_context_device(init):
+    """Decorates a model's __init__(self, cfg, ctx=None): everything it creates is made on
+    ctx.device (the serial context's when none is given), so a model is born where it runs."""
+    @functools.wraps(init)
+    def build(self, cfg, ctx=None):
+        ctx = ctx or serial_context(cfg)
+        with torch.device(ctx.device):
+            init(self, cfg, ctx)
+    return build
+
+
 def init_weights(model, std):
     """Normal(0, std) weights, zero biases, unit norm scales (BERT's and LLaMA's initialisation),
     drawn per *full* tensor from a seed derived from the parameter's name, then sliced: every
-    layout starts from exactly the serial model's weights."""
+    layout starts from exactly the serial model's weights. Drawn on the CPU, so every device does too."""
     for name, p in model.named_parameters():
         full = full_shape(p)
         if name.endswith("bias"):
@@ -27,7 +41,7 @@ def init_weights(model, std):
             value = torch.ones(full)
         else:
             seed = _name_seed(getattr(p, "init_name", name))
-            value = torch.randn(full, generator=torch.Generator().manual_seed(seed)) * std
+            value = torch.randn(full, generator=torch.Generator().manual_seed(seed), device="cpu") * std
         with torch.no_grad():
             p.copy_(own_slice(value, p))
 

@@ -131,19 +131,20 @@ def apply_tuning(model, cfg, ctx):
     method = tuning_method(cfg)
     existing = {id(p) for p in model.parameters()}
     zero_init = ()
-    if method == "use_lora":
-        _add_lora(model, cfg, ctx)
-        mark_only_lora_as_trainable(model)
-        zero_init = ("lora_B",)  # B = 0: a fresh LoRA layer computes what the frozen one did
-    elif method == "use_adapter":
-        _add_adapters(model, cfg)
-        mark_only_adapters_as_trainable(model)
-        zero_init = ("adapter_up",)  # a fresh adapter is the identity
-    elif method in ("use_side", "use_side_only"):
-        _add_side(model, cfg, ctx)
-        mark_only_side_as_trainable(model)
-        zero_init = ("side_upsample",) if method == "use_side" else ()
-    _init_new_parameters(model, existing, zero_init)
+    with torch.device(ctx.device):  # the new parameters join the model on its device
+        if method == "use_lora":
+            _add_lora(model, cfg, ctx)
+            mark_only_lora_as_trainable(model)
+            zero_init = ("lora_B",)  # B = 0: a fresh LoRA layer computes what the frozen one did
+        elif method == "use_adapter":
+            _add_adapters(model, cfg)
+            mark_only_adapters_as_trainable(model)
+            zero_init = ("adapter_up",)  # a fresh adapter is the identity
+        elif method in ("use_side", "use_side_only"):
+            _add_side(model, cfg, ctx)
+            mark_only_side_as_trainable(model)
+            zero_init = ("side_upsample",) if method == "use_side" else ()
+        _init_new_parameters(model, existing, zero_init)
     params = list(dict.fromkeys(model.parameters()))
     trainable = sum(p.numel() for p in params if p.requires_grad)
     return f"tuning {method}: {trainable:,} of {sum(p.numel() for p in params):,} parameters on this rank train"
@@ -288,5 +289,5 @@ def _initial_value(name, p, zero_init):
         value = torch.ones(full)
     else:
         gen = torch.Generator().manual_seed(_name_seed(name))
-        value = (torch.rand(full, generator=gen) * 2 - 1) / math.sqrt(full[-1])
+        value = (torch.rand(full, generator=gen, device="cpu") * 2 - 1) / math.sqrt(full[-1])
     return own_slice(value, p)

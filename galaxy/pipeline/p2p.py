@@ -26,6 +26,7 @@ class StageLinks:
     posted as one batch; the receiver lists the same shapes in the same order."""
 
     def __init__(self, ctx):
+        self.device = ctx.device
         self.prev = None if ctx.is_first_stage else ctx.pp_peer(ctx.pp_rank - 1)
         self.next = None if ctx.is_last_stage else ctx.pp_peer(ctx.pp_rank + 1)
         self.pending = []  # (tensors, works) of sends in flight; the tensors must outlive their send
@@ -57,9 +58,8 @@ class StageLinks:
         self.pending = [(t, w) for t, w in self.pending if not all(x.is_completed() for x in w)]
         self.pending.append((tensors, works))
 
-    @staticmethod
-    def _post_recv(shapes, dtype, peer):
-        bufs = [torch.empty(shape, dtype=dtype) for shape in shapes]
+    def _post_recv(self, shapes, dtype, peer):
+        bufs = [torch.empty(shape, dtype=dtype, device=self.device) for shape in shapes]
         return bufs, dist.batch_isend_irecv([dist.P2POp(dist.irecv, b, peer) for b in bufs])
 
     def _recv(self, shapes, dtype, peer, direction):

@@ -3,7 +3,7 @@
     save_dir/step-00000004/
         manifest.json                  step, world, plan, config, sha256 of every file (written last)
         rank-00000.model.safetensors   this rank's parameters as they are (its shard, its stage)
-        rank-00000.optim.safetensors   its optimizer tensors and RNG state
+        rank-00000.optim.safetensors   its optimizer tensors and RNG state (CPU, and CUDA on a GPU)
         rank-00000.state.json          step, LR schedule, optimizer hyper-parameters, Python/NumPy RNG
         rank-00001....
 
@@ -39,7 +39,7 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 # keys a resumed run may change: where and how long to train, how to launch and log
 RESUME_FREE_KEYS = ("max_steps", "num_epochs", "resume", "save_dir", "save_every", "keep_checkpoints",
                     "timeout_s", "log_every", "init_method", "distributed_backend", "load_checkpoint",
-                    "load_trainable")
+                    "load_trainable", "device")
 
 
 def _rank_files(rank):
@@ -97,6 +97,8 @@ def _rank_state(trainer):
     tensors = {f"optim.{i}.{key}": value.contiguous().cpu()
                for i, state in opt["state"].items() for key, value in state.items()}
     tensors["rng.torch"] = torch.get_rng_state()
+    if trainer.ctx.device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(trainer.ctx.device)
     np_kind, np_keys, np_pos, np_gauss, np_cached = np.random.get_state()
     tensors["rng.numpy"] = torch.from_numpy(np_keys.astype(np.int64))
     state = {"format": FORMAT, "rank": trainer.ctx.rank, "step": trainer.step,
@@ -250,6 +252,8 @@ def _restore(trainer, model_tensors, tensors, state, directory):
     trainer.opt.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
     trainer.sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and trainer.ctx.device.type == "cuda":  # the device may change on resume
+        torch.cuda.set_rng_state(tensors["rng.cuda"], trainer.ctx.device)
     version, internal, gauss = state["rng_python"]
     random.setstate((version, tuple(internal), gauss))
     kind, pos, has_gauss, cached = state["rng_numpy"]

@@ -58,7 +58,8 @@ SCHEMA = {
     "num_epochs": (int, 1, ""),
     "max_steps": (int, None, "optimizer steps; default = one pass of num_epochs"),
     "seed": (int, 42, ""),
-    "dtype": (str, "fp32", "fp32 | bf16 (autocast; fp32 master weights)"),
+    "dtype": (str, "fp32", "fp32 | bf16 (autocast; fp32 master weights) | bf16_pure (bf16 parameters and "
+              "optimizer state)"),
     "activation_checkpointing": (bool, False, ""),
     "log_every": (int, 1, ""),
     # tuning method: exactly one true
@@ -94,6 +95,7 @@ SCHEMA = {
     # processes
     "init_method": (str, None, "e.g. tcp://127.0.0.1:23000"),
     "distributed_backend": (str, None, "gloo | nccl (default: nccl on CUDA, else gloo)"),
+    "device": (str, None, "cpu | cuda | cuda:N (default: cuda:<local rank> under nccl, else cpu)"),
     "timeout_s": (float, 300.0, "collective / rendezvous timeout"),
     # checkpoints
     "load_checkpoint": (str, None, "a Hugging Face directory or safetensors file to start from"),
@@ -201,7 +203,7 @@ def _check_rules(cfg):
         if not 0.0 <= cfg[key] < 1.0:
             raise ConfigError(f"config key '{key}' must be in [0, 1), got {cfg[key]}")
     choices = {"model": ("bert", "llama", "bart"), "data": ("corpus", "synthetic", "instruction"),
-               "lr_scheduler": ("linear", "cosine", "constant"), "dtype": ("fp32", "bf16"),
+               "lr_scheduler": ("linear", "cosine", "constant"), "dtype": ("fp32", "bf16", "bf16_pure"),
                "pipeline_schedule": ("gpipe", "1f1b"), "distributed_backend": ("gloo", "nccl", None)}
     for key, allowed in choices.items():
         if cfg[key] not in allowed:
@@ -211,6 +213,8 @@ def _check_rules(cfg):
             LlamaConfig.from_dict(cfg)  # refuses unsupported RoPE scalings by name
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    if cfg["device"] is not None and cfg["device"].split(":")[0] not in ("cpu", "cuda"):
+        raise ConfigError(f"config key 'device' is {cfg['device']!r}, expected cpu, cuda or cuda:N")
     methods = [k for k in TUNING_KEYS[1:] if cfg[k]]
     if len(methods) > 1:
         raise ConfigError(f"tuning methods {methods} are all true; set exactly one of {list(TUNING_KEYS)}")

@@ -71,7 +71,7 @@ def train(rank, world, cfg, plan, args, build_model, build_data):
 
 
 def _train(rank, world, cfg, plan, args, build_model, build_data):
-    ctx = ParallelContext.create(plan, rank)
+    ctx = ParallelContext.create(plan, rank, cfg["device"], cfg["distributed_backend"] or launch.default_backend())
     check_same_config(cfg, ctx)
     torch.manual_seed(cfg["seed"])
     data = build_data(cfg, ctx)

@@ -107,7 +107,7 @@ class GradSync:
 def clip_grad_norm(model, ctx, max_norm):
     """Global L2 norm over every rank's parameters, each counted once: split tensors' squares are
     summed over the tensor group, stages' over the pipeline; replicas hold equal grads."""
-    split, replicated = torch.zeros(()), torch.zeros(())
+    split, replicated = torch.zeros((), device=ctx.device), torch.zeros((), device=ctx.device)
     for p in model.parameters():
         if p.grad is None or getattr(p, "pipeline_copy", False):
             continue

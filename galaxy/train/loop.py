@@ -28,8 +28,8 @@ def replica_share(indices, ctx):
     return indices[ctx.dp_rank * per: (ctx.dp_rank + 1) * per]
 
 
-def sum_over(value, *groups):
-    t = torch.tensor(float(value), dtype=torch.float64)
+def sum_over(value, device, *groups):
+    t = torch.tensor(float(value), dtype=torch.float64, device=device)
     for group in groups:
         if group is not None:
             dist.all_reduce(t, group=group)
@@ -52,11 +52,13 @@ class Trainer:
     def __init__(self, model, ctx, cfg, data, total_steps, forward_backward=None, log=print):
         self.model, self.ctx, self.cfg, self.data, self.log = model, ctx, cfg, data, log
         self.total_steps = total_steps
+        if cfg["dtype"] == "bf16_pure":  # parameters, gradients and optimizer state in bf16
+            model.to(torch.bfloat16)
         self.opt, self.sched = build_optimizer(model, cfg, total_steps)
         self.sync = GradSync(model, ctx, cfg["bucket_size_mb"])
         self.forward_backward = forward_backward or self._forward_backward
-        self.autocast = torch.autocast("cpu" if not torch.cuda.is_available() else "cuda", dtype=torch.bfloat16) \
-            if cfg["dtype"] == "bf16" else nullcontext()
+        self.autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if cfg["dtype"] == "bf16" \
+            else nullcontext()
         self.step = 0
         self.before_update = None  # called with the synced, clipped gradients in place (tests, debugging)
 
@@ -65,8 +67,10 @@ class Trainer:
         accum, size = self.cfg["gradient_accumulation_steps"], self.cfg["batch_size"]
         out = []
         for micro in range(accum):
-            indices = batch_indices(step * accum + micro, size, len(self.data), self.cfg["seed"])
-            out.append(self.data.get_batch(replica_share(indices, self.ctx)))
+            with torch.device("cpu"):  # drawn from CPU generators: the same batches for every device
+                indices = batch_indices(step * accum + micro, size, len(self.data), self.cfg["seed"])
+                batch = self.data.get_batch(replica_share(indices, self.ctx))
+            out.append({k: v.to(self.ctx.device) for k, v in batch.items()})
         return out
 
     def _forward_backward(self, batches, n_tokens):
@@ -86,7 +90,7 @@ class Trainer:
         self.model.train()
         batches = self.micro_batches(self.step)
         local_tokens = sum(int(label_tokens(self.model, b["labels"])) for b in batches)
-        n_tokens = max(1.0, sum_over(local_tokens, self.ctx.dp_group))
+        n_tokens = max(1.0, sum_over(local_tokens, self.ctx.device, self.ctx.dp_group))
         loss_sum = self.forward_backward(batches, n_tokens)
         self.sync.finish()
         grad_norm = clip_grad_norm(self.model, self.ctx, self.cfg["max_grad_norm"])
@@ -96,7 +100,7 @@ class Trainer:
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        loss = sum_over(loss_sum, self.ctx.dp_group, self.ctx.pp_group) / n_tokens
+        loss = sum_over(loss_sum, self.ctx.device, self.ctx.dp_group, self.ctx.pp_group) / n_tokens
         elapsed = time.perf_counter() - start
         self.step += 1
         tokens = self.cfg["batch_size"] * self.cfg["gradient_accumulation_steps"] * self.cfg["seq_length"]

@@ -10,8 +10,10 @@ def build_optimizer(model, cfg, total_steps):
     no_decay = [p for p in params if p.dim() < 2]  # biases and norms, as in BERT
     groups = [g for g in ({"params": decay, "weight_decay": cfg["weight_decay"]},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    # fused AdamW (one kernel over all tensors) where torch has it, CUDA; the per-tensor loop elsewhere
+    kernel = {"fused": True} if params and params[0].is_cuda else {"foreach": False}
     opt = torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["adam_beta1"], cfg["adam_beta2"]),
-                            eps=cfg["adam_eps"], foreach=False)
+                            eps=cfg["adam_eps"], **kernel)
     schedule = lr_lambda(cfg["lr_scheduler"], cfg["warmup_steps"], total_steps)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 

@@ -24,8 +24,10 @@ def weight(r, shape):
     return seeded(*shape, seed=100 + r)
 
 
-def _run_all(rank, world):
+def _run_all(rank, world, choice):
     g = dist.group.WORLD
+    if choice == "padded":  # the native collectives NCCL runs, on slices padded to the longest
+        C.implementation(g, C.PADDED)
     sizes = SIZES[world]
     out = {}
     full = full_shape(sizes)
@@ -51,9 +53,10 @@ def _run_all(rank, world):
     return out
 
 
+@pytest.mark.parametrize("choice", ["backend", "padded"])
 @pytest.mark.parametrize("world", [2, 3])
-def test_collectives_match_reference(world):
-    results = run_ranks(_run_all, world)
+def test_collectives_match_reference(world, choice):
+    results = run_ranks(_run_all, world, choice)
     sizes = SIZES[world]
     full = full_shape(sizes)
     x = seeded(*full, seed=1)
@@ -76,6 +79,16 @@ def test_collectives_match_reference(world):
         assert torch.allclose(y, slices(summed)[r], atol=1e-6) and torch.equal(gx, w_full)
         y, gx = out["all_gather"]
         assert torch.equal(y, torch.cat(locals_, DIM)) and torch.allclose(gx, slices(w_sum)[r], atol=1e-6)
+
+
+def test_implementation_is_chosen_once_per_group(monkeypatch):
+    gloo, nccl = object(), object()
+    asked = []
+    monkeypatch.setattr(C, "_chosen", {})
+    monkeypatch.setattr(C.dist, "get_backend", lambda g: asked.append(g) or ("gloo" if g is gloo else "nccl"))
+    for _ in range(3):
+        assert C.implementation(gloo) == C.DIRECT and C.implementation(nccl) == C.PADDED
+    assert asked == [gloo, nccl]
 
 
 def test_sizes_are_checked():

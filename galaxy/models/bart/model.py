@@ -31,6 +31,7 @@ from galaxy.layers.placement import REPLICATE, consumes, redistribute
 from galaxy.layers.transformer import Connective, run_layers, sublayer
 from galaxy.models import checkpoint
 from galaxy.models.bert.model import attention_bias, bert_layer, init_weights, serial_context
+from galaxy.models.common import on_context_device
 
 HF_NAMES = [
     (r"\.attn\.([qkv])\.", r".self_attn.\1_proj."),
@@ -172,6 +173,7 @@ def _chain(build, count):
 class BartModel(nn.Module):
     """Encoder + decoder; returns the decoder's last hidden states [B, T_dec, H] (replicated)."""
 
+    @on_context_device
     def __init__(self, cfg, ctx=None):
         super().__init__()
         self.config, self.ctx = cfg, ctx or serial_context(cfg)
@@ -200,6 +202,7 @@ class BartForConditionalGeneration(nn.Module):
     """BART with the tied LM head. forward returns logits, or with labels (sum of token losses,
     number of label tokens), as BertForMaskedLM does, so galaxy.train.loop.Trainer trains it."""
 
+    @on_context_device
     def __init__(self, cfg, ctx=None):
         super().__init__()
         self.config = cfg

@@ -22,7 +22,7 @@ from galaxy.layers.mlp import MLP
 from galaxy.layers.placement import REPLICATE, redistribute
 from galaxy.layers.transformer import Connective, TransformerLayer, run_layers
 from galaxy.models import checkpoint
-from galaxy.models.common import init_weights, serial_context
+from galaxy.models.common import init_weights, on_context_device, serial_context
 
 HF_NAMES = [
     (r"\.attn\.q\.", ".attention.self.query."),
@@ -115,6 +115,7 @@ def attention_bias(attention_mask, dtype):
 class BertModel(nn.Module):
     """Embeddings + encoder; returns the last hidden states [B, T, H] (replicated on every rank)."""
 
+    @on_context_device
     def __init__(self, cfg, ctx=None):
         super().__init__()
         self.config, self.ctx = cfg, ctx or serial_context(cfg)
@@ -171,6 +172,7 @@ class BertForMaskedLM(nn.Module):
     """BERT with the masked-LM head. forward returns (sum of token losses, number of label tokens),
     so callers can divide by the count of the *global* batch and match serial exactly."""
 
+    @on_context_device
     def __init__(self, cfg, ctx=None):
         super().__init__()
         self.config = cfg

@@ -21,7 +21,7 @@ from galaxy.layers.mlp import MLP
 from galaxy.layers.placement import REPLICATE, SEQ, consumes, redistribute
 from galaxy.layers.transformer import Connective, TransformerLayer, run_layers
 from galaxy.models import checkpoint
-from galaxy.models.common import init_weights, serial_context
+from galaxy.models.common import init_weights, on_context_device, serial_context
 from galaxy.models.llama.config import LlamaConfig
 from galaxy.models.llama.rope import Rotary
 
@@ -75,6 +75,7 @@ class LlamaModel(nn.Module):
     """Embeddings + decoder layers (+ final norm on the last stage); returns hidden states
     [B, T, H], replicated on every tensor rank."""
 
+    @on_context_device
     def __init__(self, cfg, ctx=None):
         super().__init__()
         self.config, self.ctx = cfg, ctx or serial_context(cfg)
@@ -104,6 +105,7 @@ class LlamaForCausalLM(nn.Module):
     """LLaMA with the LM head. forward returns logits [B, T, V], or with labels (aligned with
     input_ids; the shift by one happens here) (sum of token losses, number of label tokens)."""
 
+    @on_context_device
     def __init__(self, cfg, ctx=None):
         super().__init__()
         self.config = cfg

@@ -9,8 +9,9 @@ from galaxy.models.llama import LlamaConfig, LlamaForCausalLM
 from galaxy.models.llama.generate import greedy_generate, kv_caches
 from galaxy.models.tuning import apply_tuning
 from galaxy.train.config import load_config
-from galaxy.train.loop import label_tokens
+from galaxy.train.loop import Trainer, label_tokens
 from tests.helpers import rel_err
+from tests.models.llama.common import MODEL, RandomInstructions
 from tests.models.llama.reference import reference_logits, write_random_checkpoint
 
 CONFIGS = {
@@ -145,3 +146,17 @@ def test_bf16_autocast_keeps_fp32_weights():
     (loss_sum / n).backward()
     assert abs(loss_sum.item() - fp32) < 2e-2 * fp32
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_bf16_pure_trains_bf16_parameters_and_optimizer_state():
+    losses, states = {}, {}
+    for dtype in ("fp32", "bf16_pure"):
+        cfg = load_config(None, {**MODEL, "dtype": dtype})
+        model = LlamaForCausalLM(LlamaConfig.from_dict(cfg))
+        trainer = Trainer(model, model.ctx, cfg, RandomInstructions(cfg["vocab_size"], cfg["seq_length"]), 2,
+                          log=lambda m: None)
+        losses[dtype] = [trainer.train_step()["loss"] for _ in range(2)]
+        states[dtype] = [t.dtype for s in trainer.opt.state.values() for k, t in s.items() if k != "step"]
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters()) and set(states["bf16_pure"]) == {torch.bfloat16}
+    for got, want in zip(losses["bf16_pure"], losses["fp32"]):
+        assert abs(got - want) < 2e-2 * want, losses
