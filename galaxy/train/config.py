@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from galaxy.models.tuning import check_tuning
+from galaxy.plan import check_kv_heads
 from galaxy.train.errors import ConfigError
 
 INT_LIST = "list[int]"
@@ -191,7 +192,8 @@ def _check_rules(cfg):
     if cfg["hidden_size"] % cfg["num_attention_heads"]:
         raise ConfigError(f"hidden_size {cfg['hidden_size']} is not divisible by num_attention_heads "
                           f"{cfg['num_attention_heads']}")
-    if cfg["seq_length"] > cfg["max_position_embeddings"] and cfg["model"] != "llama":
+    check_kv_heads(cfg["num_attention_heads"], cfg["num_key_value_heads"])
+    if cfg["seq_length"] > cfg["max_position_embeddings"]:  # LLaMA too: its rotary would run past what it learned
         raise ConfigError(f"seq_length {cfg['seq_length']} exceeds max_position_embeddings {cfg['max_position_embeddings']}")
     for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "lora_dropout"):
         if not 0.0 <= cfg[key] < 1.0:

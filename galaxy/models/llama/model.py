@@ -24,6 +24,7 @@ from galaxy.layers.placement import REPLICATE, SEQ, consumes, redistribute
 from galaxy.layers.transformer import Connective, TransformerLayer, run_layers
 from galaxy.models import checkpoint
 from galaxy.models.common import init_weights, serial_context
+from galaxy.plan import check_kv_heads
 
 IGNORE_INDEX = -100
 
@@ -53,7 +54,9 @@ class LlamaConfig:
     activation_checkpointing: bool = False
 
     def __post_init__(self):
-        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        check_kv_heads(self.num_attention_heads, self.num_key_value_heads)
 
     @classmethod
     def from_dict(cls, d):
