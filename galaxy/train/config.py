@@ -94,6 +94,8 @@ SCHEMA = {
     "timeout_s": (float, 300.0, "collective / rendezvous timeout"),
     # checkpoints
     "load_checkpoint": (str, None, "a Hugging Face directory or safetensors file to start from"),
+    "strict": (bool, True, "load_checkpoint must hold exactly the model's tensors; false loads those that "
+               "match and lists the tensors missing and unused"),
     "save_dir": (str, None, "training checkpoints go to save_dir/step-N/; the final HF export to save_dir"),
     "save_every": (int, 0, "save a training checkpoint every N optimizer steps (and at the last); 0 = never"),
     "keep_checkpoints": (int, 0, "keep only the newest K training checkpoints; 0 = keep all"),
