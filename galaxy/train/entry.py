@@ -75,6 +75,8 @@ def _train(rank, world, cfg, plan, args, build_model, build_data):
     check_same_config(cfg, ctx)
     torch.manual_seed(cfg["seed"])
     data = build_data(cfg, ctx)
+    if rank == 0 and getattr(data, "cut", ""):  # what the data lost to seq_length, told once
+        print(f"[rank 0] {data.cut}", flush=True)
     if len(data) < cfg["batch_size"]:
         raise DataError(f"{cfg['data_file']}: {len(data)} sequences of {cfg['seq_length']} tokens, "
                         f"fewer than one batch (batch_size {cfg['batch_size']})")
