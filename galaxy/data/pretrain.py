@@ -93,7 +93,8 @@ def token_chunks(jsonl_path, tokenizer, body):
     if n == 0:
         raise DataError(f"{jsonl_path}: {len(stream)} tokens, too few for one "
                         f"sequence of length {body + 2}")
-    return torch.tensor(stream[:n * body], dtype=torch.long).view(n, body), tail_cut(jsonl_path, len(stream), n * body, body)
+    chunks = torch.tensor(stream[:n * body], dtype=torch.long).view(n, body)
+    return chunks, tail_cut(jsonl_path, len(stream), n * body, body)
 
 
 def tail_cut(path, total, kept, length):

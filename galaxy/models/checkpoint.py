@@ -86,13 +86,13 @@ def load_checkpoint(model, path, to_hf, strip_prefix="", trainable_only=False, s
         if trainable_only:
             missing, reshaped, used = _pooled(missing, reshaped, used)
         unused = [repr(n) for n in sorted(set(where) - used) if not any(re.search(p, n) for p in ignore)]
-        tolerable = [(n, w) for n, w in [(missing, "missing"), (unused, "this model does not "
-                                              + ("train" if trainable_only else "use"))] if n]
+        unused_as = "this model does not " + ("train" if trainable_only else "use")
+        tolerable = {w: n for w, n in {"missing": missing, unused_as: unused}.items() if n}
         if reshaped or (tolerable and (strict or trainable_only)):
             hint = "saved by a run with other tuning settings?" if trainable_only else \
                 "does the config match? --strict false loads the tensors that do"
-            listed = [_listed(n, w) for n, w in tolerable + [(reshaped, "of another shape")] if n]
-            raise CheckpointError(f"{path}: " + "; ".join(listed) + f" ({hint})")
+            listed = [_listed(n, w) for w, n in {**tolerable, "of another shape": reshaped}.items() if n]
+            raise CheckpointError(f"{path}: {'; '.join(listed)} ({hint})")
         if not trainable_only:  # this rank's own parameters (the whole model's were only checked)
             found = _match(params, where, handles, to_hf, strip_prefix)[0]
         for hf, view, param in found:
@@ -100,7 +100,7 @@ def load_checkpoint(model, path, to_hf, strip_prefix="", trainable_only=False, s
                 param.copy_(_read_slice(view, param))
     finally:
         handles.clear()
-    return [_listed(n, w, shown=len(n)) for n, w in tolerable]
+    return [_listed(n, w, shown=len(n)) for w, n in tolerable.items()]
 
 
 def _whole_model(model):
