@@ -56,9 +56,22 @@ def parse(argv=None):
         cfg = load_config(None, {**shape, **layout, **tuning, "model": "llama", "seq_length": 1})
         plan = build_plan(cfg, world)
         check_can_generate(plan)
+        args.prompt_ids = _prompt_ids(args, cfg["max_position_embeddings"])
     except (ConfigError, ValueError) as e:
         parser.exit(2, f"galaxy: config error: {e}\n")
     return args, cfg, plan, world, rank
+
+
+def _prompt_ids(args, positions):
+    """[bos] + the prompt's tokens, if they and the new tokens fit the model's positions."""
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    tok = Tokenizer(args.tokenizer_file)
+    ids = [tok.bos_id] + tok.encode(args.prompt.replace("\\n", "\n"))
+    if len(ids) + args.max_new_tokens > positions:
+        raise ConfigError(f"--prompt ({len(ids)} tokens with <s>) + --max_new_tokens {args.max_new_tokens} "
+                          f"exceeds the checkpoint's max_position_embeddings {positions}")
+    return ids
 
 
 def _tuning(directory):
@@ -81,9 +94,8 @@ def main(rank, world, args, cfg, plan):
         except CheckpointError as e:
             raise SystemExit(f"galaxy: rank {rank}: {e}") from None
     tok = Tokenizer(args.tokenizer_file)
-    prompt = [tok.bos_id] + tok.encode(args.prompt.replace("\\n", "\n"))
-    ids = torch.tensor([prompt], device=ctx.device)
-    out = greedy_generate(model, ids, args.max_new_tokens, None if args.ignore_eos else tok.eos_id)
+    prompt = args.prompt_ids
+    out = greedy_generate(model, torch.tensor([prompt], device=ctx.device), args.max_new_tokens, None if args.ignore_eos else tok.eos_id)
     new = out[0, len(prompt):].tolist()
     if rank == 0:
         print(f"{tok.decode(new)}\n[{len(new)} new tokens: {new}]", flush=True)

@@ -135,11 +135,17 @@ def _kv_heads(cfg):
     return cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
 
 
+def check_kv_heads(heads, kv):
+    """Grouped-query attention shares each key/value head among heads / kv query heads, in every
+    layout (a wrong count would fail inside attention, or 0 silently mean one KV head per head)."""
+    if kv is not None and (kv < 1 or heads % kv):
+        raise ConfigError(f"config key 'num_key_value_heads' is {kv}; it must be >= 1 and divide "
+                          f"num_attention_heads {heads} (each KV head serves a whole group of query heads)")
+
+
 def _kv_split(cfg, heads):
     """Under TP each rank keeps whole GQA groups: its query heads map onto its own KV heads."""
     total, kv = cfg["num_attention_heads"], _kv_heads(cfg)
-    if total % kv:
-        raise ConfigError(f"num_attention_heads {total} is not a multiple of num_key_value_heads {kv}")
     group = total // kv
     if any(h % group for h in heads):
         raise ConfigError(f"tp_num_attention_heads_list {list(heads)} splits GQA groups of {group} query heads "

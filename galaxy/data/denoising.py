@@ -38,7 +38,7 @@ class BartDenoisingData:
         check_bert_pieces(tokenizer, seq_length, "BART")
         self.tokenizer, self.seq_length, self.seed = tokenizer, seq_length, seed
         self.mask_ratio, self.poisson_lambda = mask_ratio, poisson_lambda
-        self._chunks = token_chunks(jsonl_path, tokenizer, seq_length - 2)
+        self._chunks, self.cut = token_chunks(jsonl_path, tokenizer, seq_length - 2)
 
     def __len__(self):
         return len(self._chunks)

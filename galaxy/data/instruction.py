@@ -7,7 +7,7 @@ import torch
 
 from .errors import DataError
 from .mlm import IGNORE_INDEX
-from .pretrain import _check_index, read_jsonl
+from .pretrain import _check_index, read_jsonl, tail_cut
 
 
 class InstructionData:
@@ -15,8 +15,9 @@ class InstructionData:
 
     Labels are IGNORE_INDEX on [bos] + input, so only target tokens and [eos]
     carry loss. Samples longer than max_seq_length keep their first
-    max_seq_length tokens and are counted in num_truncated (a sample whose prompt
-    alone fills max_seq_length then carries no loss at all).
+    max_seq_length tokens; `cut` says how many samples and tokens that dropped, and
+    how many samples are left with no label token (their prompt alone fills
+    max_seq_length).
 
     get_batch right-pads to the longest sample in the batch, or always to
     max_seq_length with pad_to_max_length=True (fixed shapes, as sequence or
@@ -29,16 +30,19 @@ class InstructionData:
             raise ValueError(f"tokenizer {tokenizer.model_file} needs bos and eos pieces")
         self.max_seq_length, self.pad_to_max_length = max_seq_length, pad_to_max_length
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
-        self.num_truncated = 0
         self._samples = []  # (input_ids, labels) as lists
+        self.num_truncated = tokens = tokens_cut = 0
         for row in read_jsonl(jsonl_path, ("input", "target")):
             prompt = [tokenizer.bos_id] + tokenizer.encode(row["input"])
             answer = tokenizer.encode(row["target"]) + [tokenizer.eos_id]
             ids, labels = prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
-            if len(ids) > max_seq_length:
-                self.num_truncated += 1
-                ids, labels = ids[:max_seq_length], labels[:max_seq_length]
-            self._samples.append((ids, labels))
+            tokens, cut = tokens + len(ids), max(0, len(ids) - max_seq_length)
+            self.num_truncated, tokens_cut = self.num_truncated + (cut > 0), tokens_cut + cut
+            self._samples.append((ids[:max_seq_length], labels[:max_seq_length]))
+        unlabelled = sum(all(x == IGNORE_INDEX for x in lab) for _, lab in self._samples)
+        self.cut = (f"{jsonl_path}: {self.num_truncated} of {len(self)} samples are longer than seq_length "
+                    f"{max_seq_length} and were cut, {tokens_cut} of {tokens} tokens dropped; {unlabelled} "
+                    f"sample(s) keep no label token (the prompt fills seq_length)") if self.num_truncated else ""
 
     def __len__(self):
         return len(self._samples)
@@ -64,7 +68,7 @@ class PretrainTextData:
 
     Each document becomes [bos] + title + content + [eos] (bos/eos left out if
     the tokenizer lacks them); documents are concatenated and cut into len(self)
-    sequences of seq_length, dropping the tail. labels == input_ids.
+    sequences of seq_length, dropping the tail (`cut` says how much). labels == input_ids.
     """
 
     def __init__(self, jsonl_path, tokenizer, seq_length):
@@ -76,7 +80,7 @@ class PretrainTextData:
         if n == 0:
             raise DataError(f"{jsonl_path}: {len(stream)} tokens, too few for one "
                             f"sequence of length {seq_length}")
-        self.seq_length = seq_length
+        self.seq_length, self.cut = seq_length, tail_cut(jsonl_path, len(stream), n * seq_length, seq_length)
         self._seqs = torch.tensor(stream[:n * seq_length], dtype=torch.long).view(n, seq_length)
 
     def __len__(self):

@@ -85,15 +85,22 @@ def _check_index(i, n):
 
 
 def token_chunks(jsonl_path, tokenizer, body):
-    """{"title","content"} JSONL -> [n, body] LongTensor: all documents (title tokens, then content
-    tokens) concatenated into one stream, cut into consecutive chunks; the tail is dropped."""
+    """{"title","content"} JSONL -> ([n, body] LongTensor, what was cut): all documents (title tokens,
+    then content tokens) concatenated into one stream, cut into consecutive chunks; the tail is dropped."""
     stream = [t for row in read_jsonl(jsonl_path, ("title", "content"))
               for t in tokenizer.encode(row["title"]) + tokenizer.encode(row["content"])]
     n = len(stream) // body
     if n == 0:
         raise DataError(f"{jsonl_path}: {len(stream)} tokens, too few for one "
                         f"sequence of length {body + 2}")
-    return torch.tensor(stream[:n * body], dtype=torch.long).view(n, body)
+    chunks = torch.tensor(stream[:n * body], dtype=torch.long).view(n, body)
+    return chunks, tail_cut(jsonl_path, len(stream), n * body, body)
+
+
+def tail_cut(path, total, kept, length):
+    """What cutting a token stream into whole sequences left out, for the start-up report ("" if nothing)."""
+    return (f"{path}: the corpus's last {total - kept} of {total} tokens (less than one sequence of {length}) "
+            f"are left out") if total > kept else ""
 
 
 def _stack_mlm(samples):
@@ -118,14 +125,14 @@ def check_bert_pieces(tokenizer, seq_length, model):
 class BertPretrainData:
     """{"title","content"} JSONL -> [CLS] + seq_length-2 tokens + [SEP] MLM samples.
 
-    The samples are the corpus's token_chunks of seq_length-2 tokens.
+    The samples are the corpus's token_chunks of seq_length-2 tokens (`cut`: the tail left out).
     """
 
     def __init__(self, jsonl_path, tokenizer, seq_length, seed, mlm_probability=0.15):
         check_bert_pieces(tokenizer, seq_length, "BERT")
         self.tokenizer, self.seq_length, self.seed = tokenizer, seq_length, seed
         self.mlm_probability = mlm_probability
-        self._chunks = token_chunks(jsonl_path, tokenizer, seq_length - 2)
+        self._chunks, self.cut = token_chunks(jsonl_path, tokenizer, seq_length - 2)
 
     def __len__(self):
         return len(self._chunks)

@@ -58,45 +58,60 @@ def _files(path):
     return out
 
 
-def load_checkpoint(model, path, to_hf, strip_prefix="", trainable_only=False):
+def load_checkpoint(model, path, to_hf, strip_prefix="", trainable_only=False, strict=True, ignore=()):
     """Copy this rank's slices of a Hugging Face checkpoint into `model` (names mapped by to_hf).
 
-    A full load needs every parameter in the checkpoint and returns the checkpoint names no
-    parameter used. A checkpoint with a different prefix (e.g. a bare BertModel "embeddings.*"
-    loaded into BertForMaskedLM "bert.embeddings.*") is matched by trying the name without
-    strip_prefix.
+    A full load is checked against the whole model, every pipeline stage of it, built without
+    memory on the meta device: each rank finds the same problems and raises before any rank waits
+    on another. A tensor the model needs that the file lacks, or one no parameter uses (other
+    than names matching the `ignore` patterns: parts of Hugging Face's model that this one leaves
+    out), is an error; strict=False loads what matches, leaves the rest as initialised and
+    returns those problems. A tensor of another shape is always an error. A checkpoint with a
+    different prefix (e.g. a bare BertModel "embeddings.*" loaded into BertForMaskedLM
+    "bert.embeddings.*") is matched by trying the name without strip_prefix.
 
     trainable_only loads what save_checkpoint(trainable_only=True) wrote (a LoRA / adapter /
     side file) into the parameters that train, after the tuning method has added them. The file
-    must hold exactly the whole model's trainable tensors. Pipeline stages hold different ones,
-    so the ranks pool what they found (one all-gather every rank reaches) and all raise the same
-    error before anything is copied.
+    must hold exactly the whole model's trainable tensors. The tuning method's parameters exist
+    only on the ranks that built them, so the ranks pool what they found (one all-gather every
+    rank reaches) and all raise the same error before anything is copied.
     """
     where = _files(path)
     handles = {}
     try:
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad or not trainable_only]
-        found, problems = _match(params, where, handles, to_hf, strip_prefix)
+        found, missing, reshaped = _match(params if trainable_only else _whole_model(model),
+                                          where, handles, to_hf, strip_prefix)
         used = {hf for hf, _, _ in found}
         if trainable_only:
-            problems, used = _pooled(problems, used)
-            extra = sorted(set(where) - used)
-            if extra:
-                problems.append(f"{len(extra)} tensor(s) this model does not train: {_some([repr(e) for e in extra])}")
-        if problems:
-            hint = "saved by a run with other tuning settings?" if trainable_only else "does the config match?"
-            raise CheckpointError(f"{path}: " + "; ".join(problems) + f" ({hint})")
+            missing, reshaped, used = _pooled(missing, reshaped, used)
+        unused = [repr(n) for n in sorted(set(where) - used) if not any(re.search(p, n) for p in ignore)]
+        unused_as = "this model does not " + ("train" if trainable_only else "use")
+        tolerable = {w: n for w, n in {"missing": missing, unused_as: unused}.items() if n}
+        if reshaped or (tolerable and (strict or trainable_only)):
+            hint = "saved by a run with other tuning settings?" if trainable_only else \
+                "does the config match? --strict false loads the tensors that do"
+            listed = [_listed(n, w) for w, n in {**tolerable, "of another shape": reshaped}.items() if n]
+            raise CheckpointError(f"{path}: {'; '.join(listed)} ({hint})")
+        if not trainable_only:  # this rank's own parameters (the whole model's were only checked)
+            found = _match(params, where, handles, to_hf, strip_prefix)[0]
         for hf, view, param in found:
             with torch.no_grad():
                 param.copy_(_read_slice(view, param))
     finally:
         handles.clear()
-    return sorted(set(where) - used)
+    return [_listed(n, w, shown=len(n)) for w, n in tolerable.items()]
+
+
+def _whole_model(model):
+    """(name, parameter) of the serial model, every stage and full shapes, with no memory (meta)."""
+    with torch.device("meta"):
+        return list(type(model)(model.config).named_parameters())
 
 
 def _match(params, where, handles, to_hf, strip_prefix):
-    """([(checkpoint name, slice view, parameter)], problems): the tensor each parameter reads,
-    checked against the parameter's full (unsharded) shape before anything is read."""
+    """[(checkpoint name, slice view, parameter)] the parameters read, and the names of those the
+    checkpoint lacks or holds in another shape (checked against the full, unsharded shape)."""
     found, missing, reshaped = [], [], []
     for name, param in params:
         hf = to_hf(_source_name(name, param))
@@ -112,19 +127,21 @@ def _match(params, where, handles, to_hf, strip_prefix):
         if shape != needed:
             reshaped.append(f"{named} is {shape} in the checkpoint, {needed} in the model")
         found.append((hf, view, param))
-    problems = [f"{len(missing)} tensor(s) missing: {_some(missing)}"] if missing else []
-    if reshaped:
-        problems.append(f"{len(reshaped)} tensor(s) of another shape: {_some(reshaped)}")
-    return found, problems
+    return found, missing, reshaped
 
 
-def _pooled(problems, used):
-    """Every rank's problems and used names, so each sees the whole model's (pipeline stages differ)."""
+def _listed(names, what, shown=3):
+    return f"{len(names)} tensor(s) {what}: {_some(names, shown)}"
+
+
+def _pooled(missing, reshaped, used):
+    """Every rank's missing, reshaped and used names, so each sees the whole model's."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return problems, used
+        return missing, reshaped, used
     parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, (problems, used))
-    return list(dict.fromkeys(p for part, _ in parts for p in part)), set().union(*(u for _, u in parts))
+    dist.all_gather_object(parts, (missing, reshaped, used))
+    return (list(dict.fromkeys(m for part in parts for m in part[0])),
+            list(dict.fromkeys(r for part in parts for r in part[1])), set().union(*(part[2] for part in parts)))
 
 
 def _some(names, shown=3):

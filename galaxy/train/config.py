@@ -9,6 +9,7 @@ from pathlib import Path
 
 from galaxy.models.llama.config import LlamaConfig
 from galaxy.models.tuning import check_tuning
+from galaxy.plan import check_kv_heads
 from galaxy.train.errors import ConfigError
 
 INT_LIST = "list[int]"
@@ -99,6 +100,8 @@ SCHEMA = {
     "timeout_s": (float, 300.0, "collective / rendezvous timeout"),
     # checkpoints
     "load_checkpoint": (str, None, "a Hugging Face directory or safetensors file to start from"),
+    "strict": (bool, True, "load_checkpoint must hold exactly the model's tensors; false loads those that "
+               "match and lists the tensors missing and unused"),
     "save_dir": (str, None, "training checkpoints go to save_dir/step-N/; the final HF export to save_dir"),
     "save_every": (int, 0, "save a training checkpoint every N optimizer steps (and at the last); 0 = never"),
     "keep_checkpoints": (int, 0, "keep only the newest K training checkpoints; 0 = keep all"),
@@ -197,7 +200,8 @@ def _check_rules(cfg):
     if cfg["hidden_size"] % cfg["num_attention_heads"]:
         raise ConfigError(f"hidden_size {cfg['hidden_size']} is not divisible by num_attention_heads "
                           f"{cfg['num_attention_heads']}")
-    if cfg["seq_length"] > cfg["max_position_embeddings"] and cfg["model"] != "llama":
+    check_kv_heads(cfg["num_attention_heads"], cfg["num_key_value_heads"])
+    if cfg["seq_length"] > cfg["max_position_embeddings"]:  # LLaMA too: its rotary would run past what it learned
         raise ConfigError(f"seq_length {cfg['seq_length']} exceeds max_position_embeddings {cfg['max_position_embeddings']}")
     for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "lora_dropout"):
         if not 0.0 <= cfg[key] < 1.0:

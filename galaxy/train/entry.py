@@ -75,12 +75,16 @@ def _train(rank, world, cfg, plan, args, build_model, build_data):
     check_same_config(cfg, ctx)
     torch.manual_seed(cfg["seed"])
     data = build_data(cfg, ctx)
+    if rank == 0 and getattr(data, "cut", ""):  # what the data lost to seq_length, told once
+        print(f"[rank 0] {data.cut}", flush=True)
     if len(data) < cfg["batch_size"]:
         raise DataError(f"{cfg['data_file']}: {len(data)} sequences of {cfg['seq_length']} tokens, "
                         f"fewer than one batch (batch_size {cfg['batch_size']})")
     model = build_model(cfg, ctx)
     if cfg["load_checkpoint"] and not cfg["resume"]:
-        model.load_hf(cfg["load_checkpoint"])
+        skipped = model.load_hf(cfg["load_checkpoint"], strict=cfg["strict"])
+        if skipped and rank == 0:  # every rank found the same: the whole model's names were checked
+            print(f"[rank 0] --strict false: {cfg['load_checkpoint']}: " + "; ".join(skipped), flush=True)
     tuning = apply_tuning(model, cfg, ctx)  # LoRA / adapter / side: freezes the rest
     if cfg["load_trainable"] and not cfg["resume"]:  # their parameters exist only now
         model.load_hf(cfg["load_trainable"], trainable_only=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from galaxy.data import batch_indices
+from galaxy.data import DataError, batch_indices
 from galaxy.layers.dropout import set_dropout_seed
 from galaxy.train.grad_sync import GradSync, clip_grad_norm
 from galaxy.train.optim import build_optimizer, optimizer_state_bytes
@@ -62,13 +62,16 @@ class Trainer:
         self.step = 0
         self.before_update = None  # called with the synced, clipped gradients in place (tests, debugging)
 
+    def step_indices(self, step):
+        """The global sample indices of every micro-step of optimizer step `step`."""
+        accum, size = self.cfg["gradient_accumulation_steps"], self.cfg["batch_size"]
+        return [batch_indices(step * accum + micro, size, len(self.data), self.cfg["seed"]) for micro in range(accum)]
+
     def micro_batches(self, step):
         """This replica's batches for every micro-step of optimizer step `step`."""
-        accum, size = self.cfg["gradient_accumulation_steps"], self.cfg["batch_size"]
         out = []
-        for micro in range(accum):
+        for indices in self.step_indices(step):
             with torch.device("cpu"):  # drawn from CPU generators: the same batches for every device
-                indices = batch_indices(step * accum + micro, size, len(self.data), self.cfg["seed"])
                 batch = self.data.get_batch(replica_share(indices, self.ctx))
             out.append({k: v.to(self.ctx.device) for k, v in batch.items()})
         return out
@@ -90,7 +93,10 @@ class Trainer:
         self.model.train()
         batches = self.micro_batches(self.step)
         local_tokens = sum(int(label_tokens(self.model, b["labels"])) for b in batches)
-        n_tokens = max(1.0, sum_over(local_tokens, self.ctx.device, self.ctx.dp_group))
+        n_tokens = sum_over(local_tokens, self.ctx.device, self.ctx.dp_group)
+        if n_tokens == 0:  # the same count on every rank, so all stop here; loss 0 would hide it
+            raise DataError(f"step {self.step + 1}: samples {sorted(sum(self.step_indices(self.step), []))} carry no "
+                            f"label token (is every prompt longer than seq_length {self.cfg['seq_length']}?)")
         loss_sum = self.forward_backward(batches, n_tokens)
         self.sync.finish()
         grad_norm = clip_grad_norm(self.model, self.ctx, self.cfg["max_grad_norm"])

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from galaxy.data import (IGNORE_INDEX, BertPretrainData, DataError, InstructionData,
-                         PretrainTextData, SyntheticMLM, batch_indices)
+                         PretrainTextData, SyntheticMLM, Tokenizer, batch_indices, read_jsonl)
 
 from .conftest import SHIPPED, write_jsonl
 
@@ -78,6 +78,27 @@ def test_instruction_truncation_is_counted(tmp_path, llama_tok):
     batch = data.get_batch([0, 1])
     assert batch["input_ids"].shape == (2, 16)
     assert (batch["attention_mask"][1] == 1).all()
+
+
+def test_shipped_instructions_report_what_seq_length_cuts():
+    data = InstructionData(SHIPPED / "instructions.jsonl", Tokenizer(SHIPPED / "spm_llama.model"), max_seq_length=64)
+    assert data.cut.endswith("instructions.jsonl: 318 of 593 samples are longer than seq_length 64 and were cut, "
+                             "4749 of 39123 tokens dropped; 0 sample(s) keep no label token (the prompt fills "
+                             "seq_length)"), data.cut
+
+
+def test_a_prompt_that_fills_seq_length_is_reported(tmp_path, llama_tok):
+    rows = [{"input": "a much longer prompt " * 10, "target": "answer"}, {"input": "short", "target": "ok"}]
+    data = InstructionData(write_jsonl(tmp_path / "i.jsonl", rows), llama_tok, max_seq_length=16)
+    assert "1 of 2 samples are longer than seq_length 16" in data.cut and "1 sample(s) keep no label token" in data.cut
+
+
+def test_corpus_tails_left_out_are_reported(bert_tok):
+    data = BertPretrainData(SHIPPED / "pretrain.jsonl", bert_tok, seq_length=64, seed=3)
+    total = sum(len(bert_tok.encode(r["title"])) + len(bert_tok.encode(r["content"]))
+                for r in read_jsonl(SHIPPED / "pretrain.jsonl", ("title", "content")))
+    left_out = total - len(data) * 62
+    assert 0 < left_out < 62 and f"last {left_out} of {total} tokens (less than one sequence of 62)" in data.cut
 
 
 def test_malformed_line_names_file_and_line(tmp_path, llama_tok):

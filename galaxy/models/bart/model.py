@@ -220,8 +220,8 @@ class BartForConditionalGeneration(nn.Module):
         loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
         return loss_sum, (labels != -100).sum()
 
-    def load_hf(self, path, trainable_only=False):
-        return checkpoint.load_checkpoint(self, path, to_hf, trainable_only=trainable_only)
+    def load_hf(self, path, trainable_only=False, strict=True):
+        return checkpoint.load_checkpoint(self, path, to_hf, trainable_only=trainable_only, strict=strict)
 
     def save_hf(self, path, trainable_only=False):
         cfg = json.dumps(self.config.to_hf(), indent=1)

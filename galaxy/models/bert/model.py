@@ -36,6 +36,11 @@ HF_NAMES = [
 ]
 
 
+# what Hugging Face's BERT checkpoints carry for parts this model leaves out (pooler, next-sentence
+# head, the position_ids buffer) or holds once (the decoder, tied to the word embeddings)
+HF_EXTRAS = (r"pooler\.", r"position_ids$", r"^cls\.seq_relationship\.", r"^cls\.predictions\.decoder\.")
+
+
 def to_hf(name):
     return checkpoint.rename(name, HF_NAMES)
 
@@ -136,8 +141,8 @@ class BertModel(nn.Module):
         model.load_hf(path)
         return model
 
-    def load_hf(self, path):
-        return checkpoint.load_checkpoint(self, path, to_hf, strip_prefix="bert.")
+    def load_hf(self, path, strict=True):
+        return checkpoint.load_checkpoint(self, path, to_hf, strip_prefix="bert.", strict=strict, ignore=HF_EXTRAS)
 
 
 class BertLMHead(nn.Module):
@@ -200,8 +205,9 @@ class BertForMaskedLM(nn.Module):
         loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
         return loss_sum, (labels != -100).sum()
 
-    def load_hf(self, path, trainable_only=False):
-        return checkpoint.load_checkpoint(self, path, mlm_to_hf, trainable_only=trainable_only)
+    def load_hf(self, path, trainable_only=False, strict=True):
+        return checkpoint.load_checkpoint(self, path, mlm_to_hf, trainable_only=trainable_only, strict=strict,
+                                          ignore=HF_EXTRAS)
 
     def save_hf(self, path, trainable_only=False):
         cfg = json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert", **vars(self.config)}, indent=1)

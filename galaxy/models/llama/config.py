@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from galaxy.plan import check_kv_heads
+
 # the keys each scaled RoPE type needs besides rope_type (galaxy/models/llama/rope.py uses them)
 ROPE_KEYS = {"linear": ("factor",), "dynamic": ("factor",),
              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
@@ -35,7 +37,9 @@ class LlamaConfig:
     activation_checkpointing: bool = False
 
     def __post_init__(self):
-        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        check_kv_heads(self.num_attention_heads, self.num_key_value_heads)
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         self.rope_scaling = _check_rope_scaling(self.rope_scaling, self.max_position_embeddings)
 

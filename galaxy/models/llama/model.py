@@ -34,6 +34,7 @@ HF_NAMES = [
     (r"\.norm_mid\.", ".post_attention_layernorm."),
 ]
 TIED_HEAD = [(r"^lm_head\.weight$", "model.embed_tokens.weight")]
+HF_EXTRAS = (r"rotary_emb\.inv_freq$",)  # a buffer older transformers saved; computed from rope_theta here
 
 
 class RMSNorm(nn.Module):
@@ -153,8 +154,9 @@ class LlamaForCausalLM(nn.Module):
         model.load_hf(path)
         return model
 
-    def load_hf(self, path, trainable_only=False):
-        return checkpoint.load_checkpoint(self, path, self.to_hf, trainable_only=trainable_only)
+    def load_hf(self, path, trainable_only=False, strict=True):
+        return checkpoint.load_checkpoint(self, path, self.to_hf, trainable_only=trainable_only, strict=strict,
+                                          ignore=HF_EXTRAS)
 
     def save_hf(self, path, trainable_only=False):
         cfg = json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama", **vars(self.config)}, indent=1)

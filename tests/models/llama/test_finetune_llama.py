@@ -45,6 +45,19 @@ def test_bf16_with_activation_checkpointing_trains(tmp_path, tokenizer):
     assert losses[-1] < losses[0], losses
 
 
+def test_truncation_is_reported_once_at_start_up(tmp_path, tokenizer, capsys):
+    finetune(tmp_path, tokenizer, "--max_steps", "1")
+    assert capsys.readouterr().out.count("samples are longer than seq_length 64 and were cut") == 1
+
+
+def test_a_step_without_label_tokens_stops(tmp_path, tokenizer):
+    """Every prompt longer than seq_length: no token carries loss, which trained on at loss 0.0000."""
+    rows = [{"input": f"question {i}: " + "what does this module define? " * 20, "target": "a class"} for i in range(8)]
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SystemExit, match=r"step 1: samples \[0, 1, 2, 3, 4, 5, 6, 7\] carry no label token"):
+        finetune(tmp_path, tokenizer, "--max_steps", "2", "--data_file", str(tmp_path / "long.jsonl"))
+
+
 def test_configs_validate():
     for name, world in [("tiny", 1), ("full", 1), ("7b", 1), ("tp/full", 2), ("sp/full", 2), ("galaxy/full", 2)]:
         cfg = load_config(ROOT / f"train_config/llama/{name}.json")

@@ -1,0 +1,39 @@
+"""generate.py refuses, before any process starts (exit 2, naming the flag), a negative
+--max_new_tokens and a prompt that with its new tokens runs past max_position_embeddings."""
+import pytest
+
+import generate
+from galaxy.models.llama import LlamaConfig, LlamaForCausalLM
+from tests.helpers import SHIPPED
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gen") / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=4000, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                 num_attention_heads=4, max_position_embeddings=32)).save_hf(path)
+    return path
+
+
+def refused(capsys, checkpoint, *args):
+    with pytest.raises(SystemExit) as stop:
+        generate.parse(["--checkpoint", str(checkpoint), "--tokenizer_file", str(SHIPPED / "spm_llama.model"), *args])
+    assert stop.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_negative_max_new_tokens(capsys, checkpoint):
+    assert "--max_new_tokens must be >= 1, got -5" in refused(capsys, checkpoint, "--prompt", "Hi", "--max_new_tokens", "-5")
+
+
+def test_prompt_and_new_tokens_past_the_positions(capsys, checkpoint):
+    err = refused(capsys, checkpoint, "--prompt", "What is a list? " * 10, "--max_new_tokens", "4")
+    assert "--max_new_tokens 4 exceeds the checkpoint's max_position_embeddings 32" in err and "--prompt (" in err
+    err = refused(capsys, checkpoint, "--prompt", "Hi", "--max_new_tokens", "40")
+    assert "--max_new_tokens 40 exceeds the checkpoint's max_position_embeddings 32" in err
+
+
+def test_a_prompt_that_fits_is_accepted(checkpoint):
+    args = generate.parse(["--checkpoint", str(checkpoint), "--tokenizer_file", str(SHIPPED / "spm_llama.model"),
+                           "--prompt", "Hi", "--max_new_tokens", "8"])[0]
+    assert len(args.prompt_ids) + 8 <= 32

@@ -1,0 +1,80 @@
+"""Loading is strict: a checkpoint tensor the model does not use, or one the model needs and the
+file lacks, is an error naming them, on every rank of a pipeline (each stage judges the whole
+model, not its own layers), before any rank waits on another. strict=False loads what matches
+and returns the list."""
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from galaxy.comm.context import ParallelContext
+from galaxy.models.checkpoint import CheckpointError
+from galaxy.models.llama import LlamaConfig, LlamaForCausalLM
+from galaxy.plan import build_plan
+from galaxy.train.config import load_config
+from tests.helpers import run_ranks
+
+SHAPE = dict(model="llama", hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+             vocab_size=50, seq_length=8)
+
+
+def llama(layers, world=1, rank=0):
+    stages = {"stage_num_hidden_layers_list": [layers // 2, layers - layers // 2]} if world == 2 else {}
+    cfg = load_config(None, {**SHAPE, "num_hidden_layers": layers, **stages})
+    ctx = ParallelContext.create(build_plan(cfg, world), rank) if world > 1 else None
+    return LlamaForCausalLM(LlamaConfig.from_dict(cfg), ctx)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Checkpoints of a 2-layer and a 4-layer model, and the 2-layer one with an extra tensor."""
+    root = tmp_path_factory.mktemp("strict")
+    for layers in (2, 4):
+        llama(layers).save_hf(root / f"layers{layers}")
+    tensors = load_file(root / "layers2" / "model-stage00-of-01.safetensors")
+    tensors["model.layers.99.mlp.up_proj.weight"] = torch.zeros(48, 32)
+    save_file(tensors, root / "extra.safetensors")
+    return root
+
+
+def test_layers_the_model_lacks_are_named(saved):
+    with pytest.raises(CheckpointError, match=r"18 tensor\(s\) this model does not use: 'model\.layers\.2\."):
+        llama(2).load_hf(saved / "layers4")
+
+
+def test_an_extra_tensor_is_named(saved):
+    with pytest.raises(CheckpointError, match=r"1 tensor\(s\) this model does not use: "
+                                              r"'model\.layers\.99\.mlp\.up_proj\.weight'.*--strict false"):
+        llama(2).load_hf(saved / "extra.safetensors")
+
+
+def test_layers_the_file_lacks_are_named(saved):
+    with pytest.raises(CheckpointError, match=r"18 tensor\(s\) missing: 'model\.layers\.2\."):
+        llama(4).load_hf(saved / "layers2")
+
+
+def test_not_strict_loads_what_matches_and_lists_the_rest(saved):
+    model, full = llama(2), llama(4)
+    full.load_hf(saved / "layers4")
+    skipped = model.load_hf(saved / "layers4", strict=False)
+    assert len(skipped) == 1 and skipped[0].startswith("18 tensor(s) this model does not use: 'model.layers.2.")
+    assert "'model.layers.3.self_attn.v_proj.weight'" in skipped[0] and "more)" not in skipped[0]  # all listed
+    assert torch.equal(model.model.layers["1"].attn.q.weight, full.model.layers["1"].attn.q.weight)
+
+
+def _load_on_stage(rank, world, model_layers, path):
+    try:
+        llama(model_layers, world, rank).load_hf(path)
+        return "loaded"
+    except CheckpointError as e:
+        return str(e)
+
+
+def test_every_pipeline_stage_judges_the_whole_model(saved):
+    """Stage 0 holds none of the missing or extra layers, and raises all the same (else it would
+    wait for stage 1 in the first collective). An exact checkpoint loads on both stages."""
+    for layers, path, expected in [(4, saved / "layers2", "18 tensor(s) missing: 'model.layers.2."),
+                                   (2, saved / "extra.safetensors", "'model.layers.99.mlp.up_proj.weight'"),
+                                   (2, saved / "layers4", "18 tensor(s) this model does not use"),
+                                   (4, saved / "layers4", "loaded")]:
+        for rank, message in enumerate(run_ranks(_load_on_stage, 2, layers, path)):
+            assert expected in message, (rank, message)
