@@ -50,13 +50,13 @@ def parse(argv=None):
               "tp_intermediate_size_list": args.tp_intermediate_size_list}
     try:
         # the model's own fields, not config.json's raw keys: transformers' "dtype" is not the engine's
-        model = vars(LlamaConfig.from_pretrained(args.checkpoint))
-        shape = {k: v for k, v in model.items() if k in SCHEMA and v is not None}
+        model = LlamaConfig.from_pretrained(args.checkpoint)
+        shape = {k: v for k, v in vars(model).items() if k in SCHEMA and v is not None}
         tuning = _tuning(args.load_trainable)
         cfg = load_config(None, {**shape, **layout, **tuning, "model": "llama", "seq_length": 1})
         plan = build_plan(cfg, world)
         check_can_generate(plan)
-        args.prompt_ids = _prompt_ids(args, cfg["max_position_embeddings"])
+        args.prompt_ids = _prompt_ids(args, model.position_limit)
     except (ConfigError, ValueError) as e:
         parser.exit(2, f"galaxy: config error: {e}\n")
     return args, cfg, plan, world, rank

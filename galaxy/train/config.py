@@ -201,8 +201,6 @@ def _check_rules(cfg):
         raise ConfigError(f"hidden_size {cfg['hidden_size']} is not divisible by num_attention_heads "
                           f"{cfg['num_attention_heads']}")
     check_kv_heads(cfg["num_attention_heads"], cfg["num_key_value_heads"])
-    if cfg["seq_length"] > cfg["max_position_embeddings"]:  # LLaMA too: its rotary would run past what it learned
-        raise ConfigError(f"seq_length {cfg['seq_length']} exceeds max_position_embeddings {cfg['max_position_embeddings']}")
     for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "lora_dropout"):
         if not 0.0 <= cfg[key] < 1.0:
             raise ConfigError(f"config key '{key}' must be in [0, 1), got {cfg[key]}")
@@ -212,11 +210,7 @@ def _check_rules(cfg):
     for key, allowed in choices.items():
         if cfg[key] not in allowed:
             raise ConfigError(f"config key '{key}' is {cfg[key]!r}, expected one of {[a for a in allowed if a]}")
-    if cfg["model"] == "llama":
-        try:
-            LlamaConfig.from_dict(cfg)  # refuses unsupported RoPE scalings by name
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+    _check_positions(cfg)
     if cfg["device"] is not None and cfg["device"].split(":")[0] not in ("cpu", "cuda"):
         raise ConfigError(f"config key 'device' is {cfg['device']!r}, expected cpu, cuda or cuda:N")
     methods = [k for k in TUNING_KEYS[1:] if cfg[k]]
@@ -224,6 +218,18 @@ def _check_rules(cfg):
         raise ConfigError(f"tuning methods {methods} are all true; set exactly one of {list(TUNING_KEYS)}")
     cfg["full_model"] = not methods  # a PEFT method switches full-model tuning off
     check_tuning(cfg)
+
+
+def _check_positions(cfg):
+    """seq_length within the positions the model learned (LLaMA too: its rotary would run past them)."""
+    limit = cfg["max_position_embeddings"]
+    if cfg["model"] == "llama":
+        try:
+            limit = LlamaConfig.from_dict(cfg).position_limit  # also refuses unsupported RoPE scalings by name
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if cfg["seq_length"] > limit:
+        raise ConfigError(f"seq_length {cfg['seq_length']} exceeds max_position_embeddings {cfg['max_position_embeddings']}")
 
 
 def config_hash(cfg):

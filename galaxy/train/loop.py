@@ -65,13 +65,15 @@ class Trainer:
     def step_indices(self, step):
         """The global sample indices of every micro-step of optimizer step `step`."""
         accum, size = self.cfg["gradient_accumulation_steps"], self.cfg["batch_size"]
-        return [batch_indices(step * accum + micro, size, len(self.data), self.cfg["seed"]) for micro in range(accum)]
+        with torch.device("cpu"):  # drawn from CPU generators: the same batches for every device
+            return [batch_indices(step * accum + micro, size, len(self.data), self.cfg["seed"])
+                    for micro in range(accum)]
 
     def micro_batches(self, step):
         """This replica's batches for every micro-step of optimizer step `step`."""
         out = []
         for indices in self.step_indices(step):
-            with torch.device("cpu"):  # drawn from CPU generators: the same batches for every device
+            with torch.device("cpu"):
                 batch = self.data.get_batch(replica_share(indices, self.ctx))
             out.append({k: v.to(self.ctx.device) for k, v in batch.items()})
         return out

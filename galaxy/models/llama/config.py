@@ -43,6 +43,12 @@ class LlamaConfig:
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         self.rope_scaling = _check_rope_scaling(self.rope_scaling, self.max_position_embeddings)
 
+    @property
+    def position_limit(self):
+        """The longest sequence it may run: dynamic RoPE rescales past max_position_embeddings by design."""
+        dynamic = (self.rope_scaling or {}).get("rope_type") == "dynamic"
+        return float("inf") if dynamic else self.max_position_embeddings
+
     @classmethod
     def from_dict(cls, d):
         """From a Hugging Face config.json (either RoPE format) or a Galaxy config; other keys are ignored."""

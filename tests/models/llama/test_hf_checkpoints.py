@@ -113,9 +113,9 @@ def test_save_hf_is_read_back_by_transformers(checkpoints, case, tmp_path):
 def _parallel_runs(rank, world, paths):
     """Per case: TP greedy tokens and SP logits on this rank."""
     tokens, logits = {}, {}
-    for layout in ("tp", "sp"):  # the plan needs only the shape every case shares
+    for layout in ("tp", "sp"):  # the plan needs only the shape every case shares (the inputs run past 32)
         cfg = load_config(None, {**SHAPE, **SPLITS[world], "model": "llama", "seq_length": IDS.shape[1],
-                                 "parallel": layout})
+                                 "max_position_embeddings": IDS.shape[1], "parallel": layout})
         ctx = ParallelContext.create(build_plan(cfg, world), rank)
         for case, path in paths.items():
             model = LlamaForCausalLM.from_pretrained(path, ctx)
