@@ -17,6 +17,7 @@ GALAXY = ["--config_file", "train_config/bert/galaxy/full.json", "--parallel", "
 GALAXY2 = [*GALAXY, "--tp_num_attention_heads_list", "[1,1]", "--tp_intermediate_size_list", "[64,64]",
            "--seq_scatter_list", "[16,16]"]
 STOP_LIMIT_S = 10  # "within seconds": what SIGTERM to the launcher may take to end every rank
+SAVE_LIMIT_S = 30  # the same with a checkpoint saved first (ranks then exit normally: seconds under load)
 
 
 @pytest.mark.parametrize("world, layout", [(2, GALAXY2), (3, [*GALAXY, *procs.GALAXY3])])
@@ -99,7 +100,7 @@ def test_save_on_signal_then_resume(tmp_path):
     save = ["--save_dir", str(tmp_path / "ckpt")]
     launcher, log, stop_s, n = _sigterm_mid_run(tmp_path, ["--save_on_signal", *save])
     print(f"{n} processes ended {stop_s:.2f}s after SIGTERM (saving first)")
-    assert stop_s < STOP_LIMIT_S and launcher.returncode == 128 + signal.SIGTERM, (stop_s, log[-3000:])
+    assert stop_s < SAVE_LIMIT_S and launcher.returncode == 128 + signal.SIGTERM, (stop_s, log[-3000:])
     saved = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     assert len(saved) == 1 and saved[0].startswith("step-"), (saved, log[-3000:])
     step = int(saved[0].removeprefix("step-"))
@@ -116,3 +117,14 @@ def test_failing_rank_is_one_line_unless_debug(tmp_path, debug):
     log = (tmp_path / "run.log").read_text()
     assert code == 1 and "galaxy: rank 1 failed: RuntimeError: injected failure after step 1" in log, log[-3000:]
     assert ("Traceback" in log) == debug, log[-3000:]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--world", "1"], "--world 1: the planner splits a model over at least 2 ranks"),
+    (["--world", "2", "--memory_mb", "1", "1"], "--memory_mb [1.0, 1.0] sums to 2 MB; the layers' parameters need 12.0 MB"),
+    (["--world", "2", "--memory_mb", "100", "0.5"], "--memory_mb 0.5 cannot hold one head and one intermediate column"),
+])
+def test_planner_names_bad_arguments(args, message):
+    done = subprocess.run([sys.executable, "-m", "galaxy.planner", "--config", "train_config/bert/galaxy/full.json", *args],
+                          cwd=procs.ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr, done.stderr[-3000:]
