@@ -55,6 +55,7 @@ CASES = [
      "tp_num_attention_heads_list [2, 1] sums to 3, model has 2 attention heads", 2),
     ("batch does not split over DP", ["--world", "2", "--parallel", "dp", "--batch_size", "5"],
      "batch_size 5 does not split evenly over 2 data-parallel replicas", 2),
+    ("nccl without CUDA", ["--world", "2", "--backend", "nccl"], "--backend nccl needs a CUDA GPU and torch sees none", 1),
     ("rank outside world", ["--world", "2", "--rank", "5"], "--rank 5 is outside 0..1 for --world 2", 1),
     ("resume without save_dir", ["--resume", "true"], "'resume' is True but save_dir is not set", 2),
     ("missing config file", ["--config_file", "{d}/nope.json"], "config file {d}/nope.json does not exist", 2),
