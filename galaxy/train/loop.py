@@ -119,9 +119,10 @@ def run_training(trainer, max_steps, metrics_file=None, on_step=None):
             if is_reporting_rank(ctx) and (metrics["step"] % trainer.cfg["log_every"] == 0 or metrics["step"] == 1):
                 elapsed = time.monotonic() - started
                 remaining = elapsed / (trainer.step - first_step) * (max_steps - trainer.step)
-                trainer.log(f"step {metrics['step']}/{max_steps} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
-                            f"grad_norm {metrics['grad_norm']:.3f} | {metrics['tokens_per_s']:.0f} tok/s | "
-                            f"{metrics['step_time_s'] * 1e3:.0f} ms | elapsed {_hms(elapsed)} | remaining {_hms(remaining)}")
+                trainer.log(f"step {metrics['step']}/{max_steps} | loss {metrics['loss']:.4f} | "
+                            f"lr {metrics['lr']:.2e} | grad_norm {metrics['grad_norm']:.3f} | "
+                            f"{metrics['tokens_per_s']:.0f} tok/s | {metrics['step_time_s'] * 1e3:.0f} ms | "
+                            f"elapsed {_hms(elapsed)} | remaining {_hms(remaining)}")
             if writer:
                 writer.write(json.dumps(metrics) + "\n")
                 writer.flush()
