@@ -103,4 +103,5 @@ def main(rank, world, args, cfg, plan):
 
 if __name__ == "__main__":
     args, cfg, plan, world, rank = parse()
-    launch.run(main, world, rank, (args, cfg, plan), launch.init_method_from(args), args.backend)
+    init_method = launch.init_method_from(args, local_spawn=rank is None and world > 1)
+    launch.run(main, world, rank, (args, cfg, plan), init_method, args.backend, threads=args.threads, debug=args.debug)

@@ -19,6 +19,7 @@ PORT = 29551
 
 
 def worker(args):
+    import torch
     import torch.distributed as dist
 
     from galaxy.comm.context import ParallelContext
@@ -30,6 +31,7 @@ def worker(args):
     from galaxy.train.config import load_config
     from galaxy.train.loop import Trainer
 
+    torch.set_num_threads(1)  # both ranks share this machine's cores (the library no longer sets it)
     init_distributed(2, args.rank, f"tcp://{args.master_addr}:{PORT}", "gloo", timeout_s=1800)
     post_ahead = PipelineForwardBackward._post_next_recv
     for schedule in ("1f1b", "gpipe"):

@@ -15,8 +15,9 @@ SHIPPED = ROOT / "data" / "python_docs"
 
 
 def run_ranks(fn, world, *args, timeout_s=120.0):
-    """fn(rank, world, *args) on `world` processes; returns the per-rank results."""
-    return spawn(fn, world, args, backend="gloo", timeout_s=timeout_s)
+    """fn(rank, world, *args) on `world` processes; returns the per-rank results. A test never
+    waits longer than its collective timeout and a margin."""
+    return spawn(fn, world, args, backend="gloo", timeout_s=timeout_s, limit_s=timeout_s + 30)
 
 
 def rel_err(a, b, floor=1e-6):

@@ -57,7 +57,7 @@ def _client(host, port, timeout_s):
     return dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
 
 
-def _first_line(error):
+def first_line(error):
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 
@@ -87,7 +87,7 @@ class Rendezvous:
                 raise
             raise PeerError(f"rank {self.rank}: could not reach rank 0's rendezvous store at {self.where} within "
                             f"{timeout_s:.0f}s: rank 0 never started, or it listens on another address/port "
-                            f"({_first_line(e)})") from None
+                            f"({first_line(e)})") from None
 
     def join(self, timeout_s):
         """Wait until every rank has joined; name the ranks that did not."""
@@ -136,4 +136,4 @@ class Rendezvous:
             who = f"peer rank(s) {silent} stopped responding / lost"
         else:
             who = "every peer is still alive, but a collective failed or timed out (a peer is stuck or too slow)"
-        return f"rank {self.rank}: {who}; collective error: {_first_line(error)}"
+        return f"rank {self.rank}: {who}; collective error: {first_line(error)}"

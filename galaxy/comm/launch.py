@@ -1,17 +1,25 @@
 """Starting ranks: one terminal per rank (--world N --rank R), torchrun's environment,
 or `--world N` alone, which spawns all N ranks on this machine from one command.
 
+Where the ranks meet, first of: --master_addr/--master_port, the launcher's
+MASTER_ADDR/MASTER_PORT (torchrun), the config's init_method, 127.0.0.1:29500. A local spawn
+meets on a free port unless --master_port is given, so two runs of one config can share a machine.
+
 The same `spawn` runs the multi-rank tests: every rank gets a timeout, a rank's exception
-is reported with its rank number, and the parent never waits forever.
+is reported with its rank number, and the parent waits at most limit_s when given one.
+SIGTERM/SIGINT to a spawning launcher reach every rank it started.
 """
+import contextlib
 import os
 import pickle
 import queue
+import signal
 import socket
 import sys
 import time
 import traceback
 from datetime import timedelta
+from urllib.parse import urlparse
 
 import torch
 import torch.distributed as dist
@@ -20,6 +28,8 @@ import torch.multiprocessing as mp
 from galaxy.comm import health
 
 DEFAULT_ADDR, DEFAULT_PORT = "127.0.0.1", 29500
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_RANK_EXIT_S = 5  # how long ranks get to exit on their own once the run is decided
 
 
 def add_launch_args(parser):
@@ -27,15 +37,33 @@ def add_launch_args(parser):
     group.add_argument("--world", type=int, default=None, help="number of ranks (default: torchrun's or 1)")
     group.add_argument("--rank", type=int, default=None, help="this process's rank; omit to spawn all ranks here")
     group.add_argument("--master_addr", default=None, help=f"rendezvous address (default {DEFAULT_ADDR})")
-    group.add_argument("--master_port", type=int, default=None, help=f"rendezvous port (default {DEFAULT_PORT})")
+    group.add_argument("--master_port", type=int, default=None,
+                       help=f"rendezvous port (default {DEFAULT_PORT}; a free one for a local spawn)")
     group.add_argument("--backend", default=None, help="gloo | nccl (default: nccl on CUDA, else gloo)")
     group.add_argument("--timeout_s", type=float, default=None, help="collective timeout in seconds")
+    group.add_argument("--threads", type=int, default=None,
+                       help="torch threads per rank (default: 1 per rank under a local spawn, else torch's choice)")
+    group.add_argument("--debug", action="store_true", help="print a failing rank's traceback, not only its cause")
+
+
+def _env_int(name):
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(f"galaxy: environment variable {name}={value!r} is not an integer") from None
+
+
+def _first(*values):
+    return next((v for v in values if v is not None), None)
 
 
 def resolve_world_rank(args):
     """CLI first, then torchrun's environment, then a single rank."""
-    world = args.world if args.world is not None else int(os.environ.get("WORLD_SIZE", 1))
-    rank = args.rank if args.rank is not None else (int(os.environ["RANK"]) if "RANK" in os.environ else None)
+    world = _first(args.world, _env_int("WORLD_SIZE"), 1)
+    rank = _first(args.rank, _env_int("RANK"))
     if world < 1:
         raise SystemExit(f"--world {world} must be at least 1")
     if rank is not None and not 0 <= rank < world:
@@ -43,17 +71,26 @@ def resolve_world_rank(args):
     return world, rank
 
 
-def init_method_from(args, cfg_init_method=None):
-    """--master_addr/--master_port, else torchrun's MASTER_ADDR/PORT, else the config's init_method."""
-    if args.master_addr or args.master_port or cfg_init_method is None:
-        addr = args.master_addr or os.environ.get("MASTER_ADDR", DEFAULT_ADDR)
-        port = args.master_port or int(os.environ.get("MASTER_PORT", DEFAULT_PORT))
-        return f"tcp://{addr}:{port}"
-    return cfg_init_method
+def init_method_from(args, cfg_init_method=None, local_spawn=False):
+    """The rendezvous URL in the order of the module docstring."""
+    if local_spawn:  # the launcher's environment and the config's fixed port describe other runs
+        return f"tcp://{args.master_addr or DEFAULT_ADDR}:{args.master_port or free_port()}"
+    env_addr, env_port = os.environ.get("MASTER_ADDR"), _env_int("MASTER_PORT")
+    given = _first(args.master_addr, args.master_port, env_addr, env_port) is not None
+    if cfg_init_method and not cfg_init_method.startswith("tcp://") and not given:
+        return cfg_init_method  # env:// or file://
+    cfg = urlparse(cfg_init_method or "tcp://")
+    addr = _first(args.master_addr, env_addr, cfg.hostname, DEFAULT_ADDR)
+    return f"tcp://{addr}:{_first(args.master_port, env_port, cfg.port, DEFAULT_PORT)}"
 
 
 def default_backend():
     return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def check_backend(backend):
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise SystemExit("galaxy: --backend nccl needs a CUDA GPU and torch sees none here; use --backend gloo")
 
 
 def init_distributed(world, rank, init_method, backend=None, timeout_s=300.0):
@@ -65,8 +102,6 @@ def init_distributed(world, rank, init_method, backend=None, timeout_s=300.0):
     if world == 1:
         return None
     backend = backend or default_backend()
-    if backend == "gloo":
-        torch.set_num_threads(1)  # ranks share this machine's cores; more threads only contend
     if backend == "nccl":
         torch.cuda.set_device(rank % torch.cuda.device_count())
     timeout = timedelta(seconds=timeout_s)
@@ -99,35 +134,99 @@ def free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world, init_method, backend, timeout_s, fn, args, results):
+class RankFailed(RuntimeError):
+    """A rank failed: `cause` is one line, `details` its traceback (gloo's C++ frames included)."""
+
+    def __init__(self, rank, cause, details=""):
+        super().__init__(f"rank {rank} failed: {cause}\n{details}".rstrip())
+        self.line = f"rank {rank} failed: {cause}"
+
+
+def cause(error):
+    """One line naming what went wrong (a SystemExit already carries its message)."""
+    if isinstance(error, SystemExit):
+        return str(error.code).removeprefix("galaxy: ")
+    return f"{type(error).__name__}: {health.first_line(error)}"
+
+
+class Stopped(Exception):
+    """The launcher received SIGTERM or SIGINT."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def signals_raise_stopped():
+    """SIGTERM/SIGINT raise Stopped here, so that spawn's clean-up ends its ranks (by default
+    the launcher would die alone and its ranks would train on as orphans)."""
+    def stop(signum, frame):
+        raise Stopped(signum)
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+class SignalFlag:
+    """For ranks that save on a signal: SIGTERM/SIGINT only raise this flag, and ranks stop
+    at the first step boundary where `any_rank()` (an all-reduce: call it on every rank at
+    every step) sees it raised on any rank."""
+
+    def __init__(self):
+        self.signum = 0
+        for s in STOP_SIGNALS:
+            signal.signal(s, self._raise)
+
+    def _raise(self, signum, frame):
+        self.signum = signum
+
+    def any_rank(self):
+        """The signal number received by some rank, or 0."""
+        if not dist.is_initialized():
+            return self.signum
+        flag = torch.tensor([self.signum], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+
+def _worker(rank, world, init_method, backend, timeout_s, threads, fn, args, results):
+    torch.set_num_threads(threads)
     try:
         rendezvous = init_distributed(world, rank, init_method, backend, timeout_s)
         # plain pickle: torch's queue would share tensors through memory that dies with this process
         results.put((rank, "ok", pickle.dumps(call_reporting_peers(fn, rank, world, args, rendezvous))))
     except BaseException as e:  # report every failure, including SystemExit, to the parent
-        results.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+        results.put((rank, "error", (cause(e), traceback.format_exc())))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def spawn(fn, world, args=(), backend="gloo", timeout_s=120.0, init_method=None):
+def spawn(fn, world, args=(), backend="gloo", timeout_s=120.0, init_method=None, limit_s=None, threads=1,
+          stop_grace_s=None):
     """Run fn(rank, world, *args) on `world` local processes joined in a process group
-    (on a free loopback port unless init_method is given).
+    (on a free loopback port unless init_method is given), each with `threads` torch threads
+    (ranks share this machine's cores; more threads only contend).
 
-    Returns the list of per-rank return values (must be picklable). Raises RuntimeError
-    naming the failing ranks on any error, and kills every rank after timeout_s.
+    Returns the list of per-rank return values (must be picklable). Raises RankFailed naming
+    the first failing rank, RuntimeError when limit_s passes first (every rank is killed).
+    On Stopped (see signals_raise_stopped) each rank gets SIGTERM and stop_grace_s (default
+    timeout_s) to finish (a rank that saves on a signal saves); a second signal kills at once.
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     init_method = init_method or f"tcp://{DEFAULT_ADDR}:{free_port()}"
-    procs = [ctx.Process(target=_worker, args=(r, world, init_method, backend, timeout_s, fn, args, results), daemon=True)
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    outcome, errors = {}, {}
-    deadline = time.monotonic() + timeout_s + 30
+    procs = [ctx.Process(target=_worker, args=(r, world, init_method, backend, timeout_s, threads, fn, args, results),
+                         daemon=True) for r in range(world)]
+    outcome, errors, signum = {}, {}, None
+    deadline = None if limit_s is None else time.monotonic() + limit_s
     try:
+        for p in procs:
+            p.start()
         while len(outcome) < world and not errors:
             try:
                 rank, status, value = results.get(timeout=1.0)
@@ -135,14 +234,14 @@ def spawn(fn, world, args=(), backend="gloo", timeout_s=120.0, init_method=None)
                 _check_alive(procs, outcome, errors, deadline)
                 continue
             (outcome if status == "ok" else errors)[rank] = value  # one failure is enough: peers would time out
+    except Stopped as e:
+        signum = e.signum
+        raise
     finally:
-        for p in procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.kill()
+        _end(procs, signum, _first(stop_grace_s, timeout_s) if signum else _RANK_EXIT_S)
     if errors:
         rank = min(errors)
-        raise RuntimeError(f"rank {rank} failed: {errors[rank]}")
+        raise RankFailed(rank, *errors[rank])
     return [pickle.loads(outcome[r]) for r in range(world)]
 
 
@@ -150,28 +249,61 @@ def _check_alive(procs, outcome, errors, deadline):
     """A rank that died without reporting (killed, or failed before it could) fails the run now."""
     for rank, p in enumerate(procs):
         if rank not in outcome and rank not in errors and p.exitcode not in (None, 0):
-            errors[rank] = f"process exited with code {p.exitcode} before reporting a result"
-    if not errors and time.monotonic() > deadline:
+            errors[rank] = (f"process exited with code {p.exitcode} before reporting a result", "")
+    if not errors and deadline is not None and time.monotonic() > deadline:
         missing = [r for r in range(len(procs)) if r not in outcome]
-        raise RuntimeError(f"ranks {missing} gave no result before the timeout")
+        raise RuntimeError(f"ranks {missing} gave no result before the time limit")
 
 
-def run(main, world, rank, args=(), init_method=None, backend=None, timeout_s=300.0):
+def _end(procs, signum, wait_s):
+    """SIGTERM the ranks still running if the launcher was signalled, wait up to wait_s for
+    all of them, then kill what is left (at once on a second signal)."""
+    procs = [p for p in procs if p.pid is not None]  # started
+    if signum:
+        for p in procs:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGTERM)  # not SIGINT: Python defers it while gloo blocks
+    deadline = time.monotonic() + wait_s
+    try:
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+    except Stopped:
+        pass
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def run(main, world, rank, args=(), init_method=None, backend=None, timeout_s=300.0, threads=None, debug=False):
     """The entry scripts' launcher: main(rank, world, *args) runs with the process group joined,
-    on this one rank, or on all ranks spawned here when no rank was given."""
+    on this one rank, or on all ranks spawned here when no rank was given. A failing rank
+    ends the launcher with one line naming the cause (the traceback too with debug)."""
     backend = backend or default_backend()
-    if rank is None and world > 1:
-        try:
-            spawn(main, world, args, backend=backend, timeout_s=timeout_s, init_method=init_method)
-        except RuntimeError as e:
-            sys.exit(f"galaxy: {e}")
-        return None
-    rank = rank or 0
+    check_backend(backend)
+    try:
+        if rank is None and world > 1:
+            with signals_raise_stopped():
+                spawn(main, world, args, backend, timeout_s, init_method, threads=threads or 1)
+            return None
+        if threads:
+            torch.set_num_threads(threads)
+        return _run_here(main, world, rank or 0, args, init_method, backend, timeout_s)
+    except RankFailed as e:
+        sys.exit(f"galaxy: {e if debug else e.line + ' (--debug shows its traceback)'}")
+    except Stopped as e:
+        print(f"galaxy: stopped by {e}; every rank started here has ended", file=sys.stderr)
+        sys.exit(128 + e.signum)
+
+
+def _run_here(main, world, rank, args, init_method, backend, timeout_s):
     try:
         rendezvous = init_distributed(world, rank, init_method, backend, timeout_s)
         return call_reporting_peers(main, rank, world, args, rendezvous)
     except health.PeerError as e:
         sys.exit(f"galaxy: {e}")
+    except Exception as e:
+        raise RankFailed(rank, cause(e), traceback.format_exc()) from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

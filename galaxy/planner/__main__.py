@@ -19,13 +19,14 @@ import argparse
 import json
 from pathlib import Path
 
-from galaxy.comm.launch import spawn
+from galaxy.comm.launch import RankFailed, spawn
 from galaxy.planner.run import plan_and_check
+from galaxy.planner.split import layer_param_bytes
 from galaxy.train.config import load_config
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m galaxy.planner", description=__doc__.splitlines()[0])
     p.add_argument("--config", "--config_file", dest="config", required=True)
     p.add_argument("--world", type=int, required=True)
     p.add_argument("--out", default=None, help="write the config with the fastest measured splits here")
@@ -46,7 +47,10 @@ def main():
     for key in ("tp_num_attention_heads_list", "tp_intermediate_size_list", "seq_scatter_list",
                 "stage_num_hidden_layers_list"):
         cfg[key] = None  # the planner decides these
-    r = spawn(plan_and_check, args.world, (cfg, args), timeout_s=args.timeout_s)[0]
+    try:
+        r = spawn(plan_and_check, args.world, (cfg, args), timeout_s=args.timeout_s)[0]
+    except RankFailed as e:  # e.g. budgets too tight for the measured splits
+        p.exit(1, f"galaxy: planner: {e.line}\n")
     print(f"link bandwidth (all-gather, bytes sent per rank): {r['bandwidth'] / 1e6:.1f} MB/s")
     for rank, prof in enumerate(r["profiles"]):
         print(f"rank {rank}: {prof['att_s_per_head'] * 1e3:.2f} ms/head  {prof['mlp_s_per_column'] * 1e6:.2f} us/column  "
@@ -68,8 +72,12 @@ def main():
 
 def _check_args(p, cfg, args):
     """Errors the ranks would otherwise meet only after profiling."""
+    if args.world < 2:
+        p.error(f"--world {args.world}: the planner splits a model over at least 2 ranks")
     if args.memory_mb and len(args.memory_mb) != args.world:
         p.error(f"--memory_mb has {len(args.memory_mb)} entries for --world {args.world}")
+    if args.memory_mb:
+        _check_memory(p, cfg, args.memory_mb, cfg["num_hidden_layers"] // args.stages)
     if min(args.tiles) < 1:
         p.error(f"--tiles {args.tiles}: each must be at least 1")
     if args.slow_factor < 1:
@@ -82,6 +90,21 @@ def _check_args(p, cfg, args):
         p.error(f"batch_size {cfg['batch_size']} does not split into num_microbatches {cfg['num_microbatches']}")
     if (cfg["data_parallel_size"] or 1) > 1:
         p.error(f"data_parallel_size {cfg['data_parallel_size']}: the planner does not plan data parallelism")
+
+
+def _check_memory(p, cfg, memory_mb, stage_layers):
+    """The budgets must hold every layer's parameters between them, and each rank at least one
+    head and one intermediate column of each layer of its stage (the planner's exact caps,
+    checked after profiling, may still ask for more)."""
+    per_head, per_col = layer_param_bytes(cfg["hidden_size"], cfg["num_attention_heads"])
+    need = cfg["num_hidden_layers"] * (cfg["num_attention_heads"] * per_head + cfg["intermediate_size"] * per_col)
+    if sum(memory_mb) * 2**20 < need:
+        p.error(f"--memory_mb {memory_mb} sums to {sum(memory_mb):g} MB; the layers' parameters need "
+                f"{need / 2**20:.1f} MB")
+    least = stage_layers * (per_head + per_col)
+    if min(memory_mb) * 2**20 < least:
+        p.error(f"--memory_mb {min(memory_mb):g} cannot hold one head and one intermediate column of "
+                f"{stage_layers} layer(s) ({least / 2**20:.2f} MB)")
 
 
 SPLIT_NAMES = {"tp_num_attention_heads_list": "heads", "tp_intermediate_size_list": "columns",

@@ -38,8 +38,8 @@ MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # keys a resumed run may change: where and how long to train, how to launch and log
 RESUME_FREE_KEYS = ("max_steps", "num_epochs", "resume", "save_dir", "save_every", "keep_checkpoints",
-                    "timeout_s", "log_every", "init_method", "distributed_backend", "load_checkpoint",
-                    "load_trainable", "device")
+                    "timeout_s", "save_on_signal", "log_every", "init_method", "distributed_backend",
+                    "load_checkpoint", "load_trainable", "device", "strict")
 
 
 def _rank_files(rank):

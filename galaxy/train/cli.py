@@ -29,7 +29,7 @@ def parse(description, default_config, argv=None):
         plan = build_plan(cfg, world)
     except ConfigError as e:
         parser.exit(2, f"galaxy: config error: {e}\n")
-    args.init_method = launch.init_method_from(args, cfg["init_method"])
+    args.init_method = launch.init_method_from(args, cfg["init_method"], local_spawn=rank is None and world > 1)
     return args, cfg, plan, world, rank
 
 
@@ -43,6 +43,8 @@ def config_overrides(parser, rest):
         key, _, value = token[2:].partition("=")
         if key not in SCHEMA and key not in ALIASES:
             parser.error(f"unknown option --{key} (not a flag and not a config key)")
+        if not value and _is_bool(key) and (i + 1 >= len(rest) or rest[i + 1].startswith("--")):
+            value = "true"  # a bare flag: --save_on_signal
         if not value:
             if i + 1 >= len(rest):
                 parser.error(f"--{key} needs a value")
@@ -53,3 +55,7 @@ def config_overrides(parser, rest):
             parser.error(str(e))
         i += 1
     return out
+
+
+def _is_bool(key):
+    return SCHEMA[ALIASES.get(key, key)][0] is bool

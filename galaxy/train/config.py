@@ -98,6 +98,8 @@ SCHEMA = {
     "distributed_backend": (str, None, "gloo | nccl (default: nccl on CUDA, else gloo)"),
     "device": (str, None, "cpu | cuda | cuda:N (default: cuda:<local rank> under nccl, else cpu)"),
     "timeout_s": (float, 300.0, "collective / rendezvous timeout"),
+    "save_on_signal": (bool, False, "on SIGTERM/SIGINT every rank stops at the same step and saves a "
+                       "training checkpoint to save_dir before it exits"),
     # checkpoints
     "load_checkpoint": (str, None, "a Hugging Face directory or safetensors file to start from"),
     "strict": (bool, True, "load_checkpoint must hold exactly the model's tensors; false loads those that "
@@ -193,7 +195,7 @@ def _check_rules(cfg):
             raise ConfigError(f"config key '{key}' must be in [0, 1), got {cfg[key]}")
     if cfg["model"] == "bert" and cfg["seq_length"] < 3:
         raise ConfigError(f"config key 'seq_length' is {cfg['seq_length']}; BERT needs >= 3 ([CLS] token [SEP])")
-    for key in ("resume", "save_every"):
+    for key in ("resume", "save_every", "save_on_signal"):
         if cfg[key] and not cfg["save_dir"]:
             raise ConfigError(f"config key '{key}' is {cfg[key]!r} but save_dir is not set; "
                               f"training checkpoints live in save_dir")

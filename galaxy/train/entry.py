@@ -61,6 +61,20 @@ def checkpoint_saver(trainer, total):
     return on_step
 
 
+def stop_on_signal(trainer):
+    """on_step callback for save_on_signal: once any rank got SIGTERM/SIGINT, every rank saves
+    at this same step and the run ends with 128 + the signal number."""
+    flag = launch.SignalFlag()
+
+    def on_step(metrics):
+        signum = flag.any_rank()
+        if signum:
+            path = checkpoint.save(trainer, trainer.cfg["save_dir"], trainer.cfg["keep_checkpoints"])
+            trainer.log(f"stopped by signal {signum} after step {metrics['step']}; saved training checkpoint {path}")
+            raise SystemExit(128 + signum)
+    return on_step
+
+
 def train(rank, world, cfg, plan, args, build_model, build_data):
     """Train on this rank (args: metrics_file, trace_dir); bad data or checkpoints end it with
     a message naming the rank, not a traceback."""
@@ -104,9 +118,10 @@ def _train(rank, world, cfg, plan, args, build_model, build_data):
         if rank == 0:
             log(f"resumed from step {step} of {cfg['save_dir']}")
     saver = checkpoint_saver(trainer, total) if cfg["save_every"] else None
+    stopper = stop_on_signal(trainer) if cfg["save_on_signal"] else None
     with observe.traced(args.trace_dir, rank, model, lambda: trainer.step + 1) as trace_step:
         def on_step(metrics):
-            for callback in (trace_step, saver):
+            for callback in (trace_step, saver, stopper):
                 if callback:
                     callback(metrics)
         run_training(trainer, total, args.metrics_file, on_step)
@@ -137,4 +152,4 @@ def main(doc, model, default_config, build_model, build_data, argv=None, check=N
         print(explain(plan, cfg, functools.partial(build_tuned, cfg, build_model)))
         return
     launch.run(train, world, rank, (cfg, plan, args, build_model, build_data), args.init_method,
-               cfg["distributed_backend"], cfg["timeout_s"])
+               cfg["distributed_backend"], cfg["timeout_s"], args.threads, args.debug)

@@ -124,13 +124,17 @@ def is_reporting_rank(ctx):
 def run_training(trainer, max_steps, metrics_file=None, on_step=None):
     ctx = trainer.ctx
     writer = open(Path(metrics_file), "a") if metrics_file and is_reporting_rank(ctx) else None
+    started, first_step = time.monotonic(), trainer.step
     try:
         while trainer.step < max_steps:
             metrics = trainer.train_step()
             if is_reporting_rank(ctx) and (metrics["step"] % trainer.cfg["log_every"] == 0 or metrics["step"] == 1):
-                trainer.log(f"step {metrics['step']:5d} | loss {metrics['loss']:.4f} | lr {metrics['lr']:.2e} | "
-                            f"grad_norm {metrics['grad_norm']:.3f} | {metrics['tokens_per_s']:.0f} tok/s | "
-                            f"{metrics['step_time_s'] * 1e3:.0f} ms")
+                elapsed = time.monotonic() - started
+                remaining = elapsed / (trainer.step - first_step) * (max_steps - trainer.step)
+                trainer.log(f"step {metrics['step']}/{max_steps} | loss {metrics['loss']:.4f} | "
+                            f"lr {metrics['lr']:.2e} | grad_norm {metrics['grad_norm']:.3f} | "
+                            f"{metrics['tokens_per_s']:.0f} tok/s | {metrics['step_time_s'] * 1e3:.0f} ms | "
+                            f"elapsed {_hms(elapsed)} | remaining {_hms(remaining)}")
             if writer:
                 writer.write(json.dumps(metrics) + "\n")
                 writer.flush()
@@ -140,3 +144,8 @@ def run_training(trainer, max_steps, metrics_file=None, on_step=None):
         if writer:
             writer.close()
     trainer.log(f"optimizer state on this rank: {optimizer_state_bytes(trainer.opt) / 2**20:.1f} MiB")
+
+
+def _hms(seconds):
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"

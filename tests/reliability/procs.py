@@ -11,7 +11,7 @@ from tests.helpers import ROOT
 TIMEOUT_S = 20  # the ranks' --timeout_s: short, so a lost peer is noticed quickly
 TINY = ["--config_file", "train_config/bert/full.json", "--hidden_size", "64", "--intermediate_size", "128", "--num_attention_heads", "2", "--num_hidden_layers", "2",
         "--seq_length", "32", "--batch_size", "6", "--vocab_size", "200", "--data", "synthetic",
-        "--timeout_s", str(TIMEOUT_S), "--warmup_steps", "2"]
+        "--timeout_s", str(TIMEOUT_S), "--warmup_steps", "2", "--threads", "1"]
 # three ranks split 4 heads, 128 columns and 32 positions unevenly
 GALAXY3 = ["--parallel", "galaxy", "--num_attention_heads", "4", "--tp_num_attention_heads_list", "[2,1,1]",
            "--tp_intermediate_size_list", "[64,32,32]", "--seq_scatter_list", "[12,10,10]"]
@@ -21,9 +21,9 @@ def command(args, script="pretrain_galaxy.py"):
     return [sys.executable, str(ROOT / script), *TINY, *args]
 
 
-def start(args, log, script="pretrain_galaxy.py"):
-    """Start one process, its stdout+stderr going to file `log`."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def start(args, log, script="pretrain_galaxy.py", env=None):
+    """Start one process (extra environment `env`), its stdout+stderr going to file `log`."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     out = open(log, "w")
     return subprocess.Popen(command(args, script), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 

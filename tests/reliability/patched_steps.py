@@ -1,0 +1,27 @@
+"""pretrain_galaxy.py with slow or failing optimizer steps, for the launch tests: each step
+sleeps GALAXY_TEST_STEP_S seconds; rank GALAXY_TEST_FAIL_RANK raises after its first step.
+The patch is made at import, so the ranks a local spawn starts (which import this module as
+their main module) have it too."""
+import os
+import time
+
+import pretrain_galaxy
+from galaxy.train import entry
+from galaxy.train.loop import Trainer
+
+_train_step = Trainer.train_step
+
+
+def train_step(self):
+    metrics = _train_step(self)
+    time.sleep(float(os.environ.get("GALAXY_TEST_STEP_S", "0")))
+    if str(self.ctx.rank) == os.environ.get("GALAXY_TEST_FAIL_RANK"):
+        raise RuntimeError(f"injected failure after step {self.step}")
+    return metrics
+
+
+Trainer.train_step = train_step
+
+if __name__ == "__main__":
+    entry.main(pretrain_galaxy.__doc__, "bert", "train_config/bert/galaxy/full.json",
+               pretrain_galaxy.build_model, pretrain_galaxy.build_data)
