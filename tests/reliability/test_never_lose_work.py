@@ -45,10 +45,12 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_finite_checkpoi
     assert rows[1]["loss"] is None and rows[1]["grad_norm"] is None
 
 
-def test_nonfinite_steps_are_skipped_by_every_rank_with_skip(tmp_path):
+@pytest.mark.parametrize("layout", ["galaxy", "pp"])
+def test_nonfinite_steps_are_skipped_by_every_rank_with_skip(tmp_path, layout):
     save, metrics = tmp_path / "save", tmp_path / "metrics.jsonl"
-    code, out = procs.run([*BLOW_UP, "--max_steps", "3", "--world", "2", "--parallel", "galaxy", "--on_nonfinite", "skip",
-                           "--save_dir", str(save), "--metrics_file", str(metrics)])
+    # --timeout_s 120: a one-command spawn also ends the whole run after timeout_s + 30 s (issue 17, item 2)
+    code, out = procs.run([*BLOW_UP, "--max_steps", "3", "--world", "2", "--parallel", layout, "--on_nonfinite", "skip",
+                           "--save_dir", str(save), "--metrics_file", str(metrics), "--timeout_s", "120"])
     assert code == 0, out[-2000:]
     rows = strict_json_lines(metrics)
     assert [r["nonfinite"] for r in rows] == [False, True, True]
