@@ -6,9 +6,7 @@ from galaxy.plan import build_plan
 from galaxy.train.config import load_config
 from tests.helpers import ROOT, run_script
 
-# pp/full.json (4 layers, hidden 256) with micro-batches of 8 x 128 tokens: its blocks take about
-# 20 ms; a much shorter one sometimes runs through inside one scheduler slice of the slowed core,
-# and the planner's fastest-of-repeats timing would then miss the slow-down
+# pp/full.json (4 layers, hidden 256) with micro-batches of 8 x 128 tokens: blocks of about 20 ms
 SMALL = dict(num_microbatches=2, vocab_size=1000)
 
 
@@ -19,8 +17,8 @@ def test_planner_gives_the_slowed_stage_fewer_layers_and_writes_a_loadable_confi
     config, written = tmp_path / "pp.json", tmp_path / "planned.json"
     raw = json.loads((ROOT / "train_config/bert/pp/full.json").read_text())
     config.write_text(json.dumps(dict(raw, **SMALL)))
-    # 8x slower (1/8 of its core), so the stage stays clearly slower when other processes load the
-    # fast rank's core too; the plan gives it fewer layers once it is about 1.4x slower
+    # 8x slower (each torch call of rank 1 takes 8x its time, however loaded the cores are); the plan
+    # gives it fewer layers once it is about 1.4x slower
     out = run_script("-m", "galaxy.planner", "--config", str(config), "--world", "2", "--slow_rank", "1",
                      "--slow_factor", "8", "--tiles", "1", "2", "--repeats", "1", "--timeout_s", "120",
                      "--out", str(written))

@@ -1,12 +1,12 @@
 """What the planner measures on each rank: the time of the model's own blocks (attention,
 MLP, connective of one layer and the embeddings, built serially at the given batch and sequence
 length) and the link bandwidth between ranks; plus `slow_down`, which emulates a weaker device."""
-import os
-import threading
+import contextlib
 import time
 
 import torch
 import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
 
 from galaxy.comm import collectives as C
 from galaxy.comm.context import ParallelContext
@@ -57,22 +57,28 @@ def measure_bandwidth(nbytes=8 << 20, repeats=3, group=None):
     return (world - 1) * nbytes / seconds.item()
 
 
-def slow_down(rank, slowed, cores=None, factor=2):
-    """Emulate a weaker device: pin rank r to core r % cores; on `slowed` ranks factor - 1 busy
-    threads share that core, so the rank gets about 1/factor of it (factor x slower compute) when
-    nothing else runs there. Returns an Event that stops the busy threads (set it before exiting)."""
-    cores = cores or os.cpu_count()
-    core = {rank % cores}
-    for tid in os.listdir("/proc/self/task"):  # every thread that exists now (gloo's included)
-        os.sched_setaffinity(int(tid), core)
-    stop = threading.Event()
-    if rank in slowed:
-        a = torch.randn(256, 256)
+class _SlowCompute(TorchFunctionMode):
+    """Every torch call on this thread takes `factor` times its own time: the extra is spent
+    waiting busily, on the wall clock. The slowed rank is then as exposed to other processes'
+    load as its peers, and no scheduler favours it as it would a sleeper. (Busy threads sharing
+    a pinned core were diluted by that load: an 8x slow-down measured 0.4x-1.4x on loaded cores.)"""
 
-        def spin():
-            while not stop.is_set():
-                a @ a
+    def __init__(self, factor):
+        super().__init__()
+        self.extra = factor - 1
 
-        for _ in range(factor - 1):
-            threading.Thread(target=spin, daemon=True).start()
-    return stop
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        start = time.perf_counter()
+        out = func(*args, **(kwargs or {}))
+        now = time.perf_counter()
+        until = now + self.extra * (now - start)
+        while time.perf_counter() < until:
+            pass
+        return out
+
+
+def slow_down(rank, slowed, factor=2):
+    """Emulate a weaker device: on `slowed` ranks every torch call (compute, not the waits for
+    peers) takes `factor` times its time, for the duration of the returned context. No rank is
+    pinned to a core: pinned ranks meet whatever load their own core has, unlike each other."""
+    return _SlowCompute(factor) if rank in slowed else contextlib.nullcontext()

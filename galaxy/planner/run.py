@@ -90,14 +90,12 @@ def measure_forward(cfg, splits, rank, world, repeats=3):
 def plan_and_check(rank, world, cfg, args):
     """One rank of `python -m galaxy.planner` (module-level so spawned ranks can import it):
     optional slow-down, profile, plan, then measure the planned and the even split."""
-    stop = slow_down(rank, {args.slow_rank}, factor=args.slow_factor) if args.slow_rank is not None else None
     memory = args.memory_mb[rank] * 2**20 if args.memory_mb else float("inf")
-    split, predicted, even, even_predicted, profiles, bandwidth = profile_and_plan(cfg, world, memory, args.column_unit,
-                                                                                   args.stages)
-    variants = {"even": even, **tiled_variants(split, args.tiles)}
-    measured = measure_forward(cfg, variants, rank, world, args.repeats)
-    if stop is not None:
-        stop.set()
+    with slow_down(rank, {args.slow_rank}, factor=args.slow_factor):  # no rank is slowed without --slow_rank
+        split, predicted, even, even_predicted, profiles, bandwidth = profile_and_plan(cfg, world, memory,
+                                                                                       args.column_unit, args.stages)
+        variants = {"even": even, **tiled_variants(split, args.tiles)}
+        measured = measure_forward(cfg, variants, rank, world, args.repeats)
     # the plan is only as good as the profile (2 shared cores: +-40% between equal ranks seen), so
     # what is kept is the fastest measured candidate, the even split included
     best = min(variants, key=measured.get)

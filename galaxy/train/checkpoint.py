@@ -38,8 +38,8 @@ MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # keys a resumed run may change: where and how long to train, how to launch and log
 RESUME_FREE_KEYS = ("max_steps", "num_epochs", "resume", "save_dir", "save_every", "keep_checkpoints",
-                    "timeout_s", "save_on_signal", "log_every", "init_method", "distributed_backend",
-                    "load_checkpoint", "load_trainable", "device", "strict")
+                    "timeout_s", "save_on_signal", "log_every", "on_nonfinite", "init_method",
+                    "distributed_backend", "load_checkpoint", "load_trainable", "device", "strict")
 
 
 def _rank_files(rank):
@@ -69,11 +69,6 @@ def _all_gather(ctx, value):
     out = [None] * ctx.world
     dist.all_gather_object(out, value)
     return out
-
-
-def _barrier(ctx):
-    if ctx.world > 1:
-        dist.barrier()
 
 
 def _raise_if_any(ctx, error):
@@ -130,24 +125,66 @@ def resume_config(cfg):
 
 
 def save(trainer, save_dir, keep=0):
-    """Write a checkpoint of every rank at trainer.step (collective). Returns its directory."""
+    """Write a checkpoint of every rank at trainer.step (collective). Returns its directory.
+    Non-finite weights or a failed write (disk full, read-only) raise CheckpointError on every
+    rank and leave the checkpoints already in save_dir as they were."""
     ctx, save_dir = trainer.ctx, Path(save_dir)
     final = save_dir / f"step-{trainer.step:08d}"
     tmp = save_dir / f".tmp-step-{trainer.step:08d}"
+    require_finite(trainer, f"checkpoint {final}")
+    _raise_if_any(ctx, _attempt(_make_tmp, save_dir, tmp)[1] if ctx.rank == 0 else None)
+    written = _all_gather(ctx, _attempt(_write_rank, trainer, tmp))  # (hashes, error) of every rank
+    error = next((e for _, e in written if e), None)
     if ctx.rank == 0:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        for stale in save_dir.glob(".tmp-step-*"):  # left by a save that crashed
-            shutil.rmtree(stale)
-        tmp.mkdir()
-    _barrier(ctx)
-    hashes = _all_gather(ctx, _write_rank(trainer, tmp))
-    if ctx.rank == 0:
-        _publish(tmp, final, _manifest(trainer, hashes))
-        if keep:
+        error = error or _attempt(_publish, tmp, final, _manifest(trainer, [h for h, _ in written]))[1]
+        if error:  # free what the failed save took; the previous checkpoints stay untouched
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif keep:
             for old in sorted(checkpoints(save_dir))[:-keep]:
                 shutil.rmtree(old[1])
-    _barrier(ctx)
+    _raise_if_any(ctx, error and f"could not save {final} ({error}); the latest checkpoint in {save_dir} "
+                             f"is still {_latest_name(save_dir)}")
     return final
+
+
+def _attempt(fn, *args):
+    """(result, None), or (None, message) when a filesystem step raises OSError (disk full,
+    read-only, not a directory): every rank still reaches the next collective, so all stop together."""
+    try:
+        return fn(*args), None
+    except OSError as e:
+        return None, f"{e.strerror or e}: {e.filename or ''}".rstrip(": ")
+    except SafetensorError as e:  # safetensors reports its I/O errors (a full disk) this way
+        return None, str(e)
+
+
+def _make_tmp(save_dir, tmp):
+    save_dir.mkdir(parents=True, exist_ok=True)
+    for stale in save_dir.glob(".tmp-step-*"):  # left by a save that crashed
+        shutil.rmtree(stale)
+    tmp.mkdir()
+
+
+def check_room(trainer, save_dir):
+    """Before step 1 (collective): save_dir has room for one checkpoint of every rank (each
+    rank's parameters plus AdamW's two moments of the trained ones), so a full disk shows now."""
+    mine = sum(p.numel() * p.element_size() * (3 if p.requires_grad else 1) for p in trainer.model.parameters())
+    need, free = sum(_all_gather(trainer.ctx, mine)), shutil.disk_usage(save_dir).free
+    _raise_if_any(trainer.ctx, None if need <= free else f"save_dir {save_dir} has {free / 2**20:.1f} MiB free; "
+                  f"one checkpoint of this run takes about {need / 2**20:.1f} MiB")
+
+
+def _latest_name(save_dir):
+    found = checkpoints(save_dir)
+    return found[-1][1].name if found else "none"
+
+
+def require_finite(trainer, what):
+    """Refuse to write `what` when any rank holds a non-finite parameter (collective): such
+    weights must never replace a finite checkpoint or export."""
+    bad = next((n for n, p in trainer.model.named_parameters() if not torch.isfinite(p).all()), None)
+    _raise_if_any(trainer.ctx, bad and f"rank {trainer.ctx.rank}: parameter '{bad}' holds non-finite values at "
+                                       f"step {trainer.step}; not writing {what}")
 
 
 def _manifest(trainer, hashes):

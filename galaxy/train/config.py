@@ -63,6 +63,8 @@ SCHEMA = {
               "optimizer state)"),
     "activation_checkpointing": (bool, False, ""),
     "log_every": (int, 1, ""),
+    "on_nonfinite": (str, "stop", "a step with a non-finite loss or gradient norm: stop the run, or skip "
+                     "its optimizer step and go on"),
     # tuning method: exactly one true
     "full_model": (bool, True, ""),
     "use_lora": (bool, False, ""),
@@ -208,7 +210,8 @@ def _check_rules(cfg):
             raise ConfigError(f"config key '{key}' must be in [0, 1), got {cfg[key]}")
     choices = {"model": ("bert", "llama", "bart"), "data": ("corpus", "synthetic", "instruction"),
                "lr_scheduler": ("linear", "cosine", "constant"), "dtype": ("fp32", "bf16", "bf16_pure"),
-               "pipeline_schedule": ("gpipe", "1f1b"), "distributed_backend": ("gloo", "nccl", None)}
+               "pipeline_schedule": ("gpipe", "1f1b"), "on_nonfinite": ("stop", "skip"),
+               "distributed_backend": ("gloo", "nccl", None)}
     for key, allowed in choices.items():
         if cfg[key] not in allowed:
             raise ConfigError(f"config key '{key}' is {cfg[key]!r}, expected one of {[a for a in allowed if a]}")

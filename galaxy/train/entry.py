@@ -11,6 +11,7 @@ build_model(cfg, ctx) and build_data(cfg, ctx) must be module-level functions (s
 unpickle them).
 """
 import functools
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -23,9 +24,9 @@ from galaxy.models.checkpoint import CheckpointError
 from galaxy.models.tuning import apply_tuning, save_tuning_record
 from galaxy.pipeline import PipelineForwardBackward, format_actions
 from galaxy.profiler import observe
-from galaxy.train import checkpoint, cli
+from galaxy.train import checkpoint, cli, outputs
 from galaxy.train.config import config_hash
-from galaxy.train.loop import Trainer, run_training
+from galaxy.train.loop import NonFiniteError, Trainer, run_training
 
 
 def load_tokenizer(cfg):
@@ -80,7 +81,7 @@ def train(rank, world, cfg, plan, args, build_model, build_data):
     a message naming the rank, not a traceback."""
     try:
         _train(rank, world, cfg, plan, args, build_model, build_data)
-    except (DataError, CheckpointError) as e:
+    except (DataError, CheckpointError, NonFiniteError) as e:
         raise SystemExit(f"galaxy: rank {rank}: {e}") from None
 
 
@@ -108,6 +109,8 @@ def _train(rank, world, cfg, plan, args, build_model, build_data):
         log(f"plan: {plan.describe()}")
     log(tuning)
     trainer = Trainer(model, ctx, cfg, data, total, log=log)
+    if cfg["save_dir"]:
+        checkpoint.check_room(trainer, cfg["save_dir"])
     if plan.pp_size > 1:
         pipe = trainer.forward_backward = PipelineForwardBackward(trainer)
         if ctx.dp_rank == 0 and ctx.tp_rank == 0:
@@ -126,6 +129,7 @@ def _train(rank, world, cfg, plan, args, build_model, build_data):
                     callback(metrics)
         run_training(trainer, total, args.metrics_file, on_step)
     if cfg["save_dir"]:
+        checkpoint.require_finite(trainer, f"the final export to {cfg['save_dir']}")
         model.save_hf(cfg["save_dir"], cfg["save_trainable_only"])
         if cfg["save_trainable_only"] and rank == 0:  # what load_trainable and generate.py rebuild from
             save_tuning_record(cfg, cfg["save_dir"])
@@ -151,5 +155,8 @@ def main(doc, model, default_config, build_model, build_data, argv=None, check=N
     if args.explain:  # the plan only: no process group, no training
         print(explain(plan, cfg, functools.partial(build_tuned, cfg, build_model)))
         return
-    launch.run(train, world, rank, (cfg, plan, args, build_model, build_data), args.init_method,
-               cfg["distributed_backend"], cfg["timeout_s"], args.threads, args.debug)
+    outputs.check_outputs(cfg["save_dir"], args.metrics_file)  # every process that may write, before step 1
+    owns_save_dir = cfg["save_dir"] and rank in (None, 0)  # the process of rank 0 locks it for the run
+    with outputs.save_dir_lock(cfg["save_dir"]) if owns_save_dir else nullcontext():
+        launch.run(train, world, rank, (cfg, plan, args, build_model, build_data), args.init_method,
+                   cfg["distributed_backend"], cfg["timeout_s"], args.threads, args.debug)

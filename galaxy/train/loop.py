@@ -4,8 +4,13 @@ One optimizer step = `gradient_accumulation_steps` micro-steps of the global `ba
 samples. Each data-parallel replica takes its contiguous share of every micro-step's samples.
 The loss is the sum of token losses divided by the number of label tokens of the whole
 optimizer step over all replicas, so any layout's gradients equal the serial model's.
+
+A step whose loss or gradient norm is not finite on any rank takes no optimizer step; the run
+then stops (on_nonfinite "stop") or goes on with the next batch ("skip", as Megatron skips a step
+whose gradients overflowed; the LR schedule does not advance either).
 """
 import json
+import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -34,6 +39,18 @@ def sum_over(value, device, *groups):
         if group is not None:
             dist.all_reduce(t, group=group)
     return t.item()
+
+
+def all_finite(ctx, *values):
+    """True on every rank iff every rank's values are finite: the ranks must skip or stop together."""
+    bad = torch.tensor(float(not all(math.isfinite(v) for v in values)), device=ctx.device)
+    if ctx.world > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bad.item()
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient norm with on_nonfinite "stop"."""
 
 
 def label_tokens(model, labels):
@@ -103,17 +120,35 @@ class Trainer:
         self.sync.finish()
         grad_norm = clip_grad_norm(self.model, self.ctx, self.cfg["max_grad_norm"])
         lr = self.sched.get_last_lr()[0]
-        if self.before_update:
-            self.before_update()
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
         loss = sum_over(loss_sum, self.ctx.device, self.ctx.dp_group, self.ctx.pp_group) / n_tokens
+        finite = all_finite(self.ctx, loss, grad_norm)
+        if finite:
+            if self.before_update:
+                self.before_update()
+            self.opt.step()
+            self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - start
         self.step += 1
         tokens = self.cfg["batch_size"] * self.cfg["gradient_accumulation_steps"] * self.cfg["seq_length"]
         return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                "tokens_per_s": tokens / elapsed, "step_time_s": elapsed}
+                "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "nonfinite": not finite}
+
+    def on_nonfinite(self, metrics):
+        """Stop, or note the skipped step, after a step that was not finite."""
+        what = (f"step {metrics['step']}: non-finite loss or gradient norm on some rank (this rank: loss "
+                f"{metrics['loss']}, grad_norm {metrics['grad_norm']})")
+        if self.cfg["on_nonfinite"] == "stop":
+            raise NonFiniteError(f"{what}; stopped before its optimizer step, so the weights are step "
+                                 f"{metrics['step'] - 1}'s (--on_nonfinite skip skips such steps)")
+        if is_reporting_rank(self.ctx):
+            self.log(f"{what}: skipped its optimizer step (on_nonfinite skip)")
+
+
+def json_line(metrics):
+    """One metrics line; a non-finite number is written as null (a bare NaN is not JSON)."""
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                       for k, v in metrics.items()}, allow_nan=False)
 
 
 def is_reporting_rank(ctx):
@@ -136,8 +171,10 @@ def run_training(trainer, max_steps, metrics_file=None, on_step=None):
                             f"{metrics['tokens_per_s']:.0f} tok/s | {metrics['step_time_s'] * 1e3:.0f} ms | "
                             f"elapsed {_hms(elapsed)} | remaining {_hms(remaining)}")
             if writer:
-                writer.write(json.dumps(metrics) + "\n")
+                writer.write(json_line(metrics) + "\n")
                 writer.flush()
+            if metrics["nonfinite"]:
+                trainer.on_nonfinite(metrics)
             if on_step:
                 on_step(metrics)
     finally:

@@ -5,8 +5,10 @@ in-process, and the table of docs/bad_inputs.md, made by running them for real:
 """
 import contextlib
 import io
+import json
 import runpy
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -31,6 +33,8 @@ def write_files(d):
     (d / "garbage.safetensors").write_bytes(b"\x00" * 64)
     (d / "no_model").mkdir(exist_ok=True)
     (d / "empty_save").mkdir(exist_ok=True)
+    (d / "locked").mkdir(exist_ok=True)  # held by a live process (PID 1 is always alive)
+    (d / "locked" / ".galaxy-lock.json").write_text(json.dumps({"host": socket.gethostname(), "pid": 1}))
     run_in_process(["--max_steps", "1", "--use_lora", "true", "--lora_dim", "4", "--save_dir", str(d / "lora"),
                     "--save_trainable_only", "true"])
     run_in_process(["--max_steps", "1", "--save_dir", str(d / "ck"), "--save_every", "1"])
@@ -99,6 +103,15 @@ CASES = [
      "{d}/ck_bad/step-00000001/rank-00000.optim.safetensors: sha256 does not match", 1),
     ("resume with a changed config", [*SYNTH, "--save_dir", "{d}/ck", "--resume", "true", "--lr", "0.1"],
      "the config differs from the checkpoint's in learning_rate: 0.001 -> 0.1", 1),
+    ("on_nonfinite not stop or skip", ["--on_nonfinite", "ignore"],
+     "config key 'on_nonfinite' is 'ignore', expected one of ['stop', 'skip']", 2),
+    ("loss becomes NaN", ["--lr", "1e9", "--max_grad_norm", "0", "--max_steps", "3"],
+     "step 2: non-finite loss or gradient norm on some rank", 1),
+    ("save_dir is a file", [*SYNTH, "--save_dir", "{d}/not_json.json"], "save_dir {d}/not_json.json is not a directory", 1),
+    ("metrics_file under a file", [*SYNTH, "--metrics_file", "{d}/not_json.json/m.jsonl"],
+     "directory {d}/not_json.json is not a directory", 1),
+    ("save_dir held by a running run", [*SYNTH, "--save_dir", "{d}/locked"],
+     "save_dir {d}/locked is in use by another run: PID 1 on host", 1),
 ]
 
 

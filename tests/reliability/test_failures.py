@@ -8,6 +8,7 @@ import socket
 
 import pytest
 
+from galaxy.train.outputs import LOCK
 from tests.reliability import procs
 
 GRACE_S = procs.TIMEOUT_S + 30
@@ -71,9 +72,10 @@ def test_kill_during_save_then_resume(tmp_path):
     assert code == 0, out
     code, out = procs.run([*common, "--metrics_file", str(tmp_path / "crash.jsonl")], script="tests/reliability/die_in_save.py")
     assert code == -signal.SIGKILL, out
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [".tmp-step-00000004", "step-00000002"]
+    # the killed run's lock stays behind, stale: the resumed run takes it over
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [LOCK, ".tmp-step-00000004", "step-00000002"]
     code, out = procs.run([*common, "--resume", "true", "--metrics_file", str(tmp_path / "resumed.jsonl")])
-    assert code == 0 and "resumed from step 2" in out, out
+    assert code == 0 and "resumed from step 2" in out and "taking over the stale lock" in out, out
     straight, resumed = _losses(tmp_path / "straight.jsonl"), _losses(tmp_path / "resumed.jsonl")
     assert sorted(resumed) == [3, 4, 5, 6]
     assert all(resumed[s] == straight[s] for s in resumed), (straight, resumed)
