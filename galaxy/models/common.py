@@ -4,6 +4,7 @@ import torch
 from galaxy.comm.context import ParallelContext
 from galaxy.models.checkpoint import full_shape, own_slice
 from galaxy.plan import Plan
+from galaxy.seeding import DEFAULT_SEED, generator
 
 
 def serial_context(cfg):
@@ -15,10 +16,10 @@ def serial_context(cfg):
     return ParallelContext(plan)
 
 
-def init_weights(model, std):
+def init_weights(model, std, seed=DEFAULT_SEED):
     """Normal(0, std) weights, zero biases, unit norm scales (BERT's and LLaMA's initialisation),
-    drawn per *full* tensor from a seed derived from the parameter's name, then sliced: every
-    layout starts from exactly the serial model's weights."""
+    drawn per *full* tensor from the stream (run seed, "init", parameter name), then sliced: every
+    layout starts from exactly the serial model's weights, and each seed from other ones."""
     for name, p in model.named_parameters():
         full = full_shape(p)
         if name.endswith("bias"):
@@ -26,11 +27,6 @@ def init_weights(model, std):
         elif "norm" in name.lower() and p.dim() == 1:
             value = torch.ones(full)
         else:
-            seed = _name_seed(getattr(p, "init_name", name))
-            value = torch.randn(full, generator=torch.Generator().manual_seed(seed)) * std
+            value = torch.randn(full, generator=generator(seed, "init", getattr(p, "init_name", name))) * std
         with torch.no_grad():
             p.copy_(own_slice(value, p))
-
-
-def _name_seed(name):
-    return sum((i + 1) * ord(c) for i, c in enumerate(name)) % (2**31)

@@ -24,6 +24,7 @@ from galaxy.layers.placement import REPLICATE, SEQ, consumes, redistribute
 from galaxy.layers.transformer import Connective, TransformerLayer, run_layers
 from galaxy.models import checkpoint
 from galaxy.models.common import init_weights, serial_context
+from galaxy.seeding import DEFAULT_SEED
 
 IGNORE_INDEX = -100
 
@@ -49,6 +50,7 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     initializer_range: float = 0.02
+    seed: int = DEFAULT_SEED  # the run seed: initial weights derive from it (galaxy.seeding)
     tie_word_embeddings: bool = False
     activation_checkpointing: bool = False
 
@@ -163,7 +165,7 @@ class LlamaForCausalLM(nn.Module):
             else:  # a pipeline's last stage holds its own copy; it starts equal to the embeddings
                 self.lm_head.weight.init_name = "model.embed_tokens.weight"
                 self.lm_head.weight.pipeline_copy = True  # galaxy.pipeline sums its grad with the original's
-        init_weights(self, cfg.initializer_range)
+        init_weights(self, cfg.initializer_range, cfg.seed)
 
     @property
     def side_backbone(self):
