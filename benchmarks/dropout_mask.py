@@ -50,7 +50,6 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(1)
     new = LayoutInvariantDropout(P, site=1)
-    new.key = 1234
     ways = {"old": lambda full, index: old_mask(full, index, 1234),
             "new": lambda full, index: new.mask(full, index, torch.float32, "cpu")}
     times = {(w, name): [] for w in (1, 2, 4) for name in ways}
