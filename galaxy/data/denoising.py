@@ -10,7 +10,9 @@ only on (file, tokenizer, seq_length, seed, i).
 """
 import torch
 
-from .pretrain import _INFILL_STREAM, _check_index, check_bert_pieces, seeded_generator, token_chunks
+from galaxy import seeding
+
+from .pretrain import _check_index, check_bert_pieces, token_chunks
 
 
 def infill_spans(ids, mask_id, generator, mask_ratio=0.3, poisson_lambda=3.0):
@@ -48,7 +50,7 @@ class BartDenoisingData:
         _check_index(i, len(self))
         tok = self.tokenizer
         cls, sep = torch.tensor([tok.cls_id]), torch.tensor([tok.sep_id])
-        corrupted = infill_spans(self._chunks[i], tok.mask_id, seeded_generator(_INFILL_STREAM, self.seed, i),
+        corrupted = infill_spans(self._chunks[i], tok.mask_id, seeding.generator(self.seed, "span infilling", i),
                                  self.mask_ratio, self.poisson_lambda)
         inputs = torch.full((self.seq_length,), tok.pad_id)
         inputs[:len(corrupted) + 2] = torch.cat([cls, corrupted, sep])

@@ -10,22 +10,15 @@ needs only the step number.
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
+
+from galaxy.seeding import generator
 
 from .errors import DataError
 from .mlm import mask_tokens
 
 # Id layout of the BERT tokenizer (kind="bert"); SyntheticMLM uses it as well.
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(5)
-
-_MASK_STREAM, _ORDER_STREAM, _SYNTH_STREAM, _INFILL_STREAM = range(4)  # keep the random streams apart
-
-
-def seeded_generator(*words):
-    """A torch.Generator seeded from non-negative ints, well mixed (SeedSequence)."""
-    seed = np.random.SeedSequence([int(w) for w in words]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(seed))
 
 
 def read_jsonl(path, required_keys):
@@ -75,7 +68,7 @@ def batch_indices(step, batch_size, num_samples, seed):
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size {batch_size} exceeds the {num_samples} samples")
     epoch, b = divmod(step, steps_per_epoch)
-    order = torch.randperm(num_samples, generator=seeded_generator(_ORDER_STREAM, seed, epoch))
+    order = torch.randperm(num_samples, generator=generator(seed, "data order", epoch))
     return order[b * batch_size:(b + 1) * batch_size].tolist()
 
 
@@ -147,7 +140,7 @@ class BertPretrainData:
             samples.append(mask_tokens(
                 ids, vocab_size=tok.vocab_size, mask_id=tok.mask_id,
                 special_ids=tok.special_ids, mlm_probability=self.mlm_probability,
-                generator=seeded_generator(_MASK_STREAM, self.seed, i)))
+                generator=generator(self.seed, "mlm masking", i)))
         return _stack_mlm(samples)
 
 
@@ -171,7 +164,7 @@ class SyntheticMLM:
         samples = []
         for i in indices:
             _check_index(i, len(self))
-            gen = seeded_generator(_SYNTH_STREAM, self.seed, i)
+            gen = generator(self.seed, "synthetic sample", i)
             body = torch.randint(MASK_ID + 1, self.vocab_size, (self.seq_length - 2,), generator=gen)
             ids = torch.cat([torch.tensor([CLS_ID]), body, torch.tensor([SEP_ID])])
             samples.append(mask_tokens(

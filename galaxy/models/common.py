@@ -7,6 +7,7 @@ import torch
 from galaxy.comm.context import ParallelContext
 from galaxy.models.checkpoint import full_shape, own_slice
 from galaxy.plan import Plan
+from galaxy.seeding import DEFAULT_SEED, generator
 
 
 def serial_context(cfg):
@@ -29,10 +30,11 @@ def on_context_device(init):
     return build
 
 
-def init_weights(model, std):
+def init_weights(model, std, seed=DEFAULT_SEED):
     """Normal(0, std) weights, zero biases, unit norm scales (BERT's and LLaMA's initialisation),
-    drawn per *full* tensor from a seed derived from the parameter's name, then sliced: every
-    layout starts from exactly the serial model's weights. Drawn on the CPU, so every device does too."""
+    drawn per *full* tensor from the stream (run seed, "init", parameter name), then sliced: every
+    layout starts from exactly the serial model's weights, and each seed from other ones. Drawn on
+    the CPU, so every device starts from the same values."""
     for name, p in model.named_parameters():
         full = full_shape(p)
         if name.endswith("bias"):
@@ -40,11 +42,7 @@ def init_weights(model, std):
         elif "norm" in name.lower() and p.dim() == 1:
             value = torch.ones(full)
         else:
-            seed = _name_seed(getattr(p, "init_name", name))
-            value = torch.randn(full, generator=torch.Generator().manual_seed(seed), device="cpu") * std
+            stream = generator(seed, "init", getattr(p, "init_name", name))
+            value = torch.randn(full, generator=stream, device="cpu") * std
         with torch.no_grad():
             p.copy_(own_slice(value, p))
-
-
-def _name_seed(name):
-    return sum((i + 1) * ord(c) for i, c in enumerate(name)) % (2**31)

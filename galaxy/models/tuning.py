@@ -24,12 +24,11 @@ How each method meets the layouts:
            holds the side network's part for its own layers (galaxy.adapters.SideNetwork) and
            passes the side state on beside the hidden states (`model.pipeline_streams`).
 
-Initial values are drawn for the full tensor from a seed derived from the parameter's name, then
-sliced by its shard (as init_weights does), so every layout starts from the serial values.
+Initial values are drawn for the full tensor from the stream (run seed, "tuning init", parameter
+name), then sliced by its shard (as init_weights does), so every layout starts from the serial values.
 """
 import json
 import math
-import zlib
 from pathlib import Path
 
 import torch
@@ -44,6 +43,7 @@ from galaxy.layers.transformer import TransformerLayer
 from galaxy.loralib import Linear as LoraLinear
 from galaxy.loralib import mark_only_lora_as_trainable
 from galaxy.models.checkpoint import full_shape, own_slice
+from galaxy.seeding import generator
 from galaxy.train.errors import ConfigError
 
 # config name (Hugging Face BERT's module name) -> (block, projection) in our layers
@@ -144,7 +144,7 @@ def apply_tuning(model, cfg, ctx):
             _add_side(model, cfg, ctx)
             mark_only_side_as_trainable(model)
             zero_init = ("side_upsample",) if method == "use_side" else ()
-        _init_new_parameters(model, existing, zero_init)
+        _init_new_parameters(model, existing, zero_init, cfg["seed"])
     params = list(dict.fromkeys(model.parameters()))
     trainable = sum(p.numel() for p in params if p.requires_grad)
     return f"tuning {method}: {trainable:,} of {sum(p.numel() for p in params):,} parameters on this rank train"
@@ -154,16 +154,12 @@ def _layers(model):
     return [(name, m) for name, m in model.named_modules() if isinstance(m, TransformerLayer)]
 
 
-def _name_seed(name):
-    return zlib.crc32(name.encode())  # stable across processes, unlike hash(str)
-
-
 class LoraShard(LoraLinear):
     """LoRA on this rank's shard of a ColumnLinear / RowLinear.
 
     It takes over the base's weight and bias Parameters (loaded values and `.shard` tags, so
     checkpoints still find them) and adds its part of the full LoRA pair. The LoRA input's
-    dropout mask is drawn for the full input and sliced, so it matches the serial run's.
+    dropout mask is its part of the full input's mask, so it matches the serial run's.
     """
 
     def __init__(self, base, cfg, method, ctx, site):
@@ -208,7 +204,7 @@ def _add_lora(model, cfg, ctx):
             block_name, proj = LORA_TARGETS[target]
             block = getattr(layer, block_name)
             method = getattr(ctx.plan, BLOCK_METHOD[block_name])
-            site = _name_seed(f"{name}.{block_name}.{proj}")  # a dropout site no other module uses
+            site = f"{name}.{block_name}.{proj}"  # a dropout site no other module uses
             setattr(block, proj, LoraShard(getattr(block, proj), cfg, method, ctx, site))
 
 
@@ -271,23 +267,21 @@ def _add_side(model, cfg, ctx):
     model.pipeline_streams = ((cfg["hidden_size"], False), (model.side.width, True))
 
 
-def _init_new_parameters(model, existing, zero_init):
+def _init_new_parameters(model, existing, zero_init, seed):
     for name, p in model.named_parameters():
         if id(p) not in existing:
             with torch.no_grad():
-                p.copy_(_initial_value(name, p, zero_init))
+                p.copy_(_initial_value(name, p, zero_init, seed))
 
 
-def _initial_value(name, p, zero_init):
+def _initial_value(name, p, zero_init, seed):
     """Biases 0, norm weights 1, `zero_init` matrices 0, other matrices nn.Linear's default
     U(-1/sqrt(fan_in), 1/sqrt(fan_in)); drawn full, then sliced by the shard."""
-    shard = getattr(p, "shard", None)
     full = full_shape(p)
     if name.endswith("bias") or (p.dim() < 2 and "norm" not in name) or any(z in name for z in zero_init):
         value = torch.zeros(full)
     elif p.dim() < 2:
         value = torch.ones(full)
     else:
-        gen = torch.Generator().manual_seed(_name_seed(name))
-        value = (torch.rand(full, generator=gen, device="cpu") * 2 - 1) / math.sqrt(full[-1])
+        value = (torch.rand(full, generator=generator(seed, "tuning init", name), device="cpu") * 2 - 1) / math.sqrt(full[-1])
     return own_slice(value, p)

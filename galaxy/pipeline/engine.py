@@ -121,7 +121,7 @@ class PipelineForwardBackward:
 
     def _seed(self, i):
         t = self.trainer
-        set_dropout_seed(self.model, hash((t.cfg["seed"], t.step, i, self.ctx.dp_rank)))
+        set_dropout_seed(self.model, t.cfg["seed"], t.step, i, self.ctx.dp_rank)
 
     def _stream_shapes(self, i, with_grad_only=False):
         """[micro_batch, seq, width] of the streams micro-batch i hands on (or sends gradients of)."""

@@ -10,6 +10,7 @@ from pathlib import Path
 from galaxy.models.llama.config import LlamaConfig
 from galaxy.models.tuning import check_tuning
 from galaxy.plan import check_kv_heads
+from galaxy.seeding import DEFAULT_SEED
 from galaxy.train.errors import ConfigError
 
 INT_LIST = "list[int]"
@@ -58,7 +59,7 @@ SCHEMA = {
     "max_grad_norm": (float, 1.0, "0 disables clipping"),
     "num_epochs": (int, 1, ""),
     "max_steps": (int, None, "optimizer steps; default = one pass of num_epochs"),
-    "seed": (int, 42, ""),
+    "seed": (int, DEFAULT_SEED, "initial weights, data order and masking, dropout masks derive from it"),
     "dtype": (str, "fp32", "fp32 | bf16 (autocast; fp32 master weights) | bf16_pure (bf16 parameters and "
               "optimizer state)"),
     "activation_checkpointing": (bool, False, ""),

@@ -98,7 +98,7 @@ class Trainer:
     def _forward_backward(self, batches, n_tokens):
         total = 0.0
         for micro, batch in enumerate(batches):
-            set_dropout_seed(self.model, hash((self.cfg["seed"], self.step, micro, self.ctx.dp_rank)))
+            set_dropout_seed(self.model, self.cfg["seed"], self.step, micro, self.ctx.dp_rank)
             if micro == len(batches) - 1:
                 self.sync.arm()  # reduce gradients during the last backward only
             with self.autocast:

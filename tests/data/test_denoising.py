@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from galaxy.data import BartDenoisingData, infill_spans
-from galaxy.data.pretrain import seeded_generator
+from galaxy.seeding import generator
 
 from .conftest import SHIPPED
 
@@ -14,7 +14,7 @@ def test_infilling_replaces_each_span_by_one_mask_and_keeps_the_rest_in_order():
     ids = torch.arange(10, 110)  # 100 distinct non-special ids
     covered = []
     for seed in range(50):
-        out = infill_spans(ids, MASK, seeded_generator(seed))
+        out = infill_spans(ids, MASK, generator(seed))
         is_mask = out == MASK
         assert not (is_mask[1:] & is_mask[:-1]).any()  # a run of masked tokens became one [MASK]
         kept = out[~is_mask]

@@ -32,6 +32,7 @@ from galaxy.layers.transformer import Connective, run_layers, sublayer
 from galaxy.models import checkpoint
 from galaxy.models.bert.model import attention_bias, bert_layer, init_weights, serial_context
 from galaxy.models.common import on_context_device
+from galaxy.seeding import DEFAULT_SEED
 
 HF_NAMES = [
     (r"\.attn\.([qkv])\.", r".self_attn.\1_proj."),
@@ -67,6 +68,7 @@ class BartConfig:
     max_position_embeddings: int = 1024
     layer_norm_eps: float = 1e-5
     initializer_range: float = 0.02
+    seed: int = DEFAULT_SEED  # the run seed: initial weights derive from it (galaxy.seeding)
     scale_embedding: bool = False
     pad_token_id: int = 0
     activation_checkpointing: bool = False
@@ -210,7 +212,7 @@ class BartForConditionalGeneration(nn.Module):
         self.ctx = self.model.ctx
         # HF keeps this as a buffer that is never trained; a frozen parameter loads and saves with the rest
         self.final_logits_bias = nn.Parameter(torch.zeros(1, cfg.vocab_size), requires_grad=False)
-        init_weights(self, cfg.initializer_range)
+        init_weights(self, cfg.initializer_range, cfg.seed)
 
     def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, labels=None):
         x = self.model(input_ids, attention_mask, decoder_input_ids)

@@ -23,6 +23,7 @@ from galaxy.layers.placement import REPLICATE, redistribute
 from galaxy.layers.transformer import Connective, TransformerLayer, run_layers
 from galaxy.models import checkpoint
 from galaxy.models.common import init_weights, on_context_device, serial_context
+from galaxy.seeding import DEFAULT_SEED
 
 HF_NAMES = [
     (r"\.attn\.q\.", ".attention.self.query."),
@@ -59,6 +60,7 @@ class BertConfig:
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
+    seed: int = DEFAULT_SEED  # the run seed: initial weights derive from it (galaxy.seeding)
     activation_checkpointing: bool = False
     overlap_tiles: int = 1  # > 1: Galaxy's tiled comm/compute overlap (galaxy.comm.overlap)
 
@@ -188,7 +190,7 @@ class BertForMaskedLM(nn.Module):
             self.cls = BertLMHead(cfg, tied)
         else:
             self.cls = None
-        init_weights(self, cfg.initializer_range)
+        init_weights(self, cfg.initializer_range, cfg.seed)
 
     @property
     def side_backbone(self):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from galaxy.plan import check_kv_heads
+from galaxy.seeding import DEFAULT_SEED
 
 # the keys each scaled RoPE type needs besides rope_type (galaxy/models/llama/rope.py uses them)
 ROPE_KEYS = {"linear": ("factor",), "dynamic": ("factor",),
@@ -33,6 +34,7 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict = None  # None: plain RoPE; else {"rope_type": "linear" | "dynamic" | "llama3", ...}
     initializer_range: float = 0.02
+    seed: int = DEFAULT_SEED  # the run seed: initial weights derive from it (galaxy.seeding)
     tie_word_embeddings: bool = False
     activation_checkpointing: bool = False
 

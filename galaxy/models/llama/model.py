@@ -119,7 +119,7 @@ class LlamaForCausalLM(nn.Module):
             else:  # a pipeline's last stage holds its own copy; it starts equal to the embeddings
                 self.lm_head.weight.init_name = "model.embed_tokens.weight"
                 self.lm_head.weight.pipeline_copy = True  # galaxy.pipeline sums its grad with the original's
-        init_weights(self, cfg.initializer_range)
+        init_weights(self, cfg.initializer_range, cfg.seed)
 
     @property
     def side_backbone(self):
