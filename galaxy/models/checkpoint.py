@@ -58,6 +58,21 @@ def _files(path):
     return out
 
 
+def check_config_agrees(config, path, from_json, keys):
+    """The checkpoint directory's config.json (read by from_json(dict)) must agree with the run's
+    model config on `keys`: settings no tensor shape shows (rope_theta, a norm's eps, the
+    activation), so a mismatch would load cleanly and silently change every output."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        return
+    theirs = from_json(json.loads(file.read_text()))
+    differ = [f"{k} {getattr(theirs, k)!r} there, {getattr(config, k)!r} here" for k in keys
+              if getattr(theirs, k) != getattr(config, k)]
+    if differ:
+        raise CheckpointError(f"{path}: its config.json describes another model than this run's config: "
+                              f"{'; '.join(differ)} (set these keys to the checkpoint's values)")
+
+
 def load_checkpoint(model, path, to_hf, strip_prefix="", trainable_only=False, strict=True, ignore=()):
     """Copy this rank's slices of a Hugging Face checkpoint into `model` (names mapped by to_hf).
 

@@ -78,3 +78,12 @@ def test_every_pipeline_stage_judges_the_whole_model(saved):
                                    (4, saved / "layers4", "loaded")]:
         for rank, message in enumerate(run_ranks(_load_on_stage, 2, layers, path)):
             assert expected in message, (rank, message)
+
+
+def test_settings_no_shape_shows_must_agree_with_config_json(tmp_path):
+    """A Llama 3 checkpoint (rope_theta 500000) fine-tuned from a config that leaves rope_theta at
+    its default would load cleanly and run plain RoPE at 10000: named instead."""
+    cfg = load_config(None, {**SHAPE, "num_hidden_layers": 2, "rope_theta": 500000.0})
+    LlamaForCausalLM(LlamaConfig.from_dict(cfg)).save_hf(tmp_path)
+    with pytest.raises(CheckpointError, match=r"rope_theta 500000\.0 there, 10000\.0 here"):
+        llama(2).load_hf(tmp_path)

@@ -223,6 +223,7 @@ class BartForConditionalGeneration(nn.Module):
         return loss_sum, (labels != -100).sum()
 
     def load_hf(self, path, trainable_only=False, strict=True):
+        checkpoint.check_config_agrees(self.config, path, BartConfig.from_hf, ("hidden_act", "scale_embedding"))
         return checkpoint.load_checkpoint(self, path, to_hf, trainable_only=trainable_only, strict=strict)
 
     def save_hf(self, path, trainable_only=False):

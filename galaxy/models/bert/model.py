@@ -208,6 +208,7 @@ class BertForMaskedLM(nn.Module):
         return loss_sum, (labels != -100).sum()
 
     def load_hf(self, path, trainable_only=False, strict=True):
+        checkpoint.check_config_agrees(self.config, path, BertConfig.from_dict, ("layer_norm_eps", "hidden_act"))
         return checkpoint.load_checkpoint(self, path, mlm_to_hf, trainable_only=trainable_only, strict=strict,
                                           ignore=HF_EXTRAS)
 

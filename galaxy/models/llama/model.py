@@ -34,6 +34,7 @@ HF_NAMES = [
     (r"\.norm_mid\.", ".post_attention_layernorm."),
 ]
 TIED_HEAD = [(r"^lm_head\.weight$", "model.embed_tokens.weight")]
+UNSEEN_IN_SHAPES = ("rope_theta", "rope_scaling", "rms_norm_eps", "hidden_act")  # checked against config.json
 HF_EXTRAS = (r"rotary_emb\.inv_freq$",)  # a buffer older transformers saved; computed from rope_theta here
 
 
@@ -155,6 +156,7 @@ class LlamaForCausalLM(nn.Module):
         return model
 
     def load_hf(self, path, trainable_only=False, strict=True):
+        checkpoint.check_config_agrees(self.config, path, LlamaConfig.from_dict, UNSEEN_IN_SHAPES)
         return checkpoint.load_checkpoint(self, path, self.to_hf, trainable_only=trainable_only, strict=strict,
                                           ignore=HF_EXTRAS)
 
