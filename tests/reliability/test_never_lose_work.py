@@ -118,10 +118,10 @@ def tmpfs(tmp_path):
 def test_read_only_or_full_save_dir_fails_before_step_1(tmpfs):
     code, out = procs.run(["--max_steps", "1", "--save_dir", str(tmpfs("size=1m,ro") / "save")])
     assert code == 1 and "is not writable (Read-only file system)" in out, out[-2000:]
-    assert "step     1" not in out
+    assert "step 1/" not in out
     code, out = procs.run(["--max_steps", "1", "--save_dir", str(tmpfs("size=256k"))])
     assert code == 1 and "MiB free; one checkpoint of this run takes about" in out, out[-2000:]
-    assert "step     1" not in out
+    assert "step 1/" not in out
 
 
 def test_disk_full_mid_run_stops_with_the_previous_checkpoint_intact(tmpfs):
@@ -137,7 +137,7 @@ def test_second_run_on_a_save_dir_is_refused_and_a_stale_lock_is_taken_over(tmp_
     save = tmp_path / "save"
     first = procs.start(["--max_steps", "100000", "--save_dir", str(save)], tmp_path / "first.log")
     try:
-        assert procs.wait_for(tmp_path / "first.log", "step     1 |", first)
+        assert procs.wait_for(tmp_path / "first.log", "step 1/", first)
         code, out = procs.run(["--max_steps", "1", "--save_dir", str(save)])
         assert code == 1, out[-2000:]
         assert f"is in use by another run: PID {first.pid} on host {socket.gethostname()}" in out, out[-2000:]
