@@ -1,7 +1,9 @@
-"""Flat JSON configs with the research prototype's key names, validated in one place.
+"""JSON configs with the research prototype's key names, validated in one place.
 
-Every key has a type and a default; unknown keys and wrong types are errors naming the key.
-Command-line `--key value` pairs override the file. Aliases keep old names working.
+A config may compose parts: {"include": ["../../model/bert_tiny.json", "../../layout/galaxy.json"]}.
+Every key has a type and a default (model keys: the architecture's, galaxy/models/registry.py);
+unknown keys and wrong types are errors naming the key. Command-line `--key value` pairs
+override the file. Aliases keep old names working.
 """
 import hashlib
 import json
@@ -156,19 +158,30 @@ def parse_cli_value(key, text):
         raise ConfigError(f"--{key} {text!r} is not a valid {getattr(kind, '__name__', kind)}") from None
 
 
+def read_config(path, _outer=()):
+    """One JSON object, after its "include" list of config parts (paths relative to the file),
+    read in order; later parts and then the file's own keys win. Keys come back canonical."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in _outer:
+        raise ConfigError(f"config file {path} includes itself")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold one JSON object")
+    merged, parts = {}, raw.pop("include", [])
+    for part in [parts] if isinstance(parts, str) else parts:
+        merged.update(read_config(path.parent / part, _outer + (path.resolve(),)))
+    merged.update({_canonical(key): value for key, value in raw.items()})
+    return merged
+
+
 def load_config(path=None, overrides=None):
-    """Read a JSON config (or only defaults), apply overrides, validate; return a plain dict."""
-    raw = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold one JSON object")
+    """Read a JSON config and its parts (or only defaults), apply overrides, validate; return a plain dict."""
+    raw = read_config(path) if path is not None else {}
     cfg = {key: spec[1] for key, spec in SCHEMA.items()}
     for source in (raw, overrides or {}):
         for key, value in source.items():
