@@ -3,8 +3,7 @@ train_config/llama/pp/full.json as the default config.
 
     python finetune_pp_llama.py --rank 0 --world 2 --config train_config/llama/pp/full.json
 """
-from finetune_llama import build_data, build_model
 from galaxy.train import entry
 
 if __name__ == "__main__":
-    entry.main(__doc__, "llama", "train_config/llama/pp/full.json", build_model, build_data)
+    entry.main(__doc__, "llama", "train_config/llama/pp/full.json")

@@ -3,7 +3,6 @@
     python pretrain_dp_bert.py --world 2 --rank 0   (and --rank 1 in a second terminal)
 """
 from galaxy.train import entry
-from pretrain_galaxy import build_data, build_model
 
 if __name__ == "__main__":
-    entry.main(__doc__, "bert", "train_config/bert/dp/full.json", build_model, build_data)
+    entry.main(__doc__, "bert", "train_config/bert/dp/full.json")

@@ -7,20 +7,7 @@
     python pretrain_galaxy.py --config_file train_config/bert/galaxy/full.json --world 2 --explain  # the plan only
     python pretrain_galaxy.py --config_file train_config/bert/galaxy/full.json --world 2 --trace_dir traces --max_steps 2
 """
-from galaxy.data import BertPretrainData, SyntheticMLM
-from galaxy.models.bert import BertConfig, BertForMaskedLM
 from galaxy.train import entry
 
-
-def build_data(cfg, ctx):
-    if cfg["data"] == "synthetic":
-        return SyntheticMLM(cfg["vocab_size"], cfg["seq_length"], cfg["seed"])
-    return BertPretrainData(cfg["data_file"], entry.load_tokenizer(cfg), cfg["seq_length"], cfg["seed"])
-
-
-def build_model(cfg, ctx):
-    return BertForMaskedLM(BertConfig.from_dict(cfg), ctx)
-
-
 if __name__ == "__main__":
-    entry.main(__doc__, "bert", "train_config/bert/galaxy/full.json", build_model, build_data)
+    entry.main(__doc__, "bert", "train_config/bert/galaxy/full.json")

@@ -10,29 +10,14 @@ Any config key can be overridden with --key value. Counting conventions: galaxy/
 and docs/flops.md for BERT's count by hand.
 """
 import argparse
-import importlib
 
 import torch
 
+from galaxy.models.registry import MODELS, build_model
 from galaxy.profiler import get_model_profile
 from galaxy.train.cli import config_overrides
 from galaxy.train.config import load_config
 from galaxy.train.errors import ConfigError
-
-# --model: (package, config class, model class); each model class takes Config.from_dict(cfg)
-MODELS = {"bert": ("galaxy.models.bert", "BertConfig", "BertForMaskedLM"),
-          "llama": ("galaxy.models.llama", "LlamaConfig", "LlamaForCausalLM"),
-          "bart": ("galaxy.models.bart", "BartConfig", "BartForConditionalGeneration")}
-
-
-def build_model(name, cfg):
-    package, config_class, model_class = MODELS[name]
-    try:
-        module = importlib.import_module(package)
-        config, model = getattr(module, config_class), getattr(module, model_class)
-    except (ImportError, AttributeError) as e:
-        raise SystemExit(f"profile_flops: --model {name} is not available in this checkout ({e})") from None
-    return model(config.from_dict(cfg))
 
 
 def main(argv=None):
@@ -48,8 +33,8 @@ def main(argv=None):
                           config_overrides(parser, rest))
     except ConfigError as e:
         parser.exit(2, f"profile_flops: config error: {e}\n")
-    name = args.model or cfg["model"]
-    model = build_model(name, cfg).eval()
+    name = cfg["model"] = args.model or cfg["model"]
+    model = build_model(cfg).eval()
     ids = torch.randint(cfg["vocab_size"], (cfg["batch_size"], cfg["seq_length"]),
                         generator=torch.Generator().manual_seed(cfg["seed"]))
     print(f"{name}: one forward of batch {cfg['batch_size']} x seq {cfg['seq_length']}")

@@ -3,7 +3,7 @@ import json
 import re
 
 from galaxy.plan import build_plan
-from galaxy.train.config import load_config
+from galaxy.train.config import load_config, read_config
 from tests.helpers import ROOT, run_script
 
 # pp/full.json (4 layers, hidden 256) with micro-batches of 8 x 128 tokens: blocks of about 20 ms
@@ -15,7 +15,7 @@ def test_planner_gives_the_slowed_stage_fewer_layers_and_writes_a_loadable_confi
     (here among the plan with 1 or 2 overlap tiles and the even split; with one rank per stage
     nothing is tiled: this checks the path, not a gain)."""
     config, written = tmp_path / "pp.json", tmp_path / "planned.json"
-    raw = json.loads((ROOT / "train_config/bert/pp/full.json").read_text())
+    raw = read_config(ROOT / "train_config/bert/pp/full.json")
     config.write_text(json.dumps(dict(raw, **SMALL)))
     # 8x slower (each torch call of rank 1 takes 8x its time, however loaded the cores are); the plan
     # gives it fewer layers once it is about 1.4x slower

@@ -65,10 +65,8 @@ class Pending:
 #
 # On gloo, all-gather and reduce-scatter are direct exchanges with every peer (the bytes sent are
 # the ring volumes), every receive posted before any send: gloo stalls a message that arrives
-# before its receive is posted, which made exchanges over a shaped link take 1x or 2x their time
-# at random. Measured over a 100 Mbit/s link at world 2, 0.75 MiB per rank (ideal 63 ms): gloo's
-# all_gather 74-98 ms, its reduce_scatter 135-138 ms (it runs a full all-reduce), these 70-72 ms
-# (benchmarks/link_collectives.py). Other backends (NCCL) run their native single-tensor
+# before its receive is posted, and its reduce_scatter runs a full all-reduce (docs/measurements.md,
+# benchmarks/link_collectives.py). Other backends (NCCL) run their native single-tensor
 # collectives, which need equal slices: every slice is padded to the longest and trimmed after.
 
 

@@ -1,5 +1,4 @@
-from .layers import Embedding, Linear, LoRALayer, MergedLinear, lora_shard_slices
-from .utils import count_lora_parameters, lora_state_dict, mark_only_lora_as_trainable
+from .layers import Linear
+from .utils import lora_state_dict, mark_only_lora_as_trainable
 
-__all__ = ["LoRALayer", "Linear", "Embedding", "MergedLinear", "lora_shard_slices",
-           "mark_only_lora_as_trainable", "lora_state_dict", "count_lora_parameters"]
+__all__ = ["Linear", "mark_only_lora_as_trainable", "lora_state_dict"]

@@ -6,7 +6,7 @@ layers that carry a LoRA update), as in microsoft/LoRA's loralib.
 """
 import torch.nn as nn
 
-from .layers import LoRALayer
+from .layers import Linear
 
 BIAS_MODES = ("none", "all", "lora_only")
 
@@ -20,7 +20,7 @@ def _bias_names(model: nn.Module, bias: str) -> set:
     if bias == "lora_only":
         return {f"{name}.bias" if name else "bias"
                 for name, m in model.named_modules()
-                if isinstance(m, LoRALayer) and m.r > 0 and getattr(m, "bias", None) is not None}
+                if isinstance(m, Linear) and m.r > 0 and getattr(m, "bias", None) is not None}
     raise ValueError(f"unknown bias mode {bias!r}; expected one of {BIAS_MODES}")
 
 
@@ -36,6 +36,3 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
     keep = _bias_names(model, bias) | {n for n, _ in model.named_parameters() if "lora_" in n}
     return {k: v for k, v in model.state_dict().items() if k in keep}
 
-
-def count_lora_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)

@@ -10,7 +10,7 @@ trains.
 How each method meets the layouts:
   LoRA     A column-parallel projection (q, k, v, up: output rows split) keeps lora_A whole and
            holds lora_B's rows; a row-parallel one (o, down: input columns split) holds lora_A's
-           columns and keeps lora_B whole (galaxy.loralib.lora_shard_slices). The whole factor's
+           columns and keeps lora_B whole (galaxy/loralib/README.md). The whole factor's
            gradient is then one rank's share of a sum: partial_grad. In an SP block both factors
            are partial_grad, like the block's own weights (each rank saw only its positions).
   adapter  Runs inside the connective block (Houlsby: after dropout, before the residual add) on h

@@ -22,7 +22,7 @@ from pathlib import Path
 from galaxy.comm.launch import RankFailed, spawn
 from galaxy.planner.run import plan_and_check
 from galaxy.planner.split import layer_param_bytes
-from galaxy.train.config import load_config
+from galaxy.train.config import load_config, read_config
 
 
 def main():
@@ -63,7 +63,7 @@ def main():
     print(f"measured speed-up of {planned} over even split: {r['measured']['even'] / r['measured'][planned]:.2f}x")
     print(f"fastest measured: {r['best']} ({_describe(r['chosen'])})")
     if args.out:
-        raw = json.loads(Path(args.config).read_text())
+        raw = read_config(args.config)  # its parts merged: the written config stands alone
         raw.pop("stage_num_hidden_layers_list", None)  # the plan's replaces it; none when not pipelined
         raw.update(r["chosen"])
         Path(args.out).write_text(json.dumps(raw, indent=2) + "\n")

@@ -60,8 +60,8 @@ def measure_bandwidth(nbytes=8 << 20, repeats=3, group=None):
 class _SlowCompute(TorchFunctionMode):
     """Every torch call on this thread takes `factor` times its own time: the extra is spent
     waiting busily, on the wall clock. The slowed rank is then as exposed to other processes'
-    load as its peers, and no scheduler favours it as it would a sleeper. (Busy threads sharing
-    a pinned core were diluted by that load: an 8x slow-down measured 0.4x-1.4x on loaded cores.)"""
+    load as its peers, and no scheduler favours it as it would a sleeper (busy threads sharing a
+    pinned core were diluted by that load: docs/measurements.md)."""
 
     def __init__(self, factor):
         super().__init__()

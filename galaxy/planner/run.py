@@ -96,8 +96,8 @@ def plan_and_check(rank, world, cfg, args):
                                                                                        args.column_unit, args.stages)
         variants = {"even": even, **tiled_variants(split, args.tiles)}
         measured = measure_forward(cfg, variants, rank, world, args.repeats)
-    # the plan is only as good as the profile (2 shared cores: +-40% between equal ranks seen), so
-    # what is kept is the fastest measured candidate, the even split included
+    # the plan is only as good as the profile (noisy on shared cores), so what is kept is the
+    # fastest measured candidate, the even split included
     best = min(variants, key=measured.get)
     return dict(split=split, predicted=predicted, even=even, even_predicted=even_predicted,
                 profiles=[vars(p) for p in profiles], bandwidth=bandwidth, measured=measured, best=best,

@@ -240,8 +240,7 @@ def even_pipeline(profiles, stages, *, hidden, heads, intermediate, seq, layers,
 
 def tiled_variants(split, tiles):
     """The planned split once per overlap_tiles candidate. Whether tiles pay depends on how the link
-    and the CPUs share the work (over 100 Mbit/s 4 tiles gained 1.1x; over 1 Gbit/s at seq 512 they
-    broke even or lost), so the candidates are measured, not predicted."""
+    and the CPUs share the work (docs/measurements.md), so the candidates are measured, not predicted."""
     if list(tiles) == [1]:
         return {"planned": split}
     return {f"planned, {k} tile(s)": dict(split, overlap_tiles=k) for k in tiles}

@@ -1,13 +1,17 @@
-"""Flat JSON configs with the research prototype's key names, validated in one place.
+"""JSON configs with the research prototype's key names, validated in one place.
 
-Every key has a type and a default; unknown keys and wrong types are errors naming the key.
-Command-line `--key value` pairs override the file. Aliases keep old names working.
+A config may compose parts: {"include": ["../../model/bert_tiny.json", "../../layout/galaxy.json"]}.
+Every key has a type and a default (model keys: the architecture's, galaxy/models/registry.py);
+unknown keys and wrong types are errors naming the key. Command-line `--key value` pairs
+override the file. Aliases keep old names working.
 """
 import hashlib
 import json
+from dataclasses import fields
 from pathlib import Path
 
 from galaxy.models.llama.config import LlamaConfig
+from galaxy.models.registry import MODELS
 from galaxy.models.tuning import check_tuning
 from galaxy.plan import check_kv_heads
 from galaxy.seeding import DEFAULT_SEED
@@ -17,29 +21,29 @@ INT_LIST = "list[int]"
 
 # key: (type, default, meaning)
 SCHEMA = {
-    # model
+    # model: None takes the architecture's own default (its config class in galaxy/models/*/)
     "model": (str, "bert", "architecture: bert | llama | bart"),
-    "hidden_size": (int, 768, ""),
-    "intermediate_size": (int, 3072, ""),
-    "num_attention_heads": (int, 12, ""),
+    "hidden_size": (int, None, ""),
+    "intermediate_size": (int, None, ""),
+    "num_attention_heads": (int, None, ""),
     "num_key_value_heads": (int, None, "GQA key/value heads (LLaMA); default = num_attention_heads"),
-    "num_hidden_layers": (int, 12, ""),
+    "num_hidden_layers": (int, None, ""),
     "num_decoder_layers": (int, None, "BART decoder layers; default = num_hidden_layers"),
-    "vocab_size": (int, 8000, ""),
-    "type_vocab_size": (int, 2, ""),
-    "max_position_embeddings": (int, 512, ""),
-    "hidden_dropout_prob": (float, 0.1, ""),
-    "attention_probs_dropout_prob": (float, 0.1, ""),
-    "layer_norm_eps": (float, 1e-12, ""),
-    "rms_norm_eps": (float, 1e-6, ""),
-    "rope_theta": (float, 10000.0, ""),
+    "vocab_size": (int, None, ""),
+    "type_vocab_size": (int, None, ""),
+    "max_position_embeddings": (int, None, ""),
+    "hidden_dropout_prob": (float, None, ""),
+    "attention_probs_dropout_prob": (float, None, ""),
+    "layer_norm_eps": (float, None, ""),
+    "rms_norm_eps": (float, None, ""),
+    "rope_theta": (float, None, ""),
     "rope_scaling": (dict, None, "LLaMA RoPE scaling as Hugging Face writes it, e.g. {\"rope_type\": \"linear\", "
                      "\"factor\": 4.0}; rope_type linear | dynamic | llama3 (default: plain RoPE)"),
     "head_dim": (int, None, "LLaMA width of one attention head; default = hidden_size / num_attention_heads"),
     "tie_word_embeddings": (bool, None, "share input embeddings with the output head"),
-    "scale_embedding": (bool, False, "BART: multiply token embeddings by sqrt(hidden_size)"),
-    "initializer_range": (float, 0.02, ""),
-    "hidden_act": (str, None, "default: the model's own (gelu for BERT, silu for LLaMA)"),
+    "scale_embedding": (bool, None, "BART: multiply token embeddings by sqrt(hidden_size)"),
+    "initializer_range": (float, None, ""),
+    "hidden_act": (str, None, ""),
     # data
     "train": (bool, True, "train (true) or only run the forward pass (false)"),
     "data": (str, "corpus", "corpus | synthetic | instruction"),
@@ -154,24 +158,40 @@ def parse_cli_value(key, text):
         raise ConfigError(f"--{key} {text!r} is not a valid {getattr(kind, '__name__', kind)}") from None
 
 
+def read_config(path, _outer=()):
+    """One JSON object, after its "include" list of config parts (paths relative to the file),
+    read in order; later parts and then the file's own keys win. Keys come back canonical."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.resolve() in _outer:
+        raise ConfigError(f"config file {path} includes itself")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold one JSON object")
+    merged, parts = {}, raw.pop("include", [])
+    for part in [parts] if isinstance(parts, str) else parts:
+        merged.update(read_config(path.parent / part, _outer + (path.resolve(),)))
+    merged.update({_canonical(key): value for key, value in raw.items()})
+    return merged
+
+
 def load_config(path=None, overrides=None):
-    """Read a JSON config (or only defaults), apply overrides, validate; return a plain dict."""
-    raw = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold one JSON object")
+    """Read a JSON config and its parts (or only defaults), apply overrides, validate; return a plain dict."""
+    raw = read_config(path) if path is not None else {}
     cfg = {key: spec[1] for key, spec in SCHEMA.items()}
     for source in (raw, overrides or {}):
         for key, value in source.items():
             canon = _canonical(key)
             cfg[canon] = _check_type(canon, value, SCHEMA[canon][0])
+    if cfg["model"] not in MODELS:
+        raise ConfigError(f"config key 'model' is {cfg['model']!r}, expected one of {list(MODELS)}")
+    for f in fields(MODELS[cfg["model"]].config):  # keys left out take the architecture's defaults
+        if f.name in SCHEMA and cfg[f.name] is None:
+            cfg[f.name] = f.default
     _check_rules(cfg)
     return cfg
 
@@ -191,7 +211,7 @@ def _check_rules(cfg):
         if cfg[key] < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {cfg[key]}")
     for key in ("timeout_s", "bucket_size_mb", "adam_eps", "layer_norm_eps", "initializer_range"):
-        if not cfg[key] > 0:
+        if cfg[key] is not None and not cfg[key] > 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {cfg[key]}")
     for key in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= cfg[key] < 1.0:
@@ -207,9 +227,9 @@ def _check_rules(cfg):
                           f"{cfg['num_attention_heads']}")
     check_kv_heads(cfg["num_attention_heads"], cfg["num_key_value_heads"])
     for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "lora_dropout"):
-        if not 0.0 <= cfg[key] < 1.0:
+        if cfg[key] is not None and not 0.0 <= cfg[key] < 1.0:
             raise ConfigError(f"config key '{key}' must be in [0, 1), got {cfg[key]}")
-    choices = {"model": ("bert", "llama", "bart"), "data": ("corpus", "synthetic", "instruction"),
+    choices = {"data": ("corpus", "synthetic", "instruction"),
                "lr_scheduler": ("linear", "cosine", "constant"), "dtype": ("fp32", "bf16", "bf16_pure"),
                "pipeline_schedule": ("gpipe", "1f1b"), "on_nonfinite": ("stop", "skip"),
                "distributed_backend": ("gloo", "nccl", None)}

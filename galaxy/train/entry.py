@@ -3,12 +3,9 @@ then on each rank: groups from the plan, a config check across ranks, data, mode
 method, Trainer (pipeline schedule when pp > 1, traced with --trace_dir, training checkpoints
 and resume), final Hugging Face export.
 
-An entry script only says how to build its model and its data:
+An entry script only names its model (galaxy.models.registry) and default config:
 
-    entry.main(__doc__, "x", "train_config/x/full.json", build_model, build_data)
-
-build_model(cfg, ctx) and build_data(cfg, ctx) must be module-level functions (spawned ranks
-unpickle them).
+    entry.main(__doc__, "bert", "train_config/bert/galaxy/full.json")
 """
 import functools
 from contextlib import nullcontext
@@ -18,23 +15,16 @@ import torch.distributed as dist
 
 from galaxy.comm import launch
 from galaxy.comm.context import ParallelContext
-from galaxy.data import DataError, Tokenizer
+from galaxy.data import DataError
 from galaxy.explain import explain
 from galaxy.models.checkpoint import CheckpointError
+from galaxy.models.registry import MODELS, build_model
 from galaxy.models.tuning import apply_tuning, save_tuning_record
 from galaxy.pipeline import PipelineForwardBackward, format_actions
 from galaxy.profiler import observe
 from galaxy.train import checkpoint, cli, outputs
 from galaxy.train.config import config_hash
 from galaxy.train.loop import NonFiniteError, Trainer, run_training
-
-
-def load_tokenizer(cfg):
-    tok = Tokenizer(cfg["tokenizer_file"])
-    if tok.vocab_size > cfg["vocab_size"]:
-        raise SystemExit(f"galaxy: tokenizer {cfg['tokenizer_file']} has {tok.vocab_size} pieces, "
-                         f"config vocab_size is {cfg['vocab_size']}")
-    return tok
 
 
 def check_same_config(cfg, ctx):
@@ -76,20 +66,20 @@ def stop_on_signal(trainer):
     return on_step
 
 
-def train(rank, world, cfg, plan, args, build_model, build_data):
+def train(rank, world, cfg, plan, args):
     """Train on this rank (args: metrics_file, trace_dir); bad data or checkpoints end it with
     a message naming the rank, not a traceback."""
     try:
-        _train(rank, world, cfg, plan, args, build_model, build_data)
+        _train(rank, world, cfg, plan, args)
     except (DataError, CheckpointError, NonFiniteError) as e:
         raise SystemExit(f"galaxy: rank {rank}: {e}") from None
 
 
-def _train(rank, world, cfg, plan, args, build_model, build_data):
+def _train(rank, world, cfg, plan, args):
     ctx = ParallelContext.create(plan, rank, cfg["device"], cfg["distributed_backend"] or launch.default_backend())
     check_same_config(cfg, ctx)
     torch.manual_seed(cfg["seed"])
-    data = build_data(cfg, ctx)
+    data = MODELS[cfg["model"]].build_data(cfg, ctx)
     if rank == 0 and getattr(data, "cut", ""):  # what the data lost to seq_length, told once
         print(f"[rank 0] {data.cut}", flush=True)
     if len(data) < cfg["batch_size"]:
@@ -135,7 +125,7 @@ def _train(rank, world, cfg, plan, args, build_model, build_data):
             save_tuning_record(cfg, cfg["save_dir"])
 
 
-def build_tuned(cfg, build_model, ctx):
+def build_tuned(cfg, ctx):
     """The rank's model with its tuning method, without weights: what --explain counts (the
     gradients that are synced, the streams a pipeline stage hands on)."""
     model = build_model(cfg, ctx)
@@ -143,20 +133,19 @@ def build_tuned(cfg, build_model, ctx):
     return model
 
 
-def main(doc, model, default_config, build_model, build_data, argv=None, check=None):
+def main(doc, model, default_config, argv=None):
     """Parse the command line (config errors stop here, before any process starts) and train
-    `model` ("bert", "llama", "bart") on this rank, or on every rank spawned here.
-    check(cfg, plan) may refuse what this model does not support, also before any process starts."""
+    `model` ("bert", "llama", "bart") on this rank, or on every rank spawned here."""
     args, cfg, plan, world, rank = cli.parse(doc.splitlines()[0], default_config, argv)
     if cfg["model"] != model:
         raise SystemExit(f"galaxy: config {args.config_file} has model '{cfg['model']}', this script trains {model}")
-    if check:
-        check(cfg, plan)
+    if MODELS[model].check:
+        MODELS[model].check(cfg, plan)
     if args.explain:  # the plan only: no process group, no training
-        print(explain(plan, cfg, functools.partial(build_tuned, cfg, build_model)))
+        print(explain(plan, cfg, functools.partial(build_tuned, cfg)))
         return
     outputs.check_outputs(cfg["save_dir"], args.metrics_file)  # every process that may write, before step 1
     owns_save_dir = cfg["save_dir"] and rank in (None, 0)  # the process of rank 0 locks it for the run
     with outputs.save_dir_lock(cfg["save_dir"]) if owns_save_dir else nullcontext():
-        launch.run(train, world, rank, (cfg, plan, args, build_model, build_data), args.init_method,
+        launch.run(train, world, rank, (cfg, plan, args), args.init_method,
                    cfg["distributed_backend"], cfg["timeout_s"], args.threads, args.debug)

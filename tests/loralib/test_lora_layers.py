@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from galaxy.loralib import Embedding, Linear, MergedLinear, lora_shard_slices
+from galaxy.loralib import Linear
 
 torch.manual_seed(0)
 F64 = dict(dtype=torch.float64)
@@ -72,94 +72,3 @@ def test_trainable_parameters_are_r_times_in_plus_out():
     trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
     assert trainable == 4 * (16 + 8)
     assert lora.lora_A.shape == (4, 16) and lora.lora_B.shape == (8, 4)
-
-
-def test_embedding_fresh_equals_nn_embedding_and_merges():
-    ref = nn.Embedding(20, 8, padding_idx=0, **F64)
-    lora = Embedding(20, 8, r=4, lora_alpha=8, padding_idx=0, **F64)
-    lora.load_state_dict(ref.state_dict(), strict=False)
-    ids = torch.randint(0, 20, (3, 7))
-    assert torch.equal(lora(ids), ref(ids))
-    with torch.no_grad():
-        lora.lora_A.normal_()
-    unmerged = lora(ids)
-    lora.eval()
-    torch.testing.assert_close(lora(ids), unmerged, atol=1e-6, rtol=0)
-
-
-def test_merged_linear_changes_only_enabled_chunks():
-    qkv = MergedLinear(16, 3 * 8, r=4, lora_alpha=8, enable_lora=[True, False, True], **F64)
-    assert qkv.lora_A.shape == (2 * 4, 16) and qkv.lora_B.shape == (2 * 8, 4)
-    x = torch.randn(5, 16, **F64)
-    before = qkv(x)
-    _randomize_b(qkv)
-    after = qkv(x)
-    q0, k0, v0 = before.split(8, dim=-1)
-    q1, k1, v1 = after.split(8, dim=-1)
-    assert torch.equal(k0, k1)
-    assert not torch.allclose(q0, q1) and not torch.allclose(v0, v1)
-    # Each enabled chunk behaves as its own LoRA Linear with its block of A and B.
-    # (LoRA block, output chunk): q is block 0 / chunk 0, v is block 1 / chunk 2.
-    for block, chunk, out in ((0, 0, q1), (1, 2, v1)):
-        ref = Linear(16, 8, r=4, lora_alpha=8, **F64)
-        rows = slice(8 * chunk, 8 * chunk + 8)
-        ref.load_state_dict({
-            "weight": qkv.weight[rows], "bias": qkv.bias[rows],
-            "lora_A": qkv.lora_A[4 * block: 4 * block + 4],
-            "lora_B": qkv.lora_B[8 * block: 8 * block + 8]})
-        torch.testing.assert_close(out, ref(x))
-
-
-@pytest.mark.parametrize("fan_in_fan_out", [False, True])
-def test_merged_linear_merge_equals_unmerged(fan_in_fan_out):
-    qkv = MergedLinear(16, 24, r=4, enable_lora=[True, False, True],
-                       fan_in_fan_out=fan_in_fan_out, **F64)
-    _randomize_b(qkv)
-    x = torch.randn(5, 16, **F64)
-    unmerged = qkv(x)
-    qkv.eval()
-    torch.testing.assert_close(qkv(x), unmerged, atol=1e-6, rtol=0)
-
-
-def test_merged_linear_rejects_uneven_or_empty_chunks():
-    with pytest.raises(ValueError):
-        MergedLinear(16, 25, r=4, enable_lora=[True, False, True])
-    with pytest.raises(ValueError):
-        MergedLinear(16, 24, r=4, enable_lora=[False, False, False])
-
-
-def _shard(full_state, kind, start, length):
-    """Slice a full LoRA Linear state the way checkpoint code would."""
-    specs = lora_shard_slices(kind, start, length)
-    weight_dim = 0 if kind == "column" else 1
-    shard = {"weight": full_state["weight"].narrow(weight_dim, start, length)}
-    for name in ("lora_A", "lora_B"):
-        spec = specs[name]
-        t = full_state[name]
-        shard[name] = t if spec is None else t.narrow(spec[0], spec[1].start, spec[1].stop - spec[1].start)
-    return shard
-
-
-@pytest.mark.parametrize("kind", ["column", "row"])
-def test_sharded_lora_matches_full(kind):
-    in_f, out_f, parts = 12, 8, 2
-    full = Linear(in_f, out_f, r=4, lora_alpha=8, bias=False, **F64)
-    _randomize_b(full)
-    x = torch.randn(3, in_f, **F64)
-    split = out_f if kind == "column" else in_f
-    length = split // parts
-    outs = []
-    for rank in range(parts):
-        start = rank * length
-        shape = (in_f, length) if kind == "column" else (length, out_f)
-        shard = Linear(*shape, r=4, lora_alpha=8, bias=False, **F64)
-        shard.load_state_dict(_shard(full.state_dict(), kind, start, length))
-        x_local = x if kind == "column" else x[:, start:start + length]
-        outs.append(shard(x_local))
-    combined = torch.cat(outs, dim=-1) if kind == "column" else sum(outs)
-    torch.testing.assert_close(combined, full(x))
-
-
-def test_shard_slices_reject_unknown_kind():
-    with pytest.raises(ValueError, match="diagonal"):
-        lora_shard_slices("diagonal", 0, 4)

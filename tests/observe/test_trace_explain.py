@@ -11,7 +11,6 @@ import functools
 import json
 from collections import Counter
 
-import pretrain_galaxy
 from galaxy.explain import bytes_by_label, step_moves
 from galaxy.plan import build_plan
 from galaxy.train import entry
@@ -36,7 +35,7 @@ def _train_every_layout(rank, world, trace_root):
     for layout in LAYOUTS:
         cfg = config(layout)
         args = argparse.Namespace(trace_dir=f"{trace_root}/{layout}", metrics_file=None)
-        entry.train(rank, world, cfg, build_plan(cfg, world), args, pretrain_galaxy.build_model, pretrain_galaxy.build_data)
+        entry.train(rank, world, cfg, build_plan(cfg, world), args)
 
 
 def _load(trace_root, layout, rank):
@@ -82,7 +81,7 @@ def test_trace_and_explain(tmp_path):
         cfg = config(layout)
         plan = build_plan(cfg, 2)
         for rank in range(2):
-            build = functools.partial(entry.build_tuned, cfg, pretrain_galaxy.build_model)
+            build = functools.partial(entry.build_tuned, cfg)
             expected = bytes_by_label(step_moves(plan, cfg, rank, build))
             traced = _load(tmp_path, layout, rank)["otherData"]["comm_bytes"]["1"]
             assert traced == expected, (layout, rank)

@@ -5,7 +5,6 @@ their main module) have it too."""
 import os
 import time
 
-import pretrain_galaxy
 from galaxy.train import entry
 from galaxy.train.loop import Trainer
 
@@ -23,5 +22,4 @@ def train_step(self):
 Trainer.train_step = train_step
 
 if __name__ == "__main__":
-    entry.main(pretrain_galaxy.__doc__, "bert", "train_config/bert/galaxy/full.json",
-               pretrain_galaxy.build_model, pretrain_galaxy.build_data)
+    entry.main(__doc__, "bert", "train_config/bert/galaxy/full.json")

@@ -1,6 +1,5 @@
 """apply_tuning on the serial model: what trains, how many parameters, what the optimizer holds,
 how a fresh method starts, and which configs are refused."""
-import json
 from pathlib import Path
 
 import pytest
@@ -9,7 +8,7 @@ import torch
 from galaxy.models.bert import BertConfig, BertForMaskedLM
 from galaxy.models.tuning import apply_tuning
 from galaxy.plan import build_plan
-from galaxy.train.config import load_config
+from galaxy.train.config import load_config, read_config
 from galaxy.train.errors import ConfigError
 from galaxy.train.optim import build_optimizer
 
@@ -117,6 +116,6 @@ def test_tuning_configs_load_plan_and_keep_the_folders_layout(path):
     cfg = load_config(path)
     assert cfg[METHOD_OF[path.stem]] and not cfg["full_model"]
     build_plan(cfg, 1 if path.parent.name == "bert" else 2)
-    raw, full = json.loads(path.read_text()), json.loads((path.parent / "full.json").read_text())
+    raw, full = read_config(path), read_config(path.parent / "full.json")
     assert {k: v for k, v in raw.items() if k in full and k != "full_model"} == \
         {k: v for k, v in full.items() if k != "full_model"}, "keys shared with full.json must match it"

@@ -28,9 +28,9 @@ def tokenizer(tmp_path_factory):
 
 def finetune(tmp_path, tokenizer, *extra):
     metrics = tmp_path / "metrics.jsonl"
-    entry.main(finetune_llama.__doc__, "llama", str(ROOT / "train_config/llama/full.json"), finetune_llama.build_model,
-               finetune_llama.build_data, ["--data_file", str(SHIPPED / "instructions.jsonl"), "--tokenizer_file", tokenizer,
-                                           "--vocab_size", "300", "--metrics_file", str(metrics), *TINY, *extra])
+    entry.main(finetune_llama.__doc__, "llama", str(ROOT / "train_config/llama/full.json"),
+               ["--data_file", str(SHIPPED / "instructions.jsonl"), "--tokenizer_file", tokenizer,
+                "--vocab_size", "300", "--metrics_file", str(metrics), *TINY, *extra])
     return [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
 
 

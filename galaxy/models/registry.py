@@ -1,0 +1,72 @@
+"""The config's "model" names an architecture: its config class (which owns the model's
+defaults), its model class, how its data is built, and what it refuses before any process starts.
+
+    spec = MODELS[cfg["model"]]
+    model = spec.model(spec.config.from_dict(cfg), ctx)
+    data = spec.build_data(cfg, ctx)
+"""
+from dataclasses import dataclass
+from typing import Callable
+
+from galaxy.data import (BartDenoisingData, BertPretrainData, InstructionData, PretrainTextData, SyntheticMLM,
+                         Tokenizer)
+from galaxy.models.bart import BartConfig, BartForConditionalGeneration
+from galaxy.models.bert import BertConfig, BertForMaskedLM
+from galaxy.models.llama import LlamaConfig, LlamaForCausalLM
+
+
+def load_tokenizer(cfg):
+    tok = Tokenizer(cfg["tokenizer_file"])
+    if tok.vocab_size > cfg["vocab_size"]:
+        raise SystemExit(f"galaxy: tokenizer {cfg['tokenizer_file']} has {tok.vocab_size} pieces, "
+                         f"config vocab_size is {cfg['vocab_size']}")
+    return tok
+
+
+def bert_data(cfg, ctx):
+    if cfg["data"] == "synthetic":
+        return SyntheticMLM(cfg["vocab_size"], cfg["seq_length"], cfg["seed"])
+    return BertPretrainData(cfg["data_file"], load_tokenizer(cfg), cfg["seq_length"], cfg["seed"])
+
+
+def llama_data(cfg, ctx):
+    tok = load_tokenizer(cfg)
+    if cfg["data"] == "instruction":  # sequence shards and pipeline stages need every batch at seq_length
+        plan = ctx.plan
+        fixed = plan.positions != (cfg["seq_length"],) * plan.tp_size or plan.pp_size > 1
+        return InstructionData(cfg["data_file"], tok, cfg["seq_length"], pad_to_max_length=fixed)
+    if cfg["data"] == "corpus":
+        return PretrainTextData(cfg["data_file"], tok, cfg["seq_length"])
+    raise SystemExit(f"galaxy: data '{cfg['data']}' is not available for LLaMA; use instruction or corpus")
+
+
+def bart_data(cfg, ctx):
+    return BartDenoisingData(cfg["data_file"], load_tokenizer(cfg), cfg["seq_length"], cfg["seed"])
+
+
+def bart_check(cfg, plan):
+    if cfg["data"] != "corpus":
+        raise SystemExit(f"galaxy: config error: BART trains on the corpus (data 'corpus'), config says {cfg['data']!r}")
+    if plan.pp_size > 1:
+        raise SystemExit("galaxy: config error: stage_num_hidden_layers_list: BART does not support pipeline parallelism")
+    if cfg["use_side"] or cfg["use_side_only"]:
+        raise SystemExit("galaxy: config error: use_side / use_side_only: side-tuning reads one stack of layers "
+                         "(BERT, LLaMA); BART's encoder-decoder is not supported")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    config: type
+    model: type
+    build_data: Callable
+    check: Callable = None  # check(cfg, plan) raises SystemExit for what the model does not support
+
+
+MODELS = {"bert": ModelSpec(BertConfig, BertForMaskedLM, bert_data),
+          "llama": ModelSpec(LlamaConfig, LlamaForCausalLM, llama_data),
+          "bart": ModelSpec(BartConfig, BartForConditionalGeneration, bart_data, bart_check)}
+
+
+def build_model(cfg, ctx=None):
+    spec = MODELS[cfg["model"]]
+    return spec.model(spec.config.from_dict(cfg), ctx)

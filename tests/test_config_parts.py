@@ -1,0 +1,51 @@
+"""Configs in parts: "include" composes model, layout, tuning and training parts; the shipped
+recipes (the prototype's paths) plan at any world their sizes divide, with even splits."""
+import json
+
+import pytest
+
+from galaxy.plan import build_plan
+from galaxy.train.config import load_config, read_config
+from galaxy.train.errors import ConfigError
+from tests.helpers import ROOT
+
+RECIPES = sorted(p for arch in ("bert", "llama", "bart") for p in (ROOT / "train_config" / arch).rglob("*.json"))
+LISTS = ("tp_num_attention_heads_list", "tp_intermediate_size_list", "seq_scatter_list")
+
+
+def write(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def test_parts_compose_in_order_and_the_file_wins(tmp_path):
+    write(tmp_path / "model/m.json", {"model": "bart", "hidden_size": 64, "num_attention_heads": 2, "pad_size": 32})
+    write(tmp_path / "layout/l.json", {"parallel": "galaxy", "hidden_size": 32})
+    run = write(tmp_path / "runs/x/run.json", {"include": ["../../model/m.json", "../../layout/l.json"],
+                                               "seq_length": 16})
+    raw = read_config(run)
+    assert raw == {"model": "bart", "hidden_size": 32, "num_attention_heads": 2, "seq_length": 16, "parallel": "galaxy"}
+    cfg = load_config(run, {"hidden_size": 48})  # the command line wins over every part
+    assert (cfg["hidden_size"], cfg["seq_length"], cfg["layer_norm_eps"]) == (48, 16, 1e-5)
+
+
+def test_missing_and_circular_parts_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.json does not exist"):
+        read_config(write(tmp_path / "a.json", {"include": ["nope.json"]}))
+    write(tmp_path / "b.json", {"include": ["c.json"]})
+    write(tmp_path / "c.json", {"include": ["b.json"]})
+    with pytest.raises(ConfigError, match="includes itself"):
+        read_config(tmp_path / "b.json")
+    with pytest.raises(ConfigError, match="unknown config key 'hiden_size'"):
+        read_config(write(tmp_path / "d.json", {"include": [], "hiden_size": 1}))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "train_config")))
+def test_shipped_recipes_split_evenly_at_any_world_that_divides(path):
+    cfg = load_config(path)
+    if path.parent.name in ("tp", "sp", "galaxy", "galaxy2"):  # layouts with no world-2 lists
+        assert not any(cfg[key] for key in LISTS), path
+    for world in (1, 2, 4):
+        plan = build_plan(cfg, world)
+        assert plan.world == world and len(set(plan.heads)) == 1 and len(set(plan.positions)) == 1
