@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from galaxy.layers.dropout import set_dropout_seed
 from galaxy.pipeline.p2p import StageLinks
-from galaxy.pipeline.schedule import BACKWARD, FORWARD, run_schedule, schedule_actions
+from galaxy.pipeline.schedule import BACKWARD, FORWARD, WEIGHT, run_schedule, schedule_actions
 
 
 def split_batch(batch, n):
@@ -101,6 +101,7 @@ class PipelineForwardBackward:
         self.dtype = next(self.model.parameters()).dtype  # activations travel in the weights' dtype
         self.links = StageLinks(self.ctx)
         self.tied = TiedCopies(self.model, self.ctx)
+        self.output_grads = {}  # (micro-batch, chunk) -> (outputs, their gradients), from B to W
         self.stats = None
 
     def actions(self, num_microbatches):
@@ -110,10 +111,11 @@ class PipelineForwardBackward:
         self.micro = [m for b in batches for m in split_batch(b, self.num_microbatches)]
         self.n_tokens, self.loss_sum = n_tokens, 0.0
         actions = self.actions(len(self.micro))
-        self.last_backward = [i for kind, i in actions if kind == BACKWARD][-1]
+        self.last_grads = [a for a in actions if a.kind in (BACKWARD, WEIGHT)][-1]  # the weights' last
+        self.split = any(a.kind == WEIGHT for a in actions)
         self.upcoming = iter(actions)
         self._post_next_recv()  # the first action's; each action then posts the one after it
-        self.stats = run_schedule(actions, self._forward, self._backward)
+        self.stats = run_schedule(actions, self._forward, self._backward, self._weights)
         self.links.finish()
         self.trainer.sync.finish()  # data-parallel sums first, then the tied copies' sum
         self.tied.all_reduce()
@@ -131,13 +133,14 @@ class PipelineForwardBackward:
     def _post_next_recv(self):
         """Post the receive of this stage's next action before the current one computes: its
         message may arrive meanwhile, and a receive posted late stalls the link (galaxy.pipeline.p2p)."""
-        kind, i = next(self.upcoming, (None, None))
+        kind, i, _ = next(self.upcoming, (None, None, None))
         if kind == FORWARD and not self.ctx.is_first_stage:
             self.links.post_recv_forward(self._stream_shapes(i), self.dtype)
         elif kind == BACKWARD and not self.ctx.is_last_stage:
             self.links.post_recv_backward(self._stream_shapes(i, with_grad_only=True), self.dtype)
 
-    def _forward(self, i):
+    def _forward(self, action):
+        i = action.microbatch
         batch, received, x = self.micro[i], [], None
         self._post_next_recv()
         self._seed(i)
@@ -159,17 +162,34 @@ class PipelineForwardBackward:
     def _with_grad(self, tensors):
         return [t for t, (_, carries_grad) in zip(tensors, self.streams) if carries_grad]
 
-    def _backward(self, i, saved):
-        out, received = saved
+    def _start_backward(self, action):
         self._post_next_recv()
-        if i == self.last_backward:
+        if action == self.last_grads:
             self.trainer.sync.arm()  # reduce gradients during the last backward only
-        self._seed(i)  # recomputed (checkpointed) layers redraw this micro-batch's masks
-        if self.ctx.is_last_stage:
-            out.backward()
-        else:
+        self._seed(action.microbatch)  # recomputed (checkpointed) layers redraw this micro-batch's masks
+
+    def _backward(self, action, saved):
+        """The whole backward, or under a split schedule (a W follows) only the stage input's
+        gradient: the graph is kept, with the output gradients, for `_weights`."""
+        out, received = saved
+        self._start_backward(action)
+        outs, grads = [out], None
+        if not self.ctx.is_last_stage:
             outs = self._with_grad(out)
-            grads = self.links.recv_backward(self._stream_shapes(i, with_grad_only=True), self.dtype)
-            torch.autograd.backward(outs, [g.to(o.dtype) for g, o in zip(grads, outs)])
+            grads = self.links.recv_backward(self._stream_shapes(action.microbatch, with_grad_only=True), self.dtype)
+            grads = [g.to(o.dtype) for g, o in zip(grads, outs)]
+        inputs = self._with_grad(received)
+        if not self.split:
+            torch.autograd.backward(outs, grads)
+        elif inputs:
+            torch.autograd.backward(outs, grads, inputs=inputs, retain_graph=True)
+        if self.split:
+            self.output_grads[action[1:]] = outs, grads
         if received:
-            self.links.send_backward([r.grad for r in self._with_grad(received)])
+            self.links.send_backward([r.grad for r in inputs])
+
+    def _weights(self, action, saved):
+        """The weights' gradients, from the graph and output gradients `_backward` kept."""
+        self._start_backward(action)
+        outs, grads = self.output_grads.pop(action[1:])
+        torch.autograd.backward(outs, grads, inputs=[p for p in self.model.parameters() if p.requires_grad])

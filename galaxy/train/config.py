@@ -93,7 +93,7 @@ SCHEMA = {
     "stage_num_hidden_layers_list": (INT_LIST, None, ""),
     "data_parallel_size": (int, None, ""),
     "num_microbatches": (int, 1, ""),
-    "pipeline_schedule": (str, "1f1b", "gpipe | 1f1b"),
+    "pipeline_schedule": (str, "1f1b", "gpipe | 1f1b | zb-h1 | interleaved-1f1b"),
     "overlap_tiles": (int, 1, "tiles for comm/compute overlap; 1 = off"),
     "bucket_size_mb": (float, 25.0, "gradient all-reduce bucket size"),
     # processes
@@ -211,7 +211,7 @@ def _check_rules(cfg):
             raise ConfigError(f"config key '{key}' must be in [0, 1), got {cfg[key]}")
     choices = {"model": ("bert", "llama", "bart"), "data": ("corpus", "synthetic", "instruction"),
                "lr_scheduler": ("linear", "cosine", "constant"), "dtype": ("fp32", "bf16", "bf16_pure"),
-               "pipeline_schedule": ("gpipe", "1f1b"), "on_nonfinite": ("stop", "skip"),
+               "pipeline_schedule": ("gpipe", "1f1b", "zb-h1", "interleaved-1f1b"), "on_nonfinite": ("stop", "skip"),
                "distributed_backend": ("gloo", "nccl", None)}
     for key, allowed in choices.items():
         if cfg[key] not in allowed:

@@ -1,5 +1,5 @@
 """Pipeline training equals serial training: loss, every gradient (tied embeddings included)
-and the weights after two optimizer steps, for GPipe and 1F1B, uneven stages, PP x DP.
+and the weights after two optimizer steps, for GPipe, 1F1B and ZB-H1, uneven stages, PP x DP.
 Also: checkpoints move between serial and pipeline layouts, and 1F1B bounds live activations."""
 import json
 
@@ -17,6 +17,7 @@ from galaxy.train.loop import Trainer
 from tests.helpers import rel_err, run_ranks
 
 TOL = 1e-5
+SCHEDULES = ("gpipe", "1f1b", "zb-h1")
 ZERO_GRAD = 1e-6  # below this a gradient norm is rounding noise; Adam would turn it into full steps
 SMALL = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=4, vocab_size=64,
              seq_length=16, max_position_embeddings=32, batch_size=8, hidden_dropout_prob=0.0,
@@ -101,7 +102,7 @@ def _strip(result):
 
 def _pipeline_ranks(rank, world, stages, serial_ckpt, save_dir):
     out = {}
-    for schedule in ("gpipe", "1f1b"):
+    for schedule in SCHEDULES:
         cfg = make_cfg(stage_num_hidden_layers_list=stages, num_microbatches=4, pipeline_schedule=schedule)
         result = train(cfg, world, rank, load=serial_ckpt)
         if schedule == "1f1b":
@@ -117,7 +118,7 @@ def _pipeline_ranks(rank, world, stages, serial_ckpt, save_dir):
 def test_pipeline_equals_serial(stages, serial, tmp_path):
     pp_ckpt = tmp_path / "pp"
     results = run_ranks(_pipeline_ranks, len(stages), stages, serial["ckpt"], str(pp_ckpt), timeout_s=240)
-    for schedule in ("gpipe", "1f1b"):
+    for schedule in SCHEDULES:
         _compare([r[schedule] for r in results], serial)
 
     # what the stages saved loads into the serial model as exactly their weights
