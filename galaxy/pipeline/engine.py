@@ -6,6 +6,8 @@ The model only needs the stage interface BertForMaskedLM has:
   * `model(**batch, hidden_states=h)`: the first stage ignores h and embeds the batch;
     a middle stage returns hidden states [micro_batch, seq, hidden]; the last stage
     returns (loss_sum, n_label_tokens) from the batch's labels;
+  * with virtual stages (interleaved 1F1B), `model(..., chunk=c)` runs the rank's chunk c only:
+    it embeds at chunk 0 of the first rank and returns the loss at the last chunk of the last;
   * optionally `model.pipeline_streams`: ((width, carries_grad), ...) when a stage hands on
     more than its hidden states (side-tuning adds the side network's state). A stage then
     returns, and is given as h, a tuple of [micro_batch, seq, width] tensors, and only the
@@ -97,6 +99,7 @@ class PipelineForwardBackward:
         self.trainer, self.model, self.ctx = trainer, trainer.model, trainer.ctx
         self.num_microbatches = trainer.cfg["num_microbatches"]
         self.schedule = trainer.cfg["pipeline_schedule"]
+        self.chunks = self.ctx.plan.virtual_stages
         self.streams = pipeline_streams(self.model, self.model.config.hidden_size)
         self.dtype = next(self.model.parameters()).dtype  # activations travel in the weights' dtype
         self.links = StageLinks(self.ctx)
@@ -105,7 +108,15 @@ class PipelineForwardBackward:
         self.stats = None
 
     def actions(self, num_microbatches):
-        return schedule_actions(self.schedule, self.ctx.plan.pp_size, self.ctx.pp_rank, num_microbatches)
+        return schedule_actions(self.schedule, self.ctx.plan.pp_size, self.ctx.pp_rank, num_microbatches, self.chunks)
+
+    def _first(self, action):
+        """Whether the action's chunk is the model's first stage (it embeds, receives nothing)."""
+        return self.ctx.is_first_stage and action.chunk == 0
+
+    def _last(self, action):
+        """Whether the action's chunk is the model's last stage (it computes the loss)."""
+        return self.ctx.is_last_stage and action.chunk == self.chunks - 1
 
     def __call__(self, batches, n_tokens):
         self.micro = [m for b in batches for m in split_batch(b, self.num_microbatches)]
@@ -133,25 +144,25 @@ class PipelineForwardBackward:
     def _post_next_recv(self):
         """Post the receive of this stage's next action before the current one computes: its
         message may arrive meanwhile, and a receive posted late stalls the link (galaxy.pipeline.p2p)."""
-        kind, i, _ = next(self.upcoming, (None, None, None))
-        if kind == FORWARD and not self.ctx.is_first_stage:
-            self.links.post_recv_forward(self._stream_shapes(i), self.dtype)
-        elif kind == BACKWARD and not self.ctx.is_last_stage:
-            self.links.post_recv_backward(self._stream_shapes(i, with_grad_only=True), self.dtype)
+        a = next(self.upcoming, None)
+        if a and a.kind == FORWARD and not self._first(a):
+            self.links.post_recv_forward(self._stream_shapes(a.microbatch), self.dtype)
+        elif a and a.kind == BACKWARD and not self._last(a):
+            self.links.post_recv_backward(self._stream_shapes(a.microbatch, with_grad_only=True), self.dtype)
 
     def _forward(self, action):
         i = action.microbatch
         batch, received, x = self.micro[i], [], None
         self._post_next_recv()
         self._seed(i)
-        if not self.ctx.is_first_stage:
+        if not self._first(action):
             received = self.links.recv_forward(self._stream_shapes(i), self.dtype)
             for r, (_, carries_grad) in zip(received, self.streams):
                 r.requires_grad_(carries_grad)
             x = received[0] if len(received) == 1 else tuple(received)
         with self.trainer.autocast:
-            out = self.model(**batch, hidden_states=x)
-        if self.ctx.is_last_stage:
+            out = self.model(**batch, hidden_states=x, **({"chunk": action.chunk} if self.chunks > 1 else {}))
+        if self._last(action):
             loss_sum, _ = out
             self.loss_sum += loss_sum.item()
             return loss_sum / self.n_tokens, received
@@ -174,17 +185,17 @@ class PipelineForwardBackward:
         out, received = saved
         self._start_backward(action)
         outs, grads = [out], None
-        if not self.ctx.is_last_stage:
+        if not self._last(action):
             outs = self._with_grad(out)
             grads = self.links.recv_backward(self._stream_shapes(action.microbatch, with_grad_only=True), self.dtype)
             grads = [g.to(o.dtype) for g, o in zip(grads, outs)]
         inputs = self._with_grad(received)
         if not self.split:
             torch.autograd.backward(outs, grads)
-        elif inputs:
-            torch.autograd.backward(outs, grads, inputs=inputs, retain_graph=True)
-        if self.split:
+        else:
             self.output_grads[action[1:]] = outs, grads
+            if inputs:
+                torch.autograd.backward(outs, grads, inputs=inputs, retain_graph=True)
         if received:
             self.links.send_backward([r.grad for r in inputs])
 

@@ -94,6 +94,7 @@ SCHEMA = {
     "data_parallel_size": (int, None, ""),
     "num_microbatches": (int, 1, ""),
     "pipeline_schedule": (str, "1f1b", "gpipe | 1f1b | zb-h1 | interleaved-1f1b"),
+    "virtual_stages": (int, 1, "chunks of layers per pipeline rank (interleaved-1f1b)"),
     "overlap_tiles": (int, 1, "tiles for comm/compute overlap; 1 = off"),
     "bucket_size_mb": (float, 25.0, "gradient all-reduce bucket size"),
     # processes
@@ -178,7 +179,8 @@ def load_config(path=None, overrides=None):
 
 def _check_rules(cfg):
     for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size",
-                "seq_length", "batch_size", "gradient_accumulation_steps", "num_microbatches", "overlap_tiles"):
+                "seq_length", "batch_size", "gradient_accumulation_steps", "num_microbatches", "overlap_tiles",
+                "virtual_stages"):
         if cfg[key] < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {cfg[key]}")
     for key in ("save_every", "keep_checkpoints", "warmup_steps", "num_epochs"):
@@ -217,6 +219,7 @@ def _check_rules(cfg):
         if cfg[key] not in allowed:
             raise ConfigError(f"config key '{key}' is {cfg[key]!r}, expected one of {[a for a in allowed if a]}")
     _check_positions(cfg)
+    _check_virtual_stages(cfg)
     if cfg["device"] is not None and cfg["device"].split(":")[0] not in ("cpu", "cuda"):
         raise ConfigError(f"config key 'device' is {cfg['device']!r}, expected cpu, cuda or cuda:N")
     methods = [k for k in TUNING_KEYS[1:] if cfg[k]]
@@ -224,6 +227,17 @@ def _check_rules(cfg):
         raise ConfigError(f"tuning methods {methods} are all true; set exactly one of {list(TUNING_KEYS)}")
     cfg["full_model"] = not methods  # a PEFT method switches full-model tuning off
     check_tuning(cfg)
+
+
+def _check_virtual_stages(cfg):
+    if cfg["virtual_stages"] == 1:
+        return
+    if cfg["pipeline_schedule"] != "interleaved-1f1b":
+        raise ConfigError(f"virtual_stages {cfg['virtual_stages']} needs pipeline_schedule 'interleaved-1f1b', "
+                          f"not {cfg['pipeline_schedule']!r}")
+    if cfg["model"] != "bert" or cfg["use_side"] or cfg["use_side_only"]:
+        raise ConfigError(f"virtual_stages {cfg['virtual_stages']}: chunked stages are built for BERT without "
+                          f"side-tuning (model {cfg['model']!r})")
 
 
 def _check_positions(cfg):

@@ -53,6 +53,19 @@ def test_every_microbatch_once_forward_before_backward_before_weights(name, chun
         for c in range(chunks):
             assert [a.microbatch for a in actions if a.kind == "B" and a.chunk == c] == list(range(microbatches))
     simulate(lists, chunks)  # raises if a rank waits for an action that never comes
+    _check_fifo(lists, chunks)
+
+
+def _check_fifo(lists, chunks):
+    """Each link is one FIFO per direction: the order a rank receives in (its actions' order,
+    receives posted in turn) is the order its neighbour sends in."""
+    S, last = len(lists), len(lists) * chunks - 1
+
+    def stages(r, kind, skip):  # (micro-batch, model stage) of rank r's actions of `kind`, bar stage `skip`
+        return [(a.microbatch, a.chunk * S + r) for a in lists[r] if a.kind == kind and a.chunk * S + r != skip]
+    for r in range(S):
+        assert stages(r, "F", 0) == [(i, m + 1) for i, m in stages((r - 1) % S, "F", last)]
+        assert stages(r, "B", last) == [(i, m - 1) for i, m in stages((r + 1) % S, "B", 0)]
 
 
 def _bubble(name, stages, microbatches, chunks=1):
