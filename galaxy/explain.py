@@ -138,7 +138,9 @@ def bytes_by_label(moves):
 # ----------------------------------------------------------------------------- text
 
 def _span(r):
-    return f"{r.start}-{r.stop - 1}" if len(r) else "-"
+    """'0-1,3-5': runs of consecutive indices (a pipeline rank's chunks of layers lie apart)."""
+    starts = [i for i in r if i - 1 not in r]
+    return ",".join(f"{i}-{next(j for j in r if j >= i and j + 1 not in r)}" for i in starts) or "-"
 
 
 def _mib(n):
@@ -214,5 +216,5 @@ def _pipeline_lines(plan, cfg):
     m = cfg["gradient_accumulation_steps"] * cfg["num_microbatches"]
     lines = [f"pipeline schedule {cfg['pipeline_schedule']}, {m} micro-batches per optimizer step:"]
     for stage in range(plan.pp_size):
-        lines.append(f"  stage {stage}: {format_actions(schedule_actions(cfg['pipeline_schedule'], plan.pp_size, stage, m))}")
+        lines.append(f"  stage {stage}: {format_actions(schedule_actions(cfg['pipeline_schedule'], plan.pp_size, stage, m, plan.virtual_stages))}")
     return lines

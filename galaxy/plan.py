@@ -40,12 +40,13 @@ class Plan:
     mlp: str = "NONE"
     tp_size: int = 1          # ranks sharing one layer's tensors (TP/SP/Galaxy group)
     dp_size: int = 1          # model replicas
-    pp_size: int = 1          # pipeline stages
+    pp_size: int = 1          # pipeline ranks (each holds virtual_stages chunks: stage c * pp_size + rank)
     heads: tuple = ()         # attention heads per tensor rank
     kv_heads: tuple = ()      # key/value heads per tensor rank (GQA); equals heads for MHA
     columns: tuple = ()       # MLP intermediate columns per tensor rank
     positions: tuple = ()     # sequence positions per tensor rank
-    stage_layers: tuple = ()  # transformer layers per pipeline stage
+    stage_layers: tuple = ()  # transformer layers per (model) pipeline stage: pp_size x virtual_stages
+    virtual_stages: int = 1   # chunks of layers per pipeline rank (interleaved 1F1B)
 
     @property
     def world(self):
@@ -103,10 +104,18 @@ def build_plan(cfg, world):
                     columns=(cfg["intermediate_size"],), positions=(cfg["seq_length"],),
                     stage_layers=(layers,))
     stages = cfg.get("stage_num_hidden_layers_list")  # a list of more than one entry turns pipelining on
-    pp = len(stages) if stages else 1
+    chunks = cfg.get("virtual_stages", 1)
+    pp = len(stages) // chunks if stages else 1
+    if stages and (len(stages) % chunks or pp < 2):
+        raise ConfigError(f"stage_num_hidden_layers_list {stages} must list virtual_stages {chunks} x the "
+                          f"pipeline ranks (at least 2) model stages")
     if world % pp:
         raise ConfigError(f"stage_num_hidden_layers_list {stages} has {pp} stages, world size {world} is not a multiple")
-    stage_layers = _split(cfg, "stage_num_hidden_layers_list", layers, pp, "layer")
+    stage_layers = _split(cfg, "stage_num_hidden_layers_list", layers, pp * chunks, "layer")
+    microbatches = cfg.get("gradient_accumulation_steps", 1) * cfg.get("num_microbatches", 1)
+    if chunks > 1 and microbatches % pp:
+        raise ConfigError(f"virtual_stages {chunks}: micro-batches per step (gradient_accumulation_steps x "
+                          f"num_microbatches = {microbatches}) must be a multiple of the {pp} pipeline ranks")
     sharded = any(v != "NONE" for v in m.values())
     dp = cfg.get("data_parallel_size") or (1 if sharded else world // pp)
     if world % (pp * dp):
@@ -128,7 +137,7 @@ def build_plan(cfg, world):
         if "SP" in m.values() else (cfg["seq_length"],) * tp
     return Plan(att=m["att_parallel_method"], con=m["con_parallel_method"], mlp=m["mlp_parallel_method"],
                 tp_size=tp, dp_size=dp, pp_size=pp, heads=heads, kv_heads=kv, columns=columns,
-                positions=positions, stage_layers=stage_layers)
+                positions=positions, stage_layers=stage_layers, virtual_stages=chunks)
 
 
 def _kv_heads(cfg):

@@ -83,7 +83,12 @@ class ParallelContext:
 
     @property
     def layers(self):
-        return _owned(self.plan.stage_layers, self.pp_rank)
+        """Every layer this rank holds: its chunks' layers, in model order."""
+        return [i for c in range(self.plan.virtual_stages) for i in self.chunk_layers(c)]
+
+    def chunk_layers(self, chunk):
+        """The layers of this rank's chunk `chunk`: model stage chunk * pp_size + pp_rank."""
+        return _owned(self.plan.stage_layers, chunk * self.plan.pp_size + self.pp_rank)
 
     @classmethod
     def create(cls, plan, rank, device=None, backend=None):

@@ -6,6 +6,8 @@ The model only needs the stage interface BertForMaskedLM has:
   * `model(**batch, hidden_states=h)`: the first stage ignores h and embeds the batch;
     a middle stage returns hidden states [micro_batch, seq, hidden]; the last stage
     returns (loss_sum, n_label_tokens) from the batch's labels;
+  * with virtual stages (interleaved 1F1B), `model(..., chunk=c)` runs the rank's chunk c only:
+    it embeds at chunk 0 of the first rank and returns the loss at the last chunk of the last;
   * optionally `model.pipeline_streams`: ((width, carries_grad), ...) when a stage hands on
     more than its hidden states (side-tuning adds the side network's state). A stage then
     returns, and is given as h, a tuple of [micro_batch, seq, width] tensors, and only the
@@ -20,7 +22,7 @@ import torch.distributed as dist
 
 from galaxy.layers.dropout import set_dropout_seed
 from galaxy.pipeline.p2p import StageLinks
-from galaxy.pipeline.schedule import BACKWARD, FORWARD, run_schedule, schedule_actions
+from galaxy.pipeline.schedule import BACKWARD, FORWARD, WEIGHT, run_schedule, schedule_actions
 
 
 def split_batch(batch, n):
@@ -97,23 +99,34 @@ class PipelineForwardBackward:
         self.trainer, self.model, self.ctx = trainer, trainer.model, trainer.ctx
         self.num_microbatches = trainer.cfg["num_microbatches"]
         self.schedule = trainer.cfg["pipeline_schedule"]
+        self.chunks = self.ctx.plan.virtual_stages
         self.streams = pipeline_streams(self.model, self.model.config.hidden_size)
         self.dtype = next(self.model.parameters()).dtype  # activations travel in the weights' dtype
         self.links = StageLinks(self.ctx)
         self.tied = TiedCopies(self.model, self.ctx)
+        self.output_grads = {}  # (micro-batch, chunk) -> (outputs, their gradients), from B to W
         self.stats = None
 
     def actions(self, num_microbatches):
-        return schedule_actions(self.schedule, self.ctx.plan.pp_size, self.ctx.pp_rank, num_microbatches)
+        return schedule_actions(self.schedule, self.ctx.plan.pp_size, self.ctx.pp_rank, num_microbatches, self.chunks)
+
+    def _first(self, action):
+        """Whether the action's chunk is the model's first stage (it embeds, receives nothing)."""
+        return self.ctx.is_first_stage and action.chunk == 0
+
+    def _last(self, action):
+        """Whether the action's chunk is the model's last stage (it computes the loss)."""
+        return self.ctx.is_last_stage and action.chunk == self.chunks - 1
 
     def __call__(self, batches, n_tokens):
         self.micro = [m for b in batches for m in split_batch(b, self.num_microbatches)]
         self.n_tokens, self.loss_sum = n_tokens, 0.0
         actions = self.actions(len(self.micro))
-        self.last_backward = [i for kind, i in actions if kind == BACKWARD][-1]
+        self.last_grads = [a for a in actions if a.kind in (BACKWARD, WEIGHT)][-1]  # the weights' last
+        self.split = any(a.kind == WEIGHT for a in actions)
         self.upcoming = iter(actions)
         self._post_next_recv()  # the first action's; each action then posts the one after it
-        self.stats = run_schedule(actions, self._forward, self._backward)
+        self.stats = run_schedule(actions, self._forward, self._backward, self._weights)
         self.links.finish()
         self.trainer.sync.finish()  # data-parallel sums first, then the tied copies' sum
         self.tied.all_reduce()
@@ -131,24 +144,25 @@ class PipelineForwardBackward:
     def _post_next_recv(self):
         """Post the receive of this stage's next action before the current one computes: its
         message may arrive meanwhile, and a receive posted late stalls the link (galaxy.pipeline.p2p)."""
-        kind, i = next(self.upcoming, (None, None))
-        if kind == FORWARD and not self.ctx.is_first_stage:
-            self.links.post_recv_forward(self._stream_shapes(i), self.dtype)
-        elif kind == BACKWARD and not self.ctx.is_last_stage:
-            self.links.post_recv_backward(self._stream_shapes(i, with_grad_only=True), self.dtype)
+        a = next(self.upcoming, None)
+        if a and a.kind == FORWARD and not self._first(a):
+            self.links.post_recv_forward(self._stream_shapes(a.microbatch), self.dtype)
+        elif a and a.kind == BACKWARD and not self._last(a):
+            self.links.post_recv_backward(self._stream_shapes(a.microbatch, with_grad_only=True), self.dtype)
 
-    def _forward(self, i):
+    def _forward(self, action):
+        i = action.microbatch
         batch, received, x = self.micro[i], [], None
         self._post_next_recv()
         self._seed(i)
-        if not self.ctx.is_first_stage:
+        if not self._first(action):
             received = self.links.recv_forward(self._stream_shapes(i), self.dtype)
             for r, (_, carries_grad) in zip(received, self.streams):
                 r.requires_grad_(carries_grad)
             x = received[0] if len(received) == 1 else tuple(received)
         with self.trainer.autocast:
-            out = self.model(**batch, hidden_states=x)
-        if self.ctx.is_last_stage:
+            out = self.model(**batch, hidden_states=x, **({"chunk": action.chunk} if self.chunks > 1 else {}))
+        if self._last(action):
             loss_sum, _ = out
             self.loss_sum += loss_sum.item()
             return loss_sum / self.n_tokens, received
@@ -159,17 +173,34 @@ class PipelineForwardBackward:
     def _with_grad(self, tensors):
         return [t for t, (_, carries_grad) in zip(tensors, self.streams) if carries_grad]
 
-    def _backward(self, i, saved):
-        out, received = saved
+    def _start_backward(self, action):
         self._post_next_recv()
-        if i == self.last_backward:
+        if action == self.last_grads:
             self.trainer.sync.arm()  # reduce gradients during the last backward only
-        self._seed(i)  # recomputed (checkpointed) layers redraw this micro-batch's masks
-        if self.ctx.is_last_stage:
-            out.backward()
-        else:
+        self._seed(action.microbatch)  # recomputed (checkpointed) layers redraw this micro-batch's masks
+
+    def _backward(self, action, saved):
+        """The whole backward, or under a split schedule (a W follows) only the stage input's
+        gradient: the graph is kept, with the output gradients, for `_weights`."""
+        out, received = saved
+        self._start_backward(action)
+        outs, grads = [out], None
+        if not self._last(action):
             outs = self._with_grad(out)
-            grads = self.links.recv_backward(self._stream_shapes(i, with_grad_only=True), self.dtype)
-            torch.autograd.backward(outs, [g.to(o.dtype) for g, o in zip(grads, outs)])
+            grads = self.links.recv_backward(self._stream_shapes(action.microbatch, with_grad_only=True), self.dtype)
+            grads = [g.to(o.dtype) for g, o in zip(grads, outs)]
+        inputs = self._with_grad(received)
+        if not self.split:
+            torch.autograd.backward(outs, grads)
+        else:
+            self.output_grads[action[1:]] = outs, grads
+            if inputs:
+                torch.autograd.backward(outs, grads, inputs=inputs, retain_graph=True)
         if received:
-            self.links.send_backward([r.grad for r in self._with_grad(received)])
+            self.links.send_backward([r.grad for r in inputs])
+
+    def _weights(self, action, saved):
+        """The weights' gradients, from the graph and output gradients `_backward` kept."""
+        self._start_backward(action)
+        outs, grads = self.output_grads.pop(action[1:])
+        torch.autograd.backward(outs, grads, inputs=[p for p in self.model.parameters() if p.requires_grad])

@@ -10,6 +10,10 @@ Receives can be posted ahead (`post_recv_forward` / `post_recv_backward`), which
 step does one action early: gloo stalls a message that arrives before its receive is posted, and
 under 1F1B activations and gradients cross one pair's socket in both directions at once
 (docs/measurements.md).
+
+With virtual stages (interleaved 1F1B) the ranks form a ring: the last rank's chunk c feeds the
+first rank's chunk c + 1. At two ranks both directions then join the same pair of ranks, so each
+direction has its own message tag (and its own FIFO).
 """
 from collections import deque
 
@@ -17,6 +21,8 @@ import torch
 import torch.distributed as dist
 
 from galaxy.comm import stats
+
+TAGS = {stats.FWD: 1, stats.BWD: 2}
 
 
 class StageLinks:
@@ -26,8 +32,9 @@ class StageLinks:
 
     def __init__(self, ctx):
         self.device = ctx.device
-        self.prev = None if ctx.is_first_stage else ctx.pp_peer(ctx.pp_rank - 1)
-        self.next = None if ctx.is_last_stage else ctx.pp_peer(ctx.pp_rank + 1)
+        ring, stages = ctx.plan.virtual_stages > 1, ctx.plan.pp_size
+        self.prev = None if ctx.is_first_stage and not ring else ctx.pp_peer((ctx.pp_rank - 1) % stages)
+        self.next = None if ctx.is_last_stage and not ring else ctx.pp_peer((ctx.pp_rank + 1) % stages)
         self.pending = []  # (tensors, works) of sends in flight; the tensors must outlive their send
         self.posted = {stats.FWD: deque(), stats.BWD: deque()}  # receives posted ahead, oldest first
 
@@ -35,10 +42,10 @@ class StageLinks:
         self._send(activations, self.next, stats.FWD)
 
     def post_recv_forward(self, shapes, dtype):
-        self.posted[stats.FWD].append(self._post_recv(shapes, dtype, self.prev))
+        self.posted[stats.FWD].append(self._post_recv(shapes, dtype, self.prev, stats.FWD))
 
     def post_recv_backward(self, shapes, dtype):
-        self.posted[stats.BWD].append(self._post_recv(shapes, dtype, self.next))
+        self.posted[stats.BWD].append(self._post_recv(shapes, dtype, self.next, stats.BWD))
 
     def recv_forward(self, shapes, dtype):
         return self._recv(shapes, dtype, self.prev, stats.FWD)
@@ -53,18 +60,18 @@ class StageLinks:
         tensors = [t.detach().contiguous() for t in tensors]
         for t in tensors:
             stats.record("send", t, phase)
-        works = dist.batch_isend_irecv([dist.P2POp(dist.isend, t, peer) for t in tensors])
+        works = dist.batch_isend_irecv([dist.P2POp(dist.isend, t, peer, tag=TAGS[phase]) for t in tensors])
         self.pending = [(t, w) for t, w in self.pending if not all(x.is_completed() for x in w)]
         self.pending.append((tensors, works))
 
-    def _post_recv(self, shapes, dtype, peer):
+    def _post_recv(self, shapes, dtype, peer, phase):
         bufs = [torch.empty(shape, dtype=dtype, device=self.device) for shape in shapes]
-        return bufs, dist.batch_isend_irecv([dist.P2POp(dist.irecv, b, peer) for b in bufs])
+        return bufs, dist.batch_isend_irecv([dist.P2POp(dist.irecv, b, peer, tag=TAGS[phase]) for b in bufs])
 
     def _recv(self, shapes, dtype, peer, direction):
         """The oldest receive posted ahead in this direction, else one posted now; waited for."""
         queue = self.posted[direction]
-        bufs, works = queue.popleft() if queue else self._post_recv(shapes, dtype, peer)
+        bufs, works = queue.popleft() if queue else self._post_recv(shapes, dtype, peer, direction)
         if [tuple(b.shape) for b in bufs] != [tuple(s) for s in shapes] or bufs[0].dtype != dtype:
             raise RuntimeError(f"{direction} receive posted ahead for {[tuple(b.shape) for b in bufs]} "
                                f"{bufs[0].dtype}, consumed as {[tuple(s) for s in shapes]} {dtype}")

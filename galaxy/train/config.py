@@ -97,7 +97,8 @@ SCHEMA = {
     "stage_num_hidden_layers_list": (INT_LIST, None, ""),
     "data_parallel_size": (int, None, ""),
     "num_microbatches": (int, 1, ""),
-    "pipeline_schedule": (str, "1f1b", "gpipe | 1f1b"),
+    "pipeline_schedule": (str, "1f1b", "gpipe | 1f1b | zb-h1 | interleaved-1f1b"),
+    "virtual_stages": (int, 1, "chunks of layers per pipeline rank (interleaved-1f1b)"),
     "overlap_tiles": (int, 1, "tiles for comm/compute overlap; 1 = off"),
     "bucket_size_mb": (float, 25.0, "gradient all-reduce bucket size"),
     # processes
@@ -198,7 +199,8 @@ def load_config(path=None, overrides=None):
 
 def _check_rules(cfg):
     for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size",
-                "seq_length", "batch_size", "gradient_accumulation_steps", "num_microbatches", "overlap_tiles"):
+                "seq_length", "batch_size", "gradient_accumulation_steps", "num_microbatches", "overlap_tiles",
+                "virtual_stages"):
         if cfg[key] < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {cfg[key]}")
     for key in ("save_every", "keep_checkpoints", "warmup_steps", "num_epochs"):
@@ -231,12 +233,13 @@ def _check_rules(cfg):
             raise ConfigError(f"config key '{key}' must be in [0, 1), got {cfg[key]}")
     choices = {"data": ("corpus", "synthetic", "instruction"),
                "lr_scheduler": ("linear", "cosine", "constant"), "dtype": ("fp32", "bf16", "bf16_pure"),
-               "pipeline_schedule": ("gpipe", "1f1b"), "on_nonfinite": ("stop", "skip"),
+               "pipeline_schedule": ("gpipe", "1f1b", "zb-h1", "interleaved-1f1b"), "on_nonfinite": ("stop", "skip"),
                "distributed_backend": ("gloo", "nccl", None)}
     for key, allowed in choices.items():
         if cfg[key] not in allowed:
             raise ConfigError(f"config key '{key}' is {cfg[key]!r}, expected one of {[a for a in allowed if a]}")
     _check_positions(cfg)
+    _check_virtual_stages(cfg)
     if cfg["device"] is not None and cfg["device"].split(":")[0] not in ("cpu", "cuda"):
         raise ConfigError(f"config key 'device' is {cfg['device']!r}, expected cpu, cuda or cuda:N")
     methods = [k for k in TUNING_KEYS[1:] if cfg[k]]
@@ -244,6 +247,17 @@ def _check_rules(cfg):
         raise ConfigError(f"tuning methods {methods} are all true; set exactly one of {list(TUNING_KEYS)}")
     cfg["full_model"] = not methods  # a PEFT method switches full-model tuning off
     check_tuning(cfg)
+
+
+def _check_virtual_stages(cfg):
+    if cfg["virtual_stages"] == 1:
+        return
+    if cfg["pipeline_schedule"] != "interleaved-1f1b":
+        raise ConfigError(f"virtual_stages {cfg['virtual_stages']} needs pipeline_schedule 'interleaved-1f1b', "
+                          f"not {cfg['pipeline_schedule']!r}")
+    if cfg["model"] != "bert" or cfg["use_side"] or cfg["use_side_only"]:
+        raise ConfigError(f"virtual_stages {cfg['virtual_stages']}: chunked stages are built for BERT without "
+                          f"side-tuning (model {cfg['model']!r})")
 
 
 def _check_positions(cfg):

@@ -1,5 +1,5 @@
 """Pipeline training equals serial training: loss, every gradient (tied embeddings included)
-and the weights after two optimizer steps, for GPipe and 1F1B, uneven stages, PP x DP.
+and the weights after two optimizer steps, for GPipe, 1F1B and ZB-H1, uneven stages, PP x DP.
 Also: checkpoints move between serial and pipeline layouts, and 1F1B bounds live activations."""
 import json
 
@@ -17,6 +17,8 @@ from galaxy.train.loop import Trainer
 from tests.helpers import rel_err, run_ranks
 
 TOL = 1e-5
+SCHEDULES = ("gpipe", "1f1b", "zb-h1")
+INTERLEAVED = dict(num_hidden_layers=7, batch_size=12)
 ZERO_GRAD = 1e-6  # below this a gradient norm is rounding noise; Adam would turn it into full steps
 SMALL = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=4, vocab_size=64,
              seq_length=16, max_position_embeddings=32, batch_size=8, hidden_dropout_prob=0.0,
@@ -58,18 +60,28 @@ def _weights(model):
     return {_serial_name(n, p): p.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.fixture(scope="module")
-def serial(tmp_path_factory):
+def _serial(tmp_path_factory, **overrides):
     """A checkpoint unlike the seeded init (so loading is really tested), and serial training from it."""
     ckpt = tmp_path_factory.mktemp("serial")
-    model = BertForMaskedLM(BertConfig.from_dict(make_cfg()))
+    model = BertForMaskedLM(BertConfig.from_dict(make_cfg(**overrides)))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01)
     model.save_hf(ckpt)
-    out = _strip(train(make_cfg(), 1, 0, load=str(ckpt)))
+    out = _strip(train(make_cfg(**overrides), 1, 0, load=str(ckpt)))
     out["ckpt"] = str(ckpt)
     return out
+
+
+@pytest.fixture(scope="module")
+def serial(tmp_path_factory):
+    return _serial(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def serial7(tmp_path_factory):
+    """Seven layers: enough for two uneven chunks per rank on three ranks; 12 samples: 2 x S micro-batches."""
+    return _serial(tmp_path_factory, **INTERLEAVED)
 
 
 def _compare(results, serial):
@@ -101,7 +113,7 @@ def _strip(result):
 
 def _pipeline_ranks(rank, world, stages, serial_ckpt, save_dir):
     out = {}
-    for schedule in ("gpipe", "1f1b"):
+    for schedule in SCHEDULES:
         cfg = make_cfg(stage_num_hidden_layers_list=stages, num_microbatches=4, pipeline_schedule=schedule)
         result = train(cfg, world, rank, load=serial_ckpt)
         if schedule == "1f1b":
@@ -117,7 +129,7 @@ def _pipeline_ranks(rank, world, stages, serial_ckpt, save_dir):
 def test_pipeline_equals_serial(stages, serial, tmp_path):
     pp_ckpt = tmp_path / "pp"
     results = run_ranks(_pipeline_ranks, len(stages), stages, serial["ckpt"], str(pp_ckpt), timeout_s=240)
-    for schedule in ("gpipe", "1f1b"):
+    for schedule in SCHEDULES:
         _compare([r[schedule] for r in results], serial)
 
     # what the stages saved loads into the serial model as exactly their weights
@@ -136,6 +148,19 @@ def test_pipeline_equals_serial(stages, serial, tmp_path):
     assert all(r["gpipe_peak8"] == 8 for r in results)
 
 
+def _interleaved_ranks(rank, world, stages, serial_ckpt):
+    cfg = make_cfg(**INTERLEAVED, stage_num_hidden_layers_list=stages, num_microbatches=world * 2,
+                   pipeline_schedule="interleaved-1f1b", virtual_stages=2)
+    return _strip(train(cfg, world, rank, load=serial_ckpt))
+
+
+@pytest.mark.parametrize("stages", [[2, 1, 3, 1], [2, 1, 1, 1, 1, 1]])
+def test_interleaved_equals_serial(stages, serial7):
+    """Two chunks per rank (rank r holds model stages r and S + r), uneven layers; at two ranks
+    activations and gradients cross the same pair of ranks both ways."""
+    _compare(run_ranks(_interleaved_ranks, len(stages) // 2, stages, serial7["ckpt"], timeout_s=240), serial7)
+
+
 def _pp_dp_ranks(rank, world, serial_ckpt):
     cfg = make_cfg(stage_num_hidden_layers_list=[3, 1], num_microbatches=2, pipeline_schedule="1f1b")
     return _strip(train(cfg, world, rank, load=serial_ckpt))
@@ -149,3 +174,18 @@ def test_pipeline_times_data_parallel_equals_serial(serial):
 def test_microbatches_must_split_the_replica_batch():
     with pytest.raises(ConfigError, match="num_microbatches 3"):
         build_plan(make_cfg(stage_num_hidden_layers_list=[3, 1], num_microbatches=3), 2)
+
+
+def test_virtual_stages_are_checked():
+    with pytest.raises(ConfigError, match="needs pipeline_schedule 'interleaved-1f1b'"):
+        make_cfg(virtual_stages=2)
+    with pytest.raises(ConfigError, match="must list virtual_stages 2 x the pipeline ranks"):
+        build_plan(make_cfg(stage_num_hidden_layers_list=[2, 1, 1], virtual_stages=2,
+                            pipeline_schedule="interleaved-1f1b"), 2)
+    with pytest.raises(ConfigError, match="multiple of the 2 pipeline ranks"):
+        build_plan(make_cfg(stage_num_hidden_layers_list=[1, 1, 1, 1], virtual_stages=2, num_microbatches=1,
+                            pipeline_schedule="interleaved-1f1b"), 2)
+    plan = build_plan(make_cfg(**INTERLEAVED, stage_num_hidden_layers_list=[2, 1, 3, 1], virtual_stages=2,
+                               num_microbatches=2, pipeline_schedule="interleaved-1f1b"), 2)
+    assert (plan.pp_size, plan.virtual_stages) == (2, 2)
+    assert [ParallelContext(plan, rank).layers for rank in (0, 1)] == [[0, 1, 3, 4, 5], [2, 6]]

@@ -101,15 +101,18 @@ def bert_layer(cfg, ctx, index, input_placement):
 class BertEncoder(nn.Module):
     def __init__(self, cfg, ctx):
         super().__init__()
-        placement = REPLICATE
         self.layer = nn.ModuleDict()
-        for i in ctx.layers:  # global layer numbers, so names match the full model's
-            self.layer[str(i)] = bert_layer(cfg, ctx, i, placement)
-            placement = self.layer[str(i)].output_placement
+        self.chunks = [[str(i) for i in ctx.chunk_layers(c)] for c in range(ctx.plan.virtual_stages)]
+        for chunk in self.chunks:  # a pipeline chunk's hidden states arrive replicated
+            placement = REPLICATE
+            for i in chunk:  # global layer numbers, so names match the full model's
+                self.layer[i] = bert_layer(cfg, ctx, int(i), placement)
+                placement = self.layer[i].output_placement
         self.checkpoint = cfg.activation_checkpointing
 
-    def forward(self, x, attn_bias, placement=REPLICATE):
-        return run_layers(self.layer.values(), x, placement, attn_bias, self.checkpoint)
+    def forward(self, x, attn_bias, placement=REPLICATE, chunk=0):
+        """Run the layers of `chunk` (a pipeline rank's chunk c under interleaved 1F1B; else all)."""
+        return run_layers([self.layer[i] for i in self.chunks[chunk]], x, placement, attn_bias, self.checkpoint)
 
 
 def attention_bias(attention_mask, dtype):
@@ -129,9 +132,9 @@ class BertModel(nn.Module):
         self.embeddings = BertEmbeddings(cfg) if self.ctx.is_first_stage else None
         self.encoder = BertEncoder(cfg, self.ctx)
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, hidden_states=None):
-        x = self.embeddings(input_ids, token_type_ids) if self.embeddings is not None else hidden_states
-        x, placement = self.encoder(x, attention_bias(attention_mask, x.dtype))
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, hidden_states=None, chunk=0):
+        x = self.embeddings(input_ids, token_type_ids) if self.embeddings is not None and chunk == 0 else hidden_states
+        x, placement = self.encoder(x, attention_bias(attention_mask, x.dtype), chunk=chunk)
         return redistribute(x, placement, "NONE", self.ctx)
 
     @classmethod
@@ -197,9 +200,10 @@ class BertForMaskedLM(nn.Module):
         """The module whose output a side network (side-tuning) replaces or adds to."""
         return self.bert
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, hidden_states=None):
-        x = self.bert(input_ids, attention_mask, token_type_ids, hidden_states)
-        if self.cls is None:
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, hidden_states=None,
+                chunk=0):
+        x = self.bert(input_ids, attention_mask, token_type_ids, hidden_states, chunk)
+        if self.cls is None or chunk < self.ctx.plan.virtual_stages - 1:
             return x
         logits = self.cls(x)
         if labels is None:
