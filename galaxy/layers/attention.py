@@ -16,7 +16,8 @@ from torch import nn
 
 from galaxy.comm import collectives as C
 from galaxy.layers.dropout import LayoutInvariantDropout
-from galaxy.layers.linear import ColumnLinear, RowLinear, mark_partial_grad
+from galaxy.layers.linear import ColumnLinear, RowLinear
+from galaxy.layers.param_spec import GradSum, set_spec
 from galaxy.layers.tiling import column_in, row_out
 
 
@@ -56,10 +57,8 @@ class Attention(nn.Module):
         self.v = ColumnLinear(hidden, _scaled(kv_heads, self.head_dim), kv_dim, bias)
         self.o = RowLinear(_scaled(heads, self.head_dim), q_dim, hidden, bias,
                            owns_bias=method != "TP" or ctx.tp_rank == 0)
-        if method == "TP" and bias:
-            self.o.bias.partial_grad = True
         if method == "SP":
-            mark_partial_grad(self)
+            set_spec(*self.parameters(), grad_sum=GradSum.STAGE)
         self.dropout = LayoutInvariantDropout(dropout_p, site)
         self.tiling = None  # set by TransformerLayer when overlap_tiles > 1 (galaxy.layers.tiling)
         self.kv_cache = None

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from galaxy.layers.dropout import LayoutInvariantDropout
-from galaxy.layers.linear import mark_partial_grad
+from galaxy.layers.param_spec import GradSum, set_spec
 from galaxy.layers.placement import PRODUCES, SEQ, consumes, redistribute
 from galaxy.layers.tiling import tiling_for
 
@@ -22,7 +22,7 @@ class Connective(nn.Module):
         self.dropout = LayoutInvariantDropout(dropout_p, site)
         self.adapter = None  # a bottleneck adapter set by galaxy.models.tuning (Houlsby: before the residual add)
         if method == "SP":
-            mark_partial_grad(self)
+            set_spec(*self.parameters(), grad_sum=GradSum.STAGE)
 
     def forward(self, h, residual):
         full_shape, index = None, None
@@ -45,7 +45,7 @@ class TransformerLayer(nn.Module):
         self.plan, self.input_placement = plan, input_placement
         for norm, placement in ((norm_in, input_placement), (norm_mid, self.output_placement)):
             if norm is not None and placement == SEQ:
-                mark_partial_grad(norm)
+                set_spec(*norm.parameters(), grad_sum=GradSum.STAGE)
         # TP blocks next to SP connectives may fuse their edge collectives into their linears
         attn.tiling = tiling_for(plan.att, input_placement, plan.con, attn.ctx, overlap_tiles)
         mlp.tiling = tiling_for(plan.mlp, self.output_placement, plan.con, attn.ctx, overlap_tiles)

@@ -5,6 +5,7 @@ import functools
 import torch
 
 from galaxy.comm.context import ParallelContext
+from galaxy.layers.param_spec import spec_of
 from galaxy.models.checkpoint import full_shape, own_slice
 from galaxy.plan import Plan
 from galaxy.seeding import DEFAULT_SEED, generator
@@ -42,7 +43,7 @@ def init_weights(model, std, seed=DEFAULT_SEED):
         elif "norm" in name.lower() and p.dim() == 1:
             value = torch.ones(full)
         else:
-            stream = generator(seed, "init", getattr(p, "init_name", name))
+            stream = generator(seed, "init", spec_of(p).init_name or name)
             value = torch.randn(full, generator=stream, device="cpu") * std
         with torch.no_grad():
             p.copy_(own_slice(value, p))

@@ -3,7 +3,7 @@
 `apply_tuning(model, cfg, ctx)` runs once the model is built and its weights are loaded. It
 adds the method's modules to the blocks this rank holds (it walks the rank's TransformerLayers,
 so a pipeline stage holding only some layers works too), gives the new parameters
-layout-invariant initial values and the `.shard` / `.partial_grad` tags the rest of the engine
+layout-invariant initial values and the ParamSpec (shard, grad_sum) the rest of the engine
 reads, and freezes every other parameter. The optimizer and gradient sync then see only what
 trains.
 
@@ -11,11 +11,11 @@ How each method meets the layouts:
   LoRA     A column-parallel projection (q, k, v, up: output rows split) keeps lora_A whole and
            holds lora_B's rows; a row-parallel one (o, down: input columns split) holds lora_A's
            columns and keeps lora_B whole (galaxy.loralib.lora_shard_slices). The whole factor's
-           gradient is then one rank's share of a sum: partial_grad. In an SP block both factors
-           are partial_grad, like the block's own weights (each rank saw only its positions).
+           gradient is then one rank's share of a sum: GradSum.STAGE. In an SP block both factors
+           are too, like the block's own weights (each rank saw only its positions).
   adapter  Runs inside the connective block (Houlsby: after dropout, before the residual add) on h
            after its redistribution, REPLICATE or SEQ, never on a TP block's PARTIAL output.
-           partial_grad when the connective block is SP.
+           GradSum.STAGE when the connective block is SP.
   side     Reads the first layer's input and every layer's output, gathered to REPLICATE, and
            feeds the MLM head: use_side gives the head backbone output + side output (side_upsample
            starts at zero, so training starts from the backbone's own predictions), use_side_only
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from galaxy.adapters import Adapter, SideNetwork, mark_only_adapters_as_trainable, mark_only_side_as_trainable
 from galaxy.adapters.utils import ACTIVATIONS
 from galaxy.layers.dropout import LayoutInvariantDropout
-from galaxy.layers.linear import mark_partial_grad, tag_shard
+from galaxy.layers.param_spec import GradSum, Shard, set_spec, spec_of
 from galaxy.layers.placement import redistribute
 from galaxy.layers.transformer import TransformerLayer
 from galaxy.loralib import Linear as LoraLinear
@@ -157,7 +157,7 @@ def _layers(model):
 class LoraShard(LoraLinear):
     """LoRA on this rank's shard of a ColumnLinear / RowLinear.
 
-    It takes over the base's weight and bias Parameters (loaded values and `.shard` tags, so
+    It takes over the base's weight and bias Parameters (loaded values and ParamSpecs, so
     checkpoints still find them) and adds its part of the full LoRA pair. The LoRA input's
     dropout mask is its part of the full input's mask, so it matches the serial run's.
     """
@@ -170,14 +170,14 @@ class LoraShard(LoraLinear):
         self.owns_bias = getattr(base, "owns_bias", True)  # a row-parallel bias is added on one rank
         self.lora_dropout = LayoutInvariantDropout(cfg["lora_dropout"], site)
         self.ctx, self.seq_sharded = ctx, method == "SP"
-        dim, start, length, full = base.weight.shard
-        held, whole = (self.lora_B, self.lora_A) if dim == 0 else (self.lora_A, self.lora_B)
-        tag_shard(held, dim, range(start, start + length), full)
-        self.in_cols = (start, length, full) if dim == 1 else None
-        if length < full:
-            whole.partial_grad = True
+        shard = spec_of(base.weight).shard
+        held, whole = (self.lora_B, self.lora_A) if shard.dim == 0 else (self.lora_A, self.lora_B)
+        set_spec(held, shard=shard)
+        self.in_cols = shard if shard.dim == 1 else None
+        if shard.length < shard.full:
+            set_spec(whole, grad_sum=GradSum.STAGE)
         if self.seq_sharded:
-            mark_partial_grad(self)
+            set_spec(*self.parameters(), grad_sum=GradSum.STAGE)
 
     def _dropout_view(self, x):
         """The full [B, T, in] LoRA input's shape and this rank's index into it."""
@@ -186,8 +186,7 @@ class LoraShard(LoraLinear):
             pos = self.ctx.positions
             full[1], seq = sum(self.ctx.plan.positions), slice(pos.start, pos.stop)
         if self.in_cols is not None:
-            start, length, full[-1] = self.in_cols
-            cols = slice(start, start + length)
+            cols, full[-1] = slice(self.in_cols.start, self.in_cols.start + self.in_cols.length), self.in_cols.full
         return tuple(full), (slice(None), seq, cols)
 
     def forward(self, x):
@@ -213,7 +212,7 @@ def _add_adapters(model, cfg):
         for con in (layer.con1, layer.con2):
             con.adapter = Adapter(cfg["hidden_size"], cfg["adapter_reduction_dim"], cfg["non_linearity"])
             if con.method == "SP":
-                mark_partial_grad(con.adapter)
+                set_spec(*con.adapter.parameters(), grad_sum=GradSum.STAGE)
 
 
 class SideTap:

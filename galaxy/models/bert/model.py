@@ -19,6 +19,7 @@ from torch import nn
 from galaxy.layers.attention import Attention
 from galaxy.layers.dropout import LayoutInvariantDropout
 from galaxy.layers.mlp import MLP
+from galaxy.layers.param_spec import GradSum, set_spec
 from galaxy.layers.placement import REPLICATE, redistribute
 from galaxy.layers.transformer import Connective, TransformerLayer, run_layers
 from galaxy.models import checkpoint
@@ -156,8 +157,7 @@ class BertLMHead(nn.Module):
             self.decoder_weight = word_embeddings.weight
         else:  # a pipeline's last stage holds its own copy; it starts equal to the embeddings
             self.decoder_weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
-            self.decoder_weight.init_name = "bert.embeddings.word_embeddings.weight"
-            self.decoder_weight.pipeline_copy = True  # galaxy.pipeline sums its grad with the original's
+            set_spec(self.decoder_weight, grad_sum=GradSum.TIED, init_name="bert.embeddings.word_embeddings.weight")
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
     def forward(self, x):
