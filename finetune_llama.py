@@ -16,7 +16,7 @@ def build_data(cfg, ctx):
     tok = entry.load_tokenizer(cfg)
     if cfg["data"] == "instruction":
         plan = ctx.plan  # sequence shards and pipeline stages need every batch at seq_length
-        fixed = "SP" in (plan.att, plan.con, plan.mlp) or plan.pp_size > 1
+        fixed = plan.seq_sharded or plan.pp_size > 1
         return InstructionData(cfg["data_file"], tok, cfg["seq_length"], pad_to_max_length=fixed)
     if cfg["data"] == "corpus":
         return PretrainTextData(cfg["data_file"], tok, cfg["seq_length"])

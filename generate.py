@@ -25,7 +25,7 @@ from galaxy.models.llama.generate import check_can_generate, greedy_generate
 from galaxy.models.tuning import TUNING_FILE, apply_tuning, read_tuning_record
 from galaxy.plan import build_plan
 from galaxy.train.config import SCHEMA, load_config
-from galaxy.train.errors import ConfigError
+from galaxy.errors import ConfigError
 
 
 def parse(argv=None):

@@ -17,7 +17,7 @@ import torch
 from galaxy.profiler import get_model_profile
 from galaxy.train.cli import config_overrides
 from galaxy.train.config import load_config
-from galaxy.train.errors import ConfigError
+from galaxy.errors import ConfigError
 
 # --model: (package, config class, model class); each model class takes Config.from_dict(cfg)
 MODELS = {"bert": ("galaxy.models.bert", "BertConfig", "BertForMaskedLM"),

@@ -10,6 +10,7 @@ from torch import nn
 from galaxy.layers.linear import ColumnLinear, RowLinear
 from galaxy.layers.param_spec import GradSum, set_spec
 from galaxy.layers.tiling import column_in, row_out
+from galaxy.plan import Method
 
 ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
 
@@ -20,11 +21,11 @@ class MLP(nn.Module):
         if act not in ACTIVATIONS:
             raise ValueError(f"hidden_act '{act}' is not one of {sorted(ACTIVATIONS)}")
         self.act = ACTIVATIONS[act]
-        cols = ctx.columns if method == "TP" else range(intermediate)
+        cols = ctx.columns if method is Method.TP else range(intermediate)
         self.gate = ColumnLinear(hidden, cols, intermediate, bias) if gated else None
         self.up = ColumnLinear(hidden, cols, intermediate, bias)
-        self.down = RowLinear(cols, intermediate, hidden, bias, owns_bias=method != "TP" or ctx.tp_rank == 0)
-        if method == "SP":
+        self.down = RowLinear(cols, intermediate, hidden, bias, owns_bias=method is not Method.TP or ctx.tp_rank == 0)
+        if method is Method.SP:
             set_spec(*self.parameters(), grad_sum=GradSum.STAGE)
         self.tiling = None  # set by TransformerLayer when overlap_tiles > 1 (galaxy.layers.tiling)
 

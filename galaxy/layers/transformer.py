@@ -13,6 +13,7 @@ from galaxy.layers.dropout import LayoutInvariantDropout
 from galaxy.layers.param_spec import GradSum, set_spec
 from galaxy.layers.placement import PRODUCES, SEQ, consumes, redistribute
 from galaxy.layers.tiling import tiling_for
+from galaxy.plan import Method
 
 
 class Connective(nn.Module):
@@ -21,12 +22,12 @@ class Connective(nn.Module):
         self.norm, self.method, self.ctx = norm, method, ctx
         self.dropout = LayoutInvariantDropout(dropout_p, site)
         self.adapter = None  # a bottleneck adapter set by galaxy.models.tuning (Houlsby: before the residual add)
-        if method == "SP":
+        if method is Method.SP:
             set_spec(*self.parameters(), grad_sum=GradSum.STAGE)
 
     def forward(self, h, residual):
         full_shape, index = None, None
-        if self.method == "SP":
+        if self.method is Method.SP:
             pos = self.ctx.positions
             full_shape = (h.shape[0], sum(self.ctx.plan.positions)) + tuple(h.shape[2:])
             index = (slice(None), slice(pos.start, pos.stop))

@@ -43,8 +43,9 @@ from galaxy.layers.transformer import TransformerLayer
 from galaxy.loralib import Linear as LoraLinear
 from galaxy.loralib import mark_only_lora_as_trainable
 from galaxy.models.checkpoint import full_shape, own_slice
+from galaxy.plan import Method
 from galaxy.seeding import generator
-from galaxy.train.errors import ConfigError
+from galaxy.errors import ConfigError
 
 # config name (Hugging Face BERT's module name) -> (block, projection) in our layers
 LORA_TARGETS = {"query": ("attn", "q"), "key": ("attn", "k"), "value": ("attn", "v"),
@@ -169,7 +170,7 @@ class LoraShard(LoraLinear):
         self.weight, self.bias = base.weight, base.bias
         self.owns_bias = getattr(base, "owns_bias", True)  # a row-parallel bias is added on one rank
         self.lora_dropout = LayoutInvariantDropout(cfg["lora_dropout"], site)
-        self.ctx, self.seq_sharded = ctx, method == "SP"
+        self.ctx, self.seq_sharded = ctx, method is Method.SP
         shard = spec_of(base.weight).shard
         held, whole = (self.lora_B, self.lora_A) if shard.dim == 0 else (self.lora_A, self.lora_B)
         set_spec(held, shard=shard)
@@ -211,7 +212,7 @@ def _add_adapters(model, cfg):
     for _, layer in _layers(model):
         for con in (layer.con1, layer.con2):
             con.adapter = Adapter(cfg["hidden_size"], cfg["adapter_reduction_dim"], cfg["non_linearity"])
-            if con.method == "SP":
+            if con.method is Method.SP:
                 set_spec(*con.adapter.parameters(), grad_sum=GradSum.STAGE)
 
 
@@ -236,7 +237,7 @@ class SideTap:
 
     def _replicated(self, x, placement):
         # detached first: no gradient flows into the frozen backbone, so the gather records no graph
-        return redistribute(x.detach(), placement, "NONE", self.ctx)
+        return redistribute(x.detach(), placement, Method.NONE, self.ctx)
 
     def _stage_input(self, model, args, kwargs):
         if isinstance(kwargs.get("hidden_states"), tuple):  # a later pipeline stage

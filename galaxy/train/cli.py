@@ -5,7 +5,7 @@ import argparse
 from galaxy.comm import launch
 from galaxy.plan import build_plan
 from galaxy.train.config import SCHEMA, ALIASES, load_config, parse_cli_value
-from galaxy.train.errors import ConfigError
+from galaxy.errors import ConfigError
 
 
 def parse(description, default_config, argv=None):

@@ -11,7 +11,7 @@ from galaxy.models.llama.config import LlamaConfig
 from galaxy.models.tuning import check_tuning
 from galaxy.plan import check_kv_heads
 from galaxy.seeding import DEFAULT_SEED
-from galaxy.train.errors import ConfigError
+from galaxy.errors import ConfigError
 
 INT_LIST = "list[int]"
 

@@ -13,7 +13,7 @@ from galaxy.models.bert import BertConfig, BertForMaskedLM
 from galaxy.pipeline import PipelineForwardBackward
 from galaxy.plan import build_plan
 from galaxy.train.config import load_config
-from galaxy.train.errors import ConfigError
+from galaxy.errors import ConfigError
 from galaxy.train.loop import Trainer
 from tests.helpers import rel_err, run_ranks
 

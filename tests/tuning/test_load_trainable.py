@@ -20,7 +20,7 @@ from galaxy.models.tuning import apply_tuning, save_tuning_record
 from galaxy.pipeline import PipelineForwardBackward
 from galaxy.plan import build_plan
 from galaxy.train.config import load_config
-from galaxy.train.errors import ConfigError
+from galaxy.errors import ConfigError
 from galaxy.train.loop import Trainer
 from tests.helpers import run_ranks
 from tests.models.llama.common import MODEL as LLAMA_MODEL

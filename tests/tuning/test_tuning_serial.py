@@ -10,7 +10,7 @@ from galaxy.models.bert import BertConfig, BertForMaskedLM
 from galaxy.models.tuning import apply_tuning
 from galaxy.plan import build_plan
 from galaxy.train.config import load_config
-from galaxy.train.errors import ConfigError
+from galaxy.errors import ConfigError
 from galaxy.train.optim import build_optimizer
 
 H, I, L, R = 32, 48, 2, 4

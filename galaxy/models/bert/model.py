@@ -24,6 +24,7 @@ from galaxy.layers.placement import REPLICATE, redistribute
 from galaxy.layers.transformer import Connective, TransformerLayer, run_layers
 from galaxy.models import checkpoint
 from galaxy.models.common import init_weights, on_context_device, serial_context
+from galaxy.plan import Method
 from galaxy.seeding import DEFAULT_SEED
 
 HF_NAMES = [
@@ -133,7 +134,7 @@ class BertModel(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, hidden_states=None):
         x = self.embeddings(input_ids, token_type_ids) if self.embeddings is not None else hidden_states
         x, placement = self.encoder(x, attention_bias(attention_mask, x.dtype))
-        return redistribute(x, placement, "NONE", self.ctx)
+        return redistribute(x, placement, Method.NONE, self.ctx)
 
     @classmethod
     def from_pretrained(cls, path, ctx=None):

@@ -16,14 +16,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from galaxy.layers.attention import Attention
-from galaxy.layers.param_spec import GradSum, set_spec
 from galaxy.layers.mlp import MLP
+from galaxy.layers.param_spec import GradSum, set_spec
 from galaxy.layers.placement import REPLICATE, SEQ, consumes, redistribute
 from galaxy.layers.transformer import Connective, TransformerLayer, run_layers
 from galaxy.models import checkpoint
 from galaxy.models.common import init_weights, on_context_device, serial_context
 from galaxy.models.llama.config import LlamaConfig
 from galaxy.models.llama.rope import Rotary
+from galaxy.plan import Method
 
 IGNORE_INDEX = -100
 
@@ -99,7 +100,7 @@ class LlamaModel(nn.Module):
         x, placement = run_layers(self.layers.values(), x, REPLICATE, bias, self.config.activation_checkpointing)
         if self.norm is not None:  # before the gather: each rank normalises only its own positions
             x = self.norm(x)
-        return redistribute(x, placement, "NONE", self.ctx)
+        return redistribute(x, placement, Method.NONE, self.ctx)
 
 
 class LlamaForCausalLM(nn.Module):
