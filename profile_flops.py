@@ -14,10 +14,10 @@ import importlib
 
 import torch
 
+from galaxy.errors import ConfigError
 from galaxy.profiler import get_model_profile
 from galaxy.train.cli import config_overrides
 from galaxy.train.config import load_config
-from galaxy.errors import ConfigError
 
 # --model: (package, config class, model class); each model class takes Config.from_dict(cfg)
 MODELS = {"bert": ("galaxy.models.bert", "BertConfig", "BertForMaskedLM"),

@@ -21,7 +21,7 @@ class Connective(nn.Module):
         super().__init__()
         self.norm, self.method, self.ctx = norm, method, ctx
         self.dropout = LayoutInvariantDropout(dropout_p, site)
-        self.adapter = None  # a bottleneck adapter set by galaxy.models.tuning (Houlsby: before the residual add)
+        self.adapter = None  # a bottleneck adapter set by galaxy.tuning.apply (Houlsby: before the residual add)
         if method is Method.SP:
             set_spec(*self.parameters(), grad_sum=GradSum.STAGE)
 

@@ -1,9 +1,8 @@
 """LoRA layers (Hu et al., 2021): a frozen weight W plus a trainable low-rank
 update (B @ A) * lora_alpha / r.
 
-Tensor parallelism needs no special layer: build the LoRA layer with the
-shard's own in/out sizes and load it with the matching slice of the full
-lora_A / lora_B (see `lora_shard_slices`).
+On a tensor-parallel shard, galaxy.loralib.shard.LoraShard holds the matching
+slice of the full lora_A / lora_B.
 """
 import math
 
@@ -177,25 +176,3 @@ class MergedLinear(_LoRALinearBase):
             after_b = torch.einsum("...nr,ncr->...nc", after_a, b).flatten(-2)
             out = out + self._to_all_chunks(after_b) * self.scaling
         return out
-
-
-def lora_shard_slices(kind: str, start: int, length: int) -> dict:
-    """Which part of a full LoRA pair a tensor-parallel shard holds.
-
-    A shard of a linear split along its outputs ("column", output rows
-    [start, start + length)) holds all of lora_A and rows of lora_B; a shard
-    split along its inputs ("row", input columns [start, start + length))
-    holds columns of lora_A and all of lora_B. Returns
-    {"lora_A": spec, "lora_B": spec}, spec = (dim, slice) or None for the
-    whole tensor, e.g. `full.narrow(dim, sl.start, sl.stop - sl.start)`.
-
-    Column shards' outputs concatenate; row shards' outputs sum (add the bias
-    once, after the sum). Applies to `Linear`, whose lora_A / lora_B do not
-    depend on fan_in_fan_out.
-    """
-    held = slice(start, start + length)
-    if kind == "column":
-        return {"lora_A": None, "lora_B": (0, held)}
-    if kind == "row":
-        return {"lora_A": (1, held), "lora_B": None}
-    raise ValueError(f"unknown shard kind {kind!r}; expected 'column' or 'row'")

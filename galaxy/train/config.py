@@ -7,11 +7,11 @@ import hashlib
 import json
 from pathlib import Path
 
+from galaxy.errors import ConfigError
 from galaxy.models.llama.config import LlamaConfig
-from galaxy.models.tuning import check_tuning
 from galaxy.plan import check_kv_heads
 from galaxy.seeding import DEFAULT_SEED
-from galaxy.errors import ConfigError
+from galaxy.tuning.keys import check_tuning
 
 INT_LIST = "list[int]"
 

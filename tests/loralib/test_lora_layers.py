@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from galaxy.loralib import Embedding, Linear, MergedLinear, lora_shard_slices
+from galaxy.loralib import Embedding, Linear, MergedLinear
 
 torch.manual_seed(0)
 F64 = dict(dtype=torch.float64)
@@ -129,14 +129,12 @@ def test_merged_linear_rejects_uneven_or_empty_chunks():
 
 
 def _shard(full_state, kind, start, length):
-    """Slice a full LoRA Linear state the way checkpoint code would."""
-    specs = lora_shard_slices(kind, start, length)
-    weight_dim = 0 if kind == "column" else 1
-    shard = {"weight": full_state["weight"].narrow(weight_dim, start, length)}
+    """Slice a full LoRA Linear state: a column shard holds rows of weight and lora_B, a row
+    shard columns of weight and lora_A."""
+    dim, held = (0, "lora_B") if kind == "column" else (1, "lora_A")
+    shard = {"weight": full_state["weight"].narrow(dim, start, length)}
     for name in ("lora_A", "lora_B"):
-        spec = specs[name]
-        t = full_state[name]
-        shard[name] = t if spec is None else t.narrow(spec[0], spec[1].start, spec[1].stop - spec[1].start)
+        shard[name] = full_state[name].narrow(dim, start, length) if name == held else full_state[name]
     return shard
 
 
@@ -159,7 +157,3 @@ def test_sharded_lora_matches_full(kind):
     combined = torch.cat(outs, dim=-1) if kind == "column" else sum(outs)
     torch.testing.assert_close(combined, full(x))
 
-
-def test_shard_slices_reject_unknown_kind():
-    with pytest.raises(ValueError, match="diagonal"):
-        lora_shard_slices("diagonal", 0, 4)

@@ -17,10 +17,10 @@ from galaxy.layers.dropout import set_dropout_seed
 from galaxy.models.bert import BertConfig, BertForMaskedLM
 from galaxy.models.bert.model import mlm_to_hf
 from galaxy.models.checkpoint import full_shape, own_slice
-from galaxy.models.tuning import apply_tuning
 from galaxy.plan import build_plan
 from galaxy.train.config import load_config
 from galaxy.train.grad_sync import GradSync
+from galaxy.tuning.apply import apply_tuning
 from tests.helpers import run_ranks, seeded
 
 MODEL = dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_hidden_layers=2, vocab_size=64,
