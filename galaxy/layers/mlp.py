@@ -20,7 +20,7 @@ class MLP(nn.Module):
         super().__init__()
         if act not in ACTIVATIONS:
             raise ValueError(f"hidden_act '{act}' is not one of {sorted(ACTIVATIONS)}")
-        self.act = ACTIVATIONS[act]
+        self.act, self.method = ACTIVATIONS[act], method
         cols = ctx.columns if method is Method.TP else range(intermediate)
         self.gate = ColumnLinear(hidden, cols, intermediate, bias) if gated else None
         self.up = ColumnLinear(hidden, cols, intermediate, bias)

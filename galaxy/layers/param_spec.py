@@ -1,7 +1,6 @@
-"""One typed record per parameter: which slice of which full tensor it holds and how its
-gradient is reduced. Layers set it as they build (`set_spec`, the only writer); gradient
-sync, clipping, checkpoints, initialisation, the pipeline's tied copies and tuning read it
-(`spec_of`). A parameter nobody marked holds the whole tensor and is summed over replicas."""
+"""One typed record per parameter: which slice of which full tensor it holds and how its gradient
+is reduced. Layers set it as they build (`set_spec`, the only writer); gradient sync, clipping,
+checkpoints, initialisation, tied copies and tuning read it (`spec_of`). Unmarked: ParamSpec()."""
 from dataclasses import dataclass, replace
 from enum import Enum
 

@@ -6,14 +6,8 @@ An activation [B, T, H] is in one of three placements across the tensor group:
     PARTIAL    every rank holds a whole-shaped tensor that is one term of a sum (TP block output)
 
 A block of method NONE or TP consumes REPLICATE, SP consumes SEQ. NONE produces REPLICATE,
-TP produces PARTIAL, SP produces SEQ. Every layout is this table applied between blocks
-(TABLE below; `redistribute` runs it):
-
-    from \\ to block   NONE               TP                     SP
-    REPLICATE          -                  copy_to_all            split_scatter
-    SEQ                gather_along_dim   all_gather             -
-    PARTIAL            all_reduce         all_reduce+copy        reduce_scatter
-"""
+TP produces PARTIAL, SP produces SEQ. Every layout is TABLE below applied between blocks
+(`redistribute` runs it)."""
 from enum import Enum
 
 from galaxy.comm import collectives as C
@@ -23,9 +17,7 @@ SEQ_DIM = 1
 
 
 class Placement(Enum):
-    REPLICATE = "replicate"
-    SEQ = "seq"
-    PARTIAL = "partial"
+    REPLICATE, SEQ, PARTIAL = "replicate", "seq", "partial"
 
 
 REPLICATE, SEQ, PARTIAL = Placement

@@ -1,6 +1,6 @@
 from .layers import Embedding, Linear, LoRALayer, MergedLinear
 from .shard import LoraShard
-from .utils import count_lora_parameters, lora_state_dict, mark_only_lora_as_trainable
+from .utils import lora_state_dict, mark_only_lora_as_trainable
 
 __all__ = ["LoRALayer", "Linear", "Embedding", "MergedLinear", "LoraShard",
-           "mark_only_lora_as_trainable", "lora_state_dict", "count_lora_parameters"]
+           "mark_only_lora_as_trainable", "lora_state_dict"]

@@ -3,7 +3,9 @@
 A column-parallel projection (output rows split) keeps lora_A whole and holds lora_B's rows; a
 row-parallel one (input columns split) holds lora_A's columns and keeps lora_B whole. The whole
 factor's gradient is then one rank's share of a sum (GradSum.STAGE); in an SP block every
-parameter's is, like the block's own weights (each rank saw only its positions).
+parameter's is, like the block's own weights (each rank saw only its positions). LoraShard takes
+over the base's weight and bias Parameters (loaded values and ParamSpecs, so checkpoints still
+find them); its dropout mask is its part of the full input's mask, so it matches the serial run's.
 """
 import torch.nn.functional as F
 
@@ -15,11 +17,6 @@ from .layers import Linear
 
 
 class LoraShard(Linear):
-    """It takes over the base's weight and bias Parameters (loaded values and ParamSpecs, so
-    checkpoints still find them) and adds its part of the full LoRA pair. The LoRA input's
-    dropout mask is its part of the full input's mask, so it matches the serial run's.
-    """
-
     def __init__(self, base, cfg, method, ctx, site):
         out_features, in_features = base.weight.shape
         super().__init__(in_features, out_features, r=cfg["lora_dim"], lora_alpha=cfg["lora_alpha"],

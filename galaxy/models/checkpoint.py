@@ -115,7 +115,7 @@ def _match(params, where, handles, to_hf, strip_prefix):
     checkpoint lacks or holds in another shape (checked against the full, unsharded shape)."""
     found, missing, reshaped = [], [], []
     for name, param in params:
-        hf = to_hf(_source_name(name, param))
+        hf = to_hf(spec_of(param).init_name or name)  # a pipeline's copy of a tied weight loads as its original
         if hf not in where and strip_prefix and hf.startswith(strip_prefix):
             hf = hf[len(strip_prefix):]
         named = f"'{hf}'" + (f" (parameter '{name}')" if hf != name else "")
@@ -160,11 +160,6 @@ def own_slice(full, param):
     """The part of a full (unsharded) tensor that `param` holds (all of it when not sharded)."""
     shard = spec_of(param).shard
     return full if shard is None else full.narrow(shard.dim, shard.start, shard.length)
-
-
-def _source_name(name, param):
-    """A pipeline's copy of a tied weight (last stage) loads, and is saved, as its original."""
-    return spec_of(param).init_name or name
 
 
 def _read_slice(view, param):

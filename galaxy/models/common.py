@@ -54,9 +54,7 @@ def init_new_parameters(model, existing, zero_init, seed):
     """The parameters not in `existing` (ids; a tuning method's): biases 0, norm weights 1,
     `zero_init` matrices 0, other matrices nn.Linear's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
     drawn per full tensor from the stream (run seed, "tuning init", name), then sliced."""
-    for name, p in model.named_parameters():
-        if id(p) in existing:
-            continue
+    for name, p in ((n, p) for n, p in model.named_parameters() if id(p) not in existing):
         full = full_shape(p)
         if name.endswith("bias") or (p.dim() < 2 and "norm" not in name) or any(z in name for z in zero_init):
             value = torch.zeros(full)

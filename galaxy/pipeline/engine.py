@@ -43,8 +43,7 @@ class TiedCopies:
     so both copies take the same optimizer step and stay equal. Collective to construct."""
 
     def __init__(self, model, ctx):
-        specs = {p: spec_of(p) for p in model.parameters()}
-        copies = {s.init_name: p for p, s in specs.items() if s.grad_sum is GradSum.TIED}
+        copies = {spec_of(p).init_name: p for p in model.parameters() if spec_of(p).grad_sum is GradSum.TIED}
         per_stage = [None] * ctx.plan.pp_size
         dist.all_gather_object(per_stage, sorted(copies), group=ctx.pp_group)
         names = per_stage[-1]  # the last stage holds the copies

@@ -79,12 +79,9 @@ def grad_groups(model, ctx):
     """[(name, params, group, group size)]: GradSum.STAGE parameters summed over the stage, the rest
     over the data-parallel replicas (a group of size 1 moves nothing)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-
-    def over_stage(p):
-        return ctx.tp_size > 1 and spec_of(p).grad_sum is GradSum.STAGE
-
-    return [("stage", [p for p in trainable if over_stage(p)], ctx.stage_group, ctx.tp_size * ctx.plan.dp_size),
-            ("data-parallel", [p for p in trainable if not over_stage(p)], ctx.dp_group, ctx.plan.dp_size)]
+    stage = {id(p) for p in trainable if ctx.tp_size > 1 and spec_of(p).grad_sum is GradSum.STAGE}
+    return [("stage", [p for p in trainable if id(p) in stage], ctx.stage_group, ctx.tp_size * ctx.plan.dp_size),
+            ("data-parallel", [p for p in trainable if id(p) not in stage], ctx.dp_group, ctx.plan.dp_size)]
 
 
 class GradSync:

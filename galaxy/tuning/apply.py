@@ -2,9 +2,8 @@
 
 `apply_tuning(model, cfg, ctx)` runs once the model is built and its weights are loaded. It
 adds the method's modules to the blocks this rank holds (it walks the rank's TransformerLayers,
-so a pipeline stage holding only some layers works too), gives the new parameters
-layout-invariant initial values (galaxy.models.common.init_new_parameters) and their ParamSpec,
-and freezes every other parameter. The optimizer and gradient sync then see only what trains.
+so a pipeline stage holding only some layers works too), gives the new parameters layout-invariant
+initial values (galaxy.models.common.init_new_parameters) and ParamSpecs, and freezes the rest.
 
 How each method meets the layouts:
   LoRA     galaxy.loralib.LoraShard on each targeted projection: it holds its part of the full
@@ -30,8 +29,6 @@ from galaxy.loralib import LoraShard, mark_only_lora_as_trainable
 from galaxy.models.common import init_new_parameters
 from galaxy.plan import Method
 from galaxy.tuning.keys import LORA_TARGETS, check_tuning, tuning_method
-
-BLOCK_METHOD = {"attn": "att", "mlp": "mlp"}  # which Plan field says how a block is split
 
 
 def apply_tuning(model, cfg, ctx):
@@ -69,9 +66,8 @@ def _add_lora(model, cfg, ctx):
         for target in cfg["lora_targets"]:
             block_name, proj = LORA_TARGETS[target]
             block = getattr(layer, block_name)
-            method = getattr(ctx.plan, BLOCK_METHOD[block_name])
             site = f"{name}.{block_name}.{proj}"  # a dropout site no other module uses
-            setattr(block, proj, LoraShard(getattr(block, proj), cfg, method, ctx, site))
+            setattr(block, proj, LoraShard(getattr(block, proj), cfg, block.method, ctx, site))
 
 
 def _add_adapters(model, cfg):

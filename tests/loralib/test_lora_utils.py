@@ -1,7 +1,7 @@
 import pytest
 import torch.nn as nn
 
-from galaxy.loralib import Linear, count_lora_parameters, lora_state_dict, mark_only_lora_as_trainable
+from galaxy.loralib import Linear, lora_state_dict, mark_only_lora_as_trainable
 
 
 def _model():
@@ -33,8 +33,3 @@ def test_unknown_bias_mode_raises_and_changes_nothing():
     with pytest.raises(ValueError, match="'some'"):
         lora_state_dict(model, bias="some")
     assert _trainable(model) == before
-
-
-def test_count_lora_parameters():
-    model = nn.Sequential(Linear(8, 4, r=2), Linear(4, 6, r=3), nn.Linear(6, 6))
-    assert count_lora_parameters(model) == 2 * (8 + 4) + 3 * (4 + 6)
