@@ -19,13 +19,14 @@ import torch
 from galaxy.comm import launch
 from galaxy.comm.context import ParallelContext
 from galaxy.data import Tokenizer
+from galaxy.errors import ConfigError
 from galaxy.models.checkpoint import CheckpointError
 from galaxy.models.llama import LlamaConfig, LlamaForCausalLM
 from galaxy.models.llama.generate import check_can_generate, greedy_generate
-from galaxy.models.tuning import TUNING_FILE, apply_tuning, read_tuning_record
 from galaxy.plan import build_plan
 from galaxy.train.config import SCHEMA, load_config
-from galaxy.train.errors import ConfigError
+from galaxy.tuning.apply import apply_tuning
+from galaxy.tuning.keys import TUNING_FILE, read_tuning_record
 
 
 def parse(argv=None):

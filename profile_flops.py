@@ -14,10 +14,10 @@ import argparse
 import torch
 
 from galaxy.models.registry import MODELS, build_model
+from galaxy.errors import ConfigError
 from galaxy.profiler import get_model_profile
 from galaxy.train.cli import config_overrides
 from galaxy.train.config import load_config
-from galaxy.train.errors import ConfigError
 
 
 def main(argv=None):

@@ -23,6 +23,7 @@ from galaxy.comm.stats import BWD, FWD, GRAD, label
 from galaxy.layers.placement import PRODUCES, REPLICATE, TABLE, consumes
 from galaxy.pipeline.engine import pipeline_streams
 from galaxy.pipeline.schedule import format_actions, schedule_actions
+from galaxy.plan import Method
 from galaxy.train.grad_sync import grad_groups
 
 BYTES_PER_ELEMENT = 4  # fp32 activations and gradients (bf16 autocast would change some, not all)
@@ -61,7 +62,7 @@ def _op_moves(layer, where, op, full, local, times):
 
 def _table_moves(layer, where, src, method, full, local, times):
     """The collectives the placement table puts at one block boundary."""
-    return [m for op in TABLE[src, method] for m in _op_moves(layer, where, op, full, local, times)]
+    return [m for op in TABLE[src, method] for m in _op_moves(layer, where, op.__name__, full, local, times)]
 
 
 def activation_moves(plan, cfg, rank):
@@ -77,13 +78,13 @@ def activation_moves(plan, cfg, rank):
     for layer in ctx.layers:
         for where, src, method in layer_boundaries(plan, placement):
             moves += _table_moves(layer, where, src, method, full, local, times)
-        if plan.att == "SP":  # SP attention gathers every position's keys and values (Attention.forward)
+        if plan.att is Method.SP:  # SP attention gathers every position's keys and values (Attention.forward)
             for name in ("K", "V"):
                 moves += _op_moves(layer, f"ATT {name}", "all_gather", (b, kv, T, d), (b, kv, t, d), times)
         placement = consumes(plan.con)
         if side:  # the side network reads each layer's output replicated
-            moves += _table_moves(layer, "layer out -> side", placement, "NONE", full, local, times)
-    moves += _table_moves(None, "encoder out", placement, "NONE", full, local, times)
+            moves += _table_moves(layer, "layer out -> side", placement, Method.NONE, full, local, times)
+    moves += _table_moves(None, "encoder out", placement, Method.NONE, full, local, times)
     # side-tuning reads the frozen backbone detached: no gradient, so no backward collective, flows through it
     return [m for m in moves if m.phase == FWD] if side else moves
 
@@ -149,8 +150,8 @@ def _mib(n):
 
 def ownership(plan):
     """Which slice of each split dimension every rank owns ("all" where it is not split)."""
-    split = {"heads": plan.att == "TP", "kv_heads": plan.att == "TP", "columns": plan.mlp == "TP",
-             "positions": "SP" in (plan.att, plan.con, plan.mlp), "layers": True}
+    split = {"heads": plan.att is Method.TP, "kv_heads": plan.att is Method.TP, "columns": plan.mlp is Method.TP,
+             "positions": plan.seq_sharded, "layers": True}
     lines = [f"{'rank':>4} {'tp':>3} {'dp':>3} {'pp':>3} " + " ".join(f"{k:>10}" for k in split)]
     for rank in range(plan.world):
         c = ParallelContext(plan, rank)

@@ -14,30 +14,33 @@ what to build; they never branch on layout names.
     dp / pp              NONE       NONE       NONE   (+ data / pipeline groups)
 """
 from dataclasses import dataclass
+from enum import Enum
 
-from galaxy.train.errors import ConfigError
+from galaxy.errors import ConfigError
 
-LAYOUTS = {
-    "serial": ("NONE", "NONE", "NONE"),
-    "tp": ("TP", "NONE", "TP"),
-    "sp": ("SP", "SP", "SP"),
-    "galaxy": ("TP", "SP", "TP"),
-    "galaxy2": ("TP", "SP", "SP"),
-    "dp": ("NONE", "NONE", "NONE"),
-    "pp": ("NONE", "NONE", "NONE"),
-}
-BLOCK_METHODS = {
-    "att_parallel_method": ("TP", "SP", "NONE"),
-    "con_parallel_method": ("SP", "NONE"),
-    "mlp_parallel_method": ("TP", "SP", "NONE"),
-}
+
+class Method(Enum):
+    """How a block is split over the tensor group (config values "TP", "sp", "None", ... parse to it)."""
+    NONE = "NONE"  # every rank computes the whole block
+    TP = "TP"  # attention heads / MLP intermediate columns split
+    SP = "SP"  # sequence positions split
+
+    def __str__(self):
+        return self.value
+
+
+NONE, TP, SP = Method
+LAYOUTS = {"serial": (NONE, NONE, NONE), "tp": (TP, NONE, TP), "sp": (SP, SP, SP), "galaxy": (TP, SP, TP),
+           "galaxy2": (TP, SP, SP), "dp": (NONE, NONE, NONE), "pp": (NONE, NONE, NONE)}
+BLOCK_METHODS = {"att_parallel_method": (TP, SP, NONE), "con_parallel_method": (SP, NONE),
+                 "mlp_parallel_method": (TP, SP, NONE)}
 
 
 @dataclass(frozen=True)
 class Plan:
-    att: str = "NONE"
-    con: str = "NONE"
-    mlp: str = "NONE"
+    att: Method = NONE
+    con: Method = NONE
+    mlp: Method = NONE
     tp_size: int = 1          # ranks sharing one layer's tensors (TP/SP/Galaxy group)
     dp_size: int = 1          # model replicas
     pp_size: int = 1          # pipeline ranks (each holds virtual_stages chunks: stage c * pp_size + rank)
@@ -47,6 +50,11 @@ class Plan:
     positions: tuple = ()     # sequence positions per tensor rank
     stage_layers: tuple = ()  # transformer layers per (model) pipeline stage: pp_size x virtual_stages
     virtual_stages: int = 1   # chunks of layers per pipeline rank (interleaved 1F1B)
+
+    @property
+    def seq_sharded(self):
+        """Some block splits sequence positions (every batch then has the full sequence length)."""
+        return SP in (self.att, self.con, self.mlp)
 
     @property
     def world(self):
@@ -86,9 +94,9 @@ def _methods(cfg):
     methods = dict(zip(BLOCK_METHODS, LAYOUTS[layout]))
     for key, allowed in BLOCK_METHODS.items():
         if cfg.get(key) is not None:
-            value = cfg[key].upper()
-            if value not in allowed:
-                raise ConfigError(f"{key} '{cfg[key]}' is not one of {list(allowed)}")
+            value = next((m for m in allowed if m.value == str(cfg[key]).upper()), None)
+            if value is None:
+                raise ConfigError(f"{key} '{cfg[key]}' is not one of {[m.value for m in allowed]}")
             methods[key] = value
     return methods
 
@@ -116,7 +124,7 @@ def build_plan(cfg, world):
     if chunks > 1 and microbatches % pp:
         raise ConfigError(f"virtual_stages {chunks}: micro-batches per step (gradient_accumulation_steps x "
                           f"num_microbatches = {microbatches}) must be a multiple of the {pp} pipeline ranks")
-    sharded = any(v != "NONE" for v in m.values())
+    sharded = any(v is not NONE for v in m.values())
     dp = cfg.get("data_parallel_size") or (1 if sharded else world // pp)
     if world % (pp * dp):
         raise ConfigError(f"data_parallel_size {dp} x {pp} pipeline stages does not divide world size {world}")
@@ -129,12 +137,12 @@ def build_plan(cfg, world):
         raise ConfigError(f"world {world} = {pp} stages x {dp} replicas x {tp}, but no block is parallel: "
                           f"set parallel or att/con/mlp_parallel_method, or data_parallel_size")
     heads = _split(cfg, "tp_num_attention_heads_list", cfg["num_attention_heads"], tp, "attention head") \
-        if m["att_parallel_method"] == "TP" else (cfg["num_attention_heads"],) * tp
-    kv = _kv_split(cfg, heads) if m["att_parallel_method"] == "TP" else (_kv_heads(cfg),) * tp
+        if m["att_parallel_method"] is TP else (cfg["num_attention_heads"],) * tp
+    kv = _kv_split(cfg, heads) if m["att_parallel_method"] is TP else (_kv_heads(cfg),) * tp
     columns = _split(cfg, "tp_intermediate_size_list", cfg["intermediate_size"], tp, "intermediate column") \
-        if m["mlp_parallel_method"] == "TP" else (cfg["intermediate_size"],) * tp
+        if m["mlp_parallel_method"] is TP else (cfg["intermediate_size"],) * tp
     positions = _split(cfg, "seq_scatter_list", cfg["seq_length"], tp, "sequence position") \
-        if "SP" in m.values() else (cfg["seq_length"],) * tp
+        if SP in m.values() else (cfg["seq_length"],) * tp
     return Plan(att=m["att_parallel_method"], con=m["con_parallel_method"], mlp=m["mlp_parallel_method"],
                 tp_size=tp, dp_size=dp, pp_size=pp, heads=heads, kv_heads=kv, columns=columns,
                 positions=positions, stage_layers=stage_layers, virtual_stages=chunks)

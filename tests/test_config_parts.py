@@ -6,7 +6,7 @@ import pytest
 
 from galaxy.plan import build_plan
 from galaxy.train.config import load_config, read_config
-from galaxy.train.errors import ConfigError
+from galaxy.errors import ConfigError
 from tests.helpers import ROOT
 
 RECIPES = sorted(p for arch in ("bert", "llama", "bart") for p in (ROOT / "train_config" / arch).rglob("*.json"))

@@ -16,8 +16,10 @@ from torch import nn
 
 from galaxy.comm import collectives as C
 from galaxy.layers.dropout import LayoutInvariantDropout
-from galaxy.layers.linear import ColumnLinear, RowLinear, mark_partial_grad
+from galaxy.layers.linear import ColumnLinear, RowLinear
+from galaxy.layers.param_spec import GradSum, set_spec
 from galaxy.layers.tiling import column_in, row_out
+from galaxy.plan import Method
 
 
 class KVCache:
@@ -47,25 +49,23 @@ class Attention(nn.Module):
         num_kv_heads = num_kv_heads or num_heads
         self.method, self.ctx, self.rotary = method, ctx, rotary
         self.head_dim = head_dim or hidden // num_heads
-        heads = ctx.heads if method == "TP" else range(num_heads)
-        kv_heads = ctx.kv_heads if method == "TP" else range(num_kv_heads)
+        heads = ctx.heads if method is Method.TP else range(num_heads)
+        kv_heads = ctx.kv_heads if method is Method.TP else range(num_kv_heads)
         self.heads, self.num_heads, self.n_local, self.kv_local = heads, num_heads, len(heads), len(kv_heads)
         q_dim, kv_dim = num_heads * self.head_dim, num_kv_heads * self.head_dim
         self.q = ColumnLinear(hidden, _scaled(heads, self.head_dim), q_dim, bias)
         self.k = ColumnLinear(hidden, _scaled(kv_heads, self.head_dim), kv_dim, bias)
         self.v = ColumnLinear(hidden, _scaled(kv_heads, self.head_dim), kv_dim, bias)
         self.o = RowLinear(_scaled(heads, self.head_dim), q_dim, hidden, bias,
-                           owns_bias=method != "TP" or ctx.tp_rank == 0)
-        if method == "TP" and bias:
-            self.o.bias.partial_grad = True
-        if method == "SP":
-            mark_partial_grad(self)
+                           owns_bias=method is not Method.TP or ctx.tp_rank == 0)
+        if method is Method.SP:
+            set_spec(*self.parameters(), grad_sum=GradSum.STAGE)
         self.dropout = LayoutInvariantDropout(dropout_p, site)
         self.tiling = None  # set by TransformerLayer when overlap_tiles > 1 (galaxy.layers.tiling)
         self.kv_cache = None
 
     def query_positions(self, seq_len):
-        return self.ctx.positions if self.method == "SP" else range(seq_len)
+        return self.ctx.positions if self.method is Method.SP else range(seq_len)
 
     def forward(self, x, attn_bias=None, kv_input=None):
         """x [B, t, H]; attn_bias additive, broadcastable to [B, heads, T, T_kv] over *all* positions.
@@ -78,14 +78,14 @@ class Attention(nn.Module):
         q = q.view(B, t, self.n_local, self.head_dim).transpose(1, 2)
         k = k.view(B, k.shape[1], self.kv_local, self.head_dim).transpose(1, 2)
         v = v.view(B, v.shape[1], self.kv_local, self.head_dim).transpose(1, 2)
-        seq_len = sum(self.ctx.plan.positions) if self.method == "SP" else t
+        seq_len = sum(self.ctx.plan.positions) if self.method is Method.SP else t
         rows = self.query_positions(seq_len)
         if self.kv_cache is not None:
             rows = range(self.kv_cache.length, self.kv_cache.length + t)
             seq_len = rows.stop  # the sequence so far: dynamic RoPE scales with it
         if self.rotary is not None:
             q, k = self.rotary(q, rows, seq_len), self.rotary(k, rows, seq_len)
-        if self.method == "SP":
+        if self.method is Method.SP:
             k = C.all_gather(k, 2, self.ctx.plan.positions, self.ctx.tp_group)
             v = C.all_gather(v, 2, self.ctx.plan.positions, self.ctx.tp_group)
         if self.kv_cache is not None:

@@ -1,22 +1,9 @@
-"""Linears that hold a slice of a full weight, tagged so checkpoints can slice and gather.
-
-Each parameter may carry:
-    param.shard = (dim, start, length, full)  the slice [start, start+length) of the full (Hugging
-                                        Face) tensor's `full` entries along `dim` that it holds
-    param.partial_grad = True           replicated across the tensor group, but each rank's
-                                        gradient is only its share: grads are summed over the group
-"""
+"""Linears that hold a slice of a full weight, recorded in their ParamSpec so checkpoints can
+slice and gather it."""
 import torch.nn.functional as F
 from torch import nn
 
-
-def tag_shard(param, dim, owned, full):
-    param.shard = (dim, owned.start, len(owned), full)
-
-
-def mark_partial_grad(module):
-    for p in module.parameters():
-        p.partial_grad = True
+from galaxy.layers.param_spec import GradSum, Shard, set_spec
 
 
 class ColumnLinear(nn.Linear):
@@ -24,21 +11,20 @@ class ColumnLinear(nn.Linear):
 
     def __init__(self, in_features, rows, full_out, bias=True):
         super().__init__(in_features, len(rows), bias=bias)
-        tag_shard(self.weight, 0, rows, full_out)
-        if bias:
-            tag_shard(self.bias, 0, rows, full_out)
+        set_spec(self.weight, self.bias, shard=Shard(0, rows.start, len(rows), full_out))
 
 
 class RowLinear(nn.Linear):
     """Input features `cols` of a full in -> out linear (row-parallel when cols is a slice).
-    A row-parallel output is a partial sum, so only one rank (owns_bias) adds the bias."""
+    A row-parallel output is a partial sum, so only one rank (owns_bias) adds the bias, and the
+    bias's gradient is summed over the tensor group."""
 
     def __init__(self, cols, full_in, out_features, bias=True, owns_bias=True):
         super().__init__(len(cols), out_features, bias=bias)
         self.owns_bias = owns_bias
-        tag_shard(self.weight, 1, cols, full_in)
-        if bias:
-            self.bias.unused_here = not owns_bias  # gradient sync must not wait for it
+        set_spec(self.weight, shard=Shard(1, cols.start, len(cols), full_in))
+        if len(cols) < full_in:
+            set_spec(self.bias, used_here=owns_bias, grad_sum=GradSum.STAGE)
 
     def forward(self, x):
         return F.linear(x, self.weight, self.bias if self.owns_bias else None)

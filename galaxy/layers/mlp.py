@@ -7,8 +7,10 @@
 import torch.nn.functional as F
 from torch import nn
 
-from galaxy.layers.linear import ColumnLinear, RowLinear, mark_partial_grad
+from galaxy.layers.linear import ColumnLinear, RowLinear
+from galaxy.layers.param_spec import GradSum, set_spec
 from galaxy.layers.tiling import column_in, row_out
+from galaxy.plan import Method
 
 ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu, "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
 
@@ -18,15 +20,13 @@ class MLP(nn.Module):
         super().__init__()
         if act not in ACTIVATIONS:
             raise ValueError(f"hidden_act '{act}' is not one of {sorted(ACTIVATIONS)}")
-        self.act = ACTIVATIONS[act]
-        cols = ctx.columns if method == "TP" else range(intermediate)
+        self.act, self.method = ACTIVATIONS[act], method
+        cols = ctx.columns if method is Method.TP else range(intermediate)
         self.gate = ColumnLinear(hidden, cols, intermediate, bias) if gated else None
         self.up = ColumnLinear(hidden, cols, intermediate, bias)
-        self.down = RowLinear(cols, intermediate, hidden, bias, owns_bias=method != "TP" or ctx.tp_rank == 0)
-        if method == "TP" and bias:
-            self.down.bias.partial_grad = True
-        if method == "SP":
-            mark_partial_grad(self)
+        self.down = RowLinear(cols, intermediate, hidden, bias, owns_bias=method is not Method.TP or ctx.tp_rank == 0)
+        if method is Method.SP:
+            set_spec(*self.parameters(), grad_sum=GradSum.STAGE)
         self.tiling = None  # set by TransformerLayer when overlap_tiles > 1 (galaxy.layers.tiling)
 
     def forward(self, x):

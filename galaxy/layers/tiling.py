@@ -13,6 +13,7 @@ from galaxy.comm import collectives as C
 from galaxy.comm import overlap
 from galaxy.layers.linear import ColumnLinear, RowLinear
 from galaxy.layers.placement import SEQ, SEQ_DIM
+from galaxy.plan import Method
 
 
 class Tiling:
@@ -24,9 +25,9 @@ class Tiling:
 
 def tiling_for(method, src, con, ctx, tiles):
     """A Tiling for a block of `method` fed from placement `src` and feeding connective `con`, or None."""
-    if tiles <= 1 or method != "TP" or ctx.tp_group is None:
+    if tiles <= 1 or method is not Method.TP or ctx.tp_group is None:
         return None
-    gather_in, scatter_out = src == SEQ, con == "SP"
+    gather_in, scatter_out = src == SEQ, con is Method.SP
     return Tiling(tiles, ctx, gather_in, scatter_out) if gather_in or scatter_out else None
 
 

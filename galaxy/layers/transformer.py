@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from galaxy.layers.dropout import LayoutInvariantDropout
-from galaxy.layers.linear import mark_partial_grad
+from galaxy.layers.param_spec import GradSum, set_spec
 from galaxy.layers.placement import PRODUCES, SEQ, consumes, redistribute
 from galaxy.layers.tiling import tiling_for
+from galaxy.plan import Method
 
 
 class Connective(nn.Module):
@@ -20,13 +21,13 @@ class Connective(nn.Module):
         super().__init__()
         self.norm, self.method, self.ctx = norm, method, ctx
         self.dropout = LayoutInvariantDropout(dropout_p, site)
-        self.adapter = None  # a bottleneck adapter set by galaxy.models.tuning (Houlsby: before the residual add)
-        if method == "SP":
-            mark_partial_grad(self)
+        self.adapter = None  # a bottleneck adapter set by galaxy.tuning.apply (Houlsby: before the residual add)
+        if method is Method.SP:
+            set_spec(*self.parameters(), grad_sum=GradSum.STAGE)
 
     def forward(self, h, residual):
         full_shape, index = None, None
-        if self.method == "SP":
+        if self.method is Method.SP:
             pos = self.ctx.positions
             full_shape = (h.shape[0], sum(self.ctx.plan.positions)) + tuple(h.shape[2:])
             index = (slice(None), slice(pos.start, pos.stop))
@@ -45,7 +46,7 @@ class TransformerLayer(nn.Module):
         self.plan, self.input_placement = plan, input_placement
         for norm, placement in ((norm_in, input_placement), (norm_mid, self.output_placement)):
             if norm is not None and placement == SEQ:
-                mark_partial_grad(norm)
+                set_spec(*norm.parameters(), grad_sum=GradSum.STAGE)
         # TP blocks next to SP connectives may fuse their edge collectives into their linears
         attn.tiling = tiling_for(plan.att, input_placement, plan.con, attn.ctx, overlap_tiles)
         mlp.tiling = tiling_for(plan.mlp, self.output_placement, plan.con, attn.ctx, overlap_tiles)

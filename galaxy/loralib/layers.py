@@ -1,8 +1,8 @@
 """LoRA (Hu et al., 2021): a frozen weight W plus a trainable low-rank update
 (B @ A) * lora_alpha / r, as a drop-in for nn.Linear.
 
-Tensor parallelism needs no special layer: galaxy.models.tuning builds one on each shard
-with the shard's own sizes (a column shard holds rows of lora_B, a row shard columns of lora_A).
+On a tensor-parallel shard, galaxy.loralib.shard.LoraShard holds the matching
+slice of the full lora_A / lora_B.
 """
 import math
 

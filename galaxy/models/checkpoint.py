@@ -1,7 +1,7 @@
 """Hugging Face safetensors checkpoints in and out of any layout.
 
 Loading: every rank opens the checkpoint lazily and reads only the slices its parameters
-hold (`param.shard`), so no rank materialises the full model. A directory may hold one
+hold (their ParamSpec's shard), so no rank materialises the full model. A directory may hold one
 model.safetensors or shards listed in model.safetensors.index.json.
 
 Saving: shards are gathered over the tensor group; the first tensor rank of the first
@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from galaxy.comm import collectives as C
+from galaxy.layers.param_spec import GradSum, spec_of
 
 INDEX = "model.safetensors.index.json"
 
@@ -129,7 +130,7 @@ def _match(params, where, handles, to_hf, strip_prefix):
     checkpoint lacks or holds in another shape (checked against the full, unsharded shape)."""
     found, missing, reshaped = [], [], []
     for name, param in params:
-        hf = to_hf(_source_name(name, param))
+        hf = to_hf(spec_of(param).init_name or name)  # a pipeline's copy of a tied weight loads as its original
         if hf not in where and strip_prefix and hf.startswith(strip_prefix):
             hf = hf[len(strip_prefix):]
         named = f"'{hf}'" + (f" (parameter '{name}')" if hf != name else "")
@@ -165,30 +166,23 @@ def _some(names, shown=3):
 
 
 def full_shape(param):
-    """The unsharded shape of a parameter that may hold a slice (`param.shard`)."""
-    shard = getattr(param, "shard", None)
-    shape = tuple(param.shape)
-    return shape if shard is None else shape[:shard[0]] + (shard[3],) + shape[shard[0] + 1:]
+    """The unsharded shape of a parameter that may hold a slice."""
+    shard, shape = spec_of(param).shard, tuple(param.shape)
+    return shape if shard is None else shape[:shard.dim] + (shard.full,) + shape[shard.dim + 1:]
 
 
 def own_slice(full, param):
     """The part of a full (unsharded) tensor that `param` holds (all of it when not sharded)."""
-    shard = getattr(param, "shard", None)
-    return full if shard is None else full.narrow(shard[0], shard[1], shard[2])
-
-
-def _source_name(name, param):
-    """A pipeline's copy of a tied weight (last stage) loads, and is saved, as its original."""
-    return param.init_name if getattr(param, "pipeline_copy", False) else name
+    shard = spec_of(param).shard
+    return full if shard is None else full.narrow(shard.dim, shard.start, shard.length)
 
 
 def _read_slice(view, param):
-    shard = getattr(param, "shard", None)
+    shard = spec_of(param).shard
     if shard is None:
         return view[:]
-    dim, start, length, _ = shard
     index = [slice(None)] * len(view.get_shape())
-    index[dim] = slice(start, start + length)
+    index[shard.dim] = slice(shard.start, shard.start + shard.length)
     return view[tuple(index)]
 
 
@@ -198,9 +192,9 @@ def gather_full_state(model, ctx, to_hf, tensor_of=lambda p: p.detach(), trainab
     only those with requires_grad (a fine-tune's own weights). Pipeline copies of tied weights
     are left out: the first stage holds the original."""
     params = [(n, p) for n, p in model.named_parameters()
-              if (p.requires_grad or not trainable_only) and not getattr(p, "pipeline_copy", False)]
-    meta = torch.tensor([getattr(p, "shard", (0, 0, 0, 0))[1:3] for _, p in params], dtype=torch.long,
-                        device=ctx.device)
+              if (p.requires_grad or not trainable_only) and spec_of(p).grad_sum is not GradSum.TIED]
+    shards = [spec_of(p).shard for _, p in params]
+    meta = torch.tensor([(s.start, s.length) if s else (0, 0) for s in shards], dtype=torch.long, device=ctx.device)
     # one small all-gather tells every rank where each rank's shard of each tensor starts
     meta = C.gather_along_dim(meta.unsqueeze(0), 0, [1] * ctx.tp_size, ctx.tp_group)
     out = {}
@@ -208,7 +202,7 @@ def gather_full_state(model, ctx, to_hf, tensor_of=lambda p: p.detach(), trainab
         tensor = tensor_of(p)
         starts, sizes = meta[:, i, 0].tolist(), meta[:, i, 1].tolist()
         if len(set(starts)) > 1:  # split over the tensor group (replicated tensors start at 0 everywhere)
-            tensor = C.gather_along_dim(tensor.contiguous(), p.shard[0], sizes, ctx.tp_group)
+            tensor = C.gather_along_dim(tensor.contiguous(), shards[i].dim, sizes, ctx.tp_group)
         out[to_hf(name)] = tensor.contiguous().cpu()
     return out
 

@@ -1,10 +1,12 @@
 """What every architecture shares: the serial context, building on the context's device, and
-the per-name weight init."""
+the per-name weight init (of the model's own weights and of those a tuning method adds)."""
 import functools
+import math
 
 import torch
 
 from galaxy.comm.context import ParallelContext
+from galaxy.layers.param_spec import spec_of
 from galaxy.models.checkpoint import full_shape, own_slice
 from galaxy.plan import Plan
 from galaxy.seeding import DEFAULT_SEED, generator
@@ -42,7 +44,24 @@ def init_weights(model, std, seed=DEFAULT_SEED):
         elif "norm" in name.lower() and p.dim() == 1:
             value = torch.ones(full)
         else:
-            stream = generator(seed, "init", getattr(p, "init_name", name))
+            stream = generator(seed, "init", spec_of(p).init_name or name)
             value = torch.randn(full, generator=stream, device="cpu") * std
+        with torch.no_grad():
+            p.copy_(own_slice(value, p))
+
+
+def init_new_parameters(model, existing, zero_init, seed):
+    """The parameters not in `existing` (ids; a tuning method's): biases 0, norm weights 1,
+    `zero_init` matrices 0, other matrices nn.Linear's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+    drawn per full tensor from the stream (run seed, "tuning init", name), then sliced."""
+    for name, p in ((n, p) for n, p in model.named_parameters() if id(p) not in existing):
+        full = full_shape(p)
+        if name.endswith("bias") or (p.dim() < 2 and "norm" not in name) or any(z in name for z in zero_init):
+            value = torch.zeros(full)
+        elif p.dim() < 2:
+            value = torch.ones(full)
+        else:
+            stream = generator(seed, "tuning init", name)
+            value = (torch.rand(full, generator=stream, device="cpu") * 2 - 1) / math.sqrt(full[-1])
         with torch.no_grad():
             p.copy_(own_slice(value, p))

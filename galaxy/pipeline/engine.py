@@ -13,7 +13,7 @@ The model only needs the stage interface BertForMaskedLM has:
     returns, and is given as h, a tuple of [micro_batch, seq, width] tensors, and only the
     streams that carry a gradient send one back;
   * a weight the last stage shares with the first (tied embeddings) is a separate
-    parameter there with `pipeline_copy=True` and `init_name` = the first stage's name.
+    parameter there whose ParamSpec has grad_sum GradSum.TIED and init_name the first stage's name.
 Every stage holds every micro-batch (attention masks are needed everywhere; building a
 batch is cheap), so receive shapes follow from the batch and no metadata is sent.
 """
@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from galaxy.layers.dropout import set_dropout_seed
+from galaxy.layers.param_spec import GradSum, spec_of
 from galaxy.pipeline.p2p import StageLinks
 from galaxy.pipeline.schedule import BACKWARD, FORWARD, WEIGHT, run_schedule, schedule_actions
 
@@ -44,7 +45,7 @@ class TiedCopies:
     so both copies take the same optimizer step and stay equal. Collective to construct."""
 
     def __init__(self, model, ctx):
-        copies = {p.init_name: p for _, p in model.named_parameters() if getattr(p, "pipeline_copy", False)}
+        copies = {spec_of(p).init_name: p for p in model.parameters() if spec_of(p).grad_sum is GradSum.TIED}
         per_stage = [None] * ctx.plan.pp_size
         dist.all_gather_object(per_stage, sorted(copies), group=ctx.pp_group)
         names = per_stage[-1]  # the last stage holds the copies

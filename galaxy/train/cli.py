@@ -3,9 +3,9 @@ overrides for any config key. Everything is validated before a process group is 
 import argparse
 
 from galaxy.comm import launch
+from galaxy.errors import ConfigError
 from galaxy.plan import build_plan
 from galaxy.train.config import SCHEMA, ALIASES, load_config, parse_cli_value
-from galaxy.train.errors import ConfigError
 
 
 def parse(description, default_config, argv=None):

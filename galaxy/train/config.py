@@ -10,12 +10,12 @@ import json
 from dataclasses import fields
 from pathlib import Path
 
+from galaxy.errors import ConfigError
 from galaxy.models.llama.config import LlamaConfig
 from galaxy.models.registry import MODELS
-from galaxy.models.tuning import check_tuning
 from galaxy.plan import check_kv_heads
 from galaxy.seeding import DEFAULT_SEED
-from galaxy.train.errors import ConfigError
+from galaxy.tuning.keys import check_tuning
 
 INT_LIST = "list[int]"
 

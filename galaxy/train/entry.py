@@ -19,12 +19,13 @@ from galaxy.data import DataError
 from galaxy.explain import explain
 from galaxy.models.checkpoint import CheckpointError
 from galaxy.models.registry import MODELS, build_model
-from galaxy.models.tuning import apply_tuning, save_tuning_record
 from galaxy.pipeline import PipelineForwardBackward, format_actions
 from galaxy.profiler import observe
 from galaxy.train import checkpoint, cli, outputs
 from galaxy.train.config import config_hash
 from galaxy.train.loop import NonFiniteError, Trainer, run_training
+from galaxy.tuning.apply import apply_tuning
+from galaxy.tuning.keys import save_tuning_record
 
 
 def check_same_config(cfg, ctx):

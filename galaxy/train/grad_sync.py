@@ -1,12 +1,9 @@
 """Gradient reduction that starts during backward (bucketed, asynchronous), as DDP does.
 
-Two kinds of parameters need their gradients summed after backward:
-  * every trainable parameter, over the data-parallel replicas (the loss is already divided
-    by the global token count, so a sum gives the serial gradient);
-  * replicated parameters marked `partial_grad` (used on a sequence shard, or a row-parallel
-    bias added on one rank only), additionally over the tensor group.
-A partial_grad parameter is therefore summed over the whole stage (tensor x data ranks)
-and every other one over the data group, each by its own GradBuckets.
+A parameter's ParamSpec.grad_sum says over which ranks its gradient is summed (the loss is
+already divided by the global token count, so a sum gives the serial gradient): GradSum.STAGE
+over the whole stage (tensor x data ranks), every other one over the data-parallel replicas,
+each by its own GradBuckets (GradSum.TIED copies are then summed by the pipeline engine).
 """
 import time
 
@@ -14,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from galaxy.comm import stats
+from galaxy.layers.param_spec import GradSum, spec_of
 
 
 class GradBuckets:
@@ -41,7 +39,7 @@ class GradBuckets:
     def arm(self):
         self.armed, self.next_launch = self.group is not None, 0
         # a parameter this rank never uses (a bias added on another rank) is ready from the start
-        self.waiting = [sum(not getattr(p, "unused_here", False) for p in b) for b in self.buckets]
+        self.waiting = [sum(spec_of(p).used_here for p in b) for b in self.buckets]
 
     def _ready(self, p):
         if not self.armed:
@@ -78,15 +76,12 @@ class GradBuckets:
 
 
 def grad_groups(model, ctx):
-    """[(name, params, group, group size)]: partial_grad parameters summed over the stage, the rest
+    """[(name, params, group, group size)]: GradSum.STAGE parameters summed over the stage, the rest
     over the data-parallel replicas (a group of size 1 moves nothing)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-
-    def over_stage(p):
-        return ctx.tp_size > 1 and getattr(p, "partial_grad", False)
-
-    return [("stage", [p for p in trainable if over_stage(p)], ctx.stage_group, ctx.tp_size * ctx.plan.dp_size),
-            ("data-parallel", [p for p in trainable if not over_stage(p)], ctx.dp_group, ctx.plan.dp_size)]
+    stage = {id(p) for p in trainable if ctx.tp_size > 1 and spec_of(p).grad_sum is GradSum.STAGE}
+    return [("stage", [p for p in trainable if id(p) in stage], ctx.stage_group, ctx.tp_size * ctx.plan.dp_size),
+            ("data-parallel", [p for p in trainable if id(p) not in stage], ctx.dp_group, ctx.plan.dp_size)]
 
 
 class GradSync:
@@ -102,17 +97,16 @@ class GradSync:
             part.finish()
 
 
-
-
 def clip_grad_norm(model, ctx, max_norm):
     """Global L2 norm over every rank's parameters, each counted once: split tensors' squares are
     summed over the tensor group, stages' over the pipeline; replicas hold equal grads."""
     split, replicated = torch.zeros((), device=ctx.device), torch.zeros((), device=ctx.device)
     for p in model.parameters():
-        if p.grad is None or getattr(p, "pipeline_copy", False):
+        spec = spec_of(p)
+        if p.grad is None or spec.grad_sum is GradSum.TIED:
             continue
         sq = p.grad.detach().float().pow(2).sum()
-        if _is_split(p, ctx):
+        if ctx.tp_size > 1 and spec.shard is not None and spec.shard.length < spec.shard.full:
             split += sq
         else:
             replicated += sq
@@ -128,8 +122,3 @@ def clip_grad_norm(model, ctx, max_norm):
             if p.grad is not None:
                 p.grad.mul_(scale)
     return norm.item()
-
-
-def _is_split(p, ctx):
-    shard = getattr(p, "shard", None)
-    return ctx.tp_size > 1 and shard is not None and shard[2] < shard[3]

@@ -15,11 +15,11 @@ from galaxy.data import SyntheticMLM
 from galaxy.models.bart import BartConfig, BartForConditionalGeneration
 from galaxy.models.bert import BertConfig, BertForMaskedLM
 from galaxy.models.llama import LlamaConfig, LlamaForCausalLM
-from galaxy.models.tuning import apply_tuning
 from galaxy.pipeline import PipelineForwardBackward
 from galaxy.plan import build_plan
 from galaxy.train.config import load_config
 from galaxy.train.loop import Trainer
+from galaxy.tuning.apply import apply_tuning
 from tests.helpers import run_ranks
 from tests.models.bart.test_bart_layouts import MODEL as BART, corpus
 from tests.models.llama.common import MODEL as LLAMA, RandomInstructions

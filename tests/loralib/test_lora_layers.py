@@ -72,3 +72,33 @@ def test_trainable_parameters_are_r_times_in_plus_out():
     trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
     assert trainable == 4 * (16 + 8)
     assert lora.lora_A.shape == (4, 16) and lora.lora_B.shape == (8, 4)
+
+
+def _shard(full_state, kind, start, length):
+    """Slice a full LoRA Linear state: a column shard holds rows of weight and lora_B, a row
+    shard columns of weight and lora_A."""
+    dim, held = (0, "lora_B") if kind == "column" else (1, "lora_A")
+    shard = {"weight": full_state["weight"].narrow(dim, start, length)}
+    for name in ("lora_A", "lora_B"):
+        shard[name] = full_state[name].narrow(dim, start, length) if name == held else full_state[name]
+    return shard
+
+
+@pytest.mark.parametrize("kind", ["column", "row"])
+def test_sharded_lora_matches_full(kind):
+    in_f, out_f, parts = 12, 8, 2
+    full = Linear(in_f, out_f, r=4, lora_alpha=8, bias=False, **F64)
+    _randomize_b(full)
+    x = torch.randn(3, in_f, **F64)
+    split = out_f if kind == "column" else in_f
+    length = split // parts
+    outs = []
+    for rank in range(parts):
+        start = rank * length
+        shape = (in_f, length) if kind == "column" else (length, out_f)
+        shard = Linear(*shape, r=4, lora_alpha=8, bias=False, **F64)
+        shard.load_state_dict(_shard(full.state_dict(), kind, start, length))
+        x_local = x if kind == "column" else x[:, start:start + length]
+        outs.append(shard(x_local))
+    combined = torch.cat(outs, dim=-1) if kind == "column" else sum(outs)
+    torch.testing.assert_close(combined, full(x))

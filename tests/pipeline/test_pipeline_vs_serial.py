@@ -8,11 +8,12 @@ import torch
 
 from galaxy.comm.context import ParallelContext
 from galaxy.data import SyntheticMLM
+from galaxy.errors import ConfigError
+from galaxy.layers.param_spec import spec_of
 from galaxy.models.bert import BertConfig, BertForMaskedLM
 from galaxy.pipeline import PipelineForwardBackward
 from galaxy.plan import build_plan
 from galaxy.train.config import load_config
-from galaxy.train.errors import ConfigError
 from galaxy.train.loop import Trainer
 from tests.helpers import rel_err, run_ranks
 
@@ -53,7 +54,7 @@ def train(cfg, world, rank, steps=2, load=None):
 
 
 def _serial_name(name, p):
-    return p.init_name if getattr(p, "pipeline_copy", False) else name
+    return spec_of(p).init_name or name
 
 
 def _weights(model):

@@ -13,15 +13,16 @@ from safetensors.torch import load_file, save_file
 
 from galaxy.comm.context import ParallelContext
 from galaxy.data import SyntheticMLM
+from galaxy.errors import ConfigError
 from galaxy.models.bert import BertConfig, BertForMaskedLM
 from galaxy.models.checkpoint import CheckpointError
 from galaxy.models.llama import LlamaConfig, LlamaForCausalLM
-from galaxy.models.tuning import apply_tuning, save_tuning_record
 from galaxy.pipeline import PipelineForwardBackward
 from galaxy.plan import build_plan
 from galaxy.train.config import load_config
-from galaxy.train.errors import ConfigError
 from galaxy.train.loop import Trainer
+from galaxy.tuning.apply import apply_tuning
+from galaxy.tuning.keys import save_tuning_record
 from tests.helpers import run_ranks
 from tests.models.llama.common import MODEL as LLAMA_MODEL
 from tests.models.llama.common import RandomInstructions

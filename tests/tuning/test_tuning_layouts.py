@@ -16,10 +16,11 @@ from galaxy.comm.context import ParallelContext
 from galaxy.layers.dropout import set_dropout_seed
 from galaxy.models.bert import BertConfig, BertForMaskedLM
 from galaxy.models.bert.model import mlm_to_hf
-from galaxy.models.tuning import apply_tuning
+from galaxy.models.checkpoint import full_shape, own_slice
 from galaxy.plan import build_plan
 from galaxy.train.config import load_config
 from galaxy.train.grad_sync import GradSync
+from galaxy.tuning.apply import apply_tuning
 from tests.helpers import run_ranks, seeded
 
 MODEL = dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_hidden_layers=2, vocab_size=64,
@@ -66,14 +67,11 @@ def make_batch():
 
 def local(full, p):
     """This rank's slice of the full tensor `full`, as parameter p holds it."""
-    shard = getattr(p, "shard", None)
-    return full if shard is None else full.narrow(shard[0], shard[1], shard[2])
+    return own_slice(full, p)
 
 
 def offset(name, p):
-    shard = getattr(p, "shard", None)
-    full = p.shape if shard is None else p.shape[:shard[0]] + (shard[3],) + p.shape[shard[0] + 1:]
-    return local(seeded(*full, seed=zlib.crc32(name.encode())) * 0.1, p)
+    return local(seeded(*full_shape(p), seed=zlib.crc32(name.encode())) * 0.1, p)
 
 
 def build(cfg, ctx):

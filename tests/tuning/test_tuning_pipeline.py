@@ -18,12 +18,13 @@ import torch
 
 from galaxy.comm.context import ParallelContext
 from galaxy.data import SyntheticMLM
+from galaxy.layers.param_spec import spec_of
 from galaxy.models.bert import BertConfig, BertForMaskedLM
-from galaxy.models.tuning import apply_tuning
 from galaxy.pipeline import PipelineForwardBackward
 from galaxy.plan import build_plan
 from galaxy.train.config import load_config
 from galaxy.train.loop import Trainer
+from galaxy.tuning.apply import apply_tuning
 from tests.helpers import run_ranks
 from tests.tuning.test_tuning_layouts import METHODS, grad_err, offset
 
@@ -42,7 +43,7 @@ RUNS = {2: ([3, 1], [(method, "1f1b") for method in METHODS] + [("side", "gpipe"
 
 def serial_name(name, p):
     """The last stage's copy of the tied embeddings is the embeddings in the serial model."""
-    return p.init_name if getattr(p, "pipeline_copy", False) else name
+    return spec_of(p).init_name or name
 
 
 def train(cfg, world, rank):

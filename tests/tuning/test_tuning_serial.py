@@ -5,12 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from galaxy.errors import ConfigError
 from galaxy.models.bert import BertConfig, BertForMaskedLM
-from galaxy.models.tuning import apply_tuning
 from galaxy.plan import build_plan
 from galaxy.train.config import load_config, read_config
-from galaxy.train.errors import ConfigError
 from galaxy.train.optim import build_optimizer
+from galaxy.tuning.apply import apply_tuning
 
 H, I, L, R = 32, 48, 2, 4
 MODEL = dict(hidden_size=H, intermediate_size=I, num_attention_heads=4, num_hidden_layers=L, vocab_size=64,

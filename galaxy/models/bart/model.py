@@ -30,8 +30,9 @@ from galaxy.layers.mlp import MLP
 from galaxy.layers.placement import REPLICATE, consumes, redistribute
 from galaxy.layers.transformer import Connective, run_layers, sublayer
 from galaxy.models import checkpoint
-from galaxy.models.bert.model import attention_bias, bert_layer, init_weights, serial_context
-from galaxy.models.common import on_context_device
+from galaxy.models.bert.model import attention_bias, bert_layer
+from galaxy.models.common import init_weights, on_context_device, serial_context
+from galaxy.plan import Method
 from galaxy.seeding import DEFAULT_SEED
 
 HF_NAMES = [
@@ -197,7 +198,7 @@ class BartModel(nn.Module):
         memory, placement = self.encoder(input_ids, self.shared, memory_bias)
         causal = causal_bias(decoder_input_ids.shape[1], dtype, decoder_input_ids.device)
         x, placement = self.decoder(decoder_input_ids, self.shared, causal, (memory, placement, memory_bias))
-        return redistribute(x, placement, "NONE", self.ctx)
+        return redistribute(x, placement, Method.NONE, self.ctx)
 
 
 class BartForConditionalGeneration(nn.Module):

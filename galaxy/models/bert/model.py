@@ -19,10 +19,12 @@ from torch import nn
 from galaxy.layers.attention import Attention
 from galaxy.layers.dropout import LayoutInvariantDropout
 from galaxy.layers.mlp import MLP
+from galaxy.layers.param_spec import GradSum, set_spec
 from galaxy.layers.placement import REPLICATE, redistribute
 from galaxy.layers.transformer import Connective, TransformerLayer, run_layers
 from galaxy.models import checkpoint
 from galaxy.models.common import init_weights, on_context_device, serial_context
+from galaxy.plan import Method
 from galaxy.seeding import DEFAULT_SEED
 
 HF_NAMES = [
@@ -135,7 +137,7 @@ class BertModel(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, hidden_states=None, chunk=0):
         x = self.embeddings(input_ids, token_type_ids) if self.embeddings is not None and chunk == 0 else hidden_states
         x, placement = self.encoder(x, attention_bias(attention_mask, x.dtype), chunk=chunk)
-        return redistribute(x, placement, "NONE", self.ctx)
+        return redistribute(x, placement, Method.NONE, self.ctx)
 
     @classmethod
     def from_pretrained(cls, path, ctx=None):
@@ -159,8 +161,7 @@ class BertLMHead(nn.Module):
             self.decoder_weight = word_embeddings.weight
         else:  # a pipeline's last stage holds its own copy; it starts equal to the embeddings
             self.decoder_weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
-            self.decoder_weight.init_name = "bert.embeddings.word_embeddings.weight"
-            self.decoder_weight.pipeline_copy = True  # galaxy.pipeline sums its grad with the original's
+            set_spec(self.decoder_weight, grad_sum=GradSum.TIED, init_name="bert.embeddings.word_embeddings.weight")
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
     def forward(self, x):

@@ -14,7 +14,7 @@ from galaxy.layers.attention import Attention, KVCache
 
 def check_can_generate(plan):
     """One new token cannot be split over positions, and no pipeline schedule drives decoding."""
-    if "SP" in (plan.att, plan.con, plan.mlp) or plan.pp_size > 1:
+    if plan.seq_sharded or plan.pp_size > 1:
         raise ValueError(f"generation runs serial or tensor-parallel (TP attention and MLP), "
                          f"not this plan: {plan.describe()}")
 

@@ -16,14 +16,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from galaxy.layers.attention import Attention
-from galaxy.layers.linear import mark_partial_grad
 from galaxy.layers.mlp import MLP
+from galaxy.layers.param_spec import GradSum, set_spec
 from galaxy.layers.placement import REPLICATE, SEQ, consumes, redistribute
 from galaxy.layers.transformer import Connective, TransformerLayer, run_layers
 from galaxy.models import checkpoint
 from galaxy.models.common import init_weights, on_context_device, serial_context
 from galaxy.models.llama.config import LlamaConfig
 from galaxy.models.llama.rope import Rotary
+from galaxy.plan import Method
 
 IGNORE_INDEX = -100
 
@@ -90,7 +91,7 @@ class LlamaModel(nn.Module):
             placement = self.layers[str(i)].output_placement
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if self.ctx.is_last_stage else None
         if self.norm is not None and consumes(self.ctx.plan.con) == SEQ:
-            mark_partial_grad(self.norm)  # it runs on this rank's positions only
+            set_spec(*self.norm.parameters(), grad_sum=GradSum.STAGE)  # it runs on this rank's positions only
 
     def forward(self, input_ids=None, attention_mask=None, hidden_states=None, past_length=0):
         """past_length: tokens already in the layers' KV caches (generation); attention_mask,
@@ -100,7 +101,7 @@ class LlamaModel(nn.Module):
         x, placement = run_layers(self.layers.values(), x, REPLICATE, bias, self.config.activation_checkpointing)
         if self.norm is not None:  # before the gather: each rank normalises only its own positions
             x = self.norm(x)
-        return redistribute(x, placement, "NONE", self.ctx)
+        return redistribute(x, placement, Method.NONE, self.ctx)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -118,8 +119,7 @@ class LlamaForCausalLM(nn.Module):
             if self.model.embed_tokens is not None:
                 self.lm_head.weight = self.model.embed_tokens.weight
             else:  # a pipeline's last stage holds its own copy; it starts equal to the embeddings
-                self.lm_head.weight.init_name = "model.embed_tokens.weight"
-                self.lm_head.weight.pipeline_copy = True  # galaxy.pipeline sums its grad with the original's
+                set_spec(self.lm_head.weight, grad_sum=GradSum.TIED, init_name="model.embed_tokens.weight")
         init_weights(self, cfg.initializer_range, cfg.seed)
 
     @property

@@ -5,9 +5,9 @@ import torch
 from galaxy.comm.context import ParallelContext
 from galaxy.models.checkpoint import gather_full_state
 from galaxy.models.llama import LlamaConfig, LlamaForCausalLM
-from galaxy.models.tuning import apply_tuning
 from galaxy.pipeline import PipelineForwardBackward
 from galaxy.train.loop import Trainer
+from galaxy.tuning.apply import apply_tuning
 from tests.helpers import rel_err
 
 MODEL = dict(model="llama", hidden_size=64, num_attention_heads=8, num_key_value_heads=4, intermediate_size=96,

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 
 from galaxy.models.llama import LlamaConfig, LlamaForCausalLM
 from galaxy.models.llama.generate import greedy_generate, kv_caches
-from galaxy.models.tuning import apply_tuning
 from galaxy.train.config import load_config
 from galaxy.train.loop import Trainer, label_tokens
+from galaxy.tuning.apply import apply_tuning
 from tests.helpers import rel_err
 from tests.models.llama.common import MODEL, RandomInstructions
 from tests.models.llama.reference import reference_logits, write_random_checkpoint

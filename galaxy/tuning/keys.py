@@ -1,0 +1,84 @@
+"""The tuning keys: which method a config picks, the rules its keys follow, and tuning.json, the
+record of them written beside a trainable-only checkpoint (like PEFT's adapter_config.json) and
+checked when one is loaded. Light on purpose: galaxy.train.config imports it without the models."""
+import json
+from pathlib import Path
+
+from galaxy.adapters.utils import ACTIVATIONS
+from galaxy.errors import ConfigError
+
+# config name (Hugging Face BERT's module name) -> (block, projection) in our layers
+LORA_TARGETS = {"query": ("attn", "q"), "key": ("attn", "k"), "value": ("attn", "v"),
+                "dense": ("attn", "o"), "intermediate": ("mlp", "up"), "output": ("mlp", "down")}
+# the keys that decide which tensors a method adds and what they compute (not how they train)
+METHOD_KEYS = {"full_model": (), "use_lora": ("lora_dim", "lora_alpha", "lora_targets"),
+               "use_adapter": ("adapter_reduction_dim", "non_linearity"),
+               "use_side": ("side_reduction_factor", "add_bias_sampling", "non_linearity"),
+               "use_side_only": ("side_reduction_factor", "add_bias_sampling", "non_linearity")}
+TUNING_FILE = "tuning.json"
+
+
+def tuning_method(cfg):
+    return next((k for k in ("use_lora", "use_adapter", "use_side", "use_side_only") if cfg[k]), "full_model")
+
+
+def check_tuning(cfg):
+    """The tuning keys' rules; ConfigError naming the key (called by load_config)."""
+    method = tuning_method(cfg)
+    if method == "use_lora":
+        if cfg["lora_dim"] < 1:
+            raise ConfigError(f"lora_dim must be >= 1 with use_lora, got {cfg['lora_dim']}")
+        unknown = [t for t in cfg["lora_targets"] if t not in LORA_TARGETS]
+        if unknown or not cfg["lora_targets"]:
+            raise ConfigError(f"lora_targets {cfg['lora_targets']}: each must be one of {list(LORA_TARGETS)}")
+        if cfg["fan_in_fan_out"]:
+            raise ConfigError("fan_in_fan_out is for GPT-2 Conv1D weights stored [in, out]; "
+                              "BERT's linears are [out, in]: set it false")
+    if method == "use_adapter" and cfg["adapter_reduction_dim"] < 1:
+        raise ConfigError(f"adapter_reduction_dim must be >= 1, got {cfg['adapter_reduction_dim']}")
+    if method in ("use_adapter", "use_side", "use_side_only") and cfg["non_linearity"] not in ACTIVATIONS:
+        raise ConfigError(f"non_linearity '{cfg['non_linearity']}' is not one of {sorted(ACTIVATIONS)}")
+    if method in ("use_side", "use_side_only"):
+        factor = cfg["side_reduction_factor"]
+        if factor < 1 or cfg["hidden_size"] % factor:
+            raise ConfigError(f"side_reduction_factor {factor} must be >= 1 and divide hidden_size {cfg['hidden_size']}")
+    if cfg.get("load_trainable"):
+        check_saved_tuning(cfg)
+
+
+def tuning_record(cfg):
+    """What a trainable-only checkpoint needs to be rebuilt: the method and its shaping keys."""
+    method = tuning_method(cfg)
+    return {"method": method, **{k: cfg[k] for k in METHOD_KEYS[method]}}
+
+
+def save_tuning_record(cfg, directory):
+    (Path(directory) / TUNING_FILE).write_text(json.dumps(tuning_record(cfg), indent=1))
+
+
+def read_tuning_record(directory):
+    """The tuning.json beside a trainable-only checkpoint, or None (e.g. a bare safetensors file)."""
+    path = Path(directory) / TUNING_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(record, dict) or record.get("method") not in METHOD_KEYS:
+        raise ConfigError(f"{path}: expected {{\"method\": one of {list(METHOD_KEYS)}, ...}}, got {record!r}")
+    return record
+
+
+def check_saved_tuning(cfg):
+    """The run that saved load_trainable must have used this run's tuning (a LoRA file does not fit an
+    adapter run; another lora_alpha would load but compute something else). Without a tuning.json
+    the tensor names and shapes are still checked when loading."""
+    saved, mine = read_tuning_record(cfg["load_trainable"]), tuning_record(cfg)
+    if saved is None:
+        return
+    keys = ["method"] if saved.get("method") != mine["method"] else list(mine)
+    diffs = [f"{k} {saved.get(k)!r} there, {mine[k]!r} here" for k in keys if saved.get(k) != mine[k]]
+    if diffs:
+        raise ConfigError(f"load_trainable {cfg['load_trainable']} was saved with other tuning "
+                          f"({TUNING_FILE}): {'; '.join(diffs)}")
