@@ -32,8 +32,7 @@ def bert_data(cfg, ctx):
 def llama_data(cfg, ctx):
     tok = load_tokenizer(cfg)
     if cfg["data"] == "instruction":  # sequence shards and pipeline stages need every batch at seq_length
-        plan = ctx.plan
-        fixed = plan.positions != (cfg["seq_length"],) * plan.tp_size or plan.pp_size > 1
+        fixed = ctx.plan.seq_sharded or ctx.plan.pp_size > 1
         return InstructionData(cfg["data_file"], tok, cfg["seq_length"], pad_to_max_length=fixed)
     if cfg["data"] == "corpus":
         return PretrainTextData(cfg["data_file"], tok, cfg["seq_length"])
