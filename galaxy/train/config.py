@@ -96,6 +96,10 @@ SCHEMA = {
     "pipeline_schedule": (str, "1f1b", "gpipe | 1f1b"),
     "overlap_tiles": (int, 1, "tiles for comm/compute overlap; 1 = off"),
     "bucket_size_mb": (float, 25.0, "gradient all-reduce bucket size"),
+    "zero_stage": (int, 0, "ZeRO over the data-parallel group: 1 shards AdamW state, 2 also gradients, "
+                   "3 also parameters; 0 = off"),
+    "zero_shard_list": (list, None, "ZeRO: fraction of every sharded tensor each data-parallel rank holds, "
+                        "e.g. [0.5, 0.3, 0.2]; default even"),
     # processes
     "init_method": (str, None, "e.g. tcp://127.0.0.1:23000"),
     "distributed_backend": (str, None, "gloo | nccl (default: nccl on CUDA, else gloo)"),
@@ -217,6 +221,7 @@ def _check_rules(cfg):
         if cfg[key] not in allowed:
             raise ConfigError(f"config key '{key}' is {cfg[key]!r}, expected one of {[a for a in allowed if a]}")
     _check_positions(cfg)
+    _check_zero(cfg)
     if cfg["device"] is not None and cfg["device"].split(":")[0] not in ("cpu", "cuda"):
         raise ConfigError(f"config key 'device' is {cfg['device']!r}, expected cpu, cuda or cuda:N")
     methods = [k for k in TUNING_KEYS[1:] if cfg[k]]
@@ -224,6 +229,19 @@ def _check_rules(cfg):
         raise ConfigError(f"tuning methods {methods} are all true; set exactly one of {list(TUNING_KEYS)}")
     cfg["full_model"] = not methods  # a PEFT method switches full-model tuning off
     check_tuning(cfg)
+
+
+def _check_zero(cfg):
+    """What needs no plan (galaxy.train.zero.check_zero checks the rest against the replicas)."""
+    if cfg["zero_stage"] not in (0, 1, 2, 3):
+        raise ConfigError(f"config key 'zero_stage' is {cfg['zero_stage']}, expected 0, 1, 2 or 3")
+    fractions = cfg["zero_shard_list"]
+    if fractions is None:
+        return
+    if not all(isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in fractions):
+        raise ConfigError(f"config key 'zero_shard_list' must hold positive fractions, got {fractions!r}")
+    if abs(sum(fractions) - 1) > 1e-6:
+        raise ConfigError(f"config key 'zero_shard_list' {fractions} sums to {sum(fractions):g}, not 1")
 
 
 def _check_positions(cfg):
