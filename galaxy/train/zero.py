@@ -194,7 +194,7 @@ class Zero:
     # ---- gradient sync
     def arm(self):
         self.whole.arm()
-        self.armed, self.next = self.stage >= 2, 0
+        self.armed, self.next = True, 0
         for u in self.units:
             u.waiting, u.ready = u.used, False
 
@@ -206,15 +206,18 @@ class Zero:
         u.waiting = u.used  # the next micro-batch's backward counts again
         if self.stage == 3 and u is not self.root:  # the root's weights serve both ends of the model
             u.free()
-        if self.armed:
+        if self.armed and self.stage >= 2:
             u.ready = True
             while self.next < len(self.order) and self.order[self.next].ready:  # same order on every rank
                 self.order[self.next].start_reduce()
                 self.next += 1
 
     def finish(self):
-        """Reduce-scatter what backward has not started, wait for every unit's gradient shard."""
+        """Reduce-scatter what backward has not started, wait for every unit's gradient shard.
+        Once per arm(): a pipeline stage calls it before the trainer does."""
         self.whole.finish()
+        if not self.armed:
+            return
         for u in self.order[self.next:]:
             u.start_reduce()
         for u in self.order:
@@ -294,16 +297,16 @@ class ZeroAdamW(torch.optim.AdamW):
     def __init__(self, groups, zero, **kwargs):
         super().__init__(groups, **kwargs)
         self.zero, self.zero_step = zero, 0
-        self.group_of = {p: g for g in self.param_groups for p in g["params"]}
         self.moments = [(torch.zeros_like(u.shard), torch.zeros_like(u.shard)) for u in zero.units]
 
     @torch.no_grad()
     def step(self, closure=None):
         super().step()
         self.zero_step += 1
+        group_of = {p: g for g in self.param_groups for p in g["params"]}  # load_state_dict replaces the groups
         for u, (m, v) in zip(self.zero.units, self.moments):
             for p, part, _ in u.segments():
-                _adamw(u.shard[part], u.grad[part], m[part], v[part], self.zero_step, self.group_of[p])
+                _adamw(u.shard[part], u.grad[part], m[part], v[part], self.zero_step, group_of[p])
         if self.zero.stage < 3:
             self.zero.refresh()
 
