@@ -1,6 +1,7 @@
 """ZeRO stages 1-3 equal plain data parallelism and serial training (losses and parameters after
 3 steps, fp32, uneven shards, with TP and PP), checkpoints move between stages, bad ZeRO configs
-stop with the key named, and ZeRO-3 holds at most 55% of plain DP's model state per rank."""
+stop with the key named, and ZeRO-3 holds its shard fraction of plain DP's model state per rank
+(an even split at world 2: 50%)."""
 import pytest
 import torch
 
