@@ -35,4 +35,6 @@ def lr_lambda(kind, warmup, total):
 
 
 def optimizer_state_bytes(opt):
-    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    sharded = getattr(opt, "moments", ())  # ZeroAdamW's shards of its flat units
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t)) \
+        + sum(t.numel() * t.element_size() for pair in sharded for t in pair)
