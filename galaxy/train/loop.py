@@ -22,7 +22,7 @@ from galaxy.data import DataError, batch_indices
 from galaxy.layers.dropout import set_dropout_seed
 from galaxy.train.grad_sync import GradSync, clip_grad_norm
 from galaxy.train.optim import build_optimizer, optimizer_state_bytes
-from galaxy.train.zero import Zero, check_zero, model_state_bytes
+from galaxy.train.zero import Zero, model_state_bytes
 
 
 def replica_share(indices, ctx):
@@ -72,8 +72,6 @@ class Trainer:
         self.total_steps = total_steps
         if cfg["dtype"] == "bf16_pure":  # parameters, gradients and optimizer state in bf16
             model.to(torch.bfloat16)
-        if cfg["zero_stage"]:
-            check_zero(cfg, ctx.plan)
         self.zero = Zero(model, ctx, cfg) if cfg["zero_stage"] else None
         self.opt, self.sched = build_optimizer(model, cfg, total_steps, self.zero)
         self.sync = self.zero or GradSync(model, ctx, cfg["bucket_size_mb"])

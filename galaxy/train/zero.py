@@ -166,6 +166,7 @@ class Zero:
     stage-3 hooks. The whole parameters are synced by a GradSync of their own."""
 
     def __init__(self, model, ctx, cfg):
+        check_zero(cfg, ctx.plan)  # for trainers built without the command line's check
         self.stage, self.ctx = cfg["zero_stage"], ctx
         fractions = cfg["zero_shard_list"] or [1 / ctx.plan.dp_size] * ctx.plan.dp_size
         managed = sharded_params(model, ctx)
@@ -269,7 +270,8 @@ class Zero:
                 u.free()
 
     def _hook(self, model, modules):
-        model.register_forward_pre_hook(lambda *_: self.root and self.root.gather())
+        if self.root:
+            model.register_forward_pre_hook(lambda *_: self.root.gather())
         for i, (module, u) in enumerate(zip(modules, self.layers)):
             after = self.layers[i + 1] if i + 1 < len(self.layers) else None
             before = self.layers[i - 1] if i else None
