@@ -367,7 +367,7 @@ def model_state_bytes(trainer):
     Parameters: the storages allocated now (plus stage-3 shards). Gradients: what a step keeps, full
     for plain DP and stage 1 (torch accumulates them whole), the shards plus whole parameters' for
     stages 2, 3. Optimizer: AdamW's two moments of what this rank steps."""
-    zero, trainable = getattr(trainer, "zero", None), [p for p in trainer.model.parameters() if p.requires_grad]
+    zero, trainable = trainer.zero, [p for p in trainer.model.parameters() if p.requires_grad]
     storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in trainer.model.parameters()}
     params = sum(n for ptr, n in storages.items() if ptr)
     nbytes = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731

@@ -71,15 +71,16 @@ def assert_weights_close(got, want):
         assert rel_err(got[name], w) < TOL, (name, rel_err(got[name], w))
 
 
-def serial():
-    trainer = make_trainer(load_config(None, SMALL), 0, 1)
+def serial(**overrides):
+    trainer = make_trainer(load_config(None, {**SMALL, **overrides}), 0, 1)
     return train(trainer, STEPS), weights(trainer)
 
 
-@pytest.mark.parametrize("world,fractions", [(2, [0.7, 0.3]), (3, [0.5, 0.3, 0.2])])
-def test_every_stage_equals_dp_and_serial(world, fractions):
-    results = run_ranks(every_stage, world, {"data_parallel_size": world, "zero_shard_list": fractions})
-    losses, reference = serial()
+@pytest.mark.parametrize("world,fractions,accumulate", [(2, [0.7, 0.3], 1), (3, [0.5, 0.3, 0.2], 2)])
+def test_every_stage_equals_dp_and_serial(world, fractions, accumulate):
+    results = run_ranks(every_stage, world, {"data_parallel_size": world, "zero_shard_list": fractions,
+                                             "gradient_accumulation_steps": accumulate})
+    losses, reference = serial(gradient_accumulation_steps=accumulate)
     assert_same(results, losses, reference)
     for rank, rank_results in enumerate(results):  # ZeRO-3 holds its fraction of plain DP's model state
         plain, zero3 = (sum(rank_results[s][2].values()) for s in (0, 3))  # (at world 2, even: <= 55%)
