@@ -128,7 +128,7 @@ class Unit:
         if self.gathering is not None:
             pending, start = self.gathering
             flat, self.gathering = pending.wait(), None
-            stats.record("all_gather", flat, stats.GRAD, start, time.perf_counter() - start)
+            stats.record("all_gather", self.shard, stats.GRAD, start, time.perf_counter() - start)  # what it sends
             storage = self.full.untyped_storage()
             if storage.nbytes() == 0:  # freed (stage 3): the views keep their shapes, the bytes come back
                 storage.resize_(self.full.numel() * self.full.element_size())
