@@ -39,7 +39,8 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 # keys a resumed run may change: where and how long to train, how to launch and log
 RESUME_FREE_KEYS = ("max_steps", "num_epochs", "resume", "save_dir", "save_every", "keep_checkpoints",
                     "timeout_s", "save_on_signal", "log_every", "on_nonfinite", "init_method",
-                    "distributed_backend", "load_checkpoint", "load_trainable", "device", "strict")
+                    "distributed_backend", "load_checkpoint", "load_trainable", "device", "strict",
+                    "zero_stage", "zero_shard_list")  # optimizer state is saved unsharded
 
 
 def _rank_files(rank):
@@ -128,6 +129,11 @@ def save(trainer, save_dir, keep=0):
     """Write a checkpoint of every rank at trainer.step (collective). Returns its directory.
     Non-finite weights or a failed write (disk full, read-only) raise CheckpointError on every
     rank and leave the checkpoints already in save_dir as they were."""
+    with trainer.full_weights():  # ZeRO-3 holds shards; a checkpoint holds the rank's whole parameters
+        return _save(trainer, save_dir, keep)
+
+
+def _save(trainer, save_dir, keep):
     ctx, save_dir = trainer.ctx, Path(save_dir)
     final = save_dir / f"step-{trainer.step:08d}"
     tmp = save_dir / f".tmp-step-{trainer.step:08d}"
@@ -300,6 +306,11 @@ def _restore(trainer, model_tensors, tensors, state, directory):
 
 def load(trainer, directory):
     """Restore this rank from checkpoint `directory` (collective: all ranks agree or all raise)."""
+    with trainer.full_weights():
+        return _load(trainer, directory)
+
+
+def _load(trainer, directory):
     directory, rank = Path(directory), trainer.ctx.rank
     error = None
     try:

@@ -101,6 +101,10 @@ SCHEMA = {
     "virtual_stages": (int, 1, "chunks of layers per pipeline rank (interleaved-1f1b)"),
     "overlap_tiles": (int, 1, "tiles for comm/compute overlap; 1 = off"),
     "bucket_size_mb": (float, 25.0, "gradient all-reduce bucket size"),
+    "zero_stage": (int, 0, "ZeRO over the data-parallel group: 1 shards AdamW state, 2 also gradients, "
+                   "3 also parameters; 0 = off"),
+    "zero_shard_list": (list, None, "ZeRO: fraction of every sharded tensor each data-parallel rank holds, "
+                        "e.g. [0.5, 0.3, 0.2]; default even"),
     # processes
     "init_method": (str, None, "e.g. tcp://127.0.0.1:23000"),
     "distributed_backend": (str, None, "gloo | nccl (default: nccl on CUDA, else gloo)"),
@@ -240,6 +244,7 @@ def _check_rules(cfg):
             raise ConfigError(f"config key '{key}' is {cfg[key]!r}, expected one of {[a for a in allowed if a]}")
     _check_positions(cfg)
     _check_virtual_stages(cfg)
+    _check_zero(cfg)
     if cfg["device"] is not None and cfg["device"].split(":")[0] not in ("cpu", "cuda"):
         raise ConfigError(f"config key 'device' is {cfg['device']!r}, expected cpu, cuda or cuda:N")
     methods = [k for k in TUNING_KEYS[1:] if cfg[k]]
@@ -258,6 +263,19 @@ def _check_virtual_stages(cfg):
     if cfg["model"] != "bert" or cfg["use_side"] or cfg["use_side_only"]:
         raise ConfigError(f"virtual_stages {cfg['virtual_stages']}: chunked stages are built for BERT without "
                           f"side-tuning (model {cfg['model']!r})")
+
+
+def _check_zero(cfg):
+    """What needs no plan (galaxy.train.zero.check_zero checks the rest against the replicas)."""
+    if cfg["zero_stage"] not in (0, 1, 2, 3):
+        raise ConfigError(f"config key 'zero_stage' is {cfg['zero_stage']}, expected 0, 1, 2 or 3")
+    fractions = cfg["zero_shard_list"]
+    if fractions is None:
+        return
+    if not all(isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in fractions):
+        raise ConfigError(f"config key 'zero_shard_list' must hold positive fractions, got {fractions!r}")
+    if abs(sum(fractions) - 1) > 1e-6:
+        raise ConfigError(f"config key 'zero_shard_list' {fractions} sums to {sum(fractions):g}, not 1")
 
 
 def _check_positions(cfg):

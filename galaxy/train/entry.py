@@ -120,8 +120,9 @@ def _train(rank, world, cfg, plan, args):
                     callback(metrics)
         run_training(trainer, total, args.metrics_file, on_step)
     if cfg["save_dir"]:
-        checkpoint.require_finite(trainer, f"the final export to {cfg['save_dir']}")
-        model.save_hf(cfg["save_dir"], cfg["save_trainable_only"])
+        with trainer.full_weights():
+            checkpoint.require_finite(trainer, f"the final export to {cfg['save_dir']}")
+            model.save_hf(cfg["save_dir"], cfg["save_trainable_only"])
         if cfg["save_trainable_only"] and rank == 0:  # what load_trainable and generate.py rebuild from
             save_tuning_record(cfg, cfg["save_dir"])
 

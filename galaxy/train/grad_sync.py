@@ -85,8 +85,11 @@ def grad_groups(model, ctx):
 
 
 class GradSync:
-    def __init__(self, model, ctx, bucket_mb=25.0):
-        self.parts = [GradBuckets(params, group, bucket_mb) for _, params, group, _ in grad_groups(model, ctx)]
+    def __init__(self, model, ctx, bucket_mb=25.0, exclude=()):
+        """exclude: parameters synced elsewhere (ZeRO's sharded ones)."""
+        skip = {id(p) for p in exclude}
+        self.parts = [GradBuckets([p for p in params if id(p) not in skip], group, bucket_mb)
+                      for _, params, group, _ in grad_groups(model, ctx)]
 
     def arm(self):
         for part in self.parts:
@@ -97,19 +100,22 @@ class GradSync:
             part.finish()
 
 
-def clip_grad_norm(model, ctx, max_norm):
+def clip_grad_norm(model, ctx, max_norm, shards=None):
     """Global L2 norm over every rank's parameters, each counted once: split tensors' squares are
-    summed over the tensor group, stages' over the pipeline; replicas hold equal grads."""
+    summed over the tensor group, stages' over the pipeline; replicas hold equal grads. `shards`
+    (galaxy.train.zero.Zero) adds the gradient shards ZeRO keeps instead of parameters' .grad."""
     split, replicated = torch.zeros((), device=ctx.device), torch.zeros((), device=ctx.device)
     for p in model.parameters():
-        spec = spec_of(p)
-        if p.grad is None or spec.grad_sum is GradSum.TIED:
+        if p.grad is None or spec_of(p).grad_sum is GradSum.TIED:
             continue
         sq = p.grad.detach().float().pow(2).sum()
-        if ctx.tp_size > 1 and spec.shard is not None and spec.shard.length < spec.shard.full:
+        if is_split(p, ctx):
             split += sq
         else:
             replicated += sq
+    if shards is not None:
+        split_shards, replicated_shards = shards.squares()
+        split, replicated = split + split_shards, replicated + replicated_shards
     if ctx.tp_group is not None:
         dist.all_reduce(split, group=ctx.tp_group)
     total = split + replicated
@@ -121,4 +127,12 @@ def clip_grad_norm(model, ctx, max_norm):
         for p in model.parameters():
             if p.grad is not None:
                 p.grad.mul_(scale)
+        if shards is not None:
+            shards.scale_(scale)
     return norm.item()
+
+
+def is_split(p, ctx):
+    """This rank holds a slice of p (the others hold the rest): its gradient's square sums over ranks."""
+    shard = spec_of(p).shard
+    return ctx.tp_size > 1 and shard is not None and shard.length < shard.full

@@ -22,6 +22,7 @@ from galaxy.data import DataError, batch_indices
 from galaxy.layers.dropout import set_dropout_seed
 from galaxy.train.grad_sync import GradSync, clip_grad_norm
 from galaxy.train.optim import build_optimizer, optimizer_state_bytes
+from galaxy.train.zero import Zero, model_state_bytes
 
 
 def replica_share(indices, ctx):
@@ -71,13 +72,21 @@ class Trainer:
         self.total_steps = total_steps
         if cfg["dtype"] == "bf16_pure":  # parameters, gradients and optimizer state in bf16
             model.to(torch.bfloat16)
-        self.opt, self.sched = build_optimizer(model, cfg, total_steps)
-        self.sync = GradSync(model, ctx, cfg["bucket_size_mb"])
+        self.zero = Zero(model, ctx, cfg) if cfg["zero_stage"] else None
+        self.opt, self.sched = build_optimizer(model, cfg, total_steps, self.zero)
+        self.sync = self.zero or GradSync(model, ctx, cfg["bucket_size_mb"])
+        held = model_state_bytes(self)
+        log(f"model state on this rank (zero_stage {cfg['zero_stage']}): {sum(held.values()) / 2**20:.2f} MiB = "
+            + " + ".join(f"{k} {v / 2**20:.2f}" for k, v in held.items()))
         self.forward_backward = forward_backward or self._forward_backward
         self.autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if cfg["dtype"] == "bf16" \
             else nullcontext()
         self.step = 0
         self.before_update = None  # called with the synced, clipped gradients in place (tests, debugging)
+
+    def full_weights(self):
+        """A block in which every parameter is whole (ZeRO-3 gathers its shards)."""
+        return self.zero.gathered() if self.zero else nullcontext()
 
     def step_indices(self, step):
         """The global sample indices of every micro-step of optimizer step `step`."""
@@ -118,7 +127,7 @@ class Trainer:
                             f"label token (is every prompt longer than seq_length {self.cfg['seq_length']}?)")
         loss_sum = self.forward_backward(batches, n_tokens)
         self.sync.finish()
-        grad_norm = clip_grad_norm(self.model, self.ctx, self.cfg["max_grad_norm"])
+        grad_norm = clip_grad_norm(self.model, self.ctx, self.cfg["max_grad_norm"], self.zero)
         lr = self.sched.get_last_lr()[0]
         loss = sum_over(loss_sum, self.ctx.device, self.ctx.dp_group, self.ctx.pp_group) / n_tokens
         finite = all_finite(self.ctx, loss, grad_norm)

@@ -1,10 +1,14 @@
 """AdamW over the trainable parameters only, with warmup then linear / cosine / constant decay."""
+import functools
 import math
 
 import torch
 
+from galaxy.train.zero import ZeroAdamW
 
-def build_optimizer(model, cfg, total_steps):
+
+def build_optimizer(model, cfg, total_steps, zero=None):
+    """AdamW and its LR schedule; with `zero` (galaxy.train.zero.Zero) the sharding ZeroAdamW."""
     params = [p for p in dict.fromkeys(model.parameters()) if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]  # biases and norms, as in BERT
@@ -12,7 +16,8 @@ def build_optimizer(model, cfg, total_steps):
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     # fused AdamW (one kernel over all tensors) where torch has it, CUDA; the per-tensor loop elsewhere
     kernel = {"fused": True} if params and params[0].is_cuda else {"foreach": False}
-    opt = torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["adam_beta1"], cfg["adam_beta2"]),
+    adamw = functools.partial(ZeroAdamW, zero=zero) if zero else torch.optim.AdamW
+    opt = adamw(groups, lr=cfg["learning_rate"], betas=(cfg["adam_beta1"], cfg["adam_beta2"]),
                             eps=cfg["adam_eps"], **kernel)
     schedule = lr_lambda(cfg["lr_scheduler"], cfg["warmup_steps"], total_steps)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
@@ -30,4 +35,6 @@ def lr_lambda(kind, warmup, total):
 
 
 def optimizer_state_bytes(opt):
-    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+    sharded = getattr(opt, "moments", ())  # ZeroAdamW's shards of its flat units
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t)) \
+        + sum(t.numel() * t.element_size() for pair in sharded for t in pair)
