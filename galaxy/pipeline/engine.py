@@ -18,6 +18,7 @@ batch is cheap), so receive shapes follow from the batch and no metadata is sent
 import torch
 import torch.distributed as dist
 
+from galaxy.comm.collectives import RecordingGroup
 from galaxy.layers.dropout import set_dropout_seed
 from galaxy.pipeline.p2p import StageLinks
 from galaxy.pipeline.schedule import BACKWARD, FORWARD, run_schedule, schedule_actions
@@ -43,6 +44,9 @@ class TiedCopies:
 
     def __init__(self, model, ctx):
         copies = {p.init_name: p for _, p in model.named_parameters() if getattr(p, "pipeline_copy", False)}
+        if isinstance(ctx.pp_group, RecordingGroup):  # --explain: this sum is not one of the reported collectives
+            self.params, self.group = [], None
+            return
         per_stage = [None] * ctx.plan.pp_size
         dist.all_gather_object(per_stage, sorted(copies), group=ctx.pp_group)
         names = per_stage[-1]  # the last stage holds the copies
@@ -150,7 +154,7 @@ class PipelineForwardBackward:
             out = self.model(**batch, hidden_states=x)
         if self.ctx.is_last_stage:
             loss_sum, _ = out
-            self.loss_sum += loss_sum.item()
+            self.loss_sum += loss_sum.detach()
             return loss_sum / self.n_tokens, received
         outs = out if isinstance(out, tuple) else (out,)
         self.links.send_forward([o.to(self.dtype) for o in outs])

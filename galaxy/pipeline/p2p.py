@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from galaxy.comm import stats
+from galaxy.comm.collectives import RecordingGroup
 
 
 class StageLinks:
@@ -27,6 +28,7 @@ class StageLinks:
 
     def __init__(self, ctx):
         self.device = ctx.device
+        self.recording = isinstance(ctx.pp_group, RecordingGroup)  # sends only reported, receives left empty
         self.prev = None if ctx.is_first_stage else ctx.pp_peer(ctx.pp_rank - 1)
         self.next = None if ctx.is_last_stage else ctx.pp_peer(ctx.pp_rank + 1)
         self.pending = []  # (tensors, works) of sends in flight; the tensors must outlive their send
@@ -54,13 +56,16 @@ class StageLinks:
         tensors = [t.detach().contiguous() for t in tensors]
         for t in tensors:
             stats.record("send", t, phase)
-        works = dist.batch_isend_irecv([dist.P2POp(dist.isend, t, peer) for t in tensors])
+        works = self._post(dist.isend, tensors, peer)
         self.pending = [(t, w) for t, w in self.pending if not all(x.is_completed() for x in w)]
         self.pending.append((tensors, works))
 
     def _post_recv(self, shapes, dtype, peer):
         bufs = [torch.empty(shape, dtype=dtype, device=self.device) for shape in shapes]
-        return bufs, dist.batch_isend_irecv([dist.P2POp(dist.irecv, b, peer) for b in bufs])
+        return bufs, self._post(dist.irecv, bufs, peer)
+
+    def _post(self, op, tensors, peer):
+        return [] if self.recording else dist.batch_isend_irecv([dist.P2POp(op, t, peer) for t in tensors])
 
     def _recv(self, shapes, dtype, peer, direction):
         """The oldest receive posted ahead in this direction, else one posted now; waited for."""

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from galaxy.comm import stats
+from galaxy.comm.collectives import implementation
 
 
 class GradBuckets:
@@ -57,8 +58,8 @@ class GradBuckets:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         flat = torch.cat([p.grad.reshape(-1) for p in bucket])
-        work = dist.all_reduce(flat, group=self.group, async_op=True)
-        self.pending.append((bucket, flat, work, time.perf_counter()))
+        works, _ = implementation(self.group).all_reduce(flat, self.group)  # summed in place
+        self.pending.append((bucket, flat, works, time.perf_counter()))
         self.next_launch = i + 1
 
     def finish(self):
@@ -67,8 +68,9 @@ class GradBuckets:
             return
         while self.next_launch < len(self.buckets):
             self._launch(self.next_launch)
-        for bucket, flat, work, start in self.pending:
-            work.wait()  # the recorded span runs from launch until this wait returns
+        for bucket, flat, works, start in self.pending:
+            for work in works:  # the recorded span runs from launch until this wait returns
+                work.wait()
             stats.record("all_reduce", flat, stats.GRAD, start, time.perf_counter() - start)
             offset = 0
             for p in bucket:

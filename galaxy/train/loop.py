@@ -104,7 +104,7 @@ class Trainer:
             with self.autocast:
                 loss_sum, _ = self.model(**batch)
             (loss_sum / n_tokens).backward()
-            total += loss_sum.item()
+            total += loss_sum.detach()  # a tensor: read once per step (and never on the meta device)
         return total
 
     def train_step(self):
