@@ -10,7 +10,6 @@ An entry script only says how to build its model and its data:
 build_model(cfg, ctx) and build_data(cfg, ctx) must be module-level functions (spawned ranks
 unpickle them).
 """
-import functools
 from contextlib import nullcontext
 
 import torch
@@ -135,14 +134,6 @@ def _train(rank, world, cfg, plan, args, build_model, build_data):
             save_tuning_record(cfg, cfg["save_dir"])
 
 
-def build_tuned(cfg, build_model, ctx):
-    """The rank's model with its tuning method, without weights: what --explain counts (the
-    gradients that are synced, the streams a pipeline stage hands on)."""
-    model = build_model(cfg, ctx)
-    apply_tuning(model, cfg, ctx)
-    return model
-
-
 def main(doc, model, default_config, build_model, build_data, argv=None, check=None):
     """Parse the command line (config errors stop here, before any process starts) and train
     `model` ("bert", "llama", "bart") on this rank, or on every rank spawned here.
@@ -153,7 +144,7 @@ def main(doc, model, default_config, build_model, build_data, argv=None, check=N
     if check:
         check(cfg, plan)
     if args.explain:  # the plan only: no process group, no training
-        print(explain(plan, cfg, functools.partial(build_tuned, cfg, build_model)))
+        print(explain(plan, cfg, build_model))
         return
     outputs.check_outputs(cfg["save_dir"], args.metrics_file)  # every process that may write, before step 1
     owns_save_dir = cfg["save_dir"] and rank in (None, 0)  # the process of rank 0 locks it for the run
