@@ -7,7 +7,7 @@ An activation [B, T, H] is in one of three placements across the tensor group:
 
 A block of method NONE or TP consumes REPLICATE, SP consumes SEQ. NONE produces REPLICATE,
 TP produces PARTIAL, SP produces SEQ. Every layout is this table applied between blocks
-(TABLE below; `redistribute` runs it, galaxy.explain prints it):
+(TABLE below; `redistribute` runs it):
 
     from \\ to block   NONE               TP                     SP
     REPLICATE          -                  copy_to_all            split_scatter
