@@ -6,13 +6,14 @@ pipelines under 1F1B and GPipe, side-tuning, at world 2 and 3 with uneven splits
 from collections import Counter
 
 import pytest
+import torch.distributed as dist
 
 import finetune_llama
 import pretrain_bart
 import pretrain_galaxy
 from galaxy.comm import stats
 from galaxy.comm.context import ParallelContext
-from galaxy.explain import bytes_by_label, record_step
+from galaxy.explain import bytes_by_label, explain, record_step
 from galaxy.models.tuning import apply_tuning
 from galaxy.pipeline import PipelineForwardBackward
 from galaxy.plan import build_plan
@@ -77,3 +78,24 @@ def test_explained_bytes_are_traced_bytes(world):
         for rank in range(world):
             explained = bytes_by_label(record_step(plan, cfg, rank, BUILD[CASES[name][0]])[0])
             assert explained == traced[rank][name], (name, world, rank)
+
+
+def test_tiles_move_what_the_unfused_collectives_move_in_each_phase():
+    for model in ("bert", "bart"):
+        tiled = config(f"{model}_tiles", 3)
+        plain = load_config(None, {**tiled, "overlap_tiles": 1})
+        plan = build_plan(tiled, 3)
+        for rank in range(3):
+            assert (bytes_by_label(record_step(plan, tiled, rank, BUILD[model])[0])
+                    == bytes_by_label(record_step(plan, plain, rank, BUILD[model])[0])), (model, rank)
+
+
+def test_explain_text_starts_nothing():
+    cfg = config("bert_pp_gpipe", 2)
+    text = explain(build_plan(cfg, 2), cfg, BUILD["bert"])
+    assert not dist.is_initialized()
+    assert "ownership:" in text and "bytes per optimizer step, per rank:" in text
+    assert "stage 0: F0 F1 B0 B1" in text  # 2 micro-batches, 1 accumulation step
+    cfg = config("bart_galaxy", 2)
+    text = explain(build_plan(cfg, 2), cfg, BUILD["bart"])
+    assert "model.decoder.layers.1: forward" in text and "model.encoder.layers.0: backward" in text
