@@ -154,7 +154,7 @@ class PipelineForwardBackward:
             out = self.model(**batch, hidden_states=x)
         if self.ctx.is_last_stage:
             loss_sum, _ = out
-            self.loss_sum += loss_sum.detach()
+            self.loss_sum += loss_sum.detach().double()
             return loss_sum / self.n_tokens, received
         outs = out if isinstance(out, tuple) else (out,)
         self.links.send_forward([o.to(self.dtype) for o in outs])
