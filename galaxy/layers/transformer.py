@@ -68,7 +68,8 @@ def sublayer(block, method, con, x, placement, *args, norm=None, **kwargs):
     name = type(block).__name__  # the site labels say which boundary a collective sits at (--explain)
     with stats.site(f"{name} in"):
         h = h if tiling is not None and tiling.gather_in else redistribute(h, placement, method, con.ctx)
-    out = block(h, *args, **kwargs)
+    with stats.site(name):  # e.g. a tiled block's own gathers, SP attention's K/V
+        out = block(h, *args, **kwargs)
     produced = SEQ if tiling is not None and tiling.scatter_out else PRODUCES[method]
     with stats.site(f"{name} out -> connective"):
         out = redistribute(out, produced, con.method, con.ctx)
