@@ -4,8 +4,9 @@ what each rank holds between blocks, and the collective at every block boundary.
     python docs/make_figures.py
 
 The pictures are computed from the code they illustrate: block methods from galaxy.plan.LAYOUTS,
-collectives from the placement TABLE and CONJUGATES, bytes from galaxy.explain. Plain SVG text,
-no plotting library.
+collectives from the placement TABLE and CONJUGATES, bytes by galaxy.comm.stats' rule (a rank
+contributes its own slice to an all-gather, its whole tensor otherwise; `--explain` reports the same
+from a recorded step). Plain SVG text, no plotting library.
 """
 import sys
 from pathlib import Path
@@ -15,7 +16,6 @@ sys.path.insert(0, str(ROOT))
 
 from galaxy.comm.collectives import CONJUGATES  # noqa: E402
 from galaxy.comm.context import ParallelContext  # noqa: E402
-from galaxy.explain import Move, activation_moves, layer_boundaries  # noqa: E402
 from galaxy.layers.placement import PARTIAL, PRODUCES, REPLICATE, SEQ, TABLE, consumes  # noqa: E402
 from galaxy.plan import build_plan  # noqa: E402
 from galaxy.train.config import load_config  # noqa: E402
@@ -27,6 +27,7 @@ BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads":
              "stage_num_hidden_layers_list": None}
 BLUE, ORANGE, GREY, INK = "#6fa8dc", "#f6b26b", "#eeeeee", "#222222"
 MIB = 2**20
+FULL_MIB = 4 * 512 * 768 * 4 / MIB  # one activation [batch 4, seq 512, hidden 768] in fp32
 
 # ----------------------------------------------------------------------------- SVG snippets
 HEADER = ('<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="Helvetica, Arial, '
@@ -80,15 +81,25 @@ def block_text(name, method, ctx):
     return f"{unit} {owned.start}-{owned.stop - 1}"
 
 
-def boundary_label(src, method, moves):
+def layer_boundaries(plan):
+    """(label, placement of the tensor, method of the consuming block) in TransformerLayer's order."""
+    rest = consumes(plan.con)
+    return [("ATT in", rest, plan.att), ("ATT out -> CON1", PRODUCES[plan.att], plan.con),
+            ("MLP in", rest, plan.mlp), ("MLP out -> CON2", PRODUCES[plan.mlp], plan.con)]
+
+
+def contributed_mib(kind, tp_size):
+    return FULL_MIB / tp_size if kind == "all_gather" else FULL_MIB
+
+
+def boundary_label(src, method, tp_size):
     """Collectives at one boundary with the bytes this rank contributes, forward and backward."""
     lines = []
     for op in TABLE[src, method]:
         fwd, bwd = CONJUGATES[op]
-        nbytes = {m.phase: m.nbytes for m in moves if m.op == op}
         lines.append(op)
-        lines.append(f"fwd {fwd or '-'}" + (f" {nbytes['fwd'] / MIB:g} MiB" if fwd else ""))
-        lines.append(f"bwd {bwd or '-'}" + (f" {nbytes['bwd'] / MIB:g} MiB" if bwd else ""))
+        lines.append(f"fwd {fwd or '-'}" + (f" {contributed_mib(fwd, tp_size):g} MiB" if fwd else ""))
+        lines.append(f"bwd {bwd or '-'}" + (f" {contributed_mib(bwd, tp_size):g} MiB" if bwd else ""))
     return lines
 
 
@@ -96,10 +107,8 @@ def layer_figure(layout, cfg, world):
     """A steady-state layer (not the first, whose input comes replicated from the embeddings)."""
     plan = build_plan(cfg, world)
     ranks = range(plan.tp_size)
-    layer = 1
-    moves = [m for m in activation_moves(plan, cfg, 0) if m.layer == layer]
     methods = {"ATT": plan.att, "CON1": plan.con, "MLP": plan.mlp, "CON2": plan.con}
-    bounds = [b for b in layer_boundaries(plan, consumes(plan.con)) if not b[0].startswith("residual")]
+    bounds = layer_boundaries(plan)
     body, x0, y0, row = [], 20, 120, 110
     width = 80 + 5 * 70 + 4 * 120 + 40
     height = y0 + row * len(ranks) + 40
@@ -132,14 +141,13 @@ def layer_figure(layout, cfg, world):
     # boundary labels above the rows, one per boundary that communicates
     x = x0 + 60
     for (where, src, method), name in zip(bounds, methods):
-        here = [m for m in moves if m.where == where]
-        for k, line in enumerate(boundary_label(src, method, here)):
+        for k, line in enumerate(boundary_label(src, method, plan.tp_size)):
             body.append(text(x + 30, 62 + 14 * k, line, size=10, fill="#a61c00" if k % 3 else INK))
         x += 190
     if plan.att == "SP":
-        kv = [m for m in moves if m.where.startswith("ATT K")]
         body.append(text(20, height - 12, "inside ATT (SP): all_gather of K and of V over positions, "
-                         f"fwd {kv[0].nbytes / MIB:g} MiB each, bwd reduce_scatter {kv[1].nbytes / MIB:g} MiB each",
+                         f"fwd {contributed_mib('all_gather', plan.tp_size):g} MiB each, bwd reduce_scatter "
+                         f"{contributed_mib('reduce_scatter', plan.tp_size):g} MiB each",
                          anchor="start", size=11))
     return svg(width, height, body)
 
@@ -172,7 +180,7 @@ def main():
         cfg = load_config(None, {**BERT_BASE, "parallel": layout})
         figures[layout] = layer_figure(layout, cfg, 1 if layout == "serial" else 2)
     n = bert_base_params()
-    act = Move(None, "stage boundary", "send", "fwd", "send", (4, 512, 768)).nbytes / MIB
+    act = FULL_MIB
     figures["dp"] = boxes_figure(
         "DP: two replicas of the whole model, batch 4 split 2 + 2 (world 2)",
         [("BERT-base, all 12 layers", "samples 0-1"), ("BERT-base, all 12 layers", "samples 2-3")],

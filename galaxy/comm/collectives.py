@@ -1,10 +1,12 @@
 """Autograd-aware collectives: each forward is paired with its conjugate in backward
-(CONJUGATES below; --explain reads it to list what moves in each pass).
+(CONJUGATES below).
 
 Every function takes the process group and, where a dimension is split, the list of
 per-rank sizes along it, so uneven splits (heterogeneous devices) work. A group of one
 rank makes every collective the identity, which is how the serial layout runs.
 """
+from collections import namedtuple
+
 import torch
 import torch.distributed as dist
 
@@ -21,12 +23,20 @@ CONJUGATES = {
 }
 
 
+class RecordingGroup:
+    """A process group that moves nothing: its collectives return correctly shaped (empty)
+    results, and stats reports each as a real run would. --explain runs the real model on it."""
+
+    def __init__(self, size, rank):
+        self.size, self.rank = (lambda: size), (lambda: rank)  # as ProcessGroup.size() and .rank()
+
+
 def _world(group):
-    return 1 if group is None else dist.get_world_size(group)
+    return 1 if group is None else group.size()
 
 
 def _rank(group):
-    return 0 if group is None else dist.get_rank(group)
+    return 0 if group is None else group.rank()
 
 
 def _offset(sizes, rank):
@@ -40,8 +50,7 @@ def _all_reduce(x, group):
         return x
     x = x.contiguous()
     with stats.timed("all_reduce", x):
-        dist.all_reduce(x, group=group)
-    return x
+        return Pending(*implementation(group).all_reduce(x, group)).wait()
 
 
 def _split(x, dim, sizes, group):
@@ -61,7 +70,8 @@ class Pending:
         return self.finish()
 
 
-# How slices move: each implementation takes the slices along dim 0 and returns (works, finish).
+# How slices move: each implementation takes the slices along dim 0 (all-reduce: the tensor) and
+# returns (works, finish).
 #
 # On gloo, all-gather and reduce-scatter are direct exchanges with every peer (the bytes sent are
 # the ring volumes), every receive posted before any send: gloo stalls a message that arrives
@@ -112,32 +122,47 @@ def _padded_reduce_scatter(chunks, sizes, group):
     return [work], lambda: out[:sizes[_rank(group)]]
 
 
-DIRECT = (_direct_all_gather, _direct_reduce_scatter)
-PADDED = (_padded_all_gather, _padded_reduce_scatter)
-BY_BACKEND = {"gloo": DIRECT}  # any other backend: PADDED
-_chosen = {}  # process group -> (all_gather, reduce_scatter)
+def _native_all_reduce(x, group):
+    return [dist.all_reduce(x, group=group, async_op=True)], lambda: x
+
+
+def _recorded_all_gather(mine, sizes, group):
+    return [], lambda: mine.new_empty((sum(sizes),) + mine.shape[1:])
+
+
+def _recorded_reduce_scatter(chunks, sizes, group):
+    return [], lambda: chunks[_rank(group)]
+
+
+Implementation = namedtuple("Implementation", "all_gather reduce_scatter all_reduce")
+DIRECT = Implementation(_direct_all_gather, _direct_reduce_scatter, _native_all_reduce)
+PADDED = Implementation(_padded_all_gather, _padded_reduce_scatter, _native_all_reduce)
+RECORDED = Implementation(_recorded_all_gather, _recorded_reduce_scatter, lambda x, group: ([], lambda: x))
+BY_BACKEND = {"gloo": DIRECT}  # any other backend: PADDED; a RecordingGroup: RECORDED
+_chosen = {}  # process group -> (all_gather, reduce_scatter, all_reduce)
 
 
 def implementation(group, choice=None):
-    """The (all_gather, reduce_scatter) pair `group` uses: `choice` if given (tests, benchmarks),
-    else its backend's, looked up once, at the group's first all-gather or reduce-scatter."""
+    """The (all_gather, reduce_scatter, all_reduce) `group` uses: `choice` if given (tests, benchmarks),
+    else its backend's, looked up once, at the group's first collective."""
     if choice is not None:
         _chosen[group] = choice
     if group not in _chosen:
-        _chosen[group] = BY_BACKEND.get(dist.get_backend(group), PADDED)
+        recording = isinstance(group, RecordingGroup)
+        _chosen[group] = RECORDED if recording else BY_BACKEND.get(dist.get_backend(group), PADDED)
     return _chosen[group]
 
 
 def start_all_gather(x, dim, sizes, group):
     """Start concatenating every rank's slice along `dim` (uneven sizes allowed)."""
-    works, finish = implementation(group)[0](x.movedim(dim, 0).contiguous(), sizes, group)
+    works, finish = implementation(group).all_gather(x.movedim(dim, 0).contiguous(), sizes, group)
     return Pending(works, lambda: finish().movedim(0, dim).contiguous())
 
 
 def start_reduce_scatter(x, dim, sizes, group):
     """Start summing over ranks, each rank keeping its own slice along `dim` (uneven sizes allowed)."""
     chunks = [c.contiguous() for c in x.movedim(dim, 0).split(sizes)]
-    works, finish = implementation(group)[1](chunks, sizes, group)
+    works, finish = implementation(group).reduce_scatter(chunks, sizes, group)
     return Pending(works, lambda: finish().movedim(0, dim).contiguous())
 
 
@@ -167,8 +192,7 @@ class _CopyToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        with stats.phase(stats.BWD):
-            return _all_reduce(grad.clone(), ctx.group), None
+        return _all_reduce(grad.clone(), ctx.group), None
 
 
 class _AllReduce(torch.autograd.Function):
@@ -191,8 +215,7 @@ def _dim_pair(name, forward_op, backward_op, doc):
         return forward_op(x, dim, sizes, group)
 
     def backward(ctx, grad):
-        with stats.phase(stats.BWD):
-            return backward_op(grad, *ctx.args), None, None, None
+        return backward_op(grad, *ctx.args), None, None, None
 
     return type(name, (torch.autograd.Function,), {"__doc__": doc, "forward": staticmethod(forward),
                                                     "backward": staticmethod(backward)})

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from galaxy.comm.collectives import RecordingGroup
 from galaxy.plan import Plan
 
 
@@ -111,6 +112,19 @@ class ParallelContext:
         ctx.dp_group = _groups(coords, rank, dp, lambda c: (c[0], c[2]))
         ctx.pp_group = _groups(coords, rank, pp, lambda c: (c[1], c[2]))
         ctx.stage_group = _groups(coords, rank, tp * dp, lambda c: c[0])
+        return ctx
+
+
+    @classmethod
+    def recording(cls, plan, rank):
+        """Rank `rank`'s context on the meta device, its groups RecordingGroups: the real model runs
+        on it without processes, data or compute, and reports every collective (galaxy.explain)."""
+        ctx = cls(plan, rank, device=torch.device("meta"))
+        within_stage = rank % (plan.tp_size * plan.dp_size)
+        for name, size, index in (("tp_group", plan.tp_size, ctx.tp_rank), ("dp_group", plan.dp_size, ctx.dp_rank),
+                                  ("pp_group", plan.pp_size, ctx.pp_rank),
+                                  ("stage_group", plan.tp_size * plan.dp_size, within_stage)):
+            setattr(ctx, name, RecordingGroup(size, index) if size > 1 else None)
         return ctx
 
 

@@ -2,18 +2,21 @@
 
 Off by default (a single `if` per collective). Every collective reports the tensor this rank
 contributes (all-gather: its own slice; reduce-scatter / all-reduce: its whole input) and
-whether it runs in the forward pass, in backward (the conjugate of a forward collective: the
-autograd collectives' backward runs inside `phase(BWD)`), or for gradient synchronisation.
-Listeners are called as listen(kind, nbytes, phase, start_s, dur_s).
+whether it runs in the forward pass, in backward (whatever runs inside autograd's backward:
+the conjugates, the tiled overlap's gathers, recomputed checkpointed layers), or for gradient
+synchronisation (the caller says so), and at which site (the `site` labels open around it).
+Listeners are called as listen(kind, nbytes, phase, start_s, dur_s, shape, site).
 """
 import time
 from collections import Counter
 from contextlib import contextmanager, nullcontext
 
+import torch
+
 FWD, BWD, GRAD = "fwd", "bwd", "grad"
 _listeners = []
 _OFF = nullcontext()
-_phase = FWD  # what collectives run now are part of, unless they say otherwise
+_sites = []  # labels of the code running now, outermost first (see site())
 
 
 def label(kind, phase):
@@ -21,24 +24,28 @@ def label(kind, phase):
     return kind if phase == FWD else f"{kind}({phase})"
 
 
+def current_phase():
+    """BWD inside autograd's backward (by construction: the engine knows), else FWD."""
+    return BWD if torch._C._current_graph_task_id() != -1 else FWD
+
+
 @contextmanager
-def phase(name):
-    """Tag the collectives run inside the block with `name` (BWD for the conjugates in backward)."""
-    global _phase
-    outer, _phase = _phase, name
+def site(name):
+    """Label the collectives run inside the block ("Attention in"); nested labels join with " / "."""
+    _sites.append(name)
     try:
         yield
     finally:
-        _phase = outer
+        _sites.pop()
 
 
 def record(kind, tensor, phase=None, start_s=None, dur_s=0.0):
     if _listeners:
-        phase = phase or _phase
+        phase = phase or current_phase()
         nbytes = tensor.numel() * tensor.element_size()
         start_s = time.perf_counter() if start_s is None else start_s
         for listen in _listeners:
-            listen(kind, nbytes, phase, start_s, dur_s)
+            listen(kind, nbytes, phase, start_s, dur_s, tuple(tensor.shape), " / ".join(_sites))
 
 
 def timed(kind, tensor):

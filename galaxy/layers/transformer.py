@@ -9,6 +9,7 @@ local shard when the connective block is sequence-parallel.
 import torch
 from torch import nn
 
+from galaxy.comm import stats
 from galaxy.layers.dropout import LayoutInvariantDropout
 from galaxy.layers.param_spec import GradSum, set_spec
 from galaxy.layers.placement import PRODUCES, SEQ, consumes, redistribute
@@ -65,11 +66,16 @@ def sublayer(block, method, con, x, placement, *args, norm=None, **kwargs):
     placement table. x is in `placement`; the result is in what the connective consumes."""
     h = x if norm is None else norm(x)
     tiling = getattr(block, "tiling", None)  # a tiled block gathers its input / scatters its output itself
-    if tiling is None or not tiling.gather_in:
-        h = redistribute(h, placement, method, con.ctx)
-    out = block(h, *args, **kwargs)
+    name = type(block).__name__  # the site labels say which boundary a collective sits at (--explain)
+    with stats.site(f"{name} in"):
+        h = h if tiling is not None and tiling.gather_in else redistribute(h, placement, method, con.ctx)
+    with stats.site(name):  # e.g. a tiled block's own gathers, SP attention's K/V
+        out = block(h, *args, **kwargs)
     produced = SEQ if tiling is not None and tiling.scatter_out else PRODUCES[method]
-    return con(redistribute(out, produced, con.method, con.ctx), redistribute(x, placement, con.method, con.ctx))
+    with stats.site(f"{name} out -> connective"):
+        out = redistribute(out, produced, con.method, con.ctx)
+    with stats.site("residual -> connective"):
+        return con(out, redistribute(x, placement, con.method, con.ctx))
 
 
 def run_layers(layers, x, placement, attn_bias, checkpoint=False, extra=()):

@@ -20,6 +20,7 @@ batch is cheap), so receive shapes follow from the batch and no metadata is sent
 import torch
 import torch.distributed as dist
 
+from galaxy.comm.collectives import RecordingGroup
 from galaxy.layers.dropout import set_dropout_seed
 from galaxy.layers.param_spec import GradSum, spec_of
 from galaxy.pipeline.p2p import StageLinks
@@ -46,6 +47,9 @@ class TiedCopies:
 
     def __init__(self, model, ctx):
         copies = {spec_of(p).init_name: p for p in model.parameters() if spec_of(p).grad_sum is GradSum.TIED}
+        if isinstance(ctx.pp_group, RecordingGroup):  # --explain: this sum is not one of the reported collectives
+            self.params, self.group = [], None
+            return
         per_stage = [None] * ctx.plan.pp_size
         dist.all_gather_object(per_stage, sorted(copies), group=ctx.pp_group)
         names = per_stage[-1]  # the last stage holds the copies
@@ -165,7 +169,7 @@ class PipelineForwardBackward:
             out = self.model(**batch, hidden_states=x, **({"chunk": action.chunk} if self.chunks > 1 else {}))
         if self._last(action):
             loss_sum, _ = out
-            self.loss_sum += loss_sum.item()
+            self.loss_sum += loss_sum.detach().double()
             return loss_sum / self.n_tokens, received
         outs = out if isinstance(out, tuple) else (out,)
         self.links.send_forward([o.to(self.dtype) for o in outs])

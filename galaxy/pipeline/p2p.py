@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from galaxy.comm import stats
+from galaxy.comm.collectives import RecordingGroup
 
 TAGS = {stats.FWD: 1, stats.BWD: 2}
 
@@ -35,6 +36,7 @@ class StageLinks:
         ring, stages = ctx.plan.virtual_stages > 1, ctx.plan.pp_size
         self.prev = None if ctx.is_first_stage and not ring else ctx.pp_peer((ctx.pp_rank - 1) % stages)
         self.next = None if ctx.is_last_stage and not ring else ctx.pp_peer((ctx.pp_rank + 1) % stages)
+        self.recording = isinstance(ctx.pp_group, RecordingGroup)  # sends only reported, receives left empty
         self.pending = []  # (tensors, works) of sends in flight; the tensors must outlive their send
         self.posted = {stats.FWD: deque(), stats.BWD: deque()}  # receives posted ahead, oldest first
 
@@ -60,13 +62,13 @@ class StageLinks:
         tensors = [t.detach().contiguous() for t in tensors]
         for t in tensors:
             stats.record("send", t, phase)
-        works = dist.batch_isend_irecv([dist.P2POp(dist.isend, t, peer, tag=TAGS[phase]) for t in tensors])
+        works = self._post(dist.isend, tensors, peer, phase)
         self.pending = [(t, w) for t, w in self.pending if not all(x.is_completed() for x in w)]
         self.pending.append((tensors, works))
 
     def _post_recv(self, shapes, dtype, peer, phase):
         bufs = [torch.empty(shape, dtype=dtype, device=self.device) for shape in shapes]
-        return bufs, dist.batch_isend_irecv([dist.P2POp(dist.irecv, b, peer, tag=TAGS[phase]) for b in bufs])
+        works = self._post(dist.isend, tensors, peer, phase)
 
     def _recv(self, shapes, dtype, peer, direction):
         """The oldest receive posted ahead in this direction, else one posted now; waited for."""

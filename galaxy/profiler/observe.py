@@ -19,7 +19,7 @@ from galaxy.profiler.trace import disable_tracing, enable_tracing
 
 
 def _collective_listener(timeline, current_step):
-    def listen(kind, nbytes, phase, start_s, dur_s):
+    def listen(kind, nbytes, phase, start_s, dur_s, *_):
         name = stats.label(kind, phase)
         lane = "grad sync" if phase == stats.GRAD else "comm"
         timeline.record(name, "comm", start_s, dur_s, lane=lane, bytes=nbytes, phase=phase, step=current_step())

@@ -7,7 +7,6 @@ An entry script only names its model (galaxy.models.registry) and default config
 
     entry.main(__doc__, "bert", "train_config/bert/galaxy/full.json")
 """
-import functools
 from contextlib import nullcontext
 
 import torch
@@ -127,14 +126,6 @@ def _train(rank, world, cfg, plan, args):
             save_tuning_record(cfg, cfg["save_dir"])
 
 
-def build_tuned(cfg, ctx):
-    """The rank's model with its tuning method, without weights: what --explain counts (the
-    gradients that are synced, the streams a pipeline stage hands on)."""
-    model = build_model(cfg, ctx)
-    apply_tuning(model, cfg, ctx)
-    return model
-
-
 def main(doc, model, default_config, argv=None):
     """Parse the command line (config errors stop here, before any process starts) and train
     `model` ("bert", "llama", "bart") on this rank, or on every rank spawned here."""
@@ -144,7 +135,7 @@ def main(doc, model, default_config, argv=None):
     if MODELS[model].check:
         MODELS[model].check(cfg, plan)
     if args.explain:  # the plan only: no process group, no training
-        print(explain(plan, cfg, functools.partial(build_tuned, cfg)))
+def main(doc, model, default_config, argv=None):
         return
     outputs.check_outputs(cfg["save_dir"], args.metrics_file)  # every process that may write, before step 1
     owns_save_dir = cfg["save_dir"] and rank in (None, 0)  # the process of rank 0 locks it for the run

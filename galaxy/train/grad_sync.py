@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from galaxy.comm import stats
+from galaxy.comm.collectives import implementation
 from galaxy.layers.param_spec import GradSum, spec_of
 
 
@@ -55,8 +56,8 @@ class GradBuckets:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         flat = torch.cat([p.grad.reshape(-1) for p in bucket])
-        work = dist.all_reduce(flat, group=self.group, async_op=True)
-        self.pending.append((bucket, flat, work, time.perf_counter()))
+        works, _ = implementation(self.group).all_reduce(flat, self.group)  # summed in place
+        self.pending.append((bucket, flat, works, time.perf_counter()))
         self.next_launch = i + 1
 
     def finish(self):
@@ -65,8 +66,9 @@ class GradBuckets:
             return
         while self.next_launch < len(self.buckets):
             self._launch(self.next_launch)
-        for bucket, flat, work, start in self.pending:
-            work.wait()  # the recorded span runs from launch until this wait returns
+        for bucket, flat, works, start in self.pending:
+            for work in works:  # the recorded span runs from launch until this wait returns
+                work.wait()
             stats.record("all_reduce", flat, stats.GRAD, start, time.perf_counter() - start)
             offset = 0
             for p in bucket:

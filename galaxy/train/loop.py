@@ -113,7 +113,7 @@ class Trainer:
             with self.autocast:
                 loss_sum, _ = self.model(**batch)
             (loss_sum / n_tokens).backward()
-            total += loss_sum.item()
+            total += loss_sum.detach().double()  # summed as floats were; read once per step (never on meta)
         return total
 
     def train_step(self):

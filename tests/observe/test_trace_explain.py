@@ -7,11 +7,11 @@ state beside the hidden states (and only the side state's gradient back).
 Bytes compared are those each rank contributes to each collective: its own slice for an
 all-gather, its whole input tensor for a reduce-scatter or all-reduce (galaxy.comm.stats)."""
 import argparse
-import functools
 import json
 from collections import Counter
 
-from galaxy.explain import bytes_by_label, step_moves
+from galaxy.explain import bytes_by_label, record_step
+from galaxy.models.registry import build_model
 from galaxy.plan import build_plan
 from galaxy.train import entry
 from galaxy.train.config import load_config
@@ -81,8 +81,7 @@ def test_trace_and_explain(tmp_path):
         cfg = config(layout)
         plan = build_plan(cfg, 2)
         for rank in range(2):
-            build = functools.partial(entry.build_tuned, cfg)
-            expected = bytes_by_label(step_moves(plan, cfg, rank, build))
+            expected = bytes_by_label(record_step(plan, cfg, rank, build_model)[0])
             traced = _load(tmp_path, layout, rank)["otherData"]["comm_bytes"]["1"]
             assert traced == expected, (layout, rank)
             assert sum(e["args"]["bytes"] for e in _load(tmp_path, layout, rank)["traceEvents"]
