@@ -68,7 +68,12 @@ class StageLinks:
 
     def _post_recv(self, shapes, dtype, peer, phase):
         bufs = [torch.empty(shape, dtype=dtype, device=self.device) for shape in shapes]
-        works = self._post(dist.isend, tensors, peer, phase)
+        return bufs, self._post(dist.irecv, bufs, peer, phase)
+
+    def _post(self, op, tensors, peer, phase):
+        if self.recording:
+            return []
+        return dist.batch_isend_irecv([dist.P2POp(op, t, peer, tag=TAGS[phase]) for t in tensors])
 
     def _recv(self, shapes, dtype, peer, direction):
         """The oldest receive posted ahead in this direction, else one posted now; waited for."""

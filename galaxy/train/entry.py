@@ -135,7 +135,7 @@ def main(doc, model, default_config, argv=None):
     if MODELS[model].check:
         MODELS[model].check(cfg, plan)
     if args.explain:  # the plan only: no process group, no training
-def main(doc, model, default_config, argv=None):
+        print(explain(plan, cfg, build_model))
         return
     outputs.check_outputs(cfg["save_dir"], args.metrics_file)  # every process that may write, before step 1
     owns_save_dir = cfg["save_dir"] and rank in (None, 0)  # the process of rank 0 locks it for the run

@@ -51,7 +51,7 @@ def _traced_bytes(rank, world, name):
     """Bytes per label of one real optimizer step on this rank."""
     cfg = config(name, world)
     ctx = ParallelContext.create(build_plan(cfg, world), rank)
-    model = build_model[0]](cfg, ctx)
+    model = build_model(cfg, ctx)
     apply_tuning(model, cfg, ctx)
     trainer = Trainer(model, ctx, cfg, dataset(CASES[name][0], cfg), 1, log=lambda m: None)
     if ctx.plan.pp_size > 1:
@@ -73,7 +73,7 @@ def test_explained_bytes_are_traced_bytes(world):
         cfg = config(name, world)
         plan = build_plan(cfg, world)
         for rank in range(world):
-            explained = bytes_by_label(record_step(plan, cfg, rank, build_model[0]])[0])
+            explained = bytes_by_label(record_step(plan, cfg, rank, build_model)[0])
             assert explained == traced[rank][name], (name, world, rank)
 
 
