@@ -9,7 +9,9 @@ from galaxy.train.config import load_config, read_config
 from galaxy.errors import ConfigError
 from tests.helpers import ROOT
 
-RECIPES = sorted(p for arch in ("bert", "llama", "bart") for p in (ROOT / "train_config" / arch).rglob("*.json"))
+UNEVEN = ROOT / "train_config" / "bert" / "galaxy" / "uneven.json"  # the one recipe with world-2 lists
+RECIPES = sorted(p for arch in ("bert", "llama", "bart") for p in (ROOT / "train_config" / arch).rglob("*.json")
+                 if p != UNEVEN)
 LISTS = ("tp_num_attention_heads_list", "tp_intermediate_size_list", "seq_scatter_list")
 
 
@@ -49,3 +51,8 @@ def test_shipped_recipes_split_evenly_at_any_world_that_divides(path):
     for world in (1, 2, 4):
         plan = build_plan(cfg, world)
         assert plan.world == world and len(set(plan.heads)) == 1 and len(set(plan.positions)) == 1
+
+
+def test_the_uneven_example_plans_its_lists_at_world_2():
+    plan = build_plan(load_config(UNEVEN), 2)
+    assert (plan.heads, plan.columns, plan.positions) == ((3, 1), (768, 256), (80, 48))
