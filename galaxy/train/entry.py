@@ -75,16 +75,17 @@ def train(rank, world, cfg, plan, args):
         raise SystemExit(f"galaxy: rank {rank}: {e}") from None
 
 
-def _train(rank, world, cfg, plan, args):
+def join(cfg, plan, rank):
+    """This rank's ParallelContext, once every rank is known to run the same config; seeds torch."""
     ctx = ParallelContext.create(plan, rank, cfg["device"], cfg["distributed_backend"] or launch.default_backend())
     check_same_config(cfg, ctx)
     torch.manual_seed(cfg["seed"])
-    data = MODELS[cfg["model"]].build_data(cfg, ctx)
-    if rank == 0 and getattr(data, "cut", ""):  # what the data lost to seq_length, told once
-        print(f"[rank 0] {data.cut}", flush=True)
-    if len(data) < cfg["batch_size"]:
-        raise DataError(f"{cfg['data_file']}: {len(data)} sequences of {cfg['seq_length']} tokens, "
-                        f"fewer than one batch (batch_size {cfg['batch_size']})")
+    return ctx
+
+
+def load_model(cfg, ctx, rank):
+    """This rank's part of the model with load_checkpoint's weights and the tuning method (and
+    load_trainable's weights) applied; returns (model, a line describing the tuning)."""
     model = build_model(cfg, ctx)
     if cfg["load_checkpoint"] and not cfg["resume"]:
         skipped = model.load_hf(cfg["load_checkpoint"], strict=cfg["strict"])
@@ -93,6 +94,18 @@ def _train(rank, world, cfg, plan, args):
     tuning = apply_tuning(model, cfg, ctx)  # LoRA / adapter / side: freezes the rest
     if cfg["load_trainable"] and not cfg["resume"]:  # their parameters exist only now
         model.load_hf(cfg["load_trainable"], trainable_only=True)
+    return model, tuning
+
+
+def _train(rank, world, cfg, plan, args):
+    ctx = join(cfg, plan, rank)
+    data = MODELS[cfg["model"]].build_data(cfg, ctx)
+    if rank == 0 and getattr(data, "cut", ""):  # what the data lost to seq_length, told once
+        print(f"[rank 0] {data.cut}", flush=True)
+    if len(data) < cfg["batch_size"]:
+        raise DataError(f"{cfg['data_file']}: {len(data)} sequences of {cfg['seq_length']} tokens, "
+                        f"fewer than one batch (batch_size {cfg['batch_size']})")
+    model, tuning = load_model(cfg, ctx, rank)
     total = cfg["max_steps"] or cfg["num_epochs"] * len(data) // (cfg["batch_size"] * cfg["gradient_accumulation_steps"])
     log = (lambda msg: print(f"[rank {rank}] {msg}", flush=True))
     if rank == 0:
