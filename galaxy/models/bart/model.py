@@ -190,6 +190,11 @@ class BartModel(nn.Module):
         self.decoder = BartStack(cfg, _chain(lambda j, p: decoder_layer(cfg, self.ctx, 4 * n_enc + 1 + 5 * j, p),
                                              cfg.num_decoder_layers), embed_site=4 * n_enc)
 
+    def encode(self, input_ids, attention_mask=None):
+        """The encoder's last hidden states [B, T, H], replicated: what encoder inference returns."""
+        memory, placement = self.encoder(input_ids, self.shared, attention_bias(attention_mask, self.shared.weight.dtype))
+        return redistribute(memory, placement, Method.NONE, self.ctx)
+
     def forward(self, input_ids, attention_mask=None, decoder_input_ids=None):
         if decoder_input_ids is None:
             raise ValueError("BART needs decoder_input_ids (the target shifted right)")

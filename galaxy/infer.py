@@ -1,0 +1,143 @@
+"""Forward-only inference in any layout the config names: BERT (masked-LM logits), the BART
+encoder (its last hidden states), LLaMA prefill (logits). Each request is timed end to end on
+every rank (a barrier first, so all start together); a request's latency is the slowest rank's
+wall-clock time, since the answer is ready only when every rank is done. Rank 0 prints the
+latency percentiles and the throughput.
+
+An entry script only names its default config:
+
+    infer.main(__doc__, "train_config/bert/galaxy/full.json")
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from galaxy.comm import launch
+from galaxy.models.registry import MODELS, load_tokenizer
+from galaxy.train import cli, outputs
+from galaxy.train.entry import join, load_model
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must not be negative")
+    return value
+
+
+def existing_file(text):
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text} is not a file")
+    return text
+
+
+def add_args(parser):
+    group = parser.add_argument_group("inference")
+    group.add_argument("--requests", type=positive_int, default=50, help="timed requests")
+    group.add_argument("--warmup", type=non_negative_int, default=5, help="untimed requests first")
+    group.add_argument("--batch_size", type=positive_int, default=1,
+                       help="sequences per request (not the config's training batch_size)")
+    group.add_argument("--texts", type=existing_file, default=None,
+                       help="one text a line, tokenized with tokenizer_file and padded to seq_length "
+                            "(default: random tokens, seq_length of them)")
+
+
+def forward_fn(model, name):
+    """What one request computes: the output callers read, replicated on every rank."""
+    if name == "bart":
+        return lambda ids, mask: model.model.encode(ids, mask)
+    return lambda ids, mask: model(ids, mask)  # BERT MLM logits, LLaMA prefill logits
+
+
+def synthetic_batches(cfg, batch_size, count):
+    """Random token ids, the same on every rank (one generator seeded by the run's seed)."""
+    g = torch.Generator().manual_seed(cfg["seed"])
+    for _ in range(count):
+        yield torch.randint(cfg["vocab_size"], (batch_size, cfg["seq_length"]), generator=g), None
+
+
+def text_batches(cfg, path, batch_size, count):
+    """The file's lines in turn, each [bos] text ([eos] for the encoders) cut and padded to
+    seq_length: sequence-sharded layouts split a fixed number of positions."""
+    tok = load_tokenizer(cfg)
+    ends = [tok.eos_id] if cfg["model"] != "llama" else []
+    lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise SystemExit(f"galaxy: --texts {path} has no text")
+    rows = []
+    for i in range(batch_size * count):
+        ids = ([tok.bos_id] + tok.encode(lines[i % len(lines)]) + ends)[:cfg["seq_length"]]
+        rows.append(ids + [tok.pad_id] * (cfg["seq_length"] - len(ids)))
+    ids = torch.tensor(rows).view(count, batch_size, -1)
+    return ((b, (b != tok.pad_id).long()) for b in ids)
+
+
+def serve(forward, batches, ctx):
+    """Yield (output, latency in seconds) for each (input_ids, attention_mask) batch."""
+    with torch.no_grad():
+        for ids, mask in batches:
+            ids, mask = ids.to(ctx.device), None if mask is None else mask.to(ctx.device)
+            if ctx.world > 1:
+                dist.barrier()
+            start = time.perf_counter()
+            out = forward(ids, mask)
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize(ctx.device)
+            elapsed = torch.tensor(time.perf_counter() - start, dtype=torch.float64, device=ctx.device)
+            if ctx.world > 1:
+                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            yield out, elapsed.item()
+
+
+def summary(latencies, batch_size, seq_length):
+    ms = torch.tensor(latencies, dtype=torch.float64) * 1e3
+    p50, p90, p99 = torch.quantile(ms, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64)).tolist()
+    per_s = len(latencies) * batch_size / (ms.sum().item() / 1e3)
+    return (f"latency over {len(latencies)} requests (batch {batch_size}, {seq_length} tokens): "
+            f"p50 {p50:.2f} ms, p90 {p90:.2f} ms, p99 {p99:.2f} ms, mean {ms.mean().item():.2f} ms; "
+            f"throughput {per_s:.2f} sequences/s ({per_s * seq_length:.0f} tokens/s)")
+
+
+def infer(rank, world, cfg, plan, args):
+    ctx = join(cfg, plan, rank)
+    model, _ = load_model(cfg, ctx, rank)
+    model.eval()  # dropout off
+    count = args.warmup + args.requests
+    batches = (text_batches(cfg, args.texts, args.batch_size, count) if args.texts
+               else synthetic_batches(cfg, args.batch_size, count))
+    latencies = [latency for _, latency in serve(forward_fn(model, cfg["model"]), batches, ctx)][args.warmup:]
+    if rank != 0:
+        return
+    print(f"[rank 0] plan: {plan.describe()}", flush=True)
+    print(summary(latencies, args.batch_size, cfg["seq_length"]), flush=True)
+    if args.metrics_file:
+        with open(args.metrics_file, "a", encoding="utf-8") as f:
+            for i, latency in enumerate(latencies):
+                f.write(json.dumps({"request": i, "latency_s": latency}) + "\n")
+
+
+def main(doc, default_config, argv=None):
+    """Parse and check everything (errors stop here, before any process starts), then infer on
+    this rank, or on every rank spawned here."""
+    args, cfg, plan, world, rank = cli.parse(doc.splitlines()[0], default_config, argv, add_args)
+    if args.explain or args.trace_dir:
+        raise SystemExit("galaxy: --explain and --trace_dir record a training step; inference has neither yet")
+    if plan.pp_size > 1:
+        raise SystemExit("galaxy: config error: stage_num_hidden_layers_list: inference does not run "
+                         "pipeline stages yet; use a layout without stages")
+    if MODELS[cfg["model"]].check:
+        MODELS[cfg["model"]].check(cfg, plan)
+    outputs.check_outputs(None, args.metrics_file)
+    launch.run(infer, world, rank, (cfg, plan, args), args.init_method,
+               cfg["distributed_backend"], cfg["timeout_s"], args.threads, args.debug)
