@@ -109,14 +109,20 @@ def summary(latencies, batch_size, seq_length):
             f"throughput {per_s:.2f} sequences/s ({per_s * seq_length:.0f} tokens/s)")
 
 
-def infer(rank, world, cfg, plan, args):
+def prepare(cfg, plan, rank):
+    """This rank's part of the model, ready for requests: returns (forward, ctx) for serve."""
     ctx = join(cfg, plan, rank)
     model, _ = load_model(cfg, ctx, rank)
     model.eval()  # dropout off
+    return forward_fn(model, cfg["model"]), ctx
+
+
+def infer(rank, world, cfg, plan, args):
+    forward, ctx = prepare(cfg, plan, rank)
     count = args.warmup + args.requests
     batches = (text_batches(cfg, args.texts, args.batch_size, count) if args.texts
                else synthetic_batches(cfg, args.batch_size, count))
-    latencies = [latency for _, latency in serve(forward_fn(model, cfg["model"]), batches, ctx)][args.warmup:]
+    latencies = [latency for _, latency in serve(forward, batches, ctx)][args.warmup:]
     if rank != 0:
         return
     print(f"[rank 0] plan: {plan.describe()}", flush=True)

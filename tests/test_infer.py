@@ -1,0 +1,95 @@
+"""Inference (galaxy/infer.py, infer_galaxy.py): what the inference path returns in a layout equals
+the serial model's output at world 2 and 3 with uneven splits; the script runs as a user would and
+prints its percentiles; bad input stops before any process starts."""
+import json
+import re
+
+import pytest
+import torch
+
+from galaxy.infer import prepare, serve
+from galaxy.models.registry import build_model
+from galaxy.plan import build_plan
+from galaxy.train.config import load_config
+from tests.helpers import rel_err, run_ranks, run_script
+from tests.models.bart.test_bart_layouts import MODEL as BART, SPLITS as BART_SPLITS
+from tests.models.test_bert_layouts import MODEL as BERT, SPLITS as BERT_SPLITS
+from tests.models.llama.common import MODEL as LLAMA
+from tests.models.llama.test_llama_layouts import SPLITS as LLAMA_SPLITS
+
+# dropout stays on in the configs: the inference path must switch it off to match serial in eval
+DROPOUT = dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+MODELS = {"bert": (BERT, BERT_SPLITS), "llama": (LLAMA, LLAMA_SPLITS), "bart": (BART, BART_SPLITS)}
+CASES = [("bert", "galaxy"), ("bert", "tp"), ("llama", "galaxy"), ("bart", "galaxy")]
+
+
+def config(model, layout, world):
+    shape, splits = MODELS[model]
+    return load_config(None, {**shape, **DROPOUT, **(splits[world] if layout != "serial" else {}),
+                              "model": model, "parallel": layout})
+
+
+def batch(cfg):
+    """Two sequences, the second with padding at its end (its mask reaches every block)."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(4, cfg["vocab_size"], (2, cfg["seq_length"]), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, -5:] = 0
+    return ids, mask
+
+
+def serial_output(model):
+    cfg = config(model, "serial", 1)
+    net = build_model(cfg).eval()
+    ids, mask = batch(cfg)
+    with torch.no_grad():
+        return net.model.encode(ids, mask) if model == "bart" else net(ids, mask)
+
+
+def _infer_cases(rank, world):
+    out = {}
+    for model, layout in CASES:
+        cfg = config(model, layout, world)
+        forward, ctx = prepare(cfg, build_plan(cfg, world), rank)
+        out[model, layout] = [o for o, _ in serve(forward, [batch(cfg)], ctx)][0]
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_inference_matches_serial(world):
+    want = {model: serial_output(model) for model in MODELS}
+    for rank, outputs in enumerate(run_ranks(_infer_cases, world, timeout_s=240)):
+        for (model, layout), got in outputs.items():
+            assert got.shape == want[model].shape, (model, layout, rank)
+            assert rel_err(got, want[model]) < 1e-5, (model, layout, rank, rel_err(got, want[model]))
+
+
+TINY = ["--hidden_size", "64", "--num_hidden_layers", "2", "--seq_length", "32", "--timeout_s", "60"]
+
+
+def test_script_prints_percentiles_and_writes_metrics(tmp_path):
+    texts, metrics = tmp_path / "texts.txt", tmp_path / "latency.jsonl"
+    texts.write_text("The tuple is an immutable sequence.\nA list can change.\n")
+    out = run_script("infer_galaxy.py", "--config_file", "train_config/bert/galaxy/full.json", "--world", "2",
+                     *TINY, "--requests", "3", "--warmup", "1", "--texts", str(texts), "--metrics_file", str(metrics))
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = re.search(r"^latency over 3 requests \(batch 1, 32 tokens\): p50 ([\d.]+) ms, p90 ([\d.]+) ms, "
+                     r"p99 ([\d.]+) ms, mean ([\d.]+) ms; throughput ([\d.]+) sequences/s", out.stdout, re.M)
+    assert line, out.stdout
+    p50, p90, p99, mean, _ = map(float, line.groups())
+    assert 0 < p50 <= p90 <= p99
+    rows = [json.loads(r) for r in metrics.read_text().splitlines()]
+    assert [r["request"] for r in rows] == [0, 1, 2]
+    assert abs(sum(r["latency_s"] for r in rows) / 3 * 1e3 - mean) < 0.01
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--requests", "0"], "argument --requests: 0 must be at least 1"),
+    (["--warmup", "-1"], "argument --warmup: -1 must not be negative"),
+    (["--texts", "no/such/file.txt"], "no/such/file.txt is not a file"),
+    (["--config_file", "train_config/bert/pp/full.json"], "inference does not run pipeline stages"),
+])
+def test_bad_input_stops_before_processes_start(argv, message):
+    out = run_script("infer_galaxy.py", "--world", "2", *argv, timeout=60)
+    assert out.returncode != 0 and message in out.stderr, out.stderr
+    assert "[rank" not in out.stdout + out.stderr
