@@ -23,10 +23,10 @@ MODELS = {"bert": (BERT, BERT_SPLITS), "llama": (LLAMA, LLAMA_SPLITS), "bart": (
 CASES = [("bert", "galaxy"), ("bert", "tp"), ("llama", "galaxy"), ("bart", "galaxy")]
 
 
-def config(model, layout, world):
+def config(model, layout, world, **extra):
     shape, splits = MODELS[model]
     return load_config(None, {**shape, **DROPOUT, **(splits[world] if layout != "serial" else {}),
-                              "model": model, "parallel": layout})
+                              "model": model, "parallel": layout, **extra})
 
 
 def batch(cfg):
@@ -38,30 +38,40 @@ def batch(cfg):
     return ids, mask
 
 
-def serial_output(model):
-    cfg = config(model, "serial", 1)
+def serial_output(model, save_dir=None, **extra):
+    """The serial model's output in eval mode (its weights written to save_dir when given)."""
+    cfg = config(model, "serial", 1, **extra)
     net = build_model(cfg).eval()
+    if save_dir:
+        net.save_hf(save_dir)
     ids, mask = batch(cfg)
     with torch.no_grad():
         return net.model.encode(ids, mask) if model == "bart" else net(ids, mask)
 
 
-def _infer_cases(rank, world):
+def _infer_cases(rank, world, checkpoint):
     out = {}
     for model, layout in CASES:
-        cfg = config(model, layout, world)
-        forward, ctx = prepare(cfg, build_plan(cfg, world), rank)
-        out[model, layout] = [o for o, _ in serve(forward, [batch(cfg)], ctx)][0]
+        out[model, layout] = _infer_once(config(model, layout, world), world, rank)
+    # weights from a checkpoint, not from the seed: built with another seed, then loaded
+    out["bert", "galaxy, loaded"] = _infer_once(config("bert", "galaxy", world, load_checkpoint=checkpoint), world, rank)
     return out
 
 
+def _infer_once(cfg, world, rank):
+    forward, ctx = prepare(cfg, build_plan(cfg, world), rank)
+    return [o for o, _ in serve(forward, [batch(cfg)], ctx)][0]
+
+
 @pytest.mark.parametrize("world", [2, 3])
-def test_inference_matches_serial(world):
-    want = {model: serial_output(model) for model in MODELS}
-    for rank, outputs in enumerate(run_ranks(_infer_cases, world, timeout_s=240)):
-        for (model, layout), got in outputs.items():
-            assert got.shape == want[model].shape, (model, layout, rank)
-            assert rel_err(got, want[model]) < 1e-5, (model, layout, rank, rel_err(got, want[model]))
+def test_inference_matches_serial(world, tmp_path):
+    want = {(model, layout): serial_output(model) for model, layout in CASES}
+    want["bert", "galaxy, loaded"] = serial_output("bert", tmp_path, seed=7)
+    for rank, outputs in enumerate(run_ranks(_infer_cases, world, str(tmp_path), timeout_s=240)):
+        assert outputs.keys() == want.keys()
+        for case, got in outputs.items():
+            assert got.shape == want[case].shape, (case, rank)
+            assert rel_err(got, want[case]) < 1e-5, (case, rank, rel_err(got, want[case]))
 
 
 TINY = ["--hidden_size", "64", "--num_hidden_layers", "2", "--seq_length", "32", "--timeout_s", "60"]
