@@ -36,10 +36,16 @@ def non_negative_int(text):
     return value
 
 
-def existing_file(text):
-    if not Path(text).is_file():
-        raise argparse.ArgumentTypeError(f"{text} is not a file")
-    return text
+def text_file(path):
+    if not Path(path).is_file():
+        raise argparse.ArgumentTypeError(f"{path} is not a file")
+    if not read_lines(path):
+        raise argparse.ArgumentTypeError(f"{path} has no text")
+    return path
+
+
+def read_lines(path):
+    return [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def add_args(parser):
@@ -48,7 +54,7 @@ def add_args(parser):
     group.add_argument("--warmup", type=non_negative_int, default=5, help="untimed requests first")
     group.add_argument("--batch_size", type=positive_int, default=1,
                        help="sequences per request (not the config's training batch_size)")
-    group.add_argument("--texts", type=existing_file, default=None,
+    group.add_argument("--texts", type=text_file, default=None,
                        help="one text a line, tokenized with tokenizer_file and padded to seq_length "
                             "(default: random tokens, seq_length of them)")
 
@@ -72,9 +78,7 @@ def text_batches(cfg, path, batch_size, count):
     seq_length: sequence-sharded layouts split a fixed number of positions."""
     tok = load_tokenizer(cfg)
     ends = [tok.eos_id] if cfg["model"] != "llama" else []
-    lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not lines:
-        raise SystemExit(f"galaxy: --texts {path} has no text")
+    lines = read_lines(path)
     rows = []
     for i in range(batch_size * count):
         ids = ([tok.bos_id] + tok.encode(lines[i % len(lines)]) + ends)[:cfg["seq_length"]]
@@ -101,6 +105,7 @@ def serve(forward, batches, ctx):
 
 
 def summary(latencies, batch_size, seq_length):
+    """The percentiles line; throughput is of requests served one after another."""
     ms = torch.tensor(latencies, dtype=torch.float64) * 1e3
     p50, p90, p99 = torch.quantile(ms, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64)).tolist()
     per_s = len(latencies) * batch_size / (ms.sum().item() / 1e3)

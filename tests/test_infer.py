@@ -97,9 +97,12 @@ def test_script_prints_percentiles_and_writes_metrics(tmp_path):
     (["--requests", "0"], "argument --requests: 0 must be at least 1"),
     (["--warmup", "-1"], "argument --warmup: -1 must not be negative"),
     (["--texts", "no/such/file.txt"], "no/such/file.txt is not a file"),
+    (["--texts", "blank.txt"], "blank.txt has no text"),
     (["--config_file", "train_config/bert/pp/full.json"], "inference does not run pipeline stages"),
 ])
-def test_bad_input_stops_before_processes_start(argv, message):
+def test_bad_input_stops_before_processes_start(argv, message, tmp_path):
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    argv = [str(tmp_path / a) if a == "blank.txt" else a for a in argv]
     out = run_script("infer_galaxy.py", "--world", "2", *argv, timeout=60)
     assert out.returncode != 0 and message in out.stderr, out.stderr
     assert "[rank" not in out.stdout + out.stderr
