@@ -2,7 +2,8 @@
 encoder (its last hidden states), LLaMA prefill (logits). Each request is timed end to end on
 every rank (a barrier first, so all start together); a request's latency is the slowest rank's
 wall-clock time, since the answer is ready only when every rank is done. Rank 0 prints the
-latency percentiles and the throughput.
+latency percentiles and the throughput. Pipeline stages (BERT, LLaMA) run one request through
+one after another; the last stage's ranks hold the output.
 
 An entry script only names its default config:
 
@@ -18,6 +19,8 @@ import torch.distributed as dist
 
 from galaxy.comm import launch
 from galaxy.models.registry import MODELS, load_tokenizer
+from galaxy.pipeline.engine import pipeline_streams
+from galaxy.pipeline.p2p import StageLinks
 from galaxy.train import cli, outputs
 from galaxy.train.entry import join, load_model
 
@@ -60,10 +63,33 @@ def add_args(parser):
 
 
 def forward_fn(model, name):
-    """What one request computes: the output callers read, replicated on every rank."""
-    if name == "bart":
+    """What one request computes: the output callers read, replicated on every rank (with
+    pipeline stages: on the last stage's ranks; the others return None)."""
+    if name == "bart":  # no pipeline stages (refused by its check)
         return lambda ids, mask: model.model.encode(ids, mask)
-    return lambda ids, mask: model(ids, mask)  # BERT MLM logits, LLaMA prefill logits
+    forward = (lambda ids, mask, x=None: model(ids, mask, hidden_states=x))  # BERT MLM / LLaMA prefill logits
+    return pipelined(forward, model) if model.ctx.plan.pp_size > 1 else forward
+
+
+def pipelined(forward, model):
+    """One request through the stages: receive what the previous stage hands on (its hidden
+    states, and whatever else the model says), run this stage's layers, send the result on."""
+    ctx, links = model.ctx, StageLinks(model.ctx)
+    widths = [width for width, _ in pipeline_streams(model, model.config.hidden_size)]
+    dtype = next(model.parameters()).dtype  # activations travel in the weights' dtype
+
+    def stage(ids, mask):
+        received = None
+        if not ctx.is_first_stage:
+            got = links.recv_forward([(*ids.shape, width) for width in widths], dtype)
+            received = got[0] if len(got) == 1 else tuple(got)
+        out = forward(ids, mask, received)
+        if ctx.is_last_stage:
+            return out
+        links.send_forward(list(out) if isinstance(out, tuple) else [out])
+        links.finish()  # this stage's part of the request ends once the next stage has its input
+        return None
+    return stage
 
 
 def synthetic_batches(cfg, batch_size, count):
@@ -144,9 +170,9 @@ def main(doc, default_config, argv=None):
     args, cfg, plan, world, rank = cli.parse(doc.splitlines()[0], default_config, argv, add_args)
     if args.explain or args.trace_dir:
         raise SystemExit("galaxy: --explain and --trace_dir record a training step; inference has neither yet")
-    if plan.pp_size > 1:
-        raise SystemExit("galaxy: config error: stage_num_hidden_layers_list: inference does not run "
-                         "pipeline stages yet; use a layout without stages")
+    if plan.virtual_stages > 1:
+        raise SystemExit(f"galaxy: config error: virtual_stages {plan.virtual_stages}: inference runs each "
+                         "rank's layers as one stage (virtual_stages 1)")
     if MODELS[cfg["model"]].check:
         MODELS[cfg["model"]].check(cfg, plan)
     outputs.check_outputs(None, args.metrics_file)
