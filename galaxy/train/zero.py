@@ -98,8 +98,8 @@ class Unit:
             self.offsets.append(n)
             n += p.numel()
         self.sizes = shard_sizes(n, fractions)
-        self.lo = sum(self.sizes[:dist.get_rank(group)])
-        self.hi = self.lo + self.sizes[dist.get_rank(group)]
+        self.lo = sum(self.sizes[:group.rank()])
+        self.hi = self.lo + self.sizes[group.rank()]
         self.full = torch.cat([p.detach().reshape(-1) for p in params])
         for p, offset in zip(params, self.offsets):
             p.data = self.full[offset: offset + p.numel()].view_as(p)
