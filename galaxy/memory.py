@@ -50,9 +50,10 @@ def state_bytes(trainer):
             "optimizer": 2 * (nbytes(whole) + shards) + 4 * len(whole)}
 
 
-def saved_bytes(trainer, micro_batch):
+def saved_bytes(trainer):
     """Bytes autograd keeps for backward after one micro-batch's forward, each storage once,
     parameters not counted (they are model state)."""
+    micro_batch = batch(trainer.model, trainer.cfg, trainer.ctx.plan, trainer.ctx.device)
     own = {_key(p) for p in trainer.model.parameters()}
     saved = {}
 
@@ -83,12 +84,15 @@ class LiveBytes(TorchDispatchMode):
                 self._track(t)  # an in-place result on an older tensor is no new memory
         return out
 
+    def add(self, nbytes):
+        self.now += nbytes
+        self.peak = max(self.peak, self.now)
+
     def _track(self, t):
         key = _key(t)
         if key not in self.refs:
             self.refs[key] = [t.untyped_storage().nbytes(), 0]
-            self.now += self.refs[key][0]
-            self.peak = max(self.peak, self.now)
+            self.add(self.refs[key][0])
         self.refs[key][1] += 1
         weakref.finalize(t, self._drop, key)
 
@@ -96,8 +100,28 @@ class LiveBytes(TorchDispatchMode):
         entry = self.refs[key]
         entry[1] -= 1
         if not entry[1]:
-            self.now -= entry[0]
+            self.add(-entry[0])
             del self.refs[key]
+
+
+def _follow_resizes(live, zero):
+    """ZeRO-3 frees and regrows a layer's flat buffer by resizing its storage, which no op shows:
+    after each gather and free, count what every buffer's size changed since last looked at."""
+    units = zero.units if zero and zero.stage == 3 else []
+    seen = [u.full.untyped_storage().nbytes() for u in units]
+
+    def look():
+        for i, u in enumerate(units):
+            now = u.full.untyped_storage().nbytes()
+            live.add(now - seen[i])
+            seen[i] = now
+
+    for u in units:
+        for name in ("gather", "free"):
+            def resized(f=getattr(u, name)):
+                f()
+                look()
+            setattr(u, name, resized)
 
 
 def _step(trainer, batches):
@@ -125,21 +149,22 @@ def peak_bytes(trainer):
     batches = [batch(trainer.model, cfg, trainer.ctx.plan, device) for _ in range(cfg["gradient_accumulation_steps"])]
     _step(trainer, batches)
     with LiveBytes() as live:
+        _follow_resizes(live, trainer.zero)
         _step(trainer, batches)
     return held_bytes(trainer) + live.peak
 
 
 def estimate(plan, cfg, rank):
-    """Rank `rank`'s predicted memory in bytes: model state, activations per micro-batch with
-    and without checkpointing, and the peak of a step under the config's own setting."""
-    out = {}
-    for checkpointing in (False, True):
-        trainer = build_trainer(ParallelContext.recording(plan, rank), {**cfg, "activation_checkpointing": checkpointing},
-                                build_model)
-        key = "activations_ckpt" if checkpointing else "activations"
-        out[key] = saved_bytes(trainer, batch(trainer.model, cfg, plan)) if plan.pp_size == 1 else None
-        if checkpointing == cfg["activation_checkpointing"]:
-            out.update(state_bytes(trainer), peak=peak_bytes(build_trainer(trainer.ctx, cfg, build_model)))
+    """Rank `rank`'s predicted memory in bytes: model state, activations of one micro-batch with
+    and without checkpointing (not under a pipeline, whose stages hold several; nor ZeRO-3, which
+    refuses checkpointing), and the peak of a step under the config's own setting."""
+    ctx = ParallelContext.recording(plan, rank)
+    meta = lambda **keys: build_trainer(ctx, {**cfg, **keys}, build_model)  # noqa: E731
+    out = state_bytes(meta())  # before any forward: what a rank holds between steps
+    out["peak"] = peak_bytes(meta())
+    for key, checkpointing in (("activations", False), ("activations_ckpt", True)):
+        shown = plan.pp_size == 1 and not (checkpointing and cfg["zero_stage"] == 3)
+        out[key] = saved_bytes(meta(activation_checkpointing=checkpointing)) if shown else None
     return out
 
 
@@ -166,8 +191,7 @@ def report(plan, cfg, measure=False):
         if measure:
             line += f" {_mib(measured[rank]):>14} {100 * (est['peak'] / measured[rank] - 1):>+6.1f}%"
         lines.append(line)
-    lines.append("activations: bytes autograd saves in one micro-batch's forward (not shown under a pipeline, whose "
-                 "stages hold several micro-batches: its peak counts them)")
+    lines.append("activations: bytes autograd saves in one micro-batch's forward; peak: most live bytes in a step")
     return "\n".join(lines)
 
 
