@@ -22,6 +22,7 @@ from galaxy.comm.launch import spawn
 from galaxy.explain import batch, build_trainer
 from galaxy.models.registry import build_model
 from galaxy.train import cli
+from galaxy.train.zero import model_state_bytes
 
 
 def _key(t):
@@ -31,23 +32,6 @@ def _key(t):
 def _unique_bytes(tensors):
     """Bytes of the distinct storages under `tensors` (a freed ZeRO-3 buffer holds 0)."""
     return sum({_key(t): t.untyped_storage().nbytes() for t in tensors}.values())
-
-
-def state_bytes(trainer):
-    """{params, grads, optimizer}: what this rank holds for the model state in a step (gradients
-    as the step keeps them before zero_grad), from the tensors' sizes; AdamW keeps two moments
-    and a float32 step count per parameter it steps whole."""
-    zero, model = trainer.zero, trainer.model
-    trainable = [p for p in dict.fromkeys(model.parameters()) if p.requires_grad]
-    nbytes = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731
-    params = _unique_bytes(model.parameters())
-    if zero is None:
-        return {"params": params, "grads": nbytes(trainable), "optimizer": 2 * nbytes(trainable) + 4 * len(trainable)}
-    whole = [p for p in trainable if p not in zero.unit_of]
-    shards = sum(nbytes([u.shard]) for u in zero.units)
-    return {"params": params + (shards if zero.stage == 3 else 0),
-            "grads": nbytes(trainable) if zero.stage == 1 else nbytes(whole) + shards,
-            "optimizer": 2 * (nbytes(whole) + shards) + 4 * len(whole)}
 
 
 def saved_bytes(trainer):
@@ -160,7 +144,7 @@ def estimate(plan, cfg, rank):
     refuses checkpointing), and the peak of a step under the config's own setting."""
     ctx = ParallelContext.recording(plan, rank)
     meta = lambda **keys: build_trainer(ctx, {**cfg, **keys}, build_model)  # noqa: E731
-    out = state_bytes(meta())  # before any forward: what a rank holds between steps
+    out = model_state_bytes(meta())  # before any forward: what a rank holds between steps
     out["peak"] = peak_bytes(meta())
     for key, checkpointing in (("activations", False), ("activations_ckpt", True)):
         shown = plan.pp_size == 1 and not (checkpointing and cfg["zero_stage"] == 3)
