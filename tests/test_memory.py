@@ -79,6 +79,7 @@ def test_cli_prints_every_rank():
     (["--config_file", "train_config/bert/pp/full.json", "--world", "3"], "world size 3 is not a multiple"),
     (["--config_file", "train_config/bert/full.json", "--world", "1", "--zero_stage", "1"], "'zero_stage'"),
     (["--world", "1"], "--config_file is required"),
+    (["--config_file", "train_config/bert/pp/full.json", "--world", "4", "--zero_stage", "1"], "not estimated yet"),
 ])
 def test_cli_names_bad_input(args, message):
     out = run_script("-m", "galaxy.memory", *args)
