@@ -154,9 +154,7 @@ def estimate(plan, cfg, rank):
 
 def _measure(rank, world, plan, cfg):
     """On a real rank (spawned): the peak of live bytes over a steady-state step."""
-    ctx = ParallelContext.create(plan, rank, "cpu")
-    torch.manual_seed(cfg["seed"])
-    return peak_bytes(build_trainer(ctx, cfg, build_model))
+    return peak_bytes(build_trainer(ParallelContext.create(plan, rank, "cpu"), cfg, build_model))
 
 
 def _mib(n):
