@@ -29,12 +29,12 @@ from galaxy.tuning.apply import apply_tuning
 Move = namedtuple("Move", "layer site kind phase shape nbytes")
 
 
-def _batch(model, cfg, plan):
-    """One micro-step's batch on the meta device, with the id tensors the model's forward takes."""
+def batch(model, cfg, plan, device="meta"):
+    """One micro-step's batch (all zeros), with the id tensors the model's forward takes."""
     rows = (cfg["batch_size"] // plan.dp_size, cfg["seq_length"])
     wanted = ("input_ids", "decoder_input_ids", "labels")  # no attention_mask: all positions are real
     params = inspect.signature(model.forward).parameters
-    return {k: torch.zeros(rows, dtype=torch.long, device="meta") for k in wanted if k in params}
+    return {k: torch.zeros(rows, dtype=torch.long, device=device) for k in wanted if k in params}
 
 
 class _LayerLabels:
@@ -57,16 +57,23 @@ class _LayerLabels:
         return self.forward[-1] if phase == stats.FWD else self.backward
 
 
-def record_step(plan, cfg, rank, build_model):
-    """(moves of one optimizer step on `rank`, in order; the pipeline actions, or None)."""
-    ctx = ParallelContext.recording(plan, rank)
-    with torch.device("meta"):
+def build_trainer(ctx, cfg, build_model):
+    """Rank ctx.rank's real model, with its tuning method, in a Trainer (and its pipeline schedule)
+    on ctx's device: the meta device under ParallelContext.recording (also galaxy.memory)."""
+    with torch.device(ctx.device):
         model = build_model(cfg, ctx)
         apply_tuning(model, cfg, ctx)
         trainer = Trainer(model, ctx, cfg, None, 1, log=lambda msg: None)
-    actions = None
-    if plan.pp_size > 1:
+    if ctx.plan.pp_size > 1:
         trainer.forward_backward = PipelineForwardBackward(trainer)
+    return trainer
+
+
+def record_step(plan, cfg, rank, build_model):
+    """(moves of one optimizer step on `rank`, in order; the pipeline actions, or None)."""
+    trainer = build_trainer(ParallelContext.recording(plan, rank), cfg, build_model)
+    model, actions = trainer.model, None
+    if plan.pp_size > 1:
         actions = trainer.forward_backward.actions(cfg["gradient_accumulation_steps"] * cfg["num_microbatches"])
     moves, labels = [], _LayerLabels(model)
 
@@ -76,7 +83,7 @@ def record_step(plan, cfg, rank, build_model):
     with stats.listening(listen), warnings.catch_warnings():
         # a frozen layer (side-tuning) gets no input gradient; its label hook still fires, as wanted
         warnings.filterwarnings("ignore", "Full backward hook is firing")
-        batches = [_batch(model, cfg, plan) for _ in range(cfg["gradient_accumulation_steps"])]
+        batches = [batch(model, cfg, plan) for _ in range(cfg["gradient_accumulation_steps"])]
         trainer.forward_backward(batches, 1.0)
         trainer.sync.finish()
     return moves, actions

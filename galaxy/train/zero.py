@@ -98,8 +98,8 @@ class Unit:
             self.offsets.append(n)
             n += p.numel()
         self.sizes = shard_sizes(n, fractions)
-        self.lo = sum(self.sizes[:dist.get_rank(group)])
-        self.hi = self.lo + self.sizes[dist.get_rank(group)]
+        self.lo = sum(self.sizes[:group.rank()])
+        self.hi = self.lo + self.sizes[group.rank()]
         self.full = torch.cat([p.detach().reshape(-1) for p in params])
         for p, offset in zip(params, self.offsets):
             p.data = self.full[offset: offset + p.numel()].view_as(p)
@@ -367,15 +367,17 @@ def model_state_bytes(trainer):
     """{params, grads, optimizer}: bytes this rank holds for the model state, from the tensors' sizes.
     Parameters: the storages allocated now (plus stage-3 shards). Gradients: what a step keeps, full
     for plain DP and stage 1 (torch accumulates them whole), the shards plus whole parameters' for
-    stages 2, 3. Optimizer: AdamW's two moments of what this rank steps."""
-    zero, trainable = trainer.zero, [p for p in trainer.model.parameters() if p.requires_grad]
-    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in trainer.model.parameters()}
-    params = sum(n for ptr, n in storages.items() if ptr)
+    stages 2, 3. Optimizer: AdamW's two moments of what this rank steps, and torch AdamW's float32
+    step count per whole parameter. Sizes only, so it counts a model built on the meta device too
+    (galaxy.memory)."""
+    zero, trainable = trainer.zero, [p for p in dict.fromkeys(trainer.model.parameters()) if p.requires_grad]
+    storages = {p.untyped_storage()._cdata: p.untyped_storage().nbytes() for p in trainer.model.parameters()}
+    params = sum(storages.values())  # a freed stage-3 buffer holds 0 bytes
     nbytes = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731
     if zero is None:
-        return {"params": params, "grads": nbytes(trainable), "optimizer": 2 * nbytes(trainable)}
+        return {"params": params, "grads": nbytes(trainable), "optimizer": 2 * nbytes(trainable) + 4 * len(trainable)}
     shards = sum(u.shard.numel() * u.shard.element_size() for u in zero.units)
-    whole = nbytes(p for p in trainable if p not in zero.unit_of)
+    whole = [p for p in trainable if p not in zero.unit_of]
     return {"params": params + (shards if zero.stage == 3 else 0),
-            "grads": nbytes(trainable) if zero.stage == 1 else whole + shards,
-            "optimizer": 2 * (whole + shards)}
+            "grads": nbytes(trainable) if zero.stage == 1 else nbytes(whole) + shards,
+            "optimizer": 2 * (nbytes(whole) + shards) + 4 * len(whole)}

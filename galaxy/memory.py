@@ -1,0 +1,195 @@
+"""Every rank's memory for a config, before anything runs: python -m galaxy.memory --config_file ... --world N.
+
+Nothing is described a second time: each rank's real model and Trainer (ZeRO, tuning, pipeline
+included) are built on the meta device under ParallelContext.recording, as --explain does, and
+  * model state (parameters, gradients, AdamW's moments) is counted from the tensors it holds;
+  * activations are the bytes autograd saves in one micro-batch's forward (saved-tensors hooks),
+    with and without activation checkpointing;
+  * the peak is the most live tensor bytes during one steady-state optimizer step (the second:
+    AdamW's state exists), run on meta under LiveBytes, the same instrument `--measure` runs on
+    real ranks (gloo, CPU) to compare.
+"""
+import argparse
+import sys
+import weakref
+
+import torch
+from torch.utils._pytree import tree_leaves
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from galaxy.comm.context import ParallelContext
+from galaxy.comm.launch import spawn
+from galaxy.explain import batch, build_trainer
+from galaxy.models.registry import build_model
+from galaxy.train import cli
+from galaxy.train.zero import model_state_bytes
+
+
+def _key(t):
+    return t.untyped_storage()._cdata  # one per storage, on meta too (where data_ptr is 0)
+
+
+def _unique_bytes(tensors):
+    """Bytes of the distinct storages under `tensors` (a freed ZeRO-3 buffer holds 0)."""
+    return sum({_key(t): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+def saved_bytes(trainer):
+    """Bytes autograd keeps for backward after one micro-batch's forward, each storage once,
+    parameters not counted (they are model state)."""
+    micro_batch = batch(trainer.model, trainer.cfg, trainer.ctx.plan, trainer.ctx.device)
+    own = {_key(p) for p in trainer.model.parameters()}
+    saved = {}
+
+    def pack(t):
+        if _key(t) not in own:
+            saved[_key(t)] = t.untyped_storage().nbytes()
+        return t
+
+    trainer.model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), trainer.autocast:
+        trainer.model(**micro_batch)
+    return sum(saved.values())
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the storages created under it that are alive `now`, and their `peak`: a storage
+    counts from the op that made it until the last tensor seen on it dies."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs, self.now, self.peak = {}, 0, 0  # storage -> [bytes, tensors alive]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {_key(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and (_key(t) in self.refs or _key(t) not in inputs):
+                self._track(t)  # an in-place result on an older tensor is no new memory
+        return out
+
+    def add(self, nbytes):
+        self.now += nbytes
+        self.peak = max(self.peak, self.now)
+
+    def _track(self, t):
+        key = _key(t)
+        if key not in self.refs:
+            self.refs[key] = [t.untyped_storage().nbytes(), 0]
+            self.add(self.refs[key][0])
+        self.refs[key][1] += 1
+        weakref.finalize(t, self._drop, key)
+
+    def _drop(self, key):
+        entry = self.refs[key]
+        entry[1] -= 1
+        if not entry[1]:
+            self.add(-entry[0])
+            del self.refs[key]
+
+
+def _follow_resizes(live, zero):
+    """ZeRO-3 frees and regrows a layer's flat buffer by resizing its storage, which no op shows:
+    after each gather and free, count what every buffer's size changed since last looked at."""
+    units = zero.units if zero and zero.stage == 3 else []
+    seen = [u.full.untyped_storage().nbytes() for u in units]
+
+    def look():
+        for i, u in enumerate(units):
+            now = u.full.untyped_storage().nbytes()
+            live.add(now - seen[i])
+            seen[i] = now
+
+    for u in units:
+        for name in ("gather", "free"):
+            def resized(f=getattr(u, name)):
+                f()
+                look()
+            setattr(u, name, resized)
+
+
+def _step(trainer, batches):
+    """One optimizer step's memory path: forward/backward of every micro-step, sync, AdamW."""
+    trainer.model.train()
+    trainer.forward_backward(batches, 1.0)
+    trainer.sync.finish()
+    trainer.opt.step()
+    trainer.opt.zero_grad(set_to_none=True)
+
+
+def held_bytes(trainer):
+    """Bytes this rank holds between steps: parameters (and ZeRO-3 shards), AdamW's state."""
+    opt, zero = trainer.opt, trainer.zero
+    tensors = list(trainer.model.parameters()) + [t for s in opt.state.values() for t in s.values()
+                                                  if torch.is_tensor(t)]
+    tensors += [t for pair in getattr(opt, "moments", ()) for t in pair]
+    tensors += [u.shard for u in zero.units] if zero and zero.stage == 3 else []
+    return _unique_bytes(tensors)
+
+
+def peak_bytes(trainer):
+    """The most bytes alive during the second optimizer step (the first creates AdamW's state)."""
+    device, cfg = trainer.ctx.device, trainer.cfg
+    batches = [batch(trainer.model, cfg, trainer.ctx.plan, device) for _ in range(cfg["gradient_accumulation_steps"])]
+    _step(trainer, batches)
+    with LiveBytes() as live:
+        _follow_resizes(live, trainer.zero)
+        _step(trainer, batches)
+    return held_bytes(trainer) + live.peak
+
+
+def estimate(plan, cfg, rank):
+    """Rank `rank`'s predicted memory in bytes: model state, activations of one micro-batch with
+    and without checkpointing (not under a pipeline, whose stages hold several; nor ZeRO-3, which
+    refuses checkpointing), and the peak of a step under the config's own setting."""
+    ctx = ParallelContext.recording(plan, rank)
+    meta = lambda **keys: build_trainer(ctx, {**cfg, **keys}, build_model)  # noqa: E731
+    out = model_state_bytes(meta())  # before any forward: what a rank holds between steps
+    out["peak"] = peak_bytes(meta())
+    for key, checkpointing in (("activations", False), ("activations_ckpt", True)):
+        shown = plan.pp_size == 1 and not (checkpointing and cfg["zero_stage"] == 3)
+        out[key] = saved_bytes(meta(activation_checkpointing=checkpointing)) if shown else None
+    return out
+
+
+def _measure(rank, world, plan, cfg):
+    """On a real rank (spawned): the peak of live bytes over a steady-state step."""
+    return peak_bytes(build_trainer(ParallelContext.create(plan, rank, "cpu"), cfg, build_model))
+
+
+def _mib(n):
+    return "-" if n is None else f"{n / 2**20:.2f}"
+
+
+def report(plan, cfg, measure=False):
+    cols = ("params", "grads", "optimizer", "activations", "activations_ckpt", "peak")
+    lines = [f"memory per rank, MiB (world {plan.world}: {plan.describe()}; zero_stage {cfg['zero_stage']}, "
+             f"activation_checkpointing {cfg['activation_checkpointing']}, dtype {cfg['dtype']})",
+             f"{'rank':>4} " + " ".join(f"{c:>16}" for c in cols) + (f" {'measured peak':>14} {'error':>7}" if measure else "")]
+    measured = spawn(_measure, plan.world, (plan, cfg), timeout_s=300, limit_s=600) if measure else None
+    for rank in range(plan.world):
+        est = estimate(plan, cfg, rank)
+        line = f"{rank:>4} " + " ".join(f"{_mib(est[c]):>16}" for c in cols)
+        if measure:
+            line += f" {_mib(measured[rank]):>14} {100 * (est['peak'] / measured[rank] - 1):>+6.1f}%"
+        lines.append(line)
+    lines.append("activations: bytes autograd saves in one micro-batch's forward; peak: most live bytes in a step")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--measure", action="store_true", help="also run a real step on gloo ranks and compare peaks")
+    known, rest = pre.parse_known_args(argv)
+    args, cfg, plan, world, rank = cli.parse("Every rank's memory for a config, before anything runs "
+                                             "(--measure: beside a real step's peak).", None, rest)
+    if args.config_file is None:
+        raise SystemExit("galaxy.memory: --config_file is required")
+    if cfg["zero_stage"] and plan.pp_size > 1:  # ZeRO asks the other stages which weights they share
+        raise SystemExit("galaxy.memory: zero_stage with pipeline stages is not estimated yet (ZeRO finds the "
+                         "weights the first and last stage share collectively, which a meta build cannot)")
+    print(report(plan, cfg, known.measure))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
