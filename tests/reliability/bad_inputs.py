@@ -34,7 +34,8 @@ def write_files(d):
     (d / "no_model").mkdir(exist_ok=True)
     (d / "empty_save").mkdir(exist_ok=True)
     (d / "locked").mkdir(exist_ok=True)  # held by a live process (PID 1 is always alive)
-    (d / "locked" / ".galaxy-lock.json").write_text(json.dumps({"host": socket.gethostname(), "pid": 1}))
+    (d / "locked" / ".galaxy-lock.json").write_text(json.dumps({  # as a run writes it
+        "host": socket.gethostname(), "pid": 1, "since": "2026-12-01 09:00:00", "command": "pretrain_galaxy.py ..."}))
     run_in_process(["--max_steps", "1", "--use_lora", "true", "--lora_dim", "4", "--save_dir", str(d / "lora"),
                     "--save_trainable_only", "true"])
     run_in_process(["--max_steps", "1", "--save_dir", str(d / "ck"), "--save_every", "1"])
