@@ -105,6 +105,8 @@ SCHEMA = {
                    "3 also parameters; 0 = off"),
     "zero_shard_list": (list, None, "ZeRO: fraction of every sharded tensor each data-parallel rank holds, "
                         "e.g. [0.5, 0.3, 0.2]; default even"),
+    "memory_mb": (INT_LIST, None, "each data-parallel rank's memory in MiB: ZeRO shards in proportion "
+                  "(instead of zero_shard_list)"),
     # processes
     "init_method": (str, None, "e.g. tcp://127.0.0.1:23000"),
     "distributed_backend": (str, None, "gloo | nccl (default: nccl on CUDA, else gloo)"),
@@ -270,6 +272,11 @@ def _check_zero(cfg):
     if cfg["zero_stage"] not in (0, 1, 2, 3):
         raise ConfigError(f"config key 'zero_stage' is {cfg['zero_stage']}, expected 0, 1, 2 or 3")
     fractions = cfg["zero_shard_list"]
+    if cfg["memory_mb"] is not None:
+        if fractions is not None:
+            raise ConfigError("config keys 'zero_shard_list' and 'memory_mb' both set how ZeRO shards; set one")
+        if any(m < 1 for m in cfg["memory_mb"]):
+            raise ConfigError(f"config key 'memory_mb' must hold positive sizes in MiB, got {cfg['memory_mb']}")
     if fractions is None:
         return
     if not all(isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in fractions):

@@ -42,13 +42,21 @@ def check_zero(cfg, plan):
     if plan.dp_size == 1:
         raise ConfigError(f"config key 'zero_stage' is {cfg['zero_stage']} but there is no data-parallel group "
                           f"(data_parallel_size 1): ZeRO shards over data-parallel replicas")
-    fractions = cfg["zero_shard_list"]
-    if fractions is not None and len(fractions) != plan.dp_size:
-        raise ConfigError(f"config key 'zero_shard_list' has {len(fractions)} entries for {plan.dp_size} "
-                          f"data-parallel ranks")
+    for key in ("zero_shard_list", "memory_mb"):
+        if cfg[key] is not None and len(cfg[key]) != plan.dp_size:
+            raise ConfigError(f"config key '{key}' has {len(cfg[key])} entries for {plan.dp_size} "
+                              f"data-parallel ranks")
     if cfg["zero_stage"] == 3 and cfg["activation_checkpointing"]:
         raise ConfigError("config key 'zero_stage' 3 does not combine with activation_checkpointing (a "
                           "recomputed layer would free its weights before its backward)")
+
+
+def shard_fractions(cfg, dp_size):
+    """Each data-parallel rank's share: zero_shard_list, else in proportion to memory_mb, else even."""
+    if cfg["zero_shard_list"] is not None:
+        return cfg["zero_shard_list"]
+    memory = cfg["memory_mb"] or [1] * dp_size
+    return [m / sum(memory) for m in memory]
 
 
 def shard_sizes(n, fractions):
@@ -169,7 +177,7 @@ class Zero:
     def __init__(self, model, ctx, cfg):
         check_zero(cfg, ctx.plan)  # for trainers built without the command line's check
         self.stage, self.ctx = cfg["zero_stage"], ctx
-        fractions = cfg["zero_shard_list"] or [1 / ctx.plan.dp_size] * ctx.plan.dp_size
+        fractions = shard_fractions(cfg, ctx.plan.dp_size)
         managed = sharded_params(model, ctx)
         self.whole = GradSync(model, ctx, cfg["bucket_size_mb"], exclude=managed)
         ids, layers, claimed = {id(p) for p in managed}, [], set()

@@ -15,7 +15,7 @@ from galaxy.plan import build_plan
 from galaxy.train import checkpoint
 from galaxy.train.config import load_config
 from galaxy.train.loop import Trainer
-from galaxy.train.zero import check_zero, model_state_bytes, shard_sizes
+from galaxy.train.zero import check_zero, model_state_bytes, shard_fractions, shard_sizes
 from tests.helpers import rel_err, run_ranks
 
 TOL = 1e-5
@@ -88,10 +88,11 @@ def test_every_stage_equals_dp_and_serial(world, fractions, accumulate):
         assert zero3 <= (fractions[rank] + 0.01) * plain, (rank, zero3, plain)
 
 
-def test_every_stage_with_tensor_parallel():  # world 4 = 2 uneven TP ranks x 2 replicas
-    results = run_ranks(every_stage, 4, {"parallel": "tp", "tp_num_attention_heads_list": [3, 1],
-                                         "tp_intermediate_size_list": [40, 24], "data_parallel_size": 2,
-                                         "zero_shard_list": [0.6, 0.4]})
+@pytest.mark.parametrize("layout", ["tp", "galaxy"])
+def test_every_stage_with_tensor_parallel(layout):  # world 4 = 2 uneven tensor ranks x 2 replicas
+    results = run_ranks(every_stage, 4, {"parallel": layout, "tp_num_attention_heads_list": [3, 1],
+                                         "tp_intermediate_size_list": [40, 24], "seq_scatter_list": [10, 6],
+                                         "data_parallel_size": 2, "zero_shard_list": [0.6, 0.4]})
     assert_same(results, serial()[0])
 
 
@@ -134,6 +135,30 @@ def test_config_errors_name_the_key():
     cfg = load_config(None, {**SMALL, "zero_stage": 1, "parallel": "tp"})
     with pytest.raises(ConfigError, match="zero_stage.*no data-parallel group"):
         check_zero(cfg, build_plan(cfg, 2))
+    with pytest.raises(ConfigError, match="'zero_shard_list' and 'memory_mb' both"):
+        load_config(None, {**SMALL, "zero_stage": 1, "zero_shard_list": [0.5, 0.5], "memory_mb": [2, 1]})
+    with pytest.raises(ConfigError, match="memory_mb.*positive"):
+        load_config(None, {**SMALL, "zero_stage": 1, "memory_mb": [2, 0]})
+    cfg = load_config(None, {**SMALL, "zero_stage": 1, "memory_mb": [4000, 2000, 2000]})
+    with pytest.raises(ConfigError, match="memory_mb.*3 entries for 2"):
+        check_zero(cfg, build_plan(cfg, 2))
+
+
+def test_shards_follow_memory_mb_unless_fractions_are_given():
+    by_memory = load_config(None, {**SMALL, "zero_stage": 1, "memory_mb": [3000, 1000]})
+    assert shard_fractions(by_memory, 2) == [0.75, 0.25]
+    assert shard_fractions(load_config(None, {**SMALL, "zero_stage": 1}), 4) == [0.25] * 4
+    given = load_config(None, {**SMALL, "zero_stage": 1, "zero_shard_list": [0.6, 0.4]})
+    assert shard_fractions(given, 2) == [0.6, 0.4]
+
+
+def test_memory_proportional_shards_equal_serial():  # every stage at world 2, shards 3:1 by memory
+    results = run_ranks(every_stage, 2, {"data_parallel_size": 2, "memory_mb": [3000, 1000]})
+    losses, reference = serial()
+    assert_same(results, losses, reference)
+    for rank_results, share in zip(results, (0.75, 0.25)):  # ZeRO-3 holds the rank's share of the state
+        plain, zero3 = (sum(rank_results[s][2].values()) for s in (0, 3))
+        assert zero3 <= (share + 0.01) * plain, (share, zero3, plain)
 
 
 def test_shard_sizes_follow_fractions():
