@@ -173,8 +173,7 @@ def main(doc, default_config, argv=None):
     if plan.virtual_stages > 1:
         raise SystemExit(f"galaxy: config error: virtual_stages {plan.virtual_stages}: inference runs each "
                          "rank's layers as one stage (virtual_stages 1)")
-    if MODELS[cfg["model"]].check:
-        MODELS[cfg["model"]].check(cfg, plan)
+    MODELS[cfg["model"]].check(cfg, plan)
     outputs.check_outputs(None, args.metrics_file)
     launch.run(infer, world, rank, (cfg, plan, args), args.init_method,
                cfg["distributed_backend"], cfg["timeout_s"], args.threads, args.debug)

@@ -53,12 +53,16 @@ def bart_check(cfg, plan):
                          "(BERT, LLaMA); BART's encoder-decoder is not supported")
 
 
+def supports_every_layout(cfg, plan):
+    """The check of a model that runs in every layout and tuning method."""
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     config: type
     model: type
     build_data: Callable
-    check: Callable = None  # check(cfg, plan) raises SystemExit for what the model does not support
+    check: Callable = supports_every_layout  # check(cfg, plan) raises SystemExit for what the model does not support
 
 
 MODELS = {"bert": ModelSpec(BertConfig, BertForMaskedLM, bert_data),

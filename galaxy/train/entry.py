@@ -145,8 +145,7 @@ def main(doc, model, default_config, argv=None):
     args, cfg, plan, world, rank = cli.parse(doc.splitlines()[0], default_config, argv)
     if cfg["model"] != model:
         raise SystemExit(f"galaxy: config {args.config_file} has model '{cfg['model']}', this script trains {model}")
-    if MODELS[model].check:
-        MODELS[model].check(cfg, plan)
+    MODELS[model].check(cfg, plan)
     if args.explain:  # the plan only: no process group, no training
         print(explain(plan, cfg, build_model))
         return
