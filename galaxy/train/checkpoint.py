@@ -4,7 +4,8 @@
         manifest.json                  step, world, plan, config, sha256 of every file (written last)
         rank-00000.model.safetensors   this rank's parameters as they are (its shard, its stage)
         rank-00000.optim.safetensors   its optimizer tensors and RNG state (CPU, and CUDA on a GPU)
-        rank-00000.state.json          step, LR schedule, optimizer hyper-parameters, Python/NumPy RNG
+        rank-00000.state.json          step, LR schedule, optimizer hyper-parameters, Python/NumPy RNG,
+                                       and which slice of which full tensor each saved tensor is
         rank-00001....
 
 Every rank writes only its own files, so tensor-, sequence-, pipeline- and data-parallel
@@ -16,6 +17,12 @@ hashed its files (an all-gather of the hashes), rank 0 writes the manifest and r
 directory to `step-*` in one os.rename. A crash at any point before leaves no `step-*`
 directory, so the previous checkpoint stays the latest. The ranks must share save_dir
 (one machine, or a shared filesystem).
+
+Another layout: a checkpoint written by N ranks under one plan resumes on M ranks under another
+(the same model, tuning and training settings; only LAYOUT_KEYS differ). Each rank state lists
+every tensor's full name and shard (ParamSpec.Shard), so each new rank reads from the old ranks'
+files only the slices its own parameters and AdamW moments cover (safetensors get_slice); the
+step, LR schedule and RNG carry over (the data order and dropout masks follow from the step).
 """
 import hashlib
 import json
@@ -23,14 +30,16 @@ import os
 import random
 import re
 import shutil
+from dataclasses import astuple
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from galaxy.layers.param_spec import spec_of
 from galaxy.models.checkpoint import CheckpointError
 
 FORMAT = "galaxy-train-checkpoint/1"
@@ -40,7 +49,13 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 RESUME_FREE_KEYS = ("max_steps", "num_epochs", "resume", "save_dir", "save_every", "keep_checkpoints",
                     "timeout_s", "save_on_signal", "log_every", "on_nonfinite", "init_method",
                     "distributed_backend", "load_checkpoint", "load_trainable", "device", "strict",
-                    "zero_stage", "zero_shard_list")  # optimizer state is saved unsharded
+                    "zero_stage", "zero_shard_list", "memory_mb",  # optimizer state is saved unsharded
+                    "elastic", "elastic_restarts")
+# keys that may also change when the checkpoint is read into another world or plan (resharded)
+LAYOUT_KEYS = ("parallel", "att_parallel_method", "con_parallel_method", "mlp_parallel_method",
+               "tp_num_attention_heads_list", "tp_intermediate_size_list", "seq_scatter_list",
+               "stage_num_hidden_layers_list", "data_parallel_size", "num_microbatches", "pipeline_schedule",
+               "virtual_stages", "overlap_tiles", "bucket_size_mb")
 
 
 def _rank_files(rank):
@@ -86,6 +101,16 @@ def _param_names(trainer):
     return [names[id(p)] for group in trainer.opt.param_groups for p in group["params"]]
 
 
+def _shards(model):
+    """name -> (the full tensor's name, [dim, start, length, full] or None when held whole); a
+    pipeline's copy of a tied weight is named after its original."""
+    out = {}
+    for name, p in model.named_parameters():
+        spec = spec_of(p)
+        out[name] = [spec.init_name or name, list(astuple(spec.shard)) if spec.shard else None]
+    return out
+
+
 def _rank_state(trainer):
     """(model tensors, optimizer + RNG tensors, JSON state) of this rank."""
     model = {name: p.detach().contiguous().cpu() for name, p in trainer.model.named_parameters()}
@@ -101,7 +126,8 @@ def _rank_state(trainer):
              "pp_rank": trainer.ctx.pp_rank, "tp_rank": trainer.ctx.tp_rank, "dp_rank": trainer.ctx.dp_rank,
              "optimizer_params": _param_names(trainer), "param_groups": opt["param_groups"],
              "scheduler": trainer.sched.state_dict(), "rng_python": random.getstate(),
-             "rng_numpy": [np_kind, int(np_pos), int(np_gauss), float(np_cached)]}
+             "rng_numpy": [np_kind, int(np_pos), int(np_gauss), float(np_cached)],
+             "shards": _shards(trainer.model)}
     return model, tensors, state
 
 
@@ -239,18 +265,19 @@ def _read_manifest(directory):
     return manifest
 
 
+def _same_layout(manifest, trainer):
+    return manifest["world"] == trainer.ctx.world and manifest["plan"] == trainer.ctx.plan.describe()
+
+
 def _check_compatible(manifest, directory, trainer):
-    ctx = trainer.ctx
-    if manifest["world"] != ctx.world or manifest["plan"] != ctx.plan.describe():
-        raise CheckpointError(f"{directory}: written by {manifest['world']} ranks with plan [{manifest['plan']}]; "
-                              f"this run has {ctx.world} ranks with plan [{ctx.plan.describe()}]. A training "
-                              f"checkpoint resumes in its own layout (export with save_hf to change layouts)")
-    now = resume_config(trainer.cfg)
-    changed = sorted(k for k in set(now) | set(manifest["config"]) if now.get(k) != manifest["config"].get(k))
+    free = RESUME_FREE_KEYS if _same_layout(manifest, trainer) else RESUME_FREE_KEYS + LAYOUT_KEYS
+    now, then = resume_config(trainer.cfg), manifest["config"]
+    changed = sorted(k for k in set(now) | set(then) if k not in free and now.get(k) != then.get(k))
     if changed:
-        diffs = ", ".join(f"{k}: {manifest['config'].get(k)!r} -> {now.get(k)!r}" for k in changed)
+        diffs = ", ".join(f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in changed)
         raise CheckpointError(f"{directory}: the config differs from the checkpoint's in {diffs}; only "
-                              f"{list(RESUME_FREE_KEYS)} may change on resume")
+                              f"{list(RESUME_FREE_KEYS)} may change on resume, and the layout keys "
+                              f"{list(LAYOUT_KEYS)} when the world or plan changes")
 
 
 def _verify(manifest, directory, rank):
@@ -283,9 +310,7 @@ def _restore(trainer, model_tensors, tensors, state, directory):
         raise CheckpointError(f"{directory}: rank {trainer.ctx.rank} optimizer covers other parameters")
     with torch.no_grad():
         for name, p in params.items():
-            if p.shape != model_tensors[name].shape:
-                raise CheckpointError(f"{directory}: '{name}' has shape {tuple(model_tensors[name].shape)}, "
-                                      f"parameter needs {tuple(p.shape)}")
+            _check_shape(directory, name, model_tensors[name], p)
             p.copy_(model_tensors[name])
     opt_state = {}
     for key, value in tensors.items():
@@ -293,6 +318,17 @@ def _restore(trainer, model_tensors, tensors, state, directory):
             _, index, field = key.split(".", 2)
             opt_state.setdefault(int(index), {})[field] = value
     trainer.opt.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    _restore_progress(trainer, tensors, state)
+
+
+def _check_shape(directory, name, tensor, param):
+    if param.shape != tensor.shape:
+        raise CheckpointError(f"{directory}: '{name}' has shape {tuple(tensor.shape)}, "
+                              f"parameter needs {tuple(param.shape)}")
+
+
+def _restore_progress(trainer, tensors, state):
+    """Step, LR schedule and RNG streams."""
     trainer.sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and trainer.ctx.device.type == "cuda":  # the device may change on resume
@@ -304,6 +340,116 @@ def _restore(trainer, model_tensors, tensors, state, directory):
     trainer.step = state["step"]
 
 
+# ---- load into another layout --------------------------------------------------------------
+
+class _Source:
+    """One old rank's copy of (a slice of) a full tensor: its name there and its optimizer index."""
+
+    def __init__(self, rank, name, shard, optim_index):
+        self.rank, self.name, self.optim_index = rank, name, optim_index
+        self.dim, self.start, self.length, self.full = shard or (None, 0, 0, 0)
+
+    def holds(self, dim, pos):
+        return self.dim is None or (self.dim == dim and self.start <= pos < self.start + self.length)
+
+
+class _OldRanks:
+    """The rank files of a checkpoint written in another layout, opened lazily, read by slices."""
+
+    def __init__(self, directory, world):
+        self.directory, self.handles = directory, {}
+        self.states = [_read_json(directory / _rank_files(r)[2], directory, r) for r in range(world)]
+        if any("shards" not in state for state in self.states):
+            raise CheckpointError(f"{directory}: written before checkpoints recorded each tensor's shard; it "
+                                  f"resumes only in its own world and plan")
+        self.sources = {}  # full tensor name -> [_Source]
+        for r, state in enumerate(self.states):
+            index = {name: i for i, name in enumerate(state["optimizer_params"])}
+            for name, (full_name, shard) in state["shards"].items():
+                self.sources.setdefault(full_name, []).append(_Source(r, name, shard, index.get(name)))
+
+    def _file(self, rank, kind):
+        key = (rank, kind)
+        if key not in self.handles:
+            path = self.directory / _rank_files(rank)[kind]
+            try:
+                self.handles[key] = safe_open(str(path), "pt")
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{path}: unreadable ({e})") from None
+        return self.handles[key]
+
+    def read(self, full_name, param, field=None):
+        """The part of `full_name` that `param` holds (its whole tensor, or its shard), assembled
+        from the old ranks' slices: a parameter (field None) or its AdamW `field` (None if absent)."""
+        sources = [s for s in self.sources.get(full_name, ()) if field is None or self._has(s, field)]
+        if not sources:
+            if field:
+                return None
+            raise CheckpointError(f"{self.directory}: no rank of the checkpoint holds '{full_name}'")
+        if field == "step":  # AdamW's step count: a scalar, the same on every rank
+            return self._slice(sources[0], field, None, 0, 0)
+        shard = spec_of(param).shard
+        whole = next((s for s in sources if s.dim is None), None)
+        dim, lo, hi = (shard.dim, shard.start, shard.start + shard.length) if shard else             (None if whole else sources[0].dim, 0, None if whole else sources[0].full)
+        if whole:
+            return self._slice(whole, field, dim, lo, hi)
+        pieces, pos = [], lo
+        while pos < hi:
+            source = next((s for s in sources if s.holds(dim, pos)), None)
+            if source is None:
+                raise CheckpointError(f"{self.directory}: no rank of the checkpoint holds '{full_name}' at "
+                                      f"index {pos} of dimension {dim}")
+            end = min(hi, source.start + source.length)
+            pieces.append(self._slice(source, field, dim, pos - source.start, end - source.start))
+            pos = end
+        return torch.cat(pieces, dim)
+
+    def _tensor_name(self, source, field):
+        return source.name if field is None else f"optim.{source.optim_index}.{field}"
+
+    def _has(self, source, field):
+        return source.optim_index is not None and self._tensor_name(source, field) in self._file(source.rank, 1).keys()
+
+    def _slice(self, source, field, dim, lo, hi):
+        view = self._file(source.rank, 0 if field is None else 1).get_slice(self._tensor_name(source, field))
+        index = [slice(None)] * len(view.get_shape())
+        if dim is not None:
+            index[dim] = slice(lo, hi)
+        return view[tuple(index)]
+
+
+def _read_json(path, directory, rank):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{directory}: rank {rank}'s state is unreadable ({e})") from None
+
+
+def _restore_resharded(trainer, directory, world):
+    """Fill this rank's parameters and AdamW state from a checkpoint of `world` ranks in another
+    layout; schedule and RNG come from the old rank of the same number (or rank 0)."""
+    old = _OldRanks(directory, world)
+    params, names = dict(trainer.model.named_parameters()), _shards(trainer.model)
+    with torch.no_grad():
+        for name, p in params.items():
+            tensor = old.read(names[name][0], p)
+            _check_shape(directory, name, tensor, p)
+            p.copy_(tensor)
+    opt_state = {}
+    for i, name in enumerate(_param_names(trainer)):
+        fields = {f: old.read(names[name][0], params[name], f) for f in ("step", "exp_avg", "exp_avg_sq")}
+        if all(t is not None for t in fields.values()):
+            opt_state[i] = fields
+    mine = old.states[trainer.ctx.rank if trainer.ctx.rank < world else 0]
+    by_decay = {g["weight_decay"]: g for g in mine["param_groups"]}
+    groups = [{**by_decay.get(g["weight_decay"], g), "params": g["params"]}
+              for g in trainer.opt.state_dict()["param_groups"]]
+    trainer.opt.load_state_dict({"state": opt_state, "param_groups": groups})
+    tensors = load_file(str(directory / _rank_files(mine["rank"])[1]))
+    _restore_progress(trainer, {k: v for k, v in tensors.items() if k.startswith("rng.")}, mine)
+    old.handles.clear()
+
+
 def load(trainer, directory):
     """Restore this rank from checkpoint `directory` (collective: all ranks agree or all raise)."""
     with trainer.full_weights():
@@ -311,17 +457,30 @@ def load(trainer, directory):
 
 
 def _load(trainer, directory):
-    directory, rank = Path(directory), trainer.ctx.rank
-    error = None
+    directory, ctx = Path(directory), trainer.ctx
+    error = manifest = None
     try:
         manifest = _read_manifest(directory)
         _check_compatible(manifest, directory, trainer)
-        error = _verify(manifest, directory, rank)
+        # in another layout every old rank's files are read in parts: each is hashed once, by one new rank
+        mine = [ctx.rank] if _same_layout(manifest, trainer) else range(ctx.rank, manifest["world"], ctx.world)
+        error = next((e for e in (_verify(manifest, directory, r) for r in mine) if e), None)
     except CheckpointError as e:
         error = str(e)
-    _raise_if_any(trainer.ctx, error)
-    _restore(trainer, *_read_rank(directory, rank), directory)
+    _raise_if_any(ctx, error)
+    if _same_layout(manifest, trainer):
+        _restore(trainer, *_read_rank(directory, ctx.rank), directory)
+    else:
+        _raise_if_any(ctx, _attempt_restore(trainer, directory, manifest["world"]))
     return trainer.step
+
+
+def _attempt_restore(trainer, directory, world):
+    try:
+        _restore_resharded(trainer, directory, world)
+    except CheckpointError as e:
+        return str(e)
+    return None
 
 
 def resume(trainer, save_dir):

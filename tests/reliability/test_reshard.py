@@ -1,0 +1,97 @@
+"""A training checkpoint resumes in another world and plan: saved by 3 uneven Galaxy ranks, read by
+2 ranks of another uneven split (and by TP, and by a pipeline), the following steps' losses equal an
+uninterrupted world-3 run's and serial's; each new rank reads only the slices it holds. Checkpoints
+written before shards were recorded, or a changed non-layout key, are refused by name."""
+import json
+
+import pytest
+
+from galaxy.models.checkpoint import CheckpointError
+from galaxy.train import checkpoint
+from tests.helpers import run_ranks
+from tests.reliability.test_checkpoint import TOTAL, make_trainer, tiny_cfg, train
+
+SAVED_AT = 3
+MODEL = {"num_attention_heads": 4, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+GALAXY3 = {"parallel": "galaxy", "tp_num_attention_heads_list": [2, 1, 1], "tp_intermediate_size_list": [64, 32, 32],
+           "seq_scatter_list": [12, 10, 10]}
+LAYOUTS2 = {
+    "galaxy": {"parallel": "galaxy", "tp_num_attention_heads_list": [1, 3], "tp_intermediate_size_list": [100, 28],
+               "seq_scatter_list": [20, 12]},
+    "tp": {"parallel": "tp", "tp_num_attention_heads_list": [3, 1], "tp_intermediate_size_list": [50, 78]},
+    "pp": {"stage_num_hidden_layers_list": [1, 1], "num_microbatches": 2},
+}
+
+
+def cfg(**layout):
+    return tiny_cfg(**MODEL, **layout)
+
+
+def straight_with_save(rank, world, config, save_dir):
+    """An uninterrupted run that saves a checkpoint at step SAVED_AT on the way."""
+    trainer = make_trainer(config, rank, world)
+    losses = train(trainer, SAVED_AT)
+    checkpoint.save(trainer, save_dir)
+    return losses + train(trainer, TOTAL)
+
+
+def resumed(rank, world, config, save_dir):
+    trainer = make_trainer(config, rank, world)
+    return checkpoint.resume(trainer, save_dir), train(trainer, TOTAL)
+
+
+@pytest.fixture(scope="module")
+def saved3(tmp_path_factory):
+    save_dir = tmp_path_factory.mktemp("galaxy3")
+    straight = run_ranks(straight_with_save, 3, cfg(**GALAXY3), str(save_dir))[0]
+    return save_dir, straight
+
+
+def rel(a, b):
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS2))
+def test_world3_galaxy_resumes_at_world2_in_another_layout(saved3, layout):
+    save_dir, straight = saved3
+    results = run_ranks(resumed, 2, cfg(**LAYOUTS2[layout]), str(save_dir))
+    serial = train(make_trainer(cfg()), TOTAL)
+    for step, losses in results:
+        assert step == SAVED_AT
+        assert rel(losses, straight[SAVED_AT:]) < 1e-5
+        assert rel(losses, serial[SAVED_AT:]) < 1e-5
+
+
+def test_serial_resumes_world3_checkpoint(saved3):
+    save_dir, straight = saved3
+    trainer = make_trainer(cfg())
+    assert checkpoint.resume(trainer, save_dir) == SAVED_AT
+    assert rel(train(trainer, TOTAL), straight[SAVED_AT:]) < 1e-5
+
+
+def test_checkpoint_records_each_tensors_shard(saved3):
+    save_dir, _ = saved3
+    state = json.loads((save_dir / f"step-{SAVED_AT:08d}" / "rank-00001.state.json").read_text())
+    assert state["shards"]["bert.encoder.layer.0.attn.q.weight"] == ["bert.encoder.layer.0.attn.q.weight",
+                                                                     [0, 32, 16, 64]]  # head 2 of 4, 16 wide
+    assert state["shards"]["bert.embeddings.LayerNorm.weight"] == ["bert.embeddings.LayerNorm.weight", None]
+
+
+def test_old_checkpoint_or_changed_model_is_refused_in_another_layout(saved3, tmp_path):
+    save_dir, _ = saved3
+    with pytest.raises(CheckpointError, match=r"hidden_size: 64 -> 32"):
+        checkpoint.resume(make_trainer(cfg(hidden_size=32)), save_dir)
+    copy = tmp_path / f"step-{SAVED_AT:08d}"
+    copy.mkdir()
+    for f in (save_dir / copy.name).iterdir():
+        text = f.read_bytes()
+        if f.name.endswith(".state.json"):  # as written before shards were recorded
+            state = json.loads(text)
+            del state["shards"]
+            text = json.dumps(state).encode()
+        (copy / f.name).write_bytes(text)
+    manifest = json.loads((copy / checkpoint.MANIFEST).read_text())
+    manifest["files"] = {name: checkpoint.sha256(copy / name) for name in manifest["files"]}
+    (copy / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="resumes only in its own world and plan"):
+        checkpoint.resume(make_trainer(cfg()), tmp_path)
