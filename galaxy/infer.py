@@ -21,7 +21,7 @@ from galaxy.comm import launch
 from galaxy.models.registry import MODELS, load_tokenizer
 from galaxy.pipeline.engine import pipeline_streams
 from galaxy.pipeline.p2p import StageLinks
-from galaxy.train import cli, outputs
+from galaxy.train import cli, elastic, outputs
 from galaxy.train.entry import join, load_model
 
 
@@ -174,6 +174,8 @@ def main(doc, default_config, argv=None):
         raise SystemExit(f"galaxy: config error: virtual_stages {plan.virtual_stages}: inference runs each "
                          "rank's layers as one stage (virtual_stages 1)")
     MODELS[cfg["model"]].check(cfg, plan)
+    cli.check(elastic.check, cfg, plan, rank, resumes=False)
     outputs.check_outputs(None, args.metrics_file)
     launch.run(infer, world, rank, (cfg, plan, args), args.init_method,
-               cfg["distributed_backend"], cfg["timeout_s"], args.threads, args.debug)
+               cfg["distributed_backend"], cfg["timeout_s"], args.threads, args.debug,
+               **elastic.launch_args(cfg, resumes=False))

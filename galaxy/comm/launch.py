@@ -135,11 +135,19 @@ def free_port():
 
 
 class RankFailed(RuntimeError):
-    """A rank failed: `cause` is one line, `details` its traceback (gloo's C++ frames included)."""
+    """A rank failed: `cause` is one line, `details` its traceback (gloo's C++ frames included);
+    `died` maps each rank whose process ended without a result to its exit code (-N: signal N)."""
 
-    def __init__(self, rank, cause, details=""):
+    def __init__(self, rank, cause, details="", died=None):
         super().__init__(f"rank {rank} failed: {cause}\n{details}".rstrip())
         self.line = f"rank {rank} failed: {cause}"
+        self.died = died or {}
+
+
+def _deaths(died):
+    """'rank 1 was killed by SIGKILL', 'rank 2 exited with code 3', ..."""
+    return "; ".join(f"rank {r} " + (f"was killed by {signal.Signals(-code).name}" if code < 0 else
+                                     f"exited with code {code}") for r, code in sorted(died.items()))
 
 
 def cause(error):
@@ -222,7 +230,7 @@ def spawn(fn, world, args=(), backend="gloo", timeout_s=120.0, init_method=None,
     init_method = init_method or f"tcp://{DEFAULT_ADDR}:{free_port()}"
     procs = [ctx.Process(target=_worker, args=(r, world, init_method, backend, timeout_s, threads, fn, args, results),
                          daemon=True) for r in range(world)]
-    outcome, errors, signum = {}, {}, None
+    outcome, errors, reported, signum, killed = {}, {}, set(), None, set()
     deadline = None if limit_s is None else time.monotonic() + limit_s
     try:
         for p in procs:
@@ -233,15 +241,17 @@ def spawn(fn, world, args=(), backend="gloo", timeout_s=120.0, init_method=None,
             except queue.Empty:
                 _check_alive(procs, outcome, errors, deadline)
                 continue
+            reported.add(rank)
             (outcome if status == "ok" else errors)[rank] = value  # one failure is enough: peers would time out
     except Stopped as e:
         signum = e.signum
         raise
     finally:
-        _end(procs, signum, _first(stop_grace_s, timeout_s) if signum else _RANK_EXIT_S)
+        killed = _end(procs, signum, _first(stop_grace_s, timeout_s) if signum else _RANK_EXIT_S)
     if errors:
+        died = {r: p.exitcode for r, p in enumerate(procs) if r not in reported | killed and p.exitcode}
         rank = min(errors)
-        raise RankFailed(rank, *errors[rank])
+        raise RankFailed(rank, *errors[rank], died=died)
     return [pickle.loads(outcome[r]) for r in range(world)]
 
 
@@ -257,35 +267,51 @@ def _check_alive(procs, outcome, errors, deadline):
 
 def _end(procs, signum, wait_s):
     """SIGTERM the ranks still running if the launcher was signalled, wait up to wait_s for
-    all of them, then kill what is left (at once on a second signal)."""
-    procs = [p for p in procs if p.pid is not None]  # started
+    all of them, then kill what is left (at once on a second signal). Returns the ranks killed."""
+    started = [p for p in procs if p.pid is not None]
     if signum:
-        for p in procs:
+        for p in started:
             if p.is_alive():
                 os.kill(p.pid, signal.SIGTERM)  # not SIGINT: Python defers it while gloo blocks
     deadline = time.monotonic() + wait_s
     try:
-        for p in procs:
+        for p in started:
             p.join(max(0.0, deadline - time.monotonic()))
     except Stopped:
         pass
-    for p in procs:
-        if p.is_alive():
+    killed = set()
+    for rank, p in enumerate(procs):
+        if p.pid is not None and p.is_alive():
             p.kill()
             p.join()
+            killed.add(rank)
+    return killed
 
 
-def run(main, world, rank, args=(), init_method=None, backend=None, timeout_s=300.0, threads=None, debug=False):
+def run(main, world, rank, args=(), init_method=None, backend=None, timeout_s=300.0, threads=None, debug=False,
+        replan=None, restarts=0):
     """The entry scripts' launcher: main(rank, world, *args) runs with the process group joined,
     on this one rank, or on all ranks spawned here when no rank was given. A failing rank
-    ends the launcher with one line naming the cause (the traceback too with debug)."""
+    ends the launcher with one line naming the cause (the traceback too with debug).
+
+    Elastic (a local spawn with `replan`): when ranks die, up to `restarts` times the survivors
+    start again with replan(dead ranks, args) -> (world, args, what the restart does)."""
     backend = backend or default_backend()
     check_backend(backend)
     try:
         if rank is None and world > 1:
             with signals_raise_stopped():
-                spawn(main, world, args, backend, timeout_s, init_method, threads=threads or 1)
-            return None
+                for restart in range(1, restarts + 2):
+                    try:
+                        spawn(main, world, args, backend, timeout_s, init_method, threads=threads or 1)
+                        return None
+                    except RankFailed as e:
+                        if not (replan and e.died) or restart > restarts:
+                            raise
+                        died = e.died
+                    world, args, what = replan(sorted(died), args)
+                    print(f"galaxy: {_deaths(died)}; restart {restart} of {restarts}: the {world} survivors "
+                          f"(renumbered in order) go on, {what}", file=sys.stderr, flush=True)
         if threads:
             torch.set_num_threads(threads)
         return _run_here(main, world, rank or 0, args, init_method, backend, timeout_s)

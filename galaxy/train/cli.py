@@ -39,6 +39,14 @@ def parse(description, default_config, argv=None, add_args=None):
     return args, cfg, plan, world, rank
 
 
+def check(rule, *args, **kwargs):
+    """rule(*args, **kwargs), a ConfigError ending the program as parse's own config errors do."""
+    try:
+        rule(*args, **kwargs)
+    except ConfigError as e:
+        raise SystemExit(f"galaxy: config error: {e}") from None
+
+
 def config_overrides(parser, rest):
     """Turn leftover `--key value` / `--key=value` pairs into validated config overrides."""
     out, i = {}, 0

@@ -112,6 +112,9 @@ SCHEMA = {
     "distributed_backend": (str, None, "gloo | nccl (default: nccl on CUDA, else gloo)"),
     "device": (str, None, "cpu | cuda | cuda:N (default: cuda:<local rank> under nccl, else cpu)"),
     "timeout_s": (float, 300.0, "collective / rendezvous timeout"),
+    "elastic": (bool, False, "a one-command local spawn restarts its surviving ranks when one dies: re-planned "
+                "for the smaller world, training resumes from the latest checkpoint (galaxy.train.elastic)"),
+    "elastic_restarts": (int, 3, "--elastic: at most this many restarts"),
     "save_on_signal": (bool, False, "on SIGTERM/SIGINT every rank stops at the same step and saves a "
                        "training checkpoint to save_dir before it exits"),
     # checkpoints
@@ -212,7 +215,7 @@ def _check_rules(cfg):
     for key in ("save_every", "keep_checkpoints", "warmup_steps", "num_epochs"):
         if cfg[key] < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {cfg[key]}")
-    for key in ("max_steps", "log_every"):
+    for key in ("max_steps", "log_every", "elastic_restarts"):
         if cfg[key] is not None and cfg[key] < 1:
             raise ConfigError(f"config key '{key}' must be >= 1, got {cfg[key]}")
     for key in ("learning_rate", "weight_decay", "max_grad_norm"):

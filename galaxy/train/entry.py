@@ -20,7 +20,7 @@ from galaxy.models.checkpoint import CheckpointError
 from galaxy.models.registry import MODELS, build_model
 from galaxy.pipeline import PipelineForwardBackward, format_actions
 from galaxy.profiler import observe
-from galaxy.train import checkpoint, cli, outputs
+from galaxy.train import checkpoint, cli, elastic, outputs
 from galaxy.train.config import config_hash
 from galaxy.train.loop import NonFiniteError, Trainer, run_training
 from galaxy.tuning.apply import apply_tuning
@@ -146,6 +146,7 @@ def main(doc, model, default_config, argv=None):
     if cfg["model"] != model:
         raise SystemExit(f"galaxy: config {args.config_file} has model '{cfg['model']}', this script trains {model}")
     MODELS[model].check(cfg, plan)
+    cli.check(elastic.check, cfg, plan, rank, resumes=True)
     if args.explain:  # the plan only: no process group, no training
         print(explain(plan, cfg, build_model))
         return
@@ -153,4 +154,5 @@ def main(doc, model, default_config, argv=None):
     owns_save_dir = cfg["save_dir"] and rank in (None, 0)  # the process of rank 0 locks it for the run
     with outputs.save_dir_lock(cfg["save_dir"]) if owns_save_dir else nullcontext():
         launch.run(train, world, rank, (cfg, plan, args), args.init_method,
-                   cfg["distributed_backend"], cfg["timeout_s"], args.threads, args.debug)
+                   cfg["distributed_backend"], cfg["timeout_s"], args.threads, args.debug,
+                   **elastic.launch_args(cfg, resumes=True))

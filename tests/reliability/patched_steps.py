@@ -1,8 +1,11 @@
 """pretrain_galaxy.py with slow or failing optimizer steps, for the launch tests: each step
-sleeps GALAXY_TEST_STEP_S seconds; rank GALAXY_TEST_FAIL_RANK raises after its first step.
+sleeps GALAXY_TEST_STEP_S seconds; rank GALAXY_TEST_FAIL_RANK raises after its first step;
+GALAXY_TEST_KILL "rank,step,world": that rank SIGKILLs itself after that step in a run of that world
+(the world restarted by --elastic is smaller, so the kill happens once).
 The patch is made at import, so the ranks a local spawn starts (which import this module as
 their main module) have it too."""
 import os
+import signal
 import time
 
 from galaxy.train import entry
@@ -16,6 +19,8 @@ def train_step(self):
     time.sleep(float(os.environ.get("GALAXY_TEST_STEP_S", "0")))
     if str(self.ctx.rank) == os.environ.get("GALAXY_TEST_FAIL_RANK"):
         raise RuntimeError(f"injected failure after step {self.step}")
+    if os.environ.get("GALAXY_TEST_KILL") == f"{self.ctx.rank},{self.step},{self.ctx.world}":
+        os.kill(os.getpid(), signal.SIGKILL)
     return metrics
 
 

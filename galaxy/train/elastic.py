@@ -1,0 +1,123 @@
+"""--elastic: when a rank of a one-command local spawn dies, its survivors go on without a human.
+
+The launcher (galaxy.comm.launch.run) sees a rank's process end without a result (killed by a
+signal, or exited non-zero), ends the others, and asks `Survivors.replan` for the smaller world:
+
+- the config loses the dead ranks' entries, and each per-rank list is apportioned again over the
+  survivors in proportion to their own entries (a rank that held twice the heads keeps twice the
+  share): tp_num_attention_heads_list / tp_intermediate_size_list / seq_scatter_list when the
+  ranks share each layer, stage_num_hidden_layers_list when they are pipeline stages, memory_mb /
+  zero_shard_list when they are data-parallel replicas;
+- training resumes from the latest complete checkpoint in save_dir, read into the new layout
+  (galaxy.train.checkpoint reshards it); inference reloads load_checkpoint (or the seed's
+  weights, which no layout changes) in the new layout and serves its requests from the start.
+
+Layouts whose ranks split more than one way (tensor x data, tensor x pipeline ...) and a world
+too small for the layout (ZeRO without replicas, fewer heads than ranks ...) are refused, at
+start-up for the loss of the last rank and with the reason when it happens.
+"""
+from galaxy.errors import ConfigError
+from galaxy.plan import build_plan
+from galaxy.planner.split import apportion
+from galaxy.train import checkpoint
+from galaxy.train.zero import check_zero
+
+# per tensor rank: (list key, the model size it splits)
+TENSOR_LISTS = (("tp_num_attention_heads_list", "num_attention_heads"),
+                ("tp_intermediate_size_list", "intermediate_size"), ("seq_scatter_list", "seq_length"))
+
+
+def _kept(values, dead):
+    return [v for r, v in enumerate(values) if r not in dead]
+
+
+def _reapportion(sizes, total, dead, world, unit=1):
+    """`total` over the survivors in proportion to their old `sizes` (even when there were none)."""
+    weights = _kept(sizes, dead) if sizes else [1] * world
+    try:
+        return apportion(total, [1 / w for w in weights], unit=unit)
+    except ValueError:
+        raise ConfigError(f"{world} surviving ranks cannot share {total} (at least {unit} each)") from None
+
+
+def survivors_config(cfg, plan, dead):
+    """The config for the ranks left when global ranks `dead` are gone (they keep their order)."""
+    world = plan.world - len(dead)
+    split = [name for name, size in (("tensor", plan.tp_size), ("data", plan.dp_size), ("pipeline", plan.pp_size))
+             if size > 1]
+    if len(split) > 1:
+        raise ConfigError(f"--elastic re-plans layouts whose ranks split one way (tensor, data or pipeline); "
+                          f"this plan splits {' x '.join(split)} ways ({plan.describe()})")
+    if plan.virtual_stages > 1:
+        raise ConfigError(f"--elastic does not re-plan interleaved pipelines (virtual_stages {plan.virtual_stages})")
+    out = dict(cfg)
+    if plan.tp_size > 1:
+        group = cfg["num_attention_heads"] // (cfg["num_key_value_heads"] or cfg["num_attention_heads"])
+        for key, total in TENSOR_LISTS:  # a GQA rank keeps whole groups of query heads
+            out[key] = _reapportion(cfg[key], cfg[total], dead, world, group if key.startswith("tp_num") else 1)
+    elif plan.pp_size > 1:
+        out["stage_num_hidden_layers_list"] = _reapportion(
+            cfg["stage_num_hidden_layers_list"], cfg["num_hidden_layers"], dead, world) if world > 1 else None
+    elif cfg["data_parallel_size"]:
+        out["data_parallel_size"] = world
+    if plan.dp_size > 1:
+        for key in ("memory_mb", "zero_shard_list"):
+            if cfg[key] is not None:
+                out[key] = _kept(cfg[key], dead)
+        if out["zero_shard_list"]:
+            out["zero_shard_list"] = [f / sum(out["zero_shard_list"]) for f in out["zero_shard_list"]]
+    return out
+
+
+def survivors_plan(cfg, plan, dead):
+    """(config, plan) for the survivors, checked as a config given on the command line would be."""
+    cfg = survivors_config(cfg, plan, dead)
+    new = build_plan(cfg, plan.world - len(dead))
+    check_zero(cfg, new)
+    return cfg, new
+
+
+def check(cfg, plan, rank, resumes):
+    """Before any process starts: --elastic needs a local spawn, a layout it can re-plan after
+    losing a rank, and (training, `resumes`) checkpoints to go on from."""
+    if not cfg["elastic"]:
+        return
+    if rank is not None or plan.world == 1:
+        raise ConfigError("--elastic restarts the ranks of a one-command local spawn (--world N, no --rank); "
+                          "under torchrun use its own --max-restarts (with --resume true)")
+    if resumes and not cfg["save_every"]:
+        raise ConfigError("--elastic resumes from the latest training checkpoint: set save_every (and save_dir)")
+    try:
+        survivors_plan(cfg, plan, [plan.world - 1])
+    except ConfigError as e:
+        raise ConfigError(f"--elastic: after losing a rank: {e}") from None
+
+
+class Survivors:
+    """launch.run's `replan(dead, launch_args)`: launch_args is (cfg, plan, *rest) of the run that
+    lost ranks `dead`; returns (world, launch_args, what the restart does) for the survivors, or
+    raises SystemExit saying why they cannot go on."""
+
+    def __init__(self, resumes):
+        self.resumes = resumes
+
+    def __call__(self, dead, launch_args):
+        cfg, plan, *rest = launch_args
+        try:
+            cfg, new = survivors_plan(cfg, plan, dead)
+        except ConfigError as e:
+            raise SystemExit(f"galaxy: --elastic: the {plan.world - len(dead)} surviving ranks cannot go on: {e}")
+        what = f"plan {new.describe()}"
+        if self.resumes:
+            found = checkpoint.checkpoints(cfg["save_dir"])
+            if not found:
+                raise SystemExit(f"galaxy: --elastic: no complete checkpoint in save_dir {cfg['save_dir']} to resume "
+                                 f"the survivors from (rank(s) {dead} died before the first save)")
+            cfg = {**cfg, "resume": True}
+            what = f"resuming from {found[-1][1]}, {what}"
+        return new.world, (cfg, new, *rest), what
+
+
+def launch_args(cfg, resumes):
+    """launch.run's elastic arguments for this config (none without --elastic)."""
+    return {"replan": Survivors(resumes), "restarts": cfg["elastic_restarts"]} if cfg["elastic"] else {}

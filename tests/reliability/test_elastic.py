@@ -1,0 +1,76 @@
+"""--elastic: a rank of a world-3 local spawn SIGKILLed mid-run (by a test hook, after step 5 of 6;
+the last checkpoint is step 4's) leaves 2 survivors that re-plan their splits, resume from that
+checkpoint and finish; their losses equal serial's. What cannot go on is refused by name."""
+import json
+
+import pytest
+
+from galaxy.train import elastic
+from galaxy.errors import ConfigError
+from galaxy.plan import build_plan
+from galaxy.train.config import load_config
+from tests.reliability import procs
+
+STEPS = ["--max_steps", "6", "--hidden_dropout_prob", "0", "--attention_probs_dropout_prob", "0"]
+
+
+def losses(metrics_file):
+    """Loss per step; a step run twice (before the kill and after the restart) keeps its last."""
+    return {row["step"]: row["loss"] for row in map(json.loads, metrics_file.read_text().splitlines())}
+
+
+def test_killed_rank_survivors_resume_at_world2_and_match_serial(tmp_path):
+    args = [*procs.GALAXY3, *STEPS, "--world", "3", "--elastic", "--save_dir", str(tmp_path / "ckpt"),
+            "--save_every", "2", "--metrics_file", str(tmp_path / "elastic.jsonl")]
+    run = procs.start(args, tmp_path / "run.log", "tests/reliability/patched_steps.py",
+                      env={"GALAXY_TEST_KILL": "1,5,3"})
+    code = procs.finish({0: run}, 240)[0]
+    log = (tmp_path / "run.log").read_text()
+    assert code == 0, log[-3000:]
+    assert "galaxy: rank 1 was killed by SIGKILL; restart 1 of 3: the 2 survivors" in log, log[-3000:]
+    assert "step-00000004" in log and "heads=[3, 1] columns=[86, 42] positions=[18, 14]" in log, log[-3000:]
+    assert "resumed from step 4" in log and "step 6/6 |" in log, log[-3000:]
+    code, out = procs.run([*STEPS, "--num_attention_heads", "4", "--metrics_file", str(tmp_path / "serial.jsonl")])
+    assert code == 0, out[-3000:]
+    got, serial = losses(tmp_path / "elastic.jsonl"), losses(tmp_path / "serial.jsonl")
+    assert sorted(got) == list(range(1, 7))
+    for step in range(1, 7):
+        assert abs(got[step] - serial[step]) / serial[step] < 1e-5, (step, got, serial)
+
+
+def test_no_checkpoint_yet_is_refused(tmp_path):
+    args = [*procs.GALAXY3, *STEPS, "--world", "3", "--elastic", "--save_dir", str(tmp_path / "ckpt"),
+            "--save_every", "4"]
+    run = procs.start(args, tmp_path / "run.log", "tests/reliability/patched_steps.py",
+                      env={"GALAXY_TEST_KILL": "2,1,3"})
+    code = procs.finish({0: run}, 240)[0]
+    log = (tmp_path / "run.log").read_text()
+    assert code == 1 and "no complete checkpoint in save_dir" in log and "died before the first save" in log, log[-3000:]
+
+
+def plan_of(world, **over):
+    cfg = load_config(None, {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "seq_length": 32,
+                             "num_hidden_layers": 4, **over})
+    return cfg, build_plan(cfg, world)
+
+
+def test_survivors_keep_their_shares():
+    cfg, plan = plan_of(3, parallel="galaxy", tp_num_attention_heads_list=[2, 1, 1],
+                        tp_intermediate_size_list=[64, 32, 32], seq_scatter_list=[12, 10, 10])
+    new_cfg, new = elastic.survivors_plan(cfg, plan, [0])
+    assert (new.heads, new.columns, new.positions) == ((2, 2), (64, 64), (16, 16))
+    cfg, plan = plan_of(3, stage_num_hidden_layers_list=[2, 1, 1])
+    assert elastic.survivors_plan(cfg, plan, [2])[1].stage_layers == (3, 1)
+    cfg, plan = plan_of(3, parallel="dp", batch_size=6, zero_stage=1, memory_mb=[100, 200, 300])
+    new_cfg, new = elastic.survivors_plan(cfg, plan, [1])
+    assert new.dp_size == 2 and new_cfg["memory_mb"] == [100, 300]
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"parallel": "galaxy", "data_parallel_size": 2}, "this plan splits tensor x data ways"),
+    ({"parallel": "dp", "zero_stage": 1}, "there is no data-parallel group"),
+])
+def test_what_cannot_shrink_is_refused(over, message):
+    cfg, plan = plan_of(4 if "data_parallel_size" in over else 2, **over, elastic=True)
+    with pytest.raises(ConfigError, match=message):
+        elastic.check(cfg, plan, None, resumes=False)
