@@ -389,8 +389,11 @@ class _OldRanks:
         if field == "step":  # AdamW's step count: a scalar, the same on every rank
             return self._slice(sources[0], field, None, 0, 0)
         shard = spec_of(param).shard
+        if shard:
+            dim, lo, hi = shard.dim, shard.start, shard.start + shard.length
+        else:  # the whole tensor: all of it along the dimension the old ranks split (if they did)
+            dim, lo, hi = sources[0].dim, 0, sources[0].full
         whole = next((s for s in sources if s.dim is None), None)
-        dim, lo, hi = (shard.dim, shard.start, shard.start + shard.length) if shard else             (None if whole else sources[0].dim, 0, None if whole else sources[0].full)
         if whole:
             return self._slice(whole, field, dim, lo, hi)
         pieces, pos = [], lo
@@ -403,6 +406,11 @@ class _OldRanks:
             pieces.append(self._slice(source, field, dim, pos - source.start, end - source.start))
             pos = end
         return torch.cat(pieces, dim)
+
+    def rng(self, rank):
+        """The RNG tensors of old rank `rank`."""
+        handle = self._file(rank, 1)
+        return {k: handle.get_tensor(k) for k in handle.keys() if k.startswith("rng.")}
 
     def _tensor_name(self, source, field):
         return source.name if field is None else f"optim.{source.optim_index}.{field}"
@@ -445,8 +453,7 @@ def _restore_resharded(trainer, directory, world):
     groups = [{**by_decay.get(g["weight_decay"], g), "params": g["params"]}
               for g in trainer.opt.state_dict()["param_groups"]]
     trainer.opt.load_state_dict({"state": opt_state, "param_groups": groups})
-    tensors = load_file(str(directory / _rank_files(mine["rank"])[1]))
-    _restore_progress(trainer, {k: v for k, v in tensors.items() if k.startswith("rng.")}, mine)
+    _restore_progress(trainer, old.rng(mine["rank"]), mine)
     old.handles.clear()
 
 

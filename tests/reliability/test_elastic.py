@@ -1,14 +1,19 @@
 """--elastic: a rank of a world-3 local spawn SIGKILLed mid-run (by a test hook, after step 5 of 6;
 the last checkpoint is step 4's) leaves 2 survivors that re-plan their splits, resume from that
-checkpoint and finish; their losses equal serial's. What cannot go on is refused by name."""
+checkpoint and finish; their losses equal serial's. Inference the same: the survivors reload in the
+re-planned layout and serve. What cannot go on is refused by name."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
-from galaxy.train import elastic
 from galaxy.errors import ConfigError
 from galaxy.plan import build_plan
+from galaxy.train import elastic
 from galaxy.train.config import load_config
+from tests.helpers import ROOT
 from tests.reliability import procs
 
 STEPS = ["--max_steps", "6", "--hidden_dropout_prob", "0", "--attention_probs_dropout_prob", "0"]
@@ -74,3 +79,17 @@ def test_what_cannot_shrink_is_refused(over, message):
     cfg, plan = plan_of(4 if "data_parallel_size" in over else 2, **over, elastic=True)
     with pytest.raises(ConfigError, match=message):
         elastic.check(cfg, plan, None, resumes=False)
+
+
+def test_inference_killed_rank_survivors_serve_at_world2(tmp_path):
+    args = ["--config_file", "train_config/bert/galaxy/full.json", *procs.GALAXY3[2:], "--world", "3", "--elastic",
+            "--hidden_size", "64", "--intermediate_size", "128", "--vocab_size", "200", "--num_hidden_layers", "2", "--seq_length", "32",
+            "--timeout_s", "20",
+            "--requests", "4", "--warmup", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GALAXY_TEST_KILL": "2,3,3"}
+    done = subprocess.run([sys.executable, "tests/reliability/patched_infer.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=240)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    assert "galaxy: rank 2 was killed by SIGKILL; restart 1 of 3: the 2 survivors" in log, log[-3000:]
+    assert "[rank 0] plan: ATT=TP CON=SP MLP=TP tp=2" in log and "latency over 4 requests" in log, log[-3000:]
