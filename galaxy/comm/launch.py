@@ -301,17 +301,8 @@ def run(main, world, rank, args=(), init_method=None, backend=None, timeout_s=30
     try:
         if rank is None and world > 1:
             with signals_raise_stopped():
-                for restart in range(1, restarts + 2):
-                    try:
-                        spawn(main, world, args, backend, timeout_s, init_method, threads=threads or 1)
-                        return None
-                    except RankFailed as e:
-                        if not (replan and e.died) or restart > restarts:
-                            raise
-                        died = e.died
-                    world, args, what = replan(sorted(died), args)
-                    print(f"galaxy: {_deaths(died)}; restart {restart} of {restarts}: the {world} survivors "
-                          f"(renumbered in order) go on, {what}", file=sys.stderr, flush=True)
+                _spawn_restarting(main, world, args, backend, timeout_s, init_method, threads or 1, replan, restarts)
+            return None
         if threads:
             torch.set_num_threads(threads)
         return _run_here(main, world, rank or 0, args, init_method, backend, timeout_s)
@@ -320,6 +311,20 @@ def run(main, world, rank, args=(), init_method=None, backend=None, timeout_s=30
     except Stopped as e:
         print(f"galaxy: stopped by {e}; every rank started here has ended", file=sys.stderr)
         sys.exit(128 + e.signum)
+
+
+def _spawn_restarting(main, world, args, backend, timeout_s, init_method, threads, replan, restarts):
+    """spawn, and after ranks die (up to `restarts` times, with `replan`) spawn the survivors."""
+    for restart in range(1, restarts + 2):
+        try:
+            return spawn(main, world, args, backend, timeout_s, init_method, threads=threads)
+        except RankFailed as e:
+            if not (replan and e.died) or restart > restarts:
+                raise
+            died = e.died
+        world, args, what = replan(sorted(died), args)
+        print(f"galaxy: {_deaths(died)}; restart {restart} of {restarts}: the {world} survivors "
+              f"(renumbered in order) go on, {what}", file=sys.stderr, flush=True)
 
 
 def _run_here(main, world, rank, args, init_method, backend, timeout_s):
