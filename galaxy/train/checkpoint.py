@@ -19,7 +19,7 @@ directory, so the previous checkpoint stays the latest. The ranks must share sav
 (one machine, or a shared filesystem).
 
 Another layout: a checkpoint written by N ranks under one plan resumes on M ranks under another
-(the same model, tuning and training settings; only LAYOUT_KEYS differ). Each rank state lists
+(the same model, tuning and training settings; LAYOUT_KEYS may differ). Each rank state lists
 every tensor's full name and shard (ParamSpec.Shard), so each new rank reads from the old ranks'
 files only the slices its own parameters and AdamW moments cover (safetensors get_slice); the
 step, LR schedule and RNG carry over (the data order and dropout masks follow from the step).
@@ -45,17 +45,17 @@ from galaxy.models.checkpoint import CheckpointError
 FORMAT = "galaxy-train-checkpoint/1"
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-# keys a resumed run may change: where and how long to train, how to launch and log
-RESUME_FREE_KEYS = ("max_steps", "num_epochs", "resume", "save_dir", "save_every", "keep_checkpoints",
-                    "timeout_s", "save_on_signal", "log_every", "on_nonfinite", "init_method",
-                    "distributed_backend", "load_checkpoint", "load_trainable", "device", "strict",
-                    "zero_stage", "zero_shard_list", "memory_mb",  # optimizer state is saved unsharded
-                    "elastic", "elastic_restarts")
-# keys that may also change when the checkpoint is read into another world or plan (resharded)
+# keys that say how the ranks split the work: a checkpoint is read into another world or plan (resharded;
+# ZeRO's optimizer state is saved unsharded)
 LAYOUT_KEYS = ("parallel", "att_parallel_method", "con_parallel_method", "mlp_parallel_method",
                "tp_num_attention_heads_list", "tp_intermediate_size_list", "seq_scatter_list",
                "stage_num_hidden_layers_list", "data_parallel_size", "num_microbatches", "pipeline_schedule",
-               "virtual_stages", "overlap_tiles", "bucket_size_mb")
+               "virtual_stages", "overlap_tiles", "bucket_size_mb", "zero_stage", "zero_shard_list", "memory_mb")
+# keys a resumed run may change: the layout, where and how long to train, how to launch and log
+RESUME_FREE_KEYS = LAYOUT_KEYS + (
+    "max_steps", "num_epochs", "resume", "save_dir", "save_every", "keep_checkpoints", "timeout_s", "save_on_signal",
+    "log_every", "on_nonfinite", "init_method", "distributed_backend", "load_checkpoint", "load_trainable", "device",
+    "strict", "elastic", "elastic_restarts")
 
 
 def _rank_files(rank):
@@ -270,14 +270,12 @@ def _same_layout(manifest, trainer):
 
 
 def _check_compatible(manifest, directory, trainer):
-    free = RESUME_FREE_KEYS if _same_layout(manifest, trainer) else RESUME_FREE_KEYS + LAYOUT_KEYS
     now, then = resume_config(trainer.cfg), manifest["config"]
-    changed = sorted(k for k in set(now) | set(then) if k not in free and now.get(k) != then.get(k))
+    changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
     if changed:
         diffs = ", ".join(f"{k}: {then.get(k)!r} -> {now.get(k)!r}" for k in changed)
-        raise CheckpointError(f"{directory}: the config differs from the checkpoint's in {diffs}; only "
-                              f"{list(RESUME_FREE_KEYS)} may change on resume, and the layout keys "
-                              f"{list(LAYOUT_KEYS)} when the world or plan changes")
+        raise CheckpointError(f"{directory}: the config differs from the checkpoint's in {diffs}; only the "
+                              f"layout and {list(RESUME_FREE_KEYS[len(LAYOUT_KEYS):])} may change on resume")
 
 
 def _verify(manifest, directory, rank):
