@@ -17,14 +17,11 @@ too small for the layout (ZeRO without replicas, fewer heads than ranks ...) are
 start-up for the loss of the last rank and with the reason when it happens.
 """
 from galaxy.errors import ConfigError
-from galaxy.plan import build_plan
+from galaxy.plan import Method, build_plan
 from galaxy.planner.split import apportion
 from galaxy.train import checkpoint
 from galaxy.train.zero import check_zero
 
-# per tensor rank: (list key, the model size it splits)
-TENSOR_LISTS = (("tp_num_attention_heads_list", "num_attention_heads"),
-                ("tp_intermediate_size_list", "intermediate_size"), ("seq_scatter_list", "seq_length"))
 
 
 def _kept(values, dead):
@@ -53,8 +50,12 @@ def survivors_config(cfg, plan, dead):
     out = dict(cfg)
     if plan.tp_size > 1:
         group = cfg["num_attention_heads"] // (cfg["num_key_value_heads"] or cfg["num_attention_heads"])
-        for key, total in TENSOR_LISTS:  # a GQA rank keeps whole groups of query heads
-            out[key] = _reapportion(cfg[key], cfg[total], dead, world, group if key.startswith("tp_num") else 1)
+        lists = {"tp_num_attention_heads_list": (plan.att is Method.TP, "num_attention_heads", group),  # whole GQA groups
+                 "tp_intermediate_size_list": (plan.mlp is Method.TP, "intermediate_size", 1),
+                 "seq_scatter_list": (plan.seq_sharded, "seq_length", 1)}
+        for key, (used, total, unit) in lists.items():
+            if used:
+                out[key] = _reapportion(cfg[key], cfg[total], dead, world, unit)
     elif plan.pp_size > 1:
         out["stage_num_hidden_layers_list"] = _reapportion(
             cfg["stage_num_hidden_layers_list"], cfg["num_hidden_layers"], dead, world) if world > 1 else None

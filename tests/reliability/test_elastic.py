@@ -93,3 +93,9 @@ def test_inference_killed_rank_survivors_serve_at_world2(tmp_path):
     assert done.returncode == 0, log[-3000:]
     assert "galaxy: rank 2 was killed by SIGKILL; restart 1 of 3: the 2 survivors" in log, log[-3000:]
     assert "[rank 0] plan: ATT=TP CON=SP MLP=TP tp=2" in log and "latency over 4 requests" in log, log[-3000:]
+
+
+def test_sequence_parallel_survivors_split_positions_only():
+    cfg, plan = plan_of(4, parallel="sp", num_attention_heads=2, seq_scatter_list=[8, 8, 8, 8])
+    new_cfg, new = elastic.survivors_plan(cfg, plan, [3])
+    assert new.positions == (11, 11, 10) and new_cfg["tp_num_attention_heads_list"] is None
