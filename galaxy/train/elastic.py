@@ -23,7 +23,6 @@ from galaxy.train import checkpoint
 from galaxy.train.zero import check_zero
 
 
-
 def _kept(values, dead):
     return [v for r, v in enumerate(values) if r not in dead]
 
@@ -42,31 +41,39 @@ def survivors_config(cfg, plan, dead):
     world = plan.world - len(dead)
     split = [name for name, size in (("tensor", plan.tp_size), ("data", plan.dp_size), ("pipeline", plan.pp_size))
              if size > 1]
-    if len(split) > 1:
+    if len(split) > 1:  # then a list index is not the global rank, and a lost rank leaves a hole in a grid
         raise ConfigError(f"--elastic re-plans layouts whose ranks split one way (tensor, data or pipeline); "
                           f"this plan splits {' x '.join(split)} ways ({plan.describe()})")
     if plan.virtual_stages > 1:
         raise ConfigError(f"--elastic does not re-plan interleaved pipelines (virtual_stages {plan.virtual_stages})")
     out = dict(cfg)
     if plan.tp_size > 1:
-        group = cfg["num_attention_heads"] // (cfg["num_key_value_heads"] or cfg["num_attention_heads"])
-        lists = {"tp_num_attention_heads_list": (plan.att is Method.TP, "num_attention_heads", group),  # whole GQA groups
-                 "tp_intermediate_size_list": (plan.mlp is Method.TP, "intermediate_size", 1),
-                 "seq_scatter_list": (plan.seq_sharded, "seq_length", 1)}
-        for key, (used, total, unit) in lists.items():
-            if used:
-                out[key] = _reapportion(cfg[key], cfg[total], dead, world, unit)
+        out.update(_tensor_lists(cfg, plan, dead, world))
     elif plan.pp_size > 1:
         out["stage_num_hidden_layers_list"] = _reapportion(
             cfg["stage_num_hidden_layers_list"], cfg["num_hidden_layers"], dead, world) if world > 1 else None
     elif cfg["data_parallel_size"]:
         out["data_parallel_size"] = world
     if plan.dp_size > 1:
-        for key in ("memory_mb", "zero_shard_list"):
-            if cfg[key] is not None:
-                out[key] = _kept(cfg[key], dead)
-        if out["zero_shard_list"]:
-            out["zero_shard_list"] = [f / sum(out["zero_shard_list"]) for f in out["zero_shard_list"]]
+        out.update(_replica_lists(cfg, dead))
+    return out
+
+
+def _tensor_lists(cfg, plan, dead, world):
+    """The split lists the plan uses, over the surviving tensor ranks."""
+    group = cfg["num_attention_heads"] // (cfg["num_key_value_heads"] or cfg["num_attention_heads"])
+    lists = {"tp_num_attention_heads_list": (plan.att is Method.TP, "num_attention_heads", group),  # whole GQA groups
+             "tp_intermediate_size_list": (plan.mlp is Method.TP, "intermediate_size", 1),
+             "seq_scatter_list": (plan.seq_sharded, "seq_length", 1)}
+    return {key: _reapportion(cfg[key], cfg[total], dead, world, unit)
+            for key, (used, total, unit) in lists.items() if used}
+
+
+def _replica_lists(cfg, dead):
+    """memory_mb and zero_shard_list (renormalised) of the surviving data-parallel ranks."""
+    out = {key: _kept(cfg[key], dead) for key in ("memory_mb", "zero_shard_list") if cfg[key] is not None}
+    if "zero_shard_list" in out:
+        out["zero_shard_list"] = [f / sum(out["zero_shard_list"]) for f in out["zero_shard_list"]]
     return out
 
 
