@@ -1,6 +1,6 @@
 """A training checkpoint resumes in another world and plan: saved by 3 uneven Galaxy ranks, read by
 2 ranks of another uneven split (and by TP, and by a pipeline), the following steps' losses equal an
-uninterrupted world-3 run's and serial's; each new rank reads only the slices it holds. Checkpoints
+uninterrupted world-3 run's and serial's; so does ZeRO-3 data parallelism read as Galaxy (slow). Checkpoints
 written before shards were recorded, or a changed non-layout key, are refused by name."""
 import json
 
@@ -95,3 +95,16 @@ def test_old_checkpoint_or_changed_model_is_refused_in_another_layout(saved3, tm
     (copy / checkpoint.MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="resumes only in its own world and plan"):
         checkpoint.resume(make_trainer(cfg()), tmp_path)
+
+
+@pytest.mark.slow  # 3 more ranks to start: ~30 s of CPU
+def test_zero3_data_parallel_resumes_as_galaxy(tmp_path):
+    """ZeRO-3 replicas (each holding a slice of the flat parameters between steps) save whole
+    tensors; two Galaxy ranks read their shards of them."""
+    batch = {"batch_size": 6}
+    zero3 = cfg(**batch, parallel="dp", zero_stage=3, zero_shard_list=[0.5, 0.3, 0.2])
+    straight = run_ranks(straight_with_save, 3, zero3, str(tmp_path))[0]
+    results = run_ranks(resumed, 2, cfg(**batch, **LAYOUTS2["galaxy"]), str(tmp_path))
+    serial = train(make_trainer(cfg(**batch)), TOTAL)
+    for step, losses in results:
+        assert step == SAVED_AT and rel(losses, straight[SAVED_AT:]) < 1e-5 and rel(losses, serial[SAVED_AT:]) < 1e-5
