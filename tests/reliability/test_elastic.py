@@ -43,6 +43,7 @@ def test_killed_rank_survivors_resume_at_world2_and_match_serial(tmp_path):
         assert abs(got[step] - serial[step]) / serial[step] < 1e-5, (step, got, serial)
 
 
+@pytest.mark.slow  # a whole spawn to see one refusal: ~25 s
 def test_no_checkpoint_yet_is_refused(tmp_path):
     args = [*procs.GALAXY3, *STEPS, "--world", "3", "--elastic", "--save_dir", str(tmp_path / "ckpt"),
             "--save_every", "4"]
