@@ -51,7 +51,8 @@ def test_no_checkpoint_yet_is_refused(tmp_path):
                       env={"GALAXY_TEST_KILL": "2,1,3"})
     code = procs.finish({0: run}, 240)[0]
     log = (tmp_path / "run.log").read_text()
-    assert code == 1 and "no complete checkpoint in save_dir" in log and "died before the first save" in log, log[-3000:]
+    assert code == 1, log[-3000:]
+    assert "no complete checkpoint in save_dir" in log and "died before the first save" in log, log[-3000:]
 
 
 def plan_of(world, **over):
@@ -84,9 +85,8 @@ def test_what_cannot_shrink_is_refused(over, message):
 
 def test_inference_killed_rank_survivors_serve_at_world2(tmp_path):
     args = ["--config_file", "train_config/bert/galaxy/full.json", *procs.GALAXY3[2:], "--world", "3", "--elastic",
-            "--hidden_size", "64", "--intermediate_size", "128", "--vocab_size", "200", "--num_hidden_layers", "2", "--seq_length", "32",
-            "--timeout_s", "20",
-            "--requests", "4", "--warmup", "1"]
+            "--hidden_size", "64", "--intermediate_size", "128", "--vocab_size", "200", "--num_hidden_layers", "2",
+            "--seq_length", "32", "--timeout_s", "20", "--requests", "4", "--warmup", "1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GALAXY_TEST_KILL": "2,3,3"}
     done = subprocess.run([sys.executable, "tests/reliability/patched_infer.py", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=240)
