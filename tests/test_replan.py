@@ -143,6 +143,7 @@ def _train(cfg, world, rank, move):
 
 def _moves(rank, world):
     out = {model: _infer_then_move(config(model, world, replan={}), world, rank) for model in ("bert", "llama")}
+    out["bert tiled"] = _infer_then_move(config("bert", world, replan={}, overlap_tiles=2), world, rank)
     cfg = config("bert", world, replan={})
     out["moved"], out["stayed"] = _train(cfg, world, rank, True), _train(cfg, world, rank, False)
     return out
@@ -156,10 +157,11 @@ def test_a_move_keeps_outputs_serial_and_training_exact(world):
         with torch.no_grad():
             serial[model] = net(ids_of(config(model, 1)), None)
     for rank, out in enumerate(run_ranks(_moves, world, timeout_s=240)):
-        for model in ("bert", "llama"):
-            got, heads = out[model]
+        for case in ("bert", "llama", "bert tiled"):
+            model = case.split()[0]
+            got, heads = out[case]
             assert heads == MOVED[model, world][0]  # it runs in the new split
-            assert rel_err(got, serial[model]) < 1e-5, (model, rank, rel_err(got, serial[model]))
+            assert rel_err(got, serial[model]) < 1e-5, (case, rank, rel_err(got, serial[model]))
         (losses, full, lr, columns), (want_losses, want_full, want_lr, _) = out["moved"], out["stayed"]
         assert columns == MOVED["bert", world][1]
         for got, want in zip(losses, want_losses):

@@ -23,13 +23,15 @@ from dataclasses import dataclass, field, fields, replace
 from statistics import median
 
 import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from galaxy.comm import collectives as C
 from galaxy.errors import ConfigError
 from galaxy.layers.attention import Attention
 from galaxy.layers.mlp import MLP
 from galaxy.layers.param_spec import spec_of
-from galaxy.layers.transformer import Connective
+from galaxy.layers.transformer import Connective, TransformerLayer
 from galaxy.models.registry import build_model
 from galaxy.plan import SP, TP, build_plan
 from galaxy.planner.split import RankProfile, plan_galaxy, predict_layer_seconds
@@ -190,11 +192,57 @@ def _reshards(pairs, ctx):
     return out
 
 
+def build_empty(cfg, ctx):
+    """This rank's model under cfg's plan, its memory on ctx's device left unfilled (the move fills
+    every tensor): built on the meta device, so no initial weights are drawn, then each parameter
+    and buffer gets memory, parameters keeping their ParamSpecs and ties. Returns (model, its ctx)."""
+    device, ctx = ctx.device, replace(ctx, plan=build_plan(cfg, ctx.world), device=torch.device("meta"))
+    with _NoDrawOnMeta():
+        model = build_model(cfg, ctx)
+        apply_tuning(model, cfg, ctx)
+    ctx.device = device  # the modules hold this context: from here on they run on the device
+    made = {}
+    for module in model.modules():
+        for tensors in (module._parameters, module._buffers):
+            for name, t in tensors.items():
+                if t is not None and id(t) not in made:
+                    made[id(t)] = _empty_like(t, device)
+                if t is not None:
+                    tensors[name] = made[id(t)]
+        if isinstance(module, TransformerLayer):
+            with torch.device(device):
+                module.set_tiles(cfg["overlap_tiles"])
+    return model, ctx
+
+
+class _NoDrawOnMeta(TorchFunctionMode):
+    """nn.Embedding draws its default weights with normal_, whose meta-device kernel imports torch's
+    decompositions on its first call (seconds); a meta tensor has nothing to draw, so it is skipped."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensor = args[0] if args else kwargs.get("tensor")  # Tensor.normal_ or nn.init.normal_
+        if getattr(func, "__name__", None) == "normal_" and tensor.is_meta:
+            return tensor
+        return func(*args, **kwargs)
+
+
+def _empty_like(t, device):
+    empty = torch.empty(t.shape, dtype=t.dtype, device=device)  # (empty_like of a meta tensor imports sympy)
+    if not isinstance(t, nn.Parameter):
+        return empty
+    p = nn.Parameter(empty, requires_grad=t.requires_grad)
+    p.__dict__.update(t.__dict__)  # its ParamSpec
+    return p
+
+
 @torch.no_grad()
 def move_state(old, new, ctx, opt=None):
     """Fill `new` (the model under another plan on the same ranks) from `old`, and point `opt`
     (built for old) at new's parameters with their state moved alike. Collective over the tensor
-    group; every rank moves the same tensors in the same (model) order."""
+    group; every rank moves the same tensors in the same (model) order. What does not move (a
+    replicated parameter, a buffer such as LLaMA's rotary frequencies) is handed over, not copied:
+    `old` is left sharing it and must not be used again."""
     params = dict(new.named_parameters())
     pairs = [(p, params[name]) for name, p in old.named_parameters()]
     reshards = _reshards(pairs, ctx)
@@ -203,7 +251,10 @@ def move_state(old, new, ctx, opt=None):
         return tensor if reshards[i] is None else C.reshard(tensor, *reshards[i], ctx.tp_group)
 
     for i, (p, q) in enumerate(pairs):
-        q.copy_(moved(p, i))
+        q.data = moved(p, i).data
+    buffers = dict(old.named_buffers())
+    for name, b in new.named_buffers():
+        b.data = buffers[name].data
     if opt is None:
         return
     state = {}
@@ -247,15 +298,13 @@ class Replanner:
         self.moves.append((step, before, self.ctx.plan, speedup, measured, seconds))
         if self.ctx.rank == 0:
             self.log(f"replan after step {step}: {_change(before, self.ctx.plan)} (predicted {speedup:.2f}x faster "
-                     f"blocks, {measured} steps measured); move took {seconds * 1e3:.0f} ms")
+                     f"blocks, measured over {measured} steps); move took {seconds * 1e3:.0f} ms")
 
     def move_to(self, split):
         """Move to `split` (SPLIT_KEYS lists) now, on every rank of the tensor group; returns seconds."""
         start = time.perf_counter()
         cfg = dict(self.cfg, **split)
-        ctx = replace(self.ctx, plan=build_plan(cfg, self.ctx.world))
-        model = build_model(cfg, ctx)
-        apply_tuning(model, cfg, ctx)
+        model, ctx = build_empty(cfg, self.ctx)
         model.to(next(self.model.parameters()).dtype).train(self.model.training)
         move_state(self.model, model, self.ctx, self.trainer.opt if self.trainer else None)
         self.timer.remove()
