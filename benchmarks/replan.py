@@ -73,13 +73,14 @@ def main():
     r = spawn(bench, args.world, (args,), timeout_s=args.timeout_s)[0]
     if not r["moves"]:
         raise SystemExit(f"no re-plan within {args.most_slowed} slowed requests: during {median(r['during']) * 1e3:.0f} ms")
-    step, old_heads, heads, columns, positions, move_s = r["moves"][0]
+    step, old_heads, heads, columns, positions, _ = r["moves"][0]
     ms = {name: median(r[name]) * 1e3 for name in ("before", "during", "after", "planned")}
     even = f"heads {old_heads}"
     rows = [["before the slow-down", even, len(r["before"]), f"{ms['before']:.0f}", ""],
             [f"rank 1 {args.factor}x slower", even, len(r["during"]), f"{ms['during']:.0f}",
              f"{ms['during'] / ms['planned']:.2f}x"],
-            ["after re-planning", f"heads {heads} columns {columns} positions {positions}", len(r["after"]),
+            [f"after re-planning ({len(r['moves'])} move(s))", f"heads {heads} columns {columns} positions {positions}"
+             + (" (first move)" if len(r["moves"]) > 1 else ""), len(r["after"]),
              f"{ms['after']:.0f}", f"{ms['after'] / ms['planned']:.2f}x"],
             ["planned from the start", "heads {} columns {} positions {}".format(*r["planned_split"]),
              len(r["planned"]), f"{ms['planned']:.0f}", "1.00x"]]
@@ -88,8 +89,10 @@ def main():
           f"(threshold {args.threshold}, patience {args.patience}); medians")
     headers = ["phase", "split", "requests", "latency ms", "vs planned"]
     print(table(rows, headers))
-    print(f"the move took {move_s * 1e3:.0f} ms = {move_s * 1e3 / ms['after']:.1f} requests at the new latency "
-          f"(requests slowed before the move: {len(r['during'])})")
+    for step, _, heads, columns, positions, move_s in r["moves"]:
+        print(f"move after request {step} to heads {heads} columns {columns} positions {positions}: "
+              f"{move_s * 1e3:.0f} ms = {move_s * 1e3 / ms['after']:.1f} requests at the latency after re-planning")
+    print(f"requests served slowed before the first move: {len(r['during'])}")
     values = {("forward latency", row[0]): float(row[3]) for row in rows}
     chart = svg_bars(["forward latency"], [row[0] for row in rows], values,
                      f"Re-planning live, world {args.world}, rank 1 {args.factor}x slower (ms)")

@@ -204,11 +204,10 @@ def build_empty(cfg, ctx):
     made = {}
     for module in model.modules():
         for tensors in (module._parameters, module._buffers):
-            for name, t in tensors.items():
-                if t is not None and id(t) not in made:
+            for name, t in [(name, t) for name, t in tensors.items() if t is not None]:
+                if id(t) not in made:  # a tied parameter gets memory once, and stays tied
                     made[id(t)] = _empty_like(t, device)
-                if t is not None:
-                    tensors[name] = made[id(t)]
+                tensors[name] = made[id(t)]
         if isinstance(module, TransformerLayer):
             with torch.device(device):
                 module.set_tiles(cfg["overlap_tiles"])
@@ -221,9 +220,10 @@ class _NoDrawOnMeta(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        tensor = args[0] if args else kwargs.get("tensor")  # Tensor.normal_ or nn.init.normal_
-        if getattr(func, "__name__", None) == "normal_" and tensor.is_meta:
-            return tensor
+        if getattr(func, "__name__", None) == "normal_":  # Tensor.normal_ or nn.init.normal_
+            tensor = args[0] if args else kwargs["tensor"]
+            if tensor.is_meta:
+                return tensor
         return func(*args, **kwargs)
 
 
