@@ -73,7 +73,8 @@ def main():
     args = p.parse_args()
     r = spawn(bench, args.world, (args,), timeout_s=args.timeout_s)[0]
     if not r["moves"]:
-        raise SystemExit(f"no re-plan within {args.most_slowed} slowed requests: during {median(r['during']) * 1e3:.0f} ms")
+        raise SystemExit(f"no re-plan within {args.most_slowed} slowed requests "
+                         f"(median latency {median(r['during']) * 1e3:.0f} ms)")
     step, old_heads, heads, columns, positions, _ = r["moves"][0]
     ms = {name: median(r[name]) * 1e3 for name in ("before", "during", "after", "planned", "planned_during")}
     even = f"heads {old_heads}"
