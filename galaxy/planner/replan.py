@@ -298,7 +298,7 @@ class Replanner:
         self.moves.append((step, before, self.ctx.plan, speedup, measured, seconds))
         if self.ctx.rank == 0:
             self.log(f"replan after step {step}: {_change(before, self.ctx.plan)} (predicted {speedup:.2f}x faster "
-                     f"blocks, measured over {measured} step{"s" * (measured > 1)}); move took {seconds * 1e3:.0f} ms")
+                     f"blocks, measured over {measured} step{'s' * (measured > 1)}); move took {seconds * 1e3:.0f} ms")
 
     def move_to(self, split):
         """Move to `split` (SPLIT_KEYS lists) now, on every rank of the tensor group; returns seconds."""
