@@ -21,6 +21,7 @@ from galaxy.comm import launch
 from galaxy.models.registry import MODELS, load_tokenizer
 from galaxy.pipeline.engine import pipeline_streams
 from galaxy.pipeline.p2p import StageLinks
+from galaxy.planner.replan import Replanner
 from galaxy.train import cli, elastic, outputs
 from galaxy.train.entry import join, load_model
 
@@ -113,10 +114,13 @@ def text_batches(cfg, path, batch_size, count):
     return ((b, (b != tok.pad_id).long()) for b in ids)
 
 
-def serve(forward, batches, ctx):
-    """Yield (output, latency in seconds) for each (input_ids, attention_mask) batch."""
+def serve(forward, batches, ctx, after_request=None):
+    """Yield (output, latency in seconds) for each (input_ids, attention_mask) batch;
+    after_request(index), when given, runs between requests, untimed (re-planning)."""
     with torch.no_grad():
-        for ids, mask in batches:
+        for index, (ids, mask) in enumerate(batches):
+            if index and after_request:
+                after_request(index)
             ids, mask = ids.to(ctx.device), None if mask is None else mask.to(ctx.device)
             if ctx.world > 1:
                 dist.barrier()
@@ -140,20 +144,30 @@ def summary(latencies, batch_size, seq_length):
             f"throughput {per_s:.2f} sequences/s ({per_s * seq_length:.0f} tokens/s)")
 
 
-def prepare(cfg, plan, rank):
-    """This rank's part of the model, ready for requests: returns (forward, ctx) for serve."""
+def eval_model(cfg, plan, rank):
+    """This rank's part of the model in eval mode (dropout off), and its ctx."""
     ctx = join(cfg, plan, rank)
     model, _ = load_model(cfg, ctx, rank)
-    model.eval()  # dropout off
+    return model.eval(), ctx
+
+
+def prepare(cfg, plan, rank):
+    """This rank's part of the model, ready for requests: returns (forward, ctx) for serve."""
+    model, ctx = eval_model(cfg, plan, rank)
     return forward_fn(model, cfg["model"]), ctx
 
 
 def infer(rank, world, cfg, plan, args):
-    forward, ctx = prepare(cfg, plan, rank)
+    model, ctx = eval_model(cfg, plan, rank)
+    forward, after_request = forward_fn(model, cfg["model"]), None
+    if cfg["replan"]:  # the model may be rebuilt between requests: each request runs the current one
+        replanner = Replanner(model, ctx, cfg, log=lambda line: print(f"[rank 0] {line}", flush=True))
+        forward, after_request = (lambda ids, mask: forward_fn(replanner.model, cfg["model"])(ids, mask)), \
+            replanner.after_step
     count = args.warmup + args.requests
     batches = (text_batches(cfg, args.texts, args.batch_size, count) if args.texts
                else synthetic_batches(cfg, args.batch_size, count))
-    latencies = [latency for _, latency in serve(forward, batches, ctx)][args.warmup:]
+    latencies = [latency for _, latency in serve(forward, batches, ctx, after_request)][args.warmup:]
     if rank != 0:
         return
     print(f"[rank 0] plan: {plan.describe()}", flush=True)

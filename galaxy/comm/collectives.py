@@ -180,6 +180,35 @@ def _reduce_scatter(x, dim, sizes, group):
         return start_reduce_scatter(x, dim, sizes, group).wait()
 
 
+def _bounds(sizes):
+    starts = [_offset(sizes, r) for r in range(len(sizes))]
+    return [(s, s + n) for s, n in zip(starts, sizes)]
+
+
+def reshard(x, dim, old_sizes, new_sizes, group):
+    """This rank's slice of a tensor split along `dim` by old_sizes, re-split by new_sizes (not
+    autograd; a layout change, galaxy.planner.replan). Each rank sends each peer only the overlap
+    of its old slice with the peer's new one, point to point, so a split that shifts one head
+    moves one head's rows."""
+    rank, old, new = _rank(group), _bounds(old_sizes), _bounds(new_sizes)
+    x = x.movedim(dim, 0)
+    out = x.new_empty((new_sizes[rank],) + x.shape[1:])
+    sends, recvs = {}, {}
+    for peer in range(len(old_sizes)):
+        lo, hi = max(old[rank][0], new[peer][0]), min(old[rank][1], new[peer][1])  # mine, now the peer's
+        if hi > lo and peer == rank:
+            out[lo - new[rank][0]: hi - new[rank][0]] = x[lo - old[rank][0]: hi - old[rank][0]]
+        elif hi > lo:
+            sends[peer] = x[lo - old[rank][0]: hi - old[rank][0]].contiguous()
+        lo, hi = max(old[peer][0], new[rank][0]), min(old[peer][1], new[rank][1])  # the peer's, now mine
+        if hi > lo and peer != rank:
+            recvs[peer] = out[lo - new[rank][0]: hi - new[rank][0]]  # a row block of out: contiguous
+    if sends or recvs:
+        for work in _exchange(sends, recvs, group):
+            work.wait()
+    return out.movedim(0, dim).contiguous()
+
+
 # --- autograd functions ---------------------------------------------------------------
 
 class _CopyToAll(torch.autograd.Function):

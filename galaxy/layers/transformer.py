@@ -48,9 +48,13 @@ class TransformerLayer(nn.Module):
         for norm, placement in ((norm_in, input_placement), (norm_mid, self.output_placement)):
             if norm is not None and placement == SEQ:
                 set_spec(*norm.parameters(), grad_sum=GradSum.STAGE)
-        # TP blocks next to SP connectives may fuse their edge collectives into their linears
-        attn.tiling = tiling_for(plan.att, input_placement, plan.con, attn.ctx, overlap_tiles)
-        mlp.tiling = tiling_for(plan.mlp, self.output_placement, plan.con, attn.ctx, overlap_tiles)
+        self.set_tiles(overlap_tiles)
+
+    def set_tiles(self, overlap_tiles):
+        """TP blocks next to SP connectives may fuse their edge collectives into their linears; their
+        tile geometry lives on the context's device."""
+        self.attn.tiling = tiling_for(self.plan.att, self.input_placement, self.plan.con, self.attn.ctx, overlap_tiles)
+        self.mlp.tiling = tiling_for(self.plan.mlp, self.output_placement, self.plan.con, self.attn.ctx, overlap_tiles)
 
     @property
     def output_placement(self):

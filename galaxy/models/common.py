@@ -36,8 +36,11 @@ def init_weights(model, std, seed=DEFAULT_SEED):
     """Normal(0, std) weights, zero biases, unit norm scales (BERT's and LLaMA's initialisation),
     drawn per *full* tensor from the stream (run seed, "init", parameter name), then sliced: every
     layout starts from exactly the serial model's weights, and each seed from other ones. Drawn on
-    the CPU, so every device starts from the same values."""
+    the CPU, so every device starts from the same values. A model on the meta device (built for its
+    shapes, or to be filled by a re-plan's move) draws nothing."""
     for name, p in model.named_parameters():
+        if p.is_meta:
+            continue
         full = full_shape(p)
         if name.endswith("bias"):
             value = torch.zeros(full)
@@ -54,7 +57,7 @@ def init_new_parameters(model, existing, zero_init, seed):
     """The parameters not in `existing` (ids; a tuning method's): biases 0, norm weights 1,
     `zero_init` matrices 0, other matrices nn.Linear's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
     drawn per full tensor from the stream (run seed, "tuning init", name), then sliced."""
-    for name, p in ((n, p) for n, p in model.named_parameters() if id(p) not in existing):
+    for name, p in ((n, p) for n, p in model.named_parameters() if id(p) not in existing and not p.is_meta):
         full = full_shape(p)
         if name.endswith("bias") or (p.dim() < 2 and "norm" not in name) or any(z in name for z in zero_init):
             value = torch.zeros(full)

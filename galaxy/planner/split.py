@@ -86,13 +86,16 @@ def memory_caps(profiles, hidden, heads, intermediate, layers):
     return head_caps, col_caps
 
 
-def plan_galaxy(profiles, *, hidden, heads, intermediate, seq, layers, batch, bandwidth_Bps, column_unit=1):
-    """The Galaxy config keys (per-rank splits) minimising predicted latency, and that latency (s)."""
+def plan_galaxy(profiles, *, hidden, heads, intermediate, seq, layers, batch, bandwidth_Bps, column_unit=1,
+                head_unit=1):
+    """The Galaxy config keys (per-rank splits) minimising predicted latency, and that latency (s).
+    Heads move in multiples of head_unit (a GQA group), columns of column_unit."""
     head_caps, col_caps = memory_caps(profiles, hidden, heads, intermediate, layers)
+    head_caps = [c - c % head_unit for c in head_caps]
     col_caps = [c - c % column_unit for c in col_caps]
     split = {
         "parallel": "galaxy",
-        "tp_num_attention_heads_list": apportion(heads, [p.att_s_per_head for p in profiles], head_caps),
+        "tp_num_attention_heads_list": apportion(heads, [p.att_s_per_head for p in profiles], head_caps, head_unit),
         "tp_intermediate_size_list": apportion(intermediate, [p.mlp_s_per_column for p in profiles], col_caps,
                                                column_unit),
         "seq_scatter_list": apportion(seq, [p.con_s_per_position for p in profiles]),

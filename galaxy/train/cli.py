@@ -5,6 +5,7 @@ import argparse
 from galaxy.comm import launch
 from galaxy.errors import ConfigError
 from galaxy.plan import build_plan
+from galaxy.planner.replan import check_replan
 from galaxy.train.config import SCHEMA, ALIASES, load_config, parse_cli_value
 from galaxy.train.zero import check_zero
 
@@ -33,6 +34,7 @@ def parse(description, default_config, argv=None, add_args=None):
         world, rank = launch.resolve_world_rank(args)
         plan = build_plan(cfg, world)
         check_zero(cfg, plan)
+        check_replan(cfg, plan)
     except ConfigError as e:
         parser.exit(2, f"galaxy: config error: {e}\n")
     args.init_method = launch.init_method_from(args, cfg["init_method"], local_spawn=rank is None and world > 1)

@@ -101,6 +101,9 @@ SCHEMA = {
     "virtual_stages": (int, 1, "chunks of layers per pipeline rank (interleaved-1f1b)"),
     "overlap_tiles": (int, 1, "tiles for comm/compute overlap; 1 = off"),
     "bucket_size_mb": (float, 25.0, "gradient all-reduce bucket size"),
+    "replan": (dict, None, "re-plan the head/column/position split while running when a rank's speed drifts: "
+               "{\"threshold\": 0.25, \"patience\": 3, \"warmup\": 1} (any of them; {} = these); "
+               "galaxy.planner.replan"),
     "zero_stage": (int, 0, "ZeRO over the data-parallel group: 1 shards AdamW state, 2 also gradients, "
                    "3 also parameters; 0 = off"),
     "zero_shard_list": (list, None, "ZeRO: fraction of every sharded tensor each data-parallel rank holds, "

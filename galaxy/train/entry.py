@@ -19,6 +19,7 @@ from galaxy.explain import explain
 from galaxy.models.checkpoint import CheckpointError
 from galaxy.models.registry import MODELS, build_model
 from galaxy.pipeline import PipelineForwardBackward, format_actions
+from galaxy.planner.replan import Replanner
 from galaxy.profiler import observe
 from galaxy.train import checkpoint, cli, elastic, outputs
 from galaxy.train.config import config_hash
@@ -125,16 +126,19 @@ def _train(rank, world, cfg, plan, args):
             log(f"resumed from step {step} of {cfg['save_dir']}")
     saver = checkpoint_saver(trainer, total) if cfg["save_every"] else None
     stopper = stop_on_signal(trainer) if cfg["save_on_signal"] else None
+    replanner = Replanner(model, ctx, cfg, trainer, log) if cfg["replan"] else None  # may replace trainer.model
     with observe.traced(args.trace_dir, rank, model, lambda: trainer.step + 1) as trace_step:
         def on_step(metrics):
             for callback in (trace_step, saver, stopper):
                 if callback:
                     callback(metrics)
+            if replanner:  # last: a checkpoint of this step is written in the split it ran
+                replanner.after_step(metrics["step"])
         run_training(trainer, total, args.metrics_file, on_step)
     if cfg["save_dir"]:
         with trainer.full_weights():
             checkpoint.require_finite(trainer, f"the final export to {cfg['save_dir']}")
-            model.save_hf(cfg["save_dir"], cfg["save_trainable_only"])
+            trainer.model.save_hf(cfg["save_dir"], cfg["save_trainable_only"])
         if cfg["save_trainable_only"] and rank == 0:  # what load_trainable and generate.py rebuild from
             save_tuning_record(cfg, cfg["save_dir"])
 
@@ -150,6 +154,9 @@ def main(doc, model, default_config, argv=None):
     if args.explain:  # the plan only: no process group, no training
         print(explain(plan, cfg, build_model))
         return
+    if args.trace_dir and cfg["replan"]:
+        raise SystemExit("galaxy: config error: --trace_dir traces the model it starts with; replan may rebuild "
+                         "it in another split, so use one or the other")
     outputs.check_outputs(cfg["save_dir"], args.metrics_file)  # every process that may write, before step 1
     owns_save_dir = cfg["save_dir"] and rank in (None, 0)  # the process of rank 0 locks it for the run
     with outputs.save_dir_lock(cfg["save_dir"]) if owns_save_dir else nullcontext():

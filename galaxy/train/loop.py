@@ -84,6 +84,12 @@ class Trainer:
         self.step = 0
         self.before_update = None  # called with the synced, clipped gradients in place (tests, debugging)
 
+    def adopt(self, model, ctx, cfg):
+        """Go on with `model`: the same weights under another split on the same ranks, the optimizer
+        already pointed at them (galaxy.planner.replan); gradient sync follows the new parameters."""
+        self.model, self.ctx, self.cfg = model, ctx, cfg
+        self.sync = GradSync(model, ctx, cfg["bucket_size_mb"])
+
     def full_weights(self):
         """A block in which every parameter is whole (ZeRO-3 gathers its shards)."""
         return self.zero.gathered() if self.zero else nullcontext()

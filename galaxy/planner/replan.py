@@ -1,0 +1,321 @@
+"""Re-planning while running (what Galaxy+ adds): each rank times its own blocks every step, the
+ranks share the per-unit costs, and when the split they run is predicted `threshold` slower than
+the planner's best split for those costs `patience` steps in a row, every rank moves to that split
+at the step boundary and goes on, without a restart.
+
+    timed      the forward of every attention, MLP and connective block (module hooks: two clock
+               reads a block call); attention is split by heads, MLP by columns, connectives by
+               positions, so each rank's time divided by its units is its cost per unit
+    shared     one all-gather of 3 numbers per rank per step: every rank then holds the same costs
+               and takes the same decision (`Drift`, pure functions)
+    the move   the model is built under the new plan on the same ranks and process groups; each
+               split parameter sends only the rows that change owner, point to point
+               (galaxy.comm.collectives.reshard); replicated ones are copied. AdamW's moments move
+               like their parameters; its step counts, the LR schedule and the training step stay.
+
+The prediction is the planner's cost model of the blocks' compute (galaxy.planner.split, with an
+unlimited link): what crosses the link per layer changes only with the positions' split.
+"""
+import functools
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field, fields, replace
+from statistics import median
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from galaxy.comm import collectives as C
+from galaxy.errors import ConfigError
+from galaxy.layers.attention import Attention
+from galaxy.layers.mlp import MLP
+from galaxy.layers.param_spec import spec_of
+from galaxy.layers.transformer import Connective, TransformerLayer
+from galaxy.models.registry import build_model
+from galaxy.plan import SP, TP, build_plan
+from galaxy.planner.split import RankProfile, plan_galaxy, predict_layer_seconds
+from galaxy.tuning.apply import apply_tuning
+
+SPLIT_KEYS = ("tp_num_attention_heads_list", "tp_intermediate_size_list", "seq_scatter_list")
+BLOCKS = (Attention, MLP, Connective)
+UNLIMITED_LINK = float("inf")
+
+
+@dataclass(frozen=True)
+class ReplanRule:
+    threshold: float = 0.25  # move when the split run is predicted this much slower than the best one,
+    patience: int = 3        # in this many measured steps in a row
+    warmup: int = 1          # steps not measured at the start and after a move (first calls are slow)
+
+
+def check_replan(cfg, plan):
+    """The config's "replan" (None: off) against the plan, before any process starts; returns the rule."""
+    given = cfg["replan"]
+    if given is None:
+        return None
+    names = [f.name for f in fields(ReplanRule)]
+    if set(given) - set(names):
+        raise ConfigError(f"config key 'replan' has unknown keys {sorted(set(given) - set(names))}; it takes {names}")
+    rule = ReplanRule(**given)
+    number = (lambda v, kind: isinstance(v, kind) and not isinstance(v, bool))
+    if not (number(rule.threshold, (int, float)) and rule.threshold > 0):
+        raise ConfigError(f"config key 'replan': threshold must be a number > 0 (0.25 = 25 % slower), "
+                          f"got {rule.threshold!r}")
+    for key, least in (("patience", 1), ("warmup", 0)):
+        if not (number(getattr(rule, key), int) and getattr(rule, key) >= least):
+            raise ConfigError(f"config key 'replan': {key} must be an integer >= {least}, got {getattr(rule, key)!r}")
+    if plan.tp_size < 2 or plan.att is not TP or plan.mlp is not TP:
+        raise ConfigError(f"config key 'replan' moves attention heads and MLP columns between tensor ranks: it needs "
+                          f"att_parallel_method and mlp_parallel_method TP over 2 or more ranks (layouts tp, galaxy); "
+                          f"the plan is {plan.describe()}")
+    if plan.pp_size > 1 or plan.dp_size > 1 or cfg["zero_stage"]:
+        raise ConfigError("config key 'replan' re-plans one tensor group: it does not combine with pipeline "
+                          "stages, data-parallel replicas or zero_stage")
+    return rule
+
+
+# ---- what is measured ---------------------------------------------------------------------
+
+class BlockTimer:
+    """Seconds this rank spends in the forward of its attention, MLP and connective blocks, summed
+    until `take()`. On a GPU each clock read waits for the device (the times must be the kernels')."""
+
+    def __init__(self, model, device):
+        self.seconds, self.started, self.handles = [0.0] * len(BLOCKS), {}, []
+        self.cuda = device.type == "cuda"
+        for module in model.modules():
+            kind = next((i for i, block in enumerate(BLOCKS) if isinstance(module, block)), None)
+            if kind is not None:
+                self.handles += [module.register_forward_pre_hook(self._start),
+                                 module.register_forward_hook(functools.partial(self._stop, kind))]
+
+    def _now(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _start(self, module, args):
+        self.started[module] = self._now()
+
+    def _stop(self, kind, module, args, out):
+        self.seconds[kind] += self._now() - self.started.pop(module)
+
+    def take(self):
+        """(attention, MLP, connective) seconds since the last take."""
+        out, self.seconds = self.seconds, [0.0] * len(BLOCKS)
+        return out
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def unit_costs(seconds, plan, tp_rank):
+    """One rank's (seconds per head, per column, per position) from its block seconds: a layer has
+    two connectives. Positions count only when the connectives are sequence-parallel."""
+    att, mlp, con = seconds
+    positions = plan.positions[tp_rank] if plan.con is SP else 0
+    return [att / plan.heads[tp_rank], mlp / plan.columns[tp_rank], con / (2 * positions) if positions else 0.0]
+
+
+def split_of(plan):
+    return dict(zip(SPLIT_KEYS, (list(plan.heads), list(plan.columns), list(plan.positions))))
+
+
+# ---- the decision (pure) ------------------------------------------------------------------
+
+def best_split(costs, split, dims):
+    """The planner's split (SPLIT_KEYS) for per-rank unit costs, and how many times faster than
+    `split` it is predicted to run the blocks (1.0 when nothing was measured)."""
+    profiles = [RankProfile(*c) for c in costs]
+    best, seconds = plan_galaxy(profiles, layers=1, batch=1, bandwidth_Bps=UNLIMITED_LINK, **dims)
+    now = predict_layer_seconds(split, profiles, 1, dims["hidden"], UNLIMITED_LINK)
+    return {k: best[k] for k in SPLIT_KEYS}, (now / seconds if seconds > 0 else 1.0)
+
+
+@dataclass
+class Drift:
+    """When to move and where to, from every rank's unit costs step after step. Ranks that observe
+    the same costs decide the same (the costs are all-gathered, so every rank does)."""
+    rule: ReplanRule
+    dims: dict  # plan_galaxy's hidden, heads, intermediate, seq, head_unit
+    window: list = field(default_factory=list)  # costs of the steps in a row over the threshold
+    skip: int = 0
+
+    def __post_init__(self):
+        self.restart()
+
+    def restart(self):
+        """After the start and after a move: forget the window, skip the warm-up steps."""
+        self.window, self.skip = [], self.rule.warmup
+
+    def observe(self, costs, split):
+        """costs: per rank [s/head, s/column, s/position] of one step; split: the SPLIT_KEYS lists
+        run. Returns (new split, predicted speed-up, steps measured) when the ranks should move, else None."""
+        if self.skip:
+            self.skip -= 1
+            return None
+        slow = best_split(costs, split, self.dims)[1] > 1 + self.rule.threshold
+        self.window = self.window + [costs] if slow else []
+        if len(self.window) < self.rule.patience:
+            return None
+        # the plan is made for the window's typical costs (a median per figure), not one noisy step
+        typical = [[median(step[r][k] for step in self.window) for k in range(3)] for r in range(len(costs))]
+        measured, self.window = len(self.window), []
+        best, speedup = best_split(typical, split, self.dims)
+        return (best, speedup, measured) if speedup > 1 + self.rule.threshold else None
+
+
+def plan_dims(cfg):
+    return dict(hidden=cfg["hidden_size"], heads=cfg["num_attention_heads"], intermediate=cfg["intermediate_size"],
+                seq=cfg["seq_length"], head_unit=cfg["num_attention_heads"] // (cfg["num_key_value_heads"] or
+                                                                                 cfg["num_attention_heads"]))
+
+
+# ---- the move -----------------------------------------------------------------------------
+
+def _length(p):
+    shard = spec_of(p).shard
+    return -1 if shard is None else shard.length
+
+
+def _reshards(pairs, ctx):
+    """Per (old, new) parameter: (dim, old sizes, new sizes) over the tensor group when its split
+    changes, else None. One small all-gather tells every rank every rank's lengths."""
+    lengths = torch.tensor([[_length(p), _length(q)] for p, q in pairs], dtype=torch.long, device=ctx.device)
+    every = C.gather_along_dim(lengths.unsqueeze(0), 0, [1] * ctx.tp_size, ctx.tp_group)
+    out = []
+    for i, (p, _) in enumerate(pairs):
+        before, after = every[:, i, 0].tolist(), every[:, i, 1].tolist()
+        out.append((spec_of(p).shard.dim, before, after) if before != after else None)
+    return out
+
+
+def build_empty(cfg, ctx):
+    """This rank's model under cfg's plan, its memory on ctx's device left unfilled (the move fills
+    every tensor): built on the meta device, so no initial weights are drawn, then each parameter
+    and buffer gets memory, parameters keeping their ParamSpecs and ties. Returns (model, its ctx)."""
+    device, ctx = ctx.device, replace(ctx, plan=build_plan(cfg, ctx.world), device=torch.device("meta"))
+    with _NoDrawOnMeta():
+        model = build_model(cfg, ctx)
+        apply_tuning(model, cfg, ctx)
+    ctx.device = device  # the modules hold this context: from here on they run on the device
+    made = {}
+    for module in model.modules():
+        for tensors in (module._parameters, module._buffers):
+            for name, t in [(name, t) for name, t in tensors.items() if t is not None]:
+                if id(t) not in made:  # a tied parameter gets memory once, and stays tied
+                    made[id(t)] = _empty_like(t, device)
+                tensors[name] = made[id(t)]
+        if isinstance(module, TransformerLayer):
+            with torch.device(device):
+                module.set_tiles(cfg["overlap_tiles"])
+    return model, ctx
+
+
+class _NoDrawOnMeta(TorchFunctionMode):
+    """nn.Embedding draws its default weights with normal_, whose meta-device kernel imports torch's
+    decompositions on its first call (seconds); a meta tensor has nothing to draw, so it is skipped."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", None) == "normal_":  # Tensor.normal_ or nn.init.normal_
+            tensor = args[0] if args else kwargs["tensor"]
+            if tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
+def _empty_like(t, device):
+    empty = torch.empty(t.shape, dtype=t.dtype, device=device)  # (empty_like of a meta tensor imports sympy)
+    if not isinstance(t, nn.Parameter):
+        return empty
+    p = nn.Parameter(empty, requires_grad=t.requires_grad)
+    p.__dict__.update(t.__dict__)  # its ParamSpec
+    return p
+
+
+@torch.no_grad()
+def move_state(old, new, ctx, opt=None):
+    """Fill `new` (the model under another plan on the same ranks) from `old`, and point `opt`
+    (built for old) at new's parameters with their state moved alike. Collective over the tensor
+    group; every rank moves the same tensors in the same (model) order. What does not move (a
+    replicated parameter, a buffer such as LLaMA's rotary frequencies) is handed over, not copied:
+    `old` is left sharing it and must not be used again."""
+    params = dict(new.named_parameters())
+    pairs = [(p, params[name]) for name, p in old.named_parameters()]
+    reshards = _reshards(pairs, ctx)
+
+    def moved(tensor, i):
+        return tensor if reshards[i] is None else C.reshard(tensor, *reshards[i], ctx.tp_group)
+
+    for i, (p, q) in enumerate(pairs):
+        q.data = moved(p, i).data
+    buffers = dict(old.named_buffers())
+    for name, b in new.named_buffers():
+        b.data = buffers[name].data
+    if opt is None:
+        return
+    state = {}
+    for i, (p, q) in enumerate(pairs):  # a tensor of its parameter's shape (AdamW's moments) moves with it
+        if p in opt.state:
+            state[q] = {k: moved(v, i) if torch.is_tensor(v) and v.shape == p.shape else v
+                        for k, v in opt.state[p].items()}
+    opt.state = defaultdict(dict, state)
+    new_of = {p: q for p, q in pairs}
+    for group in opt.param_groups:
+        group["params"] = [new_of[p] for p in group["params"]]
+
+
+# ---- one rank's side ----------------------------------------------------------------------
+
+class Replanner:
+    """Call `after_step(step)` at every step boundary (an optimizer step, an inference request):
+    it measures, and when the ranks decide so, moves `model` (and the trainer's model and optimizer)
+    to the new split. `moves` records (step, old plan, new plan, predicted speed-up, steps measured,
+    seconds) of each move."""
+
+    def __init__(self, model, ctx, cfg, trainer=None, log=print):
+        self.model, self.ctx, self.cfg, self.trainer, self.log = model, ctx, cfg, trainer, log
+        self.drift = Drift(check_replan(cfg, ctx.plan), plan_dims(cfg))
+        self.timer = BlockTimer(model, ctx.device)
+        self.moves = []
+
+    @torch.no_grad()
+    def shared_costs(self):
+        """Every rank's unit costs since the last call (an all-gather over the tensor group)."""
+        mine = unit_costs(self.timer.take(), self.ctx.plan, self.ctx.tp_rank)
+        mine = torch.tensor([mine], dtype=torch.float64, device=self.ctx.device)
+        return C.gather_along_dim(mine, 0, [1] * self.ctx.tp_size, self.ctx.tp_group).tolist()
+
+    def after_step(self, step):
+        decision = self.drift.observe(self.shared_costs(), split_of(self.ctx.plan))
+        if decision is None:
+            return
+        split, speedup, measured = decision
+        before, seconds = self.ctx.plan, self.move_to(split)
+        self.moves.append((step, before, self.ctx.plan, speedup, measured, seconds))
+        if self.ctx.rank == 0:
+            self.log(f"replan after step {step}: {_change(before, self.ctx.plan)} (predicted {speedup:.2f}x faster "
+                     f"blocks, measured over {measured} step{'s' * (measured > 1)}); move took {seconds * 1e3:.0f} ms")
+
+    def move_to(self, split):
+        """Move to `split` (SPLIT_KEYS lists) now, on every rank of the tensor group; returns seconds."""
+        start = time.perf_counter()
+        cfg = dict(self.cfg, **split)
+        model, ctx = build_empty(cfg, self.ctx)
+        model.to(next(self.model.parameters()).dtype).train(self.model.training)
+        move_state(self.model, model, self.ctx, self.trainer.opt if self.trainer else None)
+        self.timer.remove()
+        self.model, self.ctx, self.cfg = model, ctx, cfg
+        if self.trainer:
+            self.trainer.adopt(model, ctx, cfg)
+        self.timer = BlockTimer(model, ctx.device)
+        self.drift.restart()
+        return time.perf_counter() - start
+
+
+def _change(before, after):
+    return ", ".join(f"{name} {list(getattr(before, name))} -> {list(getattr(after, name))}"
+                     for name in ("heads", "columns", "positions") if getattr(before, name) != getattr(after, name))

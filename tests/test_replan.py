@@ -1,0 +1,210 @@
+"""Re-planning live (galaxy/planner/replan.py): the decision as pure functions (threshold, patience,
+the same on every rank); a move from one uneven split to another at world 2 and 3 gives the serial
+model's outputs and continues training exactly as a run that never moved (losses, weights, AdamW
+moments); a rank slowed mid-run makes the ranks move work away from it; bad "replan" keys stop
+before any process starts."""
+import pytest
+import torch
+
+from galaxy.data import SyntheticMLM
+from galaxy.errors import ConfigError
+from galaxy.infer import eval_model, forward_fn
+from galaxy.models.bert.model import mlm_to_hf
+from galaxy.models.checkpoint import gather_full_state
+from galaxy.models.registry import build_model
+from galaxy.plan import build_plan
+from galaxy.planner.profile import slow_down
+from galaxy.planner.replan import Drift, ReplanRule, Replanner, best_split, check_replan
+from galaxy.train.config import load_config
+from galaxy.train.entry import join, load_model
+from galaxy.train.loop import Trainer
+from tests.helpers import rel_err, run_ranks, run_script
+from tests.models.llama.common import MODEL as LLAMA
+
+BERT = dict(hidden_size=64, num_attention_heads=4, intermediate_size=128, num_hidden_layers=2, vocab_size=100,
+            seq_length=32, max_position_embeddings=32, batch_size=4, gradient_accumulation_steps=2,
+            hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, data="synthetic", warmup_steps=1)
+# (split A, split B): a move between two uneven splits, every list changing
+SPLITS = {
+    ("bert", 2): ([3, 1], [88, 40], [20, 12]), ("bert", 3): ([2, 1, 1], [64, 32, 32], [16, 8, 8]),
+    ("llama", 2): ([6, 2], [64, 32], [14, 10]), ("llama", 3): ([4, 2, 2], [48, 24, 24], [10, 8, 6]),
+}
+MOVED = {
+    ("bert", 2): ([1, 3], [40, 88], [12, 20]), ("bert", 3): ([1, 1, 2], [20, 60, 48], [6, 16, 10]),
+    ("llama", 2): ([2, 6], [30, 66], [8, 16]), ("llama", 3): ([2, 2, 4], [20, 40, 36], [6, 10, 8]),
+}
+KEYS = ("tp_num_attention_heads_list", "tp_intermediate_size_list", "seq_scatter_list")
+STEPS, MOVE_AFTER = 3, 2
+
+
+def config(model, world, **extra):
+    shape = BERT if model == "bert" else dict(LLAMA, data="corpus")
+    split = dict(zip(KEYS, SPLITS[model, world])) if world > 1 else {}
+    return load_config(None, {**shape, **split, "model": model, "parallel": "galaxy" if world > 1 else "serial",
+                              **extra})
+
+
+def ids_of(cfg):
+    return torch.randint(4, cfg["vocab_size"], (2, cfg["seq_length"]), generator=torch.Generator().manual_seed(1))
+
+
+# ---- the decision, without processes --------------------------------------------------------
+
+DIMS = dict(hidden=64, heads=4, intermediate=128, seq=32, head_unit=1)
+EVEN = dict(zip(KEYS, ([2, 2], [64, 64], [16, 16])))
+EQUAL = [[1.0, 0.01, 0.001], [1.0, 0.01, 0.001]]
+SLOW = [[1.0, 0.01, 0.001], [4.0, 0.04, 0.004]]  # rank 1 four times slower at everything
+
+
+def test_best_split_moves_work_from_a_slow_rank_and_keeps_a_balanced_one():
+    assert best_split(EQUAL, EVEN, DIMS) == (EVEN, 1.0)
+    split, speedup = best_split(SLOW, EVEN, DIMS)
+    assert split == dict(zip(KEYS, ([3, 1], [103, 25], [26, 6])))
+    assert speedup > 1.9
+
+
+def test_drift_needs_patience_steps_in_a_row_over_the_threshold():
+    drift = Drift(ReplanRule(threshold=0.25, patience=3, warmup=1), DIMS)
+    assert drift.observe(SLOW, EVEN) is None  # warm-up: not measured
+    assert [drift.observe(c, EVEN) for c in (SLOW, SLOW, EQUAL, SLOW, SLOW)] == [None] * 5  # a balanced step resets
+    split, speedup, measured = drift.observe(SLOW, EVEN)
+    assert split["tp_num_attention_heads_list"] == [3, 1] and measured == 3 and speedup > 1.9
+    assert drift.observe(SLOW, EVEN) is None  # the window starts again
+
+
+def test_drift_ignores_a_slowdown_the_split_cannot_use_and_one_under_the_threshold():
+    drift = Drift(ReplanRule(threshold=0.25, patience=1, warmup=0), DIMS)
+    slower = [[1.0, 0.01, 0.001], [1.2, 0.012, 0.0012]]  # 20 %: the best split gains less than 25 %
+    both = [[3.0, 0.03, 0.003], [3.0, 0.03, 0.003]]  # every rank slower: nothing to move
+    assert [drift.observe(c, EVEN) for c in (slower, both)] == [None, None]
+
+
+def test_ranks_observing_the_same_costs_decide_the_same():
+    # jitter on every rank, and rank 2 three times slower from step 4 on
+    noisy = [[[(1.0 + 0.1 * ((s * 7 + r) % 3)) * (3 if r == 2 and s >= 4 else 1), 0.01, 0.001] for r in range(3)]
+             for s in range(12)]
+    dims = dict(DIMS, heads=6)
+    split = dict(zip(KEYS, ([2, 2, 2], [43, 43, 42], [11, 11, 10])))
+    decisions = []
+    for _ in range(3):  # three ranks, each with its own Drift
+        drift = Drift(ReplanRule(threshold=0.1, patience=2), dims)
+        decisions.append([drift.observe(c, split) for c in noisy])
+    assert decisions[0] == decisions[1] == decisions[2] and any(decisions[0])
+
+
+@pytest.mark.parametrize("replan, layout, message", [
+    ({"treshold": 0.2}, "galaxy", "unknown keys ['treshold']"),
+    ({"threshold": 0}, "galaxy", "threshold must be a number > 0"),
+    ({"patience": 0}, "galaxy", "patience must be an integer >= 1"),
+    ({"warmup": 1.5}, "galaxy", "warmup must be an integer >= 0"),
+    ({}, "sp", "needs att_parallel_method and mlp_parallel_method TP"),
+    ({}, "galaxy2", "needs att_parallel_method and mlp_parallel_method TP"),
+])
+def test_bad_replan_keys_name_the_problem(replan, layout, message):
+    cfg = load_config(None, {**BERT, "parallel": layout, "replan": replan})
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        check_replan(cfg, build_plan(cfg, 2))
+
+
+def test_replan_is_refused_before_processes_start():
+    out = run_script("infer_galaxy.py", "--world", "2", "--mlp_parallel_method", "SP", "--replan", "{}", timeout=60)
+    assert out.returncode == 2 and "config key 'replan' moves attention heads" in out.stderr, out.stderr
+    assert "[rank" not in out.stdout + out.stderr
+
+
+# ---- the move, on 2 and 3 ranks ---------------------------------------------------------------
+
+def _infer_then_move(cfg, world, rank):
+    model, ctx = eval_model(cfg, build_plan(cfg, world), rank)
+    replanner = Replanner(model, ctx, cfg)
+    replanner.move_to(dict(zip(KEYS, MOVED[cfg["model"], world])))
+    with torch.no_grad():
+        return forward_fn(replanner.model, cfg["model"])(ids_of(cfg), None), list(replanner.model.ctx.plan.heads)
+
+
+def _train(cfg, world, rank, move):
+    """Losses of STEPS steps (moving after MOVE_AFTER when `move`), then the full weights and AdamW moments."""
+    ctx = join(cfg, build_plan(cfg, world), rank)
+    model, _ = load_model(cfg, ctx, rank)
+    trainer = Trainer(model, ctx, cfg, SyntheticMLM(cfg["vocab_size"], cfg["seq_length"], cfg["seed"], 64), STEPS,
+                      log=lambda line: None)
+    replanner = Replanner(model, ctx, cfg, trainer)
+    losses = []
+    for step in range(STEPS):
+        losses.append(trainer.train_step()["loss"])
+        if move and step + 1 == MOVE_AFTER:
+            replanner.move_to(dict(zip(KEYS, MOVED[cfg["model"], world])))
+    state = lambda key: gather_full_state(trainer.model, trainer.ctx, mlm_to_hf,  # noqa: E731
+                                          lambda p: trainer.opt.state[p][key])
+    full = {"weights": gather_full_state(trainer.model, trainer.ctx, mlm_to_hf),
+            "exp_avg": state("exp_avg"), "exp_avg_sq": state("exp_avg_sq")}
+    return losses, full, trainer.sched.get_last_lr(), list(trainer.model.ctx.plan.columns)
+
+
+def _moves(rank, world):
+    out = {model: _infer_then_move(config(model, world, replan={}), world, rank) for model in ("bert", "llama")}
+    out["bert tiled"] = _infer_then_move(config("bert", world, replan={}, overlap_tiles=2), world, rank)
+    cfg = config("bert", world, replan={})
+    out["moved"], out["stayed"] = _train(cfg, world, rank, True), _train(cfg, world, rank, False)
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_move_keeps_outputs_serial_and_training_exact(world):
+    serial = {}
+    for model in ("bert", "llama"):
+        net = build_model(config(model, 1)).eval()
+        with torch.no_grad():
+            serial[model] = net(ids_of(config(model, 1)), None)
+    for rank, out in enumerate(run_ranks(_moves, world, timeout_s=240)):
+        for case in ("bert", "llama", "bert tiled"):
+            model = case.split()[0]
+            got, heads = out[case]
+            assert heads == MOVED[model, world][0]  # it runs in the new split
+            assert rel_err(got, serial[model]) < 1e-5, (case, rank, rel_err(got, serial[model]))
+        (losses, full, lr, columns), (want_losses, want_full, want_lr, _) = out["moved"], out["stayed"]
+        assert columns == MOVED["bert", world][1]
+        for got, want in zip(losses, want_losses):
+            assert abs(got - want) / abs(want) < 1e-5, (rank, losses, want_losses)
+        assert lr == want_lr
+        for kind, tensors in full.items():
+            # a key bias's gradient is analytically 0 (softmax ignores a shift), so its Adam state and
+            # weight are rounding noise in either run: each tensor is compared at least at 1e-3 of
+            # the largest tensor of its kind, where a misplaced slice of any other tensor still shows
+            floor = 1e-3 * max(t.double().norm().item() for t in want_full[kind].values())
+            for name, tensor in tensors.items():
+                error = rel_err(tensor, want_full[kind][name], floor)
+                assert error < 1e-5, (kind, name, rank, error)
+
+
+# ---- a rank slowed mid-run ----------------------------------------------------------------
+
+SLOWED_FROM, MOST_STEPS = 4, 12
+
+
+def _slowed_mid_run(rank, world):
+    """Training with rank 1 made 6 times slower from step SLOWED_FROM on, until the ranks move."""
+    cfg = load_config(None, {**BERT, "parallel": "galaxy", "seq_length": 64, "max_position_embeddings": 64,
+                             "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+                             "replan": {"threshold": 0.25, "patience": 3, "warmup": 2}})
+    ctx = join(cfg, build_plan(cfg, world), rank)
+    model, _ = load_model(cfg, ctx, rank)
+    trainer = Trainer(model, ctx, cfg, SyntheticMLM(cfg["vocab_size"], cfg["seq_length"], cfg["seed"], 64),
+                      MOST_STEPS, log=lambda line: None)
+    replanner = Replanner(model, ctx, cfg, trainer, log=lambda line: None)
+    for step in range(1, MOST_STEPS + 1):
+        with slow_down(rank, {1} if step >= SLOWED_FROM else set(), factor=6):
+            trainer.train_step()
+        replanner.after_step(step)
+        if replanner.moves:  # every rank decides the same, so all stop here together
+            break
+    return [(step, list(before.heads), list(after.heads), list(after.columns))
+            for step, before, after, *_ in replanner.moves]
+
+
+def test_a_rank_slowed_mid_run_makes_the_ranks_move_work_away_from_it():
+    moves = run_ranks(_slowed_mid_run, 2, timeout_s=240)
+    assert moves[0] == moves[1] and len(moves[0]) == 1, moves
+    step, before, heads, columns = moves[0][0]
+    assert before == [2, 2] and heads[1] < heads[0] and columns[1] < columns[0], moves
+    assert step >= SLOWED_FROM  # (a noisy step just before the slow-down may count towards patience)
