@@ -159,7 +159,7 @@ def prepare(cfg, plan, rank):
 
 def infer(rank, world, cfg, plan, args):
     model, ctx = eval_model(cfg, plan, rank)
-    forward, after_request = forward_fn(model, cfg["model"]), None
+    forward, after_request, replanner = forward_fn(model, cfg["model"]), None, None
     if cfg["replan"]:  # the model may be rebuilt between requests: each request runs the current one
         replanner = Replanner(model, ctx, cfg, log=lambda line: print(f"[rank 0] {line}", flush=True))
         forward, after_request = (lambda ids, mask: forward_fn(replanner.model, cfg["model"])(ids, mask)), \
@@ -170,7 +170,7 @@ def infer(rank, world, cfg, plan, args):
     latencies = [latency for _, latency in serve(forward, batches, ctx, after_request)][args.warmup:]
     if rank != 0:
         return
-    print(f"[rank 0] plan: {plan.describe()}", flush=True)
+    print(f"[rank 0] plan: {(replanner.ctx.plan if replanner else plan).describe()}", flush=True)  # after any move
     print(summary(latencies, args.batch_size, cfg["seq_length"]), flush=True)
     if args.metrics_file:
         with open(args.metrics_file, "a", encoding="utf-8") as f:

@@ -9,8 +9,8 @@ from galaxy import infer
 _serve = infer.serve
 
 
-def serve(forward, batches, ctx):
-    for served, result in enumerate(_serve(forward, batches, ctx), 1):
+def serve(forward, batches, ctx, *rest):
+    for served, result in enumerate(_serve(forward, batches, ctx, *rest), 1):
         yield result
         if os.environ.get("GALAXY_TEST_KILL") == f"{ctx.rank},{served},{ctx.world}":
             os.kill(os.getpid(), signal.SIGKILL)
