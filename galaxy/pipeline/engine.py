@@ -25,7 +25,7 @@ from galaxy.layers.dropout import set_dropout_seed
 from galaxy.layers.param_spec import GradSum, spec_of
 from galaxy.pipeline.p2p import StageLinks
 from galaxy.pipeline.schedule import BACKWARD, FORWARD, WEIGHT, run_schedule, schedule_actions
-from galaxy.pipeline.split_backward import backward_input, backward_weight
+from galaxy.pipeline.split_backward import backward_input
 
 
 def split_batch(batch, n):
@@ -110,7 +110,7 @@ class PipelineForwardBackward:
         self.dtype = next(self.model.parameters()).dtype  # activations travel in the weights' dtype
         self.links = StageLinks(self.ctx)
         self.tied = TiedCopies(self.model, self.ctx)
-        self.weight_work = {}  # (micro-batch, chunk) -> what W computes (split_backward), from B to W
+        self.weight_work = {}  # (micro-batch, chunk) -> W, the weights' part of its backward (split_backward)
         self.stats = None
 
     def actions(self, num_microbatches):
@@ -206,4 +206,4 @@ class PipelineForwardBackward:
     def _weights(self, action, saved):
         """The weights' gradients, from what `_backward` kept."""
         self._start_backward(action)
-        backward_weight(self.weight_work.pop(action[1:]))
+        self.weight_work.pop(action[1:])()

@@ -46,43 +46,54 @@ def _weights_under(nodes):
     return found
 
 
-def _weight_consumers(path):
-    """(node, its weights) for each node on B's path with edges off it: toward weights only."""
-    consumers, owner = [], {}
+def _weight_groups(path):
+    """[(nodes, weights)]: the nodes on B's path with edges off it, toward weights only, and the
+    weights under those edges. Nodes that share a weight (a gate g in g * a + (1 - g) * b) form one group."""
+    group_of, groups = {}, {}  # id(weight) -> key of its group; key -> (nodes, {id: weight})
     for node in path:
-        off = [fn for fn, _ in node.next_functions if fn is not None and fn not in path]
-        weights = _weights_under(off)
-        for w in weights:  # resumed from two nodes, a weight's other use would be run again
-            if owner.setdefault(id(w), node) is not node:
-                raise ValueError("a weight is used twice in one pipeline stage; the backward cannot be split")
-        if weights:
-            consumers.append((node, weights))
-    return consumers
+        weights = _weights_under(fn for fn, _ in node.next_functions if fn is not None and fn not in path)
+        if not weights:
+            continue
+        nodes, members = [node], {id(w): w for w in weights}
+        for key in {group_of[i] for i in members if i in group_of}:
+            old_nodes, old_members = groups.pop(key)
+            nodes, members = nodes + old_nodes, {**old_members, **members}
+        group_of.update((i, node) for i in members)
+        groups[node] = nodes, members
+    return [(nodes, list(members.values())) for nodes, members in groups.values()]
+
+
+def _resume(nodes, arrived, weights):
+    """From `nodes` with the gradients that arrived there in B, toward `weights` only. In a group
+    of several nodes, one may lie on another's way to the input: a pre-hook pins each node's
+    gradient to B's, so nothing flowing from another node is counted twice."""
+    seeds = [(GradientEdge(n, i), g) for n in nodes for i, g in enumerate(arrived.get(n, ())) if g is not None]
+    if not seeds:
+        return
+    pins = [n.register_prehook(lambda _, g=arrived.get(n): g) for n in nodes] if len(nodes) > 1 else []
+    try:
+        torch.autograd.backward([e for e, _ in seeds], [g for _, g in seeds], inputs=weights)
+    finally:
+        for pin in pins:
+            pin.remove()
 
 
 def backward_input(outputs, grads, inputs):
-    """B: accumulate the inputs' gradients into .grad; return W's work for `backward_weight`.
-    Without inputs (the first stage) nobody waits, and W runs the whole backward."""
+    """B: accumulate the inputs' gradients into .grad; return W, a function of no arguments that
+    accumulates the weights' gradients (their post-accumulate hooks, e.g. data-parallel bucketing,
+    fire as in one whole backward). Without inputs (the first stage) nobody waits: W does it all."""
     if not inputs:
-        return [(outputs, grads, None)]
-    consumers = _weight_consumers(_input_path([o.grad_fn for o in outputs], {_node(x) for x in inputs}))
+        return lambda: torch.autograd.backward(outputs, grads)
+    groups = _weight_groups(_input_path([o.grad_fn for o in outputs], {_node(x) for x in inputs}))
     arrived = {}
-    hooks = [node.register_prehook(lambda g, node=node: arrived.__setitem__(node, g)) for node, _ in consumers]
+    hooks = [n.register_prehook(lambda g, n=n: arrived.__setitem__(n, g)) for nodes, _ in groups for n in nodes]
     try:
         torch.autograd.backward(outputs, grads, inputs=inputs, retain_graph=True)
     finally:
         for hook in hooks:
             hook.remove()
-    work = []
-    for node, weights in consumers:
-        edges = [(GradientEdge(node, i), g) for i, g in enumerate(arrived.get(node, ())) if g is not None]
-        if edges:
-            work.append(([e for e, _ in edges], [g for _, g in edges], weights))
-    return work
 
-
-def backward_weight(work):
-    """W: each weight node's gradient product, accumulated into the weights' .grad (their
-    post-accumulate hooks, e.g. data-parallel bucketing, fire as in one whole backward)."""
-    for edges, grads, weights in work:
-        torch.autograd.backward(edges, grads, inputs=weights)
+    def weights_part():
+        for nodes, weights in groups:
+            _resume(nodes, arrived, weights)
+    return weights_part
