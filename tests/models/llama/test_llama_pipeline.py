@@ -1,7 +1,8 @@
 """LLaMA under pipeline parallelism equals serial LLaMA: both losses of 2 optimizer steps and
-every gradient, for GPipe, 1F1B and ZB-H1, uneven stages ([3, 1] at world 2, [2, 1, 1] at world 3),
+every gradient, for GPipe and 1F1B, uneven stages ([3, 1] at world 2, [2, 1, 1] at world 3),
 4 micro-batches per accumulation step, untied and tied (a last-stage copy of the embeddings)
-LM heads. One spawn per world runs every variant. Interleaved 1F1B: two chunks of layers per rank."""
+LM heads. One spawn per world runs every variant. Then ZB-H1 and interleaved 1F1B (two chunks of
+layers per rank), tied, against one serial run of 7 layers."""
 import pytest
 
 from galaxy.plan import build_plan
@@ -9,11 +10,12 @@ from galaxy.train.config import load_config
 from tests.helpers import run_ranks
 from tests.models.llama.common import MODEL, assert_matches_serial, train_two_steps
 
-SCHEDULES = ["gpipe", "1f1b", "zb-h1"]
+SCHEDULES = ["gpipe", "1f1b"]
 TIES = [False, True]
 STAGES = {2: [3, 1], 3: [2, 1, 1]}
-CHUNKED = {2: [3, 1, 2, 1], 3: [2, 1, 1, 1, 1, 1]}  # chunk c of rank r: model stage c x world + r
-INTERLEAVED = dict(num_hidden_layers=7, batch_size=6, num_microbatches=3)  # 6 micro-batches per step
+SEVEN = dict(num_hidden_layers=7, batch_size=6, num_microbatches=3)  # 6 micro-batches per step
+SPLIT = {"zb-h1": {2: [4, 3], 3: [3, 2, 2]},
+         "interleaved-1f1b": {2: [3, 1, 2, 1], 3: [2, 1, 1, 1, 1, 1]}}  # chunk c of rank r: stage c x world + r
 
 
 def config(tie, stages=None, **overrides):
@@ -53,16 +55,26 @@ def test_pipeline_matches_serial(world, serial):
         assert sum(map(len, names)) == len(serial[tie][1]), (schedule, tie)
 
 
-def _interleaved(rank, world):
-    cfg = config(True, CHUNKED[world], **INTERLEAVED, virtual_stages=2, pipeline_schedule="interleaved-1f1b")
-    return train_two_steps(cfg, build_plan(cfg, world), rank)
+def _split_and_interleaved(rank, world):
+    out = {}
+    for schedule, stages in SPLIT.items():
+        chunks = len(stages[world]) // world
+        cfg = config(True, stages[world], **SEVEN, virtual_stages=chunks, pipeline_schedule=schedule)
+        out[schedule] = train_two_steps(cfg, build_plan(cfg, world), rank)
+    return out
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_interleaved_matches_serial(world):
-    """Uneven chunks, the tied head's copy on the last rank's second chunk."""
-    serial = train_two_steps(config(True, **INTERLEAVED), build_plan(config(True, **INTERLEAVED), 1), 0)
-    results = run_ranks(_interleaved, world, timeout_s=240)
-    for rank, result in enumerate(results):
-        assert_matches_serial(result, serial, ("interleaved-1f1b", rank))
-    assert set().union(*(set(grads) for _, grads in results)) == set(serial[1])
+def test_split_and_interleaved_match_serial(world, serial7):
+    """ZB-H1 (B and W apart) and interleaved 1F1B (uneven chunks, the tied head's copy on the last
+    rank's second chunk)."""
+    results = run_ranks(_split_and_interleaved, world, timeout_s=240)
+    for schedule in SPLIT:
+        for rank, result in enumerate(results):
+            assert_matches_serial(result[schedule], serial7, (schedule, rank))
+        assert set().union(*(set(r[schedule][1]) for r in results)) == set(serial7[1]), schedule
+
+
+@pytest.fixture(scope="module")
+def serial7():
+    return train_two_steps(config(True, **SEVEN), build_plan(config(True, **SEVEN), 1), 0)
