@@ -18,13 +18,14 @@ def _node(t):
 
 def _input_path(roots, targets):
     """The nodes under `roots` from which a gradient flows on to a target node (targets included):
-    where B's autograd pass runs. Depth-first, each node after its children (the graph is a DAG)."""
-    path, seen, stack = set(targets), set(), [(r, False) for r in roots]
+    where B's autograd pass runs. Depth-first, each node after its children (the graph is a DAG);
+    a dict in that order, the same on every rank, so W's calls (and any collectives in them) are too."""
+    path, seen, stack = dict.fromkeys(targets), set(), [(r, False) for r in roots]
     while stack:
         node, children_done = stack.pop()
         if children_done:
             if any(fn in path for fn, _ in node.next_functions):
-                path.add(node)
+                path[node] = None
         elif node not in seen:
             seen.add(node)
             stack.append((node, True))
@@ -50,7 +51,7 @@ def _weight_groups(path):
     """[(nodes, weights)]: the nodes on B's path with edges off it, toward weights only, and the
     weights under those edges. Nodes that share a weight (a gate g in g * a + (1 - g) * b) form one group."""
     group_of, groups = {}, {}  # id(weight) -> key of its group; key -> (nodes, {id: weight})
-    for node in path:
+    for node in reversed(path):  # from the outputs toward the input, as one whole backward goes
         weights = _weights_under(fn for fn, _ in node.next_functions if fn is not None and fn not in path)
         if not weights:
             continue
