@@ -5,7 +5,7 @@ World 2 on gloo. The same BERT layers (Galaxy's BertForMaskedLM) are cut two way
 rank (Galaxy 1F1B and ZB-H1, and torch's zero-bubble schedule given one stage per rank) and two
 chunks per rank, rank r holding model stages r and 2 + r (Galaxy interleaved-1f1b, and torch's
 interleaved schedules given the same two stages per rank). Timed: one forward+backward of the
-batch (no optimizer step), slowest rank, median over iterations, runs alternating.
+batch (no optimizer step), slowest rank, median over iterations, runs alternating (order rotated).
 
 Bubble, measured: the time ranks spend blocked on point-to-point transfers (Galaxy's StageLinks
 receives and end-of-step send waits; torch's _wait_batch_p2p) over ranks x step time.
@@ -121,8 +121,10 @@ def bench(rank, world, cfgs, iters):
         models.update({key: model for key in runners if key not in models})
 
     times, idle, grads = {k: [] for k in runners}, {k: [] for k in runners}, {}
+    names = list(runners)
     for it in range(iters + 2):  # two warm-up rounds (torch infers shapes on its first step)
-        for name, run in runners.items():
+        for name in names[it % len(names):] + names[:it % len(names)]:  # order rotated: load hits all alike
+            run = runners[name]
             dist.barrier()
             IDLE[0] = 0.0
             start = time.perf_counter()

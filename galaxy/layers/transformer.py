@@ -12,7 +12,7 @@ from torch import nn
 from galaxy.comm import stats
 from galaxy.layers.dropout import LayoutInvariantDropout
 from galaxy.layers.param_spec import GradSum, set_spec
-from galaxy.layers.placement import PRODUCES, SEQ, consumes, redistribute
+from galaxy.layers.placement import PRODUCES, REPLICATE, SEQ, consumes, redistribute
 from galaxy.layers.tiling import tiling_for
 from galaxy.plan import Method
 
@@ -82,6 +82,20 @@ def sublayer(block, method, con, x, placement, *args, norm=None, **kwargs):
         return con(out, redistribute(x, placement, con.method, con.ctx))
 
 
+def build_chunks(ctx, make_layer):
+    """A rank's layers, keyed by global layer number (so names match the full model's), and the
+    keys of each of its chunks (one chunk unless interleaved 1F1B gives it virtual stages).
+    make_layer(index, input_placement) builds one; a chunk's input arrives replicated."""
+    layers, chunks = nn.ModuleDict(), []
+    for c in range(ctx.plan.virtual_stages):
+        chunks.append([str(i) for i in ctx.chunk_layers(c)])
+        placement = REPLICATE
+        for i in ctx.chunk_layers(c):
+            layers[str(i)] = make_layer(i, placement)
+            placement = layers[str(i)].output_placement
+    return layers, chunks
+
+
 def run_layers(layers, x, placement, attn_bias, checkpoint=False, extra=()):
     """Run layers in order (each called as layer(x, attn_bias, *extra)); returns the activation
     and its placement."""
@@ -94,4 +108,4 @@ def run_layers(layers, x, placement, attn_bias, checkpoint=False, extra=()):
     return x, placement
 
 
-__all__ = ["Connective", "TransformerLayer", "sublayer", "run_layers"]
+__all__ = ["Connective", "TransformerLayer", "sublayer", "build_chunks", "run_layers"]

@@ -25,6 +25,7 @@ from galaxy.layers.dropout import set_dropout_seed
 from galaxy.layers.param_spec import GradSum, spec_of
 from galaxy.pipeline.p2p import StageLinks
 from galaxy.pipeline.schedule import BACKWARD, FORWARD, WEIGHT, run_schedule, schedule_actions
+from galaxy.pipeline.split_backward import backward_input
 
 
 def split_batch(batch, n):
@@ -109,7 +110,7 @@ class PipelineForwardBackward:
         self.dtype = next(self.model.parameters()).dtype  # activations travel in the weights' dtype
         self.links = StageLinks(self.ctx)
         self.tied = TiedCopies(self.model, self.ctx)
-        self.output_grads = {}  # (micro-batch, chunk) -> (outputs, their gradients), from B to W
+        self.weight_work = {}  # (micro-batch, chunk) -> W, the weights' part of its backward (split_backward)
         self.stats = None
 
     def actions(self, num_microbatches):
@@ -186,7 +187,7 @@ class PipelineForwardBackward:
 
     def _backward(self, action, saved):
         """The whole backward, or under a split schedule (a W follows) only the stage input's
-        gradient: the graph is kept, with the output gradients, for `_weights`."""
+        gradient: what the weights' gradients need is kept for `_weights`."""
         out, received = saved
         self._start_backward(action)
         outs, grads = [out], None
@@ -198,14 +199,11 @@ class PipelineForwardBackward:
         if not self.split:
             torch.autograd.backward(outs, grads)
         else:
-            self.output_grads[action[1:]] = outs, grads
-            if inputs:
-                torch.autograd.backward(outs, grads, inputs=inputs, retain_graph=True)
+            self.weight_work[action[1:]] = backward_input(outs, grads, inputs)
         if received:
             self.links.send_backward([r.grad for r in inputs])
 
     def _weights(self, action, saved):
-        """The weights' gradients, from the graph and output gradients `_backward` kept."""
+        """The weights' gradients, from what `_backward` kept."""
         self._start_backward(action)
-        outs, grads = self.output_grads.pop(action[1:])
-        torch.autograd.backward(outs, grads, inputs=[p for p in self.model.parameters() if p.requires_grad])
+        self.weight_work.pop(action[1:])()

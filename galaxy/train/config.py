@@ -268,9 +268,9 @@ def _check_virtual_stages(cfg):
     if cfg["pipeline_schedule"] != "interleaved-1f1b":
         raise ConfigError(f"virtual_stages {cfg['virtual_stages']} needs pipeline_schedule 'interleaved-1f1b', "
                           f"not {cfg['pipeline_schedule']!r}")
-    if cfg["model"] != "bert" or cfg["use_side"] or cfg["use_side_only"]:
-        raise ConfigError(f"virtual_stages {cfg['virtual_stages']}: chunked stages are built for BERT without "
-                          f"side-tuning (model {cfg['model']!r})")
+    if cfg["use_side"] or cfg["use_side_only"]:  # the side network is built as one chunk per stage
+        raise ConfigError(f"virtual_stages {cfg['virtual_stages']}: side-tuning (use_side / use_side_only) runs "
+                          f"one chunk of layers per pipeline rank")
 
 
 def _check_zero(cfg):

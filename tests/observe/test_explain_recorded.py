@@ -2,7 +2,7 @@
 run of the same step is counted (galaxy.comm.stats) and each rank's bytes must equal the explained
 ones per collective kind and phase (forward, backward, gradient sync): BERT, LLaMA and BART
 (encoder and decoder) in the Galaxy layout, tiled overlap (its backward gathers are backward),
-pipelines under 1F1B and GPipe, side-tuning, at world 2 and 3 with uneven splits."""
+pipelines under 1F1B, GPipe, ZB-H1 and interleaved 1F1B, side-tuning, at world 2 and 3 with uneven splits."""
 from collections import Counter
 
 import pytest
@@ -12,7 +12,7 @@ from galaxy.comm import stats
 from galaxy.comm.context import ParallelContext
 from galaxy.explain import bytes_by_label, explain, record_step
 from galaxy.models.registry import build_model
-from galaxy.pipeline import PipelineForwardBackward
+from galaxy.pipeline import PipelineForwardBackward, format_actions, schedule_actions
 from galaxy.plan import build_plan
 from galaxy.train.config import load_config
 from galaxy.train.loop import Trainer
@@ -33,8 +33,10 @@ CASES = {  # name: (model, layout keys beyond the uneven splits)
     "bert_side": ("bert", dict(parallel="galaxy", use_side=True, side_reduction_factor=4)),
     "bert_pp_1f1b": ("bert", dict(parallel="pp", pipeline_schedule="1f1b")),
     "bert_pp_gpipe": ("bert", dict(parallel="pp", pipeline_schedule="gpipe")),
+    "bert_pp_zb": ("bert", dict(parallel="pp", pipeline_schedule="zb-h1")),
     "llama_galaxy": ("llama", dict(parallel="galaxy")),
     "llama_pp_1f1b": ("llama", dict(parallel="pp", pipeline_schedule="1f1b")),
+    "llama_pp_interleaved": ("llama", dict(parallel="pp", pipeline_schedule="interleaved-1f1b", virtual_stages=2)),
     "bart_galaxy": ("bart", dict(parallel="galaxy")),
     "bart_tiles": ("bart", dict(parallel="galaxy", overlap_tiles=2)),
 }
@@ -44,6 +46,8 @@ def config(name, world):
     model, layout = CASES[name]
     split = ({"stage_num_hidden_layers_list": STAGES[world], "num_microbatches": 2} if layout["parallel"] == "pp"
              else {**SPLITS[world][model], "seq_scatter_list": SEQ[world]})
+    if layout.get("virtual_stages"):  # two chunks per rank, a layer each; micro-batches a multiple of the ranks
+        split = dict(stage_num_hidden_layers_list=[1] * 2 * world, num_hidden_layers=2 * world, num_microbatches=world)
     return load_config(None, {**SHAPES[model], **split, **layout})
 
 
@@ -96,3 +100,16 @@ def test_explain_text_starts_nothing():
     cfg = config("bart_galaxy", 2)
     text = explain(build_plan(cfg, 2), cfg, build_model)
     assert "model.decoder.layers.1: forward" in text and "model.encoder.layers.0: backward" in text
+
+
+def test_explain_prints_the_split_and_interleaved_schedules():
+    for name, world in (("bert_pp_zb", 3), ("llama_pp_interleaved", 2)):
+        cfg = config(name, world)
+        plan = build_plan(cfg, world)
+        text = explain(plan, cfg, build_model)
+        steps = cfg["gradient_accumulation_steps"] * cfg["num_microbatches"]
+        for stage in range(world):
+            actions = schedule_actions(cfg["pipeline_schedule"], world, stage, steps, plan.virtual_stages)
+            assert f"stage {stage}: {format_actions(actions)}" in text, (name, stage)
+    assert "stage 0: F0 F1 B0 W0 B1 W1" in explain(build_plan(config("bert_pp_zb", 2), 2), config("bert_pp_zb", 2),
+                                                   build_model)

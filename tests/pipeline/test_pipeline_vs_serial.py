@@ -180,6 +180,8 @@ def test_microbatches_must_split_the_replica_batch():
 def test_virtual_stages_are_checked():
     with pytest.raises(ConfigError, match="needs pipeline_schedule 'interleaved-1f1b'"):
         make_cfg(virtual_stages=2)
+    with pytest.raises(ConfigError, match="side-tuning"):
+        make_cfg(virtual_stages=2, pipeline_schedule="interleaved-1f1b", use_side=True)
     with pytest.raises(ConfigError, match="must list virtual_stages 2 x the pipeline ranks"):
         build_plan(make_cfg(stage_num_hidden_layers_list=[2, 1, 1], virtual_stages=2,
                             pipeline_schedule="interleaved-1f1b"), 2)

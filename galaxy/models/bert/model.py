@@ -21,7 +21,7 @@ from galaxy.layers.dropout import LayoutInvariantDropout
 from galaxy.layers.mlp import MLP
 from galaxy.layers.param_spec import GradSum, set_spec
 from galaxy.layers.placement import REPLICATE, redistribute
-from galaxy.layers.transformer import Connective, TransformerLayer, run_layers
+from galaxy.layers.transformer import Connective, TransformerLayer, build_chunks, run_layers
 from galaxy.models import checkpoint
 from galaxy.models.common import init_weights, on_context_device, serial_context
 from galaxy.plan import Method
@@ -103,13 +103,7 @@ def bert_layer(cfg, ctx, index, input_placement):
 class BertEncoder(nn.Module):
     def __init__(self, cfg, ctx):
         super().__init__()
-        self.layer = nn.ModuleDict()
-        self.chunks = [[str(i) for i in ctx.chunk_layers(c)] for c in range(ctx.plan.virtual_stages)]
-        for chunk in self.chunks:  # a pipeline chunk's hidden states arrive replicated
-            placement = REPLICATE
-            for i in chunk:  # global layer numbers, so names match the full model's
-                self.layer[i] = bert_layer(cfg, ctx, int(i), placement)
-                placement = self.layer[i].output_placement
+        self.layer, self.chunks = build_chunks(ctx, lambda i, placement: bert_layer(cfg, ctx, i, placement))
         self.checkpoint = cfg.activation_checkpointing
 
     def forward(self, x, attn_bias, placement=REPLICATE, chunk=0):

@@ -19,7 +19,7 @@ from galaxy.layers.attention import Attention
 from galaxy.layers.mlp import MLP
 from galaxy.layers.param_spec import GradSum, set_spec
 from galaxy.layers.placement import REPLICATE, SEQ, consumes, redistribute
-from galaxy.layers.transformer import Connective, TransformerLayer, run_layers
+from galaxy.layers.transformer import Connective, TransformerLayer, build_chunks, run_layers
 from galaxy.models import checkpoint
 from galaxy.models.common import init_weights, on_context_device, serial_context
 from galaxy.models.llama.config import LlamaConfig
@@ -84,22 +84,21 @@ class LlamaModel(nn.Module):
         self.config, self.ctx = cfg, ctx or serial_context(cfg)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if self.ctx.is_first_stage else None
         self.rotary = Rotary(cfg)
-        placement = REPLICATE
-        self.layers = nn.ModuleDict()
-        for i in self.ctx.layers:  # global layer numbers, so names match the full model's
-            self.layers[str(i)] = llama_layer(cfg, self.ctx, self.rotary, placement)
-            placement = self.layers[str(i)].output_placement
+        self.layers, self.chunks = build_chunks(self.ctx, lambda i, placement: llama_layer(cfg, self.ctx, self.rotary,
+                                                                                          placement))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if self.ctx.is_last_stage else None
         if self.norm is not None and consumes(self.ctx.plan.con) == SEQ:
             set_spec(*self.norm.parameters(), grad_sum=GradSum.STAGE)  # it runs on this rank's positions only
 
-    def forward(self, input_ids=None, attention_mask=None, hidden_states=None, past_length=0):
+    def forward(self, input_ids=None, attention_mask=None, hidden_states=None, past_length=0, chunk=0):
         """past_length: tokens already in the layers' KV caches (generation); attention_mask,
-        if given, covers those too."""
-        x = self.embed_tokens(input_ids) if self.embed_tokens is not None else hidden_states
+        if given, covers those too. chunk: run only this rank's chunk c (interleaved 1F1B): it
+        embeds at chunk 0 of the first stage and normalises at the last chunk of the last."""
+        x = self.embed_tokens(input_ids) if self.embed_tokens is not None and chunk == 0 else hidden_states
         bias = causal_bias(past_length + x.shape[1], attention_mask, x.dtype, x.device)
-        x, placement = run_layers(self.layers.values(), x, REPLICATE, bias, self.config.activation_checkpointing)
-        if self.norm is not None:  # before the gather: each rank normalises only its own positions
+        x, placement = run_layers([self.layers[i] for i in self.chunks[chunk]], x, REPLICATE, bias,
+                                  self.config.activation_checkpointing)
+        if self.norm is not None and chunk == len(self.chunks) - 1:  # before the gather: own positions only
             x = self.norm(x)
         return redistribute(x, placement, Method.NONE, self.ctx)
 
@@ -128,9 +127,9 @@ class LlamaForCausalLM(nn.Module):
         stack with its final norm. The side blocks are token-wise, so generation needs no side cache."""
         return self.model
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, hidden_states=None, past_length=0):
-        x = self.model(input_ids, attention_mask, hidden_states, past_length)
-        if self.lm_head is None:
+    def forward(self, input_ids=None, attention_mask=None, labels=None, hidden_states=None, past_length=0, chunk=0):
+        x = self.model(input_ids, attention_mask, hidden_states, past_length, chunk)
+        if self.lm_head is None or chunk < len(self.model.chunks) - 1:
             return x
         logits = self.lm_head(x)
         if labels is None:
