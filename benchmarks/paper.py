@@ -48,6 +48,7 @@ MODELS = {"bert": dict(model="bert", hidden_size=1024, num_attention_heads=16, i
 METHODS = ("local", "tp", "sp", "galaxy", "galaxy_planned", "galaxy_overlap", "sp_planned", "torch_tp",
            "torch_tp_sp")
 PICKED = {"local": "local", "sp": "sp_planned", "galaxy": "galaxy_overlap"}  # plan_layouts' name -> method
+PREDICTED = {"local": "local", "sp_planned": "sp", "galaxy_planned": "galaxy"}  # method -> its prediction
 OURS_VS_TORCH = (("tp", "torch_tp"), ("galaxy", "torch_tp_sp"), ("planner", "torch_tp"), ("planner", "torch_tp_sp"))
 
 
@@ -113,7 +114,7 @@ def measure_rows(rank, world, models, opts):
     for name, sizes in models.items():
         for seq in opts.seqs:
             for factor in opts.slow:
-                rows.append(dict(model=name, **measure_row(rank, world, mesh, sizes, seq, factor, opts)))
+                rows.append(dict(model=name, sizes=sizes, **measure_row(rank, world, mesh, sizes, seq, factor, opts)))
     return rows
 
 
@@ -143,9 +144,9 @@ def slow_ratios(profiles):
     return [profiles[1][k] / profiles[0][k] for k in keys]
 
 
-def block_line(row, sizes):
+def block_line(row):
     """Per-layer block times of each rank (all heads, all columns, all positions) and the link."""
-    seq, parts = row["seq"], []
+    seq, sizes, parts = row["seq"], row["sizes"], []
     for rank, p in enumerate(row["profiles"]):
         parts.append(f"rank {rank}: attention {p['att_s_per_head'] * sizes['num_attention_heads'] * 1e3:.1f} ms, "
                      f"MLP {p['mlp_s_per_column'] * sizes['intermediate_size'] * 1e3:.1f} ms, "
@@ -157,10 +158,10 @@ def report_row(link, row):
     """Print one row and return its CSV rows, chart group name and {method: median seconds}."""
     medians = {m: median(ts) for m, ts in row["times"].items()}
     ratios = slow_ratios(row["profiles"])
-    group = f"{link} {row['model']} s{row['seq']} x{row['slow']}"
-    print(f"\n{link}, {row['model']}, seq {row['seq']}, rank 1 slowed {row['slow']}x -> measured "
+    group = f"{link} {row['model']} s{row['seq']} x{row['slow']:g}"
+    print(f"\n{link}, {row['model']}, seq {row['seq']}, rank 1 slowed {row['slow']:g}x -> measured "
           f"{ratios[0]:.2f}x attention, {ratios[1]:.2f}x MLP, {ratios[2]:.2f}x connective")
-    print(block_line(row, MODELS[row["model"]]))
+    print(block_line(row))
     print("    planner predicts " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in row["predicted"].items())
           + f" -> runs {row['pick']}; overlap_tiles {row['tiles']} (measured "
           + ", ".join(f"{k}: {v * 1e3:.0f} ms" for k, v in row["tile_s"].items()) + ")")
@@ -171,12 +172,13 @@ def report_row(link, row):
         cells = dict(link=link, model=row["model"], seq=row["seq"], slow=row["slow"], method=method,
                      median_ms=round(m * 1e3, 1), min_ms=round(min(ts) * 1e3, 1), max_ms=round(max(ts) * 1e3, 1),
                      sent_MB=round(sent / 1e6, 2) if sent is not None else "",
+                     predicted_ms=round(row["predicted"][PREDICTED[method]] * 1e3, 1) if method in PREDICTED else "",
                      speedup_vs_tp=round(medians["tp"] / m, 3), planner_pick=method == row["pick"],
                      measured_slowdown="/".join(f"{r:.2f}" for r in ratios), link_MBps=round(row["bandwidth"] / 1e6, 1))
         csv_rows.append(cells)
         lines.append([method + (" <- planner" if method == row["pick"] else ""), cells["median_ms"], cells["min_ms"],
-                      cells["max_ms"], cells["sent_MB"], f"{cells['speedup_vs_tp']:.2f}x"])
-    print(table(lines, ["method", "median ms", "min ms", "max ms", "MB sent", "vs tp"]))
+                      cells["max_ms"], cells["predicted_ms"], cells["sent_MB"], f"{cells['speedup_vs_tp']:.2f}x"])
+    print(table(lines, ["method", "median ms", "min ms", "max ms", "predicted ms", "MB sent", "vs tp"]))
     return csv_rows, group, medians
 
 

@@ -59,3 +59,7 @@ def test_ranks_profile_plan_and_time_every_method_at_world_2():
         assert row["sent"]["local"] == 0 and all(row["sent"][m] > 0 for m in ("tp", "sp", "galaxy", "galaxy_overlap"))
         assert row["pick"] == paper.planner_pick(row["predicted"]) and row["tiles"] in (1, 2)
         assert sum(row["splits"]["galaxy_planned"]["seq_scatter_list"]) == 8 and len(row["profiles"]) == 2
+    cells, group, medians = paper.report_row("loopback", rows[1])
+    assert group == "loopback llama s8 x3" and set(medians) == set(paper.METHODS)
+    assert [c["method"] for c in cells] == list(rows[1]["times"]) and sum(c["planner_pick"] for c in cells) == 1
+    assert cells[0]["predicted_ms"] == round(rows[1]["predicted"]["local"] * 1e3, 1) and cells[-1]["sent_MB"] == ""
