@@ -124,8 +124,8 @@ def torch_backbone(cfg):
     layers = range(cfg["num_hidden_layers"])
     if cfg["model"] == "llama":
         rotary = rotary_angles(cfg["seq_length"], cfg["hidden_size"] // cfg["num_attention_heads"])
-        return (nn.Embedding(cfg["vocab_size"], cfg["hidden_size"]), nn.ModuleList(LlamaLayer(*sizes, rotary) for _ in layers),
-                nn.RMSNorm(cfg["hidden_size"], eps=1e-6))
+        return (nn.Embedding(cfg["vocab_size"], cfg["hidden_size"]),
+                nn.ModuleList(LlamaLayer(*sizes, rotary) for _ in layers), nn.RMSNorm(cfg["hidden_size"], eps=1e-6))
     return BertEmbeddings(BertConfig.from_dict(cfg)), nn.ModuleList(Layer(*sizes) for _ in layers), None
 
 

@@ -12,7 +12,7 @@ from galaxy.models.registry import build_backbone
 from galaxy.pipeline import StageLinks
 from galaxy.plan import build_plan
 from galaxy.planner.profile import measure_bandwidth, measure_blocks, slow_down
-from galaxy.planner.split import (choose_tiles, even_galaxy, even_pipeline, plan_galaxy, plan_pipeline,
+from galaxy.planner.split import (even_galaxy, even_pipeline, plan_galaxy, plan_pipeline,
                                   predict_layer_seconds, tiled_variants)
 
 
@@ -94,15 +94,6 @@ def measure_forward(cfg, splits, rank, world, repeats=3):
             if round_:  # the first round warms up
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def choose_overlap(cfg, split, rank, world, tiles=(1, 2, 4, 8), repeats=2):
-    """overlap_tiles for the planned split: each candidate's forward is measured (interleaved, on
-    every rank) and `choose_tiles` keeps the fewest within the noise of the fastest. Returns
-    (tiles, {tiles: median seconds})."""
-    measured = measure_forward(cfg, {k: dict(split, overlap_tiles=k) for k in tiles}, rank, world, repeats)
-    measured = {k: measured[k] for k in tiles}
-    return choose_tiles(measured), measured
 
 
 def plan_and_check(rank, world, cfg, args):
