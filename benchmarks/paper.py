@@ -28,6 +28,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -93,7 +94,9 @@ def trial(rank, world, sizes, layers, seq, candidates, tiles, repeats):
     keys = {f"galaxy x{k}": dict(candidates["galaxy"][0], overlap_tiles=k) for k in tiles}
     keys.update(local={"parallel": "serial"}, sp=candidates["sp"][0])
     runners = [Runner(name, paper_cfg(sizes, layers, seq, **k), rank, world) for name, k in keys.items()]
-    seconds = {name: median(ts) for name, ts in interleaved(runners, lambda r: r.infer(), repeats).items()}
+    seconds = [{name: median(ts) for name, ts in interleaved(runners, lambda r: r.infer(), repeats).items()}]
+    dist.broadcast_object_list(seconds, src=0)  # ranks' clocks differ a little: all must choose the same tiles
+    seconds = seconds[0]
     tile_s = {k: seconds[f"galaxy x{k}"] for k in tiles}
     chosen = choose_tiles(tile_s)
     return chosen, tile_s, {"local": seconds["local"], "sp": seconds["sp"], "galaxy": tile_s[chosen]}
@@ -132,7 +135,9 @@ def measure_rows(rank, world, models, opts):
     for name, sizes in models.items():
         for seq in opts.seqs:
             for factor in opts.slow:
-                rows.append(dict(model=name, sizes=sizes, **measure_row(rank, world, mesh, sizes, seq, factor, opts)))
+                start = time.perf_counter()
+                row = measure_row(rank, world, mesh, sizes, seq, factor, opts)
+                rows.append(dict(model=name, sizes=sizes, wall_s=time.perf_counter() - start, **row))
     return rows
 
 
@@ -179,7 +184,7 @@ def report_row(link, row):
     ratios = slow_ratios(row["profiles"])
     group = f"{link} {row['model']} s{row['seq']} x{row['slow']:g}"
     print(f"\n{link}, {row['model']}, seq {row['seq']}, rank 1 slowed {row['slow']:g}x -> measured "
-          f"{ratios[0]:.2f}x attention, {ratios[1]:.2f}x MLP, {ratios[2]:.2f}x connective")
+          f"{ratios[0]:.2f}x attention, {ratios[1]:.2f}x MLP, {ratios[2]:.2f}x connective ({row['wall_s']:.0f} s)")
     print(block_line(row))
     print("    planner predicts " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in row["predicted"].items())
           + f" (-> {row['predicted_pick']}); its check measured "

@@ -51,7 +51,8 @@ def _rows_and_peers(rank, world, models, opts):
 
 def test_ranks_profile_plan_and_time_every_method_at_world_2():
     opts = SimpleNamespace(seqs=[8], slow=[3], layers=1, repeats=1, tiles=[1, 2], trial_repeats=1)
-    (rows, peers_differ), _ = run_ranks(_rows_and_peers, 2, TINY, opts)
+    (rows, peers_differ), (rows1, _) = run_ranks(_rows_and_peers, 2, TINY, opts)
+    assert [(r["tiles"], r["pick"]) for r in rows] == [(r["tiles"], r["pick"]) for r in rows1]  # one choice
     assert peers_differ < 1e-5  # torch's LLaMA peer: TP and TP + SequenceParallel compute the same
     assert [(r["model"], r["seq"], r["slow"]) for r in rows] == [("bert", 8, 3), ("llama", 8, 3)]
     for row in rows:
