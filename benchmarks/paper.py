@@ -102,6 +102,19 @@ def trial(rank, world, sizes, layers, seq, candidates, tiles, repeats):
     return chosen, tile_s, {"local": seconds["local"], "sp": seconds["sp"], "galaxy": tile_s[chosen]}
 
 
+def counting(ours):
+    """A step for `interleaved` (forward) that counts the bytes each of `ours` sends in its first,
+    warm-up, forward; returns (step, {name: bytes}), filled as the rounds run."""
+    sent = {}
+
+    def step(runner):
+        if runner in ours and runner.active and runner.name not in sent:
+            sent[runner.name] = runner.activation_bytes(runner.infer)
+        else:
+            runner.infer()
+    return step, sent
+
+
 def measure_row(rank, world, mesh, sizes, seq, factor, opts):
     """One row on this rank: profile the blocks and the link with rank 1 slowed `factor` times,
     plan, check the plan (tiles, layout), then time every method (and count the bytes each sends)."""
@@ -115,9 +128,9 @@ def measure_row(rank, world, mesh, sizes, seq, factor, opts):
     ours = [Runner(name, paper_cfg(sizes, opts.layers, seq, **k), rank, world) for name, k in keys.items()]
     peer = paper_cfg(sizes, opts.layers, seq, parallel="serial")
     peers = [TorchTP("torch_tp", peer, rank, mesh, False), TorchTP("torch_tp_sp", peer, rank, mesh, True)]
+    step, sent = counting(ours)
     with slow_down(rank, slowed, factor):
-        times = interleaved(ours + peers, lambda r: r.infer(), opts.repeats)
-        sent = {r.name: r.activation_bytes(r.infer) for r in ours if r.active}
+        times = interleaved(ours + peers, step, opts.repeats)
     every = [None] * world
     dist.all_gather_object(every, sent)
     predicted = {name: seconds for name, (_, seconds) in candidates.items()}
@@ -228,7 +241,7 @@ def main():
     p.add_argument("--slow", nargs="+", type=float, default=[2, 4], help="rank 1's slow-down factors (1: none)")
     p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["bert", "llama"])
     p.add_argument("--seqs", nargs="+", type=int, default=[128, 512])
-    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--layers", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tiles", nargs="+", type=int, default=[1, 2, 4, 8], help="overlap_tiles the planner measures")
     p.add_argument("--trial_repeats", type=int, default=2, help="rounds of the planner's check of its candidates")
