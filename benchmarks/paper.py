@@ -208,7 +208,7 @@ def report_row(link, row):
     lines, csv_rows = [], []
     for method, ts in row["times"].items():
         m, sent = medians[method], row["sent"].get(method)
-        cells = dict(link=link, model=row["model"], seq=row["seq"], slow=row["slow"], method=method,
+        cells = dict(link=link, model=row["model"], seq=row["seq"], slow=f"{row['slow']:g}", method=method,
                      median_ms=round(m * 1e3, 1), min_ms=round(min(ts) * 1e3, 1), max_ms=round(max(ts) * 1e3, 1),
                      sent_MB=round(sent / 1e6, 2) if sent is not None else "",
                      predicted_ms=round(row["predicted"][PREDICTED[method]] * 1e3, 1) if method in PREDICTED else "",
@@ -265,9 +265,9 @@ def main():
             ratios, best_other = speedups(medians, row["pick"])
             judged.append([group, row["predicted_pick"], row["pick"], best_other]
                           + [f"{r:.2f}x" for r in ratios.values()])
-    print(f"\nratios (> 1: the first named is faster); {args.layers} layers, batch 1, {args.repeats} rounds")
+    print(f"\nratios (> 1: the first named is faster); {args.layers} layer(s), batch 1, {args.repeats} rounds")
     print(table(judged, ["row", "predicted pick", "planner runs", "best other"] + list(ratios)))
-    title = f"inference latency, world 2, rank 1 slowed, {args.layers} layers, batch 1 (median ms)"
+    title = f"inference latency, world 2, rank 1 slowed x times, {args.layers} layer(s), batch 1 (median ms)"
     write_results(args.out_dir, "paper", csv_rows, svg_bars(groups, list(METHODS), values, title))
 
 
