@@ -88,17 +88,18 @@ def speedups(medians, pick):
     return out, best_other
 
 
-def trial(rank, world, sizes, layers, seq, candidates, tiles, repeats):
+def trial(rank, world, sizes, layers, seq, candidates, tiles, repeats, slowed):
     """The planner's check of its candidates, measured interleaved (apart from the timed rounds the
     table reports): its Galaxy split with each overlap_tiles of `tiles` (`choose_tiles` keeps the
     fewest within the noise of the fastest), local and its SP split. Predictions rest on a profile
     that other processes' load can skew, as on these shared cores, so the layout run is the one
-    measured fastest (as `python -m galaxy.planner --out` keeps). Returns (tiles, {tiles: seconds},
-    {layout: measured seconds})."""
+    measured fastest (as `python -m galaxy.planner --out` keeps). `slowed()`: the slow-down's context.
+    Returns (tiles, {tiles: seconds}, {layout: measured seconds})."""
     keys = {f"galaxy x{k}": dict(candidates["galaxy"][0], overlap_tiles=k) for k in tiles}
     keys.update(local={"parallel": "serial"}, sp=candidates["sp"][0])
     runners = [Runner(name, paper_cfg(sizes, layers, seq, **k), rank, world) for name, k in keys.items()]
-    seconds = [{name: median(ts) for name, ts in interleaved(runners, lambda r: r.infer(), repeats).items()}]
+    with slowed():
+        seconds = [{name: median(ts) for name, ts in interleaved(runners, lambda r: r.infer(), repeats).items()}]
     dist.broadcast_object_list(seconds, src=0)  # ranks' clocks differ a little: all must choose the same tiles
     seconds = seconds[0]
     tile_s = {k: seconds[f"galaxy x{k}"] for k in tiles}
@@ -123,17 +124,20 @@ def measure_row(rank, world, mesh, sizes, seq, factor, opts):
     """One row on this rank: profile the blocks and the link with rank 1 slowed `factor` times,
     plan, check the plan (tiles, layout), then time every method (and count the bytes each sends)."""
     cfg = paper_cfg(sizes, opts.layers, seq, parallel="galaxy")
-    slowed = {1} if factor > 1 else set()
-    with slow_down(rank, slowed, factor):
+    def slowed():  # models are built at full speed, only the measurements are slowed
+        return slow_down(rank, {1} if factor > 1 else set(), factor)
+
+    with slowed():
         profiles, bandwidth = gather_profiles(cfg, world, batch=1)
-        candidates = plan_layouts(profiles, bandwidth_Bps=bandwidth, **plan_dims(cfg, 1))
-        tiles, tile_s, checked = trial(rank, world, sizes, opts.layers, seq, candidates, opts.tiles, opts.trial_repeats)
+    candidates = plan_layouts(profiles, bandwidth_Bps=bandwidth, **plan_dims(cfg, 1))
+    tiles, tile_s, checked = trial(rank, world, sizes, opts.layers, seq, candidates, opts.tiles, opts.trial_repeats,
+                                   slowed)
     keys = method_keys(candidates, tiles)
     ours = [Runner(name, paper_cfg(sizes, opts.layers, seq, **k), rank, world) for name, k in keys.items()]
     peer = paper_cfg(sizes, opts.layers, seq, parallel="serial")
     peers = [TorchTP("torch_tp", peer, rank, mesh, False), TorchTP("torch_tp_sp", peer, rank, mesh, True)]
     step, sent = counting(ours)
-    with slow_down(rank, slowed, factor):
+    with slowed():
         times = interleaved(ours + peers, step, opts.repeats)
     every = [None] * world
     dist.all_gather_object(every, sent)
