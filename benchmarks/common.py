@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from galaxy.comm import stats
 from galaxy.comm.context import ParallelContext
-from galaxy.models.bert.model import BertConfig, BertModel, init_weights
+from galaxy.models.registry import build_backbone
 from galaxy.plan import build_plan
 from galaxy.train.config import load_config
 from galaxy.train.grad_sync import GradSync
@@ -52,8 +52,9 @@ def sent_bytes(counts, p):
 
 
 class Runner:
-    """One layout's BERT encoder on this rank: a training step (forward, backward, gradient sync)
-    or an inference forward on a fixed synthetic batch. Serial runs on rank 0 alone."""
+    """One layout's backbone (cfg's model: BERT's encoder, LLaMA's decoder stack) on this rank: a
+    training step (forward, backward, gradient sync) or an inference forward on a fixed synthetic
+    batch. Serial runs on rank 0 alone."""
 
     def __init__(self, name, cfg, rank, world):
         self.name = name
@@ -62,8 +63,7 @@ class Runner:
         self.active = plan.world > 1 or rank == 0
         if not self.active:
             return
-        self.model = BertModel(BertConfig.from_dict(cfg), self.ctx)
-        init_weights(self.model, cfg["initializer_range"])
+        self.model = build_backbone(cfg, self.ctx)
         self.sync = GradSync(self.model, self.ctx, cfg["bucket_size_mb"])
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(5, cfg["vocab_size"], (cfg["batch_size"], cfg["seq_length"]), generator=g)
@@ -148,7 +148,8 @@ def table(rows, headers):
 
 def svg_bars(groups, series, values, title):
     """Grouped bar chart as SVG text: groups on x, one bar per series, values in ms."""
-    colors = ["#888888", "#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1"]
+    colors = ["#888888", "#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2", "#edc948", "#9c755f",
+              "#ff9da7"]
     bar, gap, height, top, left = 18, 30, 300, 40, 60
     width = left + len(groups) * (len(series) * bar + gap) + 160
     vmax = max(values.values()) * 1.1

@@ -8,7 +8,9 @@ torch_tp     ColwiseParallel q,k,v,up + RowwiseParallel o,down (Megatron TP)  ~ 
 torch_tp_sp  the same + SequenceParallel LayerNorms, sequence-sharded between blocks
              (Megatron sequence parallelism)                                  ~ our "galaxy"
 Both models use our BertEmbeddings (replicated) and a plain torch BERT layer; the loss is the
-same fixed linear function of the full output as in benchmarks.layouts.
+same fixed linear function of the full output as in benchmarks.layouts. For LLaMA configs
+(benchmarks.paper) the peer is a plain torch LLaMA decoder (nn.Embedding, pre-norm nn.RMSNorm
+layers with rotary positions, causal attention and a SwiGLU MLP, final norm).
 """
 
 import torch
@@ -25,15 +27,32 @@ from galaxy.models.bert.model import BertConfig, BertEmbeddings
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, hidden, heads):
+    """BERT's (bias, all positions) or, with `rotary` (cos, sin of every position), LLaMA's (no bias, causal)."""
+
+    def __init__(self, hidden, heads, rotary=None):
         super().__init__()
-        self.head_dim = hidden // heads
-        self.query, self.key, self.value, self.out = (nn.Linear(hidden, hidden) for _ in range(4))
+        self.head_dim, self.rotary = hidden // heads, rotary
+        self.query, self.key, self.value, self.out = (nn.Linear(hidden, hidden, bias=rotary is None) for _ in range(4))
 
     def forward(self, x):
         B, T, _ = x.shape
         q, k, v = (lin(x).view(B, T, -1, self.head_dim).transpose(1, 2) for lin in (self.query, self.key, self.value))
-        return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, -1))  # -1: local heads
+        if self.rotary is not None:
+            q, k = rotate(q, *self.rotary), rotate(k, *self.rotary)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.rotary is not None)
+        return self.out(out.transpose(1, 2).reshape(B, T, -1))  # -1: local heads
+
+
+def rotary_angles(seq, head_dim, theta=10000.0):
+    """(cos, sin) [seq, head_dim / 2] of plain RoPE."""
+    w = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    angles = torch.outer(torch.arange(seq).float(), w)
+    return angles.cos(), angles.sin()
+
+
+def rotate(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 class FeedForward(nn.Module):
@@ -43,6 +62,18 @@ class FeedForward(nn.Module):
 
     def forward(self, x):
         return self.down(F.gelu(self.up(x)))
+
+
+class GatedFeedForward(nn.Module):
+    """LLaMA's SwiGLU MLP."""
+
+    def __init__(self, hidden, intermediate):
+        super().__init__()
+        self.gate, self.up = (nn.Linear(hidden, intermediate, bias=False) for _ in range(2))
+        self.down = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
 class Layer(nn.Module):
@@ -58,12 +89,28 @@ class Layer(nn.Module):
         return self.norm2(x + self.mlp(x))
 
 
-def tp_plan(sequence_parallel):
-    """torch's parallel styles for one layer; with sequence_parallel, activations between blocks stay sharded."""
+class LlamaLayer(nn.Module):
+    """Pre-norm LLaMA decoder layer, plain torch."""
+
+    def __init__(self, hidden, heads, intermediate, rotary, eps=1e-6):
+        super().__init__()
+        self.attention, self.norm1 = SelfAttention(hidden, heads, rotary), nn.RMSNorm(hidden, eps=eps)
+        self.mlp, self.norm2 = GatedFeedForward(hidden, intermediate), nn.RMSNorm(hidden, eps=eps)
+
+    def forward(self, x):
+        x = x + self.attention(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def tp_plan(sequence_parallel, gated=False):
+    """torch's parallel styles for one layer (`gated`: LLaMA's MLP); with sequence_parallel,
+    activations between blocks stay sharded."""
     seq_out = dict(output_layouts=Shard(1)) if sequence_parallel else {}
     plan = {"attention.query": ColwiseParallel(), "attention.key": ColwiseParallel(),
             "attention.value": ColwiseParallel(), "attention.out": RowwiseParallel(**seq_out),
             "mlp.up": ColwiseParallel(), "mlp.down": RowwiseParallel(**seq_out)}
+    if gated:
+        plan["mlp.gate"] = ColwiseParallel()
     if sequence_parallel:
         gather = dict(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
         plan.update({"attention": PrepareModuleInput(**gather), "mlp": PrepareModuleInput(**gather),
@@ -71,17 +118,26 @@ def tp_plan(sequence_parallel):
     return plan
 
 
+def torch_backbone(cfg):
+    """(embeddings, layers, final norm or None) of cfg's model family, plain torch."""
+    sizes = (cfg["hidden_size"], cfg["num_attention_heads"], cfg["intermediate_size"])
+    layers = range(cfg["num_hidden_layers"])
+    if cfg["model"] == "llama":
+        rotary = rotary_angles(cfg["seq_length"], cfg["hidden_size"] // cfg["num_attention_heads"])
+        return (nn.Embedding(cfg["vocab_size"], cfg["hidden_size"]),
+                nn.ModuleList(LlamaLayer(*sizes, rotary) for _ in layers), nn.RMSNorm(cfg["hidden_size"], eps=1e-6))
+    return BertEmbeddings(BertConfig.from_dict(cfg)), nn.ModuleList(Layer(*sizes) for _ in layers), None
+
+
 class TorchTP:
-    """Runner-compatible (name, active, train_step) torch-TP BERT encoder on this rank."""
+    """Runner-compatible (name, active, train_step, infer) torch-TP BERT encoder or LLaMA decoder on this rank."""
 
     def __init__(self, name, cfg, rank, mesh, sequence_parallel):
         self.name, self.active, self.mesh, self.sp = name, True, mesh, sequence_parallel
         torch.manual_seed(0)
-        self.embeddings = BertEmbeddings(BertConfig.from_dict(cfg))
-        self.layers = nn.ModuleList(Layer(cfg["hidden_size"], cfg["num_attention_heads"], cfg["intermediate_size"])
-                                    for _ in range(cfg["num_hidden_layers"]))
+        self.embeddings, self.layers, self.norm = torch_backbone(cfg)
         for layer in self.layers:
-            parallelize_module(layer, mesh, tp_plan(sequence_parallel))
+            parallelize_module(layer, mesh, tp_plan(sequence_parallel, gated=cfg["model"] == "llama"))
         g = torch.Generator().manual_seed(0)
         self.ids = torch.randint(5, cfg["vocab_size"], (cfg["batch_size"], cfg["seq_length"]), generator=g)
         self.weight = torch.randn(cfg["batch_size"], cfg["seq_length"], cfg["hidden_size"], generator=g)
@@ -93,14 +149,21 @@ class TorchTP:
             x = x.chunk(2, dim=1)[self.rank]
         for layer in self.layers:
             x = layer(x)
+        if self.norm is not None:  # each rank normalises its own positions, as ours do
+            x = self.norm(x)
         if self.sp:  # back to the full sequence on every rank, as our layouts return it
             x = DTensor.from_local(x, self.mesh, [Shard(1)]).full_tensor()
         return x
 
+    @torch.no_grad()
+    def infer(self):
+        return self.forward()
+
     def train_step(self):
         (self.forward() * self.weight).sum().backward()
-        for module in (self.embeddings, self.layers):
-            module.zero_grad(set_to_none=True)
+        for module in (self.embeddings, self.layers, self.norm):
+            if module is not None:
+                module.zero_grad(set_to_none=True)
 
 
 def bench(rank, world, args):

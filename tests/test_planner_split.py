@@ -5,8 +5,9 @@ import random
 import pytest
 
 from galaxy.plan import build_plan
-from galaxy.planner.split import (RankProfile, apportion, comm_seconds, even_galaxy, even_pipeline, pipeline_seconds,
-                                  plan_galaxy, plan_pipeline, plan_stage_layers, predict_layer_seconds, tiled_variants)
+from galaxy.planner.split import (RankProfile, apportion, choose_tiles, comm_seconds, even_galaxy, even_pipeline,
+                                  pipeline_seconds, plan_galaxy, plan_layouts, plan_pipeline, plan_stage_layers,
+                                  predict_layer_seconds, tiled_variants)
 
 
 def test_apportion_is_proportional_to_speed_and_exact():
@@ -147,3 +148,45 @@ def test_tiled_variants_measure_the_planned_split_once_per_tile_count():
     variants = tiled_variants(split, [1, 4])
     assert list(variants) == ["planned, 1 tile(s)", "planned, 4 tile(s)"]
     assert variants["planned, 4 tile(s)"] == dict(split, overlap_tiles=4) and "overlap_tiles" not in split
+
+
+def test_choose_tiles_takes_the_fewest_within_the_noise_margin_of_the_fastest():
+    assert choose_tiles({1: 1.0, 2: 0.95, 4: 0.90, 8: 0.905}) == 4
+    assert choose_tiles({1: 1.0, 2: 0.99, 4: 0.995}) == 1  # 1% faster is inside the 2% margin
+    assert choose_tiles({1: 1.0, 4: 1.2}) == 1
+    assert choose_tiles({2: 0.5, 8: 0.3}, margin=0.0) == 8
+
+
+LAYOUT_DIMS = dict(hidden=1024, heads=16, intermediate=4096, seq=512, layers=2, batch=1)
+
+
+def _best(candidates):
+    return min(candidates, key=lambda name: candidates[name][1])
+
+
+def test_plan_layouts_runs_alone_on_the_fastest_rank_when_the_link_is_slow():
+    fast, slow = _profiles(4.0)
+    candidates = plan_layouts([slow, fast], bandwidth_Bps=1e3, **LAYOUT_DIMS)
+    keys, seconds = candidates["local"]
+    assert _best(candidates) == "local" and keys == {"parallel": "serial", "rank": 1}
+    per_layer = 16 * fast.att_s_per_head + 4096 * fast.mlp_s_per_column + 2 * 512 * fast.con_s_per_position
+    assert seconds == pytest.approx(2 * per_layer + fast.embed_s)
+
+
+def test_plan_layouts_splits_on_a_fast_link_and_counts_every_collective():
+    profiles = _profiles(2.0)
+    candidates = plan_layouts(profiles, bandwidth_Bps=1e15, **LAYOUT_DIMS)
+    assert _best(candidates) in ("sp", "galaxy")
+    sp_keys, _ = candidates["sp"]
+    assert sp_keys["parallel"] == "sp" and sp_keys["seq_scatter_list"][0] > sp_keys["seq_scatter_list"][1]
+    galaxy_keys, galaxy_s = candidates["galaxy"]
+    _, planned = plan_galaxy(profiles, bandwidth_Bps=1e15, intermediate=4096, **{k: v for k, v in LAYOUT_DIMS.items()
+                                                                              if k != "intermediate"})
+    assert galaxy_s == pytest.approx(planned)  # no embeddings in the profiles, no link time at this bandwidth
+    slower = plan_layouts(profiles, bandwidth_Bps=1e8, **LAYOUT_DIMS)
+    # per layer 2 all-gathers (the longer shard sets them) and 2 reduce-scatters (half the activation each);
+    # then the output gather
+    longest, half = max(galaxy_keys["seq_scatter_list"]) * 1024 * 4, 512 * 1024 * 4 / 2
+    assert slower["galaxy"][1] - galaxy_s == pytest.approx((2 * 2 * (longest + half) + longest) / 1e8)
+    longest = max(sp_keys["seq_scatter_list"]) * 1024 * 4
+    assert slower["sp"][1] - candidates["sp"][1] == pytest.approx((2 * 2 + 1) * longest / 1e8)  # K, V per layer; output

@@ -11,8 +11,9 @@ from typing import Callable
 from galaxy.data import (BartDenoisingData, BertPretrainData, InstructionData, PretrainTextData, SyntheticMLM,
                          Tokenizer)
 from galaxy.models.bart import BartConfig, BartForConditionalGeneration
-from galaxy.models.bert import BertConfig, BertForMaskedLM
-from galaxy.models.llama import LlamaConfig, LlamaForCausalLM
+from galaxy.models.bert import BertConfig, BertForMaskedLM, BertModel
+from galaxy.models.common import init_weights
+from galaxy.models.llama import LlamaConfig, LlamaForCausalLM, LlamaModel
 
 
 def load_tokenizer(cfg):
@@ -73,3 +74,17 @@ MODELS = {"bert": ModelSpec(BertConfig, BertForMaskedLM, bert_data),
 def build_model(cfg, ctx=None):
     spec = MODELS[cfg["model"]]
     return spec.model(spec.config.from_dict(cfg), ctx)
+
+
+BACKBONES = {"bert": BertModel, "llama": LlamaModel}  # what inference latency is timed on
+
+
+def build_backbone(cfg, ctx=None):
+    """The model without its LM head (BERT's encoder, LLaMA's decoder stack with its final norm),
+    initialised from cfg's seed: what the benchmarks and the planner time a forward pass of."""
+    if cfg["model"] not in BACKBONES:
+        raise ValueError(f"model {cfg['model']!r}: a backbone is built for {sorted(BACKBONES)}")
+    spec = MODELS[cfg["model"]]
+    model = BACKBONES[cfg["model"]](spec.config.from_dict(cfg), ctx)
+    init_weights(model, cfg["initializer_range"], cfg["seed"])
+    return model

@@ -6,12 +6,16 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from galaxy.comm import collectives as C
 from galaxy.comm.context import ParallelContext
 from galaxy.layers.placement import REPLICATE
 from galaxy.models.bert.model import BertConfig, BertEmbeddings, bert_layer
+from galaxy.models.llama.config import LlamaConfig
+from galaxy.models.llama.model import causal_bias, llama_layer
+from galaxy.models.llama.rope import Rotary
 from galaxy.plan import Plan
 from galaxy.planner.split import RankProfile
 
@@ -28,20 +32,30 @@ def _best_time(fn, repeats):
     return min(times)
 
 
+def _serial_blocks(cfg, plan):
+    """(one serial layer, the embeddings, the attention bias) of cfg's model family (bert, llama)."""
+    if cfg["model"] == "llama":
+        lcfg = LlamaConfig.from_dict(cfg)
+        layer = llama_layer(lcfg, ParallelContext(plan), Rotary(lcfg), REPLICATE)
+        return layer, nn.Embedding(lcfg.vocab_size, lcfg.hidden_size), causal_bias(cfg["seq_length"])
+    bcfg = BertConfig.from_dict(cfg)
+    return bert_layer(bcfg, ParallelContext(plan), 0, REPLICATE), BertEmbeddings(bcfg), None
+
+
 @torch.no_grad()
 def measure_blocks(cfg, memory_bytes=float("inf"), repeats=5):
     """This rank's seconds per attention head, per MLP column, per position and for the
-    embeddings (forward, at cfg's batch_size)."""
-    bcfg = BertConfig.from_dict(cfg)
+    embeddings (forward, at cfg's batch_size). A pre-norm model's connective includes its norm."""
     seq, heads, inter = cfg["seq_length"], cfg["num_attention_heads"], cfg["intermediate_size"]
     plan = Plan(heads=(heads,), kv_heads=(heads,), columns=(inter,), positions=(seq,), stage_layers=(1,))
-    layer = bert_layer(bcfg, ParallelContext(plan), 0, REPLICATE).eval()
+    layer, embeddings, bias = _serial_blocks(cfg, plan)
+    layer.eval()
     x = torch.randn(cfg["batch_size"], seq, cfg["hidden_size"])
-    embeddings = BertEmbeddings(bcfg).eval()
     ids = torch.randint(cfg["vocab_size"], (cfg["batch_size"], seq))
-    return RankProfile(att_s_per_head=_best_time(lambda: layer.attn(x), repeats) / heads,
+    norm = layer.norm_mid or (lambda h: h)
+    return RankProfile(att_s_per_head=_best_time(lambda: layer.attn(x, bias), repeats) / heads,
                        mlp_s_per_column=_best_time(lambda: layer.mlp(x), repeats) / inter,
-                       con_s_per_position=_best_time(lambda: layer.con1(x, x), repeats) / seq,
+                       con_s_per_position=_best_time(lambda: layer.con1(norm(x), x), repeats) / seq,
                        memory_bytes=memory_bytes, embed_s=_best_time(lambda: embeddings(ids), repeats))
 
 
@@ -58,27 +72,31 @@ def measure_bandwidth(nbytes=8 << 20, repeats=3, group=None):
 
 
 class _SlowCompute(TorchFunctionMode):
-    """Every torch call on this thread takes `factor` times its own time: the extra is spent
-    waiting busily, on the wall clock. The slowed rank is then as exposed to other processes'
-    load as its peers, and no scheduler favours it as it would a sleeper (busy threads sharing a
-    pinned core were diluted by that load: docs/measurements.md)."""
+    """Every torch call on this thread costs `factor` times its own CPU time: the extra is spent
+    computing busily on this thread. CPU time, not wall time: a call that blocks (a DTensor op
+    waiting for its peer's collective, which torch's own TP does inside e.g. `add`) burns no CPU,
+    so waiting for the link or a peer is not multiplied, only compute is. Burning CPU rather than
+    sleeping keeps the slowed rank as exposed to other processes' load as its peers, and no
+    scheduler favours it as it would a sleeper (busy threads sharing a pinned core were diluted
+    by that load: docs/measurements.md). Assumes torch computes on the calling thread
+    (torch.set_num_threads(1), as the benchmarks run)."""
 
     def __init__(self, factor):
         super().__init__()
         self.extra = factor - 1
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        start = time.perf_counter()
+        start = time.thread_time()
         out = func(*args, **(kwargs or {}))
-        now = time.perf_counter()
+        now = time.thread_time()
         until = now + self.extra * (now - start)
-        while time.perf_counter() < until:
+        while time.thread_time() < until:
             pass
         return out
 
 
 def slow_down(rank, slowed, factor=2):
     """Emulate a weaker device: on `slowed` ranks every torch call (compute, not the waits for
-    peers) takes `factor` times its time, for the duration of the returned context. No rank is
+    peers) takes `factor` times its CPU time, for the duration of the returned context. No rank is
     pinned to a core: pinned ranks meet whatever load their own core has, unlike each other."""
     return _SlowCompute(factor) if rank in slowed else contextlib.nullcontext()

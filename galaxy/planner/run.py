@@ -8,28 +8,40 @@ import torch
 import torch.distributed as dist
 
 from galaxy.comm.context import ParallelContext
-from galaxy.models.bert.model import BertConfig, BertModel, init_weights
+from galaxy.models.registry import build_backbone
 from galaxy.pipeline import StageLinks
 from galaxy.plan import build_plan
 from galaxy.planner.profile import measure_bandwidth, measure_blocks, slow_down
-from galaxy.planner.split import (even_galaxy, even_pipeline, plan_galaxy, plan_pipeline, predict_layer_seconds,
-                                  tiled_variants)
+from galaxy.planner.split import (even_galaxy, even_pipeline, plan_galaxy, plan_pipeline,
+                                  predict_layer_seconds, tiled_variants)
 
 
-def profile_and_plan(cfg, world, memory_bytes=float("inf"), column_unit=1, stages=1):
-    """Gather every rank's profile; every rank then computes the same plan (over `stages`
-    pipeline stages of world / stages tensor ranks). Returns (split keys, predicted seconds,
-    even split keys, its predicted seconds, profiles, bandwidth)."""
-    microbatches = cfg["num_microbatches"] if stages > 1 else 1
-    batch = cfg["batch_size"] // microbatches
-    mine = measure_blocks(dict(cfg, batch_size=batch), memory_bytes)  # a stage runs one micro-batch at a time
+def plan_dims(cfg, batch):
+    """The model sizes the planner's cost model takes, from a config."""
+    return dict(hidden=cfg["hidden_size"], heads=cfg["num_attention_heads"], intermediate=cfg["intermediate_size"],
+                seq=cfg["seq_length"], layers=cfg["num_hidden_layers"], batch=batch)
+
+
+def gather_profiles(cfg, world, batch, memory_bytes=float("inf"), repeats=5):
+    """Every rank's block profile at `batch` (each block timed `repeats` times) and the link
+    bandwidth, the same on every rank."""
+    mine = measure_blocks(dict(cfg, batch_size=batch), memory_bytes, repeats)
     profiles = [None] * world
     dist.all_gather_object(profiles, mine)
     # at the size of the layout's own messages (one rank's share of an activation): small messages
     # reach a lower rate than large ones, so a larger probe would overrate the link
     bandwidth = measure_bandwidth(batch * cfg["seq_length"] * cfg["hidden_size"] * 4 // world)
-    dims = dict(hidden=cfg["hidden_size"], heads=cfg["num_attention_heads"], intermediate=cfg["intermediate_size"],
-                seq=cfg["seq_length"], layers=cfg["num_hidden_layers"], batch=batch)
+    return profiles, bandwidth
+
+
+def profile_and_plan(cfg, world, memory_bytes=float("inf"), column_unit=1, stages=1, repeats=5):
+    """Gather every rank's profile (each block timed `repeats` times); every rank then computes the
+    same plan (over `stages` pipeline stages of world / stages tensor ranks). Returns (split keys,
+    predicted seconds, even split keys, its predicted seconds, profiles, bandwidth)."""
+    microbatches = cfg["num_microbatches"] if stages > 1 else 1
+    batch = cfg["batch_size"] // microbatches  # a stage runs one micro-batch at a time
+    profiles, bandwidth = gather_profiles(cfg, world, batch, memory_bytes, repeats)
+    dims = plan_dims(cfg, batch)
     if stages > 1:
         pipe = dict(dims, microbatches=microbatches, bandwidth_Bps=bandwidth)
         split, predicted = plan_pipeline(profiles, stages, column_unit=column_unit, **pipe)
@@ -43,10 +55,7 @@ def profile_and_plan(cfg, world, memory_bytes=float("inf"), column_unit=1, stage
 
 def _model(cfg, split, rank, world):
     cfg = dict(cfg, **split)
-    ctx = ParallelContext.create(build_plan(cfg, world), rank)
-    model = BertModel(BertConfig.from_dict(cfg), ctx).eval()
-    init_weights(model, cfg["initializer_range"])
-    return model
+    return build_backbone(cfg, ParallelContext.create(build_plan(cfg, world), rank)).eval()
 
 
 def _pipeline_forward(model, links, ids, microbatches):

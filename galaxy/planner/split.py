@@ -247,3 +247,44 @@ def tiled_variants(split, tiles):
     if list(tiles) == [1]:
         return {"planned": split}
     return {f"planned, {k} tile(s)": dict(split, overlap_tiles=k) for k in tiles}
+
+
+def choose_tiles(measured, margin=0.02):
+    """overlap_tiles from measured seconds per candidate ({tiles: seconds}): the fewest tiles within
+    `margin` (relative) of the fastest. More tiles are more and smaller messages, so a gain inside
+    the timing noise is not taken."""
+    best = min(measured.values())
+    return min(k for k, seconds in measured.items() if seconds <= best * (1 + margin))
+
+
+def _per_position_seconds(p, heads, intermediate, seq):
+    """One position's share of a whole layer on this rank: attention (its queries against every
+    key) and MLP of all heads and columns, plus both connectives."""
+    return (heads * p.att_s_per_head + intermediate * p.mlp_s_per_column) / seq + 2 * p.con_s_per_position
+
+
+def _gather_seconds(positions, batch, hidden, bandwidth_Bps, bytes_per=4):
+    """An all-gather along the sequence of a [B, T, hidden] activation (the longest shard sets it)."""
+    return (len(positions) - 1) * batch * max(positions) * hidden * bytes_per / bandwidth_Bps
+
+
+def plan_layouts(profiles, *, hidden, heads, intermediate, seq, layers, batch, bandwidth_Bps, column_unit=1):
+    """The planner's candidates for a forward pass, name -> (config keys, predicted seconds):
+    "local" (the fastest rank alone; it is rank `keys["rank"]`), "sp" (sequence parallelism, positions
+    apportioned to speed; per layer K and V are all-gathered) and "galaxy" (`plan_galaxy`). All three
+    count the embeddings (every rank embeds the whole batch) and, split ones, the final gather of the
+    output, so their times compare; choose with `min(candidates, key=lambda k: candidates[k][1])`."""
+    dims = dict(heads=heads, intermediate=intermediate, seq=seq)
+    embed = max(p.embed_s for p in profiles)
+    local = [layers * seq * _per_position_seconds(p, **dims) + p.embed_s for p in profiles]
+    fastest = min(range(len(profiles)), key=local.__getitem__)
+    positions = apportion(seq, [_per_position_seconds(p, **dims) for p in profiles])
+    out_gather = _gather_seconds(positions, batch, hidden, bandwidth_Bps)
+    sp_layer = (max(n * _per_position_seconds(p, **dims) for n, p in zip(positions, profiles))
+                + 2 * _gather_seconds(positions, batch, hidden, bandwidth_Bps))  # K and V
+    galaxy, galaxy_s = plan_galaxy(profiles, hidden=hidden, intermediate=intermediate, layers=layers, batch=batch,
+                                   bandwidth_Bps=bandwidth_Bps, column_unit=column_unit, heads=heads, seq=seq)
+    return {"local": ({"parallel": "serial", "rank": fastest}, local[fastest]),
+            "sp": ({"parallel": "sp", "seq_scatter_list": positions}, layers * sp_layer + embed + out_gather),
+            "galaxy": (galaxy, galaxy_s + embed + _gather_seconds(galaxy["seq_scatter_list"], batch, hidden,
+                                                                  bandwidth_Bps))}

@@ -6,6 +6,7 @@ from galaxy.comm.context import ParallelContext
 from galaxy.comm.overlap import SeqTiles
 from galaxy.layers.linear import ColumnLinear, RowLinear
 from galaxy.models.bert.model import BertConfig, BertForMaskedLM
+from galaxy.models.llama import LlamaConfig, LlamaForCausalLM
 from galaxy.plan import build_plan
 from tests.helpers import rel_err, run_ranks
 
@@ -90,3 +91,27 @@ def test_overlap_matches_unfused(world):
                 assert vs_serial < 1e-5, layout
                 assert loss_err < 1e-6, layout
                 assert grad_err < 1e-6, layout
+
+
+LLAMA = dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_hidden_layers=2, vocab_size=64,
+             max_position_embeddings=32)
+
+
+def _compare_llama(rank, world):
+    """LLaMA (pre-norm, rotary, gated MLP, causal): Galaxy with overlap_tiles 4 vs serial (loss)
+    and vs overlap_tiles 1 (loss and every gradient)."""
+    ids, labels = _batch()
+    serial_loss, _ = _run(LlamaForCausalLM(LlamaConfig(**LLAMA)), ids, labels)
+    cfg = dict(LLAMA, model="llama", parallel="galaxy", seq_length=SEQ, **SPLITS[world])
+    ctx = ParallelContext.create(build_plan(cfg, world), rank)
+    untiled, tiled = (LlamaForCausalLM(LlamaConfig(**LLAMA, overlap_tiles=t), ctx) for t in (1, 4))
+    assert all(layer.attn.tiling and layer.mlp.tiling for layer in tiled.model.layers.values())  # the fused path ran
+    (loss1, grads1), (loss4, grads4) = _run(untiled, ids, labels), _run(tiled, ids, labels)
+    assert grads1.keys() == grads4.keys()
+    return rel_err(loss4, serial_loss), rel_err(loss4, loss1), max(rel_err(grads4[n], grads1[n]) for n in grads1)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_llama_overlap_matches_serial_and_unfused(world):
+    for vs_serial, loss_err, grad_err in run_ranks(_compare_llama, world):
+        assert vs_serial < 1e-5 and loss_err < 1e-6 and grad_err < 1e-6

@@ -37,6 +37,7 @@ class LlamaConfig:
     seed: int = DEFAULT_SEED  # the run seed: initial weights derive from it (galaxy.seeding)
     tie_word_embeddings: bool = False
     activation_checkpointing: bool = False
+    overlap_tiles: int = 1  # > 1: Galaxy's tiled comm/compute overlap (galaxy.comm.overlap)
 
     def __post_init__(self):
         if self.num_key_value_heads is None:

@@ -60,8 +60,8 @@ def llama_layer(cfg, ctx, rotary, input_placement):
                      head_dim=cfg.head_dim, bias=False, rotary=rotary)
     mlp = MLP(h, cfg.intermediate_size, plan.mlp, ctx, act=cfg.hidden_act, gated=True, bias=False)
     con1, con2 = (Connective(None, 0.0, 0, plan.con, ctx) for _ in range(2))
-    return TransformerLayer(attn, mlp, con1, con2, plan, input_placement,
-                            norm_in=RMSNorm(h, cfg.rms_norm_eps), norm_mid=RMSNorm(h, cfg.rms_norm_eps))
+    return TransformerLayer(attn, mlp, con1, con2, plan, input_placement, norm_in=RMSNorm(h, cfg.rms_norm_eps),
+                            norm_mid=RMSNorm(h, cfg.rms_norm_eps), overlap_tiles=cfg.overlap_tiles)
 
 
 def causal_bias(length, attention_mask=None, dtype=torch.float32, device=None):
