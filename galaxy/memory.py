@@ -8,7 +8,8 @@ included) are built on the meta device under ParallelContext.recording, as --exp
     with and without activation checkpointing;
   * the peak is the most live tensor bytes during one steady-state optimizer step (the second:
     AdamW's state exists), run on meta under LiveBytes, the same instrument `--measure` runs on
-    real ranks (gloo, CPU) to compare.
+    real ranks (gloo, CPU) to compare, and a training run with --memory_report on its second step
+    (on CUDA: torch.cuda.max_memory_allocated).
 """
 import argparse
 import sys
@@ -224,7 +225,8 @@ def _model_state(state):
 def model_state_line(trainer, predicted=None):
     """A training rank's start-up line: the model state its tensors hold (model_state_bytes), beside
     the prediction when given."""
-    line = f"model state on this rank (zero_stage {trainer.cfg['zero_stage']}): {_model_state(model_state_bytes(trainer))}"
+    held = _model_state(model_state_bytes(trainer))
+    line = f"model state on this rank (zero_stage {trainer.cfg['zero_stage']}): {held}"
     return line + (f"; predicted {_model_state(predicted)}" if predicted else "")
 
 
@@ -253,10 +255,10 @@ class MemoryReport:
 
     def peak_line(self, measured):
         how = "CUDA max_memory_allocated" if self.trainer.ctx.device.type == "cuda" else "live tensor bytes"
-        predicted = self.predicted["peak"]
-        return (f"memory in step {self.trainer.step}: peak {_mib(measured)} MiB ({how}), predicted {_mib(predicted)} "
-                f"MiB ({100 * (predicted / measured - 1):+.1f}%); optimizer state "
-                f"{_mib(optimizer_state_bytes(self.trainer.opt))} MiB, predicted {_mib(self.predicted['optimizer'])} MiB")
+        peak, optimizer = self.predicted["peak"], optimizer_state_bytes(self.trainer.opt)
+        return (f"memory in step {self.trainer.step}: peak {_mib(measured)} MiB ({how}), predicted {_mib(peak)} MiB "
+                f"({100 * (peak / measured - 1):+.1f}%); optimizer state {_mib(optimizer)} MiB, "
+                f"predicted {_mib(self.predicted['optimizer'])} MiB")
 
 
 def main(argv=None):

@@ -40,7 +40,8 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 RESUME_FREE_KEYS = ("max_steps", "num_epochs", "resume", "save_dir", "save_every", "keep_checkpoints",
                     "timeout_s", "save_on_signal", "log_every", "on_nonfinite", "init_method",
                     "distributed_backend", "load_checkpoint", "load_trainable", "device", "strict",
-                    "zero_stage", "zero_shard_list")  # optimizer state is saved unsharded
+                    "zero_stage", "zero_shard_list",  # optimizer state is saved unsharded
+                    "memory_report")
 
 
 def _rank_files(rank):
