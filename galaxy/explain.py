@@ -4,10 +4,11 @@ For every rank its real model, with its tuning method, is built on the meta devi
 context whose groups record instead of sending (ParallelContext.recording), and one real
 optimizer step runs on it: forward and backward of every micro-step (under pipeline parallelism
 the schedule's actions, with their sends), the gradient sync and AdamW (ZeRO's parameter gathers).
-Meta tensors have shapes and no values, so nothing is computed and no process starts. Every collective reports itself through
-galaxy.comm.stats exactly as in a traced run, with the bytes this rank contributes (all-gather:
-its own slice; reduce-scatter and all-reduce: its whole input) and its phase, so the explanation
-cannot drift from the model. Each is labelled with the layer whose forward or backward runs it.
+Meta tensors have shapes and no values, so nothing is computed and no process starts. Every
+collective reports itself through galaxy.comm.stats exactly as in a traced run, with the bytes
+this rank contributes (all-gather: its own slice; reduce-scatter and all-reduce: its whole input)
+and its phase, so the explanation cannot drift from the model. Each is labelled with the layer
+whose forward or backward runs it.
 """
 import inspect
 import warnings

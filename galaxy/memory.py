@@ -240,7 +240,8 @@ class MemoryReport:
         self.predicted = predict(trainer.ctx.plan, trainer.cfg, trainer.ctx.rank)
 
     def start_line(self):
-        return model_state_line(self.trainer, self.predicted)
+        peak = self.predicted["peak"]
+        return model_state_line(self.trainer, self.predicted) + f"; step peak predicted {_mib(peak)} MiB"
 
     @contextmanager
     def around_step(self):

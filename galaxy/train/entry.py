@@ -133,7 +133,8 @@ def _train(rank, world, cfg, plan, args):
             for callback in (trace_step, saver, stopper):
                 if callback:
                     callback(metrics)
-        run_training(trainer, total, args.metrics_file, on_step, report.around_step if report else nullcontext)
+        around_step = report.around_step if report else nullcontext
+        run_training(trainer, total, args.metrics_file, on_step, around_step)
     if cfg["save_dir"]:
         with trainer.full_weights():
             checkpoint.require_finite(trainer, f"the final export to {cfg['save_dir']}")
