@@ -3,11 +3,12 @@
 For every rank its real model, with its tuning method, is built on the meta device under a
 context whose groups record instead of sending (ParallelContext.recording), and one real
 optimizer step runs on it: forward and backward of every micro-step (under pipeline parallelism
-the schedule's actions, with their sends) and the gradient sync. Meta tensors have shapes and no
-values, so nothing is computed and no process starts. Every collective reports itself through
-galaxy.comm.stats exactly as in a traced run, with the bytes this rank contributes (all-gather:
-its own slice; reduce-scatter and all-reduce: its whole input) and its phase, so the explanation
-cannot drift from the model. Each is labelled with the layer whose forward or backward runs it.
+the schedule's actions, with their sends), the gradient sync and AdamW (ZeRO's parameter gathers).
+Meta tensors have shapes and no values, so nothing is computed and no process starts. Every
+collective reports itself through galaxy.comm.stats exactly as in a traced run, with the bytes
+this rank contributes (all-gather: its own slice; reduce-scatter and all-reduce: its whole input)
+and its phase, so the explanation cannot drift from the model. Each is labelled with the layer
+whose forward or backward runs it.
 """
 import inspect
 import warnings
@@ -47,12 +48,13 @@ class _LayerLabels:
         for parent_name, parent in model.named_modules():
             for key, layer in parent.named_children() if isinstance(parent, (nn.ModuleList, nn.ModuleDict)) else ():
                 name = f"{parent_name}.{key}"  # every hook returns None: inputs and outputs stay as they are
-                layer.register_forward_pre_hook(lambda *_, n=name: self.forward.append(n))
+                # first of the layer's hooks: ZeRO-3's gathers of its weights (hooks too) belong to it
+                layer.register_forward_pre_hook(lambda *_, n=name: self.forward.append(n), prepend=True)
                 layer.register_forward_hook(lambda *_: self.forward.pop() and None)
-                layer.register_full_backward_pre_hook(lambda *_, n=name: setattr(self, "backward", n))
+                layer.register_full_backward_pre_hook(lambda *_, n=name: setattr(self, "backward", n), prepend=True)
 
     def now(self, phase):
-        if phase != stats.current_phase():  # sends and gradient sync run outside autograd's passes
+        if phase != stats.current_phase():  # sends, gradient sync and the step run outside autograd's passes
             return ""
         return self.forward[-1] if phase == stats.FWD else self.backward
 
@@ -86,6 +88,7 @@ def record_step(plan, cfg, rank, build_model):
         batches = [batch(model, cfg, plan) for _ in range(cfg["gradient_accumulation_steps"])]
         trainer.forward_backward(batches, 1.0)
         trainer.sync.finish()
+        trainer.opt.step()  # ZeRO-1/2 gather the updated parameter shards
     return moves, actions
 
 
@@ -99,7 +102,8 @@ def bytes_by_label(moves):
 
 # ----------------------------------------------------------------------------- text
 
-PASSES = {stats.FWD: "forward", stats.BWD: "backward (conjugates, in reverse order)", stats.GRAD: "gradient sync"}
+PASSES = {stats.FWD: "forward", stats.BWD: "backward (conjugates, in reverse order)", stats.GRAD: "gradient sync",
+          stats.STEP: "optimizer step"}
 
 def _span(r):
     """'0-1,3-5': runs of consecutive indices (a pipeline rank's chunks of layers lie apart)."""

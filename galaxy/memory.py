@@ -1,4 +1,5 @@
-"""Every rank's memory for a config, before anything runs: python -m galaxy.memory --config_file ... --world N.
+"""Every rank's memory for a config, before anything runs: python -m galaxy.memory --config_file ... --world N;
+and a training run's report of what it measured beside it (--memory_report, MemoryReport).
 
 Nothing is described a second time: each rank's real model and Trainer (ZeRO, tuning, pipeline
 included) are built on the meta device under ParallelContext.recording, as --explain does, and
@@ -7,11 +8,14 @@ included) are built on the meta device under ParallelContext.recording, as --exp
     with and without activation checkpointing;
   * the peak is the most live tensor bytes during one steady-state optimizer step (the second:
     AdamW's state exists), run on meta under LiveBytes, the same instrument `--measure` runs on
-    real ranks (gloo, CPU) to compare.
+    real ranks (gloo, CPU) to compare, and a training run with --memory_report on its second step
+    (on CUDA: torch.cuda.max_memory_allocated).
 """
 import argparse
 import sys
 import weakref
+from contextlib import contextmanager
+from types import SimpleNamespace
 
 import torch
 from torch.utils._pytree import tree_leaves
@@ -22,6 +26,7 @@ from galaxy.comm.launch import spawn
 from galaxy.explain import batch, build_trainer
 from galaxy.models.registry import build_model
 from galaxy.train import cli
+from galaxy.train.optim import optimizer_state_bytes
 from galaxy.train.zero import model_state_bytes
 
 
@@ -88,9 +93,11 @@ class LiveBytes(TorchDispatchMode):
             del self.refs[key]
 
 
-def _follow_resizes(live, zero):
+@contextmanager
+def _following_resizes(live, zero):
     """ZeRO-3 frees and regrows a layer's flat buffer by resizing its storage, which no op shows:
-    after each gather and free, count what every buffer's size changed since last looked at."""
+    inside the block, after each gather and free, count what every buffer's size changed since
+    last looked at."""
     units = zero.units if zero and zero.stage == 3 else []
     seen = [u.full.untyped_storage().nbytes() for u in units]
 
@@ -102,19 +109,15 @@ def _follow_resizes(live, zero):
 
     for u in units:
         for name in ("gather", "free"):
-            def resized(f=getattr(u, name)):
-                f()
+            def resized(*args, f=getattr(u, name)):
+                f(*args)
                 look()
             setattr(u, name, resized)
-
-
-def _step(trainer, batches):
-    """One optimizer step's memory path: forward/backward of every micro-step, sync, AdamW."""
-    trainer.model.train()
-    trainer.forward_backward(batches, 1.0)
-    trainer.sync.finish()
-    trainer.opt.step()
-    trainer.opt.zero_grad(set_to_none=True)
+    try:
+        yield
+    finally:
+        for u in units:  # the class's methods again
+            del u.gather, u.free
 
 
 def held_bytes(trainer):
@@ -127,28 +130,60 @@ def held_bytes(trainer):
     return _unique_bytes(tensors)
 
 
+@contextmanager
+def step_peak(trainer):
+    """`with step_peak(trainer) as peak:` one step; then `peak.bytes` is the most bytes the rank had
+    alive during it: on CUDA the allocator's peak, elsewhere (CPU, meta) what the rank held before
+    the block plus the peak of what LiveBytes saw the block create."""
+    peak, device = SimpleNamespace(bytes=None), trainer.ctx.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        yield peak
+        peak.bytes = torch.cuda.max_memory_allocated(device)
+        return
+    held = held_bytes(trainer)
+    with LiveBytes() as live, _following_resizes(live, trainer.zero):
+        yield peak
+    peak.bytes = held + live.peak
+
+
+def _step(trainer, batches):
+    """One optimizer step's memory path: forward/backward of every micro-step, sync, AdamW."""
+    trainer.model.train()
+    trainer.forward_backward(batches, 1.0)
+    trainer.sync.finish()
+    trainer.opt.step()
+    trainer.opt.zero_grad(set_to_none=True)
+
+
 def peak_bytes(trainer):
     """The most bytes alive during the second optimizer step (the first creates AdamW's state)."""
     device, cfg = trainer.ctx.device, trainer.cfg
     batches = [batch(trainer.model, cfg, trainer.ctx.plan, device) for _ in range(cfg["gradient_accumulation_steps"])]
     _step(trainer, batches)
-    with LiveBytes() as live:
-        _follow_resizes(live, trainer.zero)
+    with step_peak(trainer) as peak:
         _step(trainer, batches)
-    return held_bytes(trainer) + live.peak
+    return peak.bytes
+
+
+def _meta_trainer(plan, cfg, rank, **keys):
+    return build_trainer(ParallelContext.recording(plan, rank), {**cfg, **keys}, build_model)
+
+
+def predict(plan, cfg, rank):
+    """Rank `rank`'s predicted model state (params, grads, optimizer) and step peak, in bytes."""
+    trainer = _meta_trainer(plan, cfg, rank)
+    return {**model_state_bytes(trainer), "peak": peak_bytes(trainer)}  # model state before any step
 
 
 def estimate(plan, cfg, rank):
-    """Rank `rank`'s predicted memory in bytes: model state, activations of one micro-batch with
-    and without checkpointing (not under a pipeline, whose stages hold several; nor ZeRO-3, which
-    refuses checkpointing), and the peak of a step under the config's own setting."""
-    ctx = ParallelContext.recording(plan, rank)
-    meta = lambda **keys: build_trainer(ctx, {**cfg, **keys}, build_model)  # noqa: E731
-    out = model_state_bytes(meta())  # before any forward: what a rank holds between steps
-    out["peak"] = peak_bytes(meta())
+    """predict(), and the activations of one micro-batch with and without checkpointing (not under
+    a pipeline, whose stages hold several; nor ZeRO-3, which refuses checkpointing)."""
+    out = predict(plan, cfg, rank)
     for key, checkpointing in (("activations", False), ("activations_ckpt", True)):
         shown = plan.pp_size == 1 and not (checkpointing and cfg["zero_stage"] == 3)
-        out[key] = saved_bytes(meta(activation_checkpointing=checkpointing)) if shown else None
+        out[key] = saved_bytes(_meta_trainer(plan, cfg, rank, activation_checkpointing=checkpointing)) \
+            if shown else None
     return out
 
 
@@ -177,6 +212,56 @@ def report(plan, cfg, measure=False):
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- a training run's report
+
+MODEL_STATE = ("params", "grads", "optimizer")
+
+
+def _model_state(state):
+    return (f"{_mib(sum(state[k] for k in MODEL_STATE))} MiB = "
+            + " + ".join(f"{k} {_mib(state[k])}" for k in MODEL_STATE))
+
+
+def model_state_line(trainer, predicted=None):
+    """A training rank's start-up line: the model state its tensors hold (model_state_bytes), beside
+    the prediction when given."""
+    held = _model_state(model_state_bytes(trainer))
+    line = f"model state on this rank (zero_stage {trainer.cfg['zero_stage']}): {held}"
+    return line + (f"; predicted {_model_state(predicted)}" if predicted else "")
+
+
+class MemoryReport:
+    """--memory_report: this rank's memory beside galaxy.memory's prediction of it (from a meta build
+    of the rank: seconds), the model state at start-up and, once it has run, the peak of the second
+    step this process runs (the first creates AdamW's state) with the optimizer state it left."""
+
+    def __init__(self, trainer):
+        self.trainer, self.steps_run = trainer, 0
+        self.predicted = predict(trainer.ctx.plan, trainer.cfg, trainer.ctx.rank)
+
+    def start_line(self):
+        peak = self.predicted["peak"]
+        return model_state_line(self.trainer, self.predicted) + f"; step peak predicted {_mib(peak)} MiB"
+
+    @contextmanager
+    def around_step(self):
+        """run_training's wrapper of every step: measures and reports the second."""
+        self.steps_run += 1
+        if self.steps_run != 2:
+            yield
+            return
+        with step_peak(self.trainer) as peak:
+            yield
+        self.trainer.log(self.peak_line(peak.bytes))
+
+    def peak_line(self, measured):
+        how = "CUDA max_memory_allocated" if self.trainer.ctx.device.type == "cuda" else "live tensor bytes"
+        peak, optimizer = self.predicted["peak"], optimizer_state_bytes(self.trainer.opt)
+        return (f"memory in step {self.trainer.step}: peak {_mib(measured)} MiB ({how}), predicted {_mib(peak)} MiB "
+                f"({100 * (peak / measured - 1):+.1f}%); optimizer state {_mib(optimizer)} MiB, "
+                f"predicted {_mib(self.predicted['optimizer'])} MiB")
+
+
 def main(argv=None):
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--measure", action="store_true", help="also run a real step on gloo ranks and compare peaks")
@@ -185,9 +270,6 @@ def main(argv=None):
                                              "(--measure: beside a real step's peak).", None, rest)
     if args.config_file is None:
         raise SystemExit("galaxy.memory: --config_file is required")
-    if cfg["zero_stage"] and plan.pp_size > 1:  # ZeRO asks the other stages which weights they share
-        raise SystemExit("galaxy.memory: zero_stage with pipeline stages is not estimated yet (ZeRO finds the "
-                         "weights the first and last stage share collectively, which a meta build cannot)")
     print(report(plan, cfg, known.measure))
 
 

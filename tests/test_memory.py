@@ -1,4 +1,7 @@
-"""galaxy.memory: the meta-device estimate against real built models and a real step's live bytes."""
+"""galaxy.memory: the meta-device estimate against real built models and a real step's live bytes,
+and a training run's --memory_report."""
+import re
+
 import pytest
 import torch
 
@@ -36,6 +39,7 @@ def meta_trainer(plan, cfg, rank):
     ("bert/full.json", 2, {"zero_stage": 1, "zero_shard_list": [0.7, 0.3]}),
     ("bert/full.json", 2, {"zero_stage": 2, "zero_shard_list": [0.7, 0.3]}),
     ("bert/full.json", 2, {"zero_stage": 3, "zero_shard_list": [0.7, 0.3]}),
+    ("bert/pp/full.json", 4, {"zero_stage": 1, "batch_size": 8}),  # 2 stages x 2 replicas, the last a tied copy
 ])
 def test_estimate_matches_real_ranks(path, world, keys):
     cfg = config(path, **keys)
@@ -79,8 +83,42 @@ def test_cli_prints_every_rank():
     (["--config_file", "train_config/bert/pp/full.json", "--world", "3"], "world size 3 is not a multiple"),
     (["--config_file", "train_config/bert/full.json", "--world", "1", "--zero_stage", "1"], "'zero_stage'"),
     (["--world", "1"], "--config_file is required"),
-    (["--config_file", "train_config/bert/pp/full.json", "--world", "4", "--zero_stage", "1"], "not estimated yet"),
 ])
 def test_cli_names_bad_input(args, message):
     out = run_script("-m", "galaxy.memory", *args)
     assert out.returncode != 0 and message in out.stderr, out.stderr
+
+
+MIB = r"([\d.]+)"
+STATE = rf"{MIB} MiB = params {MIB} \+ grads {MIB} \+ optimizer {MIB}"
+
+
+def _mib(n):
+    return f"{n / 2**20:.2f}"
+
+
+@pytest.mark.parametrize("path,keys", [
+    ("bert/dp/full.json", {"zero_stage": 3}),
+    pytest.param("bert/galaxy/full.json", {}, marks=pytest.mark.slow),  # test_estimate_matches_real_ranks has it
+])
+def test_training_run_reports_memory_beside_the_prediction(path, keys):
+    """Every rank prints its model state (model_state_bytes of its tensors) beside the prediction at
+    start-up, and after step 2 its measured peak within 10% of the predicted one."""
+    keys = {"batch_size": 4, "seq_length": 32, "data": "synthetic", **keys}
+    out = run_script("pretrain_galaxy.py", "--config_file", f"train_config/{path}", "--world", "2", "--max_steps", "2",
+                     "--memory_report", *[str(a) for k, v in keys.items() for a in (f"--{k}", v)])
+    assert out.returncode == 0, out.stderr[-3000:]
+    cfg = config(path, **keys)
+    plan = build_plan(cfg, 2)
+    for rank in range(2):
+        start = re.search(rf"\[rank {rank}\] model state on this rank \(zero_stage \d\): {STATE}; predicted {STATE}",
+                          out.stdout)
+        held = model_state_bytes(meta_trainer(plan, cfg, rank))
+        expected = [_mib(sum(held.values()))] + [_mib(held[k]) for k in ("params", "grads", "optimizer")]
+        assert start and list(start.groups()) == expected * 2, out.stdout
+        step = re.search(rf"\[rank {rank}\] memory in step 2: peak {MIB} MiB \(live tensor bytes\), predicted {MIB} "
+                         rf"MiB \([+-][\d.]+%\); optimizer state {MIB} MiB, predicted {MIB} MiB", out.stdout)
+        assert step, out.stdout
+        measured, predicted, optimizer, optimizer_predicted = map(float, step.groups())
+        assert abs(predicted / measured - 1) < 0.10 and optimizer == optimizer_predicted == float(expected[3])
+

@@ -131,7 +131,7 @@ def _recorded_all_gather(mine, sizes, group):
 
 
 def _recorded_reduce_scatter(chunks, sizes, group):
-    return [], lambda: chunks[_rank(group)]
+    return [], lambda: chunks[_rank(group)].clone()  # a sum of its own, as a real one: no view holding the input
 
 
 Implementation = namedtuple("Implementation", "all_gather reduce_scatter all_reduce")

@@ -3,8 +3,9 @@
 Off by default (a single `if` per collective). Every collective reports the tensor this rank
 contributes (all-gather: its own slice; reduce-scatter / all-reduce: its whole input) and
 whether it runs in the forward pass, in backward (whatever runs inside autograd's backward:
-the conjugates, the tiled overlap's gathers, recomputed checkpointed layers), or for gradient
-synchronisation (the caller says so), and at which site (the `site` labels open around it).
+the conjugates, the tiled overlap's gathers, recomputed checkpointed layers), for gradient
+synchronisation or in the optimizer step (ZeRO's gathers of updated shards; the caller says
+which of these two), and at which site (the `site` labels open around it).
 Listeners are called as listen(kind, nbytes, phase, start_s, dur_s, shape, site).
 """
 import time
@@ -13,7 +14,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-FWD, BWD, GRAD = "fwd", "bwd", "grad"
+FWD, BWD, GRAD, STEP = "fwd", "bwd", "grad", "step"
 _listeners = []
 _OFF = nullcontext()
 _sites = []  # labels of the code running now, outermost first (see site())
@@ -71,9 +72,9 @@ def listening(listen):
 
 
 @contextmanager
-def count_bytes(phases=(FWD, BWD, GRAD)):
+def count_bytes(phases=(FWD, BWD, GRAD, STEP)):
     """Yield a Counter of bytes contributed per collective kind inside the block, counting the
-    collectives of the given phases (default all: forward, backward and gradient sync)."""
+    collectives of the given phases (default all: forward, backward, gradient sync, optimizer step)."""
     counts = Counter()
 
     def listen(kind, nbytes, phase, *_):

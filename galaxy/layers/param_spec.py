@@ -29,6 +29,7 @@ class ParamSpec:
     grad_sum: GradSum = GradSum.REPLICAS
     used_here: bool = True  # False: a row-parallel bias another rank adds; its gradient here stays 0
     init_name: str | None = None  # a tied copy's original: initialised, loaded and saved under that name
+    has_tied_copy: bool = False  # a first-stage weight the last pipeline stage holds a GradSum.TIED copy of
 
 
 def spec_of(param):

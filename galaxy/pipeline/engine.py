@@ -56,9 +56,9 @@ class TiedCopies:
         names = per_stage[-1]  # the last stage holds the copies
         own = dict(model.named_parameters())
         if ctx.is_first_stage:
-            missing = [n for n in names if n not in own]
-            if missing:
-                raise ValueError(f"last stage copies {missing}, which the first stage does not hold")
+            marked = sorted(n for n, p in own.items() if spec_of(p).has_tied_copy)  # what ZeRO leaves whole
+            if marked != names:
+                raise ValueError(f"last stage copies {names}; the first stage marks {marked} (ParamSpec.has_tied_copy)")
             self.params = [own[n] for n in names]
         else:
             self.params = [copies[n] for n in names] if ctx.is_last_stage else []

@@ -55,7 +55,7 @@ LAYOUT_KEYS = ("parallel", "att_parallel_method", "con_parallel_method", "mlp_pa
 RESUME_FREE_KEYS = LAYOUT_KEYS + (
     "max_steps", "num_epochs", "resume", "save_dir", "save_every", "keep_checkpoints", "timeout_s", "save_on_signal",
     "log_every", "on_nonfinite", "init_method", "distributed_backend", "load_checkpoint", "load_trainable", "device",
-    "strict", "elastic", "elastic_restarts", "replan")
+    "strict", "elastic", "elastic_restarts", "replan", "memory_report")
 
 
 def _rank_files(rank):

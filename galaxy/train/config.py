@@ -110,6 +110,8 @@ SCHEMA = {
                         "e.g. [0.5, 0.3, 0.2]; default even"),
     "memory_mb": (INT_LIST, None, "each data-parallel rank's memory in MiB: ZeRO shards in proportion "
                   "(instead of zero_shard_list)"),
+    "memory_report": (bool, False, "each rank prints its model state at start-up and the peak of its second "
+                      "step beside galaxy.memory's prediction (a meta build of the rank: seconds)"),
     # processes
     "init_method": (str, None, "e.g. tcp://127.0.0.1:23000"),
     "distributed_backend": (str, None, "gloo | nccl (default: nccl on CUDA, else gloo)"),
@@ -232,6 +234,9 @@ def _check_rules(cfg):
             raise ConfigError(f"config key '{key}' must be in [0, 1), got {cfg[key]}")
     if cfg["model"] == "bert" and cfg["seq_length"] < 3:
         raise ConfigError(f"config key 'seq_length' is {cfg['seq_length']}; BERT needs >= 3 ([CLS] token [SEP])")
+    if cfg["memory_report"] and cfg["max_steps"] == 1:
+        raise ConfigError("config key 'memory_report' measures the second step (the first creates AdamW's state), "
+                          "but max_steps is 1")
     for key in ("resume", "save_every", "save_on_signal"):
         if cfg[key] and not cfg["save_dir"]:
             raise ConfigError(f"config key '{key}' is {cfg[key]!r} but save_dir is not set; "

@@ -1,7 +1,7 @@
 """What every training entry script does: parse and validate (or only --explain the plan),
 then on each rank: groups from the plan, a config check across ranks, data, model, tuning
-method, Trainer (pipeline schedule when pp > 1, traced with --trace_dir, training checkpoints
-and resume), final Hugging Face export.
+method, Trainer (pipeline schedule when pp > 1, traced with --trace_dir, its memory beside the
+prediction with --memory_report, training checkpoints and resume), final Hugging Face export.
 
 An entry script only names its model (galaxy.models.registry) and default config:
 
@@ -16,6 +16,7 @@ from galaxy.comm import launch
 from galaxy.comm.context import ParallelContext
 from galaxy.data import DataError
 from galaxy.explain import explain
+from galaxy.memory import MemoryReport, model_state_line
 from galaxy.models.checkpoint import CheckpointError
 from galaxy.models.registry import MODELS, build_model
 from galaxy.pipeline import PipelineForwardBackward, format_actions
@@ -120,6 +121,8 @@ def _train(rank, world, cfg, plan, args):
         if ctx.dp_rank == 0 and ctx.tp_rank == 0:
             actions = pipe.actions(cfg["gradient_accumulation_steps"] * cfg["num_microbatches"])
             log(f"{cfg['pipeline_schedule']} stage {ctx.pp_rank}: {format_actions(actions)}")
+    report = MemoryReport(trainer) if cfg["memory_report"] else None
+    log(report.start_line() if report else model_state_line(trainer))
     if cfg["resume"]:
         step = checkpoint.resume(trainer, cfg["save_dir"])
         if rank == 0:
@@ -134,7 +137,8 @@ def _train(rank, world, cfg, plan, args):
                     callback(metrics)
             if replanner:  # last: a checkpoint of this step is written in the split it ran
                 replanner.after_step(metrics["step"])
-        run_training(trainer, total, args.metrics_file, on_step)
+        around_step = report.around_step if report else nullcontext
+        run_training(trainer, total, args.metrics_file, on_step, around_step)
     if cfg["save_dir"]:
         with trainer.full_weights():
             checkpoint.require_finite(trainer, f"the final export to {cfg['save_dir']}")

@@ -22,7 +22,7 @@ from galaxy.data import DataError, batch_indices
 from galaxy.layers.dropout import set_dropout_seed
 from galaxy.train.grad_sync import GradSync, clip_grad_norm
 from galaxy.train.optim import build_optimizer, optimizer_state_bytes
-from galaxy.train.zero import Zero, model_state_bytes
+from galaxy.train.zero import Zero
 
 
 def replica_share(indices, ctx):
@@ -75,9 +75,6 @@ class Trainer:
         self.zero = Zero(model, ctx, cfg) if cfg["zero_stage"] else None
         self.opt, self.sched = build_optimizer(model, cfg, total_steps, self.zero)
         self.sync = self.zero or GradSync(model, ctx, cfg["bucket_size_mb"])
-        held = model_state_bytes(self)
-        log(f"model state on this rank (zero_stage {cfg['zero_stage']}): {sum(held.values()) / 2**20:.2f} MiB = "
-            + " + ".join(f"{k} {v / 2**20:.2f}" for k, v in held.items()))
         self.forward_backward = forward_backward or self._forward_backward
         self.autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if cfg["dtype"] == "bf16" \
             else nullcontext()
@@ -171,13 +168,16 @@ def is_reporting_rank(ctx):
     return ctx.is_last_stage and ctx.tp_rank == 0 and ctx.dp_rank == 0
 
 
-def run_training(trainer, max_steps, metrics_file=None, on_step=None):
+def run_training(trainer, max_steps, metrics_file=None, on_step=None, around_step=nullcontext):
+    """Steps until max_steps; each inside around_step() (galaxy.memory's report measures one), then
+    logged, written to metrics_file and handed to on_step."""
     ctx = trainer.ctx
     writer = open(Path(metrics_file), "a") if metrics_file and is_reporting_rank(ctx) else None
     started, first_step = time.monotonic(), trainer.step
     try:
         while trainer.step < max_steps:
-            metrics = trainer.train_step()
+            with around_step():
+                metrics = trainer.train_step()
             if is_reporting_rank(ctx) and (metrics["step"] % trainer.cfg["log_every"] == 0 or metrics["step"] == 1):
                 elapsed = time.monotonic() - started
                 remaining = elapsed / (trainer.step - first_step) * (max_steps - trainer.step)

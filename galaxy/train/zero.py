@@ -65,22 +65,12 @@ def shard_sizes(n, fractions):
     return [b - a for a, b in zip([0] + bounds[:-1], bounds)]
 
 
-def _tied_names(model, ctx):
-    """Names (first stage's) of the weights the last pipeline stage holds a copy of (collective)."""
-    if ctx.plan.pp_size == 1:
-        return set()
-    copies = sorted(spec_of(p).init_name for p in model.parameters() if spec_of(p).grad_sum is GradSum.TIED)
-    per_stage = [None] * ctx.plan.pp_size
-    dist.all_gather_object(per_stage, copies, group=ctx.pp_group)
-    return {n for names in per_stage for n in names}
-
-
 def sharded_params(model, ctx):
-    """The trainable parameters whose gradients are summed over the data-parallel group only."""
+    """The trainable parameters whose gradients are summed over the data-parallel group only (not
+    the weights a pipeline's first and last stages share: they are summed between the two too)."""
     over_stage = {id(p) for p in grad_groups(model, ctx)[0][1]}
-    tied = _tied_names(model, ctx)
-    return [p for n, p in model.named_parameters() if p.requires_grad and id(p) not in over_stage
-            and spec_of(p).grad_sum is not GradSum.TIED and n not in tied]
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in over_stage
+            and spec_of(p).grad_sum is not GradSum.TIED and not spec_of(p).has_tied_copy]
 
 
 def _unit_modules(model):
@@ -131,13 +121,15 @@ class Unit:
         if not self.gathered and self.gathering is None:
             self.gathering = (start_all_gather(self.shard, 0, self.sizes, self.group), time.perf_counter())
 
-    def gather(self):
-        """Make `full` hold every rank's current shard (waits for a prefetch started earlier)."""
+    def gather(self, phase=None):
+        """Make `full` hold every rank's current shard (waits for a prefetch started earlier). Reported
+        in `phase`: the step's (stages 1, 2), else the pass that needs the weights (stage 3)."""
         self.start_gather()
         if self.gathering is not None:
             pending, start = self.gathering
             flat, self.gathering = pending.wait(), None
-            stats.record("all_gather", self.shard, stats.GRAD, start, time.perf_counter() - start)  # what it sends
+            with stats.site("ZeRO parameters"):  # what it sends
+                stats.record("all_gather", self.shard, phase, start, time.perf_counter() - start)
             storage = self.full.untyped_storage()
             if storage.nbytes() == 0:  # freed (stage 3): the views keep their shapes, the bytes come back
                 storage.resize_(self.full.numel() * self.full.element_size())
@@ -167,7 +159,8 @@ class Unit:
     def finish_reduce(self):
         pending, flat, start = self.reducing
         self.grad, self.reducing = pending.wait(), None
-        stats.record("reduce_scatter", flat, stats.GRAD, start, time.perf_counter() - start)
+        with stats.site("ZeRO gradients"):
+            stats.record("reduce_scatter", flat, stats.GRAD, start, time.perf_counter() - start)
 
 
 class Zero:
@@ -260,7 +253,7 @@ class Zero:
         for u in self.units:
             u.refresh()
         for u in self.units:
-            u.gather()
+            u.gather(stats.STEP)
 
     @contextmanager
     def gathered(self):

@@ -2,7 +2,9 @@
 run of the same step is counted (galaxy.comm.stats) and each rank's bytes must equal the explained
 ones per collective kind and phase (forward, backward, gradient sync): BERT, LLaMA and BART
 (encoder and decoder) in the Galaxy layout, tiled overlap (its backward gathers are backward),
-pipelines under 1F1B, GPipe, ZB-H1 and interleaved 1F1B, side-tuning, at world 2 and 3 with uneven splits."""
+pipelines under 1F1B, GPipe, ZB-H1 and interleaved 1F1B, side-tuning, at world 2 and 3 with uneven splits;
+ZeRO's gathers and reduce-scatters (stages 1 and 3, uneven shards)."""
+import re
 from collections import Counter
 
 import pytest
@@ -52,12 +54,15 @@ def config(name, world):
 
 
 def _traced_bytes(rank, world, name):
+    return _step_bytes(rank, world, config(name, world))
+
+
+def _step_bytes(rank, world, cfg):
     """Bytes per label of one real optimizer step on this rank."""
-    cfg = config(name, world)
     ctx = ParallelContext.create(build_plan(cfg, world), rank)
     model = build_model(cfg, ctx)
     apply_tuning(model, cfg, ctx)
-    trainer = Trainer(model, ctx, cfg, dataset(CASES[name][0], cfg), 1, log=lambda m: None)
+    trainer = Trainer(model, ctx, cfg, dataset(cfg["model"], cfg), 1, log=lambda m: None)
     if ctx.plan.pp_size > 1:
         trainer.forward_backward = PipelineForwardBackward(trainer)
     counts = Counter()
@@ -113,3 +118,26 @@ def test_explain_prints_the_split_and_interleaved_schedules():
             assert f"stage {stage}: {format_actions(actions)}" in text, (name, stage)
     assert "stage 0: F0 F1 B0 W0 B1 W1" in explain(build_plan(config("bert_pp_zb", 2), 2), config("bert_pp_zb", 2),
                                                    build_model)
+
+
+def zero_config(stage):
+    return load_config(None, {**SHAPES["bert"], "parallel": "dp", "zero_stage": stage, "zero_shard_list": [0.7, 0.3]})
+
+
+def _zero_stages(rank, world):
+    return {stage: _step_bytes(rank, world, zero_config(stage)) for stage in (1, 3)}
+
+
+def test_explain_shows_zero_traffic_as_traced():
+    traced = run_ranks(_zero_stages, 2)
+    for stage in (1, 3):
+        cfg = zero_config(stage)
+        plan = build_plan(cfg, 2)
+        for rank in range(2):
+            assert bytes_by_label(record_step(plan, cfg, rank, build_model)[0]) == traced[rank][stage], (stage, rank)
+    step = "(outside any layer): optimizer step\n    ZeRO parameters                all_gather(step)"
+    assert step in explain(build_plan(zero_config(1), 2), zero_config(1), build_model)
+    text = explain(build_plan(zero_config(3), 2), zero_config(3), build_model)  # each layer gathers its weights
+    for layer, phase, kind in (("0", "forward", "all_gather "), ("1", "backward", "all_gather(bwd)")):
+        assert re.search(rf"bert.encoder.layer.{layer}: {phase}.*\n    ZeRO parameters +{re.escape(kind)}", text), text
+    assert "ZeRO gradients                 reduce_scatter(grad)" in text and "all_gather(step)" not in text

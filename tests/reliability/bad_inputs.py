@@ -71,6 +71,8 @@ CASES = [
     ("nccl without CUDA", ["--world", "2", "--backend", "nccl"], "--backend nccl needs a CUDA GPU and torch sees none", 1),
     ("rank outside world", ["--world", "2", "--rank", "5"], "--rank 5 is outside 0..1 for --world 2", 1),
     ("resume without save_dir", ["--resume", "true"], "'resume' is True but save_dir is not set", 2),
+    ("memory report of one step", ["--max_steps", "1", "--memory_report", "true"],
+     "'memory_report' measures the second step", 2),
     ("missing config file", ["--config_file", "{d}/nope.json"], "config file {d}/nope.json does not exist", 2),
     ("config file not JSON", ["--config_file", "{d}/not_json.json"], "config file {d}/not_json.json is not valid JSON", 2),
     ("missing data file", [*CORPUS, "--data_file", "{d}/nope.jsonl"], "{d}/nope.jsonl: cannot read (No such file or directory)", 1),

@@ -186,8 +186,10 @@ class BertForMaskedLM(nn.Module):
         if self.ctx.is_last_stage:
             tied = self.bert.embeddings.word_embeddings if self.bert.embeddings is not None else None
             self.cls = BertLMHead(cfg, tied)
-        else:
+        else:  # the last stage's head holds a copy of the word embeddings
             self.cls = None
+            if self.bert.embeddings is not None:
+                set_spec(self.bert.embeddings.word_embeddings.weight, has_tied_copy=True)
         init_weights(self, cfg.initializer_range, cfg.seed)
 
     @property

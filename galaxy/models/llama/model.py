@@ -119,6 +119,8 @@ class LlamaForCausalLM(nn.Module):
                 self.lm_head.weight = self.model.embed_tokens.weight
             else:  # a pipeline's last stage holds its own copy; it starts equal to the embeddings
                 set_spec(self.lm_head.weight, grad_sum=GradSum.TIED, init_name="model.embed_tokens.weight")
+        elif self.model.embed_tokens is not None and cfg.tie_word_embeddings:  # first stage: the last holds a copy
+            set_spec(self.model.embed_tokens.weight, has_tied_copy=True)
         init_weights(self, cfg.initializer_range, cfg.seed)
 
     @property
