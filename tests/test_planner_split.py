@@ -25,6 +25,24 @@ def test_apportion_minimises_the_slowest_rank():
     assert best == pytest.approx(brute)
 
 
+def test_apportion_with_fixed_costs_is_optimal_against_brute_force():
+    rng = random.Random(1)
+    for _ in range(80):
+        ranks, unit = rng.randint(2, 3), rng.choice([1, 2])
+        total = unit * rng.randint(ranks, 9)
+        costs = [rng.uniform(0.1, 3.0) for _ in range(ranks)]
+        fixed = [rng.choice([0.0, rng.uniform(0.0, 10.0)]) for _ in range(ranks)]
+        caps = [unit * rng.randint(1, total // unit) for _ in range(ranks)]
+        shares = [n for n in itertools.product(range(unit, total + 1, unit), repeat=ranks)
+                  if sum(n) == total and all(a <= c for a, c in zip(n, caps))]
+        if not shares:
+            continue
+        seconds = (lambda n: max(f + a * c for f, a, c in zip(fixed, n, costs)))  # noqa: E731
+        assert seconds(apportion(total, costs, caps, unit, fixed)) == pytest.approx(min(map(seconds, shares)))
+    # a fixed part moves units away from its rank (a linear model cannot tell it apart)
+    assert apportion(12, [1.0, 1.0], fixed=[0.0, 4.0]) == [8, 4]
+
+
 def test_apportion_respects_caps_units_and_errors():
     assert apportion(12, [1.0, 2.0], caps=[5, 12]) == [5, 7]
     assert apportion(256, [1.0, 1.0], unit=64) == [128, 128]

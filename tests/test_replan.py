@@ -3,6 +3,8 @@ the same on every rank); a move from one uneven split to another at world 2 and 
 model's outputs and continues training exactly as a run that never moved (losses, weights, AdamW
 moments); a rank slowed mid-run makes the ranks move work away from it; bad "replan" keys stop
 before any process starts."""
+from dataclasses import astuple
+
 import pytest
 import torch
 
@@ -14,7 +16,8 @@ from galaxy.models.checkpoint import gather_full_state
 from galaxy.models.registry import build_model
 from galaxy.plan import build_plan
 from galaxy.planner.profile import slow_down
-from galaxy.planner.replan import Drift, ReplanRule, Replanner, best_split, check_replan
+from galaxy.planner.replan import Drift, ReplanRule, Replanner, best_split, check_replan, fit_block, fitted_profiles
+from galaxy.planner.split import RankProfile, predict_layer_seconds
 from galaxy.train.config import load_config
 from galaxy.train.entry import join, load_model
 from galaxy.train.loop import Trainer
@@ -90,6 +93,47 @@ def test_ranks_observing_the_same_costs_decide_the_same():
         drift = Drift(ReplanRule(threshold=0.1, patience=2), dims)
         decisions.append([drift.observe(c, split) for c in noisy])
     assert decisions[0] == decisions[1] == decisions[2] and any(decisions[0])
+
+
+def test_two_shares_identify_a_blocks_fixed_and_per_unit_seconds():
+    assert fit_block((4, 6.0)) == (0.0, 1.5)  # one share: linear
+    assert fit_block((4, 6.0), (8, 10.0)) == (2.0, 1.0)  # 2 s + 1 s per unit, from either order
+    assert fit_block((8, 10.0), (4, 6.0)) == (2.0, 1.0)
+    assert fit_block((4, 6.0), (8, 4.0)) == (0.0, 1.5)  # dearer with fewer units: no cost line, linear
+
+
+# per block (attention, MLP, connective): (fixed seconds, seconds per unit) of the fast rank; rank 1
+# is 4 times slower at both (an emulated slow device stretches a call's overhead too)
+FAST = [(8.0, 1.0), (0.64, 0.01), (0.32, 0.02)]
+TRUE = [FAST, [(4 * f, 4 * u) for f, u in FAST]]
+WIDE = dict(DIMS, heads=12, intermediate=96, seq=48)
+
+
+def _measured(split):
+    """The unit costs the ranks measure in `split` when their blocks take TRUE's seconds."""
+    shares = zip(*(split[k] for k in KEYS))
+    return [[(f + n * u) / n for (f, u), n in zip(rank, owned)] for rank, owned in zip(TRUE, shares)]
+
+
+def test_a_slow_rank_with_fixed_costs_makes_one_move_where_the_linear_model_made_two():
+    drift = Drift(ReplanRule(threshold=0.25, patience=3, warmup=1), WIDE)
+    split, moves = dict(zip(KEYS, ([6, 6], [48, 48], [24, 24]))), []
+    for step in range(16):
+        decision = drift.observe(_measured(split), split)
+        if decision:
+            split, moves = decision[0], moves + [(step, decision[0])]
+            drift.restart()
+    assert [(step, moved["tp_num_attention_heads_list"]) for step, moved in moves] == [(3, [10, 2])], moves
+    # in that split the linear model (what it costs per unit now, nothing else) would move again,
+    # further from rank 1, for a gain of ~2x it predicts but the blocks' real seconds do not give
+    linear, predicted = best_split(_measured(split), split, WIDE)
+    assert linear["tp_num_attention_heads_list"] == [11, 1] and predicted > 1.9
+    truth = [RankProfile(*(u for _, u in r), att_s_fixed=r[0][0], mlp_s_fixed=r[1][0], con_s_fixed=r[2][0])
+             for r in TRUE]
+    fitted = fitted_profiles(_measured(split), split, drift.before)  # what the ranks model after the move
+    assert [round(v, 9) for p in fitted for v in astuple(p)] == [v for p in truth for v in astuple(p)]
+    real = (lambda s: predict_layer_seconds(s, truth, 1, 1, float("inf")))  # noqa: E731
+    assert real(split) / real(linear) < 1.25, real(split) / real(linear)
 
 
 @pytest.mark.parametrize("replan, layout, message", [

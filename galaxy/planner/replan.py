@@ -14,7 +14,9 @@ at the step boundary and goes on, without a restart.
                like their parameters; its step counts, the LR schedule and the training step stay.
 
 The prediction is the planner's cost model of the blocks' compute (galaxy.planner.split, with an
-unlimited link): what crosses the link per layer changes only with the positions' split.
+unlimited link): what crosses the link per layer changes only with the positions' split. A block's
+time is modelled as fixed + per unit * units: linear (fixed 0) while the ranks have run one split,
+fitted per rank and block from the split left and the split run after a move (`fit_block`).
 """
 import functools
 import time
@@ -125,10 +127,43 @@ def split_of(plan):
 
 # ---- the decision (pure) ------------------------------------------------------------------
 
-def best_split(costs, split, dims):
-    """The planner's split (SPLIT_KEYS) for per-rank unit costs, and how many times faster than
-    `split` it is predicted to run the blocks (1.0 when nothing was measured)."""
-    profiles = [RankProfile(*c) for c in costs]
+def block_seconds(costs, split):
+    """Per rank, per block (attention, MLP, one connective): (units it owns, seconds) in `split`."""
+    units = zip(*(split[k] for k in SPLIT_KEYS))
+    return [[(n, c * n) for n, c in zip(owned, rank_costs)] for owned, rank_costs in zip(units, costs)]
+
+
+def fit_block(now, before=None):
+    """(fixed seconds, seconds per unit) of one rank's block from its (units, seconds) now and at
+    another share (`before`): a block call has a fixed part (launches, Python), which the linear
+    model spreads over the units, so a shrinking share would look ever dearer per unit. Two shares
+    identify both terms; with one share (or a line that is no cost: per unit <= 0 or fixed < 0,
+    from noise or a changed speed) the cost is linear through now."""
+    (n, t), (m, s) = now, before or now
+    if m != n:
+        per_unit = (t - s) / (n - m)
+        if per_unit > 0 and t - per_unit * n >= 0:
+            return t - per_unit * n, per_unit
+    return 0.0, t / n
+
+
+def fitted_profiles(costs, split, before=None):
+    """Every rank's RankProfile (fixed and per-unit seconds per block) from its unit costs in
+    `split` and, when given, block_seconds at the share before the last move."""
+    now = block_seconds(costs, split)
+    before = before or [[None] * len(BLOCKS)] * len(costs)
+    out = []
+    for rank_now, rank_before in zip(now, before):
+        (att0, att), (mlp0, mlp), (con0, con) = map(fit_block, rank_now, rank_before)
+        out.append(RankProfile(att, mlp, con, att_s_fixed=att0, mlp_s_fixed=mlp0, con_s_fixed=con0))
+    return out
+
+
+def best_split(costs, split, dims, before=None):
+    """The planner's split (SPLIT_KEYS) for per-rank unit costs measured in `split` (and
+    block_seconds at the share before, see fitted_profiles), and how many times faster than `split`
+    it is predicted to run the blocks (1.0 when nothing was measured)."""
+    profiles = fitted_profiles(costs, split, before)
     best, seconds = plan_galaxy(profiles, layers=1, batch=1, bandwidth_Bps=UNLIMITED_LINK, **dims)
     now = predict_layer_seconds(split, profiles, 1, dims["hidden"], UNLIMITED_LINK)
     return {k: best[k] for k in SPLIT_KEYS}, (now / seconds if seconds > 0 else 1.0)
@@ -137,11 +172,13 @@ def best_split(costs, split, dims):
 @dataclass
 class Drift:
     """When to move and where to, from every rank's unit costs step after step. Ranks that observe
-    the same costs decide the same (the costs are all-gathered, so every rank does)."""
+    the same costs decide the same (the costs are all-gathered, so every rank does). After a move
+    the costs are modelled from two shares, the one run and the one left (fit_block)."""
     rule: ReplanRule
     dims: dict  # plan_galaxy's hidden, heads, intermediate, seq, head_unit
     window: list = field(default_factory=list)  # costs of the steps in a row over the threshold
     skip: int = 0
+    before: list = None  # block_seconds of the window that decided the last move, in the split left
 
     def __post_init__(self):
         self.restart()
@@ -156,15 +193,18 @@ class Drift:
         if self.skip:
             self.skip -= 1
             return None
-        slow = best_split(costs, split, self.dims)[1] > 1 + self.rule.threshold
+        slow = best_split(costs, split, self.dims, self.before)[1] > 1 + self.rule.threshold
         self.window = self.window + [costs] if slow else []
         if len(self.window) < self.rule.patience:
             return None
         # the plan is made for the window's typical costs (a median per figure), not one noisy step
         typical = [[median(step[r][k] for step in self.window) for k in range(3)] for r in range(len(costs))]
         measured, self.window = len(self.window), []
-        best, speedup = best_split(typical, split, self.dims)
-        return (best, speedup, measured) if speedup > 1 + self.rule.threshold else None
+        best, speedup = best_split(typical, split, self.dims, self.before)
+        if speedup <= 1 + self.rule.threshold:
+            return None
+        self.before = block_seconds(typical, split)
+        return best, speedup, measured
 
 
 def plan_dims(cfg):

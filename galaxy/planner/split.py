@@ -4,8 +4,10 @@ choose the Galaxy layout's per-rank splits that minimise the predicted layer lat
 pipeline, how many layers each stage runs.
 
 Cost model for one Galaxy layer (ATT=TP, CON=SP, MLP=TP), forward:
-    max_r(heads_r * att_r) + max_r(cols_r * mlp_r) + 2 * max_r(pos_r * con_r)
+    max_r(att0_r + heads_r * att_r) + max_r(mlp0_r + cols_r * mlp_r) + 2 * max_r(con0_r + pos_r * con_r)
     + 2 all-gathers + 2 reduce-scatters of the [B, T, H] activation over the link
+where the fixed parts (att0, mlp0, con0: a block call's overhead) are 0 unless measured (live
+re-planning fits them from two shares, galaxy.planner.replan).
 Blocks are separated by collectives, so each block costs its slowest rank: every split is a
 min-max problem of its own, solved exactly by `apportion`.
 
@@ -24,15 +26,19 @@ class RankProfile:
     con_s_per_position: float  # connective block time per sequence position
     memory_bytes: float = float("inf")  # budget for this rank's layer parameters
     embed_s: float = 0.0      # embeddings of the batch (paid by the first pipeline stage only)
+    att_s_fixed: float = 0.0  # a block's time whatever its share (per-call overhead), per block
+    mlp_s_fixed: float = 0.0
+    con_s_fixed: float = 0.0
 
 
-def apportion(total, costs, caps=None, unit=1):
+def apportion(total, costs, caps=None, unit=1, fixed=None):
     """Integers n_r (multiples of `unit`, >= unit, <= caps[r]) summing to `total` that minimise
-    max_r(n_r * costs[r]). Greedy: each next unit goes where it finishes earliest, which is
-    optimal for this separable min-max problem."""
+    max_r(fixed[r] + n_r * costs[r]) (fixed: 0 when not given). Greedy: each next unit goes where
+    it finishes earliest, which is optimal for this separable min-max problem of non-decreasing costs."""
     if total % unit:
         raise ValueError(f"total {total} is not a multiple of unit {unit}")
     caps = caps or [total] * len(costs)
+    fixed = fixed or [0.0] * len(costs)
     n = [unit] * len(costs)
     if sum(n) > total or any(c < unit for c in caps):
         raise ValueError(f"cannot give each of {len(costs)} ranks at least {unit} of {total} within caps {caps}")
@@ -40,7 +46,7 @@ def apportion(total, costs, caps=None, unit=1):
         open_ = [r for r in range(len(n)) if n[r] + unit <= caps[r]]
         if not open_:
             raise ValueError(f"memory budgets allow only {sum(n)} of {total} units (caps {caps})")
-        best = min(open_, key=lambda r: ((n[r] + unit) * costs[r], r))
+        best = min(open_, key=lambda r: (fixed[r] + (n[r] + unit) * costs[r], r))
         n[best] += unit
     return n
 
@@ -58,9 +64,9 @@ def comm_seconds(positions, batch, hidden, bandwidth_Bps, bytes_per=4):
 
 def predict_layer_seconds(split, profiles, batch, hidden, bandwidth_Bps):
     heads, cols, pos = split["tp_num_attention_heads_list"], split["tp_intermediate_size_list"], split["seq_scatter_list"]
-    att = max(h * p.att_s_per_head for h, p in zip(heads, profiles))
-    mlp = max(c * p.mlp_s_per_column for c, p in zip(cols, profiles))
-    con = max(n * p.con_s_per_position for n, p in zip(pos, profiles))
+    att = max(p.att_s_fixed + h * p.att_s_per_head for h, p in zip(heads, profiles))
+    mlp = max(p.mlp_s_fixed + c * p.mlp_s_per_column for c, p in zip(cols, profiles))
+    con = max(p.con_s_fixed + n * p.con_s_per_position for n, p in zip(pos, profiles))
     return att + mlp + 2 * con + comm_seconds(pos, batch, hidden, bandwidth_Bps)
 
 
@@ -95,10 +101,12 @@ def plan_galaxy(profiles, *, hidden, heads, intermediate, seq, layers, batch, ba
     col_caps = [c - c % column_unit for c in col_caps]
     split = {
         "parallel": "galaxy",
-        "tp_num_attention_heads_list": apportion(heads, [p.att_s_per_head for p in profiles], head_caps, head_unit),
+        "tp_num_attention_heads_list": apportion(heads, [p.att_s_per_head for p in profiles], head_caps, head_unit,
+                                                 [p.att_s_fixed for p in profiles]),
         "tp_intermediate_size_list": apportion(intermediate, [p.mlp_s_per_column for p in profiles], col_caps,
-                                               column_unit),
-        "seq_scatter_list": apportion(seq, [p.con_s_per_position for p in profiles]),
+                                               column_unit, [p.mlp_s_fixed for p in profiles]),
+        "seq_scatter_list": apportion(seq, [p.con_s_per_position for p in profiles],
+                                      fixed=[p.con_s_fixed for p in profiles]),
     }
     return split, layers * predict_layer_seconds(split, profiles, batch, hidden, bandwidth_Bps)
 
@@ -201,7 +209,8 @@ def _slowest(profiles):
     """One profile with the worst of each figure (tightest memory)."""
     return RankProfile(max(p.att_s_per_head for p in profiles), max(p.mlp_s_per_column for p in profiles),
                        max(p.con_s_per_position for p in profiles), min(p.memory_bytes for p in profiles),
-                       max(p.embed_s for p in profiles))
+                       max(p.embed_s for p in profiles), *(max(getattr(p, f"{block}_s_fixed") for p in profiles)
+                                                           for block in ("att", "mlp", "con")))
 
 
 def _pipeline_keys(tensor_split, stage_layers, tp):
