@@ -1,4 +1,5 @@
 """Running pretrain_galaxy.py ranks as separate processes, as a user would in several terminals."""
+import json
 import os
 import subprocess
 import sys
@@ -64,3 +65,8 @@ def run(args, limit_s=240, script="pretrain_galaxy.py"):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(command(args, script), cwd=ROOT, env=env, capture_output=True, text=True, timeout=limit_s)
     return done.returncode, done.stdout + done.stderr
+
+
+def losses(metrics_file):
+    """Loss per step of a --metrics_file; a step run twice (before a kill and after the restart) keeps its last."""
+    return {row["step"]: row["loss"] for row in map(json.loads, Path(metrics_file).read_text().splitlines())}

@@ -2,7 +2,6 @@
 the last checkpoint is step 4's) leaves 2 survivors that re-plan their splits, resume from that
 checkpoint and finish; their losses equal serial's. Inference the same: the survivors reload in the
 re-planned layout and serve. What cannot go on is refused by name."""
-import json
 import os
 import subprocess
 import sys
@@ -19,11 +18,6 @@ from tests.reliability import procs
 STEPS = ["--max_steps", "6", "--hidden_dropout_prob", "0", "--attention_probs_dropout_prob", "0"]
 
 
-def losses(metrics_file):
-    """Loss per step; a step run twice (before the kill and after the restart) keeps its last."""
-    return {row["step"]: row["loss"] for row in map(json.loads, metrics_file.read_text().splitlines())}
-
-
 def test_killed_rank_survivors_resume_at_world2_and_match_serial(tmp_path):
     args = [*procs.GALAXY3, *STEPS, "--world", "3", "--elastic", "--save_dir", str(tmp_path / "ckpt"),
             "--save_every", "2", "--metrics_file", str(tmp_path / "elastic.jsonl")]
@@ -37,7 +31,7 @@ def test_killed_rank_survivors_resume_at_world2_and_match_serial(tmp_path):
     assert "resumed from step 4" in log and "step 6/6 |" in log, log[-3000:]
     code, out = procs.run([*STEPS, "--num_attention_heads", "4", "--metrics_file", str(tmp_path / "serial.jsonl")])
     assert code == 0, out[-3000:]
-    got, serial = losses(tmp_path / "elastic.jsonl"), losses(tmp_path / "serial.jsonl")
+    got, serial = procs.losses(tmp_path / "elastic.jsonl"), procs.losses(tmp_path / "serial.jsonl")
     assert sorted(got) == list(range(1, 7))
     for step in range(1, 7):
         assert abs(got[step] - serial[step]) / serial[step] < 1e-5, (step, got, serial)

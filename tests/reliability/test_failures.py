@@ -2,7 +2,6 @@
 ranks started with different configs make every other rank exit non-zero within
 timeout_s + 30 s, with a message naming the rank. A rank killed while saving a checkpoint
 leaves the previous one loadable, and the resumed run gives the uninterrupted run's losses."""
-import json
 import signal
 import socket
 
@@ -61,10 +60,6 @@ def test_port_in_use_and_config_mismatch(tmp_path):
         assert "ranks were started with different configs: rank 1: learning_rate=0.002 (rank 0: 0.001)" in log, log
 
 
-def _losses(metrics_file):
-    return {row["step"]: row["loss"] for row in map(json.loads, metrics_file.read_text().splitlines())}
-
-
 def test_kill_during_save_then_resume(tmp_path):
     """Serial: SIGKILL inside the save of step 4 (rank files written, manifest not), resume from step 2."""
     common = ["--max_steps", "6", "--save_dir", str(tmp_path / "ckpt"), "--save_every", "2"]
@@ -76,6 +71,6 @@ def test_kill_during_save_then_resume(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [LOCK, ".tmp-step-00000004", "step-00000002"]
     code, out = procs.run([*common, "--resume", "true", "--metrics_file", str(tmp_path / "resumed.jsonl")])
     assert code == 0 and "resumed from step 2" in out and "taking over the stale lock" in out, out
-    straight, resumed = _losses(tmp_path / "straight.jsonl"), _losses(tmp_path / "resumed.jsonl")
+    straight, resumed = procs.losses(tmp_path / "straight.jsonl"), procs.losses(tmp_path / "resumed.jsonl")
     assert sorted(resumed) == [3, 4, 5, 6]
     assert all(resumed[s] == straight[s] for s in resumed), (straight, resumed)
