@@ -9,14 +9,16 @@ import torch
 
 from galaxy.comm.context import ParallelContext
 from galaxy.data import SyntheticMLM
-from galaxy.models.bert import BertConfig, BertForMaskedLM
 from galaxy.models.checkpoint import CheckpointError
+from galaxy.models.registry import build_model
 from galaxy.pipeline import PipelineForwardBackward
 from galaxy.plan import build_plan
 from galaxy.train import checkpoint
 from galaxy.train.config import load_config
 from galaxy.train.loop import Trainer
+from galaxy.tuning.apply import apply_tuning
 from tests.helpers import run_ranks
+from tests.models.llama.common import RandomInstructions
 
 TOTAL = 6
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_hidden_layers": 2,
@@ -31,8 +33,10 @@ def tiny_cfg(**over):
 def make_trainer(cfg, rank=0, world=1):
     ctx = ParallelContext.create(build_plan(cfg, world), rank)
     torch.manual_seed(cfg["seed"])
-    model = BertForMaskedLM(BertConfig.from_dict(cfg), ctx)
-    data = SyntheticMLM(cfg["vocab_size"], cfg["seq_length"], cfg["seed"], num_samples=64)
+    model = build_model(cfg, ctx)
+    apply_tuning(model, cfg, ctx)  # the config's method (full: nothing added, everything trains)
+    data = (RandomInstructions(cfg["vocab_size"], cfg["seq_length"]) if cfg["model"] == "llama"
+            else SyntheticMLM(cfg["vocab_size"], cfg["seq_length"], cfg["seed"], num_samples=64))
     trainer = Trainer(model, ctx, cfg, data, TOTAL, log=lambda msg: None)
     if ctx.plan.pp_size > 1:
         trainer.forward_backward = PipelineForwardBackward(trainer)
