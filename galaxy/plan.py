@@ -152,6 +152,12 @@ def _kv_heads(cfg):
     return cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
 
 
+def gqa_group(cfg):
+    """Query heads per key/value head (1 without grouped-query attention): heads move between
+    tensor ranks in whole groups."""
+    return cfg["num_attention_heads"] // _kv_heads(cfg)
+
+
 def check_kv_heads(heads, kv):
     """Grouped-query attention shares each key/value head among heads / kv query heads, in every
     layout (a wrong count would fail inside attention, or 0 silently mean one KV head per head)."""
@@ -162,8 +168,7 @@ def check_kv_heads(heads, kv):
 
 def _kv_split(cfg, heads):
     """Under TP each rank keeps whole GQA groups: its query heads map onto its own KV heads."""
-    total, kv = cfg["num_attention_heads"], _kv_heads(cfg)
-    group = total // kv
+    total, kv, group = cfg["num_attention_heads"], _kv_heads(cfg), gqa_group(cfg)
     if any(h % group for h in heads):
         raise ConfigError(f"tp_num_attention_heads_list {list(heads)} splits GQA groups of {group} query heads "
                           f"(num_attention_heads {total} / num_key_value_heads {kv}); each entry must be a multiple of {group}")

@@ -53,7 +53,7 @@ def ids_of(cfg):
 
 # ---- the decision, without processes --------------------------------------------------------
 
-DIMS = dict(hidden=64, heads=4, intermediate=128, seq=32, head_unit=1)
+DIMS = dict(hidden=64, heads=4, intermediate=128, seq=32, layers=1, batch=1, head_unit=1)
 EVEN = dict(zip(KEYS, ([2, 2], [64, 64], [16, 16])))
 EQUAL = [[1.0, 0.01, 0.001], [1.0, 0.01, 0.001]]
 SLOW = [[1.0, 0.01, 0.001], [4.0, 0.04, 0.004]]  # rank 1 four times slower at everything

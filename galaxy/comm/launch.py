@@ -289,19 +289,20 @@ def _end(procs, signum, wait_s):
 
 
 def run(main, world, rank, args=(), init_method=None, backend=None, timeout_s=300.0, threads=None, debug=False,
-        replan=None, restarts=0):
+        survivors=None, restarts=0):
     """The entry scripts' launcher: main(rank, world, *args) runs with the process group joined,
     on this one rank, or on all ranks spawned here when no rank was given. A failing rank
     ends the launcher with one line naming the cause (the traceback too with debug).
 
-    Elastic (a local spawn with `replan`): when ranks die, up to `restarts` times the survivors
-    start again with replan(dead ranks, args) -> (world, args, what the restart does)."""
+    Elastic (a local spawn with `survivors`): when ranks die, up to `restarts` times the survivors
+    start again with survivors(dead ranks, args) -> (world, args, what the restart does)."""
     backend = backend or default_backend()
     check_backend(backend)
     try:
         if rank is None and world > 1:
             with signals_raise_stopped():
-                _spawn_restarting(main, world, args, backend, timeout_s, init_method, threads or 1, replan, restarts)
+                _spawn_restarting(main, world, args, backend, timeout_s, init_method, threads or 1, survivors,
+                                  restarts)
             return None
         if threads:
             torch.set_num_threads(threads)
@@ -313,16 +314,16 @@ def run(main, world, rank, args=(), init_method=None, backend=None, timeout_s=30
         sys.exit(128 + e.signum)
 
 
-def _spawn_restarting(main, world, args, backend, timeout_s, init_method, threads, replan, restarts):
-    """spawn, and after ranks die (up to `restarts` times, with `replan`) spawn the survivors."""
+def _spawn_restarting(main, world, args, backend, timeout_s, init_method, threads, survivors, restarts):
+    """spawn, and after ranks die (up to `restarts` times, as `survivors` says) spawn the survivors."""
     for restart in range(1, restarts + 2):
         try:
             return spawn(main, world, args, backend, timeout_s, init_method, threads=threads)
         except RankFailed as e:
-            if not (replan and e.died) or restart > restarts:
+            if not (survivors and e.died) or restart > restarts:
                 raise
             died = e.died
-        world, args, what = replan(sorted(died), args)
+        world, args, what = survivors(sorted(died), args)
         print(f"galaxy: {_deaths(died)}; restart {restart} of {restarts}: the {world} survivors "
               f"(renumbered in order) go on, {what}", file=sys.stderr, flush=True)
 

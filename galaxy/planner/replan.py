@@ -35,7 +35,8 @@ from galaxy.layers.mlp import MLP
 from galaxy.layers.param_spec import spec_of
 from galaxy.layers.transformer import Connective, TransformerLayer
 from galaxy.models.registry import build_model
-from galaxy.plan import SP, TP, build_plan
+from galaxy.plan import SP, TP, build_plan, gqa_group
+from galaxy.planner.run import plan_dims
 from galaxy.planner.split import RankProfile, plan_galaxy, predict_layer_seconds
 from galaxy.tuning.apply import apply_tuning
 
@@ -164,8 +165,8 @@ def best_split(costs, split, dims, before=None):
     block_seconds at the share before, see fitted_profiles), and how many times faster than `split`
     it is predicted to run the blocks (1.0 when nothing was measured)."""
     profiles = fitted_profiles(costs, split, before)
-    best, seconds = plan_galaxy(profiles, layers=1, batch=1, bandwidth_Bps=UNLIMITED_LINK, **dims)
-    now = predict_layer_seconds(split, profiles, 1, dims["hidden"], UNLIMITED_LINK)
+    best, seconds = plan_galaxy(profiles, bandwidth_Bps=UNLIMITED_LINK, **dims)
+    now = predict_layer_seconds(split, profiles, dims["batch"], dims["hidden"], UNLIMITED_LINK)
     return {k: best[k] for k in SPLIT_KEYS}, (now / seconds if seconds > 0 else 1.0)
 
 
@@ -175,7 +176,7 @@ class Drift:
     the same costs decide the same (the costs are all-gathered, so every rank does). After a move
     the costs are modelled from two shares, the one run and the one left (fit_block)."""
     rule: ReplanRule
-    dims: dict  # plan_galaxy's hidden, heads, intermediate, seq, head_unit
+    dims: dict  # plan_galaxy's hidden, heads, intermediate, seq, layers, batch, head_unit (layer_dims)
     window: list = field(default_factory=list)  # costs of the steps in a row over the threshold
     skip: int = 0
     before: list = None  # block_seconds of the window that decided the last move, in the split left
@@ -207,10 +208,10 @@ class Drift:
         return best, speedup, measured
 
 
-def plan_dims(cfg):
-    return dict(hidden=cfg["hidden_size"], heads=cfg["num_attention_heads"], intermediate=cfg["intermediate_size"],
-                seq=cfg["seq_length"], head_unit=cfg["num_attention_heads"] // (cfg["num_key_value_heads"] or
-                                                                                 cfg["num_attention_heads"]))
+def layer_dims(cfg):
+    """Drift's dims: the planner's model sizes (galaxy.planner.run.plan_dims) for one layer, heads
+    moving in whole GQA groups (the link is left out, so the batch does not matter)."""
+    return dict(plan_dims(cfg, batch=1), layers=1, head_unit=gqa_group(cfg))
 
 
 # ---- the move -----------------------------------------------------------------------------
@@ -318,7 +319,7 @@ class Replanner:
 
     def __init__(self, model, ctx, cfg, trainer=None, log=print):
         self.model, self.ctx, self.cfg, self.trainer, self.log = model, ctx, cfg, trainer, log
-        self.drift = Drift(check_replan(cfg, ctx.plan), plan_dims(cfg))
+        self.drift = Drift(check_replan(cfg, ctx.plan), layer_dims(cfg))
         self.timer = BlockTimer(model, ctx.device)
         self.moves = []
 

@@ -51,15 +51,20 @@ def apportion(total, costs, caps=None, unit=1, fixed=None):
     return n
 
 
+def _gather_bytes(positions, batch, hidden, bytes_per=4):
+    """What each rank sends in an all-gather along the sequence of a [B, T, hidden] activation
+    (ring; the longest shard sets it)."""
+    return (len(positions) - 1) * batch * max(positions) * hidden * bytes_per
+
+
 def comm_seconds(positions, batch, hidden, bandwidth_Bps, bytes_per=4):
     """Galaxy's 4 edge collectives per layer (ring volumes; an all-gather lasts as long as the longest shard takes)."""
     p = len(positions)
     if p == 1:
         return 0.0
     full = batch * sum(positions) * hidden * bytes_per
-    gather = (p - 1) * batch * max(positions) * hidden * bytes_per
     scatter = (p - 1) / p * full
-    return 2 * (gather + scatter) / bandwidth_Bps
+    return 2 * (_gather_bytes(positions, batch, hidden, bytes_per) + scatter) / bandwidth_Bps
 
 
 def predict_layer_seconds(split, profiles, batch, hidden, bandwidth_Bps):
@@ -273,8 +278,7 @@ def _per_position_seconds(p, heads, intermediate, seq):
 
 
 def _gather_seconds(positions, batch, hidden, bandwidth_Bps, bytes_per=4):
-    """An all-gather along the sequence of a [B, T, hidden] activation (the longest shard sets it)."""
-    return (len(positions) - 1) * batch * max(positions) * hidden * bytes_per / bandwidth_Bps
+    return _gather_bytes(positions, batch, hidden, bytes_per) / bandwidth_Bps
 
 
 def plan_layouts(profiles, *, hidden, heads, intermediate, seq, layers, batch, bandwidth_Bps, column_unit=1):

@@ -463,17 +463,18 @@ def load(trainer, directory):
 
 def _load(trainer, directory):
     directory, ctx = Path(directory), trainer.ctx
-    error = manifest = None
+    error = manifest = same = None
     try:
         manifest = _read_manifest(directory)
         _check_compatible(manifest, directory, trainer)
+        same = _same_layout(manifest, trainer)
         # in another layout every old rank's files are read in parts: each is hashed once, by one new rank
-        mine = [ctx.rank] if _same_layout(manifest, trainer) else range(ctx.rank, manifest["world"], ctx.world)
+        mine = [ctx.rank] if same else range(ctx.rank, manifest["world"], ctx.world)
         error = next((e for e in (_verify(manifest, directory, r) for r in mine) if e), None)
     except CheckpointError as e:
         error = str(e)
     _raise_if_any(ctx, error)
-    if _same_layout(manifest, trainer):
+    if same:
         _restore(trainer, *_read_rank(directory, ctx.rank), directory)
     else:
         _raise_if_any(ctx, _attempt_restore(trainer, directory, manifest["world"]))

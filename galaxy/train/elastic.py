@@ -1,7 +1,7 @@
 """--elastic: when a rank of a one-command local spawn dies, its survivors go on without a human.
 
 The launcher (galaxy.comm.launch.run) sees a rank's process end without a result (killed by a
-signal, or exited non-zero), ends the others, and asks `Survivors.replan` for the smaller world:
+signal, or exited non-zero), ends the others, and asks `Survivors` for the smaller world:
 
 - the config loses the dead ranks' entries, and each per-rank list is apportioned again over the
   survivors in proportion to their own entries (a rank that held twice the heads keeps twice the
@@ -17,7 +17,7 @@ too small for the layout (ZeRO without replicas, fewer heads than ranks ...) are
 start-up for the loss of the last rank and with the reason when it happens.
 """
 from galaxy.errors import ConfigError
-from galaxy.plan import Method, build_plan
+from galaxy.plan import Method, build_plan, gqa_group
 from galaxy.planner.split import apportion
 from galaxy.train import checkpoint
 from galaxy.train.zero import check_zero
@@ -61,8 +61,7 @@ def survivors_config(cfg, plan, dead):
 
 def _tensor_lists(cfg, plan, dead, world):
     """The split lists the plan uses, over the surviving tensor ranks."""
-    group = cfg["num_attention_heads"] // (cfg["num_key_value_heads"] or cfg["num_attention_heads"])
-    lists = {"tp_num_attention_heads_list": (plan.att is Method.TP, "num_attention_heads", group),  # whole GQA groups
+    lists = {"tp_num_attention_heads_list": (plan.att is Method.TP, "num_attention_heads", gqa_group(cfg)),
              "tp_intermediate_size_list": (plan.mlp is Method.TP, "intermediate_size", 1),
              "seq_scatter_list": (plan.seq_sharded, "seq_length", 1)}
     return {key: _reapportion(cfg[key], cfg[total], dead, world, unit)
@@ -102,7 +101,7 @@ def check(cfg, plan, rank, resumes):
 
 
 class Survivors:
-    """launch.run's `replan(dead, launch_args)`: launch_args is (cfg, plan, *rest) of the run that
+    """launch.run's `survivors(dead, launch_args)`: launch_args is (cfg, plan, *rest) of the run that
     lost ranks `dead`; returns (world, launch_args, what the restart does) for the survivors, or
     raises SystemExit saying why they cannot go on."""
 
@@ -128,4 +127,4 @@ class Survivors:
 
 def launch_args(cfg, resumes):
     """launch.run's elastic arguments for this config (none without --elastic)."""
-    return {"replan": Survivors(resumes), "restarts": cfg["elastic_restarts"]} if cfg["elastic"] else {}
+    return {"survivors": Survivors(resumes), "restarts": cfg["elastic_restarts"]} if cfg["elastic"] else {}
