@@ -17,11 +17,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from galaxy.comm import launch
+from galaxy.comm import health, launch
+from galaxy.errors import ConfigError
 from galaxy.models.registry import MODELS, load_tokenizer
 from galaxy.pipeline.engine import pipeline_streams
 from galaxy.pipeline.p2p import StageLinks
 from galaxy.planner.replan import Replanner
+from galaxy.relayout import build_empty, build_lost_part, fill_after_loss
 from galaxy.train import cli, elastic, outputs
 from galaxy.train.entry import join, load_model
 
@@ -114,11 +116,11 @@ def text_batches(cfg, path, batch_size, count):
     return ((b, (b != tok.pad_id).long()) for b in ids)
 
 
-def serve(forward, batches, ctx, after_request=None):
-    """Yield (output, latency in seconds) for each (input_ids, attention_mask) batch;
-    after_request(index), when given, runs between requests, untimed (re-planning)."""
+def serve(forward, batches, ctx, after_request=None, first=0):
+    """Yield (output, latency in seconds) for each (input_ids, attention_mask) batch, numbered from
+    `first`; after_request(index), when given, runs between requests, untimed (re-planning)."""
     with torch.no_grad():
-        for index, (ids, mask) in enumerate(batches):
+        for index, (ids, mask) in enumerate(batches, first):
             if index and after_request:
                 after_request(index)
             ids, mask = ids.to(ctx.device), None if mask is None else mask.to(ctx.device)
@@ -132,6 +134,94 @@ def serve(forward, batches, ctx, after_request=None):
             if ctx.world > 1:
                 dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
             yield out, elapsed.item()
+
+
+class Server:
+    """This rank's side of a run of requests. Between requests, live re-planning (config replan)
+    may move the model to another split; with `regroups` > 0 (--elastic in a layout whose ranks
+    share every layer), a rank lost mid-request makes the survivors re-plan for the smaller world
+    in place (`recover`) and serve that request again; `recoveries` records what each moved."""
+
+    def __init__(self, model, ctx, cfg, regroups=0):
+        self.cfg, self.regroups, self.recoveries = cfg, regroups, []
+        self._adopt(model, ctx)
+
+    def _adopt(self, model, ctx):
+        self._model, self._ctx = model, ctx
+        self.replanner = None
+        if self.cfg["replan"] and ctx.tp_size > 1:
+            self.replanner = Replanner(model, ctx, self.cfg, log=lambda line: print(f"[rank 0] {line}", flush=True))
+
+    @property
+    def model(self):
+        return self.replanner.model if self.replanner else self._model
+
+    @property
+    def ctx(self):
+        return self.replanner.ctx if self.replanner else self._ctx
+
+    def forward(self, ids, mask):
+        return forward_fn(self.model, self.cfg["model"])(ids, mask)
+
+    def run(self, batches, keep=lambda out: None):
+        """[(latency, keep(output))] of every batch, in order."""
+        results, batches = [], list(batches)
+        while len(results) < len(batches):
+            after = self.replanner.after_step if self.replanner else None
+            try:
+                for out, latency in serve(self.forward, batches[len(results):], self.ctx, after, len(results)):
+                    results.append((latency, keep(out)))
+            except Exception as e:  # a peer's loss surfaces as whatever its collective raised
+                if not (self.regroups and health.is_comm_error(e)):
+                    raise
+                self.regroups -= 1
+                self.cfg, model, ctx, moved = recover(self.model, self.ctx, self.cfg, e, len(results))
+                self.recoveries.append(moved)
+                self._adopt(model, ctx)
+                done = torch.tensor([len(results)], device=ctx.device)
+                dist.all_reduce(done, op=dist.ReduceOp.MIN)  # a survivor may have finished the request
+                del results[int(done):]
+        return results
+
+
+def recover(model, ctx, cfg, error, served):
+    """After a collective failed with `error`: regroup with the survivors (galaxy.comm.health),
+    re-plan for them (galaxy.train.elastic) and rebuild this rank's model in the new plan from its
+    own rows, its peers' and the lost ranks' rows rebuilt from the run's sources
+    (galaxy.relayout). Returns (cfg, model, ctx) for the survivors and what moved: the lost ranks
+    and the bytes the survivors kept in place, sent each other and rebuilt from the sources."""
+    start, rendezvous = time.perf_counter(), health.current()
+    if rendezvous is None:
+        raise error
+    lost = rendezvous.regroup(error, dist.get_backend() if dist.is_initialized() else launch.default_backend(),
+                              cfg["timeout_s"])
+    try:
+        new_cfg, plan = elastic.survivors_plan(cfg, ctx.plan, lost)
+    except ConfigError as e:
+        raise SystemExit(f"galaxy: --elastic: the {ctx.world - len(lost)} surviving ranks cannot go on: {e}") from None
+    new_ctx = join(new_cfg, plan, dist.get_rank())
+    dtype = next(model.parameters()).dtype
+    new, new_ctx = build_empty(new_cfg, new_ctx)
+    new.to(dtype).train(model.training)  # (a LoRA layer merges on eval: the rows it receives are merged)
+    holders, rebuilt = [model], 0
+    for i, rank in enumerate(lost):  # the i-th lost rank's rows are rebuilt by survivor i (round robin)
+        part = None
+        if i % plan.world == new_ctx.rank:
+            part, size = build_lost_part(cfg, ctx.plan, rank, new_ctx.device)
+            part.to(dtype).train(model.training)
+            rebuilt += size
+        holders.append(part)
+    moved = fill_after_loss(new, holders, new_ctx)
+    total = torch.tensor([moved["kept"], moved["received"], rebuilt], dtype=torch.float64, device=new_ctx.device)
+    dist.all_reduce(total)
+    moved = dict(zip(("kept", "received", "rebuilt"), map(int, total.tolist())), lost=lost)
+    if new_ctx.rank == 0:
+        source = cfg["load_checkpoint"] or f"the seed's weights (seed {cfg['seed']})"
+        print(f"[rank 0] elastic: lost rank(s) {lost} during request {served}; the {plan.world} survivors re-planned "
+              f"in place in {time.perf_counter() - start:.2f} s: plan {plan.describe()}; weights kept in place "
+              f"{moved['kept'] / 2**20:.2f} MiB, moved between survivors {moved['received'] / 2**20:.2f} MiB, "
+              f"rebuilt from {source} {moved['rebuilt'] / 2**20:.2f} MiB (the lost rows only)", flush=True)
+    return new_cfg, new, new_ctx, moved
 
 
 def summary(latencies, batch_size, seq_length):
@@ -159,19 +249,16 @@ def prepare(cfg, plan, rank):
 
 def infer(rank, world, cfg, plan, args):
     model, ctx = eval_model(cfg, plan, rank)
-    forward, after_request, replanner = forward_fn(model, cfg["model"]), None, None
-    if cfg["replan"]:  # the model may be rebuilt between requests: each request runs the current one
-        replanner = Replanner(model, ctx, cfg, log=lambda line: print(f"[rank 0] {line}", flush=True))
-        forward, after_request = (lambda ids, mask: forward_fn(replanner.model, cfg["model"])(ids, mask)), \
-            replanner.after_step
+    regroups = cfg["elastic_restarts"] if cfg["elastic"] and elastic.in_place(plan, resumes=False) else 0
+    server = Server(model, ctx, cfg, regroups)
     count = args.warmup + args.requests
     batches = (text_batches(cfg, args.texts, args.batch_size, count) if args.texts
                else synthetic_batches(cfg, args.batch_size, count))
-    latencies = [latency for _, latency in serve(forward, batches, ctx, after_request)][args.warmup:]
-    if rank != 0:
+    latencies = [latency for latency, _ in server.run(batches)][args.warmup:]
+    if server.ctx.rank != 0:
         return
-    print(f"[rank 0] plan: {(replanner.ctx.plan if replanner else plan).describe()}", flush=True)  # after any move
-    print(summary(latencies, args.batch_size, cfg["seq_length"]), flush=True)
+    print(f"[rank 0] plan: {server.ctx.plan.describe()}", flush=True)  # after any move
+    print(summary(latencies, args.batch_size, server.cfg["seq_length"]), flush=True)
     if args.metrics_file:
         with open(args.metrics_file, "a", encoding="utf-8") as f:
             for i, latency in enumerate(latencies):
@@ -192,4 +279,4 @@ def main(doc, default_config, argv=None):
     outputs.check_outputs(None, args.metrics_file)
     launch.run(infer, world, rank, (cfg, plan, args), args.init_method,
                cfg["distributed_backend"], cfg["timeout_s"], args.threads, args.debug,
-               **elastic.launch_args(cfg, resumes=False))
+               **elastic.launch_args(cfg, plan, resumes=False))

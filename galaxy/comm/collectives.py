@@ -190,23 +190,39 @@ def reshard(x, dim, old_sizes, new_sizes, group):
     autograd; a layout change, galaxy.planner.replan). Each rank sends each peer only the overlap
     of its old slice with the peer's new one, point to point, so a split that shifts one head
     moves one head's rows."""
-    rank, old, new = _rank(group), _bounds(old_sizes), _bounds(new_sizes)
-    x = x.movedim(dim, 0)
-    out = x.new_empty((new_sizes[rank],) + x.shape[1:])
+    shape = list(x.shape)
+    shape[dim] = new_sizes[_rank(group)]
+    out = x.new_empty(shape)
+    reshard_into(out, x, dim, _bounds(old_sizes), _bounds(new_sizes), group)
+    return out
+
+
+def reshard_into(out, x, dim, held, wanted, group):
+    """Fill `out`, this rank's rows wanted[rank] = (lo, hi) along `dim` of a full tensor, with the
+    rows each group rank r holds in its `x` (rows held[r]; lo == hi: none, and x may be None).
+    Held ranges must not overlap. Returns how many of out's rows were filled (the rest stay
+    untouched): rows this rank holds are copied, the others arrive point to point."""
+    rank, filled = _rank(group), 0
+    mine, x = out.movedim(dim, 0), None if x is None else x.movedim(dim, 0)
     sends, recvs = {}, {}
-    for peer in range(len(old_sizes)):
-        lo, hi = max(old[rank][0], new[peer][0]), min(old[rank][1], new[peer][1])  # mine, now the peer's
-        if hi > lo and peer == rank:
-            out[lo - new[rank][0]: hi - new[rank][0]] = x[lo - old[rank][0]: hi - old[rank][0]]
-        elif hi > lo:
-            sends[peer] = x[lo - old[rank][0]: hi - old[rank][0]].contiguous()
-        lo, hi = max(old[peer][0], new[rank][0]), min(old[peer][1], new[rank][1])  # the peer's, now mine
+    for peer in range(len(held)):
+        lo, hi = max(held[rank][0], wanted[peer][0]), min(held[rank][1], wanted[peer][1])  # mine, the peer's now
+        rows = x[lo - held[rank][0]: hi - held[rank][0]] if hi > lo else None
+        if rows is not None and peer == rank:
+            mine[lo - wanted[rank][0]: hi - wanted[rank][0]] = rows
+            filled += hi - lo
+        elif rows is not None:
+            sends[peer] = rows.contiguous()
+        lo, hi = max(held[peer][0], wanted[rank][0]), min(held[peer][1], wanted[rank][1])  # the peer's, mine now
         if hi > lo and peer != rank:
-            recvs[peer] = out[lo - new[rank][0]: hi - new[rank][0]]  # a row block of out: contiguous
+            recvs[peer] = (lo - wanted[rank][0], mine.new_empty((hi - lo,) + mine.shape[1:]))
     if sends or recvs:
-        for work in _exchange(sends, recvs, group):
+        for work in _exchange(sends, {peer: buffer for peer, (_, buffer) in recvs.items()}, group):
             work.wait()
-    return out.movedim(0, dim).contiguous()
+    for at, buffer in recvs.values():
+        mine[at: at + len(buffer)] = buffer
+        filled += len(buffer)
+    return filled
 
 
 # --- autograd functions ---------------------------------------------------------------

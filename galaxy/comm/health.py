@@ -6,7 +6,14 @@ names socket addresses, not ranks. So ranks meet in a TCPStore (hosted by rank 0
 leaves a "joined" key, and a daemon thread bumps each rank's heartbeat counter every second.
 When the rendezvous times out, the missing "joined" keys name the ranks that never started;
 when a collective fails, the counters that stopped moving name the ranks that died.
+
+Regrouping (--elastic inference): the launcher that spawned the ranks hosts the store instead
+of rank 0, so it outlives any rank. When a rank's process ends without a result, the launcher
+writes the lost ranks under the next generation's key; a survivor whose collective failed
+leaves the broken process group, reads that key and joins the survivors' new one
+(`Rendezvous.regroup`). Ranks keep their order; a rank's number is its place among the living.
 """
+import json
 import socket
 import threading
 import time
@@ -28,6 +35,26 @@ class PeerError(RuntimeError):
 
 def _key(kind, rank):
     return f"galaxy/{kind}/{rank}"
+
+
+def lost_key(generation):
+    """Where the launcher names every rank lost up to `generation` (original numbers, a JSON list)."""
+    return _key("lost", generation)
+
+
+_current = None  # this process's Rendezvous: the process group it made is process-wide state too
+
+
+def current():
+    """The Rendezvous this process joined through (None: one rank, or torch's own rendezvous)."""
+    return _current
+
+
+def host_store(init_method, timeout_s):
+    """The launcher's store at init_method's tcp:// address, for ranks that join as its clients."""
+    url = urlparse(init_method)
+    return dist.TCPStore(url.hostname, url.port, None, is_master=True, timeout=timedelta(seconds=timeout_s),
+                         wait_for_workers=False)
 
 
 def is_comm_error(error):
@@ -64,16 +91,20 @@ def first_line(error):
 class Rendezvous:
     """The store all ranks joined through, and this rank's heartbeat."""
 
-    def __init__(self, init_method, rank, world, timeout_s):
+    def __init__(self, init_method, rank, world, timeout_s, launcher_hosts_store=False):
+        global _current
         url = urlparse(init_method)
         self.host, self.port, self.rank, self.world = url.hostname, url.port, rank, world
         self.where = f"{self.host}:{self.port}"
-        self.store = self._open(timeout_s)
+        self.members, self.generation = list(range(world)), 0  # original ranks still in the group
+        self.store = self._open(timeout_s, launcher_hosts_store)
         self._stop = threading.Event()
         self._beat_store = None
+        _current = self
 
-    def _open(self, timeout_s):
-        host_here = self.rank == 0 and not _torchelastic_use_agent_store()  # torchrun's agent hosts its own
+    def _open(self, timeout_s, launcher_hosts_store):
+        # torchrun's agent hosts its own store, and so does an --elastic launcher
+        host_here = self.rank == 0 and not (launcher_hosts_store or _torchelastic_use_agent_store())
         try:
             if host_here:
                 return dist.TCPStore(self.host, self.port, self.world, is_master=True,
@@ -120,12 +151,12 @@ class Rendezvous:
         """Ranks whose heartbeat stood still for a few beats; None if the store itself is gone."""
         try:
             probe = _client(self.host, self.port, _PROBE_TIMEOUT_S)
-            before = [probe.add(_key("beat", r), 0) for r in range(self.world)]
+            before = [probe.add(_key("beat", r), 0) for r in self.members]
             time.sleep(3 * BEAT_S)
-            after = [probe.add(_key("beat", r), 0) for r in range(self.world)]
+            after = [probe.add(_key("beat", r), 0) for r in self.members]
         except RuntimeError:
             return None
-        return [r for r in range(self.world) if r != self.rank and after[r] == before[r]]
+        return [i for i, r in enumerate(self.members) if r != self.rank and after[i] == before[i]]
 
     def explain(self, error):
         """One line naming the lost rank(s) for a collective that failed with `error`."""
@@ -137,3 +168,21 @@ class Rendezvous:
         else:
             who = "every peer is still alive, but a collective failed or timed out (a peer is stuck or too slow)"
         return f"rank {self.rank}: {who}; collective error: {first_line(error)}"
+
+    def regroup(self, error, backend, timeout_s):
+        """After a collective failed with `error`: leave the broken process group, wait for the
+        launcher to name the lost ranks, and join the survivors' new group. Returns the lost
+        ranks as they were numbered before (re-raises `error` when the launcher names none within
+        timeout_s: then no rank died, the failure is another one). Collective over the survivors."""
+        dist.destroy_process_group()  # closes this rank's connections: survivors blocked on it fail too
+        self.generation += 1
+        try:
+            self.store.wait([lost_key(self.generation)], timedelta(seconds=timeout_s))
+        except RuntimeError:
+            raise error from None
+        lost = set(json.loads(self.store.get(lost_key(self.generation))))
+        before, self.members = self.members, [r for r in self.members if r not in lost]
+        dist.init_process_group(backend, store=dist.PrefixStore(f"galaxy/generation{self.generation}", self.store),
+                                rank=self.members.index(self.rank), world_size=len(self.members),
+                                timeout=timedelta(seconds=timeout_s))
+        return [i for i, r in enumerate(before) if r in lost]

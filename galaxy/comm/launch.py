@@ -10,6 +10,7 @@ is reported with its rank number, and the parent waits at most limit_s when give
 SIGTERM/SIGINT to a spawning launcher reach every rank it started.
 """
 import contextlib
+import json
 import os
 import pickle
 import queue
@@ -93,11 +94,12 @@ def check_backend(backend):
         raise SystemExit("galaxy: --backend nccl needs a CUDA GPU and torch sees none here; use --backend gloo")
 
 
-def init_distributed(world, rank, init_method, backend=None, timeout_s=300.0):
+def init_distributed(world, rank, init_method, backend=None, timeout_s=300.0, launcher_hosts_store=False):
     """Join the process group; returns the Rendezvous (None for one rank) that names lost peers.
 
     A tcp:// rendezvous goes through our own store so that ranks that never joined are named,
-    and a port already taken by another program is reported as such.
+    and a port already taken by another program is reported as such. The store is rank 0's,
+    or the launcher's (`launcher_hosts_store`: ranks that regroup after a loss).
     """
     if world == 1:
         return None
@@ -108,7 +110,7 @@ def init_distributed(world, rank, init_method, backend=None, timeout_s=300.0):
     if not init_method.startswith("tcp://"):  # env:// or file://: torch's own rendezvous
         dist.init_process_group(backend, init_method=init_method, world_size=world, rank=rank, timeout=timeout)
         return None
-    rendezvous = health.Rendezvous(init_method, rank, world, timeout_s)
+    rendezvous = health.Rendezvous(init_method, rank, world, timeout_s, launcher_hosts_store)
     rendezvous.join(timeout_s)
     dist.init_process_group(backend, store=rendezvous.store, world_size=world, rank=rank, timeout=timeout)
     return rendezvous
@@ -201,10 +203,10 @@ class SignalFlag:
         return int(flag.item())
 
 
-def _worker(rank, world, init_method, backend, timeout_s, threads, fn, args, results):
+def _worker(rank, world, init_method, backend, timeout_s, threads, fn, args, results, launcher_hosts_store):
     torch.set_num_threads(threads)
     try:
-        rendezvous = init_distributed(world, rank, init_method, backend, timeout_s)
+        rendezvous = init_distributed(world, rank, init_method, backend, timeout_s, launcher_hosts_store)
         # plain pickle: torch's queue would share tensors through memory that dies with this process
         results.put((rank, "ok", pickle.dumps(call_reporting_peers(fn, rank, world, args, rendezvous))))
     except BaseException as e:  # report every failure, including SystemExit, to the parent
@@ -215,7 +217,7 @@ def _worker(rank, world, init_method, backend, timeout_s, threads, fn, args, res
 
 
 def spawn(fn, world, args=(), backend="gloo", timeout_s=120.0, init_method=None, limit_s=None, threads=1,
-          stop_grace_s=None):
+          stop_grace_s=None, regroups=0):
     """Run fn(rank, world, *args) on `world` local processes joined in a process group
     (on a free loopback port unless init_method is given), each with `threads` torch threads
     (ranks share this machine's cores; more threads only contend).
@@ -224,22 +226,29 @@ def spawn(fn, world, args=(), backend="gloo", timeout_s=120.0, init_method=None,
     the first failing rank, RuntimeError when limit_s passes first (every rank is killed).
     On Stopped (see signals_raise_stopped) each rank gets SIGTERM and stop_grace_s (default
     timeout_s) to finish (a rank that saves on a signal saves); a second signal kills at once.
+
+    regroups > 0: this launcher hosts the ranks' store, and up to `regroups` times a rank whose
+    process ends without a result is announced to the others (health.Rendezvous.regroup) instead
+    of failing the run; a lost rank's return value is None.
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     init_method = init_method or f"tcp://{DEFAULT_ADDR}:{free_port()}"
-    procs = [ctx.Process(target=_worker, args=(r, world, init_method, backend, timeout_s, threads, fn, args, results),
-                         daemon=True) for r in range(world)]
+    announcer = _LossAnnouncer(init_method, timeout_s, regroups) if regroups else None
+    procs = [ctx.Process(target=_worker, args=(r, world, init_method, backend, timeout_s, threads, fn, args, results,
+                                               bool(regroups)), daemon=True) for r in range(world)]
     outcome, errors, reported, signum, killed = {}, {}, set(), None, set()
     deadline = None if limit_s is None else time.monotonic() + limit_s
     try:
         for p in procs:
             p.start()
-        while len(outcome) < world and not errors:
+        while len(outcome) + len(announcer.lost if announcer else ()) < world and not errors:
             try:
                 rank, status, value = results.get(timeout=1.0)
             except queue.Empty:
-                _check_alive(procs, outcome, errors, deadline)
+                if announcer:
+                    announcer.check(procs, outcome, errors)
+                _check_alive(procs, outcome, errors, deadline, announcer.lost if announcer else ())
                 continue
             reported.add(rank)
             (outcome if status == "ok" else errors)[rank] = value  # one failure is enough: peers would time out
@@ -252,16 +261,44 @@ def spawn(fn, world, args=(), backend="gloo", timeout_s=120.0, init_method=None,
         died = {r: p.exitcode for r, p in enumerate(procs) if r not in reported | killed and p.exitcode}
         rank = min(errors)
         raise RankFailed(rank, *errors[rank], died=died)
-    return [pickle.loads(outcome[r]) for r in range(world)]
+    return [pickle.loads(outcome[r]) if r in outcome else None for r in range(world)]
 
 
-def _check_alive(procs, outcome, errors, deadline):
+class _LossAnnouncer:
+    """spawn's side of regrouping: hosts the ranks' store and names the lost ranks in it."""
+
+    def __init__(self, init_method, timeout_s, regroups):
+        self.store, self.regroups = health.host_store(init_method, timeout_s), regroups
+        self.lost, self.generation = {}, 0
+
+    def check(self, procs, outcome, errors):
+        """Announce the ranks that ended without a result while regroups are left and someone
+        survives (else _check_alive fails the run)."""
+        if self.generation == self.regroups or not _newly_dead(procs, outcome, errors, self.lost):
+            return
+        time.sleep(health.BEAT_S)  # ranks that die together are announced together
+        dead = _newly_dead(procs, outcome, errors, self.lost)
+        if len(self.lost) + len(dead) == len(procs):
+            return
+        self.generation += 1
+        self.lost.update(dead)
+        self.store.set(health.lost_key(self.generation), json.dumps(sorted(self.lost)))
+        print(f"galaxy: {_deaths(dead)}; regroup {self.generation} of {self.regroups}: the "
+              f"{len(procs) - len(self.lost)} survivors re-plan in place", file=sys.stderr, flush=True)
+
+
+def _newly_dead(procs, outcome, errors, lost):
+    return {r: p.exitcode for r, p in enumerate(procs)
+            if r not in outcome and r not in errors and r not in lost and p.exitcode not in (None, 0)}
+
+
+def _check_alive(procs, outcome, errors, deadline, lost=()):
     """A rank that died without reporting (killed, or failed before it could) fails the run now."""
     for rank, p in enumerate(procs):
-        if rank not in outcome and rank not in errors and p.exitcode not in (None, 0):
+        if rank not in outcome and rank not in errors and rank not in lost and p.exitcode not in (None, 0):
             errors[rank] = (f"process exited with code {p.exitcode} before reporting a result", "")
     if not errors and deadline is not None and time.monotonic() > deadline:
-        missing = [r for r in range(len(procs)) if r not in outcome]
+        missing = [r for r in range(len(procs)) if r not in outcome and r not in lost]
         raise RuntimeError(f"ranks {missing} gave no result before the time limit")
 
 
@@ -289,20 +326,24 @@ def _end(procs, signum, wait_s):
 
 
 def run(main, world, rank, args=(), init_method=None, backend=None, timeout_s=300.0, threads=None, debug=False,
-        survivors=None, restarts=0):
+        survivors=None, restarts=0, in_place=False):
     """The entry scripts' launcher: main(rank, world, *args) runs with the process group joined,
     on this one rank, or on all ranks spawned here when no rank was given. A failing rank
     ends the launcher with one line naming the cause (the traceback too with debug).
 
     Elastic (a local spawn with `survivors`): when ranks die, up to `restarts` times the survivors
-    start again with survivors(dead ranks, args) -> (world, args, what the restart does)."""
+    start again with survivors(dead ranks, args) -> (world, args, what the restart does); or, with
+    `in_place`, the survivors are told and go on in their own processes (spawn's regroups)."""
     backend = backend or default_backend()
     check_backend(backend)
     try:
         if rank is None and world > 1:
             with signals_raise_stopped():
-                _spawn_restarting(main, world, args, backend, timeout_s, init_method, threads or 1, survivors,
-                                  restarts)
+                if in_place:
+                    spawn(main, world, args, backend, timeout_s, init_method, threads=threads or 1, regroups=restarts)
+                else:
+                    _spawn_restarting(main, world, args, backend, timeout_s, init_method, threads or 1, survivors,
+                                      restarts)
             return None
         if threads:
             torch.set_num_threads(threads)

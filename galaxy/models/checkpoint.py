@@ -74,7 +74,7 @@ def check_config_agrees(config, path, from_json, keys):
                               f"{'; '.join(differ)} (set these keys to the checkpoint's values)")
 
 
-def load_checkpoint(model, path, to_hf, strip_prefix="", trainable_only=False, strict=True, ignore=()):
+def load_checkpoint(model, path, to_hf, strip_prefix="", trainable_only=False, strict=True, ignore=(), verified=False):
     """Copy this rank's slices of a Hugging Face checkpoint into `model` (names mapped by to_hf).
 
     A full load is checked against the whole model, every pipeline stage of it, built without
@@ -91,11 +91,18 @@ def load_checkpoint(model, path, to_hf, strip_prefix="", trainable_only=False, s
     must hold exactly the whole model's trainable tensors. The tuning method's parameters exist
     only on the ranks that built them, so the ranks pool what they found (one all-gather every
     rank reaches) and all raise the same error before anything is copied.
+
+    verified: the checks above passed before (at start-up); copy this rank's slices into the
+    parameters that have memory and skip those on the meta device (nothing is read for them).
     """
     where = _files(path)
     handles = {}
     try:
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad or not trainable_only]
+        if verified:
+            params = [(n, p) for n, p in params if not p.is_meta]
+            _copy_slices(_match(params, where, handles, to_hf, strip_prefix)[0])
+            return []
         found, missing, reshaped = _match(params if trainable_only else _whole_model(model),
                                           where, handles, to_hf, strip_prefix)
         used = {hf for hf, _, _ in found}
@@ -111,12 +118,16 @@ def load_checkpoint(model, path, to_hf, strip_prefix="", trainable_only=False, s
             raise CheckpointError(f"{path}: {'; '.join(listed)} ({hint})")
         if not trainable_only:  # this rank's own parameters (the whole model's were only checked)
             found = _match(params, where, handles, to_hf, strip_prefix)[0]
-        for hf, view, param in found:
-            with torch.no_grad():
-                param.copy_(_read_slice(view, param))
+        _copy_slices(found)
     finally:
         handles.clear()
     return [_listed(n, w, shown=len(n)) for w, n in tolerable.items()]
+
+
+@torch.no_grad()
+def _copy_slices(found):
+    for _, view, param in found:
+        param.copy_(_read_slice(view, param))
 
 
 def _whole_model(model):

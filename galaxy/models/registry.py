@@ -14,6 +14,7 @@ from galaxy.models.bart import BartConfig, BartForConditionalGeneration
 from galaxy.models.bert import BertConfig, BertForMaskedLM, BertModel
 from galaxy.models.common import init_weights
 from galaxy.models.llama import LlamaConfig, LlamaForCausalLM, LlamaModel
+from galaxy.tuning.apply import apply_tuning
 
 
 def load_tokenizer(cfg):
@@ -74,6 +75,21 @@ MODELS = {"bert": ModelSpec(BertConfig, BertForMaskedLM, bert_data),
 def build_model(cfg, ctx=None):
     spec = MODELS[cfg["model"]]
     return spec.model(spec.config.from_dict(cfg), ctx)
+
+
+def load_sources(model, cfg, ctx, verified=False):
+    """Fill a built model from the run's sources, in order: load_checkpoint's weights (over the
+    seed's, drawn as it was built), the tuning method (which adds and initialises its parameters
+    and freezes the rest), load_trainable's weights. `verified`: these files passed the whole
+    model's checks at start-up, so only this model's own slices are read (galaxy.relayout's
+    rebuilt part of a lost rank). Returns (what load_checkpoint skipped, the tuning line)."""
+    skipped = []
+    if cfg["load_checkpoint"] and not cfg["resume"]:
+        skipped = model.load_hf(cfg["load_checkpoint"], strict=cfg["strict"], verified=verified)
+    tuning = apply_tuning(model, cfg, ctx)  # LoRA / adapter / side: freezes the rest
+    if cfg["load_trainable"] and not cfg["resume"]:  # their parameters exist only now
+        model.load_hf(cfg["load_trainable"], trainable_only=True, verified=verified)
+    return skipped, tuning
 
 
 BACKBONES = {"bert": BertModel, "llama": LlamaModel}  # what inference latency is timed on

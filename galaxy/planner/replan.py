@@ -13,6 +13,8 @@ at the step boundary and goes on, without a restart.
                (galaxy.comm.collectives.reshard); replicated ones are copied. AdamW's moments move
                like their parameters; its step counts, the LR schedule and the training step stay.
 
+The move itself is galaxy.relayout's (shared with --elastic inference).
+
 The prediction is the planner's cost model of the blocks' compute (galaxy.planner.split, with an
 unlimited link): what crosses the link per layer changes only with the positions' split. A block's
 time is modelled as fixed + per unit * units: linear (fixed 0) while the ranks have run one split,
@@ -20,25 +22,20 @@ fitted per rank and block from the split left and the split run after a move (`f
 """
 import functools
 import time
-from collections import defaultdict
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from statistics import median
 
 import torch
-from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from galaxy.comm import collectives as C
 from galaxy.errors import ConfigError
 from galaxy.layers.attention import Attention
 from galaxy.layers.mlp import MLP
-from galaxy.layers.param_spec import spec_of
-from galaxy.layers.transformer import Connective, TransformerLayer
-from galaxy.models.registry import build_model
-from galaxy.plan import SP, TP, build_plan, gqa_group
+from galaxy.layers.transformer import Connective
+from galaxy.plan import SP, TP, gqa_group
 from galaxy.planner.run import plan_dims
 from galaxy.planner.split import RankProfile, plan_galaxy, predict_layer_seconds
-from galaxy.tuning.apply import apply_tuning
+from galaxy.relayout import build_empty, move_state
 
 SPLIT_KEYS = ("tp_num_attention_heads_list", "tp_intermediate_size_list", "seq_scatter_list")
 BLOCKS = (Attention, MLP, Connective)
@@ -212,101 +209,6 @@ def layer_dims(cfg):
     """Drift's dims: the planner's model sizes (galaxy.planner.run.plan_dims) for one layer, heads
     moving in whole GQA groups (the link is left out, so the batch does not matter)."""
     return dict(plan_dims(cfg, batch=1), layers=1, head_unit=gqa_group(cfg))
-
-
-# ---- the move -----------------------------------------------------------------------------
-
-def _length(p):
-    shard = spec_of(p).shard
-    return -1 if shard is None else shard.length
-
-
-def _reshards(pairs, ctx):
-    """Per (old, new) parameter: (dim, old sizes, new sizes) over the tensor group when its split
-    changes, else None. One small all-gather tells every rank every rank's lengths."""
-    lengths = torch.tensor([[_length(p), _length(q)] for p, q in pairs], dtype=torch.long, device=ctx.device)
-    every = C.gather_along_dim(lengths.unsqueeze(0), 0, [1] * ctx.tp_size, ctx.tp_group)
-    out = []
-    for i, (p, _) in enumerate(pairs):
-        before, after = every[:, i, 0].tolist(), every[:, i, 1].tolist()
-        out.append((spec_of(p).shard.dim, before, after) if before != after else None)
-    return out
-
-
-def build_empty(cfg, ctx):
-    """This rank's model under cfg's plan, its memory on ctx's device left unfilled (the move fills
-    every tensor): built on the meta device, so no initial weights are drawn, then each parameter
-    and buffer gets memory, parameters keeping their ParamSpecs and ties. Returns (model, its ctx)."""
-    device, ctx = ctx.device, replace(ctx, plan=build_plan(cfg, ctx.world), device=torch.device("meta"))
-    with _NoDrawOnMeta():
-        model = build_model(cfg, ctx)
-        apply_tuning(model, cfg, ctx)
-    ctx.device = device  # the modules hold this context: from here on they run on the device
-    made = {}
-    for module in model.modules():
-        for tensors in (module._parameters, module._buffers):
-            for name, t in [(name, t) for name, t in tensors.items() if t is not None]:
-                if id(t) not in made:  # a tied parameter gets memory once, and stays tied
-                    made[id(t)] = _empty_like(t, device)
-                tensors[name] = made[id(t)]
-        if isinstance(module, TransformerLayer):
-            with torch.device(device):
-                module.set_tiles(cfg["overlap_tiles"])
-    return model, ctx
-
-
-class _NoDrawOnMeta(TorchFunctionMode):
-    """nn.Embedding draws its default weights with normal_, whose meta-device kernel imports torch's
-    decompositions on its first call (seconds); a meta tensor has nothing to draw, so it is skipped."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if getattr(func, "__name__", None) == "normal_":  # Tensor.normal_ or nn.init.normal_
-            tensor = args[0] if args else kwargs["tensor"]
-            if tensor.is_meta:
-                return tensor
-        return func(*args, **kwargs)
-
-
-def _empty_like(t, device):
-    empty = torch.empty(t.shape, dtype=t.dtype, device=device)  # (empty_like of a meta tensor imports sympy)
-    if not isinstance(t, nn.Parameter):
-        return empty
-    p = nn.Parameter(empty, requires_grad=t.requires_grad)
-    p.__dict__.update(t.__dict__)  # its ParamSpec
-    return p
-
-
-@torch.no_grad()
-def move_state(old, new, ctx, opt=None):
-    """Fill `new` (the model under another plan on the same ranks) from `old`, and point `opt`
-    (built for old) at new's parameters with their state moved alike. Collective over the tensor
-    group; every rank moves the same tensors in the same (model) order. What does not move (a
-    replicated parameter, a buffer such as LLaMA's rotary frequencies) is handed over, not copied:
-    `old` is left sharing it and must not be used again."""
-    params = dict(new.named_parameters())
-    pairs = [(p, params[name]) for name, p in old.named_parameters()]
-    reshards = _reshards(pairs, ctx)
-
-    def moved(tensor, i):
-        return tensor if reshards[i] is None else C.reshard(tensor, *reshards[i], ctx.tp_group)
-
-    for i, (p, q) in enumerate(pairs):
-        q.data = moved(p, i).data
-    buffers = dict(old.named_buffers())
-    for name, b in new.named_buffers():
-        b.data = buffers[name].data
-    if opt is None:
-        return
-    state = {}
-    for i, (p, q) in enumerate(pairs):  # a tensor of its parameter's shape (AdamW's moments) moves with it
-        if p in opt.state:
-            state[q] = {k: moved(v, i) if torch.is_tensor(v) and v.shape == p.shape else v
-                        for k, v in opt.state[p].items()}
-    opt.state = defaultdict(dict, state)
-    new_of = {p: q for p, q in pairs}
-    for group in opt.param_groups:
-        group["params"] = [new_of[p] for p in group["params"]]
 
 
 # ---- one rank's side ----------------------------------------------------------------------

@@ -1,7 +1,10 @@
 """--elastic: when a rank of a one-command local spawn dies, its survivors go on without a human.
 
-The launcher (galaxy.comm.launch.run) sees a rank's process end without a result (killed by a
-signal, or exited non-zero), ends the others, and asks `Survivors` for the smaller world:
+Training: the launcher (galaxy.comm.launch.run) sees a rank's process end without a result
+(killed by a signal, or exited non-zero), ends the others, and asks `Survivors` for the smaller
+world, restarting them from the latest checkpoint. Inference in a layout whose ranks share every
+layer (tp, sp, galaxy: `in_place`): the launcher tells the survivors instead, and they re-plan in
+their own processes, keeping their weights (galaxy.infer.Server). Both re-plan the same way:
 
 - the config loses the dead ranks' entries, and each per-rank list is apportioned again over the
   survivors in proportion to their own entries (a rank that held twice the heads keeps twice the
@@ -9,8 +12,10 @@ signal, or exited non-zero), ends the others, and asks `Survivors` for the small
   ranks share each layer, stage_num_hidden_layers_list when they are pipeline stages, memory_mb /
   zero_shard_list when they are data-parallel replicas;
 - training resumes from the latest complete checkpoint in save_dir, read into the new layout
-  (galaxy.train.checkpoint reshards it); inference reloads load_checkpoint (or the seed's
-  weights, which no layout changes) in the new layout and serves its requests from the start.
+  (galaxy.train.checkpoint reshards it); inference in place keeps each survivor's rows, moves
+  rows between survivors point to point and rebuilds only the lost rank's rows from the run's
+  sources (galaxy.relayout); inference in a pipeline or data-parallel layout restarts like
+  training, reloading load_checkpoint (or the seed's weights) and serving from the start.
 
 Layouts whose ranks split more than one way (tensor x data, tensor x pipeline ...) and a world
 too small for the layout (ZeRO without replicas, fewer heads than ranks ...) are refused, at
@@ -125,6 +130,13 @@ class Survivors:
         return new.world, (cfg, new, *rest), what
 
 
-def launch_args(cfg, resumes):
+def in_place(plan, resumes):
+    """Whether survivors go on in their own processes: inference whose ranks share every layer."""
+    return not resumes and plan.world > 1 and plan.tp_size == plan.world
+
+
+def launch_args(cfg, plan, resumes):
     """launch.run's elastic arguments for this config (none without --elastic)."""
-    return {"survivors": Survivors(resumes), "restarts": cfg["elastic_restarts"]} if cfg["elastic"] else {}
+    if not cfg["elastic"]:
+        return {}
+    return {"survivors": Survivors(resumes), "restarts": cfg["elastic_restarts"], "in_place": in_place(plan, resumes)}

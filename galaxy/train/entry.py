@@ -18,14 +18,13 @@ from galaxy.data import DataError
 from galaxy.explain import explain
 from galaxy.memory import MemoryReport, model_state_line
 from galaxy.models.checkpoint import CheckpointError
-from galaxy.models.registry import MODELS, build_model
+from galaxy.models.registry import MODELS, build_model, load_sources
 from galaxy.pipeline import PipelineForwardBackward, format_actions
 from galaxy.planner.replan import Replanner
 from galaxy.profiler import observe
 from galaxy.train import checkpoint, cli, elastic, outputs
 from galaxy.train.config import config_hash
 from galaxy.train.loop import NonFiniteError, Trainer, run_training
-from galaxy.tuning.apply import apply_tuning
 from galaxy.tuning.keys import save_tuning_record
 
 
@@ -89,13 +88,9 @@ def load_model(cfg, ctx, rank):
     """This rank's part of the model with load_checkpoint's weights and the tuning method (and
     load_trainable's weights) applied; returns (model, a line describing the tuning)."""
     model = build_model(cfg, ctx)
-    if cfg["load_checkpoint"] and not cfg["resume"]:
-        skipped = model.load_hf(cfg["load_checkpoint"], strict=cfg["strict"])
-        if skipped and rank == 0:  # every rank found the same: the whole model's names were checked
-            print(f"[rank 0] --strict false: {cfg['load_checkpoint']}: " + "; ".join(skipped), flush=True)
-    tuning = apply_tuning(model, cfg, ctx)  # LoRA / adapter / side: freezes the rest
-    if cfg["load_trainable"] and not cfg["resume"]:  # their parameters exist only now
-        model.load_hf(cfg["load_trainable"], trainable_only=True)
+    skipped, tuning = load_sources(model, cfg, ctx)
+    if skipped and rank == 0:  # every rank found the same: the whole model's names were checked
+        print(f"[rank 0] --strict false: {cfg['load_checkpoint']}: " + "; ".join(skipped), flush=True)
     return model, tuning
 
 
@@ -166,4 +161,4 @@ def main(doc, model, default_config, argv=None):
     with outputs.save_dir_lock(cfg["save_dir"]) if owns_save_dir else nullcontext():
         launch.run(train, world, rank, (cfg, plan, args), args.init_method,
                    cfg["distributed_backend"], cfg["timeout_s"], args.threads, args.debug,
-                   **elastic.launch_args(cfg, resumes=True))
+                   **elastic.launch_args(cfg, plan, resumes=True))

@@ -77,17 +77,27 @@ def test_what_cannot_shrink_is_refused(over, message):
         elastic.check(cfg, plan, None, resumes=False)
 
 
-def test_inference_killed_rank_survivors_serve_at_world2(tmp_path):
-    args = ["--config_file", "train_config/bert/galaxy/full.json", *procs.GALAXY3[2:], "--world", "3", "--elastic",
+@pytest.mark.parametrize("layout, expected", [
+    (procs.GALAXY3[2:], ["galaxy: rank 2 was killed by SIGKILL; regroup 1 of 3: the 2 survivors re-plan in place",
+                         "[rank 0] elastic: lost rank(s) [2] during request 3; the 2 survivors re-planned in place",
+                         "[rank 0] plan: ATT=TP CON=SP MLP=TP tp=2"]),
+    # a pipeline's stages hold different layers: its survivors restart, as training does
+    (["--parallel", "serial", "--stage_num_hidden_layers_list", "[1,1,1]", "--num_hidden_layers", "3"],
+     ["galaxy: rank 2 was killed by SIGKILL; restart 1 of 3: the 2 survivors", "[rank 0] plan: ",
+      "pp=2 heads=[4] columns=[128] positions=[32] stage_layers=[2, 1]"]),
+], ids=["galaxy in place", "pipeline restarts"])
+def test_inference_killed_rank_survivors_serve_at_world2(layout, expected):
+    args = ["--config_file", "train_config/bert/galaxy/full.json", "--world", "3", "--elastic",
             "--hidden_size", "64", "--intermediate_size", "128", "--vocab_size", "200", "--num_hidden_layers", "2",
-            "--seq_length", "32", "--timeout_s", "20", "--requests", "4", "--warmup", "1"]
+            "--seq_length", "32", "--timeout_s", "20", "--requests", "4", "--warmup", "1", *layout]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GALAXY_TEST_KILL": "2,3,3"}
     done = subprocess.run([sys.executable, "tests/reliability/patched_infer.py", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=240)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-3000:]
-    assert "galaxy: rank 2 was killed by SIGKILL; restart 1 of 3: the 2 survivors" in log, log[-3000:]
-    assert "[rank 0] plan: ATT=TP CON=SP MLP=TP tp=2" in log and "latency over 4 requests" in log, log[-3000:]
+    for line in expected:
+        assert line in log, (line, log[-3000:])
+    assert "latency over 4 requests" in log, log[-3000:]
 
 
 def test_sequence_parallel_survivors_split_positions_only():

@@ -228,9 +228,10 @@ class BartForConditionalGeneration(nn.Module):
         loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
         return loss_sum, (labels != -100).sum()
 
-    def load_hf(self, path, trainable_only=False, strict=True):
+    def load_hf(self, path, trainable_only=False, strict=True, verified=False):
         checkpoint.check_config_agrees(self.config, path, BartConfig.from_hf, ("hidden_act", "scale_embedding"))
-        return checkpoint.load_checkpoint(self, path, to_hf, trainable_only=trainable_only, strict=strict)
+        return checkpoint.load_checkpoint(self, path, to_hf, trainable_only=trainable_only, strict=strict,
+                                          verified=verified)
 
     def save_hf(self, path, trainable_only=False):
         cfg = json.dumps(self.config.to_hf(), indent=1)

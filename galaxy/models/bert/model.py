@@ -208,10 +208,10 @@ class BertForMaskedLM(nn.Module):
         loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
         return loss_sum, (labels != -100).sum()
 
-    def load_hf(self, path, trainable_only=False, strict=True):
+    def load_hf(self, path, trainable_only=False, strict=True, verified=False):
         checkpoint.check_config_agrees(self.config, path, BertConfig.from_dict, ("layer_norm_eps", "hidden_act"))
         return checkpoint.load_checkpoint(self, path, mlm_to_hf, trainable_only=trainable_only, strict=strict,
-                                          ignore=HF_EXTRAS)
+                                          verified=verified, ignore=HF_EXTRAS)
 
     def save_hf(self, path, trainable_only=False):
         cfg = json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert", **vars(self.config)}, indent=1)

@@ -156,10 +156,10 @@ class LlamaForCausalLM(nn.Module):
         model.load_hf(path)
         return model
 
-    def load_hf(self, path, trainable_only=False, strict=True):
+    def load_hf(self, path, trainable_only=False, strict=True, verified=False):
         checkpoint.check_config_agrees(self.config, path, LlamaConfig.from_dict, UNSEEN_IN_SHAPES)
         return checkpoint.load_checkpoint(self, path, self.to_hf, trainable_only=trainable_only, strict=strict,
-                                          ignore=HF_EXTRAS)
+                                          verified=verified, ignore=HF_EXTRAS)
 
     def save_hf(self, path, trainable_only=False):
         cfg = json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama", **vars(self.config)}, indent=1)

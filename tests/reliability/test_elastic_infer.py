@@ -1,0 +1,122 @@
+"""--elastic inference in place: a rank of a world-3 run is SIGKILLed between requests; the
+survivors regroup in their own processes, re-plan for world 2 and keep their own rows of every
+weight, receive the rows that change owner from each other, and rebuild only the lost rank's rows
+from the run's sources. Every request's output, before and after the loss, equals the serial
+model's (rel. error < 1e-5), and the bytes rebuilt are exactly the lost rank's split parameters.
+
+BERT Galaxy (uneven) loads its base weights from load_checkpoint and a LoRA file from
+load_trainable (merge_weights: merged into the weights at eval), both different from the seed's initial values,
+and loses rank 1; LLaMA TP with grouped-query attention starts from the seed's weights and loses
+rank 0 (whose process hosted nothing: the launcher hosts the store)."""
+import os
+import signal
+
+import pytest
+import torch
+
+from galaxy import infer
+from galaxy.comm.context import ParallelContext
+from galaxy.layers.param_spec import spec_of
+from galaxy.models.registry import build_model, load_sources
+from galaxy.plan import build_plan
+from galaxy.relayout import META, _NoDrawOnMeta
+from galaxy.train.config import load_config
+from galaxy.tuning.apply import apply_tuning
+from tests.helpers import rel_err
+from galaxy.comm.launch import spawn
+from tests.models.llama.common import MODEL as LLAMA
+from tests.tuning.test_tuning_layouts import offset
+
+ALL_LORA = ["query", "key", "value", "dense", "intermediate", "output"]
+BERT = dict(model="bert", hidden_size=32, intermediate_size=48, num_attention_heads=4, num_hidden_layers=2,
+            vocab_size=64, seq_length=12, max_position_embeddings=16, hidden_dropout_prob=0.1,
+            attention_probs_dropout_prob=0.1, use_lora=True, lora_dim=4, lora_alpha=8.0, lora_targets=ALL_LORA,
+            merge_weights=True)
+CASES = {  # name: (config keys, lost rank, requests served before the loss)
+    "bert galaxy, checkpoint + LoRA": (dict(BERT, parallel="galaxy", tp_num_attention_heads_list=[1, 2, 1],
+                                            tp_intermediate_size_list=[8, 30, 10], seq_scatter_list=[5, 4, 3]), 1, 2),
+    "llama tp, GQA, seed weights": (dict(LLAMA, num_hidden_layers=2, parallel="tp", tp_num_attention_heads_list=[4, 2, 2],
+                                         tp_intermediate_size_list=[40, 32, 24]), 0, 1),
+}
+REQUESTS = 4
+
+
+def sources(root):
+    """A base checkpoint and a LoRA file, both away from the seed's values (a fresh lora_B is 0)."""
+    cfg = load_config(None, {**BERT, "parallel": "serial"})
+    model = build_model(cfg)
+    shift(model)
+    model.save_hf(f"{root}/base")
+    apply_tuning(model, cfg, model.ctx)
+    shift(model)
+    model.save_hf(f"{root}/lora", trainable_only=True)
+    return dict(load_checkpoint=f"{root}/base", load_trainable=f"{root}/lora")
+
+
+@torch.no_grad()
+def shift(model):
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            p.add_(offset(name, p))
+
+
+def batches(cfg):
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randint(4, cfg["vocab_size"], (2, cfg["seq_length"]), generator=g), None) for _ in range(REQUESTS)]
+
+
+def serial_outputs(cfg):
+    cfg = dict(cfg, parallel="serial", tp_num_attention_heads_list=None, tp_intermediate_size_list=None,
+               seq_scatter_list=None)
+    model = build_model(cfg)
+    load_sources(model, cfg, model.ctx)
+    forward = infer.forward_fn(model.eval(), cfg["model"])
+    with torch.no_grad():
+        return [forward(ids, mask) for ids, mask in batches(cfg)]
+
+
+def lost_rows_bytes(cfg, plan, rank):
+    """The bytes of the split parameters (the tuning method's too) that `rank` holds under `plan`."""
+    ctx = ParallelContext(plan, rank=rank, device=META)
+    with _NoDrawOnMeta():
+        model = build_model(cfg, ctx)
+        apply_tuning(model, cfg, ctx)
+    return sum(p.numel() * p.element_size() for p in model.parameters() if spec_of(p).shard)
+
+
+def _killing(serve, victim, after, world):
+    def serve_then_die(forward, batches, ctx, *rest):
+        for served, result in enumerate(serve(forward, batches, ctx, *rest), 1):
+            yield result
+            if (ctx.rank, served, ctx.world) == (victim, after, world):
+                os.kill(os.getpid(), signal.SIGKILL)
+    return serve_then_die
+
+
+def _serve_losing_a_rank(rank, world, cfg, victim, after):
+    infer.serve = _killing(infer.serve, victim, after, world)  # this process's module: the Server calls it
+    model, ctx = infer.eval_model(cfg, build_plan(cfg, world), rank)
+    server = infer.Server(model, ctx, cfg, regroups=1)
+    outputs = [out for _, out in server.run(batches(cfg), keep=lambda out: out)]
+    return outputs, server.recoveries, server.ctx.plan.describe()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_survivors_keep_their_rows_and_match_serial(case, tmp_path):
+    keys, victim, after = CASES[case]
+    cfg = load_config(None, {**keys, **(sources(tmp_path) if keys["model"] == "bert" else {}), "timeout_s": 30})
+    want = serial_outputs(cfg)
+    results = spawn(_serve_losing_a_rank, 3, (cfg, victim, after), timeout_s=30, limit_s=150, regroups=1)
+    assert results[victim] is None
+    lost = lost_rows_bytes(cfg, build_plan(cfg, 3), victim)
+    for rank, result in enumerate(results):
+        if rank == victim:
+            continue
+        outputs, recoveries, plan = result
+        assert "tp=2" in plan, plan
+        assert [r["lost"] for r in recoveries] == [[victim]]
+        assert recoveries[0]["rebuilt"] == lost, (recoveries, lost)
+        assert recoveries[0]["kept"] > 2 * lost  # what the survivors held stayed with them
+        assert len(outputs) == REQUESTS
+        for i, (got, expected) in enumerate(zip(outputs, want)):
+            assert rel_err(got, expected) < 1e-5, (case, rank, i, rel_err(got, expected))
