@@ -15,7 +15,7 @@ Methods, timed interleaved in the same rounds (medians):
     local           the fast rank (0) alone
     tp, sp, galaxy  even splits (Megatron TP, sequence parallelism, Galaxy)
     galaxy_planned  Galaxy with the planner's splits (profiles taken on the slowed ranks)
-    galaxy_overlap  the same with the overlap_tiles the planner measured fastest of --tiles
+    galaxy_overlap  the same with the overlap_tiles the planner's check picked of --tiles
     sp_planned      sequence parallelism with the planner's positions
     torch_tp        torch's parallelize_module, Colwise/Rowwise (even)
     torch_tp_sp     the same + SequenceParallel norms (even)

@@ -15,7 +15,7 @@ TINY = {"bert": dict(model="bert", hidden_size=32, num_attention_heads=4, interm
         "llama": dict(model="llama", hidden_size=32, num_attention_heads=4, intermediate_size=64, vocab_size=100)}
 
 
-def test_the_planner_runs_the_layout_it_predicts_fastest():
+def test_the_prediction_picks_the_layout_predicted_fastest():
     assert paper.planner_pick({"local": 0.3, "sp": 0.5, "galaxy": 0.4}) == "local"
     assert paper.planner_pick({"local": 0.6, "sp": 0.5, "galaxy": 0.4}) == "galaxy_overlap"
     assert paper.planner_pick({"local": 0.6, "sp": 0.3, "galaxy": 0.4}) == "sp_planned"
