@@ -15,14 +15,15 @@ Methods, timed interleaved in the same rounds (medians):
     local           the fast rank (0) alone
     tp, sp, galaxy  even splits (Megatron TP, sequence parallelism, Galaxy)
     galaxy_planned  Galaxy with the planner's splits (profiles taken on the slowed ranks)
-    galaxy_overlap  the same with the overlap_tiles the planner measured fastest of --tiles
+    galaxy_overlap  the same with the overlap_tiles the planner's check picked of --tiles
     sp_planned      sequence parallelism with the planner's positions
     torch_tp        torch's parallelize_module, Colwise/Rowwise (even)
     torch_tp_sp     the same + SequenceParallel norms (even)
 The planner also predicts local vs SP vs Galaxy (galaxy.planner.split.plan_layouts), then checks
-its candidates in a short measurement of its own (`trial`: tiles and layout) and runs the fastest:
-"planner" is the method it picked (local, sp_planned or galaxy_overlap); both picks are printed. Writes paper.csv and
-paper.svg to --out_dir (docs/results).
+its candidates in a measurement of its own (`trial`, galaxy.planner.check: interleaved rounds until
+one is clearly fastest, at most --trial_repeats; the simplest of the close ones if none is) and runs
+the one it picked: "planner" is that method (local, sp_planned or galaxy_overlap); both picks are
+printed. Writes paper.csv and paper.svg to --out_dir (docs/results).
 """
 import argparse
 import json
@@ -41,7 +42,8 @@ from benchmarks.vs_torch_tp import TorchTP
 from galaxy.comm.launch import init_distributed
 from galaxy.planner.profile import slow_down
 from galaxy.planner.run import gather_profiles, plan_dims
-from galaxy.planner.split import choose_tiles, plan_layouts
+from galaxy.planner.check import MIN_ROUNDS, check, from_rank0, leader
+from galaxy.planner.split import plan_layouts
 
 PORT = 29561
 # An embedding lookup's time does not depend on the vocabulary, but initialising ~15 models per row
@@ -72,7 +74,7 @@ def method_keys(candidates, tiles):
 
 
 def planner_pick(seconds):
-    """The method the planner runs for {layout (local, sp, galaxy): seconds}: the least."""
+    """The method for {layout (local, sp, galaxy): seconds} of the least (the prediction's pick)."""
     return PICKED[min(seconds, key=seconds.get)]
 
 
@@ -88,23 +90,26 @@ def speedups(medians, pick):
     return out, best_other
 
 
-def trial(rank, world, sizes, layers, seq, candidates, tiles, repeats, slowed):
-    """The planner's check of its candidates, measured interleaved (apart from the timed rounds the
-    table reports): its Galaxy split with each overlap_tiles of `tiles` (`choose_tiles` keeps the
-    fewest within the noise of the fastest), local and its SP split. Predictions rest on a profile
-    that other processes' load can skew, as on these shared cores, so the layout run is the one
-    measured fastest (as `python -m galaxy.planner --out` keeps). `slowed()`: the slow-down's context.
-    Returns (tiles, {tiles: seconds}, {layout: measured seconds})."""
-    keys = {f"galaxy x{k}": dict(candidates["galaxy"][0], overlap_tiles=k) for k in tiles}
-    keys.update(local={"parallel": "serial"}, sp=candidates["sp"][0])
-    runners = [Runner(name, paper_cfg(sizes, layers, seq, **k), rank, world) for name, k in keys.items()]
+def trial(rank, world, sizes, layers, seq, candidates, tiles, max_rounds, slowed):
+    """The planner's check of its candidates (galaxy.planner.check; apart from the timed rounds the
+    table reports): local, its SP split and its Galaxy split with each overlap_tiles of `tiles`,
+    simplest first, raced in interleaved rounds until one is clearly fastest or `max_rounds` end.
+    Predictions rest on a profile that other processes' load can skew, as on these shared cores, so
+    the layout run is the one the check picks (as `python -m galaxy.planner --out` keeps).
+    `slowed()`: the slow-down's context. Returns (the Verdict, the layout picked (local, sp, galaxy),
+    the tiles galaxy_overlap runs: the pick's if a Galaxy one, else the leader among the Galaxy ones)."""
+    galaxy = {f"galaxy x{k}": k for k in sorted(tiles)}
+    keys = {"local": {"parallel": "serial"}, "sp": candidates["sp"][0]}
+    keys.update({name: dict(candidates["galaxy"][0], overlap_tiles=k) for name, k in galaxy.items()})
+    runners = {name: Runner(name, paper_cfg(sizes, layers, seq, **k), rank, world) for name, k in keys.items()}
+
+    def time_round(names):
+        times = interleaved([runners[name] for name in names], lambda r: r.infer(), 1, warmup=0)
+        return {name: ts[0] for name, ts in times.items()}
     with slowed():
-        seconds = [{name: median(ts) for name, ts in interleaved(runners, lambda r: r.infer(), repeats).items()}]
-    dist.broadcast_object_list(seconds, src=0)  # ranks' clocks differ a little: all must choose the same tiles
-    seconds = seconds[0]
-    tile_s = {k: seconds[f"galaxy x{k}"] for k in tiles}
-    chosen = choose_tiles(tile_s)
-    return chosen, tile_s, {"local": seconds["local"], "sp": seconds["sp"], "galaxy": tile_s[chosen]}
+        verdict = check(list(keys), time_round, max_rounds=max_rounds, agree=from_rank0)
+    tiled = verdict.best if verdict.best in galaxy else leader({name: verdict.times[name] for name in galaxy})
+    return verdict, "galaxy" if verdict.best in galaxy else verdict.best, galaxy[tiled]
 
 
 def counting(ours):
@@ -130,7 +135,7 @@ def measure_row(rank, world, mesh, sizes, seq, factor, opts):
     with slowed():
         profiles, bandwidth = gather_profiles(cfg, world, batch=1)
     candidates = plan_layouts(profiles, bandwidth_Bps=bandwidth, **plan_dims(cfg, 1))
-    tiles, tile_s, checked = trial(rank, world, sizes, opts.layers, seq, candidates, opts.tiles, opts.trial_repeats,
+    verdict, layout, tiles = trial(rank, world, sizes, opts.layers, seq, candidates, opts.tiles, opts.trial_repeats,
                                    slowed)
     keys = method_keys(candidates, tiles)
     ours = [Runner(name, paper_cfg(sizes, opts.layers, seq, **k), rank, world) for name, k in keys.items()]
@@ -144,8 +149,9 @@ def measure_row(rank, world, mesh, sizes, seq, factor, opts):
     predicted = {name: seconds for name, (_, seconds) in candidates.items()}
     return dict(seq=seq, slow=factor, times=times, profiles=[vars(p) for p in profiles], bandwidth=bandwidth,
                 sent={r.name: max(s.get(r.name, 0.0) for s in every) for r in ours},  # the busier direction
-                predicted=predicted, predicted_pick=planner_pick(predicted), checked=checked,
-                pick=planner_pick(checked), tiles=tiles, tile_s=tile_s,
+                predicted=predicted, predicted_pick=planner_pick(predicted), pick=PICKED[layout], tiles=tiles,
+                check={name: (median(ts), len(ts)) for name, ts in verdict.times.items()},
+                check_rounds=verdict.rounds, decided=verdict.decided,
                 splits={m: keys[m] for m in ("galaxy_planned", "sp_planned")})
 
 
@@ -207,11 +213,11 @@ def report_row(link, row):
     print(f"\n{link}, {row['model']}, seq {row['seq']}, rank 1 slowed {row['slow']:g}x -> measured "
           f"{ratios[0]:.2f}x attention, {ratios[1]:.2f}x MLP, {ratios[2]:.2f}x connective ({row['wall_s']:.0f} s)")
     print(block_line(row))
+    how = "clearly fastest" if row["decided"] else "the simplest of the close ones"
     print("    planner predicts " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in row["predicted"].items())
-          + f" (-> {row['predicted_pick']}); its check measured "
-          + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in row["checked"].items()) + f" -> runs {row['pick']}")
-    print(f"    overlap_tiles {row['tiles']} (measured "
-          + ", ".join(f"{k}: {v * 1e3:.0f} ms" for k, v in row["tile_s"].items()) + ")")
+          + f" (-> {row['predicted_pick']}); its check measured (median ms, rounds) "
+          + ", ".join(f"{k} {s * 1e3:.0f} ({n})" for k, (s, n) in row["check"].items())
+          + f" -> runs {row['pick']}, overlap_tiles {row['tiles']} ({how} after {row['check_rounds']} rounds)")
     print(f"    planned splits: {row['splits']}")
     lines, csv_rows = [], []
     for method, ts in row["times"].items():
@@ -238,8 +244,11 @@ def check_args(p, args):
             p.error(f"--links: {e}")
     if any(f < 1 for f in args.slow):
         p.error(f"--slow {args.slow}: a slow-down factor is >= 1 (1 = homogeneous)")
-    if any(s < 2 for s in args.seqs) or min(args.layers, args.repeats, args.trial_repeats, *args.tiles) < 1:
-        p.error("--seqs >= 2; --layers, --repeats, --trial_repeats and --tiles >= 1")
+    if any(s < 2 for s in args.seqs) or min(args.layers, args.repeats, *args.tiles) < 1:
+        p.error("--seqs >= 2; --layers, --repeats and --tiles >= 1")
+    if args.trial_repeats < MIN_ROUNDS:
+        p.error(f"--trial_repeats {args.trial_repeats}: the planner's check needs at least {MIN_ROUNDS} rounds "
+                f"to tell candidates apart")
 
 
 def main():
@@ -252,7 +261,9 @@ def main():
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tiles", nargs="+", type=int, default=[1, 2, 4, 8], help="overlap_tiles the planner measures")
-    p.add_argument("--trial_repeats", type=int, default=2, help="rounds of the planner's check of its candidates")
+    p.add_argument("--trial_repeats", type=int, default=12,
+                   help=f"most rounds of the planner's check of its candidates (at least {MIN_ROUNDS}; it stops "
+                        f"once one is clearly fastest)")
     p.add_argument("--out_dir", default=RESULTS)
     p.add_argument("--timeout_s", type=float, default=3600)
     add_worker_args(p)

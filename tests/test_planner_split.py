@@ -5,7 +5,7 @@ import random
 import pytest
 
 from galaxy.plan import build_plan
-from galaxy.planner.split import (RankProfile, apportion, choose_tiles, comm_seconds, even_galaxy, even_pipeline,
+from galaxy.planner.split import (RankProfile, apportion, comm_seconds, even_galaxy, even_pipeline,
                                   pipeline_seconds, plan_galaxy, plan_layouts, plan_pipeline, plan_stage_layers,
                                   predict_layer_seconds, tiled_variants)
 
@@ -166,13 +166,6 @@ def test_tiled_variants_measure_the_planned_split_once_per_tile_count():
     variants = tiled_variants(split, [1, 4])
     assert list(variants) == ["planned, 1 tile(s)", "planned, 4 tile(s)"]
     assert variants["planned, 4 tile(s)"] == dict(split, overlap_tiles=4) and "overlap_tiles" not in split
-
-
-def test_choose_tiles_takes_the_fewest_within_the_noise_margin_of_the_fastest():
-    assert choose_tiles({1: 1.0, 2: 0.95, 4: 0.90, 8: 0.905}) == 4
-    assert choose_tiles({1: 1.0, 2: 0.99, 4: 0.995}) == 1  # 1% faster is inside the 2% margin
-    assert choose_tiles({1: 1.0, 4: 1.2}) == 1
-    assert choose_tiles({2: 0.5, 8: 0.3}, margin=0.0) == 8
 
 
 LAYOUT_DIMS = dict(hidden=1024, heads=16, intermediate=4096, seq=512, layers=2, batch=1)

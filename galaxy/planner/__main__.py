@@ -1,7 +1,9 @@
 """Heterogeneity-aware planner: measure each rank's speed on the model's own blocks and the link
 bandwidth, choose the Galaxy head / intermediate / sequence splits (and, for a pipeline, the
 layers of each stage) that minimise the predicted latency within memory budgets, write them into
-a config, and check the prediction.
+a config, and check the prediction: the even split and the planned one (with each --tiles) are
+timed in interleaved rounds until one is clearly fastest, else (after --repeats rounds) the simplest
+of the close ones is taken (galaxy.planner.check); --out keeps it.
 
     python -m galaxy.planner --config train_config/bert/galaxy/full.json --world 2
     python -m galaxy.planner --config ... --world 2 --slow_rank 1 --out planned.json
@@ -20,6 +22,7 @@ import json
 from pathlib import Path
 
 from galaxy.comm.launch import RankFailed, spawn
+from galaxy.planner.check import MIN_ROUNDS
 from galaxy.planner.run import plan_and_check
 from galaxy.planner.split import layer_param_bytes
 from galaxy.train.config import load_config, read_config
@@ -29,15 +32,17 @@ def main():
     p = argparse.ArgumentParser(prog="python -m galaxy.planner", description=__doc__.splitlines()[0])
     p.add_argument("--config", "--config_file", dest="config", required=True)
     p.add_argument("--world", type=int, required=True)
-    p.add_argument("--out", default=None, help="write the config with the fastest measured splits here")
+    p.add_argument("--out", default=None, help="write the config with the splits the check picked here")
     p.add_argument("--memory_mb", type=float, nargs="+", default=None, help="per-rank budget for layer parameters")
     p.add_argument("--column_unit", type=int, default=1, help="intermediate columns move in multiples of this")
     p.add_argument("--stages", type=int, default=None, help="pipeline stages (default: the config's)")
     p.add_argument("--slow_rank", type=int, default=None, help="emulate a slower device on this rank")
     p.add_argument("--slow_factor", type=int, default=2, help="how many times slower --slow_rank is")
     p.add_argument("--tiles", type=int, nargs="+", default=[1],
-                   help="overlap_tiles candidates: the planned split is measured with each, the fastest is kept")
-    p.add_argument("--repeats", type=int, default=3)
+                   help="overlap_tiles candidates: the planned split is checked with each")
+    p.add_argument("--repeats", type=int, default=12,
+                   help=f"most rounds of the check of the candidates (at least {MIN_ROUNDS}; it stops once one "
+                        f"is clearly fastest)")
     p.add_argument("--timeout_s", type=float, default=1800)
     args = p.parse_args()
     cfg = load_config(args.config, {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0})
@@ -58,10 +63,11 @@ def main():
     print(f"planned  {_describe(r['split'])}: predicted {r['predicted'] * 1e3:.0f} ms (untiled)")
     print(f"even     {_describe(r['even'])}: predicted {r['even_predicted'] * 1e3:.0f} ms")
     for name, seconds in r["measured"].items():
-        print(f"measured {name}: {seconds * 1e3:.0f} ms")
+        print(f"measured {name}: {seconds * 1e3:.0f} ms (median of {r['rounds'][name]} rounds)")
     planned = min((name for name in r["measured"] if name != "even"), key=r["measured"].get)
     print(f"measured speed-up of {planned} over even split: {r['measured']['even'] / r['measured'][planned]:.2f}x")
-    print(f"fastest measured: {r['best']} ({_describe(r['chosen'])})")
+    how = "clearly fastest" if r["decided"] else "the simplest of the close ones"
+    print(f"kept: {r['best']} ({_describe(r['chosen'])}); {how} after {max(r['rounds'].values())} rounds")
     if args.out:
         raw = read_config(args.config)  # its parts merged: the written config stands alone
         raw.pop("stage_num_hidden_layers_list", None)  # the plan's replaces it; none when not pipelined
@@ -80,6 +86,8 @@ def _check_args(p, cfg, args):
         _check_memory(p, cfg, args.memory_mb, cfg["num_hidden_layers"] // args.stages)
     if min(args.tiles) < 1:
         p.error(f"--tiles {args.tiles}: each must be at least 1")
+    if args.repeats < MIN_ROUNDS:
+        p.error(f"--repeats {args.repeats}: the check needs at least {MIN_ROUNDS} rounds to tell candidates apart")
     if args.slow_factor < 1:
         p.error(f"--slow_factor {args.slow_factor} must be at least 1")
     if args.stages < 1 or args.world % args.stages:

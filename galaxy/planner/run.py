@@ -11,6 +11,7 @@ from galaxy.comm.context import ParallelContext
 from galaxy.models.registry import build_backbone
 from galaxy.pipeline import StageLinks
 from galaxy.plan import build_plan
+from galaxy.planner.check import check, from_rank0
 from galaxy.planner.profile import measure_bandwidth, measure_blocks, slow_down
 from galaxy.planner.split import (even_galaxy, even_pipeline, plan_galaxy, plan_pipeline,
                                   predict_layer_seconds, tiled_variants)
@@ -77,38 +78,49 @@ def _forward(model, ids, microbatches):
     return _pipeline_forward(model, StageLinks(model.ctx), ids, microbatches)
 
 
-@torch.no_grad()
-def measure_forward(cfg, splits, rank, world, repeats=3):
-    """Median forward seconds of the encoder per split (name -> keys), timed interleaved between
-    barriers; a pipeline runs cfg's num_microbatches micro-batches through its stages."""
+def forward_timer(cfg, splits, rank, world):
+    """time_round(names): one forward of the encoder per named split (splits: name -> keys), in the
+    order given, each timed between barriers; returns {name: seconds}. A pipeline runs cfg's
+    num_microbatches micro-batches through its stages."""
     models = {name: _model(cfg, split, rank, world) for name, split in splits.items()}
     ids = torch.randint(5, cfg["vocab_size"], (cfg["batch_size"], cfg["seq_length"]),
                         generator=torch.Generator().manual_seed(0))
-    times = {name: [] for name in models}
-    for round_ in range(repeats + 1):
-        for name, model in models.items():
+
+    @torch.no_grad()
+    def time_round(names):
+        seconds = {}
+        for name in names:
             dist.barrier()
             start = time.perf_counter()
-            _forward(model, ids, cfg["num_microbatches"])
+            _forward(models[name], ids, cfg["num_microbatches"])
             dist.barrier()
-            if round_:  # the first round warms up
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+            seconds[name] = time.perf_counter() - start
+        return seconds
+    return time_round
+
+
+def measure_forward(cfg, splits, rank, world, repeats=3):
+    """Median forward seconds of the encoder per split (name -> keys) over `repeats` interleaved
+    rounds after a warm-up one."""
+    time_round = forward_timer(cfg, splits, rank, world)
+    rounds = [time_round(list(splits)) for _ in range(repeats + 1)][1:]
+    return {name: statistics.median(r[name] for r in rounds) for name in splits}
 
 
 def plan_and_check(rank, world, cfg, args):
     """One rank of `python -m galaxy.planner` (module-level so spawned ranks can import it):
-    optional slow-down, profile, plan, then measure the planned and the even split."""
+    optional slow-down, profile, plan, then check the even split against the planned one with each
+    of --tiles (galaxy.planner.check, at most --repeats rounds)."""
     memory = args.memory_mb[rank] * 2**20 if args.memory_mb else float("inf")
     with slow_down(rank, {args.slow_rank}, factor=args.slow_factor):  # no rank is slowed without --slow_rank
         split, predicted, even, even_predicted, profiles, bandwidth = profile_and_plan(cfg, world, memory,
                                                                                        args.column_unit, args.stages)
-        variants = {"even": even, **tiled_variants(split, args.tiles)}
-        measured = measure_forward(cfg, variants, rank, world, args.repeats)
-    # the plan is only as good as the profile (noisy on shared cores), so what is kept is the
-    # fastest measured candidate, the even split included
-    best = min(variants, key=measured.get)
+        # the plan is only as good as the profile (noisy on shared cores), so what is kept is what the
+        # check picks, the even split included; simplest first: even, then fewer tiles
+        variants = {"even": even, **tiled_variants(split, sorted(args.tiles))}
+        verdict = check(list(variants), forward_timer(cfg, variants, rank, world), max_rounds=args.repeats,
+                        agree=from_rank0)
     return dict(split=split, predicted=predicted, even=even, even_predicted=even_predicted,
-                profiles=[vars(p) for p in profiles], bandwidth=bandwidth, measured=measured, best=best,
-                chosen=variants[best])
-
+                profiles=[vars(p) for p in profiles], bandwidth=bandwidth, measured=verdict.medians(),
+                rounds={name: len(ts) for name, ts in verdict.times.items()}, decided=verdict.decided,
+                best=verdict.best, chosen=variants[verdict.best])

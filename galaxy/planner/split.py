@@ -263,14 +263,6 @@ def tiled_variants(split, tiles):
     return {f"planned, {k} tile(s)": dict(split, overlap_tiles=k) for k in tiles}
 
 
-def choose_tiles(measured, margin=0.02):
-    """overlap_tiles from measured seconds per candidate ({tiles: seconds}): the fewest tiles within
-    `margin` (relative) of the fastest. More tiles are more and smaller messages, so a gain inside
-    the timing noise is not taken."""
-    best = min(measured.values())
-    return min(k for k, seconds in measured.items() if seconds <= best * (1 + margin))
-
-
 def _per_position_seconds(p, heads, intermediate, seq):
     """One position's share of a whole layer on this rank: attention (its queries against every
     key) and MLP of all heads and columns, plus both connectives."""
