@@ -3,7 +3,10 @@ encoder (its last hidden states), LLaMA prefill (logits). Each request is timed 
 every rank (a barrier first, so all start together); a request's latency is the slowest rank's
 wall-clock time, since the answer is ready only when every rank is done. Rank 0 prints the
 latency percentiles and the throughput. Pipeline stages (BERT, LLaMA) run one request through
-one after another; the last stage's ranks hold the output.
+one after another; the last stage's ranks hold the output. Between requests the model may move
+to another split (config replan); under --elastic, when a rank is lost mid-request, the survivors
+of a layout whose ranks share every layer rebuild their model for the smaller world in place and
+serve that request again (`Server`, `recover`).
 
 An entry script only names its default config:
 
