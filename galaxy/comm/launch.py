@@ -294,9 +294,8 @@ def _newly_dead(procs, outcome, errors, lost):
 
 def _check_alive(procs, outcome, errors, deadline, lost=()):
     """A rank that died without reporting (killed, or failed before it could) fails the run now."""
-    for rank, p in enumerate(procs):
-        if rank not in outcome and rank not in errors and rank not in lost and p.exitcode not in (None, 0):
-            errors[rank] = (f"process exited with code {p.exitcode} before reporting a result", "")
+    for rank, code in _newly_dead(procs, outcome, errors, lost).items():
+        errors[rank] = (f"process exited with code {code} before reporting a result", "")
     if not errors and deadline is not None and time.monotonic() > deadline:
         missing = [r for r in range(len(procs)) if r not in outcome and r not in lost]
         raise RuntimeError(f"ranks {missing} gave no result before the time limit")

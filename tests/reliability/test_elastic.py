@@ -1,7 +1,8 @@
 """--elastic: a rank of a world-3 local spawn SIGKILLed mid-run (by a test hook, after step 5 of 6;
 the last checkpoint is step 4's) leaves 2 survivors that re-plan their splits, resume from that
-checkpoint and finish; their losses equal serial's. Inference the same: the survivors reload in the
-re-planned layout and serve. What cannot go on is refused by name."""
+checkpoint and finish; their losses equal serial's, whether the lost rank is rank 1 or rank 0 (the
+host of the ranks' store). Inference: Galaxy's survivors re-plan in place (outputs checked in
+test_elastic_infer.py), a pipeline's restart. What cannot go on is refused by name."""
 import os
 import subprocess
 import sys
@@ -18,16 +19,18 @@ from tests.reliability import procs
 STEPS = ["--max_steps", "6", "--hidden_dropout_prob", "0", "--attention_probs_dropout_prob", "0"]
 
 
-def test_killed_rank_survivors_resume_at_world2_and_match_serial(tmp_path):
+@pytest.mark.parametrize("lost, plan", [(1, "heads=[3, 1] columns=[86, 42] positions=[18, 14]"),
+                                        (0, "heads=[2, 2] columns=[64, 64] positions=[16, 16]")])
+def test_killed_rank_survivors_resume_at_world2_and_match_serial(lost, plan, tmp_path):
     args = [*procs.GALAXY3, *STEPS, "--world", "3", "--elastic", "--save_dir", str(tmp_path / "ckpt"),
             "--save_every", "2", "--metrics_file", str(tmp_path / "elastic.jsonl")]
     run = procs.start(args, tmp_path / "run.log", "tests/reliability/patched_steps.py",
-                      env={"GALAXY_TEST_KILL": "1,5,3"})
+                      env={"GALAXY_TEST_KILL": f"{lost},5,3"})
     code = procs.finish({0: run}, 240)[0]
     log = (tmp_path / "run.log").read_text()
     assert code == 0, log[-3000:]
-    assert "galaxy: rank 1 was killed by SIGKILL; restart 1 of 3: the 2 survivors" in log, log[-3000:]
-    assert "step-00000004" in log and "heads=[3, 1] columns=[86, 42] positions=[18, 14]" in log, log[-3000:]
+    assert f"galaxy: rank {lost} was killed by SIGKILL; restart 1 of 3: the 2 survivors" in log, log[-3000:]
+    assert "step-00000004" in log and plan in log, log[-3000:]
     assert "resumed from step 4" in log and "step 6/6 |" in log, log[-3000:]
     code, out = procs.run([*STEPS, "--num_attention_heads", "4", "--metrics_file", str(tmp_path / "serial.jsonl")])
     assert code == 0, out[-3000:]
