@@ -283,8 +283,13 @@ class _LossAnnouncer:
         self.generation += 1
         self.lost.update(dead)
         self.store.set(health.lost_key(self.generation), json.dumps(sorted(self.lost)))
-        print(f"galaxy: {_deaths(dead)}; regroup {self.generation} of {self.regroups}: the "
-              f"{len(procs) - len(self.lost)} survivors re-plan in place", file=sys.stderr, flush=True)
+        print(f"galaxy: {_deaths(dead)}; regroup {self.generation} of {self.regroups}: "
+              f"{survivors_phrase(len(procs) - len(self.lost))} re-plan in place", file=sys.stderr, flush=True)
+
+
+def survivors_phrase(count):
+    """'the survivor' / 'the N survivors', for the lines that say who goes on."""
+    return "the survivor" if count == 1 else f"the {count} survivors"
 
 
 def _newly_dead(procs, outcome, errors, lost):
@@ -364,7 +369,7 @@ def _spawn_restarting(main, world, args, backend, timeout_s, init_method, thread
                 raise
             died = e.died
         world, args, what = survivors(sorted(died), args)
-        print(f"galaxy: {_deaths(died)}; restart {restart} of {restarts}: the {world} survivors "
+        print(f"galaxy: {_deaths(died)}; restart {restart} of {restarts}: {survivors_phrase(world)} "
               f"(renumbered in order) go on, {what}", file=sys.stderr, flush=True)
 
 

@@ -16,6 +16,7 @@ import torch
 
 from galaxy import infer
 from galaxy.comm.context import ParallelContext
+from galaxy.comm.launch import spawn
 from galaxy.layers.param_spec import spec_of
 from galaxy.models.registry import build_model, load_sources
 from galaxy.plan import build_plan
@@ -23,7 +24,6 @@ from galaxy.relayout import META, _NoDrawOnMeta
 from galaxy.train.config import load_config
 from galaxy.tuning.apply import apply_tuning
 from tests.helpers import rel_err
-from galaxy.comm.launch import spawn
 from tests.models.llama.common import MODEL as LLAMA
 from tests.tuning.test_tuning_layouts import offset
 
@@ -35,8 +35,9 @@ BERT = dict(model="bert", hidden_size=32, intermediate_size=48, num_attention_he
 CASES = {  # name: (config keys, lost rank, requests served before the loss)
     "bert galaxy, checkpoint + LoRA": (dict(BERT, parallel="galaxy", tp_num_attention_heads_list=[1, 2, 1],
                                             tp_intermediate_size_list=[8, 30, 10], seq_scatter_list=[5, 4, 3]), 1, 2),
-    "llama tp, GQA, seed weights": (dict(LLAMA, num_hidden_layers=2, parallel="tp", tp_num_attention_heads_list=[4, 2, 2],
-                                         tp_intermediate_size_list=[40, 32, 24]), 0, 1),
+    "llama tp, GQA, seed weights": (dict(LLAMA, num_hidden_layers=2, parallel="tp",
+                                         tp_num_attention_heads_list=[4, 2, 2], tp_intermediate_size_list=[40, 32, 24]),
+                                    0, 1),
 }
 REQUESTS = 4
 
