@@ -219,14 +219,18 @@ def recover(model, ctx, cfg, error, served):
     dist.all_reduce(total)
     moved = dict(zip(("kept", "received", "rebuilt"), map(int, total.tolist())), lost=lost)
     if new_ctx.rank == 0:
-        files = [cfg[key] for key in ("load_checkpoint", "load_trainable") if cfg[key]]
-        source = " and ".join(files) if files else f"the seed's weights (seed {cfg['seed']})"
-        print(f"[rank 0] elastic: lost rank(s) {lost} during request {served}; "
-              f"{launch.survivors_phrase(plan.world)} re-planned in place in {time.perf_counter() - start:.2f} s: "
-              f"plan {plan.describe()}; weights kept in place {moved['kept'] / 2**20:.2f} MiB, moved between "
-              f"survivors {moved['received'] / 2**20:.2f} MiB, rebuilt from {source} "
-              f"{moved['rebuilt'] / 2**20:.2f} MiB (the lost rows only)", flush=True)
+        print(f"[rank 0] elastic: lost rank(s) {lost} during request {served}; {_moved_line(cfg, plan, moved, start)}",
+              flush=True)
     return new_cfg, new, new_ctx, moved
+
+
+def _moved_line(cfg, plan, moved, start):
+    files = [cfg[key] for key in ("load_checkpoint", "load_trainable") if cfg[key]]
+    source = " and ".join(files) if files else f"the seed's weights (seed {cfg['seed']})"
+    return (f"{launch.survivors_phrase(plan.world)} re-planned in place in {time.perf_counter() - start:.2f} s: "
+            f"plan {plan.describe()}; weights kept in place {moved['kept'] / 2**20:.2f} MiB, moved between "
+            f"survivors {moved['received'] / 2**20:.2f} MiB, rebuilt from {source} {moved['rebuilt'] / 2**20:.2f} MiB "
+            f"(the lost rows only)")
 
 
 def summary(latencies, batch_size, seq_length):
