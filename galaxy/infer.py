@@ -192,7 +192,8 @@ def recover(model, ctx, cfg, error, served):
     re-plan for them (galaxy.train.elastic) and rebuild this rank's model in the new plan from its
     own rows, its peers' and the lost ranks' rows rebuilt from the run's sources
     (galaxy.relayout). Returns (cfg, model, ctx) for the survivors and what moved: the lost ranks
-    and the bytes the survivors kept in place, sent each other and rebuilt from the sources."""
+    and the bytes the survivors kept in place, sent each other and rebuilt from the sources, and
+    the seconds it took."""
     start, rendezvous = time.perf_counter(), health.current()
     if rendezvous is None:
         raise error
@@ -217,17 +218,18 @@ def recover(model, ctx, cfg, error, served):
     moved = fill_after_loss(new, holders, new_ctx)
     total = torch.tensor([moved["kept"], moved["received"], rebuilt], dtype=torch.float64, device=new_ctx.device)
     dist.all_reduce(total)
-    moved = dict(zip(("kept", "received", "rebuilt"), map(int, total.tolist())), lost=lost)
+    moved = dict(zip(("kept", "received", "rebuilt"), map(int, total.tolist())), lost=lost,
+                 seconds=time.perf_counter() - start)
     if new_ctx.rank == 0:
-        print(f"[rank 0] elastic: lost rank(s) {lost} during request {served}; {_moved_line(cfg, plan, moved, start)}",
+        print(f"[rank 0] elastic: lost rank(s) {lost} during request {served}; {_moved_line(cfg, plan, moved)}",
               flush=True)
     return new_cfg, new, new_ctx, moved
 
 
-def _moved_line(cfg, plan, moved, start):
+def _moved_line(cfg, plan, moved):
     files = [cfg[key] for key in ("load_checkpoint", "load_trainable") if cfg[key]]
     source = " and ".join(files) if files else f"the seed's weights (seed {cfg['seed']})"
-    return (f"{launch.survivors_phrase(plan.world)} re-planned in place in {time.perf_counter() - start:.2f} s: "
+    return (f"{launch.survivors_phrase(plan.world)} re-planned in place in {moved['seconds']:.2f} s: "
             f"plan {plan.describe()}; weights kept in place {moved['kept'] / 2**20:.2f} MiB, moved between "
             f"survivors {moved['received'] / 2**20:.2f} MiB, rebuilt from {source} {moved['rebuilt'] / 2**20:.2f} MiB "
             f"(the lost rows only)")

@@ -31,6 +31,7 @@ from galaxy.comm import health
 DEFAULT_ADDR, DEFAULT_PORT = "127.0.0.1", 29500
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _RANK_EXIT_S = 5  # how long ranks get to exit on their own once the run is decided
+_POLL_S = 0.2  # how often spawn looks for ranks that ended without a result
 
 
 def add_launch_args(parser):
@@ -244,7 +245,7 @@ def spawn(fn, world, args=(), backend="gloo", timeout_s=120.0, init_method=None,
             p.start()
         while len(outcome) + len(announcer.lost if announcer else ()) < world and not errors:
             try:
-                rank, status, value = results.get(timeout=1.0)
+                rank, status, value = results.get(timeout=_POLL_S)
             except queue.Empty:
                 if announcer:
                     announcer.check(procs, outcome, errors)
@@ -276,7 +277,7 @@ class _LossAnnouncer:
         survives (else _check_alive fails the run)."""
         if self.generation == self.regroups or not _newly_dead(procs, outcome, errors, self.lost):
             return
-        time.sleep(health.BEAT_S)  # ranks that die together are announced together
+        time.sleep(_POLL_S)  # ranks that die together are announced together
         dead = _newly_dead(procs, outcome, errors, self.lost)
         if len(self.lost) + len(dead) == len(procs):
             return
