@@ -14,7 +14,7 @@ from tests.helpers import rel_err, run_ranks
 
 MODEL = dict(hidden_size=64, num_attention_heads=4, intermediate_size=512, num_hidden_layers=2, vocab_size=100,
              seq_length=128, max_position_embeddings=128, batch_size=6, gradient_accumulation_steps=2,
-             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, data="synthetic", warmup_steps=1,
+             hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, data="synthetic", warmup_steps=1,
              max_grad_norm=1.0, bucket_size_mb=0.01)
 SPLITS = {2: dict(tp_num_attention_heads_list=[3, 1], tp_intermediate_size_list=[384, 128], seq_scatter_list=[80, 48]),
           3: dict(tp_num_attention_heads_list=[2, 1, 1], tp_intermediate_size_list=[256, 128, 128],

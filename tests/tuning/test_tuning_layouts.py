@@ -81,7 +81,7 @@ def build(cfg, ctx):
         for name, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(offset(name, p))
-    set_dropout_seed(model, 1234, step=0, micro=0)
+    set_dropout_seed(model, 1234, step=0)
     return model
 
 
