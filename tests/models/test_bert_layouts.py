@@ -1,5 +1,7 @@
 """Every layout of BERT against the serial model: same seed, weights and batches ->
-same losses over 2 optimizer steps and same gradients, at world 2 and 3 with uneven splits."""
+same losses over 2 optimizer steps and same gradients, at world 2 and 3 with uneven splits,
+dropout on (a sample draws the same masks on any replica and micro-step, so accumulating over
+2 micro-steps equals one batch of the same samples too)."""
 import pytest
 
 from galaxy.comm.context import ParallelContext
@@ -67,14 +69,25 @@ def serial():
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_layouts_match_serial(world, serial):
-    ref_losses, ref_grads, _ = serial
     results = run_ranks(_all_layouts, world, timeout_s=300)
     for rank, per_layout in enumerate(results):
         for layout, (losses, grads, shapes) in per_layout.items():
-            for got, want in zip(losses, ref_losses):
-                assert abs(got - want) / abs(want) < 1e-5, (layout, rank, losses, ref_losses)
-            assert grads.keys() == ref_grads.keys(), layout
-            for name, g in grads.items():
-                assert rel_err(g, ref_grads[name]) < 1e-5, (layout, rank, name, rel_err(g, ref_grads[name]))
+            assert_same(losses, grads, serial, (layout, rank))
             if layout in ("tp", "galaxy", "galaxy2"):  # a rank holds its share of Q, K, V, O (and MLP)
                 check_shard_shapes(shapes, SPLITS[world], rank, layout)
+
+
+def test_accumulation_matches_one_batch(serial):
+    """Serial, 1 micro-step of 12 samples = the reference's 2 micro-steps of 6 (the same samples)."""
+    cfg = load_config(None, {**MODEL, "batch_size": 12, "gradient_accumulation_steps": 1})
+    losses, grads, _ = train_two_steps(cfg, build_plan(cfg, 1), 0)
+    assert_same(losses, grads, serial, "accumulation 1")
+
+
+def assert_same(losses, grads, serial, where):
+    ref_losses, ref_grads, _ = serial
+    for got, want in zip(losses, ref_losses):
+        assert abs(got - want) / abs(want) < 1e-5, (where, losses, ref_losses)
+    assert grads.keys() == ref_grads.keys(), where
+    for name, g in grads.items():
+        assert rel_err(g, ref_grads[name]) < 1e-5, (where, name, rel_err(g, ref_grads[name]))
