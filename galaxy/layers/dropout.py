@@ -3,13 +3,14 @@
 An element of the *full* tensor is kept when a hash of (the mask's key, its index) passes a
 threshold that a fraction 1 - p of hashes pass. The key is hashed from (run seed, site, optimizer
 step) by galaxy.seeding, and the full tensor is that of the whole step: its batch dimension (dim 0
-at every site) holds all the step's samples, in the order of the step's global batch (micro-step
-by micro-step, each micro-step's samples in order), and a micro-batch's rows are its samples'
-positions there (`rows`, set by the training loop). A rank evaluates the hash only at the indices
-it holds, so a sample draws the same mask whichever replica, micro-batch, pipeline micro-batch or
-tensor shard holds it: serial, data-parallel (ZeRO too), pipeline and tensor layouts, and any
-gradient_accumulation_steps with the same global batch, drop exactly the same elements, and a
-shard's mask costs its share of the work and no communication.
+at every site) holds all the step's samples in the order of the step's global batch (micro-step by
+micro-step), and a micro-batch's rows are its samples' positions there (`rows`, set by the
+training loop; e.g. batch_size 6 and 2 micro-steps: replica 1 of 2 holds rows 3-5 of the first
+micro-step and 9-11 of the second, of 12). A rank evaluates the hash only at the indices it holds,
+so a sample draws the same mask whichever replica, micro-step, pipeline micro-batch or tensor
+shard holds it: serial, data-parallel (ZeRO too), pipeline and tensor layouts, any
+gradient_accumulation_steps over the same samples, and a resumed run with another world, drop
+exactly the same elements, and a shard's mask costs its share of the work and no communication.
 
 The hash of index (i_0, ..., i_k): every dimension d of the full shape has a vector w_d of random
 int32 words (drawn from the key; its length is that dimension's size, so drawing is cheap), and
