@@ -1,7 +1,7 @@
 """Where every random stream of a run comes from.
 
 A stream is named by words such as (run seed, purpose, parameter name or dropout site, step,
-micro-batch); its seed is a 64-bit hash of them, so streams of different purposes, names or
+sample index); its seed is a 64-bit hash of them, so streams of different purposes, names or
 steps never share a seed, and the same words name the same stream in every process and
 layout. The hash is blake2b of the words' repr: Python's own hash() of a str changes from
 process to process (PYTHONHASHSEED), and a sum of character codes collides.

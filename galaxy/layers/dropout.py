@@ -1,9 +1,16 @@
 """Dropout whose mask does not depend on the layout, at the cost of this rank's share only.
 
 An element of the *full* tensor is kept when a hash of (the mask's key, its index) passes a
-threshold that a fraction 1 - p of hashes pass; the key is hashed from (run seed, site, step, micro-batch, replica) by galaxy.seeding. A rank
-evaluates the hash only at the indices it holds, so every layout drops exactly the serial run's
-elements, and a shard's mask costs its share of the work and no communication.
+threshold that a fraction 1 - p of hashes pass. The key is hashed from (run seed, site, optimizer
+step) by galaxy.seeding, and the full tensor is that of the whole step: its batch dimension (dim 0
+at every site) holds all the step's samples in the order of the step's global batch (micro-step by
+micro-step), and a micro-batch's rows are its samples' positions there (`rows`, set by the
+training loop; e.g. batch_size 6 and 2 micro-steps: replica 1 of 2 holds rows 3-5 of the first
+micro-step and 9-11 of the second, of 12). A rank evaluates the hash only at the indices it holds,
+so a sample draws the same mask whichever replica, micro-step, pipeline micro-batch or tensor
+shard holds it: serial, data-parallel (ZeRO too), pipeline and tensor layouts, any
+gradient_accumulation_steps over the same samples, and a resumed run with another world, drop
+exactly the same elements, and a shard's mask costs its share of the work and no communication.
 
 The hash of index (i_0, ..., i_k): every dimension d of the full shape has a vector w_d of random
 int32 words (drawn from the key; its length is that dimension's size, so drawing is cheap), and
@@ -25,18 +32,23 @@ class LayoutInvariantDropout(nn.Module):
         super().__init__()
         self.p = p
         self.site = site  # an int or a name: the same dropout in every layout
-        self.key_by(DEFAULT_SEED, step=0, micro=0)  # set_dropout_seed keys every micro-batch
+        self.key_by(DEFAULT_SEED, step=0)  # set_dropout_seed keys every micro-batch
 
-    def key_by(self, seed, step, micro, replica=0):
-        """Key the mask by (run seed, site, step, micro-batch, data-parallel replica)."""
-        self.key = seed_of(seed, "dropout", self.site, step, micro, replica)
+    def key_by(self, seed, step, rows=None, samples=None):
+        """Key the mask by (run seed, site, step); the batch dimension's rows are the samples `rows`
+        (a range) of the step's `samples` (default: the batch is the step's samples)."""
+        self.key = seed_of(seed, "dropout", self.site, step)
+        self.rows, self.samples = rows, samples
 
     def forward(self, x, full_shape=None, index=None):
         """x is the part `index` (a slice per leading dimension) of a tensor of shape full_shape
-        (default: x is the whole tensor)."""
+        (default: x is the whole tensor), whose batch dimension 0 callers leave whole."""
         if not self.training or self.p == 0.0:
             return x
-        return x * self.mask(full_shape or x.shape, index or (), x.dtype, x.device)
+        full_shape, index = tuple(full_shape or x.shape), tuple(index or (slice(None),))
+        if self.rows is not None:  # the batch is these rows of the step's samples
+            full_shape, index = (self.samples,) + full_shape[1:], (slice(self.rows.start, self.rows.stop),) + index[1:]
+        return x * self.mask(full_shape, index, x.dtype, x.device)
 
     def mask(self, full_shape, index, dtype, device):
         """The part `index` of the full tensor's mask, scaled by 1 / (1 - p)."""
@@ -84,9 +96,10 @@ def _fmix32_(h, tmp):
         h *= mult
 
 
-def set_dropout_seed(model, seed, step, micro, replica=0):
-    """Key every dropout site's mask for this micro-batch (LayoutInvariantDropout.key_by);
-    recomputation (activation checkpointing) then redraws the same mask."""
+def set_dropout_seed(model, seed, step, rows=None, samples=None):
+    """Key every dropout site's mask for this micro-batch, samples `rows` of the step's `samples`
+    (LayoutInvariantDropout.key_by); recomputation (activation checkpointing) then redraws the
+    same mask."""
     for m in model.modules():
         if isinstance(m, LayoutInvariantDropout):
-            m.key_by(seed, step, micro, replica)
+            m.key_by(seed, step, rows, samples)

@@ -21,19 +21,24 @@ import torch
 import torch.distributed as dist
 
 from galaxy.comm.collectives import RecordingGroup
-from galaxy.layers.dropout import set_dropout_seed
 from galaxy.layers.param_spec import GradSum, spec_of
 from galaxy.pipeline.p2p import StageLinks
 from galaxy.pipeline.schedule import BACKWARD, FORWARD, WEIGHT, run_schedule, schedule_actions
 from galaxy.pipeline.split_backward import backward_input
 
 
+def split_rows(rows, n):
+    """A range of samples -> n equal consecutive ranges."""
+    if len(rows) % n:
+        raise ValueError(f"a batch of {len(rows)} samples does not split into num_microbatches {n}")
+    per = len(rows) // n
+    return [rows[i * per:(i + 1) * per] for i in range(n)]
+
+
 def split_batch(batch, n):
     """A batch dict -> n micro-batch dicts along the sample dimension."""
-    size = len(next(iter(batch.values())))
-    if size % n:
-        raise ValueError(f"a batch of {size} samples does not split into num_microbatches {n}")
-    return [{k: v[i * (size // n): (i + 1) * (size // n)] for k, v in batch.items()} for i in range(n)]
+    parts = split_rows(range(len(next(iter(batch.values())))), n)
+    return [{k: v[r.start:r.stop] for k, v in batch.items()} for r in parts]
 
 
 def pipeline_streams(model, hidden_size):
@@ -126,6 +131,7 @@ class PipelineForwardBackward:
 
     def __call__(self, batches, n_tokens):
         self.micro = [m for b in batches for m in split_batch(b, self.num_microbatches)]
+        self.rows = [r for a in range(len(batches)) for r in split_rows(self.trainer.rows(a), self.num_microbatches)]
         self.n_tokens, self.loss_sum = n_tokens, 0.0
         actions = self.actions(len(self.micro))
         self.last_grads = [a for a in actions if a.kind in (BACKWARD, WEIGHT)][-1]  # the weights' last
@@ -139,8 +145,7 @@ class PipelineForwardBackward:
         return self.loss_sum
 
     def _seed(self, i):
-        t = self.trainer
-        set_dropout_seed(self.model, t.cfg["seed"], t.step, i, self.ctx.dp_rank)
+        self.trainer.key_dropout(self.rows[i])
 
     def _stream_shapes(self, i, with_grad_only=False):
         """[micro_batch, seq, width] of the streams micro-batch i hands on (or sends gradients of)."""

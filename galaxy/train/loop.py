@@ -1,7 +1,9 @@
 """The training loop shared by every layout.
 
 One optimizer step = `gradient_accumulation_steps` micro-steps of the global `batch_size`
-samples. Each data-parallel replica takes its contiguous share of every micro-step's samples.
+samples. Each data-parallel replica takes its contiguous share of every micro-step's samples;
+dropout masks are keyed by each sample's position in the step (galaxy.layers.dropout), so a
+sample draws the same mask on any replica and micro-step.
 The loss is the sum of token losses divided by the number of label tokens of the whole
 optimizer step over all replicas, so any layout's gradients equal the serial model's.
 
@@ -25,13 +27,13 @@ from galaxy.train.optim import build_optimizer, optimizer_state_bytes
 from galaxy.train.zero import Zero
 
 
-def replica_share(indices, ctx):
-    """This data-parallel replica's contiguous share of a micro-step's sample indices."""
-    n, dp = len(indices), ctx.plan.dp_size
+def replica_rows(n, ctx):
+    """This data-parallel replica's contiguous share (a range) of a micro-step's n samples."""
+    dp = ctx.plan.dp_size
     if n % dp:
         raise ValueError(f"batch_size {n} does not split over {dp} data-parallel replicas")
     per = n // dp
-    return indices[ctx.dp_rank * per: (ctx.dp_rank + 1) * per]
+    return range(ctx.dp_rank * per, (ctx.dp_rank + 1) * per)
 
 
 def sum_over(value, device, *groups):
@@ -102,15 +104,27 @@ class Trainer:
         """This replica's batches for every micro-step of optimizer step `step`."""
         out = []
         for indices in self.step_indices(step):
+            share = replica_rows(len(indices), self.ctx)
             with torch.device("cpu"):
-                batch = self.data.get_batch(replica_share(indices, self.ctx))
+                batch = self.data.get_batch(indices[share.start:share.stop])
             out.append({k: v.to(self.ctx.device) for k, v in batch.items()})
         return out
+
+    def rows(self, micro):
+        """The positions in the step's global batch of this replica's samples of micro-step `micro`."""
+        size = self.cfg["batch_size"]
+        share = replica_rows(size, self.ctx)
+        return range(micro * size + share.start, micro * size + share.stop)
+
+    def key_dropout(self, rows):
+        """Key the dropout masks of a micro-batch of samples `rows` (positions in the step)."""
+        samples = self.cfg["batch_size"] * self.cfg["gradient_accumulation_steps"]
+        set_dropout_seed(self.model, self.cfg["seed"], self.step, rows, samples)
 
     def _forward_backward(self, batches, n_tokens):
         total = 0.0
         for micro, batch in enumerate(batches):
-            set_dropout_seed(self.model, self.cfg["seed"], self.step, micro, self.ctx.dp_rank)
+            self.key_dropout(self.rows(micro))
             if micro == len(batches) - 1:
                 self.sync.arm()  # reduce gradients during the last backward only
             with self.autocast:

@@ -1,6 +1,7 @@
 """Dropout masks as randomness, which parity with serial cannot check (serial shares the masks):
-masks of different sites, steps, micro-batches, replicas and seeds are independent, each drops
-about p, neighbouring elements are independent, and a shard's mask is its slice of the whole."""
+masks of different sites, steps, samples and seeds are independent, each drops about p,
+neighbouring elements are independent, a shard's mask is its slice of the whole, and a
+micro-batch's mask is its samples' rows of the whole step's."""
 import pytest
 import torch
 from torch import nn
@@ -11,10 +12,10 @@ SHAPE = (4, 64, 256)  # 65536 elements: agreement rates within 0.01 of their exp
 SITES = (0, 1, 5, "layers.0.attn.q")
 
 
-def masks(p, seed, step, micro=0, replica=0):
+def masks(p, seed, step, rows=None, samples=None):
     """{site: dropped elements} of each site's mask over a tensor of SHAPE."""
     model = nn.ModuleList(LayoutInvariantDropout(p, site) for site in SITES).train()
-    set_dropout_seed(model, seed, step, micro, replica)
+    set_dropout_seed(model, seed, step, rows, samples)
     return {d.site: d(torch.ones(SHAPE)) == 0 for d in model}
 
 
@@ -22,8 +23,8 @@ def masks(p, seed, step, micro=0, replica=0):
 def test_masks_of_other_sites_steps_and_seeds_are_independent(p):
     independent = p**2 + (1 - p) ** 2  # how often two independent masks agree on an element
     base = masks(p, seed=42, step=0)
-    others = [masks(p, 42, step=1), masks(p, 42, step=0, micro=1), masks(p, 42, step=0, replica=1),
-              masks(p, 43, step=0)]
+    later_samples = masks(p, 42, step=0, rows=range(SHAPE[0], 2 * SHAPE[0]), samples=2 * SHAPE[0])
+    others = [masks(p, 42, step=1), later_samples, masks(p, 43, step=0)]
     drawn = list(base.values()) + [m[0] for m in others]
     for m in drawn:
         assert abs(m.float().mean().item() - p) < 0.01
@@ -43,8 +44,19 @@ def test_neighbouring_elements_are_independent():
 
 def test_a_shard_draws_its_slice_of_the_whole_mask():
     d = LayoutInvariantDropout(0.3, site=2).train()
-    set_dropout_seed(d, 42, step=0, micro=0)
+    set_dropout_seed(d, 42, step=0)
     whole = d(torch.ones(SHAPE))
-    index = (slice(1, 3), slice(10, 50), slice(100, 180))
-    part = d(torch.ones(2, 40, 80), SHAPE, index)
+    index = (slice(None), slice(10, 50), slice(100, 180))
+    part = d(torch.ones(SHAPE[0], 40, 80), SHAPE, index)
     assert torch.equal(part, whole[index])
+
+
+def test_a_micro_batch_draws_its_samples_rows_of_the_step():
+    d = LayoutInvariantDropout(0.3, site=2).train()
+    set_dropout_seed(d, 42, step=0)
+    whole = d(torch.ones(SHAPE))
+    for rows in (range(0, 1), range(1, 3), range(3, 4)):  # any replica, micro-step or pipeline micro-batch
+        set_dropout_seed(d, 42, step=0, rows=rows, samples=SHAPE[0])
+        index = (slice(None), slice(10, 50))
+        part = d(torch.ones(len(rows), 40, SHAPE[2]), (len(rows),) + SHAPE[1:], index)
+        assert torch.equal(part, whole[rows.start:rows.stop, 10:50])

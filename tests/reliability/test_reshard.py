@@ -2,8 +2,9 @@
 2 ranks of another uneven split (and by TP, and by a pipeline), the following steps' losses equal an
 uninterrupted world-3 run's and serial's; so does ZeRO-3 data parallelism read as Galaxy (slow), and so do
 LLaMA with GQA (head splits move whole KV groups; tied or untied head) and LoRA on sharded projections (each
-rank reads its slices of lora_A / lora_B and of their AdamW moments). Checkpoints written before shards were
-recorded, or a changed non-layout key, are refused by name."""
+rank reads its slices of lora_A / lora_B and of their AdamW moments). Dropout is on (hidden, attention, LoRA):
+masks follow the sample, so they carry over to any world, data-parallel count included. Checkpoints written
+before shards were recorded, or a changed non-layout key, are refused by name."""
 import json
 
 import pytest
@@ -14,7 +15,7 @@ from tests.helpers import run_ranks
 from tests.reliability.test_checkpoint import TOTAL, make_trainer, tiny_cfg, train
 
 SAVED_AT = 3
-MODEL = {"num_attention_heads": 4, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+MODEL = {"num_attention_heads": 4}  # dropout on (tiny_cfg): masks follow the sample, not the layout
 GALAXY3 = {"parallel": "galaxy", "tp_num_attention_heads_list": [2, 1, 1], "tp_intermediate_size_list": [64, 32, 32],
            "seq_scatter_list": [12, 10, 10]}
 LAYOUTS2 = {
@@ -31,7 +32,7 @@ LLAMA = {"model": "llama", "num_attention_heads": 8, "num_key_value_heads": 4, "
          # a learning rate at which a lost key projection's AdamW moments change the next losses by > 1e-5;
          # eps as in tests/models/llama/common.py (1e-8 amplifies the rounding of gradients that cancel)
          "learning_rate": 1e-2, "adam_eps": 1e-6}
-LORA = {"use_lora": True, "lora_dim": 4, "lora_alpha": 8.0, "lora_dropout": 0.0,
+LORA = {"use_lora": True, "lora_dim": 4, "lora_alpha": 8.0, "lora_dropout": 0.1,
         "lora_targets": ["query", "key", "value", "dense", "intermediate", "output"]}
 RESHARD_CASES = {  # name: (model and tuning, world-3 layout, world-2 layout)
     "llama_gqa_galaxy_to_galaxy": (LLAMA, {**GALAXY3, "tp_num_attention_heads_list": [4, 2, 2],

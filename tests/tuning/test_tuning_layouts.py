@@ -2,8 +2,8 @@
 the trainable parameters (rel. error < 1e-5, fp32), uneven heads / columns / positions.
 
 One spawn per world runs every (method, layout) case; ranks rebuild the ParallelContext per case.
-Dropout (hidden, attention and LoRA's) is on except in DP, whose replicas draw masks for their
-own sub-batch (not serial's). Trainable parameters that start at zero (lora_B, adapter_up,
+Dropout (hidden, attention and LoRA's) is on; a DP replica keys its masks by its samples' rows
+of the batch, as the training loop does. Trainable parameters that start at zero (lora_B, adapter_up,
 side_upsample) get seeded nonzero values, so the gradients of the other factor are not trivially 0.
 """
 import zlib
@@ -20,6 +20,7 @@ from galaxy.models.checkpoint import full_shape, own_slice
 from galaxy.plan import build_plan
 from galaxy.train.config import load_config
 from galaxy.train.grad_sync import GradSync
+from galaxy.train.loop import replica_rows
 from galaxy.tuning.apply import apply_tuning
 from tests.helpers import run_ranks, seeded
 
@@ -50,7 +51,6 @@ LAYOUTS = {
     },
 }
 DROPOUT = dict(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, lora_dropout=0.1)
-NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, lora_dropout=0.0)
 SAVE_CASE = ("lora", "galaxy")  # also saved with save_trainable_only and compared with serial
 
 
@@ -74,14 +74,14 @@ def offset(name, p):
     return local(seeded(*full_shape(p), seed=zlib.crc32(name.encode())) * 0.1, p)
 
 
-def build(cfg, ctx):
+def build(cfg, ctx, rows=None):
     model = BertForMaskedLM(BertConfig.from_dict(cfg), ctx)
     apply_tuning(model, cfg, model.ctx)
     with torch.no_grad():  # the same nonzero offsets in every layout, so zero-initialised factors matter
         for name, p in model.named_parameters():
             if p.requires_grad:
                 p.add_(offset(name, p))
-    set_dropout_seed(model, 1234, step=0, micro=0)
+    set_dropout_seed(model, 1234, step=0, rows=rows, samples=MODEL["batch_size"])
     return model
 
 
@@ -102,19 +102,15 @@ def grad_err(grad, serial, all_serial):
     return ((grad.double() - serial.double()).norm() / torch.maximum(serial.double().norm(), floor)).item()
 
 
-def replica_batch(batch, ctx):
-    per = MODEL["batch_size"] // ctx.plan.dp_size
-    return {k: v[ctx.dp_rank * per:(ctx.dp_rank + 1) * per] for k, v in batch.items()}
-
-
 def parallel_case(rank, world, cfg, save_dir):
     ctx = ParallelContext.create(build_plan(cfg, world), rank)
-    model = build(cfg, ctx)
+    rows = replica_rows(MODEL["batch_size"], ctx)  # this replica's samples of the batch
+    model = build(cfg, ctx, rows)
     sync = GradSync(model, ctx)
     batch = make_batch()
     n_tokens = (batch["labels"] != -100).sum()
     sync.arm()
-    loss_sum, _ = model(**replica_batch(batch, ctx))
+    loss_sum, _ = model(**{k: v[rows.start:rows.stop] for k, v in batch.items()})
     (loss_sum / n_tokens).backward()
     sync.finish()
     loss_sum = loss_sum.detach().clone()
@@ -130,9 +126,8 @@ def _run_cases(rank, world, save_dir):
     out = {}
     for method, tuning in METHODS.items():
         for layout, keys in LAYOUTS[world].items():
-            dropout = NO_DROPOUT if layout == "dp" else DROPOUT
-            serial_loss, grads = serial_grads(load_config(None, {**MODEL, **tuning, **dropout}))
-            cfg = load_config(None, {**MODEL, **tuning, **dropout, **keys})
+            serial_loss, grads = serial_grads(load_config(None, {**MODEL, **tuning, **DROPOUT}))
+            cfg = load_config(None, {**MODEL, **tuning, **DROPOUT, **keys})
             save = save_dir if (method, layout) == SAVE_CASE else None
             loss, model, frozen_grads = parallel_case(rank, world, cfg, save)
             trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
