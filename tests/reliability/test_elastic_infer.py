@@ -5,9 +5,11 @@ from the run's sources. Every request's output, before and after the loss, equal
 model's (rel. error < 1e-5), and the bytes rebuilt are exactly the lost rank's split parameters.
 
 BERT Galaxy (uneven) loads its base weights from load_checkpoint and a LoRA file from
-load_trainable (merge_weights: merged into the weights at eval), both different from the seed's initial values,
-and loses rank 1; LLaMA TP with grouped-query attention starts from the seed's weights and loses
-rank 0 (whose process hosted nothing: the launcher hosts the store)."""
+load_trainable (merge_weights: merged into the weights at eval), both different from the seed's
+initial values, and loses rank 1; BERT SP with both files loses rank 2 (its layers' weights carry
+a Shard of all their rows, yet are whole on every rank: nothing is rebuilt); LLaMA TP with
+grouped-query attention starts from the seed's weights and loses rank 0 (whose process hosted
+nothing: the launcher hosts the store)."""
 import os
 import signal
 
@@ -17,10 +19,9 @@ import torch
 from galaxy import infer
 from galaxy.comm.context import ParallelContext
 from galaxy.comm.launch import spawn
-from galaxy.layers.param_spec import spec_of
 from galaxy.models.registry import build_model, load_sources
 from galaxy.plan import build_plan
-from galaxy.relayout import META, _NoDrawOnMeta
+from galaxy.relayout import META, _NoDrawOnMeta, part_of
 from galaxy.train.config import load_config
 from galaxy.tuning.apply import apply_tuning
 from tests.helpers import rel_err
@@ -35,6 +36,8 @@ BERT = dict(model="bert", hidden_size=32, intermediate_size=48, num_attention_he
 CASES = {  # name: (config keys, lost rank, requests served before the loss)
     "bert galaxy, checkpoint + LoRA": (dict(BERT, parallel="galaxy", tp_num_attention_heads_list=[1, 2, 1],
                                             tp_intermediate_size_list=[8, 30, 10], seq_scatter_list=[5, 4, 3]), 1, 2),
+    # every weight on every rank, though a layer's carry a Shard of all their rows: nothing to rebuild
+    "bert sp, checkpoint + LoRA": (dict(BERT, parallel="sp", seq_scatter_list=[5, 4, 3]), 2, 1),
     "llama tp, GQA, seed weights": (dict(LLAMA, num_hidden_layers=2, parallel="tp",
                                          tp_num_attention_heads_list=[4, 2, 2], tp_intermediate_size_list=[40, 32, 24]),
                                     0, 1),
@@ -82,7 +85,7 @@ def lost_rows_bytes(cfg, plan, rank):
     with _NoDrawOnMeta():
         model = build_model(cfg, ctx)
         apply_tuning(model, cfg, ctx)
-    return sum(p.numel() * p.element_size() for p in model.parameters() if spec_of(p).shard)
+    return sum(p.numel() * p.element_size() for p in model.parameters() if part_of(p))
 
 
 def _killing(serve, victim, after, world):
