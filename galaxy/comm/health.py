@@ -171,18 +171,19 @@ class Rendezvous:
 
     def regroup(self, error, backend, timeout_s):
         """After a collective failed with `error`: leave the broken process group, wait for the
-        launcher to name the lost ranks, and join the survivors' new group. Returns the lost
-        ranks as they were numbered before (re-raises `error` when the launcher names none within
+        launcher to name the lost ranks, and join the survivors' new group. Returns every rank lost
+        so far, in the original numbering (re-raises `error` when the launcher names none within
         timeout_s: then no rank died, the failure is another one). Collective over the survivors."""
-        dist.destroy_process_group()  # closes this rank's connections: survivors blocked on it fail too
+        if dist.is_initialized():  # (not when joining the last group failed: a survivor was lost meanwhile)
+            dist.destroy_process_group()  # closes this rank's connections: survivors blocked on it fail too
         self.generation += 1
         try:
             self.store.wait([lost_key(self.generation)], timedelta(seconds=timeout_s))
         except RuntimeError:
             raise error from None
-        lost = set(json.loads(self.store.get(lost_key(self.generation))))
-        before, self.members = self.members, [r for r in self.members if r not in lost]
+        lost = json.loads(self.store.get(lost_key(self.generation)))
+        self.members = [r for r in self.members if r not in lost]
         dist.init_process_group(backend, store=dist.PrefixStore(f"galaxy/generation{self.generation}", self.store),
                                 rank=self.members.index(self.rank), world_size=len(self.members),
                                 timeout=timedelta(seconds=timeout_s))
-        return [i for i, r in enumerate(before) if r in lost]
+        return lost

@@ -9,7 +9,8 @@ load_trainable (merge_weights: merged into the weights at eval), both different 
 initial values, and loses rank 1; BERT SP with both files loses rank 2 (its layers' weights carry
 a Shard of all their rows, yet are whole on every rank: nothing is rebuilt); LLaMA TP with
 grouped-query attention starts from the seed's weights and loses rank 0 (whose process hosted
-nothing: the launcher hosts the store)."""
+nothing: the launcher hosts the store). A survivor lost while the others re-plan makes them
+regroup and re-plan again."""
 import os
 import signal
 
@@ -97,12 +98,29 @@ def _killing(serve, victim, after, world):
     return serve_then_die
 
 
-def _serve_losing_a_rank(rank, world, cfg, victim, after):
+def _dying_in(fill, victim, world):
+    def fill_or_die(new, holders, ctx):
+        if (ctx.rank, ctx.world) == (victim, world):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return fill(new, holders, ctx)
+    return fill_or_die
+
+
+def _serve_losing_a_rank(rank, world, cfg, victim, after, regroups=1, replanning_victim=None):
+    """`replanning_victim` (rank, world): a survivor that dies too, while the survivors re-plan."""
     infer.serve = _killing(infer.serve, victim, after, world)  # this process's module: the Server calls it
+    if replanning_victim:
+        infer.fill_after_loss = _dying_in(infer.fill_after_loss, *replanning_victim)
     model, ctx = infer.eval_model(cfg, build_plan(cfg, world), rank)
-    server = infer.Server(model, ctx, cfg, regroups=1)
+    server = infer.Server(model, ctx, cfg, regroups=regroups)
     outputs = [out for _, out in server.run(batches(cfg), keep=lambda out: out)]
     return outputs, server.recoveries, server.ctx.plan.describe()
+
+
+def assert_serial(outputs, want, label):
+    assert len(outputs) == REQUESTS
+    for i, (got, expected) in enumerate(zip(outputs, want)):
+        assert rel_err(got, expected) < 1e-5, (label, i, rel_err(got, expected))
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -121,6 +139,19 @@ def test_survivors_keep_their_rows_and_match_serial(case, tmp_path):
         assert [r["lost"] for r in recoveries] == [[victim]]
         assert recoveries[0]["rebuilt"] == lost, (recoveries, lost)
         assert recoveries[0]["kept"] > 2 * lost  # what the survivors held stayed with them
-        assert len(outputs) == REQUESTS
-        for i, (got, expected) in enumerate(zip(outputs, want)):
-            assert rel_err(got, expected) < 1e-5, (case, rank, i, rel_err(got, expected))
+        assert_serial(outputs, want, (case, rank))
+
+
+def test_a_survivor_lost_while_the_survivors_replan():
+    """Rank 1 dies after request 1; rank 2 dies while the survivors re-plan for it. The last
+    survivor regroups again (a second of its regroups), re-plans from its rows under the world-3
+    plan and rebuilds both lost ranks' rows."""
+    cfg = load_config(None, {**CASES["bert galaxy, checkpoint + LoRA"][0], "timeout_s": 30})
+    want = serial_outputs(cfg)
+    results = spawn(_serve_losing_a_rank, 3, (cfg, 1, 1, 2, (1, 2)), timeout_s=30, limit_s=150, regroups=2)
+    assert results[1] is None and results[2] is None
+    outputs, recoveries, plan = results[0]
+    assert "tp=1" in plan, plan
+    plan3 = build_plan(cfg, 3)
+    assert recoveries == [dict(recoveries[0], lost=[1, 2], rebuilt=sum(lost_rows_bytes(cfg, plan3, r) for r in (1, 2)))]
+    assert_serial(outputs, want, "rank 0")
