@@ -19,7 +19,7 @@ import torch
 
 from galaxy import infer
 from galaxy.comm.context import ParallelContext
-from galaxy.comm.launch import spawn
+from galaxy.comm.launch import RankFailed, spawn
 from galaxy.models.registry import build_model, load_sources
 from galaxy.plan import build_plan
 from galaxy.relayout import META, _NoDrawOnMeta, part_of
@@ -89,11 +89,14 @@ def lost_rows_bytes(cfg, plan, rank):
     return sum(p.numel() * p.element_size() for p in model.parameters() if part_of(p))
 
 
-def _killing(serve, victim, after, world):
+def _killing(serve, victim, after, world, failure=None):
+    """`victim` dies after `after` requests at `world`, or raises `failure` (and lives on) when given."""
     def serve_then_die(forward, batches, ctx, *rest):
         for served, result in enumerate(serve(forward, batches, ctx, *rest), 1):
             yield result
             if (ctx.rank, served, ctx.world) == (victim, after, world):
+                if failure:
+                    raise failure
                 os.kill(os.getpid(), signal.SIGKILL)
     return serve_then_die
 
@@ -106,9 +109,9 @@ def _dying_in(fill, victim, world):
     return fill_or_die
 
 
-def _serve_losing_a_rank(rank, world, cfg, victim, after, regroups=1, replanning_victim=None):
+def _serve_losing_a_rank(rank, world, cfg, victim, after, regroups=1, replanning_victim=None, failure=None):
     """`replanning_victim` (rank, world): a survivor that dies too, while the survivors re-plan."""
-    infer.serve = _killing(infer.serve, victim, after, world)  # this process's module: the Server calls it
+    infer.serve = _killing(infer.serve, victim, after, world, failure)  # this process's module: the Server calls it
     if replanning_victim:
         infer.fill_after_loss = _dying_in(infer.fill_after_loss, *replanning_victim)
     model, ctx = infer.eval_model(cfg, build_plan(cfg, world), rank)
@@ -155,3 +158,13 @@ def test_a_survivor_lost_while_the_survivors_replan():
     plan3 = build_plan(cfg, 3)
     assert recoveries == [dict(recoveries[0], lost=[1, 2], rebuilt=sum(lost_rows_bytes(cfg, plan3, r) for r in (1, 2)))]
     assert_serial(outputs, want, "rank 0")
+
+
+def test_a_failure_that_no_loss_explains_names_its_rank():
+    """Rank 1's collective-like error, with every rank alive: the launcher names no lost rank, so
+    every rank gives up after timeout_s (once, not once per regroup left) naming rank 1's error,
+    not the closed connections the others saw when it left the group."""
+    cfg = load_config(None, {**CASES["bert galaxy, checkpoint + LoRA"][0], "timeout_s": 8})
+    failure = RuntimeError("gloo: a collective went wrong, yet no rank died")
+    with pytest.raises(RankFailed, match="no rank was lost within 8s; the first failure: rank 1: gloo: a collective"):
+        spawn(_serve_losing_a_rank, 3, (cfg, 1, 1, 3, None, failure), timeout_s=8, limit_s=60, regroups=3)
