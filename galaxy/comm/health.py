@@ -42,6 +42,11 @@ def lost_key(generation):
     return _key("lost", generation)
 
 
+def all_joined(store, world):
+    """Whether every rank of `world` has joined the rendezvous held in `store`."""
+    return store.check([_key("joined", r) for r in range(world)])
+
+
 _current = None  # this process's Rendezvous: the process group it made is process-wide state too
 
 

@@ -272,9 +272,11 @@ class _LossAnnouncer:
         self.lost, self.generation = {}, 0
 
     def check(self, procs, outcome, errors):
-        """Announce the ranks that ended without a result while regroups are left and someone
-        survives (else _check_alive fails the run)."""
-        if self.generation == self.regroups or not _newly_dead(procs, outcome, errors, self.lost):
+        """Announce the ranks that ended without a result while regroups are left, someone
+        survives and every rank had joined (else _check_alive fails the run: the others would wait
+        in the rendezvous, not in a collective)."""
+        if (self.generation == self.regroups or not _newly_dead(procs, outcome, errors, self.lost)
+                or not health.all_joined(self.store, len(procs))):
             return
         time.sleep(health.BEAT_S)  # ranks that die together are announced together
         dead = _newly_dead(procs, outcome, errors, self.lost)
