@@ -147,6 +147,7 @@ class Server:
 
     def __init__(self, model, ctx, cfg, regroups=0):
         self.cfg, self.regroups, self.recoveries = cfg, regroups, []
+        self.members = list(range(ctx.world))  # the launch's rank numbers of the ranks the model is laid out over
         self._adopt(model, ctx)
 
     def _adopt(self, model, ctx):
@@ -175,30 +176,43 @@ class Server:
                 for out, latency in serve(self.forward, batches[len(results):], self.ctx, after, len(results)):
                     results.append((latency, keep(out)))
             except Exception as e:  # a peer's loss surfaces as whatever its collective raised
-                if not (self.regroups and health.is_comm_error(e)):
-                    raise
-                self.regroups -= 1
-                self.cfg, model, ctx, moved = recover(self.model, self.ctx, self.cfg, e, len(results))
-                self.recoveries.append(moved)
-                self._adopt(model, ctx)
-                done = torch.tensor([len(results)], device=ctx.device)
+                self._recover(e, len(results))
+                done = torch.tensor([len(results)], device=self.ctx.device)
                 dist.all_reduce(done, op=dist.ReduceOp.MIN)  # a survivor may have finished the request
                 del results[int(done):]
         return results
 
+    def _recover(self, error, served):
+        """Re-plan in place after `error` (one of `regroups` each time); again when a survivor is
+        lost while the others re-plan: the model under the old plan still holds this rank's rows."""
+        while True:
+            if not (self.regroups and health.is_comm_error(error)):
+                raise error
+            self.regroups -= 1
+            try:
+                self.cfg, model, ctx, moved = recover(self.model, self.ctx, self.cfg, error, served, self.members)
+                break
+            except Exception as e:
+                error = e
+        self.members = list(health.current().members)
+        self.recoveries.append(moved)
+        self._adopt(model, ctx)
 
-def recover(model, ctx, cfg, error, served):
+
+def recover(model, ctx, cfg, error, served, members):
     """After a collective failed with `error`: regroup with the survivors (galaxy.comm.health),
     re-plan for them (galaxy.train.elastic) and rebuild this rank's model in the new plan from its
     own rows, its peers' and the lost ranks' rows rebuilt from the run's sources
-    (galaxy.relayout). Returns (cfg, model, ctx) for the survivors and what moved: the lost ranks
-    and the bytes the survivors kept in place, sent each other and rebuilt from the sources, and
-    the seconds it took."""
+    (galaxy.relayout). `members`: the launch's numbers of the ranks of ctx's plan. Returns
+    (cfg, model, ctx) for the survivors and what moved: the lost ranks (numbered as in ctx's plan),
+    the bytes the survivors kept in place, sent each other and rebuilt from the sources, and the
+    seconds it took."""
     start, rendezvous = time.perf_counter(), health.current()
     if rendezvous is None:
         raise error
-    lost = rendezvous.regroup(error, dist.get_backend() if dist.is_initialized() else launch.default_backend(),
+    gone = rendezvous.regroup(error, dist.get_backend() if dist.is_initialized() else launch.default_backend(),
                               cfg["timeout_s"])
+    lost = [i for i, r in enumerate(members) if r in gone]
     try:
         new_cfg, plan = elastic.survivors_plan(cfg, ctx.plan, lost)
     except ConfigError as e:

@@ -90,11 +90,18 @@ def build_lost_part(cfg, plan, lost_rank, device):
     with _NoDrawOnMeta():
         model = build_model(cfg, ctx)
     ctx.device = device
-    _give_memory(model, device, lambda name, t: isinstance(t, nn.Parameter) and spec_of(t).shard is not None)
+    _give_memory(model, device, lambda name, t: isinstance(t, nn.Parameter) and part_of(t) is not None)
     init_weights(model, cfg["initializer_range"], cfg["seed"])  # skips what stays on meta
     load_sources(model, cfg, ctx, verified=True)  # the tuning method's parameters are made here, with memory
-    rebuilt = sum(p.numel() * p.element_size() for p in model.parameters() if spec_of(p).shard and not p.is_meta)
+    rebuilt = sum(p.numel() * p.element_size() for p in model.parameters() if part_of(p) and not p.is_meta)
     return model, rebuilt
+
+
+def part_of(p):
+    """p's Shard when p holds only part of its full tensor, else None (a sequence-parallel layer's
+    weights carry a Shard of all rows on every rank: every survivor holds them)."""
+    shard = spec_of(p).shard
+    return shard if shard is not None and shard.length < shard.full else None
 
 
 def _length(p):
@@ -155,7 +162,7 @@ def _rows(p, q, first, rank):
     its split dimension that holder `p` has (none if p is absent or on meta) and that new `q` needs.
     dim -1: split in neither plan. A replicated holder serves its rows from group rank 0 only, in
     the first round (everyone holds them); a split one serves its own shard."""
-    old, new = (spec_of(p).shard if p is not None else None), spec_of(q).shard
+    old, new = (part_of(p) if p is not None else None), part_of(q)
     dim = (new or old).dim if (new or old) else -1
     wanted = (new.start, new.start + new.length) if new else (0, q.shape[dim] if dim >= 0 else 0)
     if p is None or p.is_meta or dim < 0:

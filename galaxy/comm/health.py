@@ -42,6 +42,11 @@ def lost_key(generation):
     return _key("lost", generation)
 
 
+def all_joined(store, world):
+    """Whether every rank of `world` has joined the rendezvous held in `store`."""
+    return store.check([_key("joined", r) for r in range(world)])
+
+
 _current = None  # this process's Rendezvous: the process group it made is process-wide state too
 
 
@@ -58,7 +63,10 @@ def host_store(init_method, timeout_s):
 
 
 def is_comm_error(error):
-    """True for the errors a collective or the store raises when a peer is gone or too slow."""
+    """True for the errors a collective or the store raises when a peer is gone or too slow (a
+    PeerError has already said which)."""
+    if isinstance(error, PeerError):
+        return False
     if isinstance(error, dist.DistError):
         return True
     return isinstance(error, RuntimeError) and any(m in str(error).lower() for m in _COMM_MARKERS)
@@ -171,18 +179,23 @@ class Rendezvous:
 
     def regroup(self, error, backend, timeout_s):
         """After a collective failed with `error`: leave the broken process group, wait for the
-        launcher to name the lost ranks, and join the survivors' new group. Returns the lost
-        ranks as they were numbered before (re-raises `error` when the launcher names none within
-        timeout_s: then no rank died, the failure is another one). Collective over the survivors."""
-        dist.destroy_process_group()  # closes this rank's connections: survivors blocked on it fail too
+        launcher to name the lost ranks, and join the survivors' new group. Returns every rank lost
+        so far, in the original numbering. When the launcher names none within timeout_s, no rank
+        died: the PeerError raised names the first rank's failure (the others' followed from its
+        leaving). Collective over the survivors."""
         self.generation += 1
+        first = _key("failed", self.generation)
+        self.store.compare_set(first, "", f"rank {self.rank}: {first_line(error)}")  # set by the first rank here
+        if dist.is_initialized():  # (not when joining the last group failed: a survivor was lost meanwhile)
+            dist.destroy_process_group()  # closes this rank's connections: survivors blocked on it fail too
         try:
             self.store.wait([lost_key(self.generation)], timedelta(seconds=timeout_s))
         except RuntimeError:
-            raise error from None
-        lost = set(json.loads(self.store.get(lost_key(self.generation))))
-        before, self.members = self.members, [r for r in self.members if r not in lost]
+            raise PeerError(f"rank {self.rank}: a collective failed but no rank was lost within {timeout_s:.0f}s; "
+                            f"the first failure: {self.store.get(first).decode()}") from None
+        lost = json.loads(self.store.get(lost_key(self.generation)))
+        self.members = [r for r in self.members if r not in lost]
         dist.init_process_group(backend, store=dist.PrefixStore(f"galaxy/generation{self.generation}", self.store),
                                 rank=self.members.index(self.rank), world_size=len(self.members),
                                 timeout=timedelta(seconds=timeout_s))
-        return [i for i, r in enumerate(before) if r in lost]
+        return lost

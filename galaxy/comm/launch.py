@@ -273,9 +273,11 @@ class _LossAnnouncer:
         self.lost, self.generation = {}, 0
 
     def check(self, procs, outcome, errors):
-        """Announce the ranks that ended without a result while regroups are left and someone
-        survives (else _check_alive fails the run)."""
-        if self.generation == self.regroups or not _newly_dead(procs, outcome, errors, self.lost):
+        """Announce the ranks that ended without a result while regroups are left, someone
+        survives and every rank had joined (else _check_alive fails the run: the others would wait
+        in the rendezvous, not in a collective)."""
+        if (self.generation == self.regroups or not _newly_dead(procs, outcome, errors, self.lost)
+                or not health.all_joined(self.store, len(procs))):
             return
         time.sleep(_POLL_S)  # ranks that die together are announced together
         dead = _newly_dead(procs, outcome, errors, self.lost)
@@ -284,8 +286,9 @@ class _LossAnnouncer:
         self.generation += 1
         self.lost.update(dead)
         self.store.set(health.lost_key(self.generation), json.dumps(sorted(self.lost)))
-        print(f"galaxy: {_deaths(dead)}; regroup {self.generation} of {self.regroups}: "
-              f"{survivors_phrase(len(procs) - len(self.lost))} re-plan in place", file=sys.stderr, flush=True)
+        left = len(procs) - len(self.lost)
+        print(f"galaxy: {_deaths(dead)}; regroup {self.generation} of {self.regroups}: {survivors_phrase(left)} "
+              f"re-plan{'s' * (left == 1)} in place", file=sys.stderr, flush=True)
 
 
 def survivors_phrase(count):

@@ -6,9 +6,11 @@ test_elastic_infer.py), a pipeline's restart. What cannot go on is refused by na
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
+from galaxy.comm import health, launch
 from galaxy.errors import ConfigError
 from galaxy.plan import build_plan
 from galaxy.train import elastic
@@ -107,3 +109,17 @@ def test_sequence_parallel_survivors_split_positions_only():
     cfg, plan = plan_of(4, parallel="sp", num_attention_heads=2, seq_scatter_list=[8, 8, 8, 8])
     new_cfg, new = elastic.survivors_plan(cfg, plan, [3])
     assert new.positions == (11, 11, 10) and new_cfg["tp_num_attention_heads_list"] is None
+
+
+def test_a_rank_lost_before_every_rank_joined_fails_the_start():
+    """Inference in place: the launcher names a lost rank only once every rank has joined; before,
+    the others wait in the rendezvous, not in a collective, so the run fails at once (as without
+    --elastic) instead of after their timeout_s."""
+    announcer = launch._LossAnnouncer(f"tcp://127.0.0.1:{launch.free_port()}", 5, regroups=3)
+    procs = [SimpleNamespace(exitcode=code) for code in (None, -9, None)]
+    announcer.check(procs, {}, {})
+    assert announcer.generation == 0 and not announcer.lost
+    for rank in range(3):
+        announcer.store.set(health._key("joined", rank), "1")
+    announcer.check(procs, {}, {})
+    assert announcer.generation == 1 and announcer.lost == {1: -9}

@@ -5,9 +5,12 @@ from the run's sources. Every request's output, before and after the loss, equal
 model's (rel. error < 1e-5), and the bytes rebuilt are exactly the lost rank's split parameters.
 
 BERT Galaxy (uneven) loads its base weights from load_checkpoint and a LoRA file from
-load_trainable (merge_weights: merged into the weights at eval), both different from the seed's initial values,
-and loses rank 1; LLaMA TP with grouped-query attention starts from the seed's weights and loses
-rank 0 (whose process hosted nothing: the launcher hosts the store)."""
+load_trainable (merge_weights: merged into the weights at eval), both different from the seed's
+initial values, and loses rank 1; BERT SP with both files loses rank 2 (its layers' weights carry
+a Shard of all their rows, yet are whole on every rank: nothing is rebuilt); LLaMA TP with
+grouped-query attention starts from the seed's weights and loses rank 0 (whose process hosted
+nothing: the launcher hosts the store). A survivor lost while the others re-plan makes them
+regroup and re-plan again."""
 import os
 import signal
 
@@ -16,11 +19,10 @@ import torch
 
 from galaxy import infer
 from galaxy.comm.context import ParallelContext
-from galaxy.comm.launch import spawn
-from galaxy.layers.param_spec import spec_of
+from galaxy.comm.launch import RankFailed, spawn
 from galaxy.models.registry import build_model, load_sources
 from galaxy.plan import build_plan
-from galaxy.relayout import META, _NoDrawOnMeta
+from galaxy.relayout import META, _NoDrawOnMeta, part_of
 from galaxy.train.config import load_config
 from galaxy.tuning.apply import apply_tuning
 from tests.helpers import rel_err
@@ -35,6 +37,8 @@ BERT = dict(model="bert", hidden_size=32, intermediate_size=48, num_attention_he
 CASES = {  # name: (config keys, lost rank, requests served before the loss)
     "bert galaxy, checkpoint + LoRA": (dict(BERT, parallel="galaxy", tp_num_attention_heads_list=[1, 2, 1],
                                             tp_intermediate_size_list=[8, 30, 10], seq_scatter_list=[5, 4, 3]), 1, 2),
+    # every weight on every rank, though a layer's carry a Shard of all their rows: nothing to rebuild
+    "bert sp, checkpoint + LoRA": (dict(BERT, parallel="sp", seq_scatter_list=[5, 4, 3]), 2, 1),
     "llama tp, GQA, seed weights": (dict(LLAMA, num_hidden_layers=2, parallel="tp",
                                          tp_num_attention_heads_list=[4, 2, 2], tp_intermediate_size_list=[40, 32, 24]),
                                     0, 1),
@@ -82,24 +86,44 @@ def lost_rows_bytes(cfg, plan, rank):
     with _NoDrawOnMeta():
         model = build_model(cfg, ctx)
         apply_tuning(model, cfg, ctx)
-    return sum(p.numel() * p.element_size() for p in model.parameters() if spec_of(p).shard)
+    return sum(p.numel() * p.element_size() for p in model.parameters() if part_of(p))
 
 
-def _killing(serve, victim, after, world):
+def _killing(serve, victim, after, world, failure=None):
+    """`victim` dies after `after` requests at `world`, or raises `failure` (and lives on) when given."""
     def serve_then_die(forward, batches, ctx, *rest):
         for served, result in enumerate(serve(forward, batches, ctx, *rest), 1):
             yield result
             if (ctx.rank, served, ctx.world) == (victim, after, world):
+                if failure:
+                    raise failure
                 os.kill(os.getpid(), signal.SIGKILL)
     return serve_then_die
 
 
-def _serve_losing_a_rank(rank, world, cfg, victim, after):
-    infer.serve = _killing(infer.serve, victim, after, world)  # this process's module: the Server calls it
+def _dying_in(fill, victim, world):
+    def fill_or_die(new, holders, ctx):
+        if (ctx.rank, ctx.world) == (victim, world):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return fill(new, holders, ctx)
+    return fill_or_die
+
+
+def _serve_losing_a_rank(rank, world, cfg, victim, after, regroups=1, replanning_victim=None, failure=None):
+    """`replanning_victim` (rank, world): a survivor that dies too, while the survivors re-plan."""
+    infer.serve = _killing(infer.serve, victim, after, world, failure)  # this process's module: the Server calls it
+    if replanning_victim:
+        infer.fill_after_loss = _dying_in(infer.fill_after_loss, *replanning_victim)
     model, ctx = infer.eval_model(cfg, build_plan(cfg, world), rank)
-    server = infer.Server(model, ctx, cfg, regroups=1)
+    server = infer.Server(model, ctx, cfg, regroups=regroups)
     outputs = [out for _, out in server.run(batches(cfg), keep=lambda out: out)]
     return outputs, server.recoveries, server.ctx.plan.describe()
+
+
+def assert_serial(outputs, want, label):
+    assert len(outputs) == REQUESTS
+    for i, (got, expected) in enumerate(zip(outputs, want)):
+        assert rel_err(got, expected) < 1e-5, (label, i, rel_err(got, expected))
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -118,6 +142,29 @@ def test_survivors_keep_their_rows_and_match_serial(case, tmp_path):
         assert [r["lost"] for r in recoveries] == [[victim]]
         assert recoveries[0]["rebuilt"] == lost, (recoveries, lost)
         assert recoveries[0]["kept"] > 2 * lost  # what the survivors held stayed with them
-        assert len(outputs) == REQUESTS
-        for i, (got, expected) in enumerate(zip(outputs, want)):
-            assert rel_err(got, expected) < 1e-5, (case, rank, i, rel_err(got, expected))
+        assert_serial(outputs, want, (case, rank))
+
+
+def test_a_survivor_lost_while_the_survivors_replan():
+    """Rank 1 dies after request 1; rank 2 dies while the survivors re-plan for it. The last
+    survivor regroups again (a second of its regroups), re-plans from its rows under the world-3
+    plan and rebuilds both lost ranks' rows."""
+    cfg = load_config(None, {**CASES["bert galaxy, checkpoint + LoRA"][0], "timeout_s": 30})
+    want = serial_outputs(cfg)
+    results = spawn(_serve_losing_a_rank, 3, (cfg, 1, 1, 2, (1, 2)), timeout_s=30, limit_s=150, regroups=2)
+    assert results[1] is None and results[2] is None
+    outputs, recoveries, plan = results[0]
+    assert "tp=1" in plan, plan
+    plan3 = build_plan(cfg, 3)
+    assert recoveries == [dict(recoveries[0], lost=[1, 2], rebuilt=sum(lost_rows_bytes(cfg, plan3, r) for r in (1, 2)))]
+    assert_serial(outputs, want, "rank 0")
+
+
+def test_a_failure_that_no_loss_explains_names_its_rank():
+    """Rank 1's collective-like error, with every rank alive: the launcher names no lost rank, so
+    every rank gives up after timeout_s (once, not once per regroup left) naming rank 1's error,
+    not the closed connections the others saw when it left the group."""
+    cfg = load_config(None, {**CASES["bert galaxy, checkpoint + LoRA"][0], "timeout_s": 8})
+    failure = RuntimeError("gloo: a collective went wrong, yet no rank died")
+    with pytest.raises(RankFailed, match="no rank was lost within 8s; the first failure: rank 1: gloo: a collective"):
+        spawn(_serve_losing_a_rank, 3, (cfg, 1, 1, 3, None, failure), timeout_s=8, limit_s=60, regroups=3)
