@@ -169,17 +169,20 @@ class Server:
 
     def run(self, batches, keep=lambda out: None):
         """[(latency, keep(output))] of every batch, in order."""
-        results, batches = [], list(batches)
+        results, batches, recovered = [], list(batches), False
         while len(results) < len(batches):
             after = self.replanner.after_step if self.replanner else None
             try:
+                if recovered:  # a survivor may have finished the request the others lost
+                    done = torch.tensor([len(results)], device=self.ctx.device)
+                    dist.all_reduce(done, op=dist.ReduceOp.MIN)
+                    del results[int(done):]
+                    recovered = False
                 for out, latency in serve(self.forward, batches[len(results):], self.ctx, after, len(results)):
                     results.append((latency, keep(out)))
             except Exception as e:  # a peer's loss surfaces as whatever its collective raised
                 self._recover(e, len(results))
-                done = torch.tensor([len(results)], device=self.ctx.device)
-                dist.all_reduce(done, op=dist.ReduceOp.MIN)  # a survivor may have finished the request
-                del results[int(done):]
+                recovered = True
         return results
 
     def _recover(self, error, served):
