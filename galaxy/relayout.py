@@ -6,7 +6,7 @@ the new plan on the meta device and give it memory (`build_empty`: no initial we
 fill it:
 
     move_state        every split parameter sends only the rows that change owner, point to point
-                      (collectives.reshard); replicated ones are handed over; AdamW's moments move
+                      (collectives.reshard_into); replicated ones are handed over; AdamW's moments move
                       like their parameters
     fill_after_loss   the survivors' own rows stay, or move point to point as above; the rows that
                       only a lost rank held are rebuilt by one survivor from the run's sources
@@ -104,23 +104,6 @@ def part_of(p):
     return shard if shard is not None and shard.length < shard.full else None
 
 
-def _length(p):
-    shard = spec_of(p).shard
-    return -1 if shard is None else shard.length
-
-
-def _reshards(pairs, ctx):
-    """Per (old, new) parameter: (dim, old sizes, new sizes) over the tensor group when its split
-    changes, else None. One small all-gather tells every rank every rank's lengths."""
-    lengths = torch.tensor([[_length(p), _length(q)] for p, q in pairs], dtype=torch.long, device=ctx.device)
-    every = C.gather_along_dim(lengths.unsqueeze(0), 0, [1] * ctx.tp_size, ctx.tp_group)
-    out = []
-    for i, (p, _) in enumerate(pairs):
-        before, after = every[:, i, 0].tolist(), every[:, i, 1].tolist()
-        out.append((spec_of(p).shard.dim, before, after) if before != after else None)
-    return out
-
-
 @torch.no_grad()
 def move_state(old, new, ctx, opt=None):
     """Fill `new` (the model under another plan on the same ranks) from `old`, and point `opt`
@@ -130,10 +113,16 @@ def move_state(old, new, ctx, opt=None):
     `old` is left sharing it and must not be used again."""
     params = dict(new.named_parameters())
     pairs = [(p, params[name]) for name, p in old.named_parameters()]
-    reshards = _reshards(pairs, ctx)
+    layouts = _row_layouts(pairs, ctx, first=True)
 
     def moved(tensor, i):
-        return tensor if reshards[i] is None else C.reshard(tensor, *reshards[i], ctx.tp_group)
+        dim, held, wanted = layouts[i]
+        if dim < 0 or held == wanted:  # replicated, or split alike: handed over
+            return tensor
+        lo, hi = wanted[ctx.tp_rank]
+        out = tensor.new_empty(tensor.shape[:dim] + (hi - lo,) + tensor.shape[dim + 1:])
+        C.reshard_into(out, tensor, dim, held, wanted, ctx.tp_group)
+        return out
 
     for i, (p, q) in enumerate(pairs):
         q.data = moved(p, i).data
@@ -174,6 +163,15 @@ def _rows(p, q, first, rank):
     return (dim, *held, *wanted)
 
 
+def _row_layouts(pairs, ctx, first):
+    """Per (holder, new parameter): (dim, held, wanted), the `_rows` of every rank of the tensor
+    group (one small all-gather), so that every rank moves the same tensors the same way."""
+    mine = torch.tensor([_rows(p, q, first, ctx.tp_rank) for p, q in pairs], dtype=torch.long, device=ctx.device)
+    every = C.gather_along_dim(mine.unsqueeze(0), 0, [1] * ctx.tp_size, ctx.tp_group).tolist()
+    return [(every[ctx.tp_rank][i][0], [tuple(r[i][1:3]) for r in every], [tuple(r[i][3:5]) for r in every])
+            for i in range(len(pairs))]
+
+
 @torch.no_grad()
 def fill_after_loss(new, holders, ctx):
     """Fill `new` (this rank's model under the survivors' plan, `ctx`) round by round over the
@@ -186,17 +184,14 @@ def fill_after_loss(new, holders, ctx):
     filled, needed = [0] * len(params), [1] * len(params)
     for k, holder in enumerate(holders):
         got = dict(holder.named_parameters()) if holder is not None else {}
-        mine = torch.tensor([_rows(got.get(name), q, k == 0, rank) for name, q in params], dtype=torch.long,
-                            device=ctx.device)
-        every = C.gather_along_dim(mine.unsqueeze(0), 0, [1] * ctx.tp_size, ctx.tp_group).tolist()
+        layouts = _row_layouts([(got.get(name), q) for name, q in params], ctx, first=k == 0)
         for i, (name, q) in enumerate(params):
-            dim = every[rank][i][0]
+            dim, held, wanted = layouts[i]
             if dim < 0:  # replicated before and after: this rank's own copy
                 if k == 0:
                     q.data.copy_(got[name])
                     kept, filled[i] = kept + q.numel() * q.element_size(), 1
                 continue
-            held, wanted = [tuple(r[i][1:3]) for r in every], [tuple(r[i][3:5]) for r in every]
             own = max(0, min(held[rank][1], wanted[rank][1]) - max(held[rank][0], wanted[rank][0]))
             rows = C.reshard_into(q.data, got.get(name), dim, held, wanted, ctx.tp_group)
             row_bytes = q.numel() * q.element_size() // max(1, q.shape[dim])

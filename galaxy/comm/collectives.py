@@ -180,26 +180,11 @@ def _reduce_scatter(x, dim, sizes, group):
         return start_reduce_scatter(x, dim, sizes, group).wait()
 
 
-def _bounds(sizes):
-    starts = [_offset(sizes, r) for r in range(len(sizes))]
-    return [(s, s + n) for s, n in zip(starts, sizes)]
-
-
-def reshard(x, dim, old_sizes, new_sizes, group):
-    """This rank's slice of a tensor split along `dim` by old_sizes, re-split by new_sizes (not
-    autograd; a layout change, galaxy.planner.replan). Each rank sends each peer only the overlap
-    of its old slice with the peer's new one, point to point, so a split that shifts one head
-    moves one head's rows."""
-    shape = list(x.shape)
-    shape[dim] = new_sizes[_rank(group)]
-    out = x.new_empty(shape)
-    reshard_into(out, x, dim, _bounds(old_sizes), _bounds(new_sizes), group)
-    return out
-
-
 def reshard_into(out, x, dim, held, wanted, group):
     """Fill `out`, this rank's rows wanted[rank] = (lo, hi) along `dim` of a full tensor, with the
-    rows each group rank r holds in its `x` (rows held[r]; lo == hi: none, and x may be None).
+    rows each group rank r holds in its `x` (rows held[r]; lo == hi: none, and x may be None); not
+    autograd: a layout change (galaxy.relayout). Each rank sends each peer only the overlap of its
+    rows with the peer's, point to point, so a split that shifts one head moves one head's rows.
     Held ranges must not overlap. Returns how many of out's rows were filled (the rest stay
     untouched): rows this rank holds are copied, the others arrive point to point."""
     rank, filled = _rank(group), 0

@@ -10,7 +10,7 @@ at the step boundary and goes on, without a restart.
                and takes the same decision (`Drift`, pure functions)
     the move   the model is built under the new plan on the same ranks and process groups; each
                split parameter sends only the rows that change owner, point to point
-               (galaxy.comm.collectives.reshard); replicated ones are copied. AdamW's moments move
+               (galaxy.comm.collectives.reshard_into); replicated ones are copied. AdamW's moments move
                like their parameters; its step counts, the LR schedule and the training step stay.
 
 The move itself is galaxy.relayout's (shared with --elastic inference).
