@@ -21,7 +21,6 @@ import torch
 import torch.distributed as dist
 
 from galaxy.comm import health, launch
-from galaxy.errors import ConfigError
 from galaxy.models.registry import MODELS, load_tokenizer
 from galaxy.pipeline.engine import pipeline_streams
 from galaxy.pipeline.p2p import StageLinks
@@ -216,10 +215,7 @@ def recover(model, ctx, cfg, error, served, members):
     gone = rendezvous.regroup(error, dist.get_backend() if dist.is_initialized() else launch.default_backend(),
                               cfg["timeout_s"])
     lost = [i for i, r in enumerate(members) if r in gone]
-    try:
-        new_cfg, plan = elastic.survivors_plan(cfg, ctx.plan, lost)
-    except ConfigError as e:
-        raise SystemExit(f"galaxy: --elastic: the {ctx.world - len(lost)} surviving ranks cannot go on: {e}") from None
+    new_cfg, plan = elastic.go_on(cfg, ctx.plan, lost)
     new_ctx = join(new_cfg, plan, dist.get_rank())
     dtype = next(model.parameters()).dtype
     new, new_ctx = build_empty(new_cfg, new_ctx)

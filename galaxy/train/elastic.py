@@ -89,6 +89,14 @@ def survivors_plan(cfg, plan, dead):
     return cfg, new
 
 
+def go_on(cfg, plan, dead):
+    """survivors_plan when ranks `dead` are lost mid-run; SystemExit saying why the survivors cannot."""
+    try:
+        return survivors_plan(cfg, plan, dead)
+    except ConfigError as e:
+        raise SystemExit(f"galaxy: --elastic: the {plan.world - len(dead)} surviving ranks cannot go on: {e}") from None
+
+
 def check(cfg, plan, rank, resumes):
     """Before any process starts: --elastic needs a local spawn, a layout it can re-plan after
     losing a rank, and (training, `resumes`) checkpoints to go on from."""
@@ -115,10 +123,7 @@ class Survivors:
 
     def __call__(self, dead, launch_args):
         cfg, plan, *rest = launch_args
-        try:
-            cfg, new = survivors_plan(cfg, plan, dead)
-        except ConfigError as e:
-            raise SystemExit(f"galaxy: --elastic: the {plan.world - len(dead)} surviving ranks cannot go on: {e}")
+        cfg, new = go_on(cfg, plan, dead)
         what = f"plan {new.describe()}"
         if self.resumes:
             found = checkpoint.checkpoints(cfg["save_dir"])
