@@ -23,11 +23,11 @@ def worker(args):
     import torch.distributed as dist
 
     from galaxy.comm.context import ParallelContext
-    from galaxy.comm.launch import init_distributed
     from galaxy.data import SyntheticMLM
     from galaxy.models.bert import BertConfig, BertForMaskedLM
     from galaxy.pipeline import PipelineForwardBackward
     from galaxy.plan import build_plan
+    from galaxy.runtime.launch import init_distributed
     from galaxy.train.config import load_config
     from galaxy.train.loop import Trainer
 

@@ -23,10 +23,10 @@ import torch
 
 from benchmarks.common import bert_cfg, parser, table
 from galaxy import infer
-from galaxy.comm.launch import spawn
 from galaxy.models.registry import build_model
 from galaxy.plan import build_plan
-from galaxy.train import elastic
+from galaxy.runtime import elastic
+from galaxy.runtime.launch import spawn
 
 LOST = 1
 

@@ -17,13 +17,13 @@ import torch
 
 from benchmarks.common import bert_cfg, median, parser, svg_bars, table, write_results
 from galaxy.comm.context import ParallelContext
-from galaxy.comm.launch import spawn
 from galaxy.infer import forward_fn, serve
 from galaxy.models.registry import build_model
 from galaxy.plan import build_plan
 from galaxy.planner.profile import slow_down
 from galaxy.planner.replan import Replanner
 from galaxy.planner.run import profile_and_plan
+from galaxy.runtime.launch import spawn
 
 
 def _one(forward, ids, ctx):

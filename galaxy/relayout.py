@@ -1,7 +1,7 @@
 """A running model moved to another plan in memory, without a restart.
 
 Two callers: live re-planning (galaxy.planner.replan: the same ranks, another split) and --elastic
-inference (galaxy.train.elastic: fewer ranks once one has died). Both build this rank's model under
+inference (galaxy.runtime.elastic: fewer ranks once one has died). Both build this rank's model under
 the new plan on the meta device and give it memory (`build_empty`: no initial weights drawn), then
 fill it:
 

@@ -104,7 +104,7 @@ class ParallelContext:
         if plan.world == 1:
             return cls(plan, rank, device=device)
         if not dist.is_initialized():
-            raise RuntimeError("ParallelContext.create needs torch.distributed initialised (see galaxy.comm.launch)")
+            raise RuntimeError("ParallelContext.create needs torch.distributed initialised (see galaxy.runtime.launch)")
         tp, dp, pp = plan.tp_size, plan.dp_size, plan.pp_size
         ctx = cls(plan, rank, device=device)
         coords = [(r // (tp * dp), (r // tp) % dp, r % tp) for r in range(plan.world)]

@@ -21,10 +21,10 @@ import argparse
 import json
 from pathlib import Path
 
-from galaxy.comm.launch import RankFailed, spawn
 from galaxy.planner.check import MIN_ROUNDS
 from galaxy.planner.run import plan_and_check
 from galaxy.planner.split import layer_param_bytes
+from galaxy.runtime.launch import RankFailed, spawn
 from galaxy.train.config import load_config, read_config
 
 

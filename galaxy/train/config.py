@@ -118,7 +118,7 @@ SCHEMA = {
     "device": (str, None, "cpu | cuda | cuda:N (default: cuda:<local rank> under nccl, else cpu)"),
     "timeout_s": (float, 300.0, "collective / rendezvous timeout"),
     "elastic": (bool, False, "a one-command local spawn restarts its surviving ranks when one dies: re-planned "
-                "for the smaller world, training resumes from the latest checkpoint (galaxy.train.elastic)"),
+                "for the smaller world, training resumes from the latest checkpoint (galaxy.runtime.elastic)"),
     "elastic_restarts": (int, 3, "--elastic: at most this many restarts"),
     "save_on_signal": (bool, False, "on SIGTERM/SIGINT every rank stops at the same step and saves a "
                        "training checkpoint to save_dir before it exits"),

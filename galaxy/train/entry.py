@@ -12,7 +12,6 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from galaxy.comm import launch
 from galaxy.comm.context import ParallelContext
 from galaxy.data import DataError
 from galaxy.explain import explain
@@ -22,7 +21,8 @@ from galaxy.models.registry import MODELS, build_model, load_sources
 from galaxy.pipeline import PipelineForwardBackward, format_actions
 from galaxy.planner.replan import Replanner
 from galaxy.profiler import observe
-from galaxy.train import checkpoint, cli, elastic, outputs
+from galaxy.runtime import elastic, launch
+from galaxy.train import checkpoint, cli, outputs
 from galaxy.train.config import config_hash
 from galaxy.train.loop import NonFiniteError, Trainer, run_training
 from galaxy.tuning.keys import save_tuning_record

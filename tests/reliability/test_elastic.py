@@ -10,10 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from galaxy.comm import health, launch
 from galaxy.errors import ConfigError
 from galaxy.plan import build_plan
-from galaxy.train import elastic
+from galaxy.runtime import elastic, health, launch
 from galaxy.train.config import load_config
 from tests.helpers import ROOT
 from tests.reliability import procs

@@ -1,6 +1,6 @@
 """--elastic: when a rank of a one-command local spawn dies, its survivors go on without a human.
 
-Training: the launcher (galaxy.comm.launch.run) sees a rank's process end without a result
+Training: the launcher (galaxy.runtime.launch.run) sees a rank's process end without a result
 (killed by a signal, or exited non-zero), ends the others, and asks `Survivors` for the smaller
 world, restarting them from the latest checkpoint. Inference in a layout whose ranks share every
 layer (tp, sp, galaxy: `in_place`): the launcher tells the survivors instead, and they re-plan in
