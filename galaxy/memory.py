@@ -21,11 +21,11 @@ import torch
 from torch.utils._pytree import tree_leaves
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from galaxy.app import cli
 from galaxy.comm.context import ParallelContext
 from galaxy.explain import batch, build_trainer
 from galaxy.models.registry import build_model
 from galaxy.runtime.launch import spawn
-from galaxy.train import cli
 from galaxy.train.optim import optimizer_state_bytes
 from galaxy.train.zero import model_state_bytes
 

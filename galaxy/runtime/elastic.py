@@ -4,7 +4,7 @@ Training: the launcher (galaxy.runtime.launch.run) sees a rank's process end wit
 (killed by a signal, or exited non-zero), ends the others, and asks `Survivors` for the smaller
 world, restarting them from the latest checkpoint. Inference in a layout whose ranks share every
 layer (tp, sp, galaxy: `in_place`): the launcher tells the survivors instead, and they re-plan in
-their own processes, keeping their weights (galaxy.infer.Server). Both re-plan the same way:
+their own processes, keeping their weights (galaxy.app.infer.Server). Both re-plan the same way:
 
 - the config loses the dead ranks' entries, and each per-rank list is apportioned again over the
   survivors in proportion to their own entries (a rank that held twice the heads keeps twice the

@@ -10,10 +10,10 @@ import argparse
 import json
 from collections import Counter
 
+from galaxy.app import train
 from galaxy.explain import bytes_by_label, record_step
 from galaxy.models.registry import build_model
 from galaxy.plan import build_plan
-from galaxy.train import entry
 from galaxy.train.config import load_config
 from tests.helpers import run_ranks
 
@@ -35,7 +35,7 @@ def _train_every_layout(rank, world, trace_root):
     for layout in LAYOUTS:
         cfg = config(layout)
         args = argparse.Namespace(trace_dir=f"{trace_root}/{layout}", metrics_file=None)
-        entry.train(rank, world, cfg, build_plan(cfg, world), args)
+        train.train(rank, world, cfg, build_plan(cfg, world), args)
 
 
 def _load(trace_root, layout, rank):

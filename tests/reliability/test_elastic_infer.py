@@ -17,7 +17,7 @@ import signal
 import pytest
 import torch
 
-from galaxy import infer
+from galaxy.app import infer
 from galaxy.comm.context import ParallelContext
 from galaxy.models.registry import build_model, load_sources
 from galaxy.plan import build_plan

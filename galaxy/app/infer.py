@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from galaxy.app import cli, outputs
+from galaxy.app.train import join, load_model
 from galaxy.models.registry import MODELS, load_tokenizer
 from galaxy.pipeline.engine import pipeline_streams
 from galaxy.pipeline.p2p import StageLinks
 from galaxy.planner.replan import Replanner
 from galaxy.relayout import build_empty, build_lost_part, fill_after_loss
 from galaxy.runtime import elastic, health, launch
-from galaxy.train import cli, outputs
-from galaxy.train.entry import join, load_model
 
 
 def positive_int(text):

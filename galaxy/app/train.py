@@ -5,13 +5,14 @@ prediction with --memory_report, training checkpoints and resume), final Hugging
 
 An entry script only names its model (galaxy.models.registry) and default config:
 
-    entry.main(__doc__, "bert", "train_config/bert/galaxy/full.json")
+    train.main(__doc__, "bert", "train_config/bert/galaxy/full.json")
 """
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 
+from galaxy.app import cli, outputs
 from galaxy.comm.context import ParallelContext
 from galaxy.data import DataError
 from galaxy.explain import explain
@@ -22,7 +23,7 @@ from galaxy.pipeline import PipelineForwardBackward, format_actions
 from galaxy.planner.replan import Replanner
 from galaxy.profiler import observe
 from galaxy.runtime import elastic, launch
-from galaxy.train import checkpoint, cli, outputs
+from galaxy.train import checkpoint
 from galaxy.train.config import config_hash
 from galaxy.train.loop import NonFiniteError, Trainer, run_training
 from galaxy.tuning.keys import save_tuning_record
