@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from galaxy.app.infer import eval_model, forward_fn
-from galaxy.app.train import join, load_model
+from galaxy.app.session import join, load_model
 from galaxy.data import SyntheticMLM
 from galaxy.errors import ConfigError
 from galaxy.models.bert.model import mlm_to_hf

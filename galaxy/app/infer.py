@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from galaxy.app import cli, outputs
-from galaxy.app.train import join, load_model
+from galaxy.app.session import join, load_model
 from galaxy.models.registry import MODELS, load_tokenizer
 from galaxy.pipeline.engine import pipeline_streams
 from galaxy.pipeline.p2p import StageLinks

@@ -1,7 +1,8 @@
 """What every training entry script does: parse and validate (or only --explain the plan),
-then on each rank: groups from the plan, a config check across ranks, data, model, tuning
-method, Trainer (pipeline schedule when pp > 1, traced with --trace_dir, its memory beside the
-prediction with --memory_report, training checkpoints and resume), final Hugging Face export.
+then on each rank: the shared session (galaxy.app.session: groups from the plan, a config check
+across ranks, model and tuning method), data, Trainer (pipeline schedule when pp > 1, traced with
+--trace_dir, its memory beside the prediction with --memory_report, training checkpoints and
+resume), final Hugging Face export.
 
 An entry script only names its model (galaxy.models.registry) and default config:
 
@@ -9,40 +10,20 @@ An entry script only names its model (galaxy.models.registry) and default config
 """
 from contextlib import nullcontext
 
-import torch
-import torch.distributed as dist
-
 from galaxy.app import cli, outputs
-from galaxy.comm.context import ParallelContext
+from galaxy.app.session import join, load_model
 from galaxy.data import DataError
 from galaxy.explain import explain
 from galaxy.memory import MemoryReport, model_state_line
 from galaxy.models.checkpoint import CheckpointError
-from galaxy.models.registry import MODELS, build_model, load_sources
+from galaxy.models.registry import MODELS, build_model
 from galaxy.pipeline import PipelineForwardBackward, format_actions
 from galaxy.planner.replan import Replanner
 from galaxy.profiler import observe
 from galaxy.runtime import elastic, launch
 from galaxy.train import checkpoint
-from galaxy.train.config import config_hash
 from galaxy.train.loop import NonFiniteError, Trainer, run_training
 from galaxy.tuning.keys import save_tuning_record
-
-
-def check_same_config(cfg, ctx):
-    """Ranks started with different configs would deadlock or diverge: stop them now,
-    naming the keys that differ from rank 0's."""
-    if ctx.world == 1:
-        return
-    digests = [None] * ctx.world
-    dist.all_gather_object(digests, config_hash(cfg))
-    if len(set(digests)) == 1:
-        return
-    configs = [None] * ctx.world
-    dist.all_gather_object(configs, cfg)
-    diffs = [f"rank {r}: {k}={configs[r][k]!r} (rank 0: {configs[0][k]!r})"
-             for r in range(1, ctx.world) for k in sorted(cfg) if configs[r][k] != configs[0][k]]
-    raise SystemExit(f"galaxy: rank {ctx.rank}: ranks were started with different configs: {'; '.join(diffs)}")
 
 
 def checkpoint_saver(trainer, total):
@@ -75,24 +56,6 @@ def train(rank, world, cfg, plan, args):
         _train(rank, world, cfg, plan, args)
     except (DataError, CheckpointError, NonFiniteError) as e:
         raise SystemExit(f"galaxy: rank {rank}: {e}") from None
-
-
-def join(cfg, plan, rank):
-    """This rank's ParallelContext, once every rank is known to run the same config; seeds torch."""
-    ctx = ParallelContext.create(plan, rank, cfg["device"], cfg["distributed_backend"] or launch.default_backend())
-    check_same_config(cfg, ctx)
-    torch.manual_seed(cfg["seed"])
-    return ctx
-
-
-def load_model(cfg, ctx, rank):
-    """This rank's part of the model with load_checkpoint's weights and the tuning method (and
-    load_trainable's weights) applied; returns (model, a line describing the tuning)."""
-    model = build_model(cfg, ctx)
-    skipped, tuning = load_sources(model, cfg, ctx)
-    if skipped and rank == 0:  # every rank found the same: the whole model's names were checked
-        print(f"[rank 0] --strict false: {cfg['load_checkpoint']}: " + "; ".join(skipped), flush=True)
-    return model, tuning
 
 
 def _train(rank, world, cfg, plan, args):
