@@ -13,13 +13,13 @@ from contextlib import nullcontext
 from galaxy.app import cli, outputs
 from galaxy.app.session import join, load_model
 from galaxy.data import DataError
-from galaxy.explain import explain
-from galaxy.memory import MemoryReport, model_state_line
 from galaxy.models.checkpoint import CheckpointError
 from galaxy.models.registry import MODELS, build_model
 from galaxy.pipeline import PipelineForwardBackward, format_actions
 from galaxy.planner.replan import Replanner
 from galaxy.profiler import observe
+from galaxy.profiler.explain import explain
+from galaxy.profiler.memory import MemoryReport, model_state_line
 from galaxy.runtime import elastic, launch
 from galaxy.train import checkpoint
 from galaxy.train.loop import NonFiniteError, Trainer, run_training

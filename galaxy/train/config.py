@@ -111,7 +111,7 @@ SCHEMA = {
     "memory_mb": (INT_LIST, None, "each data-parallel rank's memory in MiB: ZeRO shards in proportion "
                   "(instead of zero_shard_list)"),
     "memory_report": (bool, False, "each rank prints its model state at start-up and the peak of its second "
-                      "step beside galaxy.memory's prediction (a meta build of the rank: seconds)"),
+                      "step beside galaxy.profiler.memory's prediction (a meta build of the rank: seconds)"),
     # processes
     "init_method": (str, None, "e.g. tcp://127.0.0.1:23000"),
     "distributed_backend": (str, None, "gloo | nccl (default: nccl on CUDA, else gloo)"),

@@ -23,8 +23,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from galaxy.app import cli
 from galaxy.comm.context import ParallelContext
-from galaxy.explain import batch, build_trainer
 from galaxy.models.registry import build_model
+from galaxy.profiler.explain import batch, build_trainer
 from galaxy.runtime.launch import spawn
 from galaxy.train.optim import optimizer_state_bytes
 from galaxy.train.zero import model_state_bytes
@@ -231,7 +231,7 @@ def model_state_line(trainer, predicted=None):
 
 
 class MemoryReport:
-    """--memory_report: this rank's memory beside galaxy.memory's prediction of it (from a meta build
+    """--memory_report: this rank's memory beside galaxy.profiler.memory's prediction of it (from a meta build
     of the rank: seconds), the model state at start-up and, once it has run, the peak of the second
     step this process runs (the first creates AdamW's state) with the optimizer state it left."""
 
