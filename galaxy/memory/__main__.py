@@ -1,7 +1,7 @@
 """`python -m galaxy.memory --config_file ... --world N`: every rank's memory for a config
-(galaxy.profiler.memory)."""
+(galaxy.app.memory)."""
 import sys
 
-from galaxy.profiler.memory import main
+from galaxy.app.memory import main
 
 main(sys.argv[1:])

@@ -1,5 +1,6 @@
-"""Every rank's memory for a config, before anything runs: python -m galaxy.memory --config_file ... --world N;
-and a training run's report of what it measured beside it (--memory_report, MemoryReport).
+"""Every rank's memory for a config, before anything runs (python -m galaxy.memory --config_file ...
+--world N: galaxy.app.memory), and a training run's report of what it measured beside it
+(--memory_report, MemoryReport).
 
 Nothing is described a second time: each rank's real model and Trainer (ZeRO, tuning, pipeline
 included) are built on the meta device under ParallelContext.recording, as --explain does, and
@@ -11,8 +12,6 @@ included) are built on the meta device under ParallelContext.recording, as --exp
     real ranks (gloo, CPU) to compare, and a training run with --memory_report on its second step
     (on CUDA: torch.cuda.max_memory_allocated).
 """
-import argparse
-import sys
 import weakref
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -21,7 +20,6 @@ import torch
 from torch.utils._pytree import tree_leaves
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from galaxy.app import cli
 from galaxy.comm.context import ParallelContext
 from galaxy.models.registry import build_model
 from galaxy.profiler.explain import batch, build_trainer
@@ -260,18 +258,3 @@ class MemoryReport:
         return (f"memory in step {self.trainer.step}: peak {_mib(measured)} MiB ({how}), predicted {_mib(peak)} MiB "
                 f"({100 * (peak / measured - 1):+.1f}%); optimizer state {_mib(optimizer)} MiB, "
                 f"predicted {_mib(self.predicted['optimizer'])} MiB")
-
-
-def main(argv=None):
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--measure", action="store_true", help="also run a real step on gloo ranks and compare peaks")
-    known, rest = pre.parse_known_args(argv)
-    args, cfg, plan, world, rank = cli.parse("Every rank's memory for a config, before anything runs "
-                                             "(--measure: beside a real step's peak).", None, rest)
-    if args.config_file is None:
-        raise SystemExit("galaxy.memory: --config_file is required")
-    print(report(plan, cfg, known.measure))
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
