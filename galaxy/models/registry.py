@@ -81,7 +81,7 @@ def load_sources(model, cfg, ctx, verified=False):
     """Fill a built model from the run's sources, in order: load_checkpoint's weights (over the
     seed's, drawn as it was built), the tuning method (which adds and initialises its parameters
     and freezes the rest), load_trainable's weights. `verified`: these files passed the whole
-    model's checks at start-up, so only this model's own slices are read (galaxy.relayout's
+    model's checks at start-up, so only this model's own slices are read (galaxy.reshard.relayout's
     rebuilt part of a lost rank). Returns (what load_checkpoint skipped, the tuning line)."""
     skipped = []
     if cfg["load_checkpoint"] and not cfg["resume"]:

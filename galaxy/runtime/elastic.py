@@ -14,7 +14,7 @@ their own processes, keeping their weights (galaxy.app.infer.Server). Both re-pl
 - training resumes from the latest complete checkpoint in save_dir, read into the new layout
   (galaxy.train.checkpoint reshards it); inference in place keeps each survivor's rows, moves
   rows between survivors point to point and rebuilds only the lost rank's rows from the run's
-  sources (galaxy.relayout); inference in a pipeline or data-parallel layout restarts like
+  sources (galaxy.reshard.relayout); inference in a pipeline or data-parallel layout restarts like
   training, reloading load_checkpoint (or the seed's weights) and serving from the start.
 
 Layouts whose ranks split more than one way (tensor x data, tensor x pipeline ...) and a world

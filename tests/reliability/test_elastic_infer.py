@@ -21,7 +21,7 @@ from galaxy.app import infer
 from galaxy.comm.context import ParallelContext
 from galaxy.models.registry import build_model, load_sources
 from galaxy.plan import build_plan
-from galaxy.relayout import META, _NoDrawOnMeta, part_of
+from galaxy.reshard.relayout import META, _NoDrawOnMeta, part_of
 from galaxy.runtime.launch import RankFailed, spawn
 from galaxy.train.config import load_config
 from galaxy.tuning.apply import apply_tuning
