@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from galaxy.app.infer import prepare, serve
+from galaxy.config.load import load_config
 from galaxy.models.registry import build_model
 from galaxy.plan import build_plan
-from galaxy.train.config import load_config
 from tests.helpers import rel_err, run_ranks, run_script
 from tests.models.bart.test_bart_layouts import MODEL as BART, SPLITS as BART_SPLITS
 from tests.models.test_bert_layouts import MODEL as BERT, SPLITS as BERT_SPLITS

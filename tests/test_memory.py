@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from galaxy.comm.context import ParallelContext
+from galaxy.config.load import load_config
 from galaxy.models.registry import build_model
 from galaxy.plan import build_plan
 from galaxy.profiler.explain import build_trainer
 from galaxy.profiler.memory import LiveBytes, estimate, peak_bytes, saved_bytes
-from galaxy.train.config import load_config
 from galaxy.train.optim import optimizer_state_bytes
 from galaxy.train.zero import model_state_bytes
 from tests.helpers import ROOT, run_ranks, run_script

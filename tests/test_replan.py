@@ -10,6 +10,7 @@ import torch
 
 from galaxy.app.infer import eval_model, forward_fn
 from galaxy.app.session import join, load_model
+from galaxy.config.load import load_config
 from galaxy.data import SyntheticMLM
 from galaxy.errors import ConfigError
 from galaxy.models.bert.model import mlm_to_hf
@@ -19,7 +20,6 @@ from galaxy.plan import build_plan
 from galaxy.planner.profile import slow_down
 from galaxy.planner.replan import Drift, ReplanRule, Replanner, best_split, check_replan, fit_block, fitted_profiles
 from galaxy.planner.split import RankProfile, predict_layer_seconds
-from galaxy.train.config import load_config
 from galaxy.train.loop import Trainer
 from tests.helpers import rel_err, run_ranks, run_script
 from tests.models.llama.common import MODEL as LLAMA

@@ -5,9 +5,9 @@ import torch
 import torch.distributed as dist
 
 from galaxy.comm.context import ParallelContext
+from galaxy.config.load import config_hash
 from galaxy.models.registry import build_model, load_sources
 from galaxy.runtime import launch
-from galaxy.train.config import config_hash
 
 
 def check_same_config(cfg, ctx):

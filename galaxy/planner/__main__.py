@@ -21,11 +21,11 @@ import argparse
 import json
 from pathlib import Path
 
+from galaxy.config.load import load_config, read_config
 from galaxy.planner.check import MIN_ROUNDS
 from galaxy.planner.run import plan_and_check
 from galaxy.planner.split import layer_param_bytes
 from galaxy.runtime.launch import RankFailed, spawn
-from galaxy.train.config import load_config, read_config
 
 
 def main():

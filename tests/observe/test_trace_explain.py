@@ -11,10 +11,10 @@ import json
 from collections import Counter
 
 from galaxy.app import train
+from galaxy.config.load import load_config
 from galaxy.models.registry import build_model
 from galaxy.plan import build_plan
 from galaxy.profiler.explain import bytes_by_label, record_step
-from galaxy.train.config import load_config
 from tests.helpers import run_ranks
 
 LAYOUTS = {layout: {"parallel": layout} for layout in ("galaxy", "galaxy2", "sp", "tp", "dp")}

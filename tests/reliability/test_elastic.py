@@ -10,10 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 
+from galaxy.config.load import load_config
 from galaxy.errors import ConfigError
 from galaxy.plan import build_plan
 from galaxy.runtime import elastic, health, launch
-from galaxy.train.config import load_config
 from tests.helpers import ROOT
 from tests.reliability import procs
 

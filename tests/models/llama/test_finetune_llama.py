@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 import finetune_llama
 import generate
 from galaxy.app import train
+from galaxy.config.load import load_config
 from galaxy.models.llama import LlamaConfig, LlamaForCausalLM
 from galaxy.models.llama.generate import greedy_generate
 from galaxy.plan import build_plan
-from galaxy.train.config import load_config
 from tests.helpers import ROOT, SHIPPED, tiny_llama_tokenizer
 
 TINY = ["--hidden_size", "64", "--intermediate_size", "128", "--num_attention_heads", "4", "--num_key_value_heads", "2",
