@@ -22,7 +22,8 @@ import torch.distributed as dist
 
 from galaxy.app import cli, outputs
 from galaxy.app.session import join, load_model
-from galaxy.models.registry import MODELS, load_tokenizer
+from galaxy.data.build import load_tokenizer
+from galaxy.models.registry import MODELS
 from galaxy.pipeline.engine import pipeline_streams
 from galaxy.pipeline.p2p import StageLinks
 from galaxy.planner.replan import Replanner

@@ -6,8 +6,9 @@ import torch.distributed as dist
 
 from galaxy.comm.context import ParallelContext
 from galaxy.config.load import config_hash
-from galaxy.models.registry import build_model, load_sources
+from galaxy.models.registry import build_model
 from galaxy.runtime import launch
+from galaxy.tuning.apply import load_sources
 
 
 def check_same_config(cfg, ctx):

@@ -13,6 +13,7 @@ from contextlib import nullcontext
 from galaxy.app import cli, outputs
 from galaxy.app.session import join, load_model
 from galaxy.data import DataError
+from galaxy.data.build import build_data
 from galaxy.models.checkpoint import CheckpointError
 from galaxy.models.registry import MODELS, build_model
 from galaxy.pipeline import PipelineForwardBackward, format_actions
@@ -60,7 +61,7 @@ def train(rank, world, cfg, plan, args):
 
 def _train(rank, world, cfg, plan, args):
     ctx = join(cfg, plan, rank)
-    data = MODELS[cfg["model"]].build_data(cfg, ctx)
+    data = build_data(cfg, ctx)
     if rank == 0 and getattr(data, "cut", ""):  # what the data lost to seq_length, told once
         print(f"[rank 0] {data.cut}", flush=True)
     if len(data) < cfg["batch_size"]:

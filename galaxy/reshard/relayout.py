@@ -25,9 +25,9 @@ from galaxy.comm.context import ParallelContext
 from galaxy.layers.param_spec import spec_of
 from galaxy.layers.transformer import TransformerLayer
 from galaxy.models.common import init_weights
-from galaxy.models.registry import build_model, load_sources
+from galaxy.models.registry import build_model
 from galaxy.plan import build_plan
-from galaxy.tuning.apply import apply_tuning
+from galaxy.tuning.apply import apply_tuning, load_sources
 
 META = torch.device("meta")
 
@@ -83,7 +83,7 @@ def build_empty(cfg, ctx):
 
 def build_lost_part(cfg, plan, lost_rank, device):
     """The split parameters rank `lost_rank` held under `plan`, rebuilt here from the run's sources
-    as that rank built them (the seed's weights, then galaxy.models.registry.load_sources, which
+    as that rank built them (the seed's weights, then galaxy.tuning.apply.load_sources, which
     reads only these parameters' slices of the files); its replicated parameters and buffers stay
     on the meta device: every survivor holds them. Returns (model, bytes rebuilt)."""
     ctx = ParallelContext(plan, rank=lost_rank, device=META)

@@ -20,11 +20,11 @@ import torch
 from galaxy.app import infer
 from galaxy.comm.context import ParallelContext
 from galaxy.config.load import load_config
-from galaxy.models.registry import build_model, load_sources
+from galaxy.models.registry import build_model
 from galaxy.plan import build_plan
 from galaxy.reshard.relayout import META, _NoDrawOnMeta, part_of
 from galaxy.runtime.launch import RankFailed, spawn
-from galaxy.tuning.apply import apply_tuning
+from galaxy.tuning.apply import apply_tuning, load_sources
 from tests.helpers import rel_err
 from tests.models.llama.common import MODEL as LLAMA
 from tests.tuning.test_tuning_layouts import offset

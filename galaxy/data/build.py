@@ -1,0 +1,41 @@
+"""The dataset a config names, for its architecture: build_data(cfg, ctx)."""
+from galaxy.data.denoising import BartDenoisingData
+from galaxy.data.instruction import InstructionData, PretrainTextData
+from galaxy.data.pretrain import BertPretrainData, SyntheticMLM
+from galaxy.data.tokenizer import Tokenizer
+
+
+def load_tokenizer(cfg):
+    tok = Tokenizer(cfg["tokenizer_file"])
+    if tok.vocab_size > cfg["vocab_size"]:
+        raise SystemExit(f"galaxy: tokenizer {cfg['tokenizer_file']} has {tok.vocab_size} pieces, "
+                         f"config vocab_size is {cfg['vocab_size']}")
+    return tok
+
+
+def bert_data(cfg, ctx):
+    if cfg["data"] == "synthetic":
+        return SyntheticMLM(cfg["vocab_size"], cfg["seq_length"], cfg["seed"])
+    return BertPretrainData(cfg["data_file"], load_tokenizer(cfg), cfg["seq_length"], cfg["seed"])
+
+
+def llama_data(cfg, ctx):
+    tok = load_tokenizer(cfg)
+    if cfg["data"] == "instruction":  # sequence shards and pipeline stages need every batch at seq_length
+        fixed = ctx.plan.seq_sharded or ctx.plan.pp_size > 1
+        return InstructionData(cfg["data_file"], tok, cfg["seq_length"], pad_to_max_length=fixed)
+    if cfg["data"] == "corpus":
+        return PretrainTextData(cfg["data_file"], tok, cfg["seq_length"])
+    raise SystemExit(f"galaxy: data '{cfg['data']}' is not available for LLaMA; use instruction or corpus")
+
+
+def bart_data(cfg, ctx):
+    return BartDenoisingData(cfg["data_file"], load_tokenizer(cfg), cfg["seq_length"], cfg["seed"])
+
+
+BUILDERS = {"bert": bert_data, "llama": llama_data, "bart": bart_data}
+
+
+def build_data(cfg, ctx):
+    """cfg's dataset for its model; ctx's plan says whether every batch must be seq_length long."""
+    return BUILDERS[cfg["model"]](cfg, ctx)
