@@ -4,7 +4,8 @@ step's peak on gloo ranks."""
 import argparse
 
 from galaxy.app import cli
-from galaxy.profiler.memory import report
+from galaxy.profiler.memory import measure, report
+from galaxy.runtime.launch import spawn
 
 
 def main(argv=None):
@@ -15,4 +16,5 @@ def main(argv=None):
                                              "(--measure: beside a real step's peak).", None, rest)
     if args.config_file is None:
         raise SystemExit("galaxy.memory: --config_file is required")
-    print(report(plan, cfg, known.measure))
+    measured = spawn(measure, plan.world, (plan, cfg), timeout_s=300, limit_s=600) if known.measure else None
+    print(report(plan, cfg, measured))

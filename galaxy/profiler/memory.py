@@ -23,7 +23,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from galaxy.comm.context import ParallelContext
 from galaxy.models.registry import build_model
 from galaxy.profiler.explain import batch, build_trainer
-from galaxy.runtime.launch import spawn
 from galaxy.train.optim import optimizer_state_bytes
 from galaxy.train.zero import model_state_bytes
 
@@ -185,8 +184,9 @@ def estimate(plan, cfg, rank):
     return out
 
 
-def _measure(rank, world, plan, cfg):
-    """On a real rank (spawned): the peak of live bytes over a steady-state step."""
+def measure(rank, world, plan, cfg):
+    """On a real rank (one of `world` joined in a process group): the peak of live bytes over a
+    steady-state step."""
     return peak_bytes(build_trainer(ParallelContext.create(plan, rank, "cpu"), cfg, build_model))
 
 
@@ -194,16 +194,17 @@ def _mib(n):
     return "-" if n is None else f"{n / 2**20:.2f}"
 
 
-def report(plan, cfg, measure=False):
+def report(plan, cfg, measured=None):
+    """The table of every rank's prediction; `measured`, when given, is each rank's peak from
+    `measure`, shown beside it."""
     cols = ("params", "grads", "optimizer", "activations", "activations_ckpt", "peak")
     lines = [f"memory per rank, MiB (world {plan.world}: {plan.describe()}; zero_stage {cfg['zero_stage']}, "
              f"activation_checkpointing {cfg['activation_checkpointing']}, dtype {cfg['dtype']})",
-             f"{'rank':>4} " + " ".join(f"{c:>16}" for c in cols) + (f" {'measured peak':>14} {'error':>7}" if measure else "")]
-    measured = spawn(_measure, plan.world, (plan, cfg), timeout_s=300, limit_s=600) if measure else None
+             f"{'rank':>4} " + " ".join(f"{c:>16}" for c in cols) + (f" {'measured peak':>14} {'error':>7}" if measured else "")]
     for rank in range(plan.world):
         est = estimate(plan, cfg, rank)
         line = f"{rank:>4} " + " ".join(f"{_mib(est[c]):>16}" for c in cols)
-        if measure:
+        if measured:
             line += f" {_mib(measured[rank]):>14} {100 * (est['peak'] / measured[rank] - 1):>+6.1f}%"
         lines.append(line)
     lines.append("activations: bytes autograd saves in one micro-batch's forward; peak: most live bytes in a step")
