@@ -1,0 +1,103 @@
+"""The import rules of docs/architecture.md, read from the source: every import statement of every
+module under galaxy/ (those inside functions too: a deferred import is still a dependency), each
+checked against the rules below. A rule names the package it binds and the packages it must never
+import; a break is reported with the module, the line and the imported name."""
+import ast
+from pathlib import Path
+
+import pytest
+
+GALAXY = Path(__file__).resolve().parents[1] / "galaxy"
+
+# (who, what it never imports, why)
+RULES = [
+    ("galaxy", ("galaxy.app",), "the engine never imports the application"),
+    ("galaxy.app.infer", ("galaxy.train", "galaxy.app.train"), "inference never imports training"),
+    ("galaxy.planner", ("galaxy.train", "galaxy.runtime", "galaxy.config"),
+     "the planner splits a model from a config dict: no training, no processes"),
+    ("galaxy.models", ("galaxy.data", "galaxy.tuning", "galaxy.train", "galaxy.pipeline"),
+     "one definition per architecture; data, tuning methods and schedules are applied to it"),
+    ("galaxy.comm", ("galaxy.runtime", "galaxy.layers", "galaxy.models", "galaxy.pipeline", "galaxy.train"),
+     "comm moves tensors between ranks: no processes, no blocks or models"),
+    ("galaxy.layers", ("galaxy.models", "galaxy.tuning", "galaxy.pipeline", "galaxy.train"),
+     "blocks know their slice of a layer, not the model, tuning method or schedule around them"),
+    ("galaxy.pipeline", ("galaxy.models", "galaxy.train", "galaxy.runtime", "galaxy.planner"),
+     "schedules run any stage's forward and backward; the trainer hands them in"),
+    ("galaxy.train", ("galaxy.runtime", "galaxy.planner", "galaxy.profiler", "galaxy.config", "galaxy.reshard"),
+     "the training loop takes a model, a context and a config dict: no processes, no planning"),
+    ("galaxy.data", ("galaxy.comm", "galaxy.layers", "galaxy.models", "galaxy.train", "galaxy.tuning"),
+     "datasets are tokens; what a rank holds of a batch is the trainer's business"),
+    ("galaxy.runtime", ("galaxy.layers", "galaxy.models", "galaxy.pipeline", "galaxy.profiler", "galaxy.data"),
+     "processes and their losses do not depend on the model they run"),
+    ("galaxy.profiler", ("galaxy.runtime",), "a recorded meta step starts no process"),
+    ("galaxy.config", ("galaxy.train", "galaxy.runtime", "galaxy.planner", "galaxy.profiler", "galaxy.pipeline"),
+     "a config is read and checked before anything runs"),
+]
+# the `python -m galaxy.X` commands the documentation names: thin shims into galaxy.app
+COMMAND_SHIMS = {"galaxy.planner.__main__", "galaxy.memory.__main__"}
+
+
+def module_name(path):
+    parts = path.relative_to(GALAXY.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path):
+    """[(line, imported name)] of one file: `import a.b` gives a.b, `from a import b` gives a and a.b
+    (b may be a module), relative imports resolved against the file's package."""
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            found += [(node.lineno, base)] + [(node.lineno, f"{base}.{alias.name}") for alias in node.names]
+    return found
+
+
+MODULES = {module_name(p): p for p in sorted(GALAXY.rglob("*.py"))}
+
+
+def within(name, package):
+    return name == package or name.startswith(package + ".")
+
+
+def breaks(rule):
+    who, never, _ = rule
+    out = []
+    for module, path in MODULES.items():
+        if not within(module, who) or module in COMMAND_SHIMS or (who == "galaxy" and within(module, "galaxy.app")):
+            continue
+        hits = {}  # line -> the longest name it imports from a forbidden package
+        for line, name in imports(path):
+            if any(within(name, bad) for bad in never):
+                hits[line] = max(hits.get(line, ""), name, key=len)
+        out += [f"{path.relative_to(GALAXY.parent)}:{line} imports {name}" for line, name in sorted(hits.items())]
+    return out
+
+
+@pytest.mark.parametrize("rule", RULES, ids=[f"{who} never imports {', '.join(never)}" for who, never, _ in RULES])
+def test_rule_holds(rule):
+    found = breaks(rule)
+    assert not found, f"{rule[2]}:\n" + "\n".join(found)
+
+
+def test_rules_name_packages_that_exist():
+    """A renamed package must not leave a rule checking nothing."""
+    packages = {m for m, p in MODULES.items() if p.name == "__init__.py"} | set(MODULES)
+    named = {who for who, _, _ in RULES} | {bad for _, never, _ in RULES for bad in never} | COMMAND_SHIMS
+    assert sorted(n for n in named if n not in packages) == []
+
+
+def test_the_walk_sees_imports():
+    """The walk finds what the application is known to import: plain, from-, aliased and relative
+    imports, and a break planted in a rule's package is reported."""
+    train_app = {name for _, name in imports(GALAXY / "app" / "train.py")}
+    assert {"galaxy.train.loop", "galaxy.runtime.launch", "galaxy.app.cli"} <= train_app
+    assert "galaxy.data.denoising" in {name for _, name in imports(GALAXY / "data" / "__init__.py")}
+    planted = ("galaxy.comm", ("galaxy.comm.stats",), "planted")  # collectives.py imports stats
+    assert any("galaxy/comm/collectives.py" in b for b in breaks(planted))
