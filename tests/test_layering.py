@@ -33,6 +33,10 @@ RULES = [
     ("galaxy.config", ("galaxy.train", "galaxy.runtime", "galaxy.planner", "galaxy.profiler", "galaxy.pipeline"),
      "a config is read and checked before anything runs"),
 ]
+# docs/architecture.md's picture, top to bottom: a package imports only those under it
+STACK = ["galaxy.app", "galaxy.runtime", "galaxy.profiler", "galaxy.planner", "galaxy.reshard", "galaxy.train",
+         "galaxy.config", "galaxy.tuning", "galaxy.loralib", "galaxy.adapters", "galaxy.pipeline", "galaxy.models",
+         "galaxy.data", "galaxy.layers", "galaxy.comm", "galaxy.plan", "galaxy.errors", "galaxy.seeding"]
 # the `python -m galaxy.X` commands the documentation names: thin shims into galaxy.app
 COMMAND_SHIMS = {"galaxy.planner.__main__", "galaxy.memory.__main__"}
 
@@ -66,17 +70,22 @@ def within(name, package):
     return name == package or name.startswith(package + ".")
 
 
+def offending(path, is_bad):
+    """'file:line imports name' for each line of `path` importing a name is_bad(name) refuses."""
+    hits = {}  # line -> the longest refused name it imports (`from a import b` gives a and a.b)
+    for line, name in imports(path):
+        if is_bad(name):
+            hits[line] = max(hits.get(line, ""), name, key=len)
+    return [f"{path.relative_to(GALAXY.parent)}:{line} imports {name}" for line, name in sorted(hits.items())]
+
+
 def breaks(rule):
     who, never, _ = rule
     out = []
     for module, path in MODULES.items():
         if not within(module, who) or module in COMMAND_SHIMS or (who == "galaxy" and within(module, "galaxy.app")):
             continue
-        hits = {}  # line -> the longest name it imports from a forbidden package
-        for line, name in imports(path):
-            if any(within(name, bad) for bad in never):
-                hits[line] = max(hits.get(line, ""), name, key=len)
-        out += [f"{path.relative_to(GALAXY.parent)}:{line} imports {name}" for line, name in sorted(hits.items())]
+        out += offending(path, lambda name: any(within(name, bad) for bad in never))
     return out
 
 
@@ -86,10 +95,23 @@ def test_rule_holds(rule):
     assert not found, f"{rule[2]}:\n" + "\n".join(found)
 
 
+def level(name):
+    return next((i for i, package in enumerate(STACK) if within(name, package)), None)
+
+
+def test_each_package_imports_only_those_under_it():
+    up = []
+    for module, path in MODULES.items():
+        if module not in COMMAND_SHIMS and level(module) is not None:
+            up += offending(path, lambda name: level(name) is not None and level(name) < level(module))
+    assert not up, "docs/architecture.md's picture puts these above their importer:\n" + "\n".join(up)
+    assert [m for m in MODULES if level(m) is None and m not in COMMAND_SHIMS] == ["galaxy"]  # every package placed
+
+
 def test_rules_name_packages_that_exist():
     """A renamed package must not leave a rule checking nothing."""
     packages = {m for m, p in MODULES.items() if p.name == "__init__.py"} | set(MODULES)
-    named = {who for who, _, _ in RULES} | {bad for _, never, _ in RULES for bad in never} | COMMAND_SHIMS
+    named = {who for who, _, _ in RULES} | {bad for _, never, _ in RULES for bad in never} | COMMAND_SHIMS | set(STACK)
     assert sorted(n for n in named if n not in packages) == []
 
 
