@@ -13,7 +13,7 @@ from contextlib import nullcontext
 from galaxy.app import cli, outputs
 from galaxy.app.session import join, load_model
 from galaxy.data import DataError
-from galaxy.data.build import build_data
+from galaxy.data.build import build_data, build_held_out
 from galaxy.models.checkpoint import CheckpointError
 from galaxy.models.registry import MODELS, build_model
 from galaxy.pipeline import PipelineForwardBackward, format_actions
@@ -59,6 +59,16 @@ def train(rank, world, cfg, plan, args):
         raise SystemExit(f"galaxy: rank {rank}: {e}") from None
 
 
+def evaluate(trainer, log):
+    """The model's own evaluation (ModelSpec.evaluate), if it has one: every rank runs it (a forward
+    of the layout) on the held-out data, rank 0 says what it found."""
+    spec = MODELS[trainer.cfg["model"]]
+    if spec.evaluate:
+        line = spec.evaluate(trainer.model, build_held_out(trainer.cfg, trainer.ctx), trainer.cfg)
+        if trainer.ctx.rank == 0:
+            log(f"at step {trainer.step}: {line}")
+
+
 def _train(rank, world, cfg, plan, args):
     ctx = join(cfg, plan, rank)
     data = build_data(cfg, ctx)
@@ -87,6 +97,7 @@ def _train(rank, world, cfg, plan, args):
         step = checkpoint.resume(trainer, cfg["save_dir"])
         if rank == 0:
             log(f"resumed from step {step} of {cfg['save_dir']}")
+    evaluate(trainer, log)
     saver = checkpoint_saver(trainer, total) if cfg["save_every"] else None
     stopper = stop_on_signal(trainer) if cfg["save_on_signal"] else None
     replanner = Replanner(model, ctx, cfg, trainer, log) if cfg["replan"] else None  # may replace trainer.model
@@ -99,6 +110,7 @@ def _train(rank, world, cfg, plan, args):
                 replanner.after_step(metrics["step"])
         around_step = report.around_step if report else nullcontext
         run_training(trainer, total, args.metrics_file, on_step, around_step)
+    evaluate(trainer, log)
     if cfg["save_dir"]:
         with trainer.full_weights():
             checkpoint.require_finite(trainer, f"the final export to {cfg['save_dir']}")

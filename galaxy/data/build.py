@@ -1,14 +1,28 @@
-"""The dataset a config names, for its architecture: build_data(cfg, ctx)."""
+"""The dataset a config names, for its architecture: build_data(cfg, ctx); and the held-out data
+a model's own evaluation reads (build_held_out)."""
 from galaxy.data.denoising import BartDenoisingData
 from galaxy.data.instruction import InstructionData, PretrainTextData
 from galaxy.data.pretrain import BertPretrainData, SyntheticMLM
-from galaxy.data.tokenizer import Tokenizer
+from galaxy.data.retrieval import RetrievalPairs
+from galaxy.data.tokenizer import holds_tokenizer, tokenizer_from
+
+DEFAULT_TOKENIZER = "data/python_docs/spm_bert.model"
+
+
+def tokenizer_path(cfg):
+    """tokenizer_file; else the tokenizer a load_checkpoint directory brings; else the shipped one."""
+    if cfg["tokenizer_file"]:
+        return cfg["tokenizer_file"]
+    if cfg["load_checkpoint"] and holds_tokenizer(cfg["load_checkpoint"]):
+        return cfg["load_checkpoint"]
+    return DEFAULT_TOKENIZER
 
 
 def load_tokenizer(cfg):
-    tok = Tokenizer(cfg["tokenizer_file"])
+    path = tokenizer_path(cfg)
+    tok = tokenizer_from(path)
     if tok.vocab_size > cfg["vocab_size"]:
-        raise SystemExit(f"galaxy: tokenizer {cfg['tokenizer_file']} has {tok.vocab_size} pieces, "
+        raise SystemExit(f"galaxy: tokenizer {path} has {tok.vocab_size} pieces, "
                          f"config vocab_size is {cfg['vocab_size']}")
     return tok
 
@@ -33,9 +47,18 @@ def bart_data(cfg, ctx):
     return BartDenoisingData(cfg["data_file"], load_tokenizer(cfg), cfg["seq_length"], cfg["seed"])
 
 
-BUILDERS = {"bert": bert_data, "llama": llama_data, "bart": bart_data}
+def retrieval_data(cfg, ctx, held_out=False):
+    return RetrievalPairs(cfg["data_file"], load_tokenizer(cfg), cfg["seq_length"], held_out=held_out)
+
+
+BUILDERS = {"bert": bert_data, "bert_retrieval": retrieval_data, "llama": llama_data, "bart": bart_data}
 
 
 def build_data(cfg, ctx):
     """cfg's dataset for its model; ctx's plan says whether every batch must be seq_length long."""
     return BUILDERS[cfg["model"]](cfg, ctx)
+
+
+def build_held_out(cfg, ctx):
+    """The pairs a retrieval model is evaluated on (every 5th, never trained on)."""
+    return retrieval_data(cfg, ctx, held_out=True)
