@@ -128,12 +128,18 @@ class ParallelContext:
         return ctx
 
 
+def local_gpu(rank):
+    """The one rule for which GPU of this machine a rank uses: torchrun's LOCAL_RANK, else the rank,
+    modulo the GPUs here (galaxy.runtime.launch sets it before NCCL starts; resolve_device names it)."""
+    return int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()
+
+
 def resolve_device(device, backend, rank):
     """`device` if given, else CUDA under NCCL, else the CPU (gloo, or world 1 with no backend named).
-    CUDA without an index is this rank's GPU: torchrun's LOCAL_RANK, else the rank modulo the GPUs here."""
+    CUDA without an index is this rank's GPU (local_gpu)."""
     device = torch.device(device or ("cuda" if backend == "nccl" else "cpu"))
     if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+        return torch.device("cuda", local_gpu(rank))
     return device
 
 
