@@ -3,6 +3,7 @@ module under galaxy/ (those inside functions too: a deferred import is still a d
 checked against the rules below. A rule names the package it binds and the packages it must never
 import; a break is reported with the module, the line and the imported name."""
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,24 @@ def test_the_walk_sees_imports():
     assert "galaxy.data.denoising" in {name for _, name in imports(GALAXY / "data" / "__init__.py")}
     planted = ("galaxy.comm", ("galaxy.comm.stats",), "planted")  # collectives.py imports stats
     assert any("galaxy/comm/collectives.py" in b for b in breaks(planted))
+
+
+def process_state(path):
+    """Module-level names a function rebinds (`global`) or bound to a mutable {} / [] / set()."""
+    tree = ast.parse(path.read_text())
+    rebound = {name for node in ast.walk(tree) if isinstance(node, ast.Global) for name in node.names}
+    mutable = {target.id for node in tree.body if isinstance(node, ast.Assign)
+               and (isinstance(node.value, (ast.Dict, ast.List, ast.Set))
+                    or (isinstance(node.value, ast.Call) and ast.unparse(node.value.func) == "set"))
+               for target in node.targets if isinstance(target, ast.Name)}
+    return {(str(path.relative_to(GALAXY.parent)), name) for name in rebound | mutable
+            if not name.isupper() and not name.startswith("__")}  # constants and __all__ do not change
+
+
+def test_process_wide_state_is_the_documented_one():
+    """docs/architecture.md's "Process-wide state" table names every module-level value that changes."""
+    doc = (GALAXY.parent / "docs" / "architecture.md").read_text()
+    documented = set(re.findall(r"^\| (galaxy/\S+\.py) \| `(\w+)` \|", doc, re.M))
+    found = set().union(*(process_state(path) for path in MODULES.values()))
+    assert sorted(found) == sorted(documented)
+

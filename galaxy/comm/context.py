@@ -3,7 +3,8 @@
 Ranks are laid out tensor-fastest, then data, then pipeline (as in Megatron):
     rank = pp_rank * (dp_size * tp_size) + dp_rank * tp_size + tp_rank
 so the ranks that exchange activations every block are neighbours. The context is passed
-explicitly to whatever needs it; there is no global state.
+explicitly to whatever needs it; the few process-wide values (which implementation a group uses,
+who listens to collectives) describe the process, not a layout (docs/architecture.md).
 
 The context also owns the rank's device: the model, every buffer, batch, optimizer and RNG
 state the engine creates lives on `ctx.device`.
