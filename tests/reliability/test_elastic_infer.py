@@ -17,14 +17,14 @@ import signal
 import pytest
 import torch
 
-from galaxy import infer
+from galaxy.app import infer
 from galaxy.comm.context import ParallelContext
-from galaxy.comm.launch import RankFailed, spawn
-from galaxy.models.registry import build_model, load_sources
+from galaxy.config.load import load_config
+from galaxy.models.registry import build_model
 from galaxy.plan import build_plan
-from galaxy.relayout import META, _NoDrawOnMeta, part_of
-from galaxy.train.config import load_config
-from galaxy.tuning.apply import apply_tuning
+from galaxy.reshard.relayout import META, _NoDrawOnMeta, part_of
+from galaxy.runtime.launch import RankFailed, spawn
+from galaxy.tuning.apply import apply_tuning, load_sources
 from tests.helpers import rel_err
 from tests.models.llama.common import MODEL as LLAMA
 from tests.tuning.test_tuning_layouts import offset

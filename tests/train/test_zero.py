@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from galaxy.comm.context import ParallelContext
+from galaxy.config.load import load_config
 from galaxy.data import SyntheticMLM
 from galaxy.errors import ConfigError
 from galaxy.layers.param_spec import GradSum, spec_of
@@ -13,7 +14,6 @@ from galaxy.models.bert import BertConfig, BertForMaskedLM
 from galaxy.pipeline import PipelineForwardBackward
 from galaxy.plan import build_plan
 from galaxy.train import checkpoint
-from galaxy.train.config import load_config
 from galaxy.train.loop import Trainer
 from galaxy.train.zero import check_zero, model_state_bytes, shard_fractions, shard_sizes
 from tests.helpers import rel_err, run_ranks
