@@ -13,7 +13,7 @@ from contextlib import nullcontext
 from galaxy.app import cli, outputs
 from galaxy.app.session import join, load_model
 from galaxy.data import DataError
-from galaxy.data.build import build_data, build_held_out
+from galaxy.data.build import build_data, held_out_data
 from galaxy.models.checkpoint import CheckpointError
 from galaxy.models.registry import MODELS, build_model
 from galaxy.pipeline import PipelineForwardBackward, format_actions
@@ -59,12 +59,11 @@ def train(rank, world, cfg, plan, args):
         raise SystemExit(f"galaxy: rank {rank}: {e}") from None
 
 
-def evaluate(trainer, log):
-    """The model's own evaluation (ModelSpec.evaluate), if it has one: every rank runs it (a forward
-    of the layout) on the held-out data, rank 0 says what it found."""
-    spec = MODELS[trainer.cfg["model"]]
-    if spec.evaluate:
-        line = spec.evaluate(trainer.model, build_held_out(trainer.cfg, trainer.ctx), trainer.cfg)
+def evaluate(trainer, held_out, log):
+    """The model's score on the samples its data holds out (retrieval's recall@1), if any: every
+    rank runs it (a forward of the layout), rank 0 says what it found."""
+    if held_out is not None:
+        line = trainer.model.evaluate(held_out)
         if trainer.ctx.rank == 0:
             log(f"at step {trainer.step}: {line}")
 
@@ -97,7 +96,8 @@ def _train(rank, world, cfg, plan, args):
         step = checkpoint.resume(trainer, cfg["save_dir"])
         if rank == 0:
             log(f"resumed from step {step} of {cfg['save_dir']}")
-    evaluate(trainer, log)
+    held_out = held_out_data(cfg, ctx)
+    evaluate(trainer, held_out, log)
     saver = checkpoint_saver(trainer, total) if cfg["save_every"] else None
     stopper = stop_on_signal(trainer) if cfg["save_on_signal"] else None
     replanner = Replanner(model, ctx, cfg, trainer, log) if cfg["replan"] else None  # may replace trainer.model
@@ -110,7 +110,7 @@ def _train(rank, world, cfg, plan, args):
                 replanner.after_step(metrics["step"])
         around_step = report.around_step if report else nullcontext
         run_training(trainer, total, args.metrics_file, on_step, around_step)
-    evaluate(trainer, log)
+    evaluate(trainer, held_out, log)
     if cfg["save_dir"]:
         with trainer.full_weights():
             checkpoint.require_finite(trainer, f"the final export to {cfg['save_dir']}")

@@ -1,5 +1,5 @@
-"""The dataset a config names, for its architecture: build_data(cfg, ctx); and the held-out data
-a model's own evaluation reads (build_held_out)."""
+"""The dataset a config names, for its architecture: build_data(cfg, ctx); and the pairs it holds
+out for evaluation, if any: held_out_data(cfg)."""
 from galaxy.data.denoising import BartDenoisingData
 from galaxy.data.instruction import InstructionData, PretrainTextData
 from galaxy.data.pretrain import BertPretrainData, SyntheticMLM
@@ -48,7 +48,7 @@ def bart_data(cfg, ctx):
 
 
 def retrieval_data(cfg, ctx, held_out=False):
-    return RetrievalPairs(cfg["data_file"], load_tokenizer(cfg), cfg["seq_length"], held_out=held_out)
+    return RetrievalPairs(cfg["data_file"], load_tokenizer(cfg), cfg["seq_length"], held_out)
 
 
 BUILDERS = {"bert": bert_data, "bert_retrieval": retrieval_data, "llama": llama_data, "bart": bart_data}
@@ -59,6 +59,6 @@ def build_data(cfg, ctx):
     return BUILDERS[cfg["model"]](cfg, ctx)
 
 
-def build_held_out(cfg, ctx):
-    """The pairs a retrieval model is evaluated on (every 5th, never trained on)."""
-    return retrieval_data(cfg, ctx, held_out=True)
+def held_out_data(cfg, ctx):
+    """The samples cfg's data keeps from training for the model's evaluate(), or None."""
+    return retrieval_data(cfg, ctx, held_out=True) if cfg["model"] == "bert_retrieval" else None

@@ -1,6 +1,6 @@
 """The config's "model" names an architecture: its config class (which owns the model's
-defaults), its model class, what it refuses before any process starts, and its own evaluation.
-Its data is galaxy.data.build's, its tuning method and weight files galaxy.tuning.apply.load_sources'.
+defaults), its model class, and what it refuses before any process starts. Its data is
+galaxy.data.build's, its tuning method and weight files galaxy.tuning.apply.load_sources'.
 
     spec = MODELS[cfg["model"]]
     model = spec.model(spec.config.from_dict(cfg), ctx)
@@ -24,6 +24,13 @@ def bart_check(cfg, plan):
                          "(BERT, LLaMA); BART's encoder-decoder is not supported")
 
 
+def retrieval_check(cfg, plan):
+    if plan.dp_size > 1 or plan.pp_size > 1:
+        raise SystemExit("galaxy: config error: bert_retrieval scores each question against its batch's passages "
+                         "(in-batch negatives), so every rank needs the whole batch: no data_parallel_size > 1 or "
+                         "pipeline stages (tp, sp, galaxy and galaxy2 layouts do)")
+
+
 def supports_every_layout(cfg, plan):
     """The check of a model that runs in every layout and tuning method."""
 
@@ -33,22 +40,10 @@ class ModelSpec:
     config: type
     model: type
     check: Callable = supports_every_layout  # check(cfg, plan) raises SystemExit for what the model does not support
-    evaluate: Callable = None  # evaluate(model, held_out, cfg) -> a line, on every rank before and after training
-
-
-def retrieval_check(cfg, plan):
-    if plan.dp_size > 1 or plan.pp_size > 1:
-        raise SystemExit("galaxy: config error: bert_retrieval scores each question against its batch's passages "
-                         "(in-batch negatives), so every rank needs the whole batch: no data_parallel_size > 1 or "
-                         "pipeline stages (tp, sp, galaxy and galaxy2 layouts do)")
-
-
-def retrieval_eval(model, held_out, cfg):
-    return f"recall@1 on the {len(held_out)} held-out pairs of {cfg['data_file']}: {model.recall_at_1(held_out):.3f}"
 
 
 MODELS = {"bert": ModelSpec(BertConfig, BertForMaskedLM),
-          "bert_retrieval": ModelSpec(BertConfig, BertForRetrieval, retrieval_check, retrieval_eval),
+          "bert_retrieval": ModelSpec(BertConfig, BertForRetrieval, retrieval_check),
           "llama": ModelSpec(LlamaConfig, LlamaForCausalLM),
           "bart": ModelSpec(BartConfig, BartForConditionalGeneration, bart_check)}
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from galaxy.comm.context import ParallelContext
-from galaxy.config.load import load_config
 from galaxy.data import RetrievalPairs
-from galaxy.data.build import load_tokenizer
 from galaxy.models.bert.model import retrieval_to_hf
 from galaxy.models.checkpoint import gather_full_state
+from galaxy.data.build import load_tokenizer
 from galaxy.models.registry import build_model
 from galaxy.plan import build_plan
+from galaxy.config.load import load_config
 from galaxy.train.loop import Trainer
 from tests.helpers import grad_err, rel_err, run_ranks
 
