@@ -1,7 +1,7 @@
 """Bad inputs to pretrain_galaxy.py and what each gets: the cases test_bad_inputs.py checks
 in-process, and the table of docs/bad_inputs.md, made by running them for real:
 
-    python -m tests.reliability.bad_inputs > docs/bad_inputs.md
+    python -m tests.app.bad_inputs > docs/bad_inputs.md
 """
 import contextlib
 import io
@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.reliability import procs
+from tests import procs
 
 CORPUS = ["--data", "corpus", "--vocab_size", "8000", "--max_steps", "1"]
 SYNTH = ["--max_steps", "1"]
@@ -207,7 +207,7 @@ def _multi_process_rows(d):
 
 
 if __name__ == "__main__":
-    print("# Bad inputs and what they get\n\nMade by `python -m tests.reliability.bad_inputs > docs/bad_inputs.md` "
+    print("# Bad inputs and what they get\n\nMade by `python -m tests.app.bad_inputs > docs/bad_inputs.md` "
           "(each row run as a real process; DIR is a temporary directory). "
           "Documents longer than seq_length are not an error: the corpus is one token stream cut into "
           "seq_length pieces, so nothing is skipped (only the tail shorter than one sequence is dropped). Exit 2 = rejected by the command line / "
