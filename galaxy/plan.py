@@ -91,7 +91,7 @@ def _methods(cfg):
     layout = (cfg.get("parallel") or "serial").lower()
     if layout not in LAYOUTS:
         raise ConfigError(f"parallel '{cfg.get('parallel')}' is not one of {sorted(LAYOUTS)}")
-    methods = dict(zip(BLOCK_METHODS, LAYOUTS[layout]))
+    methods = dict(zip(BLOCK_METHODS, LAYOUTS[layout], strict=True))
     for key, allowed in BLOCK_METHODS.items():
         if cfg.get(key) is not None:
             value = next((m for m in allowed if m.value == str(cfg[key]).upper()), None)

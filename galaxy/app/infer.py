@@ -232,7 +232,7 @@ def recover(model, ctx, cfg, error, served, members):
     moved = fill_after_loss(new, holders, new_ctx)
     total = torch.tensor([moved["kept"], moved["received"], rebuilt], dtype=torch.float64, device=new_ctx.device)
     dist.all_reduce(total)
-    moved = dict(zip(("kept", "received", "rebuilt"), map(int, total.tolist())), lost=lost,
+    moved = dict(zip(("kept", "received", "rebuilt"), map(int, total.tolist()), strict=True), lost=lost,
                  seconds=time.perf_counter() - start)
     if new_ctx.rank == 0:
         print(f"[rank 0] elastic: lost rank(s) {lost} during request {served}; {_moved_line(cfg, plan, moved)}",

@@ -158,5 +158,5 @@ def test_bf16_pure_trains_bf16_parameters_and_optimizer_state():
         losses[dtype] = [trainer.train_step()["loss"] for _ in range(2)]
         states[dtype] = [t.dtype for s in trainer.opt.state.values() for k, t in s.items() if k != "step"]
     assert all(p.dtype == torch.bfloat16 for p in model.parameters()) and set(states["bf16_pure"]) == {torch.bfloat16}
-    for got, want in zip(losses["bf16_pure"], losses["fp32"]):
+    for got, want in zip(losses["bf16_pure"], losses["fp32"], strict=True):
         assert abs(got - want) < 2e-2 * want, losses
