@@ -2,7 +2,7 @@
 import json
 
 from galaxy.runtime.launch import free_port
-from tests.helpers import run_script
+from tests.helpers import ROOT, run_script
 
 TINY = ["--hidden_size", "32", "--num_attention_heads", "4", "--intermediate_size", "64",
         "--num_hidden_layers", "2", "--batch_size", "4", "--seq_length", "32", "--log_every", "1"]
@@ -22,6 +22,16 @@ def test_galaxy_config_spawns_two_ranks_and_writes_metrics_once(tmp_path):
     lines = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2]
     assert {"step", "loss", "lr", "tokens_per_s", "step_time_s"} <= lines[0].keys()
+
+
+def test_a_copied_config_runs_from_anywhere(tmp_path):
+    """cp train_config/bert/full.json my.json; --config_file my.json: its parts come from train_config/."""
+    copy = tmp_path / "my.json"
+    copy.write_text((ROOT / "train_config" / "bert" / "full.json").read_text())
+    metrics = tmp_path / "m.jsonl"
+    out = run("--config_file", str(copy), "--max_steps", "2", "--metrics_file", str(metrics), *TINY)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2]
 
 
 def test_bad_key_and_bad_split_stop_before_rendezvous():
