@@ -66,17 +66,23 @@ class Plan:
                 f"positions={list(self.positions)} stage_layers={list(self.stage_layers)}")
 
 
-def _even(total, parts, key):
-    if total % parts:
-        raise ConfigError(f"{key} is not given and {total} does not split evenly over {parts} ranks; "
-                          f"list the per-rank sizes in {key}")
-    return [total // parts] * parts
+def even_split(total, parts, unit=1):
+    """`total` in `parts` shares of whole `unit`s, as even as they come: where they do not divide, the
+    first ranks take one unit more (4 heads over 3 ranks: [2, 1, 1])."""
+    units, extra = divmod(total // unit, parts)
+    return [(units + (r < extra)) * unit for r in range(parts)]
 
 
-def _split(cfg, key, total, parts, what):
+def _split(cfg, key, total, parts, what, unit=1):
+    """cfg's per-rank sizes of `key`, checked; without them the most even split (default_splits names
+    an uneven one)."""
     sizes = cfg.get(key)
     if sizes is None:
-        return tuple(_even(total, parts, key))
+        sizes = even_split(total, parts, unit)
+        if not sizes[-1]:
+            raise ConfigError(f"{key} is not given and {total} {what}s cannot give each of {parts} ranks "
+                              + (f"a group of {unit}" if unit > 1 else "one"))
+        return tuple(sizes)
     if len(sizes) != parts:
         raise ConfigError(f"{key} {sizes} has {len(sizes)} entries, but {parts} ranks share each layer "
                           f"(world size / pipeline stages / data-parallel replicas)")
@@ -136,8 +142,8 @@ def build_plan(cfg, world):
     if tp > 1 and not sharded:
         raise ConfigError(f"world {world} = {pp} stages x {dp} replicas x {tp}, but no block is parallel: "
                           f"set parallel or att/con/mlp_parallel_method, or data_parallel_size")
-    heads = _split(cfg, "tp_num_attention_heads_list", cfg["num_attention_heads"], tp, "attention head") \
-        if m["att_parallel_method"] is TP else (cfg["num_attention_heads"],) * tp
+    heads = _split(cfg, "tp_num_attention_heads_list", cfg["num_attention_heads"], tp, "attention head",
+                   gqa_group(cfg)) if m["att_parallel_method"] is TP else (cfg["num_attention_heads"],) * tp
     kv = _kv_split(cfg, heads) if m["att_parallel_method"] is TP else (_kv_heads(cfg),) * tp
     columns = _split(cfg, "tp_intermediate_size_list", cfg["intermediate_size"], tp, "intermediate column") \
         if m["mlp_parallel_method"] is TP else (cfg["intermediate_size"],) * tp
@@ -146,6 +152,21 @@ def build_plan(cfg, world):
     return Plan(att=m["att_parallel_method"], con=m["con_parallel_method"], mlp=m["mlp_parallel_method"],
                 tp_size=tp, dp_size=dp, pp_size=pp, heads=heads, kv_heads=kv, columns=columns,
                 positions=positions, stage_layers=stage_layers, virtual_stages=chunks)
+
+
+SPLIT_LISTS = {"tp_num_attention_heads_list": ("heads", "attention heads"),
+               "tp_intermediate_size_list": ("columns", "MLP columns"), "seq_scatter_list": ("positions", "positions")}
+
+
+def default_splits(cfg, plan):
+    """One line for each split the config does not list and build_plan made uneven, for start-up."""
+    lines = []
+    for key, (field, what) in SPLIT_LISTS.items():
+        sizes = list(getattr(plan, field))
+        if cfg.get(key) is None and len(set(sizes)) > 1:
+            lines.append(f"{sum(sizes)} {what} do not divide over {len(sizes)} ranks: {key} {sizes}, the most "
+                         f"even split (list the sizes to choose another)")
+    return lines
 
 
 def _kv_heads(cfg):

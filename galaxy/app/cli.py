@@ -4,7 +4,7 @@ import argparse
 
 from galaxy.config.load import ALIASES, SCHEMA, load_config, parse_cli_value
 from galaxy.errors import ConfigError
-from galaxy.plan import build_plan
+from galaxy.plan import build_plan, default_splits
 from galaxy.planner.replan import check_replan
 from galaxy.runtime import launch
 from galaxy.train.zero import check_zero
@@ -37,6 +37,9 @@ def parse(description, default_config, argv=None, add_args=None):
         check_replan(cfg, plan)
     except ConfigError as e:
         parser.exit(2, f"galaxy: config error: {e}\n")
+    if rank in (None, 0):  # once per run: the launcher of a local spawn, or rank 0
+        for line in default_splits(cfg, plan):
+            print(f"galaxy: {line}", flush=True)
     args.init_method = launch.init_method_from(args, cfg["init_method"], local_spawn=rank is None and world > 1)
     return args, cfg, plan, world, rank
 

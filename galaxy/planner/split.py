@@ -18,6 +18,8 @@ every link between stages; `plan_stage_layers` minimises the resulting forward l
 from bisect import bisect_right
 from dataclasses import dataclass
 
+from galaxy.plan import even_split
+
 
 @dataclass(frozen=True)
 class RankProfile:
@@ -116,14 +118,10 @@ def plan_galaxy(profiles, *, hidden, heads, intermediate, seq, layers, batch, ba
     return split, layers * predict_layer_seconds(split, profiles, batch, hidden, bandwidth_Bps)
 
 
-def _even(total, parts):
-    return [total // parts + (r < total % parts) for r in range(parts)]
-
-
 def even_galaxy(world, *, heads, intermediate, seq):
     """The even split (what a config without lists gets), for comparison."""
-    return {"parallel": "galaxy", "tp_num_attention_heads_list": _even(heads, world),
-            "tp_intermediate_size_list": _even(intermediate, world), "seq_scatter_list": _even(seq, world)}
+    return {"parallel": "galaxy", "tp_num_attention_heads_list": even_split(heads, world),
+            "tp_intermediate_size_list": even_split(intermediate, world), "seq_scatter_list": even_split(seq, world)}
 
 
 def pipeline_seconds(stage_layers, s_per_layer, microbatches, extra_s=None, link_s=0.0):
@@ -253,7 +251,7 @@ def even_pipeline(profiles, stages, *, hidden, heads, intermediate, seq, layers,
     tensor = even_galaxy(tp, heads=heads, intermediate=intermediate, seq=seq)
     s_per_layer, extra_s, link_s, _ = stage_costs(tensor, profiles, stages, hidden=hidden, heads=heads, seq=seq,
                                                   layers=layers, batch=batch, bandwidth_Bps=bandwidth_Bps)
-    n = _even(layers, stages)
+    n = even_split(layers, stages)
     return _pipeline_keys(tensor, n, tp), pipeline_seconds(n, s_per_layer, microbatches, extra_s, link_s)
 
 

@@ -1,4 +1,5 @@
-"""pretrain_galaxy.py end to end: local spawn, metrics file, and errors before any rendezvous."""
+"""pretrain_galaxy.py end to end: local spawn, metrics file, a copied config, the default split of a world
+that does not divide the model, and errors before any rendezvous."""
 import json
 
 from galaxy.runtime.launch import free_port
@@ -32,6 +33,23 @@ def test_a_copied_config_runs_from_anywhere(tmp_path):
     out = run("--config_file", str(copy), "--max_steps", "2", "--metrics_file", str(metrics), *TINY)
     assert out.returncode == 0, out.stderr[-3000:]
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2]
+
+
+def test_world_3_splits_4_heads_2_1_1_and_trains_as_serial(tmp_path):
+    """4 heads, 64 columns and 32 positions do not divide over 3 ranks: the most even split, said at
+    start-up, and the losses of the serial run (dropout on)."""
+    losses = {}
+    for world in (1, 3):
+        metrics = tmp_path / f"world{world}.jsonl"
+        out = run("--config_file", "train_config/bert/galaxy/full.json", "--world", str(world), "--max_steps", "2",
+                  "--master_port", str(free_port()), "--metrics_file", str(metrics), *TINY)
+        assert out.returncode == 0, out.stderr[-3000:]
+        losses[world] = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
+    assert "tp_num_attention_heads_list [2, 1, 1], the most even split" in out.stdout, out.stdout
+    assert "tp_intermediate_size_list [22, 21, 21]" in out.stdout and "seq_scatter_list [11, 11, 10]" in out.stdout
+    assert len(losses[3]) == 2
+    for got, want in zip(losses[3], losses[1], strict=True):
+        assert abs(got - want) / abs(want) < 1e-5, losses
 
 
 def test_bad_key_and_bad_split_stop_before_rendezvous():
