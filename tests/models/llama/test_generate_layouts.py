@@ -4,24 +4,26 @@ A tiny GQA LLaMA written by transformers' save_pretrained is loaded into TP, Gal
 pipeline layouts (interleaved stages too) at world 2 and 3 with uneven splits. Every rank's tokens
 equal transformers' generate(do_sample=False); each step's logits equal the serial model's (and the
 serial model's equal transformers'); with the cache they equal recomputing the whole sequence every
-step. One prompt is shorter than world 3, so a sequence-parallel rank starts with no positions."""
+step. One prompt is shorter than world 3, so a sequence-parallel rank starts with no positions.
+generate.py takes the layout from its config and the command line."""
 import functools
 
 import pytest
 import torch
 
+import generate
 from galaxy.comm.context import ParallelContext
 from galaxy.models.llama import LlamaForCausalLM
 from galaxy.models.llama.generate import GrowingSequence, SequenceSplit, greedy_generate, greedy_steps, kv_caches
 from galaxy.plan import build_plan
 from galaxy.train.config import load_config
-from tests.helpers import rel_err, run_ranks
+from tests.helpers import ROOT, rel_err, run_ranks, tiny_llama_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
 # 8 query heads in 4 KV groups of 2; initializer_range 0.2 keeps a tiny random model's greedy
 # choices clear of near-ties
-SHAPE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=8,
+SHAPE = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=4, max_position_embeddings=64, initializer_range=0.2)
 _ids = torch.randint(0, SHAPE["vocab_size"], (3, 7), generator=torch.Generator().manual_seed(0))
 PROMPTS = [_ids[:2], _ids[2:, :2]]  # a batch of two rows; one row of two tokens
@@ -133,3 +135,30 @@ def test_sequence_split_follows_the_shares():
     owners = [split.take(1).index(1) for _ in range(6)]  # one position at a time, as decoding places them
     assert owners == [0, 1, 0, 0, 1, 2] and split.held == [6, 4, 2]
     assert SequenceSplit((3, 2, 1)).take(2) == [1, 1, 0]  # a short prompt leaves the smallest share empty
+
+
+def _generate_script(rank, world, runs):
+    return [generate.main(rank, world, *run) for run in runs]
+
+
+def test_generate_script_runs_the_config_layout(checkpoint, tmp_path, monkeypatch):
+    """Galaxy with uneven lists on the command line, SP with shares (no seq_length), the pipeline
+    config's own stages: every rank returns transformers' tokens."""
+    monkeypatch.chdir(ROOT)  # the configs' paths
+    tokenizer = str(tiny_llama_tokenizer(tmp_path))
+    common = ["--checkpoint", str(checkpoint), "--prompt", "What is a list?", "--max_new_tokens", str(NEW_TOKENS),
+              "--ignore_eos", "--tokenizer_file", tokenizer, "--world", "2"]
+    layouts = [["--config_file", "train_config/llama/galaxy/full.json", "--tp_num_attention_heads_list", "[6,2]",
+                "--tp_intermediate_size_list", "[64,32]", "--seq_scatter_list", "[3,1]", "--seq_length", "4"],
+               ["--config_file", "train_config/llama/sp/full.json", "--seq_scatter_list", "[1,2]"],
+               ["--config_file", "train_config/llama/pp/full.json"]]
+    runs = [generate.parse(common + layout) for layout in layouts]
+    assert [run[2].describe().split()[:4] for run in runs] == [["ATT=TP", "CON=SP", "MLP=TP", "tp=2"],
+                                                               ["ATT=SP", "CON=SP", "MLP=SP", "tp=2"],
+                                                               ["ATT=NONE", "CON=NONE", "MLP=NONE", "tp=1"]]
+    prompt = torch.tensor([runs[0][0].prompt_ids])
+    model = transformers.LlamaForCausalLM.from_pretrained(checkpoint).eval()
+    want = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=NEW_TOKENS,
+                          eos_token_id=None, pad_token_id=0)[0, prompt.shape[1]:].tolist()
+    results = run_ranks(_generate_script, 2, [(args, cfg, plan) for args, cfg, plan, _, _ in runs], timeout_s=300)
+    assert all(got == [want] * len(layouts) for got in results)
