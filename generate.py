@@ -11,7 +11,8 @@
 
 The checkpoint is a Hugging Face LLaMA directory (config.json + safetensors), e.g. what
 finetune_llama.py --save_dir writes; its shape wins over the config's model part, and the config
-gives the layout and the tokenizer (the default config: TP at any --world above 1). Sequence-parallel
+gives the layout (the default config: TP at any --world above 1). The tokenizer is --tokenizer_file,
+else the checkpoint's own (tokenizer.json, tokenizer.model), else the config's. Sequence-parallel
 layouts read seq_scatter_list as each rank's share of the positions (even without it; seq_length is
 not used): the prompt is split in proportion, and each new token goes to the rank furthest below its share.
 "\\n" in the prompt stands for a newline. A LoRA / adapter fine-tune saved with
@@ -24,11 +25,12 @@ from pathlib import Path
 import torch
 
 from galaxy.comm import launch
-from galaxy.data import Tokenizer
+from galaxy.data import holds_tokenizer
 from galaxy.errors import ConfigError
 from galaxy.models.checkpoint import CheckpointError
 from galaxy.models.llama import LlamaConfig
 from galaxy.models.llama.generate import greedy_generate
+from galaxy.models.registry import load_tokenizer
 from galaxy.train import cli
 from galaxy.train.config import SCHEMA, read_config
 from galaxy.train.entry import join, load_model
@@ -58,8 +60,11 @@ def generation_keys(args, overrides):
     shape = {k: v for k, v in vars(LlamaConfig.from_pretrained(args.checkpoint)).items() if k in SCHEMA and v is not None}
     shares = overrides.get("seq_scatter_list") or read_config(args.config_file).get("seq_scatter_list")
     seq_length = sum(shares) if shares else launch.resolve_world_rank(args)[0]  # no list: even shares
-    return {**shape, **_tuning(args.load_trainable), "model": "llama", "load_checkpoint": args.checkpoint,
+    keys = {**shape, **_tuning(args.load_trainable), "model": "llama", "load_checkpoint": args.checkpoint,
             "seq_length": seq_length}
+    if holds_tokenizer(args.checkpoint):  # it brings its tokenizer: the config's yields, --tokenizer_file does not
+        keys["tokenizer_file"] = None
+    return keys
 
 
 def _tuning(directory):
@@ -76,14 +81,11 @@ def check_prompt(args, cfg, plan):
     """[bos] + the prompt's tokens (args.prompt_ids), if they and the new tokens fit the model's positions."""
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
-    tok = Tokenizer(cfg["tokenizer_file"])
-    ids = [tok.bos_id] + tok.encode(args.prompt.replace("\\n", "\n"))
+    tok = load_tokenizer(cfg)
+    ids = ([] if tok.bos_id is None else [tok.bos_id]) + tok.encode(args.prompt.replace("\\n", "\n"))
     if len(ids) + args.max_new_tokens > cfg["max_position_embeddings"]:
         raise ConfigError(f"--prompt ({len(ids)} tokens with <s>) + --max_new_tokens {args.max_new_tokens} "
                           f"exceeds the checkpoint's max_position_embeddings {cfg['max_position_embeddings']}")
-    if max(ids) >= cfg["vocab_size"]:
-        raise ConfigError(f"tokenizer_file {cfg['tokenizer_file']} gives token {max(ids)}, the checkpoint's "
-                          f"vocab_size is {cfg['vocab_size']}")
     args.prompt_ids = ids
 
 
@@ -98,7 +100,7 @@ def main(rank, world, args, cfg, plan):
         model, _ = load_model(cfg, ctx, rank)
     except CheckpointError as e:
         raise SystemExit(f"galaxy: rank {rank}: {e}") from None
-    tok = Tokenizer(cfg["tokenizer_file"])
+    tok = load_tokenizer(cfg)
     prompt = args.prompt_ids
     out = greedy_generate(model, torch.tensor([prompt]), args.max_new_tokens, None if args.ignore_eos else tok.eos_id)
     new = out[0, len(prompt):].tolist()
