@@ -16,6 +16,7 @@ measure of devices.
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -30,7 +31,7 @@ from galaxy.plan import build_plan
 from galaxy.train.cli import config_overrides
 from galaxy.train.config import load_config
 
-MODEL = "train_config/model/llama_tiny.json"
+MODEL = Path(__file__).resolve().parents[1] / "train_config" / "model" / "llama_tiny.json"
 LAYOUTS = ("serial", "tp", "galaxy", "galaxy2", "sp", "pp")
 SPLITS = {2: dict(tp_num_attention_heads_list=[6, 2], tp_intermediate_size_list=[448, 240], seq_scatter_list=[3, 1],
                   stage_num_hidden_layers_list=[3, 1]),
@@ -39,11 +40,11 @@ SPLITS = {2: dict(tp_num_attention_heads_list=[6, 2], tp_intermediate_size_list=
 
 
 def layout_config(layout, world, overrides):
-    """The model part with the layout's keys: the split lists are the layout's own (a pipeline's
-    stages, the tensor lists otherwise); generation reads seq_scatter_list as shares."""
-    splits = {**SPLITS.get(world, {}), **overrides}
-    stages = splits.pop("stage_num_hidden_layers_list", None)
-    keys = {"stage_num_hidden_layers_list": stages} if layout == "pp" else splits
+    """The model part with the world's split lists and the overrides; only a pipeline keeps the
+    stages (they turn pipelining on). Generation reads seq_scatter_list as shares."""
+    keys = {**SPLITS.get(world, {}), **overrides}
+    if layout != "pp":
+        keys.pop("stage_num_hidden_layers_list", None)
     if "seq_scatter_list" in keys:
         keys["seq_length"] = sum(keys["seq_scatter_list"])
     return load_config(MODEL, {**keys, "parallel": layout})
@@ -132,7 +133,7 @@ def main(argv=None):
     times, tokens = spawn(bench, args.world, (args,), timeout_s=args.timeout_s, threads=args.threads)[0]
     reference = tokens[args.layouts[0]]
     same = [name for name in args.layouts if torch.equal(tokens[name], reference)]
-    print(f"LLaMA ({MODEL}), world {args.world} on gloo, {args.threads} thread(s)/rank, batch {args.batch}, "
+    print(f"LLaMA ({MODEL.name}), world {args.world} on gloo, {args.threads} thread(s)/rank, batch {args.batch}, "
           f"prompt {args.prompt} tokens, {args.new_tokens} new tokens, median of {args.repeats} interleaved rounds")
     print(table(rows(times, args), ["layout", "prefill ms", "prefill tok/s", f"vs {args.layouts[0]}",
                                     "decode ms/token", "decode tok/s", f"vs {args.layouts[0]}"]))
