@@ -24,16 +24,16 @@ from pathlib import Path
 
 import torch
 
-from galaxy.comm import launch
+from galaxy.app import cli
+from galaxy.app.session import join, load_model
+from galaxy.config.load import SCHEMA, read_config
 from galaxy.data import holds_tokenizer
+from galaxy.data.build import load_tokenizer
 from galaxy.errors import ConfigError
 from galaxy.models.checkpoint import CheckpointError
 from galaxy.models.llama import LlamaConfig
 from galaxy.models.llama.generate import greedy_generate
-from galaxy.models.registry import load_tokenizer
-from galaxy.train import cli
-from galaxy.train.config import SCHEMA, read_config
-from galaxy.train.entry import join, load_model
+from galaxy.runtime import launch
 from galaxy.tuning.keys import TUNING_FILE, read_tuning_record
 
 DEFAULT_CONFIG = "train_config/llama/tp/full.json"

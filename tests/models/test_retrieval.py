@@ -12,9 +12,10 @@ from galaxy.comm.context import ParallelContext
 from galaxy.data import RetrievalPairs
 from galaxy.models.bert.model import retrieval_to_hf
 from galaxy.models.checkpoint import gather_full_state
-from galaxy.models.registry import build_model, load_tokenizer
+from galaxy.data.build import load_tokenizer
+from galaxy.models.registry import build_model
 from galaxy.plan import build_plan
-from galaxy.train.config import load_config
+from galaxy.config.load import load_config
 from galaxy.train.loop import Trainer
 from tests.helpers import grad_err, rel_err, run_ranks
 
