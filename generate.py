@@ -79,6 +79,9 @@ def _tuning(directory):
 
 def check_prompt(args, cfg, plan):
     """[bos] + the prompt's tokens (args.prompt_ids), if they and the new tokens fit the model's positions."""
+    training_only = [flag for flag in ("explain", "trace_dir", "metrics_file") if getattr(args, flag)]
+    if training_only:
+        raise ConfigError(f"--{training_only[0]} records training steps; generate.py has none")
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     tok = load_tokenizer(cfg)

@@ -22,14 +22,14 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.common import table
+from galaxy.app.cli import config_overrides
 from galaxy.comm.context import ParallelContext
-from galaxy.comm.launch import spawn
+from galaxy.config.load import load_config
 from galaxy.errors import ConfigError
 from galaxy.models.llama import LlamaConfig, LlamaForCausalLM
 from galaxy.models.llama.generate import greedy_steps
 from galaxy.plan import build_plan
-from galaxy.train.cli import config_overrides
-from galaxy.train.config import load_config
+from galaxy.runtime.launch import spawn
 
 MODEL = Path(__file__).resolve().parents[1] / "train_config" / "model" / "llama_tiny.json"
 LAYOUTS = ("serial", "tp", "galaxy", "galaxy2", "sp", "pp")

@@ -40,6 +40,11 @@ def test_a_prompt_that_fits_is_accepted(checkpoint):
     assert len(args.prompt_ids) + 8 <= 32
 
 
+def test_training_flags_are_refused(capsys, checkpoint):
+    assert "--explain records training steps; generate.py has none" in refused(capsys, checkpoint, "--prompt", "Hi",
+                                                                                "--max_new_tokens", "4", "--explain")
+
+
 def test_a_directory_without_config_json(capsys, tmp_path):
     err = refused(capsys, tmp_path, "--prompt", "Hi")
     assert f"{tmp_path / 'config.json'} not found (--checkpoint must be a Hugging Face LLaMA directory)" in err
