@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from galaxy.comm import health, launch
+from galaxy.data import DataError, text_lines
 from galaxy.models.registry import MODELS, load_tokenizer
 from galaxy.pipeline.engine import pipeline_streams
 from galaxy.pipeline.p2p import StageLinks
@@ -47,13 +48,16 @@ def non_negative_int(text):
 def text_file(path):
     if not Path(path).is_file():
         raise argparse.ArgumentTypeError(f"{path} is not a file")
-    if not read_lines(path):
-        raise argparse.ArgumentTypeError(f"{path} has no text")
+    try:
+        if not read_lines(path):
+            raise argparse.ArgumentTypeError(f"{path} has no text")
+    except DataError as e:  # argparse would say only "invalid text_file value"
+        raise argparse.ArgumentTypeError(str(e)) from None
     return path
 
 
 def read_lines(path):
-    return [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line for _, line in text_lines(path) if line.strip()]
 
 
 def add_args(parser):
@@ -292,7 +296,8 @@ def infer(rank, world, cfg, plan, args):
 def main(doc, default_config, argv=None):
     """Parse and check everything (errors stop here, before any process starts), then infer on
     this rank, or on every rank spawned here."""
-    args, cfg, plan, world, rank = cli.parse(doc.splitlines()[0], default_config, argv, add_args)
+    args, cfg, plan, world, rank = cli.parse(doc.splitlines()[0], default_config, argv, add_args,
+                                             metrics="one JSON line per timed request (request, latency_s)")
     if args.explain or args.trace_dir:
         raise SystemExit("galaxy: --explain and --trace_dir record a training step; inference has neither yet")
     if plan.virtual_stages > 1:

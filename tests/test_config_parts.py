@@ -37,8 +37,10 @@ def test_missing_and_circular_parts_are_named(tmp_path):
         read_config(write(tmp_path / "a.json", {"include": ["nope.json"]}))
     write(tmp_path / "b.json", {"include": ["c.json"]})
     write(tmp_path / "c.json", {"include": ["b.json"]})
-    with pytest.raises(ConfigError, match="includes itself"):
+    with pytest.raises(ConfigError, match=r"include each other in a cycle: .*b\.json -> .*c\.json -> .*b\.json$"):
         read_config(tmp_path / "b.json")
+    with pytest.raises(ConfigError, match=r"e\.json includes itself \(.*e\.json -> .*e\.json\)"):
+        read_config(write(tmp_path / "e.json", {"include": ["e.json"]}))
     with pytest.raises(ConfigError, match="unknown config key 'hiden_size'"):
         read_config(write(tmp_path / "d.json", {"include": [], "hiden_size": 1}))
 

@@ -7,9 +7,9 @@ from .denoising import BartDenoisingData, infill_spans
 from .errors import DataError
 from .instruction import InstructionData, PretrainTextData
 from .mlm import IGNORE_INDEX, mask_tokens
-from .pretrain import BertPretrainData, SyntheticMLM, batch_indices, read_jsonl
+from .pretrain import BertPretrainData, SyntheticMLM, batch_indices, read_jsonl, text_lines
 from .tokenizer import Tokenizer, train_sentencepiece
 
 __all__ = ["DataError", "Tokenizer", "train_sentencepiece", "mask_tokens", "IGNORE_INDEX",
-           "read_jsonl", "batch_indices", "BertPretrainData",
+           "read_jsonl", "text_lines", "batch_indices", "BertPretrainData",
            "SyntheticMLM", "InstructionData", "PretrainTextData", "BartDenoisingData", "infill_spans"]

@@ -175,12 +175,17 @@ def parse_cli_value(key, text):
 
 def read_config(path, _outer=()):
     """One JSON object, after its "include" list of config parts (paths relative to the file),
-    read in order; later parts and then the file's own keys win. Keys come back canonical."""
+    read in order; later parts and then the file's own keys win. Keys come back canonical.
+    `_outer`: the files that include this one, outermost first."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    if path.resolve() in _outer:
-        raise ConfigError(f"config file {path} includes itself")
+    outer = [p.resolve() for p in _outer]
+    if path.resolve() in outer:
+        cycle = [*_outer[outer.index(path.resolve()):], path]
+        chain = " -> ".join(map(str, cycle))
+        raise ConfigError(f"config file {path} includes itself ({chain})" if len(cycle) == 2
+                          else f"config files include each other in a cycle: {chain}")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -189,7 +194,7 @@ def read_config(path, _outer=()):
         raise ConfigError(f"config file {path} must hold one JSON object")
     merged, parts = {}, raw.pop("include", [])
     for part in [parts] if isinstance(parts, str) else parts:
-        merged.update(read_config(path.parent / part, _outer + (path.resolve(),)))
+        merged.update(read_config(path.parent / part, (*_outer, path)))
     merged.update({_canonical(key): value for key, value in raw.items()})
     return merged
 

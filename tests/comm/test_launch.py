@@ -1,10 +1,17 @@
 """Where ranks meet (command line > launcher's environment > config's init_method > default;
-a local spawn on a free port) and the messages for non-numeric launcher variables."""
+a local spawn on a free port), what --master_port's help says of it, and the messages for
+non-numeric launcher variables and a rank killed in a local spawn."""
 import argparse
+import json
+import os
+import signal
+import time
+from urllib.parse import urlparse
 
 import pytest
 
 from galaxy.comm import launch
+from tests.helpers import ROOT
 
 CONFIG = "tcp://127.0.0.1:23000"
 
@@ -44,3 +51,26 @@ def test_non_numeric_launcher_variables_are_named(monkeypatch, name, value):
     with pytest.raises(SystemExit, match=f"environment variable {name}='{value}' is not an integer"):
         launch.resolve_world_rank(parse())  # reads WORLD_SIZE and RANK; MASTER_PORT is read next
         launch.init_method_from(parse(), CONFIG)
+
+
+def _killed_on_rank_1(rank, world):
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(60)  # rank 0 outlives it: the launcher ends it
+
+
+def test_a_killed_rank_is_named_and_no_traceback_is_offered():
+    with pytest.raises(SystemExit) as stop:
+        launch.run(_killed_on_rank_1, 2, None, timeout_s=30)
+    assert stop.value.code == ("galaxy: rank 1 failed: its process was killed by SIGKILL before reporting a result "
+                               "(no traceback exists)")
+
+
+def test_port_help_says_where_the_default_comes_from():
+    parser = argparse.ArgumentParser()
+    launch.add_launch_args(parser)
+    text = " ".join(parser.format_help().split())
+    shipped = {urlparse(json.loads(p.read_text())["init_method"]).port for p in (ROOT / "train_config").rglob("*.json")
+               if "init_method" in p.read_text()}
+    assert len(shipped) == 1 and f"config's init_method (the shipped configs: {shipped.pop()})" in text, text
+    assert "MASTER_PORT" in text and "a local spawn picks a free one" in text, text
