@@ -301,9 +301,9 @@ def main(doc, default_config, argv=None):
     if args.explain or args.trace_dir:
         raise SystemExit("galaxy: --explain and --trace_dir record a training step; inference has neither yet")
     if plan.virtual_stages > 1:
-        raise SystemExit(f"galaxy: config error: virtual_stages {plan.virtual_stages}: inference runs each "
-                         "rank's layers as one stage (virtual_stages 1)")
-    MODELS[cfg["model"]].check(cfg, plan)
+        cli.reject(f"virtual_stages {plan.virtual_stages}: inference runs each rank's layers as one stage "
+                   "(virtual_stages 1)")
+    cli.check(MODELS[cfg["model"]].check, cfg, plan)
     cli.check(elastic.check, cfg, plan, rank, resumes=False)
     outputs.check_outputs(None, args.metrics_file)
     launch.run(infer, world, rank, (cfg, plan, args), args.init_method,

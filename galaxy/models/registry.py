@@ -10,6 +10,7 @@ from typing import Callable
 
 from galaxy.data import (BartDenoisingData, BertPretrainData, InstructionData, PretrainTextData, SyntheticMLM,
                          Tokenizer)
+from galaxy.errors import ConfigError
 from galaxy.models.bart import BartConfig, BartForConditionalGeneration
 from galaxy.models.bert import BertConfig, BertForMaskedLM, BertModel
 from galaxy.models.common import init_weights
@@ -36,9 +37,7 @@ def llama_data(cfg, ctx):
     if cfg["data"] == "instruction":  # sequence shards and pipeline stages need every batch at seq_length
         fixed = ctx.plan.seq_sharded or ctx.plan.pp_size > 1
         return InstructionData(cfg["data_file"], tok, cfg["seq_length"], pad_to_max_length=fixed)
-    if cfg["data"] == "corpus":
-        return PretrainTextData(cfg["data_file"], tok, cfg["seq_length"])
-    raise SystemExit(f"galaxy: data '{cfg['data']}' is not available for LLaMA; use instruction or corpus")
+    return PretrainTextData(cfg["data_file"], tok, cfg["seq_length"])  # data "corpus" (check_training_data)
 
 
 def bart_data(cfg, ctx):
@@ -46,13 +45,11 @@ def bart_data(cfg, ctx):
 
 
 def bart_check(cfg, plan):
-    if cfg["data"] != "corpus":
-        raise SystemExit(f"galaxy: config error: BART trains on the corpus (data 'corpus'), config says {cfg['data']!r}")
     if plan.pp_size > 1:
-        raise SystemExit("galaxy: config error: stage_num_hidden_layers_list: BART does not support pipeline parallelism")
+        raise ConfigError("stage_num_hidden_layers_list: BART does not support pipeline parallelism")
     if cfg["use_side"] or cfg["use_side_only"]:
-        raise SystemExit("galaxy: config error: use_side / use_side_only: side-tuning reads one stack of layers "
-                         "(BERT, LLaMA); BART's encoder-decoder is not supported")
+        raise ConfigError("use_side / use_side_only: side-tuning reads one stack of layers (BERT, LLaMA); BART's "
+                          "encoder-decoder is not supported")
 
 
 def supports_every_layout(cfg, plan):
@@ -64,12 +61,21 @@ class ModelSpec:
     config: type
     model: type
     build_data: Callable
-    check: Callable = supports_every_layout  # check(cfg, plan) raises SystemExit for what the model does not support
+    data: tuple  # the config's data kinds build_data trains on
+    check: Callable = supports_every_layout  # check(cfg, plan) raises ConfigError for what the model does not support
 
 
-MODELS = {"bert": ModelSpec(BertConfig, BertForMaskedLM, bert_data),
-          "llama": ModelSpec(LlamaConfig, LlamaForCausalLM, llama_data),
-          "bart": ModelSpec(BartConfig, BartForConditionalGeneration, bart_data, bart_check)}
+MODELS = {"bert": ModelSpec(BertConfig, BertForMaskedLM, bert_data, ("corpus", "synthetic")),
+          "llama": ModelSpec(LlamaConfig, LlamaForCausalLM, llama_data, ("instruction", "corpus")),
+          "bart": ModelSpec(BartConfig, BartForConditionalGeneration, bart_data, ("corpus",), bart_check)}
+
+
+def check_training_data(cfg):
+    """The config's data is a kind its model trains on, checked before any tokenizer or file is read."""
+    kinds = MODELS[cfg["model"]].data
+    if cfg["data"] not in kinds:
+        raise ConfigError(f"config key 'data' is {cfg['data']!r}: {cfg['model']} trains on data "
+                          f"{' or '.join(map(repr, kinds))}")
 
 
 def build_model(cfg, ctx=None):

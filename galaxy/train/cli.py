@@ -1,6 +1,7 @@
 """Command line shared by the entry scripts: config file, launch flags, and `--key value`
 overrides for any config key. Everything is validated before a process group is formed."""
 import argparse
+import sys
 
 from galaxy.comm import launch
 from galaxy.errors import ConfigError
@@ -50,7 +51,13 @@ def check(rule, *args, **kwargs):
     try:
         rule(*args, **kwargs)
     except ConfigError as e:
-        raise SystemExit(f"galaxy: config error: {e}") from None
+        reject(e)
+
+
+def reject(why):
+    """End the program as parse's own config errors do: before any process starts, exit 2."""
+    print(f"galaxy: config error: {why}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def config_overrides(parser, rest):

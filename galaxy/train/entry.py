@@ -18,7 +18,7 @@ from galaxy.data import DataError
 from galaxy.explain import explain
 from galaxy.memory import MemoryReport, model_state_line
 from galaxy.models.checkpoint import CheckpointError
-from galaxy.models.registry import MODELS, build_model, load_sources
+from galaxy.models.registry import MODELS, build_model, check_training_data, load_sources
 from galaxy.pipeline import PipelineForwardBackward, format_actions
 from galaxy.planner.replan import Replanner
 from galaxy.profiler import observe
@@ -147,15 +147,16 @@ def main(doc, model, default_config, argv=None):
     `model` ("bert", "llama", "bart") on this rank, or on every rank spawned here."""
     args, cfg, plan, world, rank = cli.parse(doc.splitlines()[0], default_config, argv)
     if cfg["model"] != model:
-        raise SystemExit(f"galaxy: config {args.config_file} has model '{cfg['model']}', this script trains {model}")
-    MODELS[model].check(cfg, plan)
+        cli.reject(f"config {args.config_file} has model '{cfg['model']}', this script trains {model}")
+    cli.check(check_training_data, cfg)
+    cli.check(MODELS[model].check, cfg, plan)
     cli.check(elastic.check, cfg, plan, rank, resumes=True)
     if args.explain:  # the plan only: no process group, no training
         print(explain(plan, cfg, build_model))
         return
     if args.trace_dir and cfg["replan"]:
-        raise SystemExit("galaxy: config error: --trace_dir traces the model it starts with; replan may rebuild "
-                         "it in another split, so use one or the other")
+        cli.reject("--trace_dir traces the model it starts with; replan may rebuild it in another split, so use "
+                   "one or the other")
     outputs.check_outputs(cfg["save_dir"], args.metrics_file)  # every process that may write, before step 1
     owns_save_dir = cfg["save_dir"] and rank in (None, 0)  # the process of rank 0 locks it for the run
     with outputs.save_dir_lock(cfg["save_dir"]) if owns_save_dir else nullcontext():

@@ -1,5 +1,6 @@
-"""Bad inputs to pretrain_galaxy.py and what each gets: the cases test_bad_inputs.py checks
-in-process, and the table of docs/bad_inputs.md, made by running them for real:
+"""Bad inputs to pretrain_galaxy.py (or the entry script a case's arguments start with) and what
+each gets: the cases test_bad_inputs.py checks in-process, and the table of docs/bad_inputs.md,
+made by running them for real:
 
     python -m tests.reliability.bad_inputs > docs/bad_inputs.md
 """
@@ -30,6 +31,9 @@ def write_files(d):
     (d / "short.jsonl").write_text('{"title": "A", "content": "few words only"}\n')
     (d / "long.jsonl").write_text('{"title": "long", "content": "%s"}\n' % ("the module defines a class " * 400))
     (d / "not_json.json").write_text("{batch_size: 8")
+    (d / "cycle_a.json").write_text('{"include": ["cycle_b.json"]}')
+    (d / "cycle_b.json").write_text('{"include": ["cycle_a.json"]}')
+    (d / "latin1.txt").write_bytes(b"fine\ncaf\xe9\n")
     (d / "garbage.safetensors").write_bytes(b"\x00" * 64)
     (d / "no_model").mkdir(exist_ok=True)
     (d / "empty_save").mkdir(exist_ok=True)
@@ -45,7 +49,8 @@ def write_files(d):
     victim.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
 
 
-# (input, arguments with {d} for the files' directory, text the output must contain, exit code)
+# (input, arguments with {d} for the files' directory, text the output must contain, exit code);
+# arguments that start with a script's name run that script instead of pretrain_galaxy.py
 CASES = [
     ("unknown option", ["--hiden_size", "64"], "unknown option --hiden_size", 2),
     ("wrong type", ["--batch_size", "eight"], "--batch_size 'eight' is not a valid int", 2),
@@ -69,12 +74,23 @@ CASES = [
     ("re-planning key misspelt", ["--world", "2", "--parallel", "galaxy", "--replan", '{"treshold": 0.2}'],
      "config key 'replan' has unknown keys ['treshold']", 2),
     ("nccl without CUDA", ["--world", "2", "--backend", "nccl"], "--backend nccl needs a CUDA GPU and torch sees none", 1),
-    ("rank outside world", ["--world", "2", "--rank", "5"], "--rank 5 is outside 0..1 for --world 2", 1),
+    ("rank outside world", ["--world", "2", "--rank", "5"], "--rank 5 is outside 0..1 for --world 2", 2),
+    ("world of no ranks", ["--world", "0"], "--world 0 must be at least 1", 2),
+    ("no split lists where sizes do not divide", ["--world", "3", "--parallel", "galaxy"],
+     "tp_num_attention_heads_list is not given and 2 attention heads do not split evenly over 3 ranks (list each "
+     "rank's share in it); tp_intermediate_size_list is not given and 128 intermediate columns do not split evenly "
+     "over 3 ranks (list each rank's share in it); seq_scatter_list is not given and 32 sequence positions do not "
+     "split evenly over 3 ranks (list each rank's share in it)", 2),
+    ("LLaMA has no synthetic data", ["finetune_llama.py", "--config_file", "train_config/llama/full.json",
+                                     "--num_key_value_heads", "2", "--vocab_size", "500"],
+     "config key 'data' is 'synthetic': llama trains on data 'instruction' or 'corpus'", 2),
     ("resume without save_dir", ["--resume", "true"], "'resume' is True but save_dir is not set", 2),
     ("memory report of one step", ["--max_steps", "1", "--memory_report", "true"],
      "'memory_report' measures the second step", 2),
     ("missing config file", ["--config_file", "{d}/nope.json"], "config file {d}/nope.json does not exist", 2),
     ("config file not JSON", ["--config_file", "{d}/not_json.json"], "config file {d}/not_json.json is not valid JSON", 2),
+    ("config files include each other", ["--config_file", "{d}/cycle_a.json"],
+     "config files include each other in a cycle: {d}/cycle_a.json -> {d}/cycle_b.json -> {d}/cycle_a.json", 2),
     ("missing data file", [*CORPUS, "--data_file", "{d}/nope.jsonl"], "{d}/nope.jsonl: cannot read (No such file or directory)", 1),
     ("empty data file", [*CORPUS, "--data_file", "{d}/empty.jsonl"], "{d}/empty.jsonl: empty file", 1),
     ("non-UTF-8 data", [*CORPUS, "--data_file", "{d}/latin1.jsonl"], "{d}/latin1.jsonl:2: not valid UTF-8 (byte 15)", 1),
@@ -87,6 +103,8 @@ CASES = [
     ("document longer than seq_length", [*CORPUS, "--data_file", "{d}/long.jsonl"], "step 1/1 | loss", 0),
     ("tokenizer is not a model", [*CORPUS, "--tokenizer_file", "{d}/not_json.json"], "{d}/not_json.json: not a valid sentencepiece model", 1),
     ("tokenizer larger than vocab", ["--data", "corpus", "--vocab_size", "200"], "has 8000 pieces, config vocab_size is 200", 1),
+    ("inference texts not UTF-8", ["infer_galaxy.py", "--texts", "{d}/latin1.txt"],
+     "argument --texts: {d}/latin1.txt:2: not valid UTF-8 (byte 4)", 2),
     ("load_checkpoint missing", [*SYNTH, "--load_checkpoint", "{d}/no_model"], "{d}/no_model: no model.safetensors", 1),
     ("load_checkpoint corrupt", [*SYNTH, "--load_checkpoint", "{d}/garbage.safetensors"],
      "{d}/garbage.safetensors: not a readable safetensors file", 1),
@@ -111,12 +129,12 @@ CASES = [
     ("resume with a changed config", [*SYNTH, "--save_dir", "{d}/ck", "--resume", "true", "--lr", "0.1"],
      "the config differs from the checkpoint's in learning_rate: 0.001 -> 0.1", 1),
     ("elastic with --rank (one terminal per rank)", ["--world", "2", "--rank", "0", "--parallel", "galaxy", "--elastic"],
-     "--elastic restarts the ranks of a one-command local spawn (--world N, no --rank); under torchrun use", 1),
+     "--elastic restarts the ranks of a one-command local spawn (--world N, no --rank); under torchrun use", 2),
     ("elastic without checkpoints", ["--world", "2", "--parallel", "galaxy", "--elastic"],
-     "--elastic resumes from the latest training checkpoint: set save_every (and save_dir)", 1),
+     "--elastic resumes from the latest training checkpoint: set save_every (and save_dir)", 2),
     ("elastic layout split two ways", ["--world", "4", "--parallel", "galaxy", "--data_parallel_size", "2", "--elastic",
                                        "--save_dir", "{d}/elastic", "--save_every", "1"],
-     "--elastic: after losing a rank: --elastic re-plans layouts whose ranks split one way", 1),
+     "--elastic: after losing a rank: --elastic re-plans layouts whose ranks split one way", 2),
     ("elastic_restarts 0", ["--elastic_restarts", "0"], "config key 'elastic_restarts' must be >= 1, got 0", 2),
     ("on_nonfinite not stop or skip", ["--on_nonfinite", "ignore"],
      "config key 'on_nonfinite' is 'ignore', expected one of ['stop', 'skip']", 2),
@@ -134,11 +152,17 @@ def fill(items, d):
     return [str(x).replace("{d}", str(d)) for x in items]
 
 
+def script_and_args(args):
+    """(the entry script a case runs, its arguments)."""
+    return (args[0], args[1:]) if args and args[0].endswith(".py") else ("pretrain_galaxy.py", args)
+
+
 def run_in_process(args):
-    """pretrain_galaxy.py's exit code and output, run inside this process (no process group)."""
+    """The entry script's exit code and output, run inside this process (no process group)."""
     out = io.StringIO()
     saved_argv = sys.argv
-    sys.argv = [str(procs.ROOT / "pretrain_galaxy.py"), *procs.TINY, *args]
+    script, args = script_and_args(args)
+    sys.argv = [str(procs.ROOT / script), *procs.TINY, *args]
     code = 0
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
@@ -170,7 +194,8 @@ def table():
     with tempfile.TemporaryDirectory() as d:
         write_files(d)
         for what, args, _, _ in CASES:
-            code, out = procs.run(fill(args, d))
+            script, rest = script_and_args(fill(args, d))
+            code, out = procs.run(rest, script=script)
             rows.append(_row(what, fill(args, d), code, out).replace(d, "DIR"))
         rows += _multi_process_rows(Path(d))
     return "\n".join(rows)
