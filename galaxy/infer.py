@@ -110,16 +110,17 @@ def synthetic_batches(cfg, batch_size, count):
 
 def text_batches(cfg, path, batch_size, count):
     """The file's lines in turn, each [bos] text ([eos] for the encoders) cut and padded to
-    seq_length: sequence-sharded layouts split a fixed number of positions."""
-    tok = load_tokenizer(cfg)
+    seq_length: sequence-sharded layouts split a fixed number of positions. Returns the batches
+    and what the cut dropped ("" if nothing)."""
+    tok, length = load_tokenizer(cfg), cfg["seq_length"]
     ends = [tok.eos_id] if cfg["model"] != "llama" else []
-    lines = read_lines(path)
-    rows = []
-    for i in range(batch_size * count):
-        ids = ([tok.bos_id] + tok.encode(lines[i % len(lines)]) + ends)[:cfg["seq_length"]]
-        rows.append(ids + [tok.pad_id] * (cfg["seq_length"] - len(ids)))
-    ids = torch.tensor(rows).view(count, batch_size, -1)
-    return ((b, (b != tok.pad_id).long()) for b in ids)
+    lines = [[tok.bos_id] + tok.encode(line) + ends for line in read_lines(path)]
+    rows = [lines[i % len(lines)][:length] for i in range(batch_size * count)]
+    ids = torch.tensor([row + [tok.pad_id] * (length - len(row)) for row in rows]).view(count, batch_size, -1)
+    long = [len(line) - length for line in lines if len(line) > length]
+    cut = (f"--texts {path}: {len(long)} of {len(lines)} lines are longer than seq_length {length} tokens and were "
+           f"cut to it ({sum(long)} tokens dropped)") if long else ""
+    return ((b, (b != tok.pad_id).long()) for b in ids), cut
 
 
 def serve(forward, batches, ctx, after_request=None, first=0):
@@ -280,8 +281,10 @@ def infer(rank, world, cfg, plan, args):
     regroups = cfg["elastic_restarts"] if cfg["elastic"] and elastic.in_place(plan, resumes=False) else 0
     server = Server(model, ctx, cfg, regroups)
     count = args.warmup + args.requests
-    batches = (text_batches(cfg, args.texts, args.batch_size, count) if args.texts
-               else synthetic_batches(cfg, args.batch_size, count))
+    batches, cut = (text_batches(cfg, args.texts, args.batch_size, count) if args.texts
+                    else (synthetic_batches(cfg, args.batch_size, count), ""))
+    if cut and rank == 0:
+        print(f"[rank 0] {cut}", flush=True)
     latencies = [latency for latency, _ in server.run(batches)][args.warmup:]
     if server.ctx.rank != 0:
         return

@@ -34,6 +34,7 @@ def write_files(d):
     (d / "cycle_a.json").write_text('{"include": ["cycle_b.json"]}')
     (d / "cycle_b.json").write_text('{"include": ["cycle_a.json"]}')
     (d / "latin1.txt").write_bytes(b"fine\ncaf\xe9\n")
+    (d / "long.txt").write_text("a short line\n" + "the module defines a class " * 20 + "\n")
     (d / "garbage.safetensors").write_bytes(b"\x00" * 64)
     (d / "no_model").mkdir(exist_ok=True)
     (d / "empty_save").mkdir(exist_ok=True)
@@ -105,6 +106,9 @@ CASES = [
     ("tokenizer larger than vocab", ["--data", "corpus", "--vocab_size", "200"], "has 8000 pieces, config vocab_size is 200", 1),
     ("inference texts not UTF-8", ["infer_galaxy.py", "--texts", "{d}/latin1.txt"],
      "argument --texts: {d}/latin1.txt:2: not valid UTF-8 (byte 4)", 2),
+    ("inference texts longer than seq_length", ["infer_galaxy.py", "--texts", "{d}/long.txt", "--vocab_size", "8000",
+                                                "--requests", "2", "--warmup", "0"],
+     "--texts {d}/long.txt: 1 of 2 lines are longer than seq_length 32 tokens and were cut to it (", 0),
     ("load_checkpoint missing", [*SYNTH, "--load_checkpoint", "{d}/no_model"], "{d}/no_model: no model.safetensors", 1),
     ("load_checkpoint corrupt", [*SYNTH, "--load_checkpoint", "{d}/garbage.safetensors"],
      "{d}/garbage.safetensors: not a readable safetensors file", 1),
