@@ -149,8 +149,8 @@ class Server:
     share every layer), a rank lost mid-request makes the survivors re-plan for the smaller world
     in place (`recover`) and serve that request again; `recoveries` records what each moved."""
 
-    def __init__(self, model, ctx, cfg, regroups=0):
-        self.cfg, self.regroups, self.recoveries = cfg, regroups, []
+    def __init__(self, model, ctx, cfg, regroups=0, verbose=False):
+        self.cfg, self.regroups, self.recoveries, self.verbose = cfg, regroups, [], verbose
         self.members = list(range(ctx.world))  # the launch's rank numbers of the ranks the model is laid out over
         self._adopt(model, ctx)
 
@@ -158,7 +158,8 @@ class Server:
         self._model, self._ctx = model, ctx
         self.replanner = None
         if self.cfg["replan"] and ctx.tp_size > 1:
-            self.replanner = Replanner(model, ctx, self.cfg, log=lambda line: print(f"[rank 0] {line}", flush=True))
+            self.replanner = Replanner(model, ctx, self.cfg, log=lambda line: print(f"[rank 0] {line}", flush=True),
+                                       verbose=self.verbose)
 
     @property
     def model(self):
@@ -279,7 +280,7 @@ def prepare(cfg, plan, rank):
 def infer(rank, world, cfg, plan, args):
     model, ctx = eval_model(cfg, plan, rank)
     regroups = cfg["elastic_restarts"] if cfg["elastic"] and elastic.in_place(plan, resumes=False) else 0
-    server = Server(model, ctx, cfg, regroups)
+    server = Server(model, ctx, cfg, regroups, args.verbose)
     count = args.warmup + args.requests
     batches, cut = (text_batches(cfg, args.texts, args.batch_size, count) if args.texts
                     else (synthetic_batches(cfg, args.batch_size, count), ""))

@@ -23,6 +23,8 @@ def parse(description, default_config, argv=None, add_args=None, metrics="one JS
         add_args(parser)
     parser.add_argument("--metrics_file", default=None, help=f"append {metrics}")
     parser.add_argument("--explain", action="store_true", help="print the parallel plan and exit")
+    parser.add_argument("--verbose", action="store_true", help="print what the run measures as it goes (replan: "
+                        "every rank's speed at every step)")
     parser.add_argument("--trace_dir", default=None, help="write Chrome traces of compute and collectives")
     args, rest = parser.parse_known_args(argv)
     overrides = config_overrides(parser, rest)

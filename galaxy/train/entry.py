@@ -124,7 +124,8 @@ def _train(rank, world, cfg, plan, args):
             log(f"resumed from step {step} of {cfg['save_dir']}")
     saver = checkpoint_saver(trainer, total) if cfg["save_every"] else None
     stopper = stop_on_signal(trainer) if cfg["save_on_signal"] else None
-    replanner = Replanner(model, ctx, cfg, trainer, log) if cfg["replan"] else None  # may replace trainer.model
+    # (may replace trainer.model)
+    replanner = Replanner(model, ctx, cfg, trainer, log, args.verbose) if cfg["replan"] else None
     with observe.traced(args.trace_dir, rank, model, lambda: trainer.step + 1) as trace_step:
         def on_step(metrics):
             for callback in (trace_step, saver, stopper):
