@@ -32,6 +32,7 @@ DEFAULT_ADDR, DEFAULT_PORT = "127.0.0.1", 29500
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _RANK_EXIT_S = 5  # how long ranks get to exit on their own once the run is decided
 _POLL_S = 0.2  # how often spawn looks for ranks that ended without a result
+RANKS_PER_CORE = 4  # the most a one-command local spawn starts on one CPU core
 
 
 def add_launch_args(parser):
@@ -75,6 +76,31 @@ def resolve_world_rank(args):
     if rank is not None and not 0 <= rank < world:
         raise ValueError(f"--rank {rank} is outside 0..{world - 1} for --world {world}")
     return world, rank
+
+
+def cpu_cores():
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def check_local_spawn(world, cores):
+    """A one-command local spawn of `world` ranks on `cores` CPU cores: ValueError past
+    RANKS_PER_CORE ranks a core (they would crawl: every step waits for the slowest rank)."""
+    if world > RANKS_PER_CORE * cores:
+        raise ValueError(f"--world {world} would start {world} ranks on this machine's {cores} CPU core"
+                         f"{'s' * (cores > 1)} ({world / cores:.0f} a core); a local spawn starts at most "
+                         f"{RANKS_PER_CORE} ranks a core ({RANKS_PER_CORE * cores} here): give a smaller --world, or "
+                         f"start the ranks on several machines with --rank")
+
+
+def local_spawn_line(world, cores, threads):
+    """What a local spawn says at start: how many ranks share how many cores."""
+    line = (f"galaxy: starting {world} ranks here on {cores} CPU core{'s' * (cores > 1)}, {threads} torch "
+            f"thread{'s' * (threads > 1)} each")
+    if world * threads > cores:
+        line += (f"; oversubscribed ({world * threads} threads on {cores} cores): every step waits for the slowest "
+                 f"rank, so expect it slow")
+    return line
 
 
 def init_method_from(args, cfg_init_method=None, local_spawn=False):
@@ -355,6 +381,7 @@ def run(main, world, rank, args=(), init_method=None, backend=None, timeout_s=30
     check_backend(backend)
     try:
         if rank is None and world > 1:
+            print(local_spawn_line(world, cpu_cores(), threads or 1), file=sys.stderr, flush=True)
             with signals_raise_stopped():
                 if in_place:
                     spawn(main, world, args, backend, timeout_s, init_method, threads=threads or 1, regroups=restarts)

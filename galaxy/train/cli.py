@@ -35,6 +35,8 @@ def parse(description, default_config, argv=None, add_args=None, metrics="one JS
         overrides["distributed_backend"] = args.backend
     try:
         world, rank = launch.resolve_world_rank(args)
+        if rank is None and world > 1:
+            launch.check_local_spawn(world, launch.cpu_cores())
     except ValueError as e:
         parser.error(str(e))
     try:

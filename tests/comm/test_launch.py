@@ -1,16 +1,18 @@
 """Where ranks meet (command line > launcher's environment > config's init_method > default;
-a local spawn on a free port), what --master_port's help says of it, and the messages for
-non-numeric launcher variables and a rank killed in a local spawn."""
+a local spawn on a free port), what --master_port's help says of it, the messages for
+non-numeric launcher variables and a rank killed in a local spawn, what a local spawn says of the
+cores its ranks share (and the spawns it refuses), and rank 0's count of the ranks that joined."""
 import argparse
 import json
 import os
+import re
 import signal
 import time
 from urllib.parse import urlparse
 
 import pytest
 
-from galaxy.comm import launch
+from galaxy.comm import health, launch
 from tests.helpers import ROOT
 
 CONFIG = "tcp://127.0.0.1:23000"
@@ -74,3 +76,24 @@ def test_port_help_says_where_the_default_comes_from():
                if "init_method" in p.read_text()}
     assert len(shipped) == 1 and f"config's init_method (the shipped configs: {shipped.pop()})" in text, text
     assert "MASTER_PORT" in text and "a local spawn picks a free one" in text, text
+
+
+def test_rank_0_says_who_has_joined_while_it_waits(monkeypatch, capsys):
+    monkeypatch.setattr(health, "PROGRESS_S", 0.5)
+    with pytest.raises(health.PeerError, match=r"rank\(s\) \[1, 2\] never joined the rendezvous"):
+        health.Rendezvous(f"tcp://127.0.0.1:{launch.free_port()}", 0, 3, 2.0).join(2.0)
+    waits = capsys.readouterr().err.splitlines()
+    assert len(waits) >= 2 and all(re.fullmatch(r"galaxy: rank 0: waiting for ranks: 1/3 joined, \d s \(missing "
+                                                r"\[1, 2\]; gives up at timeout_s 2\)", w) for w in waits), waits
+
+
+def test_a_local_spawn_says_how_many_ranks_share_how_many_cores():
+    assert launch.local_spawn_line(2, 4, 1) == "galaxy: starting 2 ranks here on 4 CPU cores, 1 torch thread each"
+    assert launch.local_spawn_line(3, 2, 1) == ("galaxy: starting 3 ranks here on 2 CPU cores, 1 torch thread each; "
+                                                "oversubscribed (3 threads on 2 cores): every step waits for the "
+                                                "slowest rank, so expect it slow")
+    assert "oversubscribed (8 threads on 4 cores)" in launch.local_spawn_line(2, 4, 4)
+    launch.check_local_spawn(8, 2)  # 4 a core: slow, allowed
+    with pytest.raises(ValueError, match=r"--world 64 would start 64 ranks on this machine's 2 CPU cores \(32 a core\); "
+                                         r"a local spawn starts at most 4 ranks a core \(8 here\)"):
+        launch.check_local_spawn(64, 2)

@@ -77,6 +77,8 @@ CASES = [
     ("nccl without CUDA", ["--world", "2", "--backend", "nccl"], "--backend nccl needs a CUDA GPU and torch sees none", 1),
     ("rank outside world", ["--world", "2", "--rank", "5"], "--rank 5 is outside 0..1 for --world 2", 2),
     ("world of no ranks", ["--world", "0"], "--world 0 must be at least 1", 2),
+    ("local spawn of far more ranks than cores", ["--world", "1000", "--parallel", "dp", "--batch_size", "1000"],
+     "--world 1000 would start 1000 ranks on this machine's", 2),
     ("no split lists where sizes do not divide", ["--world", "3", "--parallel", "galaxy"],
      "tp_num_attention_heads_list is not given and 2 attention heads do not split evenly over 3 ranks (list each "
      "rank's share in it); tp_intermediate_size_list is not given and 128 intermediate columns do not split evenly "
