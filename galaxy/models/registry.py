@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from galaxy.data import (BartDenoisingData, BertPretrainData, InstructionData, PretrainTextData, SyntheticMLM,
-                         Tokenizer)
+                         holds_tokenizer, tokenizer_from)
 from galaxy.errors import ConfigError
 from galaxy.models.bart import BartConfig, BartForConditionalGeneration
 from galaxy.models.bert import BertConfig, BertForMaskedLM, BertModel
@@ -18,10 +18,23 @@ from galaxy.models.llama import LlamaConfig, LlamaForCausalLM, LlamaModel
 from galaxy.tuning.apply import apply_tuning
 
 
+DEFAULT_TOKENIZER = "data/python_docs/spm_bert.model"
+
+
+def tokenizer_path(cfg):
+    """tokenizer_file; else the tokenizer a load_checkpoint directory brings; else the shipped one."""
+    if cfg["tokenizer_file"]:
+        return cfg["tokenizer_file"]
+    if cfg["load_checkpoint"] and holds_tokenizer(cfg["load_checkpoint"]):
+        return cfg["load_checkpoint"]
+    return DEFAULT_TOKENIZER
+
+
 def load_tokenizer(cfg):
-    tok = Tokenizer(cfg["tokenizer_file"])
+    path = tokenizer_path(cfg)
+    tok = tokenizer_from(path)
     if tok.vocab_size > cfg["vocab_size"]:
-        raise SystemExit(f"galaxy: tokenizer {cfg['tokenizer_file']} has {tok.vocab_size} pieces, "
+        raise SystemExit(f"galaxy: tokenizer {path} has {tok.vocab_size} pieces, "
                          f"config vocab_size is {cfg['vocab_size']}")
     return tok
 
