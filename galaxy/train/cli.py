@@ -7,7 +7,7 @@ from galaxy.comm import launch
 from galaxy.errors import ConfigError
 from galaxy.plan import build_plan
 from galaxy.planner.replan import check_replan
-from galaxy.train.config import SCHEMA, ALIASES, load_config, parse_cli_value
+from galaxy.train.config import SCHEMA, ALIASES, idle_keys, load_config, parse_cli_value
 from galaxy.train.zero import check_zero
 
 
@@ -46,6 +46,8 @@ def parse(description, default_config, argv=None, add_args=None, metrics="one JS
         check_replan(cfg, plan)
     except ConfigError as e:
         parser.exit(2, f"galaxy: config error: {e}\n")
+    for line in idle_keys(cfg, plan):
+        print(f"galaxy: warning: {line}", file=sys.stderr, flush=True)
     args.init_method = launch.init_method_from(args, cfg["init_method"], local_spawn=rank is None and world > 1)
     return args, cfg, plan, world, rank
 

@@ -88,6 +88,16 @@ CASES = [
                                      "--num_key_value_heads", "2", "--vocab_size", "500"],
      "config key 'data' is 'synthetic': llama trains on data 'instruction' or 'corpus'", 2),
     ("resume without save_dir", ["--resume", "true"], "'resume' is True but save_dir is not set", 2),
+    ("ZeRO shard list without zero_stage", ["--world", "2", "--parallel", "dp", "--zero_shard_list", "[0.7,0.3]"],
+     "config key 'zero_shard_list' [0.7, 0.3] has no effect without zero_stage: it sets ZeRO's shards", 2),
+    ("keys of another tuning method", [*SYNTH, "--use_adapter", "true", "--lora_dim", "4"],
+     "galaxy: warning: config key lora_dim 4 has no effect: the tuning method is use_adapter", 0),
+    ("a split list the layout does not use", ["--world", "2", "--parallel", "tp", "--seq_scatter_list", "[16,16]",
+                                              "--explain"],
+     "galaxy: warning: config key seq_scatter_list [16, 16] has no effect: no block splits sequence positions "
+     "(ATT=TP CON=NONE MLP=TP)", 0),
+    ("pipeline keys without stages", ["--world", "2", "--parallel", "galaxy", "--num_microbatches", "2", "--explain"],
+     "galaxy: warning: config key num_microbatches 2 has no effect: there are no pipeline stages", 0),
     ("memory report of one step", ["--max_steps", "1", "--memory_report", "true"],
      "'memory_report' measures the second step", 2),
     ("missing config file", ["--config_file", "{d}/nope.json"], "config file {d}/nope.json does not exist", 2),
@@ -187,15 +197,18 @@ def run_in_process(args):
     return code, out.getvalue()
 
 
-def _message(code, output):
-    if code == 0:  # it trained: show the first step
+def _message(code, output, expected=None):
+    """The line of the output that holds the expected text; else the error, or the first step."""
+    if expected and expected in output:
+        return next(ln for ln in output.splitlines() if expected in ln)
+    if code == 0:
         return next(ln for ln in output.splitlines() if "step 1/" in ln)
     lines = [ln for ln in output.strip().splitlines() if ln.startswith("galaxy:") or "error" in ln.lower()]
     return (lines or output.strip().splitlines() or [""])[-1]
 
 
-def _row(what, args, code, output):
-    cell = _message(code, output).replace("|", "\\|")
+def _row(what, args, code, output, expected=None):
+    cell = _message(code, output, expected).replace("|", "\\|")
     return f"| {what} | `{' '.join(args)}` | {code} | {cell} |"
 
 
@@ -204,10 +217,10 @@ def table():
     rows = ["| bad input | arguments (besides a tiny model) | exit | message |", "|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as d:
         write_files(d)
-        for what, args, _, _ in CASES:
+        for what, args, expected, _ in CASES:
             script, rest = script_and_args(fill(args, d))
             code, out = procs.run(rest, script=script)
-            rows.append(_row(what, fill(args, d), code, out).replace(d, "DIR"))
+            rows.append(_row(what, fill(args, d), code, out, fill([expected], d)[0]).replace(d, "DIR"))
         rows += _multi_process_rows(Path(d))
     return "\n".join(rows)
 
