@@ -250,6 +250,11 @@ def _multi_process_rows(d):
     code = procs.finish(ranks, 120)[0]
     rows.append(_row("rank 1 SIGKILLed mid-training (rank 0's view)", ["--world", "2", "--rank", "0"], code,
                      (d / "rank0.log").read_text()))
+    spawn = procs.start(["--parallel", "galaxy", "--world", "2", "--max_steps", "3"], d / "spawn.log",
+                        "tests/reliability/patched_steps.py", env={"GALAXY_TEST_KILL": "1,1,2"})
+    code = procs.finish({0: spawn}, 120)[0]
+    rows.append(_row("rank 1 SIGKILLed in a local spawn (the launcher's view)", ["--world", "2"], code,
+                     (d / "spawn.log").read_text()))
     return rows
 
 
@@ -260,4 +265,16 @@ if __name__ == "__main__":
           "seq_length pieces, so nothing is skipped (only the tail shorter than one sequence is dropped). Exit 2 = rejected by the command line / "
           "config check before any process starts training; 1 = a runtime error with a message naming the "
           "file, key or rank.\n")
+    print("Keys that do nothing under the rest of the config (set to other than their default): "
+          "`zero_shard_list` or `memory_mb` without `zero_stage` is an error (the run would silently be plain "
+          "data parallelism); these warn (`galaxy: warning: ...`, the run goes on: the prototype's flat configs "
+          "carry them out of habit, and a layout's recipe run at world 1 is the serial reference): another tuning "
+          "method's keys; split lists the layout does not use (`tp_num_attention_heads_list` without TP attention, "
+          "`tp_intermediate_size_list` without a TP MLP, `seq_scatter_list` without a sequence-split block); "
+          "pipeline keys without stages (`stage_num_hidden_layers_list`, `num_microbatches`, `pipeline_schedule`, "
+          "`virtual_stages`); any layout key at world 1; `keep_checkpoints` without `save_every`; "
+          "`elastic_restarts` without `elastic`.\n")
+    print("A one-command local spawn (`--world N`, no `--rank`) says how many ranks share how many CPU cores, "
+          "warns when their threads outnumber the cores, and refuses more than 4 ranks a core (exit 2); "
+          "while ranks join, rank 0 says every 10 s how many have.\n")
     print(table())
