@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from galaxy.comm.launch import spawn
 from galaxy.data import train_sentencepiece
+from galaxy.runtime.launch import spawn
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "data" / "python_docs"
@@ -25,6 +25,14 @@ def rel_err(a, b, floor=1e-6):
     softmax is one: it shifts every score of a row equally) from dividing rounding noise by ~0."""
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(floor)).item()
+
+
+def grad_err(grad, serial, all_serial):
+    """Relative error, against at least 1e-3 of the whole gradient's norm: some gradients are
+    zero up to rounding (the key bias shifts every score of a query row alike, which softmax
+    ignores), and rounding noise against rounding noise says nothing."""
+    floor = 1e-3 * torch.stack([g.double().norm() for g in all_serial.values()]).norm()
+    return ((grad.double() - serial.double()).norm() / torch.maximum(serial.double().norm(), floor)).item()
 
 
 def run_script(script, *args, timeout=240):

@@ -4,11 +4,12 @@ import json
 
 import pytest
 
-from galaxy.models.registry import MODELS, check_training_data
-from galaxy.plan import build_plan
-from galaxy.train import cli
-from galaxy.train.config import idle_keys, load_config, read_config
+from galaxy.app import cli
+from galaxy.config.load import idle_keys, load_config, read_config
+from galaxy.data.build import check_training_data
 from galaxy.errors import ConfigError
+from galaxy.models.registry import MODELS
+from galaxy.plan import build_plan
 from tests.helpers import ROOT
 
 UNEVEN = ROOT / "train_config" / "bert" / "galaxy" / "uneven.json"  # the one recipe with world-2 lists

@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from galaxy.comm import health, launch
+from galaxy.runtime import health, launch
 from tests.helpers import ROOT
 
 CONFIG = "tcp://127.0.0.1:23000"
