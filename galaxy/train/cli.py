@@ -10,16 +10,17 @@ from galaxy.train.config import SCHEMA, ALIASES, load_config, parse_cli_value
 from galaxy.train.zero import check_zero
 
 
-def parse(description, default_config, argv=None, add_args=None):
+def parse(description, default_config, argv=None, add_args=None, metrics_help="append one JSON line per optimizer step"):
     """add_args(parser), when given, adds an entry's own flags; they win over config keys of the
-    same name (inference's --batch_size is not the training batch)."""
+    same name (inference's --batch_size is not the training batch). metrics_help: what the
+    entry writes to --metrics_file."""
     parser = argparse.ArgumentParser(description=description,
                                      epilog="Any config key can be overridden with --key value.")
     parser.add_argument("--config_file", "--config", dest="config_file", default=default_config)
     launch.add_launch_args(parser)
     if add_args:
         add_args(parser)
-    parser.add_argument("--metrics_file", default=None, help="append one JSON line per optimizer step")
+    parser.add_argument("--metrics_file", default=None, help=metrics_help)
     parser.add_argument("--explain", action="store_true", help="print the parallel plan and exit")
     parser.add_argument("--trace_dir", default=None, help="write Chrome traces of compute and collectives")
     args, rest = parser.parse_known_args(argv)

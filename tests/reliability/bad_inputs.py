@@ -1,5 +1,6 @@
-"""Bad inputs to pretrain_galaxy.py and what each gets: the cases test_bad_inputs.py checks
-in-process, and the table of docs/bad_inputs.md, made by running them for real:
+"""Bad inputs to pretrain_galaxy.py and infer_galaxy.py and what each gets: the cases
+test_bad_inputs.py checks in-process, and the tables of docs/bad_inputs.md, made by running them
+for real:
 
     python -m tests.reliability.bad_inputs > docs/bad_inputs.md
 """
@@ -30,6 +31,8 @@ def write_files(d):
     (d / "short.jsonl").write_text('{"title": "A", "content": "few words only"}\n')
     (d / "long.jsonl").write_text('{"title": "long", "content": "%s"}\n' % ("the module defines a class " * 400))
     (d / "not_json.json").write_text("{batch_size: 8")
+    (d / "texts.txt").write_text("The list is a [MASK] sequence.\nA tuple cannot change.\n")
+    (d / "blank.txt").write_text("\n  \n")
     (d / "garbage.safetensors").write_bytes(b"\x00" * 64)
     (d / "no_model").mkdir(exist_ok=True)
     (d / "empty_save").mkdir(exist_ok=True)
@@ -132,15 +135,45 @@ CASES = [
 ]
 
 
+ANSWER = ["--texts", "{d}/texts.txt", "--output", "{d}/answers.jsonl"]
+LLAMA = ["--config_file", "train_config/llama/full.json", "--num_key_value_heads", "2"]
+# infer_galaxy.py: (input, arguments, text the output must contain, exit code); all stop before any rank starts
+INFER_CASES = [
+    ("--texts missing", ["--texts", "{d}/nope.txt"], "argument --texts: {d}/nope.txt is not a file", 2),
+    ("--texts blank", ["--texts", "{d}/blank.txt"], "argument --texts: {d}/blank.txt has no text", 2),
+    ("unknown --task", ["--task", "translate"], "argument --task: invalid choice: 'translate'", 2),
+    ("--task without --output", ["--task", "embed", "--texts", "{d}/texts.txt"],
+     "--task answers the lines of --texts into --output: give all three", 1),
+    ("--output without --task", ANSWER, "--task answers the lines of --texts into --output: give all three", 1),
+    ("--requests with --output", [*ANSWER, "--task", "embed", "--requests", "3"],
+     "--requests: with --output every line of --texts is answered once", 1),
+    ("--output is --texts", ["--texts", "{d}/texts.txt", "--output", "{d}/texts.txt", "--task", "embed"],
+     "--output {d}/texts.txt is --texts: the answers would overwrite the questions", 1),
+    ("--output is a directory", ["--texts", "{d}/texts.txt", "--output", "{d}/no_model", "--task", "embed"],
+     "--output {d}/no_model is a directory", 1),
+    ("--task the model cannot answer", [*ANSWER, "--task", "generate"],
+     "--task: task 'generate' needs a llama model; this one is bert", 1),
+    ("--top_k above the vocabulary", [*ANSWER, "--task", "fill-mask", "--top_k", "500"],
+     "--top_k 500 exceeds vocab_size 200", 1),
+    ("fill-mask with a tokenizer that has no mask", [*ANSWER, "--task", "fill-mask", "--vocab_size", "4000",
+                                                    "--tokenizer_file", "data/python_docs/spm_llama.model"],
+     "--task fill-mask: tokenizer data/python_docs/spm_llama.model has no mask token", 1),
+    ("generate in a layout that cannot", [*LLAMA, *ANSWER, "--task", "generate", "--world", "2", "--parallel", "galaxy"],
+     "--task generate: generation runs serial or tensor-parallel", 1),
+    ("generate past the model's positions", [*LLAMA, *ANSWER, "--task", "generate", "--max_new_tokens", "3000"],
+     "--task generate: seq_length 32 (the longest prompt) + --max_new_tokens 3000 exceeds the model's 2048 positions", 1),
+]
+
+
 def fill(items, d):
     return [str(x).replace("{d}", str(d)) for x in items]
 
 
-def run_in_process(args):
-    """pretrain_galaxy.py's exit code and output, run inside this process (no process group)."""
+def run_in_process(args, script="pretrain_galaxy.py"):
+    """The script's exit code and output, run inside this process (no process group)."""
     out = io.StringIO()
     saved_argv = sys.argv
-    sys.argv = [str(procs.ROOT / "pretrain_galaxy.py"), *procs.TINY, *args]
+    sys.argv = [str(procs.ROOT / script), *procs.TINY, *args]
     code = 0
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
@@ -166,16 +199,23 @@ def _row(what, args, code, output):
     return f"| {what} | `{' '.join(args)}` | {code} | {cell} |"
 
 
+HEADER = ["| bad input | arguments (besides a tiny model) | exit | message |", "|---|---|---|---|"]
+
+
 def table():
-    """Run every case (and the multi-process failures) as real processes; return the Markdown."""
-    rows = ["| bad input | arguments (besides a tiny model) | exit | message |", "|---|---|---|---|"]
+    """Run every case (and the multi-process failures) as real processes; return the Markdown of
+    pretrain_galaxy.py's table and infer_galaxy.py's."""
+    rows, infer_rows = list(HEADER), list(HEADER)
     with tempfile.TemporaryDirectory() as d:
         write_files(d)
         for what, args, _, _ in CASES:
             code, out = procs.run(fill(args, d))
             rows.append(_row(what, fill(args, d), code, out).replace(d, "DIR"))
         rows += _multi_process_rows(Path(d))
-    return "\n".join(rows)
+        for what, args, _, _ in INFER_CASES:
+            code, out = procs.run(fill(args, d), script="infer_galaxy.py")
+            infer_rows.append(_row(what, fill(args, d), code, out).replace(d, "DIR"))
+    return "\n".join(rows) + "\n\n## infer_galaxy.py\n\n" + "\n".join(infer_rows)
 
 
 def _multi_process_rows(d):
