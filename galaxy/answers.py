@@ -1,8 +1,9 @@
 """What inference answers: a question (`Ask`: the task and its options) turns the model's
 output into one answer per text, and `answer_json` into the JSON a user reads.
 
-    embed      BERT: the last hidden states mean-pooled over the attention mask and L2-normalised,
-               as sentence-transformers computes all-MiniLM-L6-v2's sentence embeddings
+    embed      BERT (and a retrieval fine-tune of it): the last hidden states mean-pooled over the
+               attention mask and L2-normalised, as sentence-transformers computes all-MiniLM-L6-v2's
+               sentence embeddings
     fill-mask  BERT with its MLM head: the top_k tokens and probabilities at every mask token
     generate   LLaMA: the greedy continuation of the text, up to max_new_tokens (and eos)
 
@@ -11,12 +12,10 @@ rank; with pipeline stages, the last stage's) it returns the per-text results, t
 """
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-
+from galaxy.models.bert.model import sentence_embedding
 from galaxy.models.llama.generate import greedy_generate
 
-TASKS = {"embed": ("bert",), "fill-mask": ("bert",), "generate": ("llama",)}  # task: the models that answer it
+TASKS = {"embed": ("bert", "bert_retrieval"), "fill-mask": ("bert",), "generate": ("llama",)}  # task: the models that answer it
 
 
 def check_task(task, model):
@@ -53,9 +52,7 @@ class Ask:
 
     @staticmethod
     def _embed(hidden, ids, mask):
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-        return list(F.normalize(pooled.float(), p=2, dim=-1).cpu())
+        return list(sentence_embedding(hidden.float(), mask).cpu())
 
     def _fill_mask(self, logits, ids, mask):
         """Per text: [(position, token ids, probabilities)] of its mask tokens, top_k each."""
