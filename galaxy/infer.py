@@ -17,12 +17,14 @@ An entry script only names its default config:
 import argparse
 import json
 import os
+import pickle
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from galaxy import serve as http
 from galaxy.answers import TASKS, Ask, answer_json, check_task
 from galaxy.comm import health, launch
 from galaxy.models.llama.generate import check_can_generate
@@ -87,6 +89,10 @@ def add_args(parser):
                        help="--task's answers, one JSON line per line of --texts in input order (overwritten)")
     group.add_argument("--top_k", type=positive_int, default=5, help="fill-mask: tokens listed per mask")
     group.add_argument("--max_new_tokens", type=positive_int, default=32, help="generate: new tokens at most")
+    group.add_argument("--serve", type=http.address, default=None, metavar="HOST:PORT",
+                       help="keep the model loaded and answer HTTP on HOST:PORT (rank 0; port 0: any free one): "
+                            "POST /v1/embeddings (BERT), POST /v1/completions (LLaMA, greedy), GET /health; "
+                            "--batch_size texts at most a round; SIGTERM / Ctrl-C stops every rank")
 
 
 METRICS_HELP = "append one JSON line per timed request (its latency)"
@@ -221,6 +227,40 @@ class Server:
                 recovered = True
         return results
 
+    def follow(self, take, give, tok):
+        """Serve rounds until rank 0's take() says "stop" (galaxy.serve): each round, rank 0's
+        take() gives "idle", "stop" or a round (.ask, .texts), shared with every rank (`share`);
+        every rank computes its answers and rank 0 hands them to give(round, answers, latency). A
+        loss (with regroups left) regroups the survivors and serves the round again: rank 0 keeps
+        it until it is answered. Returns the rounds served."""
+        served, pending, asked = 0, [None], {}
+
+        def rounds():  # the (input_ids, attention_mask) of each round, as rank 0 shares them
+            while True:
+                if self.ctx.rank == 0 and pending[0] is None:
+                    pending[0] = take()
+                work = share(_shared_part(pending[0]) if self.ctx.rank == 0 else None, self.ctx)
+                if work == "stop":
+                    return
+                if work == "idle":
+                    pending[0] = None
+                    continue
+                asked["ask"], texts = work
+                yield encode(tok, texts, self.cfg)
+
+        forward = lambda ids, mask: forward_fn(self.model, self.cfg["model"], asked["ask"])(ids, mask)  # noqa: E731
+        while True:
+            after = self.replanner.after_step if self.replanner else None
+            try:
+                for out, latency in serve(forward, rounds(), self.ctx, after, served):
+                    served += 1
+                    if self.ctx.rank == 0:
+                        give(pending[0], out, latency)
+                    pending[0] = None
+                return served
+            except Exception as e:  # a peer's loss surfaces as whatever its collective raised
+                self._recover(e, served)
+
     def _recover(self, error, served):
         """Re-plan in place after `error` (one of `regroups` each time); again when a survivor is
         lost while the others re-plan: the model under the old plan still holds this rank's rows."""
@@ -236,6 +276,26 @@ class Server:
         self.members = list(health.current().members)
         self.recoveries.append(moved)
         self._adopt(model, ctx)
+
+
+def _shared_part(round_):
+    """What rank 0 shares of a round: "idle", "stop" or (ask, texts) (not the waiting requests)."""
+    return round_ if isinstance(round_, str) else (round_.ask, round_.texts)
+
+
+def share(obj, ctx):
+    """Rank 0's picklable `obj` on every rank. All-reduces, not a broadcast: every rank exchanges
+    with its neighbours, so a lost rank fails every rank's call, not only the root's."""
+    if ctx.world == 1:
+        return obj
+    data = pickle.dumps(obj) if ctx.rank == 0 else b""
+    size = torch.tensor([len(data)], dtype=torch.long, device=ctx.device)
+    dist.all_reduce(size)
+    buffer = torch.zeros(int(size), dtype=torch.uint8, device=ctx.device)
+    if ctx.rank == 0:
+        buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    dist.all_reduce(buffer)  # zeros elsewhere: the sum is rank 0's bytes
+    return pickle.loads(buffer.cpu().numpy().tobytes())
 
 
 def recover(model, ctx, cfg, error, served, members):
@@ -313,6 +373,8 @@ def infer(rank, world, cfg, plan, args):
     model, ctx = eval_model(cfg, plan, rank)
     regroups = cfg["elastic_restarts"] if cfg["elastic"] and elastic.in_place(plan, resumes=False) else 0
     server = Server(model, ctx, cfg, regroups)
+    if args.serve:
+        return serve_http(server, args)
     if args.output:
         return answer_file(server, args)
     count = args.warmup + (args.requests or REQUESTS)
@@ -336,6 +398,36 @@ def report(server, args, latencies, sequences=None):
 
 def ask_for(task, args, tok):
     return Ask(task, top_k=args.top_k, max_new_tokens=args.max_new_tokens, mask_id=tok.mask_id, eos_id=tok.eos_id)
+
+
+def serve_http(server, args):
+    """--serve: every rank follows rank 0's rounds (Server.follow) until SIGTERM / SIGINT reaches
+    rank 0; rank 0 answers HTTP (galaxy.serve.Front)."""
+    tok, signals = load_tokenizer(server.cfg), launch.SignalFlag()
+    pids = [None] * server.ctx.world
+    if server.ctx.world > 1:
+        dist.all_gather_object(pids, os.getpid())
+    else:
+        pids = [os.getpid()]
+    front = None
+    if server.ctx.rank == 0:
+        health = lambda: {"world": server.ctx.world, "plan": server.ctx.plan.describe(),  # noqa: E731
+                          "pids": [pids[r] for r in server.members]}
+        wait_s = server.cfg["timeout_s"] * (server.regroups + 2)  # a round, and a regroup for each loss allowed
+        front = http.Front(server.cfg, tok, *args.serve, args.batch_size, wait_s, health,
+                           stop=lambda: signals.signum != 0)
+        front.start()
+        served = [p for p, (task, _) in http.ENDPOINTS.items() if check_task(task, server.cfg["model"]) is None]
+        print(f"[rank 0] serving on {front.url} (POST {', POST '.join(served)}, GET /health)", flush=True)
+    try:
+        served = server.follow(front.take if front else None, front.give if front else None, tok)
+    except BaseException as e:
+        if front:
+            front.close(launch.cause(e))
+        raise
+    if front:
+        front.close()
+        print(f"[rank 0] stopped by signal {signals.signum} after {served} rounds", flush=True)
 
 
 def answer_file(server, args):
@@ -377,7 +469,9 @@ def main(doc, default_config, argv=None):
 
 
 def check_answers(args, cfg, plan):
-    """--task, --output and their options: what the model can answer, and where."""
+    """--task, --output and their options: what the model can answer, and where; or --serve's."""
+    if args.serve:
+        return check_serving(args, cfg, plan)
     if args.output is None and args.task is None:
         return
     if not (args.output and args.task and args.texts):
@@ -404,11 +498,29 @@ def check_task_here(task, args, cfg, plan):
         if tok.mask_id is None:
             raise SystemExit(f"galaxy: --task fill-mask: tokenizer {tokenizer_path(cfg)} has no mask token")
     if task == "generate":
-        try:
-            check_can_generate(plan)
-        except ValueError as e:
-            raise SystemExit(f"galaxy: --task generate: {e}") from None
+        check_generates(plan, "--task generate")
         limit = MODELS["llama"].config.from_dict(cfg).position_limit
         if cfg["seq_length"] + args.max_new_tokens > limit:
             raise SystemExit(f"galaxy: --task generate: seq_length {cfg['seq_length']} (the longest prompt) + "
                              f"--max_new_tokens {args.max_new_tokens} exceeds the model's {limit} positions")
+
+
+def check_serving(args, cfg, plan):
+    """--serve answers what the model can: it takes no --task, --output or --requests."""
+    given = [flag for flag, value in (("--task", args.task), ("--output", args.output), ("--requests", args.requests),
+                                      ("--texts", args.texts)) if value is not None]
+    if given:
+        raise SystemExit(f"galaxy: --serve answers HTTP requests; {', '.join(given)} belong to a run over --texts")
+    tasks = [task for task in TASKS if check_task(task, cfg["model"]) is None]
+    if not tasks:
+        raise SystemExit(f"galaxy: --serve: a {cfg['model']} model answers none of {sorted(TASKS)}")
+    if "generate" in tasks:  # each request's length is checked as it comes
+        check_generates(plan, "--serve: /v1/completions")
+    http.check_address(*args.serve)
+
+
+def check_generates(plan, what):
+    try:
+        check_can_generate(plan)
+    except ValueError as e:
+        raise SystemExit(f"galaxy: {what}: {e}") from None
