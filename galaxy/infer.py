@@ -510,7 +510,7 @@ def check_serving(args, cfg, plan):
     given = [flag for flag, value in (("--task", args.task), ("--output", args.output), ("--requests", args.requests),
                                       ("--texts", args.texts)) if value is not None]
     if given:
-        raise SystemExit(f"galaxy: --serve answers HTTP requests; {', '.join(given)} belong to a run over --texts")
+        raise SystemExit(f"galaxy: --serve answers HTTP requests, not with {', '.join(given)} (a run over --texts)")
     tasks = [task for task in TASKS if check_task(task, cfg["model"]) is None]
     if not tasks:
         raise SystemExit(f"galaxy: --serve: a {cfg['model']} model answers none of {sorted(TASKS)}")

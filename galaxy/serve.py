@@ -14,6 +14,7 @@ holds the socket.
 """
 import argparse
 import json
+import os
 import queue
 import socket
 import threading
@@ -43,7 +44,8 @@ def check_address(host, port):
         with socket.create_server((host, port)):
             pass
     except OSError as e:
-        raise SystemExit(f"galaxy: --serve {host}:{port}: cannot listen there ({e.strerror or e})") from None
+        raise SystemExit(f"galaxy: --serve {host}:{port}: cannot listen there "
+                         f"({os.strerror(e.errno) if e.errno else e})") from None
 
 
 class BadRequest(Exception):

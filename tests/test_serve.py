@@ -8,6 +8,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,9 +20,12 @@ import pytest
 import torch
 
 from galaxy.answers import Ask
+from galaxy.data import tokenizer_from
+from galaxy.models.llama.generate import greedy_generate
 from galaxy.models.registry import build_model
 from galaxy.train.config import load_config
 from tests.helpers import ROOT, SHIPPED
+from tests.reliability.bad_inputs import run_in_process
 
 TINY = ["--hidden_size", "64", "--num_hidden_layers", "2", "--intermediate_size", "128", "--seq_length", "32",
         "--threads", "1"]
@@ -81,7 +85,6 @@ def serial_embeddings(texts, **keys):
     cfg = load_config(ROOT / "train_config/bert/galaxy/full.json",
                       dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, seq_length=32, parallel="serial",
                            **keys))
-    from galaxy.data import tokenizer_from
     tok = tokenizer_from(SHIPPED / "spm_bert.model")
     ids, mask = tok.encode_batch(texts, max_length=32, pad_to_max_length=True)
     with torch.no_grad():
@@ -141,3 +144,58 @@ def test_concurrent_and_bad_requests_and_a_lost_rank_under_elastic():
     assert "rank 1 was killed by SIGKILL; regroup 1 of 3" in log, log
     assert "elastic: lost rank(s) [1] during request 3" in log, log
     assert "stopped by signal 15" in log and code == 128 + signal.SIGTERM, log
+
+
+LLAMA = ["--config_file", "train_config/llama/tp/full.json", "--num_attention_heads", "8", "--num_key_value_heads", "4"]
+PROMPTS = ["Question: What is a list?\nAnswer:", "the python interpreter", "def f(x):", "A tuple", "import os"]
+
+
+def serial_completions(prompts, max_tokens):
+    cfg = load_config(ROOT / "train_config/llama/tp/full.json",
+                      dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, seq_length=32, parallel="serial",
+                           num_attention_heads=8, num_key_value_heads=4))
+    tok, model = tokenizer_from(SHIPPED / "spm_llama.model"), build_model(cfg).eval()
+    out = []
+    for prompt in prompts:
+        ids = torch.tensor([tok.encode_with_special_tokens(prompt)])
+        out.append(greedy_generate(model, ids, max_tokens, tok.eos_id)[0, ids.shape[1]:].tolist())
+    return tok, out
+
+
+def test_completions_while_a_slowed_rank_makes_the_ranks_replan():
+    """LLaMA TP at world 2 with live re-planning; rank 1 computes 6 times slower from its 3rd round
+    on. Requests go one after another until the split has moved and two more were answered."""
+    tok, want = serial_completions(PROMPTS, 5)
+    server = Server(["--world", "2", *TINY, *LLAMA, "--replan", '{"threshold": 0.25, "patience": 3, "warmup": 2}',
+                     "--timeout_s", "60"], env={"GALAXY_TEST_SLOW": "1,3,6"})
+    try:
+        status, health = call(server.url, "/health")
+        before, after_move = health["plan"], 0
+        for i in range(20):
+            prompts = [PROMPTS[i % len(PROMPTS)]] if i % 2 else PROMPTS[:2]
+            status, body = call(server.url, "/v1/completions", {"prompt": prompts, "max_tokens": 5, "temperature": 0})
+            assert status == 200, body
+            for choice, prompt in zip(sorted(body["choices"], key=lambda c: c["index"]), prompts):
+                new = want[PROMPTS.index(prompt)]
+                assert choice["text"] == tok.decode(new), (i, prompt, choice)
+                assert choice["finish_reason"] == ("stop" if new[-1] == tok.eos_id else "length")
+            assert body["usage"]["completion_tokens"] == sum(len(want[PROMPTS.index(p)]) for p in prompts)
+            after_move += call(server.url, "/health")[1]["plan"] != before
+            if after_move > 2:
+                break
+        assert after_move > 2, f"no move in 20 requests: {before}"
+        status, body = call(server.url, "/v1/completions", {"prompt": "hi", "temperature": 0.7})
+        assert status == 400 and "decodes greedily" in body["error"]["message"], body
+        status, body = call(server.url, "/v1/embeddings", {"input": "hi"})
+        assert status == 400 and "this server answers POST /v1/completions" in body["error"]["message"], body
+    finally:
+        code, log = server.stop()
+    assert "replan after step" in log, log
+
+
+def test_a_port_in_use_stops_before_any_rank_starts():
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        code, out = run_in_process(["--world", "2", "--serve", f"127.0.0.1:{port}"], "infer_galaxy.py")
+    assert code == 1 and f"--serve 127.0.0.1:{port}: cannot listen there (Address already in use)" in out, out
+    assert "[rank" not in out
