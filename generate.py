@@ -16,15 +16,15 @@ from pathlib import Path
 
 import torch
 
-from galaxy.comm import launch
 from galaxy.comm.context import ParallelContext
+from galaxy.config.load import SCHEMA, load_config
 from galaxy.data import Tokenizer
 from galaxy.errors import ConfigError
 from galaxy.models.checkpoint import CheckpointError
 from galaxy.models.llama import LlamaConfig, LlamaForCausalLM
 from galaxy.models.llama.generate import check_can_generate, greedy_generate
 from galaxy.plan import build_plan
-from galaxy.train.config import SCHEMA, load_config
+from galaxy.runtime import launch
 from galaxy.tuning.apply import apply_tuning
 from galaxy.tuning.keys import TUNING_FILE, read_tuning_record
 

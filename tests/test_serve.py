@@ -1,4 +1,4 @@
-"""Serving (infer_galaxy.py --serve, galaxy/serve.py, infer.Server.follow): a server at world 2
+"""Serving (infer_galaxy.py --serve, galaxy/app/serve.py, infer.Server.follow): a server at world 2
 in the Galaxy layout under --elastic takes concurrent good requests and malformed ones; rank 1
 SIGKILLs itself after its third round; every good request gets the serial model's embeddings
 (those in flight at the loss after the survivor regrouped), every bad one a 4xx with a message,
@@ -19,11 +19,11 @@ import urllib.request
 import pytest
 import torch
 
-from galaxy.answers import Ask
+from galaxy.app.answers import Ask
 from galaxy.data import tokenizer_from
 from galaxy.models.llama.generate import greedy_generate
 from galaxy.models.registry import build_model
-from galaxy.train.config import load_config
+from galaxy.config.load import load_config
 from tests.helpers import ROOT, SHIPPED
 from tests.reliability.bad_inputs import run_in_process
 

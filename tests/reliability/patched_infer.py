@@ -7,7 +7,7 @@ import contextlib
 import os
 import signal
 
-from galaxy import infer
+from galaxy.app import infer
 from galaxy.planner.profile import slow_down
 
 _serve = infer.serve

@@ -13,10 +13,10 @@ import torch
 
 import generate
 from galaxy.comm.context import ParallelContext
+from galaxy.config.load import load_config
 from galaxy.models.llama import LlamaForCausalLM
 from galaxy.models.llama.generate import greedy_generate
 from galaxy.plan import build_plan
-from galaxy.train.config import load_config
 from tests.helpers import rel_err, run_ranks, tiny_llama_tokenizer
 
 transformers = pytest.importorskip("transformers")

@@ -2,11 +2,11 @@
 overrides for any config key. Everything is validated before a process group is formed."""
 import argparse
 
-from galaxy.comm import launch
+from galaxy.config.load import ALIASES, SCHEMA, load_config, parse_cli_value
 from galaxy.errors import ConfigError
 from galaxy.plan import build_plan
 from galaxy.planner.replan import check_replan
-from galaxy.train.config import SCHEMA, ALIASES, load_config, parse_cli_value
+from galaxy.runtime import launch
 from galaxy.train.zero import check_zero
 
 

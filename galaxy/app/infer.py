@@ -1,6 +1,6 @@
 """Forward-only inference in any layout the config names: BERT (masked-LM logits), the BART
 encoder (its last hidden states), LLaMA prefill (logits); with --task and --output, answers for
-every line of --texts (galaxy.answers: embeddings, filled masks, greedy continuations), one JSON
+every line of --texts (galaxy.app.answers: embeddings, filled masks, greedy continuations), one JSON
 line each, in input order. Each request is timed end to end on
 every rank (a barrier first, so all start together); a request's latency is the slowest rank's
 wall-clock time, since the answer is ready only when every rank is done. Rank 0 prints the
@@ -24,17 +24,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from galaxy import serve as http
-from galaxy.answers import TASKS, Ask, answer_json, check_task
-from galaxy.comm import health, launch
+from galaxy.app import cli, outputs, serve as http
+from galaxy.app.answers import TASKS, Ask, answer_json, check_task
+from galaxy.app.session import join, load_model
+from galaxy.data.build import load_tokenizer, tokenizer_path
 from galaxy.models.llama.generate import check_can_generate
-from galaxy.models.registry import MODELS, load_tokenizer, tokenizer_path
+from galaxy.models.registry import MODELS
 from galaxy.pipeline.engine import pipeline_streams
 from galaxy.pipeline.p2p import StageLinks
 from galaxy.planner.replan import Replanner
-from galaxy.relayout import build_empty, build_lost_part, fill_after_loss
-from galaxy.train import cli, elastic, outputs
-from galaxy.train.entry import join, load_model
+from galaxy.reshard.relayout import build_empty, build_lost_part, fill_after_loss
+from galaxy.runtime import elastic, health, launch
 
 
 def positive_int(text):
@@ -101,7 +101,7 @@ METRICS_HELP = "append one JSON line per timed request (its latency)"
 def forward_fn(model, name, ask=None):
     """What one request computes: the output callers read, replicated on every rank (with
     pipeline stages: on the last stage's ranks; the others return None), or `ask`'s answers
-    (galaxy.answers), on every rank."""
+    (galaxy.app.answers), on every rank."""
     if ask:
         forward = ask.forward(model)
         return from_last_stage(pipelined(forward, model), model.ctx) if model.ctx.plan.pp_size > 1 else forward
@@ -228,7 +228,7 @@ class Server:
         return results
 
     def follow(self, take, give, tok):
-        """Serve rounds until rank 0's take() says "stop" (galaxy.serve): each round, rank 0's
+        """Serve rounds until rank 0's take() says "stop" (galaxy.app.serve): each round, rank 0's
         take() gives "idle", "stop" or a round (.ask, .texts), shared with every rank (`share`);
         every rank computes its answers and rank 0 hands them to give(round, answers, latency). A
         loss (with regroups left) regroups the survivors and serves the round again: rank 0 keeps
@@ -299,10 +299,10 @@ def share(obj, ctx):
 
 
 def recover(model, ctx, cfg, error, served, members):
-    """After a collective failed with `error`: regroup with the survivors (galaxy.comm.health),
-    re-plan for them (galaxy.train.elastic) and rebuild this rank's model in the new plan from its
+    """After a collective failed with `error`: regroup with the survivors (galaxy.runtime.health),
+    re-plan for them (galaxy.runtime.elastic) and rebuild this rank's model in the new plan from its
     own rows, its peers' and the lost ranks' rows rebuilt from the run's sources
-    (galaxy.relayout). `members`: the launch's numbers of the ranks of ctx's plan. Returns
+    (galaxy.reshard.relayout). `members`: the launch's numbers of the ranks of ctx's plan. Returns
     (cfg, model, ctx) for the survivors and what moved: the lost ranks (numbered as in ctx's plan),
     the bytes the survivors kept in place, sent each other and rebuilt from the sources, and the
     seconds it took."""
@@ -402,7 +402,7 @@ def ask_for(task, args, tok):
 
 def serve_http(server, args):
     """--serve: every rank follows rank 0's rounds (Server.follow) until SIGTERM / SIGINT reaches
-    rank 0; rank 0 answers HTTP (galaxy.serve.Front)."""
+    rank 0; rank 0 answers HTTP (galaxy.app.serve.Front)."""
     tok, signals = load_tokenizer(server.cfg), launch.SignalFlag()
     pids = [None] * server.ctx.world
     if server.ctx.world > 1:

@@ -22,7 +22,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from galaxy.answers import Ask, check_task
+from galaxy.app.answers import Ask, check_task
 
 IDLE_S = 0.5  # an idle round this often: a lost rank is noticed, and a stop, within about this time
 MAX_BODY = 1 << 20  # bytes of one request body
