@@ -142,13 +142,8 @@ def build_plan(cfg, world):
     if tp > 1 and not sharded:
         raise ConfigError(f"world {world} = {pp} stages x {dp} replicas x {tp}, but no block is parallel: "
                           f"set parallel or att/con/mlp_parallel_method, or data_parallel_size")
-    heads = _split(cfg, "tp_num_attention_heads_list", cfg["num_attention_heads"], tp, "attention head",
-                   gqa_group(cfg)) if m["att_parallel_method"] is TP else (cfg["num_attention_heads"],) * tp
+    heads, columns, positions = _tensor_splits(cfg, m, tp)
     kv = _kv_split(cfg, heads) if m["att_parallel_method"] is TP else (_kv_heads(cfg),) * tp
-    columns = _split(cfg, "tp_intermediate_size_list", cfg["intermediate_size"], tp, "intermediate column") \
-        if m["mlp_parallel_method"] is TP else (cfg["intermediate_size"],) * tp
-    positions = _split(cfg, "seq_scatter_list", cfg["seq_length"], tp, "sequence position") \
-        if SP in m.values() else (cfg["seq_length"],) * tp
     return Plan(att=m["att_parallel_method"], con=m["con_parallel_method"], mlp=m["mlp_parallel_method"],
                 tp_size=tp, dp_size=dp, pp_size=pp, heads=heads, kv_heads=kv, columns=columns,
                 positions=positions, stage_layers=stage_layers, virtual_stages=chunks)
@@ -167,6 +162,25 @@ def default_splits(cfg, plan):
             lines.append(f"{sum(sizes)} {what} do not divide over {len(sizes)} ranks: {key} {sizes}, the most "
                          f"even split (list the sizes to choose another)")
     return lines
+
+
+def _tensor_splits(cfg, methods, tp):
+    """Heads, columns and positions per tensor rank; every list that is wrong or missing is named
+    in one ConfigError (not one per run)."""
+    wanted = (("tp_num_attention_heads_list", "num_attention_heads", "attention head",
+               methods["att_parallel_method"] is TP, gqa_group(cfg)),  # heads move in whole GQA groups
+              ("tp_intermediate_size_list", "intermediate_size", "intermediate column",
+               methods["mlp_parallel_method"] is TP, 1),
+              ("seq_scatter_list", "seq_length", "sequence position", SP in methods.values(), 1))
+    splits, errors = [], []
+    for key, total, what, split, unit in wanted:
+        try:
+            splits.append(_split(cfg, key, cfg[total], tp, what, unit) if split else (cfg[total],) * tp)
+        except ConfigError as e:
+            errors.append(str(e))
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return splits
 
 
 def _kv_heads(cfg):
