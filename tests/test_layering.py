@@ -14,6 +14,7 @@ GALAXY = Path(__file__).resolve().parents[1] / "galaxy"
 RULES = [
     ("galaxy", ("galaxy.app",), "the engine never imports the application"),
     ("galaxy.app.infer", ("galaxy.train", "galaxy.app.train"), "inference never imports training"),
+    ("galaxy.inference", ("galaxy.train",), "inference never imports training"),
     ("galaxy.planner", ("galaxy.train", "galaxy.runtime", "galaxy.config"),
      "the planner splits a model from a config dict: no training, no processes"),
     ("galaxy.models", ("galaxy.data", "galaxy.tuning", "galaxy.train", "galaxy.pipeline"),
@@ -35,9 +36,9 @@ RULES = [
      "a config is read and checked before anything runs"),
 ]
 # docs/architecture.md's picture, top to bottom: a package imports only those under it
-STACK = ["galaxy.app", "galaxy.runtime", "galaxy.profiler", "galaxy.planner", "galaxy.reshard", "galaxy.train",
-         "galaxy.config", "galaxy.tuning", "galaxy.loralib", "galaxy.adapters", "galaxy.pipeline", "galaxy.models",
-         "galaxy.data", "galaxy.layers", "galaxy.comm", "galaxy.plan", "galaxy.errors", "galaxy.seeding"]
+STACK = ["galaxy.app", "galaxy.runtime", "galaxy.profiler", "galaxy.planner", "galaxy.reshard", "galaxy.inference",
+         "galaxy.train", "galaxy.config", "galaxy.tuning", "galaxy.loralib", "galaxy.adapters", "galaxy.pipeline",
+         "galaxy.models", "galaxy.data", "galaxy.layers", "galaxy.comm", "galaxy.plan", "galaxy.errors", "galaxy.seeding"]
 # the `python -m galaxy.X` commands the documentation names: thin shims into galaxy.app
 COMMAND_SHIMS = {"galaxy.planner.__main__", "galaxy.memory.__main__"}
 

@@ -20,10 +20,10 @@ import pytest
 import torch
 
 from galaxy.app.answers import Ask
-from galaxy.data import tokenizer_from
-from galaxy.models.llama.generate import greedy_generate
-from galaxy.models.registry import build_model
 from galaxy.config.load import load_config
+from galaxy.data import tokenizer_from
+from galaxy.inference.generate import greedy_generate
+from galaxy.models.registry import build_model
 from tests.helpers import ROOT, SHIPPED
 from tests.reliability.bad_inputs import run_in_process
 

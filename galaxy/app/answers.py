@@ -12,8 +12,8 @@ rank; with pipeline stages, the last stage's) it returns the per-text results, t
 """
 from dataclasses import dataclass
 
+from galaxy.inference.generate import greedy_generate
 from galaxy.models.bert.model import sentence_embedding
-from galaxy.models.llama.generate import greedy_generate
 
 TASKS = {"embed": ("bert", "bert_retrieval"), "fill-mask": ("bert",), "generate": ("llama",)}  # task: the models that answer it
 

@@ -14,8 +14,8 @@ import torch
 import generate
 from galaxy.comm.context import ParallelContext
 from galaxy.config.load import load_config
+from galaxy.inference.generate import GrowingSequence, SequenceSplit, greedy_generate, greedy_steps, kv_caches
 from galaxy.models.llama import LlamaForCausalLM
-from galaxy.models.llama.generate import GrowingSequence, SequenceSplit, greedy_generate, greedy_steps, kv_caches
 from galaxy.plan import build_plan
 from tests.helpers import ROOT, rel_err, run_ranks, tiny_llama_tokenizer
 
