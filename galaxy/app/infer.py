@@ -452,7 +452,7 @@ def answer_file(server, args):
     answers = [answer for _, batch in results for answer in batch]
     tmp = f"{args.output}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        for i, (text, answer) in enumerate(zip(lines, answers)):
+        for i, (text, answer) in enumerate(zip(lines, answers, strict=True)):
             cut = len(tok.encode_with_special_tokens(text)) > server.cfg["seq_length"]
             f.write(json.dumps({"index": i, "text": text, "truncated": cut, **answer_json(ask, answer, tok)}) + "\n")
     os.replace(tmp, args.output)

@@ -283,7 +283,8 @@ def measured_line(step, costs, drift):
     if drift.predicted is None:
         return f"replan step {step}: warm-up, not measured"
     units = ("heads/s", "columns/s", "positions/s")
-    speeds = "; ".join(f"rank {r} " + ", ".join(f"{1 / c:.3g} {u}" for c, u in zip(rank_costs, units) if c > 0)
+    speeds = "; ".join(f"rank {r} " + ", ".join(f"{1 / c:.3g} {u}" for c, u in zip(rank_costs, units, strict=True)
+                                                if c > 0)
                        for r, rank_costs in enumerate(costs))
     return (f"replan step {step}: {speeds}; best split predicted {drift.predicted:.2f}x faster (moves over "
             f"{1 + drift.rule.threshold:.2f}x, {len(drift.window)} of {drift.rule.patience} steps in a row)")

@@ -285,7 +285,7 @@ def _multi_process_rows(d):
     rows.append(_row("rank 1 SIGKILLed mid-training (rank 0's view)", ["--world", "2", "--rank", "0"], code,
                      (d / "rank0.log").read_text()))
     spawn = procs.start(["--parallel", "galaxy", "--world", "2", "--max_steps", "3"], d / "spawn.log",
-                        "tests/reliability/patched_steps.py", env={"GALAXY_TEST_KILL": "1,1,2"})
+                        "tests/scripts/patched_steps.py", env={"GALAXY_TEST_KILL": "1,1,2"})
     code = procs.finish({0: spawn}, 120)[0]
     rows.append(_row("rank 1 SIGKILLed in a local spawn (the launcher's view)", ["--world", "2"], code,
                      (d / "spawn.log").read_text()))

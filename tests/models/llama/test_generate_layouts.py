@@ -60,7 +60,7 @@ def hf_generate(path, index):
 
 def steps(model, prompt, use_cache=True):
     """(new tokens [B, NEW_TOKENS], each step's logits or None off the last pipeline stage)."""
-    tokens, logits = zip(*greedy_steps(model, prompt, NEW_TOKENS, use_cache))
+    tokens, logits = zip(*greedy_steps(model, prompt, NEW_TOKENS, use_cache), strict=True)
     return torch.cat(tokens, 1), logits
 
 
@@ -89,7 +89,7 @@ def _in_layouts(rank, world, path, layouts):
 
 def assert_logits_match(got, want, what):
     assert len(got) == len(want) == NEW_TOKENS, what
-    for step, (g, w) in enumerate(zip(got, want)):
+    for step, (g, w) in enumerate(zip(got, want, strict=True)):
         assert rel_err(g, w) < 1e-5, (what, step)
 
 
