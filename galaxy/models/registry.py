@@ -12,6 +12,7 @@ from galaxy.data import (BartDenoisingData, BertPretrainData, InstructionData, P
                          SyntheticMLM, holds_tokenizer, tokenizer_from)
 from galaxy.models.bart import BartConfig, BartForConditionalGeneration
 from galaxy.models.bert import BertConfig, BertForMaskedLM, BertForRetrieval, BertModel
+from galaxy.models.checkpoint import tensor_files
 from galaxy.models.common import init_weights
 from galaxy.models.llama import LlamaConfig, LlamaForCausalLM, LlamaModel
 from galaxy.tuning.apply import apply_tuning
@@ -106,6 +107,14 @@ MODELS = {"bert": ModelSpec(BertConfig, BertForMaskedLM, bert_data),
 def build_model(cfg, ctx=None):
     spec = MODELS[cfg["model"]]
     return spec.model(spec.config.from_dict(cfg), ctx)
+
+
+def check_sources(cfg):
+    """The checkpoints load_sources will read must name readable safetensors files: checked before a
+    run creates its save_dir or any process, so a typo there leaves nothing behind (CheckpointError)."""
+    for key in ("load_checkpoint", "load_trainable"):
+        if cfg[key] and not cfg["resume"]:
+            tensor_files(cfg[key])
 
 
 def load_sources(model, cfg, ctx, verified=False):

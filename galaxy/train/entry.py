@@ -18,7 +18,7 @@ from galaxy.data import DataError
 from galaxy.explain import explain
 from galaxy.memory import MemoryReport, model_state_line
 from galaxy.models.checkpoint import CheckpointError
-from galaxy.models.registry import MODELS, build_model, load_sources
+from galaxy.models.registry import MODELS, build_model, check_sources, load_sources
 from galaxy.pipeline import PipelineForwardBackward, format_actions
 from galaxy.planner.replan import Replanner
 from galaxy.profiler import observe
@@ -168,6 +168,10 @@ def main(doc, model, default_config, argv=None):
     if args.trace_dir and cfg["replan"]:
         raise SystemExit("galaxy: config error: --trace_dir traces the model it starts with; replan may rebuild "
                          "it in another split, so use one or the other")
+    try:
+        check_sources(cfg)  # inputs before outputs: a run that cannot load leaves no empty save_dir
+    except CheckpointError as e:
+        raise SystemExit(f"galaxy: {e}") from None
     outputs.check_outputs(cfg["save_dir"], args.metrics_file)  # every process that may write, before step 1
     owns_save_dir = cfg["save_dir"] and rank in (None, 0)  # the process of rank 0 locks it for the run
     with outputs.save_dir_lock(cfg["save_dir"]) if owns_save_dir else nullcontext():
