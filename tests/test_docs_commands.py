@@ -2,6 +2,7 @@
 tiny overrides and the block markers tests/doc_commands.py describes; blocks marked as needing
 root, a GPU or minutes are reported as skipped, with the reason."""
 import json
+import os
 import re
 import socket
 import subprocess
@@ -23,7 +24,8 @@ class Runner:
     """The fork-per-command runner process (tests.doc_commands serve)."""
 
     def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.doc_commands", "serve"], cwd=REPO,
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torch reads it once, at import: one core per process
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.doc_commands", "serve"], cwd=REPO, env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert json.loads(self.proc.stdout.readline()) == {"ready": True}
 
@@ -87,14 +89,13 @@ def _show(log, lines=40):
 @pytest.mark.parametrize("block", [b for b in BLOCKS if not b.skip_reason], ids=lambda b: b.id)
 def test_documented_commands_run(block, runner, tmp_path):
     cwd = work_dir(tmp_path)
-    env = {"OMP_NUM_THREADS": "1"}
     runs = []
     for i, argv in enumerate(RUNS[block.id]):
         if argv[0] == "pip":
             check_installed(argv[2:])
             continue
         port = str(free_port())  # one terminal per rank: the launcher's environment gives the port
-        runs.append({"argv": argv, "cwd": str(cwd), "env": {**env, "MASTER_PORT": port, "PET_MASTER_PORT": port},
+        runs.append({"argv": argv, "cwd": str(cwd), "env": {"MASTER_PORT": port, "PET_MASTER_PORT": port},
                      "log": str(tmp_path / f"command-{i}.log")})
     if block.together:
         port = runs[0]["env"]["MASTER_PORT"]
