@@ -17,9 +17,9 @@ repository's files (so `out/`, `traces/`, `ckpt/` land there), with tiny overrid
 run stops after `--max_steps 2` (a given `--max_steps` of at most MAX_STEPS_KEPT is kept, so a
 resume example keeps its steps) and, unless it sets them or splits the positions, takes batch 8 and
 sequence 48 (SIZES); inference serves 2 requests, generation makes 4 tokens, the planner checks
-its candidates in at most 3 rounds. `pip
-install` is checked instead of run: what it names must be installed. A command already run by an
-earlier block is run again only when a later command of its block may read what it wrote.
+its candidates in at most 3 rounds. `pip install` is checked instead of run: what it names must be
+installed. A command already run by an earlier block is run again only when a later command of its
+block may read what it wrote.
 
 The runner (`python -m tests.doc_commands serve`) imports torch once and forks a process per
 command, which runs the script as `python` would (runpy: `__main__`, sys.argv, sys.path);
@@ -32,6 +32,7 @@ import os
 import re
 import shlex
 import signal
+import subprocess
 import sys
 import time
 import traceback
@@ -43,8 +44,9 @@ FIRST_WORDS = ("python", "torchrun", "pip", "sudo")
 MARKER = re.compile(r"^\s*<!--\s*commands:\s*(.*?)\s*-->\s*$")
 SKIPS = ("needs root", "needs a GPU", "slow", "the test suite")  # a marker starting with one of these
 TOGETHER = "together"
-TRAINING = {"pretrain_galaxy.py", "pretrain_bart.py", "finetune_llama.py", "pretrain_bert.py", "pretrain_tp_bert.py",
-            "pretrain_dp_bert.py", "pretrain_sp_bert.py", "pretrain_pp_bert.py", "finetune_pp_llama.py"}
+TRAINING = {"pretrain_galaxy.py", "pretrain_bart.py", "finetune_llama.py", "finetune_retrieval.py", "pretrain_bert.py",
+            "pretrain_tp_bert.py", "pretrain_dp_bert.py", "pretrain_sp_bert.py", "pretrain_pp_bert.py",
+            "finetune_pp_llama.py"}
 MAX_STEPS_KEPT = 8
 # a training command's batch and sequence, unless it sets them: 8 samples split over the shipped
 # layouts' replicas and micro-batches (up to 2 x 4), and every instruction prompt (at most 39
@@ -147,12 +149,12 @@ def program(argv):
     return argv[0]
 
 
-def _set(argv, flag, value, only_down_to=None):
-    """argv with `flag value`: replaced where given (unless `only_down_to` keeps a value at most
-    that), appended where not."""
+def _set(argv, flag, value, keep_up_to=None):
+    """argv with `flag value`: appended where not given, replaced where given (but a given value
+    of at most keep_up_to is kept)."""
     if flag in argv:
         i = argv.index(flag) + 1
-        if only_down_to is None or int(argv[i]) > only_down_to:
+        if keep_up_to is None or int(argv[i]) > keep_up_to:
             argv = argv[:i] + [value] + argv[i + 1:]
         return argv
     return argv + [flag, value]
@@ -175,7 +177,7 @@ def tiny(argv):
     """argv with the overrides that keep it short (see the module docstring)."""
     name = program(argv)
     if name in TRAINING and "--explain" not in argv:
-        argv = _set(argv, "--max_steps", "2", only_down_to=MAX_STEPS_KEPT)
+        argv = _set(argv, "--max_steps", "2", keep_up_to=MAX_STEPS_KEPT)
         for flag, value in SIZES.items() if _resizable(argv) else ():
             argv = _set(argv, flag, value)
     for flag, value in TINY.get(name, {}).items():
@@ -203,9 +205,10 @@ def plan(all_blocks):
 
 
 def work_dir(tmp):
-    """A directory linking the repository's tracked top-level files, for a block's commands to write in."""
-    tracked = os.popen(f"git -C {shlex.quote(str(REPO))} ls-files").read().split("\n") if (REPO / ".git").exists() else []
-    names = {t.split("/", 1)[0] for t in tracked if t} or {p.name for p in REPO.iterdir() if not p.name.startswith(".")}
+    """A directory linking the repository's top-level files (those git tracks, so nothing a user
+    wrote there, like out/), for a block's commands to write in."""
+    tracked = subprocess.run(["git", "-C", str(REPO), "ls-files"], capture_output=True, text=True).stdout.split()
+    names = {t.split("/", 1)[0] for t in tracked} or {p.name for p in REPO.iterdir() if not p.name.startswith(".")}
     for name in sorted(names):
         if (REPO / name).exists():
             (Path(tmp) / name).symlink_to(REPO / name)
@@ -232,8 +235,17 @@ def _run_python(argv):
     return 0
 
 
+def _exit_code(value):
+    """The exit status of SystemExit(value), as the interpreter makes it."""
+    if value is None or isinstance(value, int):
+        return value or 0
+    print(value, file=sys.stderr)
+    return 1
+
+
 def _child(argv, cwd, env, log):
     os.setpgid(0, 0)  # the runner ends the command and every process it started as one group
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # the runner's requests are not the command's input
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -247,7 +259,7 @@ def _child(argv, cwd, env, log):
     try:
         code = _run_python(argv)
     except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else (print(e.code, file=sys.stderr), 1)[1])
+        code = _exit_code(e.code)
     except BaseException:
         traceback.print_exc()
         code = 1
