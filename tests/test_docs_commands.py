@@ -154,3 +154,22 @@ def test_the_quick_start_is_found_and_run():
     first = next(b for b in BLOCKS if b.path == "README.md")
     assert first.commands[0].startswith("pip install torch==") and not first.skip_reason
     assert ["python", "pretrain_galaxy.py"] == RUNS[first.id][-1][:2]
+
+
+def _anchor(heading):
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_between_docs_resolve():
+    """Every relative link in README.md and docs/*.md names a file that exists, and a heading in it."""
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+            if re.match(r"[a-z]+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (doc.parent / path).resolve() if path else doc
+            assert file.exists(), f"{doc.relative_to(REPO)}: link {target}: no such file"
+            if anchor:
+                headings = [_anchor(h) for h in re.findall(r"^#+ (.*)$", file.read_text(), re.M)]
+                assert anchor in headings, f"{doc.relative_to(REPO)}: link {target}: no such heading"
