@@ -39,11 +39,11 @@ from torch.distributed.device_mesh import init_device_mesh
 from benchmarks.common import RESULTS, Runner, bert_cfg, interleaved, median, svg_bars, table, write_results
 from benchmarks.netem import EdgeNet, add_worker_args, rate_bits
 from benchmarks.vs_torch_tp import TorchTP
-from galaxy.comm.launch import init_distributed
+from galaxy.planner.check import MIN_ROUNDS, check, from_rank0, leader
 from galaxy.planner.profile import slow_down
 from galaxy.planner.run import gather_profiles, plan_dims
-from galaxy.planner.check import MIN_ROUNDS, check, from_rank0, leader
 from galaxy.planner.split import plan_layouts
+from galaxy.runtime.launch import init_distributed
 
 PORT = 29561
 # An embedding lookup's time does not depend on the vocabulary, but initialising ~15 models per row

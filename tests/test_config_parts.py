@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from galaxy.plan import build_plan
-from galaxy.train.config import load_config, read_config
+from galaxy.config.load import load_config, read_config
 from galaxy.errors import ConfigError
+from galaxy.plan import build_plan
 from tests.helpers import ROOT
 
 UNEVEN = ROOT / "train_config" / "bert" / "galaxy" / "uneven.json"  # the one recipe with world-2 lists

@@ -1,4 +1,4 @@
-"""Inference (galaxy/infer.py, infer_galaxy.py): what the inference path returns in a layout equals
+"""Inference (galaxy/app/infer.py, infer_galaxy.py): what the inference path returns in a layout equals
 the serial model's output at world 2 and 3 with uneven splits; the script runs as a user would and
 prints its percentiles; bad input stops before any process starts."""
 import json
@@ -7,10 +7,10 @@ import re
 import pytest
 import torch
 
-from galaxy.infer import prepare, serve
+from galaxy.app.infer import prepare, serve
+from galaxy.config.load import load_config
 from galaxy.models.registry import build_model
 from galaxy.plan import build_plan
-from galaxy.train.config import load_config
 from tests.helpers import rel_err, run_ranks, run_script
 from tests.models.bart.test_bart_layouts import MODEL as BART, SPLITS as BART_SPLITS
 from tests.models.test_bert_layouts import MODEL as BERT, SPLITS as BERT_SPLITS

@@ -8,9 +8,11 @@ from dataclasses import astuple
 import pytest
 import torch
 
+from galaxy.app.infer import eval_model, forward_fn
+from galaxy.app.session import join, load_model
+from galaxy.config.load import load_config
 from galaxy.data import SyntheticMLM
 from galaxy.errors import ConfigError
-from galaxy.infer import eval_model, forward_fn
 from galaxy.models.bert.model import mlm_to_hf
 from galaxy.models.checkpoint import gather_full_state
 from galaxy.models.registry import build_model
@@ -18,8 +20,6 @@ from galaxy.plan import build_plan
 from galaxy.planner.profile import slow_down
 from galaxy.planner.replan import Drift, ReplanRule, Replanner, best_split, check_replan, fit_block, fitted_profiles
 from galaxy.planner.split import RankProfile, predict_layer_seconds
-from galaxy.train.config import load_config
-from galaxy.train.entry import join, load_model
 from galaxy.train.loop import Trainer
 from tests.helpers import rel_err, run_ranks, run_script
 from tests.models.llama.common import MODEL as LLAMA

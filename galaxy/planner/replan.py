@@ -13,7 +13,7 @@ at the step boundary and goes on, without a restart.
                (galaxy.comm.collectives.reshard_into); replicated ones are copied. AdamW's moments move
                like their parameters; its step counts, the LR schedule and the training step stay.
 
-The move itself is galaxy.relayout's (shared with --elastic inference).
+The move itself is galaxy.reshard.relayout's (shared with --elastic inference).
 
 The prediction is the planner's cost model of the blocks' compute (galaxy.planner.split, with an
 unlimited link): what crosses the link per layer changes only with the positions' split. A block's
@@ -35,7 +35,7 @@ from galaxy.layers.transformer import Connective
 from galaxy.plan import SP, TP, gqa_group
 from galaxy.planner.run import plan_dims
 from galaxy.planner.split import RankProfile, plan_galaxy, predict_layer_seconds
-from galaxy.relayout import build_empty, move_state
+from galaxy.reshard.relayout import build_empty, move_state
 
 SPLIT_KEYS = ("tp_num_attention_heads_list", "tp_intermediate_size_list", "seq_scatter_list")
 BLOCKS = (Attention, MLP, Connective)

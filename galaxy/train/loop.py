@@ -183,7 +183,7 @@ def is_reporting_rank(ctx):
 
 
 def run_training(trainer, max_steps, metrics_file=None, on_step=None, around_step=nullcontext):
-    """Steps until max_steps; each inside around_step() (galaxy.memory's report measures one), then
+    """Steps until max_steps; each inside around_step() (galaxy.profiler.memory's report measures one), then
     logged, written to metrics_file and handed to on_step."""
     ctx = trainer.ctx
     writer = open(Path(metrics_file), "a") if metrics_file and is_reporting_rank(ctx) else None

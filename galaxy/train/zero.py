@@ -370,7 +370,7 @@ def model_state_bytes(trainer):
     for plain DP and stage 1 (torch accumulates them whole), the shards plus whole parameters' for
     stages 2, 3. Optimizer: AdamW's two moments of what this rank steps, and torch AdamW's float32
     step count per whole parameter. Sizes only, so it counts a model built on the meta device too
-    (galaxy.memory)."""
+    (galaxy.profiler.memory)."""
     zero, trainable = trainer.zero, [p for p in dict.fromkeys(trainer.model.parameters()) if p.requires_grad]
     storages = {p.untyped_storage()._cdata: p.untyped_storage().nbytes() for p in trainer.model.parameters()}
     params = sum(storages.values())  # a freed stage-3 buffer holds 0 bytes

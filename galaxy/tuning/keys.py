@@ -1,6 +1,6 @@
 """The tuning keys: which method a config picks, the rules its keys follow, and tuning.json, the
 record of them written beside a trainable-only checkpoint (like PEFT's adapter_config.json) and
-checked when one is loaded. Light on purpose: galaxy.train.config imports it without the models."""
+checked when one is loaded. Light on purpose: galaxy.config.load imports it without the models."""
 import json
 from pathlib import Path
 

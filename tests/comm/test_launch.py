@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from galaxy.comm import launch
+from galaxy.runtime import launch
 
 CONFIG = "tcp://127.0.0.1:23000"
 

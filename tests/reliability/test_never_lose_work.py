@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from galaxy.app import outputs
 from galaxy.models.checkpoint import CheckpointError
-from galaxy.train import checkpoint, outputs
+from galaxy.train import checkpoint
 from tests.helpers import run_ranks
 from tests.reliability import procs
 from tests.reliability.test_checkpoint import make_trainer, tiny_cfg, train

@@ -113,14 +113,14 @@ SCHEMA = {
     "memory_mb": (INT_LIST, None, "each data-parallel rank's memory in MiB: ZeRO shards in proportion "
                   "(instead of zero_shard_list)"),
     "memory_report": (bool, False, "each rank prints its model state at start-up and the peak of its second "
-                      "step beside galaxy.memory's prediction (a meta build of the rank: seconds)"),
+                      "step beside galaxy.profiler.memory's prediction (a meta build of the rank: seconds)"),
     # processes
     "init_method": (str, None, "e.g. tcp://127.0.0.1:23000"),
     "distributed_backend": (str, None, "gloo | nccl (default: nccl on CUDA, else gloo)"),
     "device": (str, None, "cpu | cuda | cuda:N (default: cuda:<local rank> under nccl, else cpu)"),
     "timeout_s": (float, 300.0, "collective / rendezvous timeout"),
     "elastic": (bool, False, "a one-command local spawn restarts its surviving ranks when one dies: re-planned "
-                "for the smaller world, training resumes from the latest checkpoint (galaxy.train.elastic)"),
+                "for the smaller world, training resumes from the latest checkpoint (galaxy.runtime.elastic)"),
     "elastic_restarts": (int, 3, "--elastic: at most this many restarts"),
     "save_on_signal": (bool, False, "on SIGTERM/SIGINT every rank stops at the same step and saves a "
                        "training checkpoint to save_dir before it exits"),

@@ -20,14 +20,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from galaxy.comm import health, launch
-from galaxy.models.registry import MODELS, load_tokenizer
+from galaxy.app import cli, outputs
+from galaxy.app.session import join, load_model
+from galaxy.data.build import load_tokenizer
+from galaxy.models.registry import MODELS
 from galaxy.pipeline.engine import pipeline_streams
 from galaxy.pipeline.p2p import StageLinks
 from galaxy.planner.replan import Replanner
-from galaxy.relayout import build_empty, build_lost_part, fill_after_loss
-from galaxy.train import cli, elastic, outputs
-from galaxy.train.entry import join, load_model
+from galaxy.reshard.relayout import build_empty, build_lost_part, fill_after_loss
+from galaxy.runtime import elastic, health, launch
 
 
 def positive_int(text):
@@ -202,10 +203,10 @@ class Server:
 
 
 def recover(model, ctx, cfg, error, served, members):
-    """After a collective failed with `error`: regroup with the survivors (galaxy.comm.health),
-    re-plan for them (galaxy.train.elastic) and rebuild this rank's model in the new plan from its
+    """After a collective failed with `error`: regroup with the survivors (galaxy.runtime.health),
+    re-plan for them (galaxy.runtime.elastic) and rebuild this rank's model in the new plan from its
     own rows, its peers' and the lost ranks' rows rebuilt from the run's sources
-    (galaxy.relayout). `members`: the launch's numbers of the ranks of ctx's plan. Returns
+    (galaxy.reshard.relayout). `members`: the launch's numbers of the ranks of ctx's plan. Returns
     (cfg, model, ctx) for the survivors and what moved: the lost ranks (numbered as in ctx's plan),
     the bytes the survivors kept in place, sent each other and rebuilt from the sources, and the
     seconds it took."""

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from galaxy.comm import health
+from galaxy.runtime import health
 
 DEFAULT_ADDR, DEFAULT_PORT = "127.0.0.1", 29500
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
