@@ -167,7 +167,7 @@ def _config_of(argv):
 def _resizable(argv):
     """Whether a training command may take SIZES: it sets no size itself, and no split of the
     positions (on its command line or in its config) fixes the sequence length."""
-    from galaxy.train.config import load_config
+    from galaxy.config.load import load_config
     if any(f in argv for f in (*SIZES, "--seq_scatter_list")) or _config_of(argv) is None:
         return False
     return not load_config(str(REPO / _config_of(argv)), {}).get("seq_scatter_list")
