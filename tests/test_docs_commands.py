@@ -1,6 +1,7 @@
 """Every command in README.md and docs/*.md code blocks runs as written (issue 26, item 4), with the
 tiny overrides and the block markers tests/doc_commands.py describes; blocks marked as needing
 root, a GPU or minutes are reported as skipped, with the reason."""
+import importlib
 import json
 import os
 import re
@@ -173,3 +174,29 @@ def test_links_between_docs_resolve():
             if anchor:
                 headings = [_anchor(h) for h in re.findall(r"^#+ (.*)$", file.read_text(), re.M)]
                 assert anchor in headings, f"{doc.relative_to(REPO)}: link {target}: no such heading"
+
+
+def _resolves(dotted):
+    """Whether `galaxy.a.b.c` is a module, or an attribute path inside one."""
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for name in parts[i:]:
+            obj = getattr(obj, name, None)
+        return obj is not None
+    return False
+
+
+def test_files_and_modules_the_docs_name_exist():
+    """A file path (galaxy/..., tests/..., train_config/...) or a `galaxy.x.y` name in README.md or
+    docs/*.md that a move or a rename left behind is an error."""
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        text = doc.read_text()
+        for path in set(re.findall(r"(?<![\w/.])((?:galaxy|tests|benchmarks|tools|train_config|data)/[\w/.-]*\w\.\w+)", text)):
+            assert (REPO / path).exists(), f"{doc.relative_to(REPO)} names {path}, which does not exist"
+        for dotted in set(re.findall(r"(?<![\w/.])galaxy(?:\.[a-z_]\w*)+", text)):
+            if not re.search(r"\.(py|json|md|svg)$", dotted):
+                assert _resolves(dotted), f"{doc.relative_to(REPO)} names {dotted}, which does not import"
