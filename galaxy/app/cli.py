@@ -11,10 +11,13 @@ from galaxy.runtime import launch
 from galaxy.train.zero import check_zero
 
 
-def parse(description, default_config, argv=None, add_args=None, metrics="one JSON line per optimizer step"):
+def parse(description, default_config, argv=None, add_args=None, keys=None, check=None,
+          metrics="one JSON line per optimizer step"):
     """add_args(parser), when given, adds an entry's own flags; they win over config keys of the
-    same name (inference's --batch_size is not the training batch). `metrics`: what --metrics_file
-    gets."""
+    same name (inference's --batch_size is not the training batch). keys(args, overrides), when given,
+    returns config keys drawn from those flags (generate.py: its checkpoint's shape): over the config
+    file's, under the command line's (`overrides`). check(args, cfg, plan) is the entry's own check.
+    A ConfigError from either ends the program as parse's own do. `metrics`: what --metrics_file gets."""
     parser = argparse.ArgumentParser(description=description,
                                      epilog="Any config key can be overridden with --key value.")
     parser.add_argument("--config_file", "--config", dest="config_file", default=default_config)
@@ -40,10 +43,12 @@ def parse(description, default_config, argv=None, add_args=None, metrics="one JS
     except ValueError as e:
         parser.error(str(e))
     try:
-        cfg = load_config(args.config_file, overrides)
+        cfg = load_config(args.config_file, {**(keys(args, overrides) if keys else {}), **overrides})
         plan = build_plan(cfg, world)
         check_zero(cfg, plan)
         check_replan(cfg, plan)
+        if check:
+            check(args, cfg, plan)
     except ConfigError as e:
         parser.exit(2, f"galaxy: config error: {e}\n")
     for line in idle_keys(cfg, plan):
