@@ -254,11 +254,13 @@ def _multi_process_rows(d):
     return rows
 
 
+INTRO = ("# Bad inputs and what they get\n\nMade by `python -m tests.reliability.bad_inputs > docs/bad_inputs.md` "
+         "(each row run as a real process; DIR is a temporary directory). "
+         "Documents longer than seq_length are not an error: the corpus is one token stream cut into "
+         "seq_length pieces, so nothing is skipped (only the tail shorter than one sequence is dropped). Exit 2 = rejected by the command line / "
+         "config check before any process starts training; 1 = a runtime error with a message naming the "
+         "file, key or rank (infer_galaxy.py's checks of its own options exit 1 too, before any rank starts).\n")
+
 if __name__ == "__main__":
-    print("# Bad inputs and what they get\n\nMade by `python -m tests.reliability.bad_inputs > docs/bad_inputs.md` "
-          "(each row run as a real process; DIR is a temporary directory). "
-          "Documents longer than seq_length are not an error: the corpus is one token stream cut into "
-          "seq_length pieces, so nothing is skipped (only the tail shorter than one sequence is dropped). Exit 2 = rejected by the command line / "
-          "config check before any process starts training; 1 = a runtime error with a message naming the "
-          "file, key or rank.\n")
+    print(INTRO)
     print(table())
