@@ -27,8 +27,8 @@ import torch.distributed as dist
 from galaxy.app import cli, outputs, serve as http
 from galaxy.app.answers import TASKS, Ask, answer_json, check_task
 from galaxy.app.session import join, load_model
+from galaxy.data import DataError, text_lines
 from galaxy.data.build import load_tokenizer, tokenizer_path
-from galaxy.models.llama.generate import check_can_generate
 from galaxy.models.registry import MODELS
 from galaxy.pipeline.engine import pipeline_streams
 from galaxy.pipeline.p2p import StageLinks
@@ -54,8 +54,11 @@ def non_negative_int(text):
 def text_file(path):
     if not Path(path).is_file():
         raise argparse.ArgumentTypeError(f"{path} is not a file")
-    if not read_lines(path):
-        raise argparse.ArgumentTypeError(f"{path} has no text")
+    try:
+        if not read_lines(path):
+            raise argparse.ArgumentTypeError(f"{path} has no text")
+    except DataError as e:  # argparse would say only "invalid text_file value"
+        raise argparse.ArgumentTypeError(str(e)) from None
     return path
 
 
@@ -64,7 +67,7 @@ def read_lines(path):
 
 
 def all_lines(path):
-    return Path(path).read_text(encoding="utf-8").splitlines()
+    return [line for _, line in text_lines(path)]
 
 
 REQUESTS = 50  # timed requests when --requests is not given
@@ -95,7 +98,7 @@ def add_args(parser):
                             "--batch_size texts at most a round; SIGTERM / Ctrl-C stops every rank")
 
 
-METRICS_HELP = "append one JSON line per timed request (its latency)"
+METRICS_HELP = "one JSON line per timed request (request, latency_s)"
 
 
 def forward_fn(model, name, ask=None):
@@ -151,10 +154,14 @@ def synthetic_batches(cfg, batch_size, count):
 
 
 def text_batches(cfg, path, batch_size, count):
-    """The file's lines in turn, batch_size a batch, count batches (see encode)."""
-    tok, lines = load_tokenizer(cfg), read_lines(path)
+    """The file's lines in turn, batch_size a batch, count batches (see encode); and what seq_length
+    cut of them ("" if nothing)."""
+    tok, lines, length = load_tokenizer(cfg), read_lines(path), cfg["seq_length"]
     texts = [lines[i % len(lines)] for i in range(batch_size * count)]
-    return [encode(tok, texts[i:i + batch_size], cfg) for i in range(0, len(texts), batch_size)]
+    long = [n - length for n in (len(tok.encode_with_special_tokens(line)) for line in lines) if n > length]
+    cut = (f"--texts {path}: {len(long)} of {len(lines)} lines are longer than seq_length {length} tokens and were "
+           f"cut to it ({sum(long)} tokens dropped)") if long else ""
+    return [encode(tok, texts[i:i + batch_size], cfg) for i in range(0, len(texts), batch_size)], cut
 
 
 def encode(tok, texts, cfg):
@@ -189,8 +196,8 @@ class Server:
     share every layer), a rank lost mid-request makes the survivors re-plan for the smaller world
     in place (`recover`) and serve that request again; `recoveries` records what each moved."""
 
-    def __init__(self, model, ctx, cfg, regroups=0):
-        self.cfg, self.regroups, self.recoveries = cfg, regroups, []
+    def __init__(self, model, ctx, cfg, regroups=0, verbose=False):
+        self.cfg, self.regroups, self.recoveries, self.verbose = cfg, regroups, [], verbose
         self.members = list(range(ctx.world))  # the launch's rank numbers of the ranks the model is laid out over
         self._adopt(model, ctx)
 
@@ -198,7 +205,8 @@ class Server:
         self._model, self._ctx = model, ctx
         self.replanner = None
         if self.cfg["replan"] and ctx.tp_size > 1:
-            self.replanner = Replanner(model, ctx, self.cfg, log=lambda line: print(f"[rank 0] {line}", flush=True))
+            self.replanner = Replanner(model, ctx, self.cfg, log=lambda line: print(f"[rank 0] {line}", flush=True),
+                                       verbose=self.verbose)
 
     @property
     def model(self):
@@ -372,14 +380,16 @@ def prepare(cfg, plan, rank):
 def infer(rank, world, cfg, plan, args):
     model, ctx = eval_model(cfg, plan, rank)
     regroups = cfg["elastic_restarts"] if cfg["elastic"] and elastic.in_place(plan, resumes=False) else 0
-    server = Server(model, ctx, cfg, regroups)
+    server = Server(model, ctx, cfg, regroups, args.verbose)
     if args.serve:
         return serve_http(server, args)
     if args.output:
         return answer_file(server, args)
     count = args.warmup + (args.requests or REQUESTS)
-    batches = (text_batches(cfg, args.texts, args.batch_size, count) if args.texts
-               else synthetic_batches(cfg, args.batch_size, count))
+    batches, cut = (text_batches(cfg, args.texts, args.batch_size, count) if args.texts
+                    else (synthetic_batches(cfg, args.batch_size, count), ""))
+    if cut and rank == 0:
+        print(f"[rank 0] {cut}", flush=True)
     latencies = [latency for latency, _ in server.run(batches)][args.warmup:]
     report(server, args, latencies)
 
@@ -453,13 +463,13 @@ def answer_file(server, args):
 def main(doc, default_config, argv=None):
     """Parse and check everything (errors stop here, before any process starts), then infer on
     this rank, or on every rank spawned here."""
-    args, cfg, plan, world, rank = cli.parse(doc.splitlines()[0], default_config, argv, add_args, METRICS_HELP)
+    args, cfg, plan, world, rank = cli.parse(doc.splitlines()[0], default_config, argv, add_args, metrics=METRICS_HELP)
     if args.explain or args.trace_dir:
         raise SystemExit("galaxy: --explain and --trace_dir record a training step; inference has neither yet")
     if plan.virtual_stages > 1:
-        raise SystemExit(f"galaxy: config error: virtual_stages {plan.virtual_stages}: inference runs each "
-                         "rank's layers as one stage (virtual_stages 1)")
-    MODELS[cfg["model"]].check(cfg, plan)
+        cli.reject(f"virtual_stages {plan.virtual_stages}: inference runs each rank's layers as one stage "
+                   "(virtual_stages 1)")
+    cli.check(MODELS[cfg["model"]].check, cfg, plan)
     check_answers(args, cfg, plan)
     cli.check(elastic.check, cfg, plan, rank, resumes=False)
     outputs.check_outputs(None, args.metrics_file)
@@ -498,7 +508,6 @@ def check_task_here(task, args, cfg, plan):
         if tok.mask_id is None:
             raise SystemExit(f"galaxy: --task fill-mask: tokenizer {tokenizer_path(cfg)} has no mask token")
     if task == "generate":
-        check_generates(plan, "--task generate")
         limit = MODELS["llama"].config.from_dict(cfg).position_limit
         if cfg["seq_length"] + args.max_new_tokens > limit:
             raise SystemExit(f"galaxy: --task generate: seq_length {cfg['seq_length']} (the longest prompt) + "
@@ -514,13 +523,5 @@ def check_serving(args, cfg, plan):
     tasks = [task for task in TASKS if check_task(task, cfg["model"]) is None]
     if not tasks:
         raise SystemExit(f"galaxy: --serve: a {cfg['model']} model answers none of {sorted(TASKS)}")
-    if "generate" in tasks:  # each request's length is checked as it comes
-        check_generates(plan, "--serve: /v1/completions")
     http.check_address(*args.serve)
 
-
-def check_generates(plan, what):
-    try:
-        check_can_generate(plan)
-    except ValueError as e:
-        raise SystemExit(f"galaxy: {what}: {e}") from None
