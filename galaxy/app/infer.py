@@ -110,6 +110,8 @@ def forward_fn(model, name, ask=None):
         return from_last_stage(pipelined(forward, model), model.ctx) if model.ctx.plan.pp_size > 1 else forward
     if name == "bart":  # no pipeline stages (refused by its check)
         return lambda ids, mask: model.model.encode(ids, mask)
+    if name == "bert_retrieval":  # its output is the sentence embedding (no pipeline stages: refused by its check)
+        return model.embed
     forward = (lambda ids, mask, x=None: model(ids, mask, hidden_states=x))  # BERT MLM / LLaMA prefill logits
     return pipelined(forward, model) if model.ctx.plan.pp_size > 1 else forward
 
