@@ -338,7 +338,7 @@ def recover(model, ctx, cfg, error, served, members):
     moved = fill_after_loss(new, holders, new_ctx)
     total = torch.tensor([moved["kept"], moved["received"], rebuilt], dtype=torch.float64, device=new_ctx.device)
     dist.all_reduce(total)
-    moved = dict(zip(("kept", "received", "rebuilt"), map(int, total.tolist())), lost=lost,
+    moved = dict(zip(("kept", "received", "rebuilt"), map(int, total.tolist()), strict=True), lost=lost,
                  seconds=time.perf_counter() - start)
     if new_ctx.rank == 0:
         print(f"[rank 0] elastic: lost rank(s) {lost} during request {served}; {_moved_line(cfg, plan, moved)}",
@@ -454,7 +454,7 @@ def answer_file(server, args):
     answers = [answer for _, batch in results for answer in batch]
     tmp = f"{args.output}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        for i, (text, answer) in enumerate(zip(lines, answers)):
+        for i, (text, answer) in enumerate(zip(lines, answers, strict=True)):
             cut = len(tok.encode_with_special_tokens(text)) > server.cfg["seq_length"]
             f.write(json.dumps({"index": i, "text": text, "truncated": cut, **answer_json(ask, answer, tok)}) + "\n")
     os.replace(tmp, args.output)

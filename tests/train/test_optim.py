@@ -10,7 +10,7 @@ import torch
 from galaxy.runtime.launch import free_port
 from galaxy.train import checkpoint
 from tests.helpers import run_script
-from tests.reliability.test_checkpoint import make_trainer, tiny_cfg, train
+from tests.train.test_checkpoint import make_trainer, tiny_cfg, train
 
 LR = 5e-4
 
