@@ -25,6 +25,7 @@ from galaxy.models.registry import MODELS, load_tokenizer
 from galaxy.pipeline.engine import pipeline_streams
 from galaxy.pipeline.p2p import StageLinks
 from galaxy.planner.replan import Replanner
+from galaxy.profiler import emulate
 from galaxy.relayout import build_empty, build_lost_part, fill_after_loss
 from galaxy.train import cli, elastic, outputs
 from galaxy.train.entry import join, load_model
@@ -65,6 +66,7 @@ def add_args(parser):
     group.add_argument("--texts", type=text_file, default=None,
                        help="one text a line, tokenized with tokenizer_file and padded to seq_length "
                             "(default: random tokens, seq_length of them)")
+    cli.add_device_args(parser)
 
 
 def forward_fn(model, name):
@@ -144,8 +146,9 @@ class Server:
     share every layer), a rank lost mid-request makes the survivors re-plan for the smaller world
     in place (`recover`) and serve that request again; `recoveries` records what each moved."""
 
-    def __init__(self, model, ctx, cfg, regroups=0):
+    def __init__(self, model, ctx, cfg, regroups=0, device=None):
         self.cfg, self.regroups, self.recoveries = cfg, regroups, []
+        self.device = device or emulate.NoDevice()  # an emulated device's throughput changes between requests
         self.members = list(range(ctx.world))  # the launch's rank numbers of the ranks the model is laid out over
         self._adopt(model, ctx)
 
@@ -170,19 +173,25 @@ class Server:
         """[(latency, keep(output))] of every batch, in order."""
         results, batches, recovered = [], list(batches), False
         while len(results) < len(batches):
-            after = self.replanner.after_step if self.replanner else None
             try:
                 if recovered:  # a survivor may have finished the request the others lost
                     done = torch.tensor([len(results)], device=self.ctx.device)
                     dist.all_reduce(done, op=dist.ReduceOp.MIN)
                     del results[int(done):]
                     recovered = False
-                for out, latency in serve(self.forward, batches[len(results):], self.ctx, after, len(results)):
+                for out, latency in serve(self.forward, batches[len(results):], self.ctx, self._after_request,
+                                          len(results)):
                     results.append((latency, keep(out)))
             except Exception as e:  # a peer's loss surfaces as whatever its collective raised
                 self._recover(e, len(results))
                 recovered = True
         return results
+
+    def _after_request(self, index):
+        """Between requests (`index` of them served): an emulated device's change, then re-planning."""
+        self.device.after_step(index)
+        if self.replanner:
+            self.replanner.after_step(index)
 
     def _recover(self, error, served):
         """Re-plan in place after `error` (one of `regroups` each time); again when a survivor is
@@ -274,11 +283,14 @@ def prepare(cfg, plan, rank):
 def infer(rank, world, cfg, plan, args):
     model, ctx = eval_model(cfg, plan, rank)
     regroups = cfg["elastic_restarts"] if cfg["elastic"] and elastic.in_place(plan, resumes=False) else 0
-    server = Server(model, ctx, cfg, regroups)
+    log = (lambda line: print(f"[rank 0] {line}", flush=True)) if rank == 0 else None
+    device = emulate.device(args.device_gflops, args.device_gflops_after, rank, log, unit="request")
+    server = Server(model, ctx, cfg, regroups, device)
     count = args.warmup + args.requests
     batches = (text_batches(cfg, args.texts, args.batch_size, count) if args.texts
                else synthetic_batches(cfg, args.batch_size, count))
-    latencies = [latency for latency, _ in server.run(batches)][args.warmup:]
+    with device:
+        latencies = [latency for latency, _ in server.run(batches)][args.warmup:]
     if server.ctx.rank != 0:
         return
     print(f"[rank 0] plan: {server.ctx.plan.describe()}", flush=True)  # after any move

@@ -50,7 +50,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
 
 # ----------------------------------------------------------------------------- rules
 # A rule maps (args, kwargs, out) -> (flops, macs).
@@ -130,6 +132,23 @@ for _f in (torch.rsub, _T.__rsub__, _T.__rdiv__):  # scalar-on-the-left operator
     _RULES[_f] = _per_element(1)
 
 
+def _local(x):
+    """A DTensor's shard on this rank (what this process computes), anything else as it is."""
+    return x._local_tensor if isinstance(x, DTensor) else x
+
+
+def counts(func):
+    """Whether calls of `func` do arithmetic this module counts (a rule in the table above)."""
+    return func in _RULES
+
+
+def call_flops(func, args, kwargs, out):
+    """(FLOPs, MACs) of one call of a counted `func` (see `counts`) with its result `out`, as this
+    process computes them: a DTensor operand counts by its local shard."""
+    args, kwargs, out = tree_map(_local, (args, kwargs, out))
+    return _RULES[func](args, kwargs, out)
+
+
 # ----------------------------------------------------------------------------- profiler
 @dataclass
 class _Stats:
@@ -152,9 +171,8 @@ class _CountMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        rule = _RULES.get(func)
-        if rule is not None and self.profiler._stack:
-            self.profiler._charge(*rule(args, kwargs, out))
+        if counts(func) and self.profiler._stack:
+            self.profiler._charge(*call_flops(func, args, kwargs, out))
         return out
 
 
