@@ -312,7 +312,7 @@ def report_row(link, row):
           f"device's layer compute = {fig['ratio']:.1f}x TP's link time per layer)")
     for rank, (m, target, off) in enumerate(zip(fig["measured"], row["devices"], fig["off"])):
         print(f"    rank {rank}: target {target:g} GFLOP/s, measured attention {m['attention']:.3g}, MLP {m['mlp']:.3g}, "
-              f"connective {m['connective']:.3g} (memory-bound), layer {m['layer']:.3g}"
+              f"connective {m['connective']:.3g} (element-wise, not held to it), layer {m['layer']:.3g}"
               + ("  OFF (> 10% from target)" if off else ""))
     how = "clearly fastest" if row["decided"] else "the simplest of the close ones"
     print("    planner predicts " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in row["predicted"].items())
