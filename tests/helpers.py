@@ -27,6 +27,14 @@ def rel_err(a, b, floor=1e-6):
     return ((a - b).norm() / b.norm().clamp_min(floor)).item()
 
 
+def grad_err(grad, serial, all_serial):
+    """Relative error, against at least 1e-3 of the whole gradient's norm: some gradients are
+    zero up to rounding (the key bias shifts every score of a query row alike, which softmax
+    ignores), and rounding noise against rounding noise says nothing."""
+    floor = 1e-3 * torch.stack([g.double().norm() for g in all_serial.values()]).norm()
+    return ((grad.double() - serial.double()).norm() / torch.maximum(serial.double().norm(), floor)).item()
+
+
 def run_script(script, *args, timeout=240):
     """Run one of the repository's entry scripts as a user would, from the repository root."""
     return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)

@@ -8,19 +8,32 @@ defaults), its model class, how its data is built, and what it refuses before an
 from dataclasses import dataclass
 from typing import Callable
 
-from galaxy.data import (BartDenoisingData, BertPretrainData, InstructionData, PretrainTextData, SyntheticMLM,
-                         Tokenizer)
+from galaxy.data import (BartDenoisingData, BertPretrainData, InstructionData, PretrainTextData, RetrievalPairs,
+                         SyntheticMLM, holds_tokenizer, tokenizer_from)
 from galaxy.models.bart import BartConfig, BartForConditionalGeneration
-from galaxy.models.bert import BertConfig, BertForMaskedLM, BertModel
+from galaxy.models.bert import BertConfig, BertForMaskedLM, BertForRetrieval, BertModel
 from galaxy.models.common import init_weights
 from galaxy.models.llama import LlamaConfig, LlamaForCausalLM, LlamaModel
 from galaxy.tuning.apply import apply_tuning
 
 
+DEFAULT_TOKENIZER = "data/python_docs/spm_bert.model"
+
+
+def tokenizer_path(cfg):
+    """tokenizer_file; else the tokenizer a load_checkpoint directory brings; else the shipped one."""
+    if cfg["tokenizer_file"]:
+        return cfg["tokenizer_file"]
+    if cfg["load_checkpoint"] and holds_tokenizer(cfg["load_checkpoint"]):
+        return cfg["load_checkpoint"]
+    return DEFAULT_TOKENIZER
+
+
 def load_tokenizer(cfg):
-    tok = Tokenizer(cfg["tokenizer_file"])
+    path = tokenizer_path(cfg)
+    tok = tokenizer_from(path)
     if tok.vocab_size > cfg["vocab_size"]:
-        raise SystemExit(f"galaxy: tokenizer {cfg['tokenizer_file']} has {tok.vocab_size} pieces, "
+        raise SystemExit(f"galaxy: tokenizer {path} has {tok.vocab_size} pieces, "
                          f"config vocab_size is {cfg['vocab_size']}")
     return tok
 
@@ -65,9 +78,27 @@ class ModelSpec:
     model: type
     build_data: Callable
     check: Callable = supports_every_layout  # check(cfg, plan) raises SystemExit for what the model does not support
+    evaluate: Callable = None  # evaluate(model, cfg, ctx) -> a line, run by every rank before and after training
+
+
+def retrieval_data(cfg, ctx):
+    return RetrievalPairs(cfg["data_file"], load_tokenizer(cfg), cfg["seq_length"])
+
+
+def retrieval_check(cfg, plan):
+    if plan.dp_size > 1 or plan.pp_size > 1:
+        raise SystemExit("galaxy: config error: bert_retrieval scores each question against its batch's passages "
+                         "(in-batch negatives), so every rank needs the whole batch: no data_parallel_size > 1 or "
+                         "pipeline stages (tp, sp, galaxy and galaxy2 layouts do)")
+
+
+def retrieval_eval(model, cfg, ctx):
+    held_out = RetrievalPairs(cfg["data_file"], load_tokenizer(cfg), cfg["seq_length"], held_out=True)
+    return f"recall@1 on the {len(held_out)} held-out pairs of {cfg['data_file']}: {model.recall_at_1(held_out):.3f}"
 
 
 MODELS = {"bert": ModelSpec(BertConfig, BertForMaskedLM, bert_data),
+          "bert_retrieval": ModelSpec(BertConfig, BertForRetrieval, retrieval_data, retrieval_check, retrieval_eval),
           "llama": ModelSpec(LlamaConfig, LlamaForCausalLM, llama_data),
           "bart": ModelSpec(BartConfig, BartForConditionalGeneration, bart_data, bart_check)}
 

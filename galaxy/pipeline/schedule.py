@@ -24,7 +24,8 @@ and `weight_step(action, saved)`; it knows nothing about data, loss or communica
 from collections import namedtuple
 from dataclasses import dataclass
 
-FORWARD, BACKWARD, WEIGHT = "F", "B", "W"  # B alone is the whole backward; followed by W, the input's part
+# B alone is the whole backward; when a W follows, B is the input's gradient and W the weights'
+FORWARD, BACKWARD, WEIGHT = "F", "B", "W"
 
 
 class Action(namedtuple("Action", "kind microbatch chunk", defaults=(0,))):

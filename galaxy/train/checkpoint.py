@@ -10,7 +10,7 @@
 
 Every rank writes only its own files, so tensor-, sequence-, pipeline- and data-parallel
 ranks all use the same format. The data position is the step: batch_indices makes the
-data order a function of it, and dropout seeds derive from (seed, step, micro-batch).
+data order a function of it, and dropout masks derive from (seed, site, step, sample).
 
 Atomicity: files go into a hidden `.tmp-step-*` directory; once every rank has written and
 hashed its files (an all-gather of the hashes), rank 0 writes the manifest and renames the
@@ -22,7 +22,7 @@ Another layout: a checkpoint written by N ranks under one plan resumes on M rank
 (the same model, tuning and training settings; LAYOUT_KEYS may differ). Each rank state lists
 every tensor's full name and shard (ParamSpec.Shard), so each new rank reads from the old ranks'
 files only the slices its own parameters and AdamW moments cover (safetensors get_slice); the
-step, LR schedule and RNG carry over (the data order and dropout masks follow from the step).
+step, the LR schedule's position and RNG carry over (the data order and dropout masks follow from the step).
 """
 import hashlib
 import json
@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from galaxy.layers.param_spec import spec_of
 from galaxy.models.checkpoint import CheckpointError
+from galaxy.train.optim import lr_schedule
 
 FORMAT = "galaxy-train-checkpoint/1"
 MANIFEST = "manifest.json"
@@ -51,9 +52,10 @@ LAYOUT_KEYS = ("parallel", "att_parallel_method", "con_parallel_method", "mlp_pa
                "tp_num_attention_heads_list", "tp_intermediate_size_list", "seq_scatter_list",
                "stage_num_hidden_layers_list", "data_parallel_size", "num_microbatches", "pipeline_schedule",
                "virtual_stages", "overlap_tiles", "bucket_size_mb", "zero_stage", "zero_shard_list", "memory_mb")
-# keys a resumed run may change: the layout, where and how long to train, how to launch and log
+# keys a resumed run may change: the layout, where and how long to train (the LR schedule is rebuilt
+# from the resumed config at the saved position), how to launch and log
 RESUME_FREE_KEYS = LAYOUT_KEYS + (
-    "max_steps", "num_epochs", "resume", "save_dir", "save_every", "keep_checkpoints", "timeout_s", "save_on_signal",
+    "max_steps", "num_epochs", "learning_rate", "warmup_steps", "lr_scheduler", "resume", "save_dir", "save_every", "keep_checkpoints", "timeout_s", "save_on_signal",
     "log_every", "on_nonfinite", "init_method", "distributed_backend", "load_checkpoint", "load_trainable", "device",
     "strict", "elastic", "elastic_restarts", "replan", "memory_report")
 
@@ -326,8 +328,8 @@ def _check_shape(directory, name, tensor, param):
 
 
 def _restore_progress(trainer, tensors, state):
-    """Step, LR schedule and RNG streams."""
-    trainer.sched.load_state_dict(state["scheduler"])
+    """Step, the LR schedule's position (the schedule itself is the resumed config's) and RNG streams."""
+    trainer.sched = lr_schedule(trainer.opt, trainer.cfg, trainer.total_steps, state["scheduler"]["last_epoch"])
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and trainer.ctx.device.type == "cuda":  # the device may change on resume
         torch.cuda.set_rng_state(tensors["rng.cuda"], trainer.ctx.device)

@@ -48,7 +48,9 @@ SCHEMA = {
     "train": (bool, True, "train (true) or only run the forward pass (false)"),
     "data": (str, "corpus", "corpus | synthetic | instruction"),
     "data_file": (str, "data/python_docs/pretrain.jsonl", ""),
-    "tokenizer_file": (str, "data/python_docs/spm_bert.model", ""),
+    "tokenizer_file": (str, None, "a SentencePiece .model, a Hugging Face tokenizer.json or BERT vocab.txt, or "
+                       "a directory holding one (default: load_checkpoint's directory when it holds one, else "
+                       "data/python_docs/spm_bert.model)"),
     "seq_length": (int, 128, "tokens per sequence (alias: pad_size, max_seq_length)"),
     "batch_size": (int, 8, "global batch size per optimizer micro-step"),
     # optimisation

@@ -94,6 +94,16 @@ def load_model(cfg, ctx, rank):
     return model, tuning
 
 
+def evaluate(trainer, log):
+    """The model's own evaluation (ModelSpec.evaluate), if it has one: every rank runs it (a forward
+    of the layout), rank 0 says what it found."""
+    spec = MODELS[trainer.cfg["model"]]
+    if spec.evaluate:
+        line = spec.evaluate(trainer.model, trainer.cfg, trainer.ctx)
+        if trainer.ctx.rank == 0:
+            log(f"at step {trainer.step}: {line}")
+
+
 def _train(rank, world, cfg, plan, args):
     ctx = join(cfg, plan, rank)
     data = MODELS[cfg["model"]].build_data(cfg, ctx)
@@ -122,6 +132,7 @@ def _train(rank, world, cfg, plan, args):
         step = checkpoint.resume(trainer, cfg["save_dir"])
         if rank == 0:
             log(f"resumed from step {step} of {cfg['save_dir']}")
+    evaluate(trainer, log)
     saver = checkpoint_saver(trainer, total) if cfg["save_every"] else None
     stopper = stop_on_signal(trainer) if cfg["save_on_signal"] else None
     replanner = Replanner(model, ctx, cfg, trainer, log) if cfg["replan"] else None  # may replace trainer.model
@@ -136,6 +147,7 @@ def _train(rank, world, cfg, plan, args):
                 replanner.after_step(metrics["step"])
         around_step = report.around_step if report else nullcontext
         run_training(trainer, total, args.metrics_file, on_step, around_step)
+    evaluate(trainer, log)
     if cfg["save_dir"]:
         with trainer.full_weights():
             checkpoint.require_finite(trainer, f"the final export to {cfg['save_dir']}")

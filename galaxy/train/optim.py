@@ -19,8 +19,18 @@ def build_optimizer(model, cfg, total_steps, zero=None):
     adamw = functools.partial(ZeroAdamW, zero=zero) if zero else torch.optim.AdamW
     opt = adamw(groups, lr=cfg["learning_rate"], betas=(cfg["adam_beta1"], cfg["adam_beta2"]),
                             eps=cfg["adam_eps"], **kernel)
+    return opt, lr_schedule(opt, cfg, total_steps)
+
+
+def lr_schedule(opt, cfg, total_steps, steps_taken=0):
+    """The LR schedule of `cfg` over `total_steps`, positioned after `steps_taken` optimizer steps,
+    with the optimizer's learning rates set for the next one. A resumed run builds it anew from its
+    own config: extending max_steps or changing warmup or the LR must not leave the first resumed
+    step at the saved schedule's last LR (0.0 at the end of a linear decay)."""
+    for group in opt.param_groups:
+        group["initial_lr"] = cfg["learning_rate"]  # LambdaLR's base LR; a loaded state holds the old one
     schedule = lr_lambda(cfg["lr_scheduler"], cfg["warmup_steps"], total_steps)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    return torch.optim.lr_scheduler.LambdaLR(opt, schedule, last_epoch=steps_taken - 1)
 
 
 def lr_lambda(kind, warmup, total):

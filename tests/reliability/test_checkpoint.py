@@ -2,8 +2,10 @@
 world 2, fp32, dropout on), a save that dies half-way leaves the previous checkpoint loadable,
 and damaged or mismatched checkpoints stop with an error naming the file or key."""
 import json
+import random
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -115,6 +117,21 @@ def saved(tmp_path_factory):
     return checkpoint.save(trainer, directory)
 
 
+def rng_draws():
+    return torch.rand(4).tolist(), random.random(), np.random.rand(3).tolist()
+
+
+def test_resume_restores_torch_python_and_numpy_rng_streams(tmp_path):
+    trainer = make_trainer(tiny_cfg())
+    train(trainer, 1)
+    checkpoint.save(trainer, tmp_path)
+    expected = rng_draws()  # what each stream gives next from where the checkpoint left it
+    resumed = make_trainer(tiny_cfg())
+    torch.manual_seed(1234), random.seed(1234), np.random.seed(1234)  # another run's streams
+    checkpoint.resume(resumed, tmp_path)
+    assert rng_draws() == expected
+
+
 def test_corrupt_file_is_named(saved, tmp_path):
     copy = tmp_path / saved.name
     shutil.copytree(saved, copy)
@@ -130,8 +147,8 @@ def test_corrupt_file_is_named(saved, tmp_path):
 
 
 def test_mismatched_config_or_layout_is_refused(saved):
-    with pytest.raises(CheckpointError, match=r"learning_rate: 0.0005 -> 0.1"):
-        checkpoint.load(make_trainer(tiny_cfg(learning_rate=0.1)), saved)
+    with pytest.raises(CheckpointError, match=r"weight_decay: 0.01 -> 0.5"):
+        checkpoint.load(make_trainer(tiny_cfg(weight_decay=0.5)), saved)
     trainer = make_trainer(tiny_cfg(max_steps=10, save_every=1, save_dir="elsewhere"))
     assert checkpoint.load(trainer, saved) == 1  # run length and saving may change on resume
     with pytest.raises(CheckpointError, match="no complete checkpoint"):

@@ -22,7 +22,7 @@ from galaxy.train.config import load_config
 from galaxy.train.grad_sync import GradSync
 from galaxy.train.loop import replica_rows
 from galaxy.tuning.apply import apply_tuning
-from tests.helpers import run_ranks, seeded
+from tests.helpers import grad_err, run_ranks, seeded
 
 MODEL = dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_hidden_layers=2, vocab_size=64,
              seq_length=10, max_position_embeddings=16, lora_dim=4, lora_alpha=8.0, adapter_reduction_dim=8,
@@ -92,14 +92,6 @@ def serial_grads(cfg):
     loss_sum, _ = model(**batch)
     (loss_sum / n_tokens).backward()
     return (loss_sum / n_tokens).item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-
-
-def grad_err(grad, serial, all_serial):
-    """Relative error, against at least 1e-3 of the whole gradient's norm: some gradients are
-    zero up to rounding (the key bias shifts every score of a query row alike, which softmax
-    ignores), and rounding noise against rounding noise says nothing."""
-    floor = 1e-3 * torch.stack([g.double().norm() for g in all_serial.values()]).norm()
-    return ((grad.double() - serial.double()).norm() / torch.maximum(serial.double().norm(), floor)).item()
 
 
 def parallel_case(rank, world, cfg, save_dir):

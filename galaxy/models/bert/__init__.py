@@ -1,3 +1,3 @@
-from galaxy.models.bert.model import BertConfig, BertForMaskedLM, BertModel
+from galaxy.models.bert.model import BertConfig, BertForMaskedLM, BertForRetrieval, BertModel, sentence_embedding
 
-__all__ = ["BertConfig", "BertModel", "BertForMaskedLM"]
+__all__ = ["BertConfig", "BertModel", "BertForMaskedLM", "BertForRetrieval", "sentence_embedding"]

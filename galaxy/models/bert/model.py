@@ -217,3 +217,71 @@ class BertForMaskedLM(nn.Module):
         cfg = json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert", **vars(self.config)}, indent=1)
         checkpoint.save_checkpoint(self, self.ctx, path, mlm_to_hf, {"config.json": cfg}, trainable_only)
 
+
+
+def retrieval_to_hf(name):
+    """BertForRetrieval's names as a Hugging Face BertModel's (no "bert." prefix)."""
+    return to_hf(name).removeprefix("bert.")
+
+
+def sentence_embedding(hidden, attention_mask):
+    """The token states' mean over the attention mask, L2-normalised: sentence-transformers' pooling
+    and normalisation for all-MiniLM-L6-v2."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1)
+
+
+class BertForRetrieval(nn.Module):
+    """BERT sentence embeddings trained for retrieval with in-batch negatives: question i's
+    embedding scores every passage of the batch (cosine x SCALE) and the loss is the cross-entropy
+    of its own passage, as sentence-transformers' MultipleNegativesRankingLoss. forward returns
+    (sum over questions, number of questions). Questions and passages run as two batches, so both
+    draw the dropout masks of the same sample rows."""
+
+    SCALE = 20.0
+
+    @on_context_device
+    def __init__(self, cfg, ctx=None):
+        super().__init__()
+        self.config = cfg
+        self.bert = BertModel(cfg, ctx)
+        self.ctx = self.bert.ctx
+        init_weights(self, cfg.initializer_range, cfg.seed)
+
+    @property
+    def side_backbone(self):
+        return self.bert
+
+    @staticmethod
+    def label_tokens(labels):
+        return labels.numel()  # each question counts once
+
+    def embed(self, input_ids, attention_mask):
+        return sentence_embedding(self.bert(input_ids, attention_mask), attention_mask)
+
+    def forward(self, query_ids, query_mask, passage_ids, passage_mask, labels):
+        scores = self.SCALE * self.embed(query_ids, query_mask) @ self.embed(passage_ids, passage_mask).T
+        return F.cross_entropy(scores.float(), labels, reduction="sum"), labels.numel()
+
+    @torch.no_grad()
+    def recall_at_1(self, pairs, batch_size=64):
+        """The fraction of `pairs`' questions (galaxy.data.RetrievalPairs) whose nearest passage, of
+        all the pairs' passages, is their own. Every rank of the layout runs it (it is a forward)."""
+        training, _ = self.training, self.eval()
+        def embed_all(texts):
+            return torch.cat([self.embed(*(t.to(self.ctx.device) for t in pairs.encode(texts[i:i + batch_size])))
+                              for i in range(0, len(texts), batch_size)])
+        nearest = (embed_all(pairs.queries) @ embed_all(pairs.passages).T).argmax(dim=1)
+        self.train(training)
+        return (nearest == torch.arange(len(pairs), device=nearest.device)).float().mean().item()
+
+    def load_hf(self, path, trainable_only=False, strict=True, verified=False):
+        """A Hugging Face BertModel directory (all-MiniLM-L6-v2's names have no "bert." prefix)."""
+        checkpoint.check_config_agrees(self.config, path, BertConfig.from_dict, ("layer_norm_eps", "hidden_act"))
+        return checkpoint.load_checkpoint(self, path, retrieval_to_hf, trainable_only=trainable_only, strict=strict,
+                                          verified=verified, ignore=HF_EXTRAS)
+
+    def save_hf(self, path, trainable_only=False):
+        """As a Hugging Face BertModel (the names transformers' AutoModel and sentence-transformers read)."""
+        cfg = json.dumps({"architectures": ["BertModel"], "model_type": "bert", **vars(self.config)}, indent=1)
+        checkpoint.save_checkpoint(self, self.ctx, path, retrieval_to_hf, {"config.json": cfg}, trainable_only)
