@@ -63,9 +63,13 @@ def test_slow_rank_gets_smaller_share_and_lower_predicted_latency():
     split, predicted = plan_galaxy(_profiles(2.0), **dims)
     assert split["tp_num_attention_heads_list"] == [8, 4]
     assert split["tp_intermediate_size_list"] == [2048, 1024]
-    assert split["seq_scatter_list"][0] > split["seq_scatter_list"][1]
+    assert split["seq_scatter_list"] == [261, 251]  # a position costs its owner 25 us of sends, 1 or 2 us of compute
     even = even_galaxy(2, heads=12, intermediate=3072, seq=512)
     assert predicted < 12 * predict_layer_seconds(even, _profiles(2.0), 1, 768, 1.25e8)
+    free = plan_galaxy(_profiles(2.0), **dict(dims, bandwidth_Bps=float("inf")))[0]
+    assert free["seq_scatter_list"] == [342, 170]  # a free link: positions in proportion to speed
+    by_speed = dict(split, seq_scatter_list=free["seq_scatter_list"])
+    assert predicted < 12 * predict_layer_seconds(by_speed, _profiles(2.0), 1, 768, 1.25e8)
 
 
 def test_memory_budget_caps_a_rank():
@@ -196,9 +200,12 @@ def test_plan_layouts_splits_on_a_fast_link_and_counts_every_collective():
     assert galaxy_s == pytest.approx(planned)  # no embeddings in the profiles, no link time at this bandwidth
     slower = plan_layouts(profiles, bandwidth_Bps=1e8, **LAYOUT_DIMS)
     # per layer 2 all-gathers (the longer shard sets them) and 2 reduce-scatters (half the activation each);
-    # then the output gather
-    longest, half = max(galaxy_keys["seq_scatter_list"]) * 1024 * 4, 512 * 1024 * 4 / 2
-    assert slower["galaxy"][1] - galaxy_s == pytest.approx((2 * 2 * (longest + half) + longest) / 1e8)
+    # then the output gather. On the slower link the positions are split more evenly (fewer bytes for the longest)
+    split = slower["galaxy"][0]
+    assert max(split["seq_scatter_list"]) < max(galaxy_keys["seq_scatter_list"])
+    compute = 2 * predict_layer_seconds(split, profiles, 1, 1024, float("inf"))
+    longest, half = max(split["seq_scatter_list"]) * 1024 * 4, 512 * 1024 * 4 / 2
+    assert slower["galaxy"][1] - compute == pytest.approx((2 * 2 * (longest + half) + longest) / 1e8)
     longest = max(sp_keys["seq_scatter_list"]) * 1024 * 4
     assert slower["sp"][1] - candidates["sp"][1] == pytest.approx((2 * 2 + 1) * longest / 1e8)  # K, V per layer; output
 

@@ -97,6 +97,14 @@ def memory_caps(profiles, hidden, heads, intermediate, layers):
     return head_caps, col_caps
 
 
+def _send_s_per_position(world, batch, hidden, bandwidth_Bps, bytes_per=4):
+    """Link seconds per layer that each position a rank owns costs it, per connective: it sends its
+    positions to every peer in each all-gather (collectives' direct exchange), so the rank with the
+    most positions sets the gathers' time. With the connective's own cost per position, the split
+    of positions minimises the slowest rank's connective plus sends (0 on a free link)."""
+    return (world - 1) * batch * hidden * bytes_per / bandwidth_Bps
+
+
 def plan_galaxy(profiles, *, hidden, heads, intermediate, seq, layers, batch, bandwidth_Bps, column_unit=1,
                 head_unit=1):
     """The Galaxy config keys (per-rank splits) minimising predicted latency, and that latency (s).
@@ -104,13 +112,14 @@ def plan_galaxy(profiles, *, hidden, heads, intermediate, seq, layers, batch, ba
     head_caps, col_caps = memory_caps(profiles, hidden, heads, intermediate, layers)
     head_caps = [c - c % head_unit for c in head_caps]
     col_caps = [c - c % column_unit for c in col_caps]
+    send = _send_s_per_position(len(profiles), batch, hidden, bandwidth_Bps)
     split = {
         "parallel": "galaxy",
         "tp_num_attention_heads_list": apportion(heads, [p.att_s_per_head for p in profiles], head_caps, head_unit,
                                                  [p.att_s_fixed for p in profiles]),
         "tp_intermediate_size_list": apportion(intermediate, [p.mlp_s_per_column for p in profiles], col_caps,
                                                column_unit, [p.mlp_s_fixed for p in profiles]),
-        "seq_scatter_list": apportion(seq, [p.con_s_per_position for p in profiles],
+        "seq_scatter_list": apportion(seq, [p.con_s_per_position + send for p in profiles],
                                       fixed=[p.con_s_fixed for p in profiles]),
     }
     return split, layers * predict_layer_seconds(split, profiles, batch, hidden, bandwidth_Bps)
