@@ -61,6 +61,11 @@ def test_a_row_is_judged_against_its_limit_and_the_issues_targets():
     assert judged["galaxy_overlap vs tp"] == (pytest.approx(2.0 / 1.4), pytest.approx(1.35))  # 0.9 (s + 1) / 2, s = 2
     assert judged["pick vs best other"] == (pytest.approx(1.5 / 1.4), 1.0)
     assert judged["galaxy_overlap vs torch_tp_sp"][1] == 1.3 and "galaxy_overlap vs local" not in judged
+    slow_link = _row([8.0, 4.0], medians, sent_mb=4.0, bandwidth=1e6)  # 4 s of bytes against a ~1 s ideal
+    fig = paper.row_figures(slow_link)
+    cells = {c["method"]: c for c in paper.csv_rows("10mbit", slow_link, medians, fig)}
+    assert fig["regime"] == "link" and cells["tp"]["limit_ms"] == 4000.0
+    assert "galaxy_overlap vs tp" not in {name for name, _, _ in paper.targets(slow_link, medians, fig)}
 
 
 def test_without_flags_the_rows_are_the_grid_grouped_by_link_and_world():
