@@ -7,7 +7,8 @@ module stack kept by forward pre/post hooks.  Counting at this level (rather
 than at aten level) keeps the numbers independent of the backend: SDPA is one
 call whether it later runs flash, memory-efficient or math kernels.  A counted
 call's internals are not seen again (torch disables the mode while it runs),
-so nothing is counted twice.  Only forward passes are counted; backward runs
+so nothing is counted twice.  A DTensor operand counts by its local shard: the
+FLOPs this process computes (``call_flops``, shared with galaxy.profiler.emulate).  Only forward passes are counted; backward runs
 in the autograd engine and never reaches the mode.
 
 Conventions (N = number of output elements unless said otherwise):
