@@ -7,7 +7,7 @@
 data "instruction": data_file holds {"input","target"} lines; only target tokens (and </s>) carry loss.
 data "corpus": data_file holds {"title","content"} lines, cut into seq_length-token sequences.
 """
-from galaxy.train import entry
+from galaxy.app import train
 
 if __name__ == "__main__":
-    entry.main(__doc__, "llama", "train_config/llama/full.json")
+    train.main(__doc__, "llama", "train_config/llama/full.json")

@@ -3,7 +3,7 @@ train_config/llama/pp/full.json as the default config.
 
     python finetune_pp_llama.py --rank 0 --world 2 --config train_config/llama/pp/full.json
 """
-from galaxy.train import entry
+from galaxy.app import train
 
 if __name__ == "__main__":
-    entry.main(__doc__, "llama", "train_config/llama/pp/full.json")
+    train.main(__doc__, "llama", "train_config/llama/pp/full.json")

@@ -7,7 +7,7 @@ held-out pairs is printed before and after training.
         --tp_num_attention_heads_list [5,4,3] --tp_intermediate_size_list [640,512,384] --seq_scatter_list [24,20,20]
     python finetune_retrieval.py --config_file train_config/bert/retrieval/galaxy.json --load_checkpoint $MINILM --world 1
 """
-from galaxy.train import entry
+from galaxy.app import train
 
 if __name__ == "__main__":
-    entry.main(__doc__, "bert_retrieval", "train_config/bert/retrieval/galaxy.json")
+    train.main(__doc__, "bert_retrieval", "train_config/bert/retrieval/galaxy.json")

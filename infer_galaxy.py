@@ -10,7 +10,7 @@
 planned.json is what `python -m galaxy.planner --config ... --world 2 --out planned.json` writes.
 Rank 0 prints per-request latency percentiles (the slowest rank's time per request) and throughput.
 """
-from galaxy import infer
+from galaxy.app import infer
 
 if __name__ == "__main__":
     infer.main(__doc__, "train_config/bert/galaxy/full.json")

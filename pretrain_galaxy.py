@@ -7,7 +7,7 @@
     python pretrain_galaxy.py --config_file train_config/bert/galaxy/full.json --world 2 --explain  # the plan only
     python pretrain_galaxy.py --config_file train_config/bert/galaxy/full.json --world 2 --trace_dir traces --max_steps 2
 """
-from galaxy.train import entry
+from galaxy.app import train
 
 if __name__ == "__main__":
-    entry.main(__doc__, "bert", "train_config/bert/galaxy/full.json")
+    train.main(__doc__, "bert", "train_config/bert/galaxy/full.json")

@@ -2,7 +2,7 @@
 
     python pretrain_tp_bert.py --world 2 --rank 0   (and --rank 1 in a second terminal)
 """
-from galaxy.train import entry
+from galaxy.app import train
 
 if __name__ == "__main__":
-    entry.main(__doc__, "bert", "train_config/bert/tp/full.json")
+    train.main(__doc__, "bert", "train_config/bert/tp/full.json")

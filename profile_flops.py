@@ -13,11 +13,11 @@ import argparse
 
 import torch
 
-from galaxy.models.registry import MODELS, build_model
+from galaxy.app.cli import config_overrides
+from galaxy.config.load import load_config
 from galaxy.errors import ConfigError
+from galaxy.models.registry import MODELS, build_model
 from galaxy.profiler import get_model_profile
-from galaxy.train.cli import config_overrides
-from galaxy.train.config import load_config
 
 
 def main(argv=None):

@@ -16,9 +16,9 @@ import torch.distributed as dist
 
 from galaxy.comm import stats
 from galaxy.comm.context import ParallelContext
+from galaxy.config.load import load_config
 from galaxy.models.registry import build_backbone
 from galaxy.plan import build_plan
-from galaxy.train.config import load_config
 from galaxy.train.grad_sync import GradSync
 
 # Bytes a rank *sends* for a collective, per byte it contributes (galaxy.comm.stats records the

@@ -27,7 +27,7 @@ def worker(args):
     """One rank inside its namespace: time every variant at every sequence length."""
     import torch.distributed as dist
 
-    from galaxy.comm.launch import init_distributed
+    from galaxy.runtime.launch import init_distributed
     torch.set_num_threads(1)  # both ranks share this machine's cores (the library no longer sets it)
     init_distributed(2, args.rank, f"tcp://{args.master_addr}:{PORT}", "gloo", timeout_s=1800)
     results = {}

@@ -23,12 +23,12 @@ def worker(args):
     import torch.distributed as dist
 
     from galaxy.comm.context import ParallelContext
-    from galaxy.comm.launch import init_distributed
+    from galaxy.config.load import load_config
     from galaxy.data import SyntheticMLM
     from galaxy.models.bert import BertConfig, BertForMaskedLM
     from galaxy.pipeline import PipelineForwardBackward
     from galaxy.plan import build_plan
-    from galaxy.train.config import load_config
+    from galaxy.runtime.launch import init_distributed
     from galaxy.train.loop import Trainer
 
     torch.set_num_threads(1)  # both ranks share this machine's cores (the library no longer sets it)

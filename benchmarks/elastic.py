@@ -1,5 +1,5 @@
 """--elastic inference: how long serving stops when a rank is lost, in place (the survivors keep
-their weights, galaxy.infer.Server) against a restart (new processes load the checkpoint in the
+their weights, galaxy.app.infer.Server) against a restart (new processes load the checkpoint in the
 survivors' layout, as --elastic training and pipeline inference do). BERT-base widths, Galaxy
 layout, world 3 -> 2, weights from a load_checkpoint file, gloo.
 
@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import bert_cfg, parser, table
-from galaxy import infer
-from galaxy.comm.launch import spawn
+from galaxy.app import infer
 from galaxy.models.registry import build_model
 from galaxy.plan import build_plan
-from galaxy.train import elastic
+from galaxy.runtime import elastic
+from galaxy.runtime.launch import spawn
 
 LOST = 1
 

@@ -24,13 +24,13 @@ import torch
 
 from benchmarks.common import RESULTS, svg_bars, table, write_results
 from galaxy.comm.context import ParallelContext
-from galaxy.comm.launch import spawn
+from galaxy.config.load import load_config
 from galaxy.data import SyntheticMLM
 from galaxy.models.bert import BertConfig, BertForMaskedLM
 from galaxy.models.llama import LlamaConfig, LlamaForCausalLM
 from galaxy.pipeline import PipelineForwardBackward
 from galaxy.plan import build_plan
-from galaxy.train.config import load_config
+from galaxy.runtime.launch import spawn
 from galaxy.train.loop import Trainer
 
 SETTINGS = dict(dtype="bf16", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_grad_norm=1.0)

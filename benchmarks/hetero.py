@@ -6,9 +6,9 @@ Galaxy with the even split vs the planner's split (galaxy.planner), BERT-base si
 """
 
 from benchmarks.common import bert_cfg, parser, svg_bars, table, write_results
-from galaxy.comm.launch import spawn
 from galaxy.planner.profile import slow_down
 from galaxy.planner.run import measure_forward, profile_and_plan
+from galaxy.runtime.launch import spawn
 
 
 def bench(rank, world, args):

@@ -15,7 +15,7 @@ with ring-algorithm factors (benchmarks.common.RING_FACTOR), plus the gradient a
 import torch
 
 from benchmarks.common import LAYOUT_NAMES, Runner, bert_cfg, interleaved, median, parser, table
-from galaxy.comm.launch import spawn
+from galaxy.runtime.launch import spawn
 
 
 def bench(rank, world, args):

@@ -20,7 +20,7 @@ def worker(args):
     import torch.distributed as dist
 
     from galaxy.comm import collectives as C
-    from galaxy.comm.launch import init_distributed
+    from galaxy.runtime.launch import init_distributed
     torch.set_num_threads(1)  # both ranks share this machine's cores (the library no longer sets it)
     init_distributed(2, args.rank, f"tcp://{args.master_addr}:{PORT}", "gloo", timeout_s=600)
     full = torch.randn(1, args.seq, 768)

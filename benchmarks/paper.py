@@ -49,12 +49,12 @@ from benchmarks.common import (RESULTS, RING_FACTOR, Runner, bert_cfg, interleav
                                write_results)
 from benchmarks.netem import EdgeNet, add_worker_args, rate_bits
 from benchmarks.vs_torch_tp import TorchTP
-from galaxy.comm.launch import init_distributed
 from galaxy.planner.check import MIN_ROUNDS, check, from_rank0, leader
 from galaxy.planner.profile import block_flops, profile_gflops
 from galaxy.planner.run import gather_profiles, plan_dims
 from galaxy.planner.split import RankProfile, plan_layouts, race
 from galaxy.profiler.emulate import Throughput, parse_gflops
+from galaxy.runtime.launch import init_distributed
 
 PORT = 29561
 # An embedding lookup's time does not depend on the vocabulary, but initialising ~12 models per row

@@ -21,12 +21,12 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from galaxy.comm.context import ParallelContext
-from galaxy.comm.launch import spawn
+from galaxy.config.load import load_config
 from galaxy.data import SyntheticMLM
 from galaxy.models.bert import BertConfig, BertForMaskedLM
 from galaxy.pipeline import PipelineForwardBackward
 from galaxy.plan import build_plan
-from galaxy.train.config import load_config
+from galaxy.runtime.launch import spawn
 from galaxy.train.loop import Trainer
 
 TORCH_SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}

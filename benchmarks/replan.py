@@ -9,21 +9,21 @@ layout, gloo.
 Each round serves one request on the live model and, once rank 1 is slowed, one on the model
 planned from the start, so load from other processes hits both alike. The slow-down is
 planner.profile.slow_down (every torch call on rank 1 takes `factor` times its time). A request's
-latency is the slowest rank's (galaxy.infer.serve).
+latency is the slowest rank's (galaxy.app.infer.serve).
 """
 from dataclasses import replace
 
 import torch
 
 from benchmarks.common import bert_cfg, median, parser, svg_bars, table, write_results
+from galaxy.app.infer import forward_fn, serve
 from galaxy.comm.context import ParallelContext
-from galaxy.comm.launch import spawn
-from galaxy.infer import forward_fn, serve
 from galaxy.models.registry import build_model
 from galaxy.plan import build_plan
 from galaxy.planner.profile import slow_down
 from galaxy.planner.replan import Replanner
 from galaxy.planner.run import profile_and_plan
+from galaxy.runtime.launch import spawn
 
 
 def _one(forward, ids, ctx):

@@ -27,12 +27,12 @@ from torch.distributed.pipelining import PipelineStage, ScheduleInterleaved1F1B,
 from torch.distributed.pipelining import schedules as torch_schedules
 
 from galaxy.comm.context import ParallelContext
-from galaxy.comm.launch import spawn
+from galaxy.config.load import load_config
 from galaxy.data import SyntheticMLM
 from galaxy.models.bert import BertConfig, BertForMaskedLM
 from galaxy.pipeline import Action, PipelineForwardBackward, StageLinks, schedule_actions, simulate
 from galaxy.plan import build_plan
-from galaxy.train.config import load_config
+from galaxy.runtime.launch import spawn
 from galaxy.train.loop import Trainer
 
 WORLD = 2

@@ -21,9 +21,9 @@ import time
 import torch
 from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
 
+from galaxy.config.load import load_config
 from galaxy.models.bert.model import BertConfig, BertModel
 from galaxy.pipeline.split_backward import backward_input
-from galaxy.train.config import load_config
 
 
 def whole(out, dy, x, weights):

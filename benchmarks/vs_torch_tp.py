@@ -22,8 +22,8 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
                                                SequenceParallel, parallelize_module)
 
 from benchmarks.common import Runner, bert_cfg, interleaved, median, parser, svg_bars, table, write_results
-from galaxy.comm.launch import spawn
 from galaxy.models.bert.model import BertConfig, BertEmbeddings
+from galaxy.runtime.launch import spawn
 
 
 class SelfAttention(nn.Module):

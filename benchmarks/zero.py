@@ -15,11 +15,11 @@ import torch
 import torch.distributed as dist
 
 from galaxy.comm.context import ParallelContext
-from galaxy.comm.launch import spawn
+from galaxy.config.load import load_config
 from galaxy.data import SyntheticMLM
 from galaxy.models.bert import BertConfig, BertForMaskedLM
 from galaxy.plan import build_plan
-from galaxy.train.config import load_config
+from galaxy.runtime.launch import spawn
 from galaxy.train.loop import Trainer, label_tokens
 from galaxy.train.zero import model_state_bytes
 

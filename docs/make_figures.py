@@ -16,9 +16,9 @@ sys.path.insert(0, str(ROOT))
 
 from galaxy.comm.collectives import CONJUGATES  # noqa: E402
 from galaxy.comm.context import ParallelContext  # noqa: E402
+from galaxy.config.load import load_config  # noqa: E402
 from galaxy.layers.placement import PARTIAL, PRODUCES, REPLICATE, SEQ, TABLE, consumes  # noqa: E402
 from galaxy.plan import build_plan  # noqa: E402
-from galaxy.train.config import load_config  # noqa: E402
 
 OUT = ROOT / "docs" / "figures"
 BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from galaxy.comm.launch import spawn
 from galaxy.data import train_sentencepiece
+from galaxy.runtime.launch import spawn
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "data" / "python_docs"

@@ -1,4 +1,4 @@
-"""Inference (galaxy/infer.py, infer_galaxy.py): what the inference path returns in a layout equals
+"""Inference (galaxy/app/infer.py, infer_galaxy.py): what the inference path returns in a layout equals
 the serial model's output at world 2 and 3 with uneven splits; the script runs as a user would and
 prints its percentiles; bad input stops before any process starts."""
 import json
@@ -7,10 +7,11 @@ import re
 import pytest
 import torch
 
-from galaxy.infer import prepare, serve
+from galaxy.app import infer
+from galaxy.app.infer import prepare, serve
+from galaxy.config.load import load_config
 from galaxy.models.registry import build_model
 from galaxy.plan import build_plan
-from galaxy.train.config import load_config
 from tests.helpers import rel_err, run_ranks, run_script
 from tests.models.bart.test_bart_layouts import MODEL as BART, SPLITS as BART_SPLITS
 from tests.models.test_bert_layouts import MODEL as BERT, SPLITS as BERT_SPLITS
@@ -118,3 +119,10 @@ def test_bad_input_stops_before_processes_start(argv, message, tmp_path):
     out = run_script("infer_galaxy.py", "--world", "2", *argv, timeout=60)
     assert out.returncode != 0 and message in out.stderr, out.stderr
     assert "[rank" not in out.stdout + out.stderr
+
+
+def test_help_says_what_the_metrics_file_gets(capsys):
+    with pytest.raises(SystemExit):
+        infer.main("inference", "train_config/bert/galaxy/full.json", ["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--metrics_file METRICS_FILE append one JSON line per timed request (request, latency_s)" in text, text

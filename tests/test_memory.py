@@ -1,16 +1,16 @@
-"""galaxy.memory: the meta-device estimate against real built models and a real step's live bytes,
-and a training run's --memory_report."""
+"""galaxy.profiler.memory (python -m galaxy.memory): the meta-device estimate against real built
+models and a real step's live bytes, and a training run's --memory_report."""
 import re
 
 import pytest
 import torch
 
 from galaxy.comm.context import ParallelContext
-from galaxy.explain import build_trainer
-from galaxy.memory import LiveBytes, estimate, peak_bytes, saved_bytes
+from galaxy.config.load import load_config
 from galaxy.models.registry import build_model
 from galaxy.plan import build_plan
-from galaxy.train.config import load_config
+from galaxy.profiler.explain import build_trainer
+from galaxy.profiler.memory import LiveBytes, estimate, peak_bytes, saved_bytes
 from galaxy.train.optim import optimizer_state_bytes
 from galaxy.train.zero import model_state_bytes
 from tests.helpers import ROOT, run_ranks, run_script

@@ -2,8 +2,8 @@
 import json
 import re
 
+from galaxy.config.load import load_config, read_config
 from galaxy.plan import build_plan
-from galaxy.train.config import load_config, read_config
 from tests.helpers import ROOT, run_script
 
 # pp/full.json (4 layers, hidden 256) with micro-batches of 8 x 128 tokens: blocks of about 20 ms

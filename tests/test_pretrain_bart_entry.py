@@ -1,7 +1,7 @@
 """pretrain_bart.py end to end: a Galaxy run on two spawned ranks, and refusals before rendezvous."""
 import json
 
-from galaxy.comm.launch import free_port
+from galaxy.runtime.launch import free_port
 from tests.helpers import run_script
 
 TINY = ["--hidden_size", "32", "--num_attention_heads", "4", "--intermediate_size", "64", "--num_hidden_layers", "1",

@@ -1,7 +1,7 @@
 """pretrain_galaxy.py end to end: local spawn, metrics file, and errors before any rendezvous."""
 import json
 
-from galaxy.comm.launch import free_port
+from galaxy.runtime.launch import free_port
 from tests.helpers import run_script
 
 TINY = ["--hidden_size", "32", "--num_attention_heads", "4", "--intermediate_size", "64",

@@ -81,10 +81,11 @@ class Pending:
 
 
 def _exchange(sends, recvs, group):
-    """Post every irecv, then every isend ({group rank: contiguous tensor}); returns the works."""
-    ops = [dist.P2POp(dist.irecv, t, group=group, group_peer=r) for r, t in recvs.items()]
-    ops += [dist.P2POp(dist.isend, t, group=group, group_peer=r) for r, t in sends.items()]
-    return dist.batch_isend_irecv(ops)
+    """Post every irecv, then every isend ({group rank: contiguous tensor}); returns the works. An
+    empty tensor is not sent: both sides know its shape (a rank owning no positions of a decode step)."""
+    ops = [dist.P2POp(dist.irecv, t, group=group, group_peer=r) for r, t in recvs.items() if t.numel()]
+    ops += [dist.P2POp(dist.isend, t, group=group, group_peer=r) for r, t in sends.items() if t.numel()]
+    return dist.batch_isend_irecv(ops) if ops else []
 
 
 def _direct_all_gather(mine, sizes, group):
@@ -183,7 +184,7 @@ def _reduce_scatter(x, dim, sizes, group):
 def reshard_into(out, x, dim, held, wanted, group):
     """Fill `out`, this rank's rows wanted[rank] = (lo, hi) along `dim` of a full tensor, with the
     rows each group rank r holds in its `x` (rows held[r]; lo == hi: none, and x may be None); not
-    autograd: a layout change (galaxy.relayout). Each rank sends each peer only the overlap of its
+    autograd: a layout change (galaxy.reshard.relayout). Each rank sends each peer only the overlap of its
     rows with the peer's, point to point, so a split that shifts one head moves one head's rows.
     Held ranges must not overlap. Returns how many of out's rows were filled (the rest stay
     untouched): rows this rank holds are copied, the others arrive point to point."""

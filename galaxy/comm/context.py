@@ -104,7 +104,7 @@ class ParallelContext:
         if plan.world == 1:
             return cls(plan, rank, device=device)
         if not dist.is_initialized():
-            raise RuntimeError("ParallelContext.create needs torch.distributed initialised (see galaxy.comm.launch)")
+            raise RuntimeError("ParallelContext.create needs torch.distributed initialised (see galaxy.runtime.launch)")
         tp, dp, pp = plan.tp_size, plan.dp_size, plan.pp_size
         ctx = cls(plan, rank, device=device)
         coords = [(r // (tp * dp), (r // tp) % dp, r % tp) for r in range(plan.world)]
@@ -118,7 +118,7 @@ class ParallelContext:
     @classmethod
     def recording(cls, plan, rank):
         """Rank `rank`'s context on the meta device, its groups RecordingGroups: the real model runs
-        on it without processes, data or compute, and reports every collective (galaxy.explain)."""
+        on it without processes, data or compute, and reports every collective (galaxy.profiler.explain)."""
         ctx = cls(plan, rank, device=torch.device("meta"))
         within_stage = rank % (plan.tp_size * plan.dp_size)
         for name, size, index in (("tp_group", plan.tp_size, ctx.tp_rank), ("dp_group", plan.dp_size, ctx.dp_rank),

@@ -127,3 +127,18 @@ def _add_side(model, cfg, ctx):
     SideTap(model, model.side, layers, ctx, keep_backbone=cfg["use_side"])
     # the backbone is frozen and read detached: only the side state carries a gradient back
     model.pipeline_streams = ((cfg["hidden_size"], False), (model.side.width, True))
+
+
+def load_sources(model, cfg, ctx, verified=False):
+    """Fill a built model from the run's sources, in order: load_checkpoint's weights (over the
+    seed's, drawn as it was built), the tuning method (which adds and initialises its parameters
+    and freezes the rest), load_trainable's weights. `verified`: these files passed the whole
+    model's checks at start-up, so only this model's own slices are read (galaxy.reshard.relayout's
+    rebuilt part of a lost rank). Returns (what load_checkpoint skipped, the tuning line)."""
+    skipped = []
+    if cfg["load_checkpoint"] and not cfg["resume"]:
+        skipped = model.load_hf(cfg["load_checkpoint"], strict=cfg["strict"], verified=verified)
+    tuning = apply_tuning(model, cfg, ctx)  # LoRA / adapter / side: freezes the rest
+    if cfg["load_trainable"] and not cfg["resume"]:  # their parameters exist only now
+        model.load_hf(cfg["load_trainable"], trainable_only=True, verified=verified)
+    return skipped, tuning

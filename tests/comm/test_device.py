@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from galaxy.comm.context import ParallelContext, resolve_device
+from galaxy.config.load import load_config
 from galaxy.data import SyntheticMLM
 from galaxy.models.bart import BartConfig, BartForConditionalGeneration
 from galaxy.models.bert import BertConfig, BertForMaskedLM
 from galaxy.models.llama import LlamaConfig, LlamaForCausalLM
 from galaxy.pipeline import PipelineForwardBackward
 from galaxy.plan import build_plan
-from galaxy.train.config import load_config
 from galaxy.train.loop import Trainer
 from galaxy.tuning.apply import apply_tuning
 from tests.helpers import run_ranks

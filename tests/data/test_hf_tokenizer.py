@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from galaxy.data import DataError, HFTokenizer, Tokenizer, read_jsonl, tokenizer_from
-from galaxy.models.registry import DEFAULT_TOKENIZER, load_tokenizer, tokenizer_path
-from galaxy.train.config import load_config
+from galaxy.data.build import DEFAULT_TOKENIZER, load_tokenizer, tokenizer_path
+from galaxy.config.load import load_config
 from tests.helpers import SHIPPED
 
 tokenizers = pytest.importorskip("tokenizers")

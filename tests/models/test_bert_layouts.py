@@ -6,13 +6,13 @@ accumulating 2 micro-steps equals one batch of the same samples too."""
 import pytest
 
 from galaxy.comm.context import ParallelContext
+from galaxy.config.load import load_config
 from galaxy.data import SyntheticMLM
 from galaxy.models.bert import BertConfig, BertForMaskedLM
 from galaxy.models.bert.model import mlm_to_hf
 from galaxy.models.checkpoint import gather_full_state
 from galaxy.pipeline import PipelineForwardBackward
 from galaxy.plan import build_plan
-from galaxy.train.config import load_config
 from galaxy.train.loop import Trainer
 from tests.helpers import rel_err, run_ranks
 

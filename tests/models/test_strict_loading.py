@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from galaxy.comm.context import ParallelContext
+from galaxy.config.load import load_config
 from galaxy.models.checkpoint import CheckpointError
 from galaxy.models.llama import LlamaConfig, LlamaForCausalLM
 from galaxy.plan import build_plan
-from galaxy.train.config import load_config
 from tests.helpers import run_ranks
 
 SHAPE = dict(model="llama", hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,

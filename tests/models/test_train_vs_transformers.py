@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from galaxy.comm.context import ParallelContext
+from galaxy.config.load import load_config
 from galaxy.data import batch_indices
 from galaxy.models.bert import BertConfig, BertForMaskedLM
 from galaxy.models.llama import LlamaConfig, LlamaForCausalLM
 from galaxy.plan import build_plan
-from galaxy.train.config import load_config
 from galaxy.train.loop import Trainer
 from tests.helpers import run_ranks
 

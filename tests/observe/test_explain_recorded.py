@@ -12,11 +12,11 @@ import torch.distributed as dist
 
 from galaxy.comm import stats
 from galaxy.comm.context import ParallelContext
-from galaxy.explain import bytes_by_label, explain, record_step
+from galaxy.config.load import load_config
 from galaxy.models.registry import build_model
 from galaxy.pipeline import PipelineForwardBackward, format_actions, schedule_actions
 from galaxy.plan import build_plan
-from galaxy.train.config import load_config
+from galaxy.profiler.explain import bytes_by_label, explain, record_step
 from galaxy.train.loop import Trainer
 from galaxy.tuning.apply import apply_tuning
 from tests.comm.test_device import SHAPES, dataset

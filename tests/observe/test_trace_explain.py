@@ -10,11 +10,11 @@ import argparse
 import json
 from collections import Counter
 
-from galaxy.explain import bytes_by_label, record_step
+from galaxy.app import train
+from galaxy.config.load import load_config
 from galaxy.models.registry import build_model
 from galaxy.plan import build_plan
-from galaxy.train import entry
-from galaxy.train.config import load_config
+from galaxy.profiler.explain import bytes_by_label, record_step
 from tests.helpers import run_ranks
 
 LAYOUTS = {layout: {"parallel": layout} for layout in ("galaxy", "galaxy2", "sp", "tp", "dp")}
@@ -35,7 +35,7 @@ def _train_every_layout(rank, world, trace_root):
     for layout in LAYOUTS:
         cfg = config(layout)
         args = argparse.Namespace(trace_dir=f"{trace_root}/{layout}", metrics_file=None)
-        entry.train(rank, world, cfg, build_plan(cfg, world), args)
+        train.train(rank, world, cfg, build_plan(cfg, world), args)
 
 
 def _load(trace_root, layout, rank):

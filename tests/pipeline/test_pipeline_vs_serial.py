@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from galaxy.comm.context import ParallelContext
+from galaxy.config.load import load_config
 from galaxy.data import SyntheticMLM
 from galaxy.errors import ConfigError
 from galaxy.layers.param_spec import spec_of
 from galaxy.models.bert import BertConfig, BertForMaskedLM
 from galaxy.pipeline import PipelineForwardBackward
 from galaxy.plan import build_plan
-from galaxy.train.config import load_config
 from galaxy.train.loop import Trainer
 from tests.helpers import rel_err, run_ranks
 

@@ -15,7 +15,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from galaxy.planner.profile import block_flops, measure_blocks, profile_gflops
 from galaxy.profiler.emulate import Throughput, _HostClock, check_gflops
 from galaxy.profiler.flops import get_model_profile
-from galaxy.train import cli
+from galaxy.app import cli
 from tests.helpers import run_script
 
 TARGET = 5.0  # GFLOP/s: well below a host core (~30 in a single-threaded matmul), as the benchmarks run

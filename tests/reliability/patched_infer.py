@@ -4,7 +4,7 @@ smaller, so the kill happens once). The patch is made at import, so spawned rank
 import os
 import signal
 
-from galaxy import infer
+from galaxy.app import infer
 
 _serve = infer.serve
 

@@ -11,8 +11,8 @@ import signal
 import time
 from contextlib import nullcontext
 
+from galaxy.app import train
 from galaxy.planner.profile import slow_down
-from galaxy.train import entry
 from galaxy.train.loop import Trainer
 
 _train_step = Trainer.train_step
@@ -40,4 +40,4 @@ def train_step(self):
 Trainer.train_step = train_step
 
 if __name__ == "__main__":
-    entry.main(__doc__, "bert", "train_config/bert/galaxy/full.json")
+    train.main(__doc__, "bert", "train_config/bert/galaxy/full.json")

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from galaxy.comm.launch import free_port
+from galaxy.runtime.launch import free_port
 from tests.helpers import ROOT
 
 TIMEOUT_S = 20  # the ranks' --timeout_s: short, so a lost peer is noticed quickly

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from galaxy.comm.context import ParallelContext
+from galaxy.config.load import load_config
 from galaxy.data import SyntheticMLM
 from galaxy.models.checkpoint import CheckpointError
 from galaxy.models.registry import build_model
 from galaxy.pipeline import PipelineForwardBackward
 from galaxy.plan import build_plan
 from galaxy.train import checkpoint
-from galaxy.train.config import load_config
 from galaxy.train.loop import Trainer
 from galaxy.tuning.apply import apply_tuning
 from tests.helpers import run_ranks

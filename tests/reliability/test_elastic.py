@@ -10,11 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from galaxy.comm import health, launch
+from galaxy.config.load import load_config
 from galaxy.errors import ConfigError
 from galaxy.plan import build_plan
-from galaxy.train import elastic
-from galaxy.train.config import load_config
+from galaxy.runtime import elastic, health, launch
 from tests.helpers import ROOT
 from tests.reliability import procs
 

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from galaxy.train.outputs import LOCK
+from galaxy.app.outputs import LOCK
 from tests.reliability import procs
 
 GRACE_S = procs.TIMEOUT_S + 30

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from galaxy.comm.launch import free_port
+from galaxy.runtime.launch import free_port
 from galaxy.train import checkpoint
 from tests.helpers import run_script
 from tests.reliability.test_checkpoint import make_trainer, tiny_cfg, train

@@ -1,11 +1,12 @@
 """ZeRO stages 1-3 equal plain data parallelism and serial training (losses and parameters after
-3 steps, fp32, uneven shards, with TP and PP), checkpoints move between stages, bad ZeRO configs
-stop with the key named, and ZeRO-3 holds its shard fraction of plain DP's model state per rank
-(an even split at world 2: 50%)."""
+3 steps, fp32, uneven shards, with gradient accumulation at world 2 and 3, with TP and PP),
+checkpoints move between stages, bad ZeRO configs stop with the key named, and ZeRO-3 holds its
+shard fraction of plain DP's model state per rank (an even split at world 2: 50%)."""
 import pytest
 import torch
 
 from galaxy.comm.context import ParallelContext
+from galaxy.config.load import load_config
 from galaxy.data import SyntheticMLM
 from galaxy.errors import ConfigError
 from galaxy.layers.param_spec import GradSum, spec_of
@@ -13,7 +14,6 @@ from galaxy.models.bert import BertConfig, BertForMaskedLM
 from galaxy.pipeline import PipelineForwardBackward
 from galaxy.plan import build_plan
 from galaxy.train import checkpoint
-from galaxy.train.config import load_config
 from galaxy.train.loop import Trainer
 from galaxy.train.zero import check_zero, model_state_bytes, shard_fractions, shard_sizes
 from tests.helpers import rel_err, run_ranks
@@ -77,7 +77,9 @@ def serial(**overrides):
     return train(trainer, STEPS), weights(trainer)
 
 
-@pytest.mark.parametrize("world,fractions,accumulate", [(2, [0.7, 0.3], 1), (3, [0.5, 0.3, 0.2], 2)])
+# (world 2 without accumulation: test_memory_proportional_shards_equal_serial; 3 micro-steps: a
+# middle one that neither starts nor ends the accumulation)
+@pytest.mark.parametrize("world,fractions,accumulate", [(2, [0.7, 0.3], 3), (3, [0.5, 0.3, 0.2], 2)])
 def test_every_stage_equals_dp_and_serial(world, fractions, accumulate):
     results = run_ranks(every_stage, world, {"data_parallel_size": world, "zero_shard_list": fractions,
                                              "gradient_accumulation_steps": accumulate})

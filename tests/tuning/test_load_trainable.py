@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from galaxy.comm.context import ParallelContext
+from galaxy.config.load import load_config
 from galaxy.data import SyntheticMLM
 from galaxy.errors import ConfigError
 from galaxy.models.bert import BertConfig, BertForMaskedLM
@@ -19,7 +20,6 @@ from galaxy.models.checkpoint import CheckpointError
 from galaxy.models.llama import LlamaConfig, LlamaForCausalLM
 from galaxy.pipeline import PipelineForwardBackward
 from galaxy.plan import build_plan
-from galaxy.train.config import load_config
 from galaxy.train.loop import Trainer
 from galaxy.tuning.apply import apply_tuning
 from galaxy.tuning.keys import save_tuning_record

@@ -13,12 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 from galaxy.comm.context import ParallelContext
+from galaxy.config.load import load_config
 from galaxy.layers.dropout import set_dropout_seed
 from galaxy.models.bert import BertConfig, BertForMaskedLM
 from galaxy.models.bert.model import mlm_to_hf
 from galaxy.models.checkpoint import full_shape, own_slice
 from galaxy.plan import build_plan
-from galaxy.train.config import load_config
 from galaxy.train.grad_sync import GradSync
 from galaxy.train.loop import replica_rows
 from galaxy.tuning.apply import apply_tuning

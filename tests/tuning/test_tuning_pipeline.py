@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from galaxy.comm.context import ParallelContext
+from galaxy.config.load import load_config
 from galaxy.data import SyntheticMLM
 from galaxy.layers.param_spec import spec_of
 from galaxy.models.bert import BertConfig, BertForMaskedLM
 from galaxy.pipeline import PipelineForwardBackward
 from galaxy.plan import build_plan
-from galaxy.train.config import load_config
 from galaxy.train.loop import Trainer
 from galaxy.tuning.apply import apply_tuning
 from tests.helpers import run_ranks

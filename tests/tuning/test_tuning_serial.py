@@ -5,10 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from galaxy.config.load import load_config, read_config
 from galaxy.errors import ConfigError
 from galaxy.models.bert import BertConfig, BertForMaskedLM
 from galaxy.plan import build_plan
-from galaxy.train.config import load_config, read_config
 from galaxy.train.optim import build_optimizer
 from galaxy.tuning.apply import apply_tuning
 

@@ -55,7 +55,7 @@ def to_hf(name):
 
 @dataclass
 class BartConfig:
-    """Field names are the flat config's (galaxy.train.config); HF's d_model = hidden_size,
+    """Field names are the flat config's (galaxy.config.load); HF's d_model = hidden_size,
     encoder_layers = num_hidden_layers, decoder_layers = num_decoder_layers, ffn_dim = intermediate_size."""
     vocab_size: int = 50265
     hidden_size: int = 768

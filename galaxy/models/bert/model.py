@@ -275,6 +275,9 @@ class BertForRetrieval(nn.Module):
         self.train(training)
         return (nearest == torch.arange(len(pairs), device=nearest.device)).float().mean().item()
 
+    def evaluate(self, held_out):
+        return f"recall@1 on {len(held_out)} held-out pairs: {self.recall_at_1(held_out):.3f}"
+
     def load_hf(self, path, trainable_only=False, strict=True, verified=False):
         """A Hugging Face BertModel directory (all-MiniLM-L6-v2's names have no "bert." prefix)."""
         checkpoint.check_config_agrees(self.config, path, BertConfig.from_dict, ("layer_norm_eps", "hidden_act"))

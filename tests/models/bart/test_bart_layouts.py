@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from galaxy.comm.context import ParallelContext
+from galaxy.config.load import load_config
 from galaxy.data import BartDenoisingData, Tokenizer
 from galaxy.models.bart import BartConfig, BartForConditionalGeneration
 from galaxy.models.bart.model import to_hf
 from galaxy.models.checkpoint import gather_full_state
 from galaxy.plan import build_plan
-from galaxy.train.config import load_config
 from galaxy.train.loop import Trainer
 from tests.helpers import rel_err, run_ranks
 

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
+from galaxy.comm.context import ParallelContext
+from galaxy.config.load import load_config
 from galaxy.data import BartDenoisingData, Tokenizer
 from galaxy.models.bart import BartConfig, BartForConditionalGeneration
-from galaxy.comm.context import ParallelContext
 from galaxy.plan import Plan
-from galaxy.train.config import load_config
 from galaxy.train.loop import Trainer
 
 TINY = BartConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_decoder_layers=2, num_attention_heads=4,

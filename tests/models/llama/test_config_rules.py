@@ -2,8 +2,8 @@
 naming the key) before any process group exists; the model config refuses the same values."""
 import pytest
 
+from galaxy.app import cli
 from galaxy.models.llama import LlamaConfig
-from galaxy.train import cli
 
 LAYOUTS = [["--world", "1"], ["--world", "2", "--parallel", "sp"], ["--world", "2", "--parallel", "galaxy2"],
            ["--world", "2", "--parallel", "tp"], ["--world", "2", "--stage_num_hidden_layers_list", "[1,1]"]]

@@ -9,11 +9,11 @@ from safetensors.torch import load_file
 
 import finetune_llama
 import generate
+from galaxy.app import train
+from galaxy.config.load import load_config
 from galaxy.models.llama import LlamaConfig, LlamaForCausalLM
 from galaxy.models.llama.generate import greedy_generate
 from galaxy.plan import build_plan
-from galaxy.train import entry
-from galaxy.train.config import load_config
 from tests.helpers import ROOT, SHIPPED, tiny_llama_tokenizer
 
 TINY = ["--hidden_size", "64", "--intermediate_size", "128", "--num_attention_heads", "4", "--num_key_value_heads", "2",
@@ -28,7 +28,7 @@ def tokenizer(tmp_path_factory):
 
 def finetune(tmp_path, tokenizer, *extra):
     metrics = tmp_path / "metrics.jsonl"
-    entry.main(finetune_llama.__doc__, "llama", str(ROOT / "train_config/llama/full.json"),
+    train.main(finetune_llama.__doc__, "llama", str(ROOT / "train_config/llama/full.json"),
                ["--data_file", str(SHIPPED / "instructions.jsonl"), "--tokenizer_file", tokenizer,
                 "--vocab_size", "300", "--metrics_file", str(metrics), *TINY, *extra])
     return [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]

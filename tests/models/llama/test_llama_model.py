@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from galaxy.config.load import load_config
 from galaxy.models.llama import LlamaConfig, LlamaForCausalLM
 from galaxy.models.llama.generate import greedy_generate, kv_caches
-from galaxy.train.config import load_config
 from galaxy.train.loop import Trainer, label_tokens
 from galaxy.tuning.apply import apply_tuning
 from tests.helpers import rel_err

@@ -5,8 +5,8 @@ LM heads. One spawn per world runs every variant. Then ZB-H1 and interleaved 1F1
 layers per rank), tied, against one serial run of 7 layers."""
 import pytest
 
+from galaxy.config.load import load_config
 from galaxy.plan import build_plan
-from galaxy.train.config import load_config
 from tests.helpers import run_ranks
 from tests.models.llama.common import MODEL, assert_matches_serial, train_two_steps
 

@@ -1,7 +1,7 @@
 """A running model moved to another plan in memory, without a restart.
 
 Two callers: live re-planning (galaxy.planner.replan: the same ranks, another split) and --elastic
-inference (galaxy.train.elastic: fewer ranks once one has died). Both build this rank's model under
+inference (galaxy.runtime.elastic: fewer ranks once one has died). Both build this rank's model under
 the new plan on the meta device and give it memory (`build_empty`: no initial weights drawn), then
 fill it:
 
@@ -25,9 +25,9 @@ from galaxy.comm.context import ParallelContext
 from galaxy.layers.param_spec import spec_of
 from galaxy.layers.transformer import TransformerLayer
 from galaxy.models.common import init_weights
-from galaxy.models.registry import build_model, load_sources
+from galaxy.models.registry import build_model
 from galaxy.plan import build_plan
-from galaxy.tuning.apply import apply_tuning
+from galaxy.tuning.apply import apply_tuning, load_sources
 
 META = torch.device("meta")
 
@@ -83,7 +83,7 @@ def build_empty(cfg, ctx):
 
 def build_lost_part(cfg, plan, lost_rank, device):
     """The split parameters rank `lost_rank` held under `plan`, rebuilt here from the run's sources
-    as that rank built them (the seed's weights, then galaxy.models.registry.load_sources, which
+    as that rank built them (the seed's weights, then galaxy.tuning.apply.load_sources, which
     reads only these parameters' slices of the files); its replicated parameters and buffers stay
     on the meta device: every survivor holds them. Returns (model, bytes rebuilt)."""
     ctx = ParallelContext(plan, rank=lost_rank, device=META)

@@ -61,7 +61,7 @@ class _LayerLabels:
 
 def build_trainer(ctx, cfg, build_model):
     """Rank ctx.rank's real model, with its tuning method, in a Trainer (and its pipeline schedule)
-    on ctx's device: the meta device under ParallelContext.recording (also galaxy.memory)."""
+    on ctx's device: the meta device under ParallelContext.recording (also galaxy.profiler.memory)."""
     with torch.device(ctx.device):
         model = build_model(cfg, ctx)
         apply_tuning(model, cfg, ctx)

@@ -1,5 +1,6 @@
-"""Every rank's memory for a config, before anything runs: python -m galaxy.memory --config_file ... --world N;
-and a training run's report of what it measured beside it (--memory_report, MemoryReport).
+"""Every rank's memory for a config, before anything runs (python -m galaxy.memory --config_file ...
+--world N: galaxy.app.memory), and a training run's report of what it measured beside it
+(--memory_report, MemoryReport).
 
 Nothing is described a second time: each rank's real model and Trainer (ZeRO, tuning, pipeline
 included) are built on the meta device under ParallelContext.recording, as --explain does, and
@@ -11,8 +12,6 @@ included) are built on the meta device under ParallelContext.recording, as --exp
     real ranks (gloo, CPU) to compare, and a training run with --memory_report on its second step
     (on CUDA: torch.cuda.max_memory_allocated).
 """
-import argparse
-import sys
 import weakref
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -22,10 +21,8 @@ from torch.utils._pytree import tree_leaves
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from galaxy.comm.context import ParallelContext
-from galaxy.comm.launch import spawn
-from galaxy.explain import batch, build_trainer
 from galaxy.models.registry import build_model
-from galaxy.train import cli
+from galaxy.profiler.explain import batch, build_trainer
 from galaxy.train.optim import optimizer_state_bytes
 from galaxy.train.zero import model_state_bytes
 
@@ -187,8 +184,9 @@ def estimate(plan, cfg, rank):
     return out
 
 
-def _measure(rank, world, plan, cfg):
-    """On a real rank (spawned): the peak of live bytes over a steady-state step."""
+def measure(rank, world, plan, cfg):
+    """On a real rank (one of `world` joined in a process group): the peak of live bytes over a
+    steady-state step."""
     return peak_bytes(build_trainer(ParallelContext.create(plan, rank, "cpu"), cfg, build_model))
 
 
@@ -196,16 +194,17 @@ def _mib(n):
     return "-" if n is None else f"{n / 2**20:.2f}"
 
 
-def report(plan, cfg, measure=False):
+def report(plan, cfg, measured=None):
+    """The table of every rank's prediction; `measured`, when given, is each rank's peak from
+    `measure`, shown beside it."""
     cols = ("params", "grads", "optimizer", "activations", "activations_ckpt", "peak")
     lines = [f"memory per rank, MiB (world {plan.world}: {plan.describe()}; zero_stage {cfg['zero_stage']}, "
              f"activation_checkpointing {cfg['activation_checkpointing']}, dtype {cfg['dtype']})",
-             f"{'rank':>4} " + " ".join(f"{c:>16}" for c in cols) + (f" {'measured peak':>14} {'error':>7}" if measure else "")]
-    measured = spawn(_measure, plan.world, (plan, cfg), timeout_s=300, limit_s=600) if measure else None
+             f"{'rank':>4} " + " ".join(f"{c:>16}" for c in cols) + (f" {'measured peak':>14} {'error':>7}" if measured else "")]
     for rank in range(plan.world):
         est = estimate(plan, cfg, rank)
         line = f"{rank:>4} " + " ".join(f"{_mib(est[c]):>16}" for c in cols)
-        if measure:
+        if measured:
             line += f" {_mib(measured[rank]):>14} {100 * (est['peak'] / measured[rank] - 1):>+6.1f}%"
         lines.append(line)
     lines.append("activations: bytes autograd saves in one micro-batch's forward; peak: most live bytes in a step")
@@ -231,7 +230,7 @@ def model_state_line(trainer, predicted=None):
 
 
 class MemoryReport:
-    """--memory_report: this rank's memory beside galaxy.memory's prediction of it (from a meta build
+    """--memory_report: this rank's memory beside galaxy.profiler.memory's prediction of it (from a meta build
     of the rank: seconds), the model state at start-up and, once it has run, the peak of the second
     step this process runs (the first creates AdamW's state) with the optimizer state it left."""
 
@@ -260,18 +259,3 @@ class MemoryReport:
         return (f"memory in step {self.trainer.step}: peak {_mib(measured)} MiB ({how}), predicted {_mib(peak)} MiB "
                 f"({100 * (peak / measured - 1):+.1f}%); optimizer state {_mib(optimizer)} MiB, "
                 f"predicted {_mib(self.predicted['optimizer'])} MiB")
-
-
-def main(argv=None):
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--measure", action="store_true", help="also run a real step on gloo ranks and compare peaks")
-    known, rest = pre.parse_known_args(argv)
-    args, cfg, plan, world, rank = cli.parse("Every rank's memory for a config, before anything runs "
-                                             "(--measure: beside a real step's peak).", None, rest)
-    if args.config_file is None:
-        raise SystemExit("galaxy.memory: --config_file is required")
-    print(report(plan, cfg, known.measure))
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

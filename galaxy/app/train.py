@@ -1,47 +1,30 @@
 """What every training entry script does: parse and validate (or only --explain the plan),
-then on each rank: groups from the plan, a config check across ranks, data, model, tuning
-method, Trainer (pipeline schedule when pp > 1, traced with --trace_dir, its memory beside the
-prediction with --memory_report, training checkpoints and resume), final Hugging Face export.
+then on each rank: the shared session (galaxy.app.session: groups from the plan, a config check
+across ranks, model and tuning method), data, Trainer (pipeline schedule when pp > 1, traced with
+--trace_dir, its memory beside the prediction with --memory_report, training checkpoints and
+resume), final Hugging Face export.
 
 An entry script only names its model (galaxy.models.registry) and default config:
 
-    entry.main(__doc__, "bert", "train_config/bert/galaxy/full.json")
+    train.main(__doc__, "bert", "train_config/bert/galaxy/full.json")
 """
 from contextlib import nullcontext
 
-import torch
-import torch.distributed as dist
-
-from galaxy.comm import launch
-from galaxy.comm.context import ParallelContext
+from galaxy.app import cli, outputs
+from galaxy.app.session import join, load_model
 from galaxy.data import DataError
-from galaxy.explain import explain
-from galaxy.memory import MemoryReport, model_state_line
+from galaxy.data.build import build_data, check_training_data, held_out_data
 from galaxy.models.checkpoint import CheckpointError
-from galaxy.models.registry import MODELS, build_model, load_sources
+from galaxy.models.registry import MODELS, build_model
 from galaxy.pipeline import PipelineForwardBackward, format_actions
 from galaxy.planner.replan import Replanner
 from galaxy.profiler import emulate, observe
-from galaxy.train import checkpoint, cli, elastic, outputs
-from galaxy.train.config import config_hash
+from galaxy.profiler.explain import explain
+from galaxy.profiler.memory import MemoryReport, model_state_line
+from galaxy.runtime import elastic, launch
+from galaxy.train import checkpoint
 from galaxy.train.loop import NonFiniteError, Trainer, run_training
 from galaxy.tuning.keys import save_tuning_record
-
-
-def check_same_config(cfg, ctx):
-    """Ranks started with different configs would deadlock or diverge: stop them now,
-    naming the keys that differ from rank 0's."""
-    if ctx.world == 1:
-        return
-    digests = [None] * ctx.world
-    dist.all_gather_object(digests, config_hash(cfg))
-    if len(set(digests)) == 1:
-        return
-    configs = [None] * ctx.world
-    dist.all_gather_object(configs, cfg)
-    diffs = [f"rank {r}: {k}={configs[r][k]!r} (rank 0: {configs[0][k]!r})"
-             for r in range(1, ctx.world) for k in sorted(cfg) if configs[r][k] != configs[0][k]]
-    raise SystemExit(f"galaxy: rank {ctx.rank}: ranks were started with different configs: {'; '.join(diffs)}")
 
 
 def checkpoint_saver(trainer, total):
@@ -76,37 +59,18 @@ def train(rank, world, cfg, plan, args):
         raise SystemExit(f"galaxy: rank {rank}: {e}") from None
 
 
-def join(cfg, plan, rank):
-    """This rank's ParallelContext, once every rank is known to run the same config; seeds torch."""
-    ctx = ParallelContext.create(plan, rank, cfg["device"], cfg["distributed_backend"] or launch.default_backend())
-    check_same_config(cfg, ctx)
-    torch.manual_seed(cfg["seed"])
-    return ctx
-
-
-def load_model(cfg, ctx, rank):
-    """This rank's part of the model with load_checkpoint's weights and the tuning method (and
-    load_trainable's weights) applied; returns (model, a line describing the tuning)."""
-    model = build_model(cfg, ctx)
-    skipped, tuning = load_sources(model, cfg, ctx)
-    if skipped and rank == 0:  # every rank found the same: the whole model's names were checked
-        print(f"[rank 0] --strict false: {cfg['load_checkpoint']}: " + "; ".join(skipped), flush=True)
-    return model, tuning
-
-
-def evaluate(trainer, log):
-    """The model's own evaluation (ModelSpec.evaluate), if it has one: every rank runs it (a forward
-    of the layout), rank 0 says what it found."""
-    spec = MODELS[trainer.cfg["model"]]
-    if spec.evaluate:
-        line = spec.evaluate(trainer.model, trainer.cfg, trainer.ctx)
+def evaluate(trainer, held_out, log):
+    """The model's score on the samples its data holds out (retrieval's recall@1), if any: every
+    rank runs it (a forward of the layout), rank 0 says what it found."""
+    if held_out is not None:
+        line = trainer.model.evaluate(held_out)
         if trainer.ctx.rank == 0:
             log(f"at step {trainer.step}: {line}")
 
 
 def _train(rank, world, cfg, plan, args):
     ctx = join(cfg, plan, rank)
-    data = MODELS[cfg["model"]].build_data(cfg, ctx)
+    data = build_data(cfg, ctx)
     if rank == 0 and getattr(data, "cut", ""):  # what the data lost to seq_length, told once
         print(f"[rank 0] {data.cut}", flush=True)
     if len(data) < cfg["batch_size"]:
@@ -132,10 +96,12 @@ def _train(rank, world, cfg, plan, args):
         step = checkpoint.resume(trainer, cfg["save_dir"])
         if rank == 0:
             log(f"resumed from step {step} of {cfg['save_dir']}")
-    evaluate(trainer, log)
+    held_out = held_out_data(cfg, ctx)
+    evaluate(trainer, held_out, log)
     saver = checkpoint_saver(trainer, total) if cfg["save_every"] else None
     stopper = stop_on_signal(trainer) if cfg["save_on_signal"] else None
-    replanner = Replanner(model, ctx, cfg, trainer, log) if cfg["replan"] else None  # may replace trainer.model
+    # (may replace trainer.model)
+    replanner = Replanner(model, ctx, cfg, trainer, log, args.verbose) if cfg["replan"] else None
     device = emulate.device(args.device_gflops, args.device_gflops_after, rank, log if rank == 0 else None)
     with observe.traced(args.trace_dir, rank, model, lambda: trainer.step + 1) as trace_step, device:
         def on_step(metrics):
@@ -147,7 +113,7 @@ def _train(rank, world, cfg, plan, args):
                 replanner.after_step(metrics["step"])
         around_step = report.around_step if report else nullcontext
         run_training(trainer, total, args.metrics_file, on_step, around_step)
-    evaluate(trainer, log)
+    evaluate(trainer, held_out, log)
     if cfg["save_dir"]:
         with trainer.full_weights():
             checkpoint.require_finite(trainer, f"the final export to {cfg['save_dir']}")
@@ -161,15 +127,16 @@ def main(doc, model, default_config, argv=None):
     `model` ("bert", "llama", "bart") on this rank, or on every rank spawned here."""
     args, cfg, plan, world, rank = cli.parse(doc.splitlines()[0], default_config, argv, cli.add_device_args)
     if cfg["model"] != model:
-        raise SystemExit(f"galaxy: config {args.config_file} has model '{cfg['model']}', this script trains {model}")
-    MODELS[model].check(cfg, plan)
+        cli.reject(f"config {args.config_file} has model '{cfg['model']}', this script trains {model}")
+    cli.check(check_training_data, cfg)
+    cli.check(MODELS[model].check, cfg, plan)
     cli.check(elastic.check, cfg, plan, rank, resumes=True)
     if args.explain:  # the plan only: no process group, no training
         print(explain(plan, cfg, build_model))
         return
     if args.trace_dir and cfg["replan"]:
-        raise SystemExit("galaxy: config error: --trace_dir traces the model it starts with; replan may rebuild "
-                         "it in another split, so use one or the other")
+        cli.reject("--trace_dir traces the model it starts with; replan may rebuild it in another split, so use "
+                   "one or the other")
     outputs.check_outputs(cfg["save_dir"], args.metrics_file)  # every process that may write, before step 1
     owns_save_dir = cfg["save_dir"] and rank in (None, 0)  # the process of rank 0 locks it for the run
     with outputs.save_dir_lock(cfg["save_dir"]) if owns_save_dir else nullcontext():

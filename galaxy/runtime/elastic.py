@@ -1,10 +1,10 @@
 """--elastic: when a rank of a one-command local spawn dies, its survivors go on without a human.
 
-Training: the launcher (galaxy.comm.launch.run) sees a rank's process end without a result
+Training: the launcher (galaxy.runtime.launch.run) sees a rank's process end without a result
 (killed by a signal, or exited non-zero), ends the others, and asks `Survivors` for the smaller
 world, restarting them from the latest checkpoint. Inference in a layout whose ranks share every
 layer (tp, sp, galaxy: `in_place`): the launcher tells the survivors instead, and they re-plan in
-their own processes, keeping their weights (galaxy.infer.Server). Both re-plan the same way:
+their own processes, keeping their weights (galaxy.app.infer.Server). Both re-plan the same way:
 
 - the config loses the dead ranks' entries, and each per-rank list is apportioned again over the
   survivors in proportion to their own entries (a rank that held twice the heads keeps twice the
@@ -14,7 +14,7 @@ their own processes, keeping their weights (galaxy.infer.Server). Both re-plan t
 - training resumes from the latest complete checkpoint in save_dir, read into the new layout
   (galaxy.train.checkpoint reshards it); inference in place keeps each survivor's rows, moves
   rows between survivors point to point and rebuilds only the lost rank's rows from the run's
-  sources (galaxy.relayout); inference in a pipeline or data-parallel layout restarts like
+  sources (galaxy.reshard.relayout); inference in a pipeline or data-parallel layout restarts like
   training, reloading load_checkpoint (or the seed's weights) and serving from the start.
 
 Layouts whose ranks split more than one way (tensor x data, tensor x pipeline ...) and a world

@@ -1,0 +1,74 @@
+"""The dataset a config names, for its architecture: build_data(cfg, ctx); and the pairs it holds
+out for evaluation, if any: held_out_data(cfg)."""
+from galaxy.data.denoising import BartDenoisingData
+from galaxy.data.instruction import InstructionData, PretrainTextData
+from galaxy.data.pretrain import BertPretrainData, SyntheticMLM
+from galaxy.data.retrieval import RetrievalPairs
+from galaxy.data.tokenizer import holds_tokenizer, tokenizer_from
+from galaxy.errors import ConfigError
+
+DEFAULT_TOKENIZER = "data/python_docs/spm_bert.model"
+
+
+def tokenizer_path(cfg):
+    """tokenizer_file; else the tokenizer a load_checkpoint directory brings; else the shipped one."""
+    if cfg["tokenizer_file"]:
+        return cfg["tokenizer_file"]
+    if cfg["load_checkpoint"] and holds_tokenizer(cfg["load_checkpoint"]):
+        return cfg["load_checkpoint"]
+    return DEFAULT_TOKENIZER
+
+
+def load_tokenizer(cfg):
+    path = tokenizer_path(cfg)
+    tok = tokenizer_from(path)
+    if tok.vocab_size > cfg["vocab_size"]:
+        raise SystemExit(f"galaxy: tokenizer {path} has {tok.vocab_size} pieces, "
+                         f"config vocab_size is {cfg['vocab_size']}")
+    return tok
+
+
+def bert_data(cfg, ctx):
+    if cfg["data"] == "synthetic":
+        return SyntheticMLM(cfg["vocab_size"], cfg["seq_length"], cfg["seed"])
+    return BertPretrainData(cfg["data_file"], load_tokenizer(cfg), cfg["seq_length"], cfg["seed"])
+
+
+def llama_data(cfg, ctx):
+    tok = load_tokenizer(cfg)
+    if cfg["data"] == "instruction":  # sequence shards and pipeline stages need every batch at seq_length
+        fixed = ctx.plan.seq_sharded or ctx.plan.pp_size > 1
+        return InstructionData(cfg["data_file"], tok, cfg["seq_length"], pad_to_max_length=fixed)
+    return PretrainTextData(cfg["data_file"], tok, cfg["seq_length"])  # data "corpus" (check_training_data)
+
+
+def bart_data(cfg, ctx):
+    return BartDenoisingData(cfg["data_file"], load_tokenizer(cfg), cfg["seq_length"], cfg["seed"])
+
+
+def retrieval_data(cfg, ctx, held_out=False):
+    return RetrievalPairs(cfg["data_file"], load_tokenizer(cfg), cfg["seq_length"], held_out)
+
+
+BUILDERS = {"bert": bert_data, "bert_retrieval": retrieval_data, "llama": llama_data, "bart": bart_data}
+# the config's data kinds each builder trains on (retrieval reads the instruction file's pairs)
+DATA_KINDS = {"bert": ("corpus", "synthetic"), "bert_retrieval": ("instruction",), "llama": ("instruction", "corpus"),
+              "bart": ("corpus",)}
+
+
+def check_training_data(cfg):
+    """The config's data is a kind its model trains on, checked before any tokenizer or file is read."""
+    kinds = DATA_KINDS[cfg["model"]]
+    if cfg["data"] not in kinds:
+        raise ConfigError(f"config key 'data' is {cfg['data']!r}: {cfg['model']} trains on data "
+                          f"{' or '.join(map(repr, kinds))}")
+
+
+def build_data(cfg, ctx):
+    """cfg's dataset for its model; ctx's plan says whether every batch must be seq_length long."""
+    return BUILDERS[cfg["model"]](cfg, ctx)
+
+
+def held_out_data(cfg, ctx):
+    """The samples cfg's data keeps from training for the model's evaluate(), or None."""
+    return retrieval_data(cfg, ctx, held_out=True) if cfg["model"] == "bert_retrieval" else None
