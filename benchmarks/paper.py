@@ -66,8 +66,8 @@ MODELS = {"bert": dict(model="bert", hidden_size=1024, num_attention_heads=16, i
                         vocab_size=VOCAB),
           "tiny": dict(model="bert", hidden_size=128, num_attention_heads=4, intermediate_size=512, vocab_size=100)}
 # ("tiny": for the fast test of the whole path, tests/benchmarks/test_paper.py)
-METHODS = ("local", "tp", "sp", "galaxy", "galaxy_planned", "galaxy_overlap", "sp_planned", "torch_tp",
-           "torch_tp_sp")
+OURS = ("local", "tp", "sp", "galaxy", "galaxy_planned", "galaxy_overlap", "sp_planned")
+METHODS = OURS + ("torch_tp", "torch_tp_sp")
 RACED = {"local": "local", "tp": "tp", "sp": "sp_planned", "galaxy even": "galaxy"}  # check's name -> method
 OFF = 0.10  # an emulated device whose measured throughput is further than this from its target is "off"
 COMPUTE_BOUND = 3.0  # regime "compute": the fastest device's layer compute >= this x TP's link time per layer
@@ -138,23 +138,23 @@ class Methods:
         return {name: times[self.by_race[name].name][0] for name in names}
 
     def table(self, tiles):
-        """The table's runners (METHODS order), galaxy_overlap with `tiles`."""
+        """The table's runners (METHODS order), galaxy_overlap with `tiles`: ours, then torch's."""
         keys = method_keys(self.candidates, tiles)
-        reuse = {RACED[name]: runner for name, runner in self.by_race.items() if name in RACED}
-        reuse["galaxy_planned"] = self.by_race["galaxy x1"] if "galaxy x1" in self.by_race else None
-        overlap = copy.copy(self.by_race[f"galaxy x{tiles}"])
-        overlap.name = "galaxy_overlap"
-        reuse["galaxy_overlap"] = overlap
-        ours = []
-        for method in METHODS[:7]:
-            runner = reuse.get(method) or Runner(method, self.cfg(**keys[method]), self.rank, self.world)
-            if runner.name != method:
-                runner = copy.copy(runner)
-                runner.name = method
-            ours.append(runner)
+        built = {RACED[name]: runner for name, runner in self.by_race.items() if name in RACED}
+        built.update(galaxy_planned=self.by_race.get("galaxy x1"), galaxy_overlap=self.by_race[f"galaxy x{tiles}"])
+        ours = [_named(built.get(m) or Runner(m, self.cfg(**keys[m]), self.rank, self.world), m) for m in OURS]
         peer = self.cfg(parallel="serial")
         return ours, [TorchTP("torch_tp", peer, self.rank, self.mesh, False),
                       TorchTP("torch_tp_sp", peer, self.rank, self.mesh, True)]
+
+
+def _named(runner, name):
+    """`runner` under `name` (a copy sharing its model when it was built under another)."""
+    if runner.name == name:
+        return runner
+    runner = copy.copy(runner)
+    runner.name = name
+    return runner
 
 
 def counting(ours):
