@@ -35,6 +35,8 @@ def write_files(d):
     (d / "cycle_b.json").write_text('{"include": ["cycle_a.json"]}')
     (d / "latin1.txt").write_bytes(b"fine\ncaf\xe9\n")
     (d / "long.txt").write_text("a short line\n" + "the module defines a class " * 20 + "\n")
+    (d / "texts.txt").write_text("The list is a [MASK] sequence.\nA tuple cannot change.\n")
+    (d / "blank.txt").write_text("\n  \n")
     (d / "garbage.safetensors").write_bytes(b"\x00" * 64)
     (d / "no_model").mkdir(exist_ok=True)
     (d / "empty_save").mkdir(exist_ok=True)
@@ -167,6 +169,41 @@ CASES = [
     ("save_dir held by a running run", [*SYNTH, "--save_dir", "{d}/locked"],
      "save_dir {d}/locked is in use by another run: PID 1 on host", 1),
 ]
+
+
+ANSWER = ["--texts", "{d}/texts.txt", "--output", "{d}/answers.jsonl"]
+LLAMA = ["--config_file", "train_config/llama/full.json", "--num_key_value_heads", "2"]
+# infer_galaxy.py's cases; all stop before any rank starts
+INFER_CASES = [
+    ("--texts missing", ["--texts", "{d}/nope.txt"], "argument --texts: {d}/nope.txt is not a file", 2),
+    ("--texts blank", ["--texts", "{d}/blank.txt"], "argument --texts: {d}/blank.txt has no text", 2),
+    ("unknown --task", ["--task", "translate"], "argument --task: invalid choice: 'translate'", 2),
+    ("--task without --output", ["--task", "embed", "--texts", "{d}/texts.txt"],
+     "--task answers the lines of --texts into --output: give all three", 1),
+    ("--output without --task", ANSWER, "--task answers the lines of --texts into --output: give all three", 1),
+    ("--requests with --output", [*ANSWER, "--task", "embed", "--requests", "3"],
+     "--requests: with --output every line of --texts is answered once", 1),
+    ("--output is --texts", ["--texts", "{d}/texts.txt", "--output", "{d}/texts.txt", "--task", "embed"],
+     "--output {d}/texts.txt is --texts: the answers would overwrite the questions", 1),
+    ("--output is a directory", ["--texts", "{d}/texts.txt", "--output", "{d}/no_model", "--task", "embed"],
+     "--output {d}/no_model is a directory", 1),
+    ("--task the model cannot answer", [*ANSWER, "--task", "generate"],
+     "--task: task 'generate' needs a llama model; this one is bert", 1),
+    ("--top_k above the vocabulary", [*ANSWER, "--task", "fill-mask", "--top_k", "500"],
+     "--top_k 500 exceeds vocab_size 200", 1),
+    ("fill-mask with a tokenizer that has no mask", [*ANSWER, "--task", "fill-mask", "--vocab_size", "4000",
+                                                    "--tokenizer_file", "data/python_docs/spm_llama.model"],
+     "--task fill-mask: tokenizer data/python_docs/spm_llama.model has no mask token", 1),
+    ("--serve not HOST:PORT", ["--serve", "8000"], "argument --serve: '8000' is not HOST:PORT (e.g. 127.0.0.1:8000)", 2),
+    ("--serve with --task", ["--serve", "127.0.0.1:0", *ANSWER, "--task", "embed"],
+     "--serve answers HTTP requests, not with --task, --output, --texts (a run over --texts)", 1),
+    ("--serve on an address not this machine's", ["--serve", "192.0.2.1:8000"],
+     "--serve 192.0.2.1:8000: cannot listen there", 1),
+    ("generate past the model's positions", [*LLAMA, *ANSWER, "--task", "generate", "--max_new_tokens", "3000"],
+     "--task generate: seq_length 32 (the longest prompt) + --max_new_tokens 3000 exceeds the model's 2048 positions", 1),
+]
+
+CASES += [(what, ["infer_galaxy.py", *args], expected, code) for what, args, expected, code in INFER_CASES]
 
 
 def fill(items, d):
