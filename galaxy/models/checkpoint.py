@@ -37,8 +37,9 @@ def rename(name, rules):
     return name
 
 
-def _files(path):
-    """Map tensor name -> safetensors file for a file, a directory, or a sharded directory."""
+def tensor_files(path):
+    """Map tensor name -> safetensors file for a file, a directory, or a sharded directory (the
+    files' headers only: cheap, so a run checks its inputs with it before it writes anything)."""
     path = Path(path)
     if path.is_file():
         files = [path]
@@ -98,7 +99,7 @@ def load_checkpoint(model, path, to_hf, strip_prefix="", trainable_only=False, s
     verified: the checks above passed before (at start-up); copy this rank's slices into the
     parameters that have memory and skip those on the meta device (nothing is read for them).
     """
-    where = _files(path)
+    where = tensor_files(path)
     handles = {}
     try:
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad or not trainable_only]

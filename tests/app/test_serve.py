@@ -196,6 +196,6 @@ def test_completions_while_a_slowed_rank_makes_the_ranks_replan():
 def test_a_port_in_use_stops_before_any_rank_starts():
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        code, out = run_in_process(["--world", "2", "--serve", f"127.0.0.1:{port}"], "infer_galaxy.py")
+        code, out = run_in_process(["infer_galaxy.py", "--world", "2", "--serve", f"127.0.0.1:{port}"])
     assert code == 1 and f"--serve 127.0.0.1:{port}: cannot listen there (Address already in use)" in out, out
     assert "[rank" not in out
