@@ -36,7 +36,7 @@ RULES = [
      "a config is read and checked before anything runs"),
 ]
 # docs/architecture.md's picture, top to bottom: a package imports only those under it
-STACK = ["galaxy.app", "galaxy.runtime", "galaxy.profiler", "galaxy.planner", "galaxy.reshard", "galaxy.inference",
+STACK = ["galaxy.app", "galaxy.runtime", "galaxy.planner", "galaxy.profiler", "galaxy.reshard", "galaxy.inference",
          "galaxy.train", "galaxy.config", "galaxy.tuning", "galaxy.loralib", "galaxy.adapters", "galaxy.pipeline",
          "galaxy.models", "galaxy.data", "galaxy.layers", "galaxy.comm", "galaxy.plan", "galaxy.errors", "galaxy.seeding"]
 # the `python -m galaxy.X` commands the documentation names: thin shims into galaxy.app
