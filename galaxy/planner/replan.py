@@ -34,10 +34,9 @@ from galaxy.layers.mlp import MLP
 from galaxy.layers.transformer import Connective
 from galaxy.plan import SP, TP, gqa_group
 from galaxy.planner.run import plan_dims
-from galaxy.planner.split import RankProfile, plan_galaxy, predict_layer_seconds
+from galaxy.planner.split import SPLIT_KEYS, RankProfile, plan_galaxy, predict_layer_seconds
 from galaxy.reshard.relayout import build_empty, move_state
 
-SPLIT_KEYS = ("tp_num_attention_heads_list", "tp_intermediate_size_list", "seq_scatter_list")
 BLOCKS = (Attention, MLP, Connective)
 UNLIMITED_LINK = float("inf")
 

@@ -97,22 +97,33 @@ def memory_caps(profiles, hidden, heads, intermediate, layers):
     return head_caps, col_caps
 
 
+SPLIT_KEYS = ("tp_num_attention_heads_list", "tp_intermediate_size_list", "seq_scatter_list")
+# per split list: the RankProfile's (seconds per unit, fixed seconds) of the block it splits
+_BLOCK_COSTS = {"tp_num_attention_heads_list": ("att_s_per_head", "att_s_fixed"),
+                "tp_intermediate_size_list": ("mlp_s_per_column", "mlp_s_fixed"),
+                "seq_scatter_list": ("con_s_per_position", "con_s_fixed")}
+
+
+def split_layer(profiles, totals, units=None, caps=None):
+    """The one split policy (the planner, live re-planning, elastic recovery): each SPLIT_KEYS list
+    in `totals` (key -> heads, columns or positions to share) apportioned to the ranks' fixed and
+    per-unit seconds of its block, in multiples of units[key] (a GQA group of heads), within caps[key]."""
+    units, caps = units or {}, caps or {}
+    return {key: apportion(total, [getattr(p, _BLOCK_COSTS[key][0]) for p in profiles], caps.get(key),
+                           units.get(key, 1), [getattr(p, _BLOCK_COSTS[key][1]) for p in profiles])
+            for key, total in totals.items()}
+
+
 def plan_galaxy(profiles, *, hidden, heads, intermediate, seq, layers, batch, bandwidth_Bps, column_unit=1,
                 head_unit=1):
     """The Galaxy config keys (per-rank splits) minimising predicted latency, and that latency (s).
     Heads move in multiples of head_unit (a GQA group), columns of column_unit."""
     head_caps, col_caps = memory_caps(profiles, hidden, heads, intermediate, layers)
-    head_caps = [c - c % head_unit for c in head_caps]
-    col_caps = [c - c % column_unit for c in col_caps]
-    split = {
-        "parallel": "galaxy",
-        "tp_num_attention_heads_list": apportion(heads, [p.att_s_per_head for p in profiles], head_caps, head_unit,
-                                                 [p.att_s_fixed for p in profiles]),
-        "tp_intermediate_size_list": apportion(intermediate, [p.mlp_s_per_column for p in profiles], col_caps,
-                                               column_unit, [p.mlp_s_fixed for p in profiles]),
-        "seq_scatter_list": apportion(seq, [p.con_s_per_position for p in profiles],
-                                      fixed=[p.con_s_fixed for p in profiles]),
-    }
+    keys = SPLIT_KEYS[:2]
+    units = dict(zip(keys, (head_unit, column_unit)))
+    caps = {key: [c - c % units[key] for c in cap] for key, cap in zip(keys, (head_caps, col_caps))}
+    split = {"parallel": "galaxy", **split_layer(profiles, dict(zip(SPLIT_KEYS, (heads, intermediate, seq))),
+                                                 units, caps)}
     return split, layers * predict_layer_seconds(split, profiles, batch, hidden, bandwidth_Bps)
 
 
