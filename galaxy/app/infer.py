@@ -27,7 +27,7 @@ from galaxy.models.registry import MODELS
 from galaxy.pipeline.engine import pipeline_streams
 from galaxy.pipeline.p2p import StageLinks
 from galaxy.planner.replan import Replanner
-from galaxy.reshard.relayout import build_empty, build_lost_part, fill_after_loss
+from galaxy.reshard.relayout import build_empty, build_lost_part, fill as fill_after_loss
 from galaxy.runtime import elastic, health, launch
 
 

@@ -18,8 +18,8 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from galaxy.comm import collectives as C
 from galaxy.layers.param_spec import GradSum, spec_of
+from galaxy.reshard.rows import NONE, read_rows, send_rows, share_rows, span, split_dim
 
 INDEX = "model.safetensors.index.json"
 
@@ -189,12 +189,11 @@ def own_slice(full, param):
 
 
 def _read_slice(view, param):
+    """param's rows of a tensor the file holds whole (galaxy.reshard.rows's file transport)."""
     shard = spec_of(param).shard
     if shard is None:
         return view[:]
-    index = [slice(None)] * len(view.get_shape())
-    index[shard.dim] = slice(shard.start, shard.start + shard.length)
-    return view[tuple(index)]
+    return read_rows(lambda holder: view, [(0, shard.full)], shard.dim, shard.start, shard.start + shard.length)
 
 
 def gather_full_state(model, ctx, to_hf, tensor_of=lambda p: p.detach(), trainable_only=False):
@@ -204,16 +203,16 @@ def gather_full_state(model, ctx, to_hf, tensor_of=lambda p: p.detach(), trainab
     are left out: the first stage holds the original."""
     params = [(n, p) for n, p in model.named_parameters()
               if (p.requires_grad or not trainable_only) and spec_of(p).grad_sum is not GradSum.TIED]
-    shards = [spec_of(p).shard for _, p in params]
-    meta = torch.tensor([(s.start, s.length) if s else (0, 0) for s in shards], dtype=torch.long, device=ctx.device)
-    # one small all-gather tells every rank where each rank's shard of each tensor starts
-    meta = C.gather_along_dim(meta.unsqueeze(0), 0, [1] * ctx.tp_size, ctx.tp_group)
+    dims = [split_dim(p) for _, p in params]
+    # every rank wants all the rows; the shards' rows move point to point (galaxy.reshard.rows)
+    layouts = share_rows(ctx, dims, [(span(p, dim), (0, full_shape(p)[dim]) if dim >= 0 else NONE)
+                                     for (_, p), dim in zip(params, dims, strict=True)])
     out = {}
-    for i, (name, p) in enumerate(params):
+    for (name, p), rows in zip(params, layouts, strict=True):
         tensor = tensor_of(p)
-        starts, sizes = meta[:, i, 0].tolist(), meta[:, i, 1].tolist()
-        if len(set(starts)) > 1:  # split over the tensor group (replicated tensors start at 0 everywhere)
-            tensor = C.gather_along_dim(tensor.contiguous(), shards[i].dim, sizes, ctx.tp_group)
+        if not rows.in_place:
+            shard, tensor = tensor, tensor.new_empty(full_shape(p))
+            send_rows(tensor, shard, rows, ctx.tp_rank, ctx.tp_group)
         out[to_hf(name)] = tensor.contiguous().cpu()
     return out
 

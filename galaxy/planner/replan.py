@@ -10,7 +10,7 @@ at the step boundary and goes on, without a restart.
                and takes the same decision (`Drift`, pure functions)
     the move   the model is built under the new plan on the same ranks and process groups; each
                split parameter sends only the rows that change owner, point to point
-               (galaxy.comm.collectives.reshard_into); replicated ones are copied. AdamW's moments move
+               (galaxy.reshard.rows.send_rows); replicated ones are handed over. AdamW's moments move
                like their parameters; its step counts, the LR schedule and the training step stay.
 
 The move itself is galaxy.reshard.relayout's (shared with --elastic inference).
@@ -35,7 +35,7 @@ from galaxy.layers.transformer import Connective
 from galaxy.plan import SP, TP, gqa_group
 from galaxy.planner.run import plan_dims
 from galaxy.planner.split import SPLIT_KEYS, RankProfile, plan_galaxy, predict_layer_seconds
-from galaxy.reshard.relayout import build_empty, move_state
+from galaxy.reshard.relayout import build_empty, fill
 
 BLOCKS = (Attention, MLP, Connective)
 UNLIMITED_LINK = float("inf")
@@ -248,7 +248,7 @@ class Replanner:
         cfg = dict(self.cfg, **split)
         model, ctx = build_empty(cfg, self.ctx)
         model.to(next(self.model.parameters()).dtype).train(self.model.training)
-        move_state(self.model, model, self.ctx, self.trainer.opt if self.trainer else None)
+        fill(model, [self.model], ctx, self.trainer.opt if self.trainer else None)
         self.timer.remove()
         self.model, self.ctx, self.cfg = model, ctx, cfg
         if self.trainer:

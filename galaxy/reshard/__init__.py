@@ -1,2 +1,2 @@
-"""Moving shards: a running model moved to another plan in memory (relayout: live re-planning and
---elastic inference), rows sent point to point by comm.collectives.reshard_into."""
+"""Moving shards: one description of who holds which rows and who wants them, moved point to point
+between live ranks or read from files (rows); a running model moved to another plan (relayout)."""

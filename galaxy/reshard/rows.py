@@ -1,0 +1,119 @@
+"""Who holds which rows of a full tensor and who wants which (`Rows`): the one description every
+move of shards builds, and its two transports. A wanted row comes from the wanting rank itself when
+it holds it, else from the first holder that does (`pieces`), so holders may overlap (whole copies,
+replicas) and every rank derives the same moves.
+
+    send_rows   point to point between the live ranks of a group, each sending a peer only the rows
+                it serves it: re-planning and elastic recovery (relayout), gather_full_state
+    read_rows   slices of safetensors files (get_slice): resume in another layout, Hugging Face loading
+    share_rows  the one small all-gather that tells every rank of a group every rank's ranges
+"""
+from dataclasses import dataclass
+
+import torch
+
+from galaxy.comm import collectives as C
+from galaxy.layers.param_spec import spec_of
+
+NONE = (0, 0)  # the range of a holder with no rows
+
+
+@dataclass(frozen=True)
+class Rows:
+    """One full tensor's rows along `dim` (-1: never split; every rank holds it whole): held[h] the
+    range holder h has, wanted[r] the range rank r needs."""
+    dim: int
+    held: tuple
+    wanted: tuple
+
+    @property
+    def in_place(self):
+        """Every rank already holds exactly the rows it wants: nothing moves."""
+        return self.dim < 0 or self.held == self.wanted
+
+
+def pieces(held, lo, hi, own=None):
+    """[(holder, lo, hi)] covering the rows [lo, hi) some holder has, in order: holder `own`'s rows
+    where it has them, else the first holder's that does (rows no holder has are left out)."""
+    order = sorted(range(len(held)), key=lambda h: h != own)
+    cuts = sorted({lo, hi} | {x for bounds in held for x in bounds if lo < x < hi})
+    out = []
+    for start, end in zip(cuts, cuts[1:]):  # no holder's range begins or ends inside
+        holder = next((h for h in order if held[h][0] <= start < held[h][1]), None)
+        if out and holder == out[-1][0] and start == out[-1][2]:
+            out[-1] = (holder, out[-1][1], end)
+        elif holder is not None:
+            out.append((holder, start, end))
+    return out
+
+
+def split_dim(t):
+    """The dimension along which `t`'s full tensor is split over ranks (ParamSpec), -1 if none."""
+    shard = spec_of(t).shard
+    return -1 if shard is None else shard.dim
+
+
+def span(t, dim):
+    """The rows [lo, hi) along `dim` of its full tensor that `t` holds (NONE when t is absent or
+    on the meta device; a tensor not split there holds all of them)."""
+    if t is None or t.is_meta or dim < 0:
+        return NONE
+    shard = spec_of(t).shard
+    return (shard.start, shard.start + shard.length) if shard and shard.dim == dim else (0, t.shape[dim])
+
+
+def share_rows(ctx, dims, ranges):
+    """[Rows] of tensors split along `dims` over ctx's tensor group, from this rank's (held, wanted)
+    range of each: one small all-gather, so every rank moves the same tensors the same way."""
+    mine = torch.tensor([[*held, *wanted] for held, wanted in ranges], dtype=torch.long, device=ctx.device)
+    every = C.gather_along_dim(mine.view(1, len(ranges), 4), 0, [1] * ctx.tp_size, ctx.tp_group).tolist()
+    return [Rows(dim, tuple(tuple(r[i][:2]) for r in every), tuple(tuple(r[i][2:]) for r in every))
+            for i, dim in enumerate(dims)]
+
+
+def send_rows(out, x, rows, rank, group):
+    """Point to point: fill `out`, the rows rows.wanted[rank] of a full tensor, from every group
+    rank's `x` (rank r's holds rows.held[r]; x may be None where it holds none). Not autograd.
+    Returns (rows copied from this rank's own x, rows received)."""
+    mine, x = out.movedim(rows.dim, 0), None if x is None else x.movedim(rows.dim, 0)
+    sends, recvs, kept, base = [], [], 0, rows.wanted[rank][0]
+    for peer, wanted in enumerate(rows.wanted):
+        for holder, lo, hi in pieces(rows.held, *wanted, own=peer):
+            if holder == rank:
+                part = x[lo - rows.held[rank][0]: hi - rows.held[rank][0]]
+                if peer == rank:
+                    mine[lo - base: hi - base], kept = part, kept + hi - lo
+                else:
+                    sends.append((peer, part.contiguous()))
+            elif peer == rank:
+                recvs.append((holder, lo - base, mine.new_empty((hi - lo,) + mine.shape[1:])))
+    if sends or recvs:
+        for work in C.exchange(sends, [(holder, buffer) for holder, _, buffer in recvs], group):
+            work.wait()
+    for _, at, buffer in recvs:
+        mine[at: at + len(buffer)] = buffer
+    return kept, sum(len(buffer) for _, _, buffer in recvs)
+
+
+def read_rows(view, held, dim, lo, hi):
+    """From files: rows [lo, hi) along `dim` of a full tensor (dim None: all of it), assembled from
+    the safetensors slices view(h) (get_slice) of its holders h, which hold rows held[h]; only those
+    rows are read. LookupError(row) names the first row no holder has."""
+    if dim is None:
+        return _read(view(0), None, 0, 0)
+    parts, pos = [], lo
+    for holder, start, end in pieces(held, lo, hi):
+        if start != pos:
+            break
+        parts.append(_read(view(holder), dim, start - held[holder][0], end - held[holder][0]))
+        pos = end
+    if pos != hi:
+        raise LookupError(pos)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def _read(view, dim, lo, hi):
+    index = [slice(None)] * len(view.get_shape())
+    if dim is not None:
+        index[dim] = slice(lo, hi)
+    return view[tuple(index)]
