@@ -10,9 +10,12 @@ from galaxy.runtime import launch
 from galaxy.train.zero import check_zero
 
 
-def parse(description, default_config, argv=None, add_args=None):
+def parse(description, default_config, argv=None, add_args=None, keys=None, check=None):
     """add_args(parser), when given, adds an entry's own flags; they win over config keys of the
-    same name (inference's --batch_size is not the training batch)."""
+    same name (inference's --batch_size is not the training batch). keys(args, overrides), when given,
+    returns config keys drawn from those flags (generate.py: its checkpoint's shape): over the config
+    file's, under the command line's (`overrides`). check(args, cfg, plan) is the entry's own check.
+    A ConfigError from either ends the program as parse's own do."""
     parser = argparse.ArgumentParser(description=description,
                                      epilog="Any config key can be overridden with --key value.")
     parser.add_argument("--config_file", "--config", dest="config_file", default=default_config)
@@ -30,11 +33,13 @@ def parse(description, default_config, argv=None, add_args=None):
     if args.backend:
         overrides["distributed_backend"] = args.backend
     try:
-        cfg = load_config(args.config_file, overrides)
+        cfg = load_config(args.config_file, {**(keys(args, overrides) if keys else {}), **overrides})
         world, rank = launch.resolve_world_rank(args)
         plan = build_plan(cfg, world)
         check_zero(cfg, plan)
         check_replan(cfg, plan)
+        if check:
+            check(args, cfg, plan)
     except ConfigError as e:
         parser.exit(2, f"galaxy: config error: {e}\n")
     args.init_method = launch.init_method_from(args, cfg["init_method"], local_spawn=rank is None and world > 1)

@@ -87,9 +87,8 @@ def send_rows(out, x, rows, rank, group):
                     sends.append((peer, part.contiguous()))
             elif peer == rank:
                 recvs.append((holder, lo - base, mine.new_empty((hi - lo,) + mine.shape[1:])))
-    if sends or recvs:
-        for work in C.exchange(sends, [(holder, buffer) for holder, _, buffer in recvs], group):
-            work.wait()
+    for work in C.exchange(sends, [(holder, buffer) for holder, _, buffer in recvs], group):
+        work.wait()
     for _, at, buffer in recvs:
         mine[at: at + len(buffer)] = buffer
     return kept, sum(len(buffer) for _, _, buffer in recvs)
