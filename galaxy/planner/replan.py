@@ -35,7 +35,7 @@ from galaxy.layers.transformer import Connective
 from galaxy.plan import SP, TP, gqa_group
 from galaxy.planner.run import plan_dims
 from galaxy.planner.split import SPLIT_KEYS, RankProfile, plan_galaxy, predict_layer_seconds
-from galaxy.reshard.relayout import build_empty, fill
+from galaxy.reshard.relayout import Holding
 
 BLOCKS = (Attention, MLP, Connective)
 UNLIMITED_LINK = float("inf")
@@ -214,15 +214,18 @@ def layer_dims(cfg):
 
 class Replanner:
     """Call `after_step(step)` at every step boundary (an optimizer step, an inference request):
-    it measures, and when the ranks decide so, moves `model` (and the trainer's model and optimizer)
-    to the new split. `moves` records (step, old plan, new plan, predicted speed-up, steps measured,
-    seconds) of each move."""
+    it measures, and when the ranks decide so, moves the model, context, config and optimizer that
+    `owner` (a Trainer, a Server) holds (or, without one, model, ctx and cfg) to the new split.
+    `moves` records (step, old plan, new plan, predicted speed-up, steps measured, seconds) of each move."""
 
-    def __init__(self, model, ctx, cfg, trainer=None, log=print):
-        self.model, self.ctx, self.cfg, self.trainer, self.log = model, ctx, cfg, trainer, log
+    def __init__(self, model, ctx, cfg, owner=None, log=print):
+        self.holding, self.log = owner.holding if owner else Holding(model, ctx, cfg), log
         self.drift = Drift(check_replan(cfg, ctx.plan), layer_dims(cfg))
         self.timer = BlockTimer(model, ctx.device)
         self.moves = []
+
+    model = property(lambda self: self.holding.model)
+    ctx = property(lambda self: self.holding.ctx)
 
     @torch.no_grad()
     def shared_costs(self):
@@ -245,15 +248,9 @@ class Replanner:
     def move_to(self, split):
         """Move to `split` (SPLIT_KEYS lists) now, on every rank of the tensor group; returns seconds."""
         start = time.perf_counter()
-        cfg = dict(self.cfg, **split)
-        model, ctx = build_empty(cfg, self.ctx)
-        model.to(next(self.model.parameters()).dtype).train(self.model.training)
-        fill(model, [self.model], ctx, self.trainer.opt if self.trainer else None)
         self.timer.remove()
-        self.model, self.ctx, self.cfg = model, ctx, cfg
-        if self.trainer:
-            self.trainer.adopt(model, ctx, cfg)
-        self.timer = BlockTimer(model, ctx.device)
+        self.holding.move_to(dict(self.holding.cfg, **split))
+        self.timer = BlockTimer(self.model, self.ctx.device)
         self.drift.restart()
         return time.perf_counter() - start
 

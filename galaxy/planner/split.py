@@ -18,6 +18,8 @@ every link between stages; `plan_stage_layers` minimises the resulting forward l
 from bisect import bisect_right
 from dataclasses import dataclass
 
+from galaxy.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class RankProfile:
@@ -35,17 +37,17 @@ def apportion(total, costs, caps=None, unit=1, fixed=None):
     """Integers n_r (multiples of `unit`, >= unit, <= caps[r]) summing to `total` that minimise
     max_r(fixed[r] + n_r * costs[r]) (fixed: 0 when not given). Greedy: each next unit goes where
     it finishes earliest, which is optimal for this separable min-max problem of non-decreasing costs."""
-    if total % unit:
-        raise ValueError(f"total {total} is not a multiple of unit {unit}")
+    if total % unit:  # (ConfigError: a world, model or memory budget the split cannot serve)
+        raise ConfigError(f"total {total} is not a multiple of unit {unit}")
     caps = caps or [total] * len(costs)
     fixed = fixed or [0.0] * len(costs)
     n = [unit] * len(costs)
     if sum(n) > total or any(c < unit for c in caps):
-        raise ValueError(f"cannot give each of {len(costs)} ranks at least {unit} of {total} within caps {caps}")
+        raise ConfigError(f"cannot give each of {len(costs)} ranks at least {unit} of {total} within caps {caps}")
     for _ in range((total - sum(n)) // unit):
         open_ = [r for r in range(len(n)) if n[r] + unit <= caps[r]]
         if not open_:
-            raise ValueError(f"memory budgets allow only {sum(n)} of {total} units (caps {caps})")
+            raise ConfigError(f"memory budgets allow only {sum(n)} of {total} units (caps {caps})")
         best = min(open_, key=lambda r: (fixed[r] + (n[r] + unit) * costs[r], r))
         n[best] += unit
     return n

@@ -99,6 +99,32 @@ def part_of(p):
     return shard if shard is not None and shard.length < shard.full else None
 
 
+class Holding:
+    """This rank's model, its context (hence the plan), the config that planned it and the optimizer
+    over it (None when serving): their one owner, so that a move swaps them together. Each of
+    `on_move` is called after a move (a trainer's gradient sync follows the new parameters)."""
+
+    def __init__(self, model, ctx, cfg, opt=None):
+        self.model, self.ctx, self.cfg, self.opt, self.on_move = model, ctx, cfg, opt, []
+
+    def empty(self, cfg, ctx):
+        """`build_empty` in this model's dtype and mode (a LoRA layer merges on eval: the rows it receives are)."""
+        model, ctx = build_empty(cfg, ctx)
+        return model.to(next(self.model.parameters()).dtype).train(self.model.training), ctx
+
+    def move_to(self, cfg):
+        """Live re-planning: to cfg's plan on the same ranks (collective over the tensor group)."""
+        model, ctx = self.empty(cfg, self.ctx)
+        fill(model, [self.model], ctx, self.opt)
+        self.adopt(model, ctx, cfg)
+
+    def adopt(self, model, ctx, cfg):
+        """Go on with `model`, filled under ctx's plan."""
+        self.model, self.ctx, self.cfg = model, ctx, cfg
+        for moved in self.on_move:
+            moved()
+
+
 @torch.no_grad()
 def fill(new, holders, ctx, opt=None):
     """Fill `new` (this rank's model under ctx's plan) round by round over ctx's tensor group.

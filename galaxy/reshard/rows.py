@@ -20,15 +20,13 @@ NONE = (0, 0)  # the range of a holder with no rows
 
 @dataclass(frozen=True)
 class Rows:
-    """One full tensor's rows along `dim` (-1: never split; every rank holds it whole): held[h] the
-    range holder h has, wanted[r] the range rank r needs."""
+    """A full tensor's rows along `dim` (-1: never split) that holder h has (held[h]) and rank r wants (wanted[r])."""
     dim: int
     held: tuple
     wanted: tuple
 
     @property
-    def in_place(self):
-        """Every rank already holds exactly the rows it wants: nothing moves."""
+    def in_place(self):  # every rank holds exactly the rows it wants: nothing moves
         return self.dim < 0 or self.held == self.wanted
 
 
@@ -48,14 +46,12 @@ def pieces(held, lo, hi, own=None):
 
 
 def split_dim(t):
-    """The dimension along which `t`'s full tensor is split over ranks (ParamSpec), -1 if none."""
-    shard = spec_of(t).shard
-    return -1 if shard is None else shard.dim
+    """The dimension along which `t`'s full tensor is split over ranks (its ParamSpec), -1 if none."""
+    return spec_of(t).shard.dim if spec_of(t).shard else -1
 
 
 def span(t, dim):
-    """The rows [lo, hi) along `dim` of its full tensor that `t` holds (NONE when t is absent or
-    on the meta device; a tensor not split there holds all of them)."""
+    """The rows along `dim` of its full tensor that `t` holds (none if t is absent or on meta)."""
     if t is None or t.is_meta or dim < 0:
         return NONE
     shard = spec_of(t).shard
@@ -95,9 +91,8 @@ def send_rows(out, x, rows, rank, group):
 
 
 def read_rows(view, held, dim, lo, hi):
-    """From files: rows [lo, hi) along `dim` of a full tensor (dim None: all of it), assembled from
-    the safetensors slices view(h) (get_slice) of its holders h, which hold rows held[h]; only those
-    rows are read. LookupError(row) names the first row no holder has."""
+    """From files: rows [lo, hi) along `dim` (None: all) of a full tensor, read from the safetensors
+    slices view(h) of its holders h (rows held[h]). LookupError(row): the first row none holds."""
     if dim is None:
         return _read(view(0), None, 0, 0)
     parts, pos = [], lo

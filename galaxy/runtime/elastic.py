@@ -7,10 +7,11 @@ layer (tp, sp, galaxy: `in_place`): the launcher tells the survivors instead, an
 their own processes, keeping their weights (galaxy.app.infer.Server). Both re-plan the same way:
 
 - the config loses the dead ranks' entries, and each per-rank list is apportioned again over the
-  survivors by the planner's split policy (galaxy.planner.split), each rank's speed taken from its
-  own entries (a rank that held twice the heads keeps twice the share): tp_num_attention_heads_list / tp_intermediate_size_list / seq_scatter_list when the
-  ranks share each layer, stage_num_hidden_layers_list when they are pipeline stages, memory_mb /
-  zero_shard_list when they are data-parallel replicas;
+  survivors by the planner's split policy (galaxy.planner.split), each one's speed taken from its
+  own entries (twice the heads: twice as fast): tp_num_attention_heads_list /
+  tp_intermediate_size_list / seq_scatter_list when the ranks share each layer,
+  stage_num_hidden_layers_list when they are pipeline stages, memory_mb / zero_shard_list when
+  they are data-parallel replicas;
 - training resumes from the latest complete checkpoint in save_dir, read into the new layout
   (galaxy.train.checkpoint reshards it); inference in place keeps each survivor's rows, moves
   rows between survivors point to point and rebuilds only the lost rank's rows from the run's
@@ -38,14 +39,6 @@ def _seconds_per_unit(sizes, dead, world):
     return [1 / w for w in (_kept(sizes, dead) if sizes else [1] * world)]
 
 
-def _survivors_share(split, *args):
-    """split(*args), the planner's split policy over the survivors; too few units for them is a ConfigError."""
-    try:
-        return split(*args)
-    except ValueError as e:
-        raise ConfigError(f"the surviving ranks cannot share the work: {e}") from None
-
-
 def survivors_config(cfg, plan, dead):
     """The config for the ranks left when global ranks `dead` are gone (they keep their order)."""
     world = plan.world - len(dead)
@@ -58,11 +51,10 @@ def survivors_config(cfg, plan, dead):
         raise ConfigError(f"--elastic does not re-plan interleaved pipelines (virtual_stages {plan.virtual_stages})")
     out = dict(cfg)
     if plan.tp_size > 1:
-        out.update(_survivors_share(_tensor_lists, cfg, plan, dead, world))
+        out.update(_tensor_lists(cfg, plan, dead, world))
     elif plan.pp_size > 1:
         costs = _seconds_per_unit(cfg["stage_num_hidden_layers_list"], dead, world)
-        out["stage_num_hidden_layers_list"] = _survivors_share(
-            apportion, cfg["num_hidden_layers"], costs) if world > 1 else None
+        out["stage_num_hidden_layers_list"] = apportion(cfg["num_hidden_layers"], costs) if world > 1 else None
     elif cfg["data_parallel_size"]:
         out["data_parallel_size"] = world
     if plan.dp_size > 1:

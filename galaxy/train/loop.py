@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from galaxy.data import DataError, batch_indices
 from galaxy.layers.dropout import set_dropout_seed
+from galaxy.reshard.relayout import Holding
 from galaxy.train.grad_sync import GradSync, clip_grad_norm
 from galaxy.train.optim import build_optimizer, optimizer_state_bytes
 from galaxy.train.zero import Zero
@@ -63,19 +64,21 @@ def label_tokens(model, labels):
 
 
 class Trainer:
-    """Owns the model, optimizer, schedule and gradient sync of one rank.
+    """Owns the optimizer's schedule and gradient sync of one rank, and its Holding (the model, its
+    context and config, the optimizer).
 
     `forward_backward(batches, n_tokens)` runs the micro-steps of one optimizer step and
     returns this rank's share of the loss sum; the pipeline schedules replace it.
     """
 
     def __init__(self, model, ctx, cfg, data, total_steps, forward_backward=None, log=print):
-        self.model, self.ctx, self.cfg, self.data, self.log = model, ctx, cfg, data, log
-        self.total_steps = total_steps
+        self.data, self.log, self.total_steps = data, log, total_steps
         if cfg["dtype"] == "bf16_pure":  # parameters, gradients and optimizer state in bf16
             model.to(torch.bfloat16)
         self.zero = Zero(model, ctx, cfg) if cfg["zero_stage"] else None
         self.opt, self.sched = build_optimizer(model, cfg, total_steps, self.zero)
+        self.holding = Holding(model, ctx, cfg, self.opt)  # live re-planning moves it (galaxy.planner.replan)
+        self.holding.on_move.append(self._sync_new_parameters)
         self.sync = self.zero or GradSync(model, ctx, cfg["bucket_size_mb"])
         self.forward_backward = forward_backward or self._forward_backward
         self.autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if cfg["dtype"] == "bf16" \
@@ -83,11 +86,12 @@ class Trainer:
         self.step = 0
         self.before_update = None  # called with the synced, clipped gradients in place (tests, debugging)
 
-    def adopt(self, model, ctx, cfg):
-        """Go on with `model`: the same weights under another split on the same ranks, the optimizer
-        already pointed at them (galaxy.planner.replan); gradient sync follows the new parameters."""
-        self.model, self.ctx, self.cfg = model, ctx, cfg
-        self.sync = GradSync(model, ctx, cfg["bucket_size_mb"])
+    model = property(lambda self: self.holding.model)
+    ctx = property(lambda self: self.holding.ctx)
+    cfg = property(lambda self: self.holding.cfg)
+
+    def _sync_new_parameters(self):
+        self.sync = GradSync(self.model, self.ctx, self.cfg["bucket_size_mb"])
 
     def full_weights(self):
         """A block in which every parameter is whole (ZeRO-3 gathers its shards)."""
