@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from galaxy.app import cli, outputs
 from galaxy.app.session import join, load_model
+from galaxy.data import DataError, text_lines
 from galaxy.data.build import load_tokenizer
 from galaxy.models.registry import MODELS
 from galaxy.pipeline.engine import pipeline_streams
@@ -48,13 +49,16 @@ def non_negative_int(text):
 def text_file(path):
     if not Path(path).is_file():
         raise argparse.ArgumentTypeError(f"{path} is not a file")
-    if not read_lines(path):
-        raise argparse.ArgumentTypeError(f"{path} has no text")
+    try:
+        if not read_lines(path):
+            raise argparse.ArgumentTypeError(f"{path} has no text")
+    except DataError as e:  # argparse would say only "invalid text_file value"
+        raise argparse.ArgumentTypeError(str(e)) from None
     return path
 
 
 def read_lines(path):
-    return [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line for _, line in text_lines(path) if line.strip()]
 
 
 def add_args(parser):
@@ -107,16 +111,17 @@ def synthetic_batches(cfg, batch_size, count):
 
 def text_batches(cfg, path, batch_size, count):
     """The file's lines in turn, each [bos] text ([eos] for the encoders) cut and padded to
-    seq_length: sequence-sharded layouts split a fixed number of positions."""
-    tok = load_tokenizer(cfg)
+    seq_length: sequence-sharded layouts split a fixed number of positions. Returns the batches
+    and what the cut dropped ("" if nothing)."""
+    tok, length = load_tokenizer(cfg), cfg["seq_length"]
     ends = [tok.eos_id] if cfg["model"] != "llama" else []
-    lines = read_lines(path)
-    rows = []
-    for i in range(batch_size * count):
-        ids = ([tok.bos_id] + tok.encode(lines[i % len(lines)]) + ends)[:cfg["seq_length"]]
-        rows.append(ids + [tok.pad_id] * (cfg["seq_length"] - len(ids)))
-    ids = torch.tensor(rows).view(count, batch_size, -1)
-    return ((b, (b != tok.pad_id).long()) for b in ids)
+    lines = [[tok.bos_id] + tok.encode(line) + ends for line in read_lines(path)]
+    rows = [lines[i % len(lines)][:length] for i in range(batch_size * count)]
+    ids = torch.tensor([row + [tok.pad_id] * (length - len(row)) for row in rows]).view(count, batch_size, -1)
+    long = [len(line) - length for line in lines if len(line) > length]
+    cut = (f"--texts {path}: {len(long)} of {len(lines)} lines are longer than seq_length {length} tokens and were "
+           f"cut to it ({sum(long)} tokens dropped)") if long else ""
+    return ((b, (b != tok.pad_id).long()) for b in ids), cut
 
 
 def serve(forward, batches, ctx, after_request=None, first=0):
@@ -145,8 +150,8 @@ class Server:
     share every layer), a rank lost mid-request makes the survivors re-plan for the smaller world
     in place (`recover`) and serve that request again; `recoveries` records what each moved."""
 
-    def __init__(self, model, ctx, cfg, regroups=0):
-        self.holding, self.regroups, self.recoveries = Holding(model, ctx, cfg), regroups, []
+    def __init__(self, model, ctx, cfg, regroups=0, verbose=False):
+        self.holding, self.regroups, self.recoveries, self.verbose = Holding(model, ctx, cfg), regroups, [], verbose
         self.members = list(range(ctx.world))  # the launch's rank numbers of the ranks the model is laid out over
         self._watch()
 
@@ -159,7 +164,7 @@ class Server:
         self.replanner = None
         if self.cfg["replan"] and self.ctx.tp_size > 1:
             self.replanner = Replanner(self.model, self.ctx, self.cfg, self,
-                                       log=lambda line: print(f"[rank 0] {line}", flush=True))
+                                       log=lambda line: print(f"[rank 0] {line}", flush=True), verbose=self.verbose)
 
     def forward(self, ids, mask):
         return forward_fn(self.model, self.cfg["model"])(ids, mask)
@@ -270,10 +275,12 @@ def prepare(cfg, plan, rank):
 def infer(rank, world, cfg, plan, args):
     model, ctx = eval_model(cfg, plan, rank)
     regroups = cfg["elastic_restarts"] if cfg["elastic"] and elastic.in_place(plan, resumes=False) else 0
-    server = Server(model, ctx, cfg, regroups)
+    server = Server(model, ctx, cfg, regroups, args.verbose)
     count = args.warmup + args.requests
-    batches = (text_batches(cfg, args.texts, args.batch_size, count) if args.texts
-               else synthetic_batches(cfg, args.batch_size, count))
+    batches, cut = (text_batches(cfg, args.texts, args.batch_size, count) if args.texts
+                    else (synthetic_batches(cfg, args.batch_size, count), ""))
+    if cut and rank == 0:
+        print(f"[rank 0] {cut}", flush=True)
     latencies = [latency for latency, _ in server.run(batches)][args.warmup:]
     if server.ctx.rank != 0:
         return
@@ -288,13 +295,14 @@ def infer(rank, world, cfg, plan, args):
 def main(doc, default_config, argv=None):
     """Parse and check everything (errors stop here, before any process starts), then infer on
     this rank, or on every rank spawned here."""
-    args, cfg, plan, world, rank = cli.parse(doc.splitlines()[0], default_config, argv, add_args)
+    args, cfg, plan, world, rank = cli.parse(doc.splitlines()[0], default_config, argv, add_args,
+                                             metrics="one JSON line per timed request (request, latency_s)")
     if args.explain or args.trace_dir:
         raise SystemExit("galaxy: --explain and --trace_dir record a training step; inference has neither yet")
     if plan.virtual_stages > 1:
-        raise SystemExit(f"galaxy: config error: virtual_stages {plan.virtual_stages}: inference runs each "
-                         "rank's layers as one stage (virtual_stages 1)")
-    MODELS[cfg["model"]].check(cfg, plan)
+        cli.reject(f"virtual_stages {plan.virtual_stages}: inference runs each rank's layers as one stage "
+                   "(virtual_stages 1)")
+    cli.check(MODELS[cfg["model"]].check, cfg, plan)
     cli.check(elastic.check, cfg, plan, rank, resumes=False)
     outputs.check_outputs(None, args.metrics_file)
     launch.run(infer, world, rank, (cfg, plan, args), args.init_method,

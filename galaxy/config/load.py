@@ -13,9 +13,9 @@ from pathlib import Path
 from galaxy.errors import ConfigError
 from galaxy.models.llama.config import LlamaConfig
 from galaxy.models.registry import MODELS
-from galaxy.plan import check_kv_heads
+from galaxy.plan import TP, check_kv_heads
 from galaxy.seeding import DEFAULT_SEED
-from galaxy.tuning.keys import check_tuning
+from galaxy.tuning.keys import check_tuning, other_methods_keys, tuning_method
 
 INT_LIST = "list[int]"
 
@@ -140,6 +140,9 @@ SCHEMA = {
 ALIASES = {"pad_size": "seq_length", "max_seq_length": "seq_length", "lr": "learning_rate",
            "lora_att_dim": "lora_dim", "lora_r": "lora_dim", "grad_accum_steps": "gradient_accumulation_steps"}
 TUNING_KEYS = ("full_model", "use_lora", "use_adapter", "use_side", "use_side_only")
+PIPELINE_KEYS = ("stage_num_hidden_layers_list", "num_microbatches", "pipeline_schedule", "virtual_stages")
+LAYOUT_KEYS = ("tp_num_attention_heads_list", "tp_intermediate_size_list", "seq_scatter_list", "data_parallel_size",
+               *PIPELINE_KEYS)
 
 
 def _check_type(key, value, kind):
@@ -177,12 +180,17 @@ def parse_cli_value(key, text):
 
 def read_config(path, _outer=()):
     """One JSON object, after its "include" list of config parts (paths relative to the file),
-    read in order; later parts and then the file's own keys win. Keys come back canonical."""
+    read in order; later parts and then the file's own keys win. Keys come back canonical.
+    `_outer`: the files that include this one, outermost first."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    if path.resolve() in _outer:
-        raise ConfigError(f"config file {path} includes itself")
+    outer = [p.resolve() for p in _outer]
+    if path.resolve() in outer:
+        cycle = [*_outer[outer.index(path.resolve()):], path]
+        chain = " -> ".join(map(str, cycle))
+        raise ConfigError(f"config file {path} includes itself ({chain})" if len(cycle) == 2
+                          else f"config files include each other in a cycle: {chain}")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -191,7 +199,7 @@ def read_config(path, _outer=()):
         raise ConfigError(f"config file {path} must hold one JSON object")
     merged, parts = {}, raw.pop("include", [])
     for part in [parts] if isinstance(parts, str) else parts:
-        merged.update(read_config(path.parent / part, _outer + (path.resolve(),)))
+        merged.update(read_config(path.parent / part, (*_outer, path)))
     merged.update({_canonical(key): value for key, value in raw.items()})
     return merged
 
@@ -267,6 +275,34 @@ def _check_rules(cfg):
         raise ConfigError(f"tuning methods {methods} are all true; set exactly one of {list(TUNING_KEYS)}")
     cfg["full_model"] = not methods  # a PEFT method switches full-model tuning off
     check_tuning(cfg)
+
+
+def idle_keys(cfg, plan):
+    """Warnings (lines) for the keys set to other than their default that have no effect under the
+    rest of the config and `plan`. Warnings, not errors: the prototype's flat configs carry every
+    method's keys, and a layout's recipe run at world 1 is the serial reference."""
+    why = {key: f"the tuning method is {tuning_method(cfg)}" for key in other_methods_keys(cfg)}
+    if plan.world == 1:
+        why.update(dict.fromkeys(LAYOUT_KEYS, "world 1 runs the serial model, whatever the layout"))
+    else:
+        if plan.att is not TP:
+            why["tp_num_attention_heads_list"] = f"attention heads are not split (ATT={plan.att})"
+        if plan.mlp is not TP:
+            why["tp_intermediate_size_list"] = f"MLP columns are not split (MLP={plan.mlp})"
+        if not plan.seq_sharded:
+            why["seq_scatter_list"] = f"no block splits sequence positions (ATT={plan.att} CON={plan.con} MLP={plan.mlp})"
+        if plan.pp_size == 1:
+            why.update(dict.fromkeys(PIPELINE_KEYS, "there are no pipeline stages (stage_num_hidden_layers_list)"))
+    if not cfg["save_every"]:
+        why["keep_checkpoints"] = "save_every is 0: no training checkpoints are written"
+    if not cfg["elastic"]:
+        why["elastic_restarts"] = "elastic is off"
+    idle = {}
+    for key, reason in why.items():
+        if cfg[key] != SCHEMA[key][1]:
+            idle.setdefault(reason, []).append(f"{key} {cfg[key]}")
+    return [f"config key{'s' * (len(keys) > 1)} {', '.join(keys)} {'have' if len(keys) > 1 else 'has'} no effect: "
+            f"{reason}" for reason, keys in idle.items()]
 
 
 def _check_virtual_stages(cfg):

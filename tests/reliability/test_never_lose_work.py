@@ -57,6 +57,7 @@ def test_nonfinite_steps_are_skipped_by_every_rank_with_skip(tmp_path, layout):
     assert [r["nonfinite"] for r in rows] == [False, True, True]
     assert rows[1]["lr"] == rows[2]["lr"]  # a skipped step does not advance the LR schedule
     assert "step 2: non-finite loss or gradient norm" in out and "skipped its optimizer step" in out
+    assert "on_nonfinite skip: 2 of the 3 steps run took no optimizer step" in out, out[-2000:]
     assert all_finite(save)  # the export holds step 1's weights
 
 
