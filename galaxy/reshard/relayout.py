@@ -135,7 +135,8 @@ def fill(new, holders, ctx, opt=None):
     moved like them. Returns this rank's {kept, received} bytes (its own memory / from peers)."""
     params, rank, kept, received = list(new.named_parameters()), ctx.tp_rank, 0, 0
     for k, holder in enumerate(holders):
-        got = dict(holder.named_parameters()) if holder is not None else {}
+        # a lost rank's part brings its split rows only: every survivor holds its whole tensors
+        got = {name: p for name, p in holder.named_parameters() if k == 0 or part_of(p)} if holder is not None else {}
         layouts = _layouts([(got.get(name), q) for name, q in params], ctx)
         if k == 0:
             moved, filled = layouts, [0] * len(params)
