@@ -144,20 +144,17 @@ def serve(forward, batches, ctx, after_request=None, first=0):
             yield out, elapsed.item()
 
 
-class Server:
+class Server(Holding):
     """This rank's side of a run of requests. Between requests, live re-planning (config replan)
     may move the model to another split; with `regroups` > 0 (--elastic in a layout whose ranks
     share every layer), a rank lost mid-request makes the survivors re-plan for the smaller world
     in place (`recover`) and serve that request again; `recoveries` records what each moved."""
 
     def __init__(self, model, ctx, cfg, regroups=0, verbose=False):
-        self.holding, self.regroups, self.recoveries, self.verbose = Holding(model, ctx, cfg), regroups, [], verbose
+        super().__init__(model, ctx, cfg)
+        self.regroups, self.recoveries, self.verbose = regroups, [], verbose
         self.members = list(range(ctx.world))  # the launch's rank numbers of the ranks the model is laid out over
         self._watch()
-
-    model = property(lambda self: self.holding.model)
-    ctx = property(lambda self: self.holding.ctx)
-    cfg = property(lambda self: self.holding.cfg)
 
     def _watch(self):
         """Live re-planning (config replan) of the ranks the model is now laid out over, when it splits layers."""
@@ -195,13 +192,13 @@ class Server:
                 raise error
             self.regroups -= 1
             try:
-                cfg, model, ctx, moved = recover(self.holding, error, served, self.members)
+                cfg, model, ctx, moved = recover(self, error, served, self.members)
                 break
             except Exception as e:
                 error = e
         self.members = list(health.current().members)
         self.recoveries.append(moved)
-        self.holding.adopt(model, ctx, cfg)
+        self.adopt(model, ctx, cfg)
         self._watch()
 
 

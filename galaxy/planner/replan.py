@@ -8,12 +8,9 @@ at the step boundary and goes on, without a restart.
                positions, so each rank's time divided by its units is its cost per unit
     shared     one all-gather of 3 numbers per rank per step: every rank then holds the same costs
                and takes the same decision (`Drift`, pure functions)
-    the move   the model is built under the new plan on the same ranks and process groups; each
-               split parameter sends only the rows that change owner, point to point
-               (galaxy.reshard.rows.send_rows); replicated ones are handed over. AdamW's moments move
-               like their parameters; its step counts, the LR schedule and the training step stay.
-
-The move itself is galaxy.reshard.relayout's (shared with --elastic inference).
+    the move   galaxy.reshard.relayout.Holding.move_to (shared with --elastic inference): only the
+               rows that change owner are sent; AdamW's moments move like their parameters, its step
+               counts, the LR schedule and the training step stay.
 
 The prediction is the planner's cost model of the blocks' compute (galaxy.planner.split, with an
 unlimited link): what crosses the link per layer changes only with the positions' split. A block's
@@ -217,14 +214,14 @@ def layer_dims(cfg):
 
 class Replanner:
     """Call `after_step(step)` at every step boundary (an optimizer step, an inference request):
-    it measures, and when the ranks decide so, moves the model, context, config and optimizer that
-    `owner` (a Trainer, a Server) holds (or, without one, model, ctx and cfg) to the new split.
+    it measures, and when the ranks decide so, moves `owner` (a Holding: a Trainer, a Server; without
+    one, model, ctx and cfg) to the new split.
     `moves` records (step, old plan, new plan, predicted speed-up, steps measured, seconds) of each
     move. Rank 0 logs that it watches, each move, and with `verbose` what every step measured
     (`measured_line`)."""
 
     def __init__(self, model, ctx, cfg, owner=None, log=print, verbose=False):
-        self.holding, self.log = owner.holding if owner else Holding(model, ctx, cfg), log
+        self.holding, self.log = owner or Holding(model, ctx, cfg), log
         self.drift = Drift(check_replan(cfg, ctx.plan), layer_dims(cfg))
         self.timer = BlockTimer(model, ctx.device)
         self.moves, self.verbose = [], verbose

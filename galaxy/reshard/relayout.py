@@ -101,11 +101,11 @@ def part_of(p):
 
 class Holding:
     """This rank's model, its context (hence the plan), the config that planned it and the optimizer
-    over it (None when serving): their one owner, so that a move swaps them together. Each of
-    `on_move` is called after a move (a trainer's gradient sync follows the new parameters)."""
+    over it (None when serving): one owner, so that a move swaps them together. A Trainer and an
+    inference Server are Holdings (a trainer's `adopt` also points its gradient sync at the new parameters)."""
 
     def __init__(self, model, ctx, cfg, opt=None):
-        self.model, self.ctx, self.cfg, self.opt, self.on_move = model, ctx, cfg, opt, []
+        self.model, self.ctx, self.cfg, self.opt = model, ctx, cfg, opt
 
     def empty(self, cfg, ctx):
         """`build_empty` in this model's dtype and mode (a LoRA layer merges on eval: the rows it receives are)."""
@@ -121,8 +121,6 @@ class Holding:
     def adopt(self, model, ctx, cfg):
         """Go on with `model`, filled under ctx's plan."""
         self.model, self.ctx, self.cfg = model, ctx, cfg
-        for moved in self.on_move:
-            moved()
 
 
 @torch.no_grad()
@@ -174,16 +172,14 @@ def _layouts(pairs, ctx):
 def _move_optimizer(opt, old, params, layouts, ctx):
     """Point `opt` from the `old` parameters (by name) at the new `params`; a tensor of its
     parameter's shape (AdamW's moments) moves as the parameter's rows did (`layouts`)."""
-    def moved(tensor, rows):
-        if rows.in_place:
-            return tensor
-        lo, hi = rows.wanted[ctx.tp_rank]
-        out = tensor.new_empty(tensor.shape[:rows.dim] + (hi - lo,) + tensor.shape[rows.dim + 1:])
-        send_rows(out, tensor, rows, ctx.tp_rank, ctx.tp_group)
-        return out
+    def moved(tensor, rows, like):
+        if not rows.in_place:
+            tensor, held = tensor.new_empty(like.shape), tensor
+            send_rows(tensor, held, rows, ctx.tp_rank, ctx.tp_group)
+        return tensor
 
     pairs = [(old[name], q) for name, q in params]
-    opt.state = defaultdict(dict, {q: {k: moved(v, rows) if torch.is_tensor(v) and v.shape == p.shape else v
+    opt.state = defaultdict(dict, {q: {k: moved(v, rows, q) if torch.is_tensor(v) and v.shape == p.shape else v
                                        for k, v in opt.state[p].items()}
                                    for (p, q), rows in zip(pairs, layouts, strict=True) if p in opt.state})
     new_of = {p: q for p, q in pairs}

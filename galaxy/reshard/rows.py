@@ -1,12 +1,9 @@
 """Who holds which rows of a full tensor and who wants which (`Rows`): the one description every
-move of shards builds, and its two transports. A wanted row comes from the wanting rank itself when
-it holds it, else from the first holder that does (`pieces`), so holders may overlap (whole copies,
-replicas) and every rank derives the same moves.
-
-    send_rows   point to point between the live ranks of a group, each sending a peer only the rows
-                it serves it: re-planning and elastic recovery (relayout), gather_full_state
-    read_rows   slices of safetensors files (get_slice): resume in another layout, Hugging Face loading
-    share_rows  the one small all-gather that tells every rank of a group every rank's ranges
+move of shards builds. A wanted row comes from the wanting rank itself when it holds it, else from
+the first holder that does (`pieces`), so holders may overlap and every rank derives the same moves.
+Two transports: `send_rows`, point to point between live ranks (re-planning and elastic recovery:
+relayout; gather_full_state), and `read_rows`, slices of safetensors files (resume in another
+layout, Hugging Face loading); `share_rows` is the one small all-gather of every rank's ranges.
 """
 from dataclasses import dataclass
 

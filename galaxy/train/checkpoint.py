@@ -21,7 +21,7 @@ directory, so the previous checkpoint stays the latest. The ranks must share sav
 Another layout: a checkpoint written by N ranks under one plan resumes on M ranks under another
 (the same model, tuning and training settings; LAYOUT_KEYS may differ). Each rank state lists
 every tensor's full name and shard (ParamSpec.Shard), so each new rank reads from the old ranks'
-files only the slices its own parameters and AdamW moments cover (safetensors get_slice); the
+files only the rows its own parameters and AdamW moments cover (galaxy.reshard.rows.read_rows); the
 step, the LR schedule's position and RNG carry over (the data order and dropout masks follow from the step).
 """
 import hashlib

@@ -63,9 +63,9 @@ def label_tokens(model, labels):
     return count(labels) if count else (labels != -100).sum()
 
 
-class Trainer:
-    """Owns the optimizer's schedule and gradient sync of one rank, and its Holding (the model, its
-    context and config, the optimizer).
+class Trainer(Holding):
+    """Holds the model, context, config and optimizer of one rank (a Holding, which live
+    re-planning moves), and owns the LR schedule and gradient sync.
 
     `forward_backward(batches, n_tokens)` runs the micro-steps of one optimizer step and
     returns this rank's share of the loss sum; the pipeline schedules replace it.
@@ -76,9 +76,8 @@ class Trainer:
         if cfg["dtype"] == "bf16_pure":  # parameters, gradients and optimizer state in bf16
             model.to(torch.bfloat16)
         self.zero = Zero(model, ctx, cfg) if cfg["zero_stage"] else None
-        self.opt, self.sched = build_optimizer(model, cfg, total_steps, self.zero)
-        self.holding = Holding(model, ctx, cfg, self.opt)  # live re-planning moves it (galaxy.planner.replan)
-        self.holding.on_move.append(self._sync_new_parameters)
+        opt, self.sched = build_optimizer(model, cfg, total_steps, self.zero)
+        super().__init__(model, ctx, cfg, opt)  # live re-planning moves them (galaxy.planner.replan)
         self.sync = self.zero or GradSync(model, ctx, cfg["bucket_size_mb"])
         self.forward_backward = forward_backward or self._forward_backward
         self.autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if cfg["dtype"] == "bf16" \
@@ -87,12 +86,10 @@ class Trainer:
         self.skipped = 0  # steps of this run that took no optimizer step (on_nonfinite skip)
         self.before_update = None  # called with the synced, clipped gradients in place (tests, debugging)
 
-    model = property(lambda self: self.holding.model)
-    ctx = property(lambda self: self.holding.ctx)
-    cfg = property(lambda self: self.holding.cfg)
-
-    def _sync_new_parameters(self):
-        self.sync = GradSync(self.model, self.ctx, self.cfg["bucket_size_mb"])
+    def adopt(self, model, ctx, cfg):
+        """After a move: gradient sync follows the new parameters."""
+        super().adopt(model, ctx, cfg)
+        self.sync = GradSync(model, ctx, cfg["bucket_size_mb"])
 
     def full_weights(self):
         """A block in which every parameter is whole (ZeRO-3 gathers its shards)."""
