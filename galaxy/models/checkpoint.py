@@ -126,8 +126,11 @@ def load_checkpoint(model, path, to_hf, strip_prefix="", trainable_only=False, s
 
 @torch.no_grad()
 def _copy_slices(found):
+    """Each parameter's rows of a tensor its file holds whole (galaxy.reshard.rows's file transport)."""
     for _, view, param in found:
-        param.copy_(_read_slice(view, param))
+        dim = split_dim(param)
+        param.copy_(read_rows(lambda _: view, [(0, full_shape(param)[dim])], dim, *span(param, dim)) if dim >= 0
+                    else view[:])
 
 
 def _whole_model(model):
@@ -186,14 +189,6 @@ def own_slice(full, param):
     """The part of a full (unsharded) tensor that `param` holds (all of it when not sharded)."""
     shard = spec_of(param).shard
     return full if shard is None else full.narrow(shard.dim, shard.start, shard.length)
-
-
-def _read_slice(view, param):
-    """param's rows of a tensor the file holds whole (galaxy.reshard.rows's file transport)."""
-    shard = spec_of(param).shard
-    if shard is None:
-        return view[:]
-    return read_rows(lambda holder: view, [(0, shard.full)], shard.dim, shard.start, shard.start + shard.length)
 
 
 def gather_full_state(model, ctx, to_hf, tensor_of=lambda p: p.detach(), trainable_only=False):
