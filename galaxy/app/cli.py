@@ -5,7 +5,7 @@ import sys
 
 from galaxy.config.load import ALIASES, SCHEMA, idle_keys, load_config, parse_cli_value
 from galaxy.errors import ConfigError
-from galaxy.plan import build_plan
+from galaxy.plan import build_plan, default_splits
 from galaxy.planner.replan import check_replan
 from galaxy.runtime import launch
 from galaxy.train.zero import check_zero
@@ -51,6 +51,9 @@ def parse(description, default_config, argv=None, add_args=None, keys=None, chec
             check(args, cfg, plan)
     except ConfigError as e:
         parser.exit(2, f"galaxy: config error: {e}\n")
+    if rank in (None, 0):  # once per run: the launcher of a local spawn, or rank 0
+        for line in default_splits(cfg, plan):
+            print(f"galaxy: {line}", flush=True)
     for line in idle_keys(cfg, plan):
         print(f"galaxy: warning: {line}", file=sys.stderr, flush=True)
     args.init_method = launch.init_method_from(args, cfg["init_method"], local_spawn=rank is None and world > 1)

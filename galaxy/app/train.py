@@ -24,6 +24,7 @@ from galaxy.profiler.memory import MemoryReport, model_state_line
 from galaxy.runtime import elastic, launch
 from galaxy.train import checkpoint
 from galaxy.train.loop import NonFiniteError, Trainer, run_training
+from galaxy.tuning.apply import check_sources
 from galaxy.tuning.keys import save_tuning_record
 
 
@@ -135,6 +136,10 @@ def main(doc, model, default_config, argv=None):
     if args.trace_dir and cfg["replan"]:
         cli.reject("--trace_dir traces the model it starts with; replan may rebuild it in another split, so use "
                    "one or the other")
+    try:
+        check_sources(cfg)  # inputs before outputs: a run that cannot load leaves no empty save_dir
+    except CheckpointError as e:
+        raise SystemExit(f"galaxy: {e}") from None
     outputs.check_outputs(cfg["save_dir"], args.metrics_file)  # every process that may write, before step 1
     owns_save_dir = cfg["save_dir"] and rank in (None, 0)  # the process of rank 0 locks it for the run
     with outputs.save_dir_lock(cfg["save_dir"]) if owns_save_dir else nullcontext():

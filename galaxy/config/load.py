@@ -1,11 +1,14 @@
 """JSON configs with the research prototype's key names, validated in one place.
 
 A config may compose parts: {"include": ["../../model/bert_tiny.json", "../../layout/galaxy.json"]}.
+A part's path is relative to the file; where nothing is there, the same path under the shipped
+train_config/ is read (its leading "../" dropped), so a shipped config copied anywhere still runs.
 Every key has a type and a default (model keys: the architecture's, galaxy/models/registry.py);
 unknown keys and wrong types are errors naming the key. Command-line `--key value` pairs
 override the file. Aliases keep old names working.
 """
 import hashlib
+import itertools
 import json
 from dataclasses import fields
 from pathlib import Path
@@ -18,6 +21,7 @@ from galaxy.seeding import DEFAULT_SEED
 from galaxy.tuning.keys import check_tuning, other_methods_keys, tuning_method
 
 INT_LIST = "list[int]"
+SHIPPED = Path(__file__).resolve().parents[2] / "train_config"  # the repository's configs and their parts
 
 # key: (type, default, meaning)
 SCHEMA = {
@@ -178,9 +182,21 @@ def parse_cli_value(key, text):
         raise ConfigError(f"--{key} {text!r} is not a valid {getattr(kind, '__name__', kind)}") from None
 
 
+def part_path(config, part):
+    """Where `config`'s include `part` is: beside the file, else the same path under SHIPPED with its
+    leading "../" dropped (a copy of train_config/bert/full.json anywhere finds ../model/bert_tiny.json)."""
+    beside = config.parent / part
+    shipped = SHIPPED.joinpath(*itertools.dropwhile(lambda name: name == "..", Path(part).parts))
+    tried = dict.fromkeys((beside, shipped))  # one place for an absolute part
+    found = next((candidate for candidate in tried if candidate.is_file()), None)
+    if found is None:
+        raise ConfigError(f"config file {config} includes {part}, but there is no {' nor '.join(map(str, tried))}")
+    return found
+
+
 def read_config(path, _outer=()):
-    """One JSON object, after its "include" list of config parts (paths relative to the file),
-    read in order; later parts and then the file's own keys win. Keys come back canonical.
+    """One JSON object, after its "include" list of config parts (each found by part_path), read
+    in order; later parts and then the file's own keys win. Keys come back canonical.
     `_outer`: the files that include this one, outermost first."""
     path = Path(path)
     if not path.is_file():
@@ -199,7 +215,7 @@ def read_config(path, _outer=()):
         raise ConfigError(f"config file {path} must hold one JSON object")
     merged, parts = {}, raw.pop("include", [])
     for part in [parts] if isinstance(parts, str) else parts:
-        merged.update(read_config(path.parent / part, (*_outer, path)))
+        merged.update(read_config(part_path(path, part), (*_outer, path)))
     merged.update({_canonical(key): value for key, value in raw.items()})
     return merged
 

@@ -19,6 +19,7 @@ from bisect import bisect_right
 from dataclasses import dataclass
 
 from galaxy.errors import ConfigError
+from galaxy.plan import even_split
 
 
 @dataclass(frozen=True)
@@ -71,9 +72,9 @@ def comm_seconds(positions, batch, hidden, bandwidth_Bps, bytes_per=4):
 
 def predict_layer_seconds(split, profiles, batch, hidden, bandwidth_Bps):
     heads, cols, pos = split["tp_num_attention_heads_list"], split["tp_intermediate_size_list"], split["seq_scatter_list"]
-    att = max(p.att_s_fixed + h * p.att_s_per_head for h, p in zip(heads, profiles))
-    mlp = max(p.mlp_s_fixed + c * p.mlp_s_per_column for c, p in zip(cols, profiles))
-    con = max(p.con_s_fixed + n * p.con_s_per_position for n, p in zip(pos, profiles))
+    att = max(p.att_s_fixed + h * p.att_s_per_head for h, p in zip(heads, profiles, strict=True))
+    mlp = max(p.mlp_s_fixed + c * p.mlp_s_per_column for c, p in zip(cols, profiles, strict=True))
+    con = max(p.con_s_fixed + n * p.con_s_per_position for n, p in zip(pos, profiles, strict=True))
     return att + mlp + 2 * con + comm_seconds(pos, batch, hidden, bandwidth_Bps)
 
 
@@ -129,14 +130,10 @@ def plan_galaxy(profiles, *, hidden, heads, intermediate, seq, layers, batch, ba
     return split, layers * predict_layer_seconds(split, profiles, batch, hidden, bandwidth_Bps)
 
 
-def _even(total, parts):
-    return [total // parts + (r < total % parts) for r in range(parts)]
-
-
 def even_galaxy(world, *, heads, intermediate, seq):
     """The even split (what a config without lists gets), for comparison."""
-    return {"parallel": "galaxy", "tp_num_attention_heads_list": _even(heads, world),
-            "tp_intermediate_size_list": _even(intermediate, world), "seq_scatter_list": _even(seq, world)}
+    return {"parallel": "galaxy", "tp_num_attention_heads_list": even_split(heads, world),
+            "tp_intermediate_size_list": even_split(intermediate, world), "seq_scatter_list": even_split(seq, world)}
 
 
 def pipeline_seconds(stage_layers, s_per_layer, microbatches, extra_s=None, link_s=0.0):
@@ -147,7 +144,7 @@ def pipeline_seconds(stage_layers, s_per_layer, microbatches, extra_s=None, link
         sum_s T_s + (S - 1) * link_s + (M - 1) * max(max_s T_s, link_s)
     (GPipe's (M + S - 1) * max_s T_s when all stages are equal; the forward phase of GPipe/1F1B)."""
     extra_s = extra_s or [0.0] * len(s_per_layer)
-    times = [n * t + e for n, t, e in zip(stage_layers, s_per_layer, extra_s)]
+    times = [n * t + e for n, t, e in zip(stage_layers, s_per_layer, extra_s, strict=True)]
     return sum(times) + (len(times) - 1) * link_s + (microbatches - 1) * max(max(times), link_s)
 
 
@@ -192,7 +189,8 @@ def plan_stage_layers(layers, s_per_layer, microbatches, *, extra_s=None, link_s
     caps = caps or [layers] * len(s_per_layer)
     _check_stages(layers, s_per_layer, microbatches, extra_s, caps)
     # each stage's possible times per micro-batch, ascending: room within B is a bisection
-    times = [[n * t + e for n in range(1, min(cap, layers) + 1)] for t, e, cap in zip(s_per_layer, extra_s, caps)]
+    times = [[n * t + e for n in range(1, min(cap, layers) + 1)]
+             for t, e, cap in zip(s_per_layer, extra_s, caps, strict=True)]
     best = None
     for bound in sorted({x for ts in times for x in ts}):
         room = [bisect_right(ts, bound) for ts in times]
@@ -215,9 +213,10 @@ def stage_costs(tensor_split, profiles, stages, *, hidden, heads, seq, layers, b
     tp = len(profiles) // stages
     groups = [profiles[s * tp:(s + 1) * tp] for s in range(stages)]
     per_head, per_col = layer_param_bytes(hidden, heads)
-    shares = list(zip(tensor_split["tp_num_attention_heads_list"], tensor_split["tp_intermediate_size_list"]))
+    shares = list(zip(tensor_split["tp_num_attention_heads_list"], tensor_split["tp_intermediate_size_list"],
+                      strict=True))
     s_per_layer = [predict_layer_seconds(tensor_split, g, batch, hidden, bandwidth_Bps) for g in groups]
-    caps = [min(_fit(p.memory_bytes, h * per_head + c * per_col, layers) for p, (h, c) in zip(g, shares))
+    caps = [min(_fit(p.memory_bytes, h * per_head + c * per_col, layers) for p, (h, c) in zip(g, shares, strict=True))
             for g in groups]
     extra_s = [max(p.embed_s for p in groups[0])] + [0.0] * (stages - 1)
     return s_per_layer, extra_s, batch * seq * hidden * 4 / bandwidth_Bps, caps
@@ -264,7 +263,7 @@ def even_pipeline(profiles, stages, *, hidden, heads, intermediate, seq, layers,
     tensor = even_galaxy(tp, heads=heads, intermediate=intermediate, seq=seq)
     s_per_layer, extra_s, link_s, _ = stage_costs(tensor, profiles, stages, hidden=hidden, heads=heads, seq=seq,
                                                   layers=layers, batch=batch, bandwidth_Bps=bandwidth_Bps)
-    n = _even(layers, stages)
+    n = even_split(layers, stages)
     return _pipeline_keys(tensor, n, tp), pipeline_seconds(n, s_per_layer, microbatches, extra_s, link_s)
 
 
@@ -298,7 +297,7 @@ def plan_layouts(profiles, *, hidden, heads, intermediate, seq, layers, batch, b
     fastest = min(range(len(profiles)), key=local.__getitem__)
     positions = apportion(seq, [_per_position_seconds(p, **dims) for p in profiles])
     out_gather = _gather_seconds(positions, batch, hidden, bandwidth_Bps)
-    sp_layer = (max(n * _per_position_seconds(p, **dims) for n, p in zip(positions, profiles))
+    sp_layer = (max(n * _per_position_seconds(p, **dims) for n, p in zip(positions, profiles, strict=True))
                 + 2 * _gather_seconds(positions, batch, hidden, bandwidth_Bps))  # K and V
     galaxy, galaxy_s = plan_galaxy(profiles, hidden=hidden, intermediate=intermediate, layers=layers, batch=batch,
                                    bandwidth_Bps=bandwidth_Bps, column_unit=column_unit, heads=heads, seq=seq)

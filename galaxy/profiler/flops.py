@@ -270,7 +270,8 @@ class FlopsProfiler:
         widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
 
         def line(cells):
-            return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+            return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                             for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
 
         return "\n".join([line(header), "-" * len(line(header))] + [line(r) for r in rows])
 

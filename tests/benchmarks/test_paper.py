@@ -32,7 +32,7 @@ def test_method_keys_put_the_planned_splits_and_tiles_into_configs():
 
 
 def test_speedups_judge_the_pick_against_every_other_method():
-    medians = dict(zip(paper.METHODS, (1.0, 4.0, 3.0, 3.5, 2.0, 1.5, 2.5, 5.0, 6.0)))
+    medians = dict(zip(paper.METHODS, (1.0, 4.0, 3.0, 3.5, 2.0, 1.5, 2.5, 5.0, 6.0), strict=True))
     ratios, best_other = paper.speedups(medians, "local")
     assert best_other == "galaxy_overlap"
     assert ratios["planner vs tp"] == 4.0 and ratios["planner vs best other"] == 1.5

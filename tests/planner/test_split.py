@@ -13,13 +13,13 @@ from galaxy.planner.split import (RankProfile, apportion, comm_seconds, even_gal
 def test_apportion_is_proportional_to_speed_and_exact():
     assert apportion(12, [1.0, 1.0]) == [6, 6]
     assert apportion(12, [1.0, 2.0]) == [8, 4]  # the 2x slower rank gets half the work
-    assert max(n * c for n, c in zip(apportion(13, [1.0, 2.0, 4.0]), [1.0, 2.0, 4.0])) == 8
+    assert max(n * c for n, c in zip(apportion(13, [1.0, 2.0, 4.0]), [1.0, 2.0, 4.0], strict=True)) == 8
     assert sum(apportion(3072, [0.3, 0.7, 1.1], unit=64)) == 3072
 
 
 def test_apportion_minimises_the_slowest_rank():
     costs = [1.0, 1.7, 2.9]
-    best = max(n * c for n, c in zip(apportion(20, costs), costs))
+    best = max(n * c for n, c in zip(apportion(20, costs), costs, strict=True))
     brute = min(max(a * costs[0], b * costs[1], (20 - a - b) * costs[2])
                 for a in range(1, 19) for b in range(1, 20 - a))
     assert best == pytest.approx(brute)
@@ -34,10 +34,10 @@ def test_apportion_with_fixed_costs_is_optimal_against_brute_force():
         fixed = [rng.choice([0.0, rng.uniform(0.0, 10.0)]) for _ in range(ranks)]
         caps = [unit * rng.randint(1, total // unit) for _ in range(ranks)]
         shares = [n for n in itertools.product(range(unit, total + 1, unit), repeat=ranks)
-                  if sum(n) == total and all(a <= c for a, c in zip(n, caps))]
+                  if sum(n) == total and all(a <= c for a, c in zip(n, caps, strict=True))]
         if not shares:
             continue
-        seconds = (lambda n: max(f + a * c for f, a, c in zip(fixed, n, costs)))  # noqa: E731
+        seconds = (lambda n: max(f + a * c for f, a, c in zip(fixed, n, costs, strict=True)))  # noqa: E731
         assert seconds(apportion(total, costs, caps, unit, fixed)) == pytest.approx(min(map(seconds, shares)))
     # a fixed part moves units away from its rank (a linear model cannot tell it apart)
     assert apportion(12, [1.0, 1.0], fixed=[0.0, 4.0]) == [8, 4]
@@ -99,7 +99,9 @@ def test_slow_stage_gets_fewer_layers_within_memory_caps():
 def test_many_micro_batches_give_apportions_min_max_split():
     costs = [1.0, 1.7, 2.9]
     split, _ = plan_stage_layers(20, costs, 1000)
-    assert max(n * c for n, c in zip(split, costs)) == max(n * c for n, c in zip(apportion(20, costs), costs))
+    proportional = apportion(20, costs)
+    slowest = (lambda counts: max(n * c for n, c in zip(counts, costs, strict=True)))  # noqa: E731
+    assert slowest(split) == slowest(proportional)
 
 
 def test_stage_layers_are_optimal_against_brute_force():
@@ -114,7 +116,7 @@ def test_stage_layers_are_optimal_against_brute_force():
         if sum(caps) < layers:
             continue
         split, seconds = plan_stage_layers(layers, t, micro, extra_s=extra, link_s=link, caps=caps)
-        assert sum(split) == layers and all(1 <= n <= c for n, c in zip(split, caps))
+        assert sum(split) == layers and all(1 <= n <= c for n, c in zip(split, caps, strict=True))
         brute = min(pipeline_seconds(n, t, micro, extra, link)
                     for n in itertools.product(*(range(1, c + 1) for c in caps)) if sum(n) == layers)
         assert seconds == pytest.approx(brute, rel=1e-12)

@@ -15,8 +15,8 @@ from galaxy.app import outputs
 from galaxy.models.checkpoint import CheckpointError
 from galaxy.train import checkpoint
 from tests.helpers import run_ranks
-from tests.reliability import procs
-from tests.reliability.test_checkpoint import make_trainer, tiny_cfg, train
+from tests import procs
+from tests.train.test_checkpoint import make_trainer, tiny_cfg, train
 
 BLOW_UP = ["--lr", "1e9", "--max_grad_norm", "0"]  # step 1 is finite, step 2's loss is NaN
 
@@ -156,3 +156,14 @@ def test_lock_is_released_when_the_run_fails(tmp_path):
     code, out = procs.run([*BLOW_UP, "--max_steps", "3", "--save_dir", str(tmp_path)])
     assert code == 1, out[-2000:]
     assert not (tmp_path / outputs.LOCK).exists()
+
+
+@pytest.mark.parametrize("source", ["--load_checkpoint", "--load_trainable"])
+def test_a_run_whose_checkpoint_is_missing_creates_no_save_dir(tmp_path, source):
+    """README's LoRA block once left an empty out/lora behind when out/base did not exist: inputs
+    are checked before save_dir is created or any rank starts."""
+    save, missing = tmp_path / "out" / "lora", tmp_path / "out" / "base"
+    code, out = procs.run(["--max_steps", "1", "--use_lora", "true", source, str(missing), "--save_dir", str(save)])
+    assert code == 1, out[-2000:]
+    assert not (tmp_path / "out").exists()
+    assert f"galaxy: {missing}: no model.safetensors" in out, out[-2000:]  # before any rank started

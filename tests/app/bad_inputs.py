@@ -2,7 +2,7 @@
 each gets: the cases test_bad_inputs.py checks in-process, and the table of docs/bad_inputs.md,
 made by running them for real:
 
-    python -m tests.reliability.bad_inputs > docs/bad_inputs.md
+    python -m tests.app.bad_inputs > docs/bad_inputs.md
 """
 import contextlib
 import io
@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.reliability import procs
+from tests import procs
 
 CORPUS = ["--data", "corpus", "--vocab_size", "8000", "--max_steps", "1"]
 SYNTH = ["--max_steps", "1"]
@@ -35,6 +35,8 @@ def write_files(d):
     (d / "cycle_b.json").write_text('{"include": ["cycle_a.json"]}')
     (d / "latin1.txt").write_bytes(b"fine\ncaf\xe9\n")
     (d / "long.txt").write_text("a short line\n" + "the module defines a class " * 20 + "\n")
+    (d / "texts.txt").write_text("The list is a [MASK] sequence.\nA tuple cannot change.\n")
+    (d / "blank.txt").write_text("\n  \n")
     (d / "garbage.safetensors").write_bytes(b"\x00" * 64)
     (d / "no_model").mkdir(exist_ok=True)
     (d / "empty_save").mkdir(exist_ok=True)
@@ -79,11 +81,8 @@ CASES = [
     ("world of no ranks", ["--world", "0"], "--world 0 must be at least 1", 2),
     ("local spawn of far more ranks than cores", ["--world", "1000", "--parallel", "dp", "--batch_size", "1000"],
      "--world 1000 would start 1000 ranks on this machine's", 2),
-    ("no split lists where sizes do not divide", ["--world", "3", "--parallel", "galaxy"],
-     "tp_num_attention_heads_list is not given and 2 attention heads do not split evenly over 3 ranks (list each "
-     "rank's share in it); tp_intermediate_size_list is not given and 128 intermediate columns do not split evenly "
-     "over 3 ranks (list each rank's share in it); seq_scatter_list is not given and 32 sequence positions do not "
-     "split evenly over 3 ranks (list each rank's share in it)", 2),
+    ("no split lists, fewer heads than ranks", ["--world", "3", "--parallel", "galaxy"],
+     "tp_num_attention_heads_list is not given and 2 attention heads cannot give each of 3 ranks one", 2),
     ("LLaMA has no synthetic data", ["finetune_llama.py", "--config_file", "train_config/llama/full.json",
                                      "--num_key_value_heads", "2", "--vocab_size", "500"],
      "config key 'data' is 'synthetic': llama trains on data 'instruction' or 'corpus'", 2),
@@ -169,6 +168,41 @@ CASES = [
 ]
 
 
+ANSWER = ["--texts", "{d}/texts.txt", "--output", "{d}/answers.jsonl"]
+LLAMA = ["--config_file", "train_config/llama/full.json", "--num_key_value_heads", "2"]
+# infer_galaxy.py's cases; all stop before any rank starts
+INFER_CASES = [
+    ("--texts missing", ["--texts", "{d}/nope.txt"], "argument --texts: {d}/nope.txt is not a file", 2),
+    ("--texts blank", ["--texts", "{d}/blank.txt"], "argument --texts: {d}/blank.txt has no text", 2),
+    ("unknown --task", ["--task", "translate"], "argument --task: invalid choice: 'translate'", 2),
+    ("--task without --output", ["--task", "embed", "--texts", "{d}/texts.txt"],
+     "--task answers the lines of --texts into --output: give all three", 1),
+    ("--output without --task", ANSWER, "--task answers the lines of --texts into --output: give all three", 1),
+    ("--requests with --output", [*ANSWER, "--task", "embed", "--requests", "3"],
+     "--requests: with --output every line of --texts is answered once", 1),
+    ("--output is --texts", ["--texts", "{d}/texts.txt", "--output", "{d}/texts.txt", "--task", "embed"],
+     "--output {d}/texts.txt is --texts: the answers would overwrite the questions", 1),
+    ("--output is a directory", ["--texts", "{d}/texts.txt", "--output", "{d}/no_model", "--task", "embed"],
+     "--output {d}/no_model is a directory", 1),
+    ("--task the model cannot answer", [*ANSWER, "--task", "generate"],
+     "--task: task 'generate' needs a llama model; this one is bert", 1),
+    ("--top_k above the vocabulary", [*ANSWER, "--task", "fill-mask", "--top_k", "500"],
+     "--top_k 500 exceeds vocab_size 200", 1),
+    ("fill-mask with a tokenizer that has no mask", [*ANSWER, "--task", "fill-mask", "--vocab_size", "4000",
+                                                    "--tokenizer_file", "data/python_docs/spm_llama.model"],
+     "--task fill-mask: tokenizer data/python_docs/spm_llama.model has no mask token", 1),
+    ("--serve not HOST:PORT", ["--serve", "8000"], "argument --serve: '8000' is not HOST:PORT (e.g. 127.0.0.1:8000)", 2),
+    ("--serve with --task", ["--serve", "127.0.0.1:0", *ANSWER, "--task", "embed"],
+     "--serve answers HTTP requests, not with --task, --output, --texts (a run over --texts)", 1),
+    ("--serve on an address not this machine's", ["--serve", "192.0.2.1:8000"],
+     "--serve 192.0.2.1:8000: cannot listen there", 1),
+    ("generate past the model's positions", [*LLAMA, *ANSWER, "--task", "generate", "--max_new_tokens", "3000"],
+     "--task generate: seq_length 32 (the longest prompt) + --max_new_tokens 3000 exceeds the model's 2048 positions", 1),
+]
+
+CASES += [(what, ["infer_galaxy.py", *args], expected, code) for what, args, expected, code in INFER_CASES]
+
+
 def fill(items, d):
     return [str(x).replace("{d}", str(d)) for x in items]
 
@@ -251,7 +285,7 @@ def _multi_process_rows(d):
     rows.append(_row("rank 1 SIGKILLed mid-training (rank 0's view)", ["--world", "2", "--rank", "0"], code,
                      (d / "rank0.log").read_text()))
     spawn = procs.start(["--parallel", "galaxy", "--world", "2", "--max_steps", "3"], d / "spawn.log",
-                        "tests/reliability/patched_steps.py", env={"GALAXY_TEST_KILL": "1,1,2"})
+                        "tests/scripts/patched_steps.py", env={"GALAXY_TEST_KILL": "1,1,2"})
     code = procs.finish({0: spawn}, 120)[0]
     rows.append(_row("rank 1 SIGKILLed in a local spawn (the launcher's view)", ["--world", "2"], code,
                      (d / "spawn.log").read_text()))
@@ -259,7 +293,7 @@ def _multi_process_rows(d):
 
 
 if __name__ == "__main__":
-    print("# Bad inputs and what they get\n\nMade by `python -m tests.reliability.bad_inputs > docs/bad_inputs.md` "
+    print("# Bad inputs and what they get\n\nMade by `python -m tests.app.bad_inputs > docs/bad_inputs.md` "
           "(each row run as a real process; DIR is a temporary directory). "
           "Documents longer than seq_length are not an error: the corpus is one token stream cut into "
           "seq_length pieces, so nothing is skipped (only the tail shorter than one sequence is dropped). Exit 2 = rejected by the command line / "
