@@ -33,7 +33,7 @@ from galaxy.models.registry import MODELS
 from galaxy.pipeline.engine import pipeline_streams
 from galaxy.pipeline.p2p import StageLinks
 from galaxy.planner.replan import Replanner
-from galaxy.reshard.relayout import Holding, build_lost_part, fill as fill_after_loss
+from galaxy.reshard.relayout import Holding, build_like, build_lost_part, fill as fill_after_loss
 from galaxy.runtime import elastic, health, launch
 
 
@@ -317,7 +317,7 @@ def recover(holding, error, served, members):
                               cfg["timeout_s"])
     lost = [i for i, r in enumerate(members) if r in gone]
     new_cfg, plan = elastic.go_on(cfg, ctx.plan, lost)
-    new, new_ctx = holding.empty(new_cfg, join(new_cfg, plan, dist.get_rank()))
+    new, new_ctx = build_like(holding, new_cfg, join(new_cfg, plan, dist.get_rank()))
     holders, rebuilt = [model], 0
     for i, rank in enumerate(lost):  # the i-th lost rank's rows are rebuilt by survivor i (round robin)
         part = None

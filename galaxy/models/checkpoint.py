@@ -18,8 +18,8 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from galaxy.layers.param_spec import GradSum, spec_of
-from galaxy.reshard.rows import NONE, read_rows, send_rows, share_rows, span, split_dim
+from galaxy.comm.rows import NONE, read_rows, send_rows, share_rows
+from galaxy.layers.param_spec import GradSum, spec_of, span, split_dim
 
 INDEX = "model.safetensors.index.json"
 
@@ -138,7 +138,7 @@ def _holds_any(where, patterns):
 
 @torch.no_grad()
 def _copy_slices(found):
-    """Each parameter's rows of a tensor its file holds whole (galaxy.reshard.rows's file transport)."""
+    """Each parameter's rows of a tensor its file holds whole (galaxy.comm.rows's file transport)."""
     for _, view, param in found:
         dim = split_dim(param)
         param.copy_(read_rows(lambda _: view, [(0, full_shape(param)[dim])], dim, *span(param, dim)) if dim >= 0
@@ -211,7 +211,7 @@ def gather_full_state(model, ctx, to_hf, tensor_of=lambda p: p.detach(), trainab
     params = [(n, p) for n, p in model.named_parameters()
               if (p.requires_grad or not trainable_only) and spec_of(p).grad_sum is not GradSum.TIED]
     dims = [split_dim(p) for _, p in params]
-    # every rank wants all the rows; the shards' rows move point to point (galaxy.reshard.rows)
+    # every rank wants all the rows; the shards' rows move point to point (galaxy.comm.rows)
     layouts = share_rows(ctx, dims, [(span(p, dim), (0, full_shape(p)[dim]) if dim >= 0 else NONE)
                                      for (_, p), dim in zip(params, dims, strict=True)])
     out = {}

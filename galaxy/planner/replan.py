@@ -8,7 +8,7 @@ at the step boundary and goes on, without a restart.
                positions, so each rank's time divided by its units is its cost per unit
     shared     one all-gather of 3 numbers per rank per step: every rank then holds the same costs
                and takes the same decision (`Drift`, pure functions)
-    the move   galaxy.reshard.relayout.Holding.move_to (shared with --elastic inference): only the
+    the move   galaxy.reshard.relayout.move (shared with --elastic inference): only the
                rows that change owner are sent; AdamW's moments move like their parameters, its step
                counts, the LR schedule and the training step stay.
 
@@ -32,7 +32,7 @@ from galaxy.layers.transformer import Connective
 from galaxy.plan import SP, TP, gqa_group
 from galaxy.planner.run import plan_dims
 from galaxy.planner.split import SPLIT_KEYS, RankProfile, plan_galaxy, predict_layer_seconds
-from galaxy.reshard.relayout import Holding
+from galaxy.reshard.relayout import Holding, move
 
 BLOCKS = (Attention, MLP, Connective)
 UNLIMITED_LINK = float("inf")
@@ -257,7 +257,7 @@ class Replanner:
         """Move to `split` (SPLIT_KEYS lists) now, on every rank of the tensor group; returns seconds."""
         start = time.perf_counter()
         self.timer.remove()
-        self.holding.move_to(dict(self.holding.cfg, **split))
+        move(self.holding, dict(self.holding.cfg, **split))
         self.timer = BlockTimer(self.model, self.ctx.device)
         self.drift.restart()
         return time.perf_counter() - start

@@ -1,2 +1,2 @@
-"""Moving shards: one description of who holds which rows and who wants them, moved point to point
-between live ranks or read from files (rows); a running model moved to another plan (relayout)."""
+"""A running model moved to another plan in memory (relayout); the rows it moves are described and
+sent by galaxy.comm.rows, which HF loading and training checkpoints read files through too."""

@@ -4,7 +4,7 @@ Two callers: live re-planning (galaxy.planner.replan: the same ranks, another sp
 inference (galaxy.runtime.elastic: fewer ranks once one has died). Both build this rank's model under
 the new plan on the meta device and give it memory (`build_empty`: no initial weights drawn), then
 `fill` it: each rank keeps its own rows, and receives the rows that change owner point to point
-(galaxy.reshard.rows); AdamW's moments move like their parameters. After a loss, the rows that only
+(galaxy.comm.rows); AdamW's moments move like their parameters. After a loss, the rows that only
 a lost rank held are rebuilt by one survivor from the run's sources (`build_lost_part`: the seed's
 weights, then load_checkpoint's and load_trainable's slices of those rows only) and sent on the same way.
 """
@@ -16,12 +16,12 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from galaxy.comm.context import ParallelContext
-from galaxy.layers.param_spec import spec_of
+from galaxy.layers.param_spec import spec_of, span, split_dim
 from galaxy.layers.transformer import TransformerLayer
 from galaxy.models.common import init_weights
 from galaxy.models.registry import build_model
 from galaxy.plan import build_plan
-from galaxy.reshard.rows import send_rows, share_rows, span, split_dim
+from galaxy.comm.rows import send_rows, share_rows
 from galaxy.tuning.apply import apply_tuning, load_sources
 
 META = torch.device("meta")
@@ -101,26 +101,30 @@ def part_of(p):
 
 class Holding:
     """This rank's model, its context (hence the plan), the config that planned it and the optimizer
-    over it (None when serving): one owner, so that a move swaps them together. A Trainer and an
-    inference Server are Holdings (a trainer's `adopt` also points its gradient sync at the new parameters)."""
+    over it (None when serving): what a move swaps together (`move`, `build_like`, then `adopt`).
+    An inference Server is one; a Trainer has the same four and its own `adopt` (galaxy.train does
+    not import reshard)."""
 
     def __init__(self, model, ctx, cfg, opt=None):
         self.model, self.ctx, self.cfg, self.opt = model, ctx, cfg, opt
 
-    def empty(self, cfg, ctx):
-        """`build_empty` in this model's dtype and mode (a LoRA layer merges on eval: the rows it receives are)."""
-        model, ctx = build_empty(cfg, ctx)
-        return model.to(next(self.model.parameters()).dtype).train(self.model.training), ctx
-
-    def move_to(self, cfg):
-        """Live re-planning: to cfg's plan on the same ranks (collective over the tensor group)."""
-        model, ctx = self.empty(cfg, self.ctx)
-        fill(model, [self.model], ctx, self.opt)
-        self.adopt(model, ctx, cfg)
-
     def adopt(self, model, ctx, cfg):
         """Go on with `model`, filled under ctx's plan."""
         self.model, self.ctx, self.cfg = model, ctx, cfg
+
+
+def build_like(holding, cfg, ctx):
+    """`build_empty` in the holding's dtype and mode (a LoRA layer merges on eval: the rows it receives are)."""
+    model, ctx = build_empty(cfg, ctx)
+    return model.to(next(holding.model.parameters()).dtype).train(holding.model.training), ctx
+
+
+def move(holding, cfg):
+    """Live re-planning: `holding` (a Holding, a Trainer) to cfg's plan on the same ranks (collective
+    over the tensor group)."""
+    model, ctx = build_like(holding, cfg, holding.ctx)
+    fill(model, [holding.model], ctx, holding.opt)
+    holding.adopt(model, ctx, cfg)
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ directory, so the previous checkpoint stays the latest. The ranks must share sav
 Another layout: a checkpoint written by N ranks under one plan resumes on M ranks under another
 (the same model, tuning and training settings; LAYOUT_KEYS may differ). Each rank state lists
 every tensor's full name and shard (ParamSpec.Shard), so each new rank reads from the old ranks'
-files only the rows its own parameters and AdamW moments cover (galaxy.reshard.rows.read_rows); the
+files only the rows its own parameters and AdamW moments cover (galaxy.comm.rows.read_rows); the
 step, the LR schedule's position and RNG carry over (the data order and dropout masks follow from the step).
 """
 import hashlib
@@ -41,7 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from galaxy.layers.param_spec import spec_of
 from galaxy.models.checkpoint import CheckpointError
-from galaxy.reshard.rows import read_rows
+from galaxy.comm.rows import read_rows
 from galaxy.train.optim import lr_schedule
 
 FORMAT = "galaxy-train-checkpoint/1"
@@ -378,7 +378,7 @@ class _OldRanks:
 
     def read(self, full_name, param, field=None):
         """The part of `full_name` that `param` holds (its whole tensor, or its shard), read from
-        the old ranks' files (galaxy.reshard.rows's file transport): a parameter (field None) or its
+        the old ranks' files (galaxy.comm.rows's file transport): a parameter (field None) or its
         AdamW `field` (None if absent)."""
         sources = [s for s in self.sources.get(full_name, ()) if field is None or self._has(s, field)]
         if not sources:

@@ -22,7 +22,6 @@ import torch.distributed as dist
 
 from galaxy.data import DataError, batch_indices
 from galaxy.layers.dropout import set_dropout_seed
-from galaxy.reshard.relayout import Holding
 from galaxy.train.grad_sync import GradSync, clip_grad_norm
 from galaxy.train.optim import build_optimizer, optimizer_state_bytes
 from galaxy.train.zero import Zero
@@ -63,21 +62,21 @@ def label_tokens(model, labels):
     return count(labels) if count else (labels != -100).sum()
 
 
-class Trainer(Holding):
-    """Holds the model, context, config and optimizer of one rank (a Holding, which live
-    re-planning moves), and owns the LR schedule and gradient sync.
+class Trainer:
+    """Owns the model, context, config and optimizer of one rank (galaxy.reshard.relayout moves
+    them together, as it moves a Holding), the LR schedule and the gradient sync.
 
     `forward_backward(batches, n_tokens)` runs the micro-steps of one optimizer step and
     returns this rank's share of the loss sum; the pipeline schedules replace it.
     """
 
     def __init__(self, model, ctx, cfg, data, total_steps, forward_backward=None, log=print):
-        self.data, self.log, self.total_steps = data, log, total_steps
+        self.model, self.ctx, self.cfg, self.data, self.log = model, ctx, cfg, data, log
+        self.total_steps = total_steps
         if cfg["dtype"] == "bf16_pure":  # parameters, gradients and optimizer state in bf16
             model.to(torch.bfloat16)
         self.zero = Zero(model, ctx, cfg) if cfg["zero_stage"] else None
-        opt, self.sched = build_optimizer(model, cfg, total_steps, self.zero)
-        super().__init__(model, ctx, cfg, opt)  # live re-planning moves them (galaxy.planner.replan)
+        self.opt, self.sched = build_optimizer(model, cfg, total_steps, self.zero)
         self.sync = self.zero or GradSync(model, ctx, cfg["bucket_size_mb"])
         self.forward_backward = forward_backward or self._forward_backward
         self.autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if cfg["dtype"] == "bf16" \
@@ -87,8 +86,9 @@ class Trainer(Holding):
         self.before_update = None  # called with the synced, clipped gradients in place (tests, debugging)
 
     def adopt(self, model, ctx, cfg):
-        """After a move: gradient sync follows the new parameters."""
-        super().adopt(model, ctx, cfg)
+        """Go on with `model`: the same weights under another split on the same ranks, the optimizer
+        already pointed at them (galaxy.reshard.relayout.move); gradient sync follows the new parameters."""
+        self.model, self.ctx, self.cfg = model, ctx, cfg
         self.sync = GradSync(model, ctx, cfg["bucket_size_mb"])
 
     def full_weights(self):

@@ -1,4 +1,4 @@
-"""The one description of who holds which rows and who wants them (galaxy.reshard.rows), and its
+"""The one description of who holds which rows and who wants them (galaxy.comm.rows), and its
 two transports: point to point between live ranks (world 3, uneven and overlapping holders) and
 slices read from safetensors files; each rank's rows equal the full tensor's, cut by hand."""
 import pytest
@@ -7,7 +7,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from galaxy.reshard.rows import Rows, pieces, read_rows, send_rows
+from galaxy.comm.rows import Rows, pieces, read_rows, send_rows
 from tests.helpers import run_ranks, seeded
 
 FULL = (2, 10, 3)  # split along dimension 1

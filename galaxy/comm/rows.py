@@ -2,15 +2,15 @@
 move of shards builds. A wanted row comes from the wanting rank itself when it holds it, else from
 the first holder that does (`pieces`), so holders may overlap and every rank derives the same moves.
 Two transports: `send_rows`, point to point between live ranks (re-planning and elastic recovery:
-relayout; gather_full_state), and `read_rows`, slices of safetensors files (resume in another
-layout, Hugging Face loading); `share_rows` is the one small all-gather of every rank's ranges.
+galaxy.reshard.relayout; gather_full_state), and `read_rows`, slices of safetensors files (resume in
+another layout, Hugging Face loading); `share_rows` is the one small all-gather of every rank's
+ranges. A parameter's ranges come from its ParamSpec (galaxy.layers.param_spec.span).
 """
 from dataclasses import dataclass
 
 import torch
 
 from galaxy.comm import collectives as C
-from galaxy.layers.param_spec import spec_of
 
 NONE = (0, 0)  # the range of a holder with no rows
 
@@ -40,19 +40,6 @@ def pieces(held, lo, hi, own=None):
         elif holder is not None:
             out.append((holder, start, end))
     return out
-
-
-def split_dim(t):
-    """The dimension along which `t`'s full tensor is split over ranks (its ParamSpec), -1 if none."""
-    return spec_of(t).shard.dim if spec_of(t).shard else -1
-
-
-def span(t, dim):
-    """The rows along `dim` of its full tensor that `t` holds (none if t is absent or on meta)."""
-    if t is None or t.is_meta or dim < 0:
-        return NONE
-    shard = spec_of(t).shard
-    return (shard.start, shard.start + shard.length) if shard and shard.dim == dim else (0, t.shape[dim])
 
 
 def share_rows(ctx, dims, ranges):
