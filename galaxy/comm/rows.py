@@ -7,6 +7,7 @@ another layout, Hugging Face loading); `share_rows` is the one small all-gather 
 ranges. A parameter's ranges come from its ParamSpec (galaxy.layers.param_spec.span).
 """
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
@@ -33,7 +34,7 @@ def pieces(held, lo, hi, own=None):
     order = sorted(range(len(held)), key=lambda h: h != own)
     cuts = sorted({lo, hi} | {x for bounds in held for x in bounds if lo < x < hi})
     out = []
-    for start, end in zip(cuts, cuts[1:]):  # no holder's range begins or ends inside
+    for start, end in pairwise(cuts):  # no holder's range begins or ends inside
         holder = next((h for h in order if held[h][0] <= start < held[h][1]), None)
         if out and holder == out[-1][0] and start == out[-1][2]:
             out[-1] = (holder, out[-1][1], end)

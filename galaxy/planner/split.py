@@ -122,11 +122,11 @@ def plan_galaxy(profiles, *, hidden, heads, intermediate, seq, layers, batch, ba
     """The Galaxy config keys (per-rank splits) minimising predicted latency, and that latency (s).
     Heads move in multiples of head_unit (a GQA group), columns of column_unit."""
     head_caps, col_caps = memory_caps(profiles, hidden, heads, intermediate, layers)
-    keys = SPLIT_KEYS[:2]
-    units = dict(zip(keys, (head_unit, column_unit)))
-    caps = {key: [c - c % units[key] for c in cap] for key, cap in zip(keys, (head_caps, col_caps))}
-    split = {"parallel": "galaxy", **split_layer(profiles, dict(zip(SPLIT_KEYS, (heads, intermediate, seq))),
-                                                 units, caps)}
+    units = {SPLIT_KEYS[0]: head_unit, SPLIT_KEYS[1]: column_unit}
+    caps = {SPLIT_KEYS[0]: [c - c % head_unit for c in head_caps],
+            SPLIT_KEYS[1]: [c - c % column_unit for c in col_caps]}
+    totals = dict(zip(SPLIT_KEYS, (heads, intermediate, seq), strict=True))
+    split = {"parallel": "galaxy", **split_layer(profiles, totals, units, caps)}
     return split, layers * predict_layer_seconds(split, profiles, batch, hidden, bandwidth_Bps)
 
 
