@@ -13,9 +13,6 @@ import torch
 
 from galaxy.comm import collectives as C
 
-NONE = (0, 0)  # the range of a holder with no rows
-
-
 @dataclass(frozen=True)
 class Rows:
     """A full tensor's rows along `dim` (-1: never split) that holder h has (held[h]) and rank r wants (wanted[r])."""

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from galaxy.comm.rows import NONE, read_rows, send_rows, share_rows
+from galaxy.comm.rows import read_rows, send_rows, share_rows
 from galaxy.layers.param_spec import GradSum, spec_of, span, split_dim
 
 INDEX = "model.safetensors.index.json"
@@ -212,7 +212,7 @@ def gather_full_state(model, ctx, to_hf, tensor_of=lambda p: p.detach(), trainab
               if (p.requires_grad or not trainable_only) and spec_of(p).grad_sum is not GradSum.TIED]
     dims = [split_dim(p) for _, p in params]
     # every rank wants all the rows; the shards' rows move point to point (galaxy.comm.rows)
-    layouts = share_rows(ctx, dims, [(span(p, dim), (0, full_shape(p)[dim]) if dim >= 0 else NONE)
+    layouts = share_rows(ctx, dims, [(span(p, dim), (0, full_shape(p)[dim] if dim >= 0 else 0))
                                      for (_, p), dim in zip(params, dims, strict=True)])
     out = {}
     for (name, p), rows in zip(params, layouts, strict=True):
