@@ -33,6 +33,7 @@ from galaxy.models.registry import MODELS
 from galaxy.pipeline.engine import pipeline_streams
 from galaxy.pipeline.p2p import StageLinks
 from galaxy.planner.replan import Replanner
+from galaxy.profiler import emulate
 from galaxy.reshard.relayout import Holding, build_like, build_lost_part, fill as fill_after_loss
 from galaxy.runtime import elastic, health, launch
 
@@ -96,6 +97,7 @@ def add_args(parser):
                        help="keep the model loaded and answer HTTP on HOST:PORT (rank 0; port 0: any free one): "
                             "POST /v1/embeddings (BERT), POST /v1/completions (LLaMA, greedy), GET /health; "
                             "--batch_size texts at most a round; SIGTERM / Ctrl-C stops every rank")
+    cli.add_device_args(parser)
 
 
 METRICS_HELP = "one JSON line per timed request (request, latency_s)"
@@ -198,9 +200,10 @@ class Server(Holding):
     share every layer), a rank lost mid-request makes the survivors re-plan for the smaller world
     in place (`recover`) and serve that request again; `recoveries` records what each moved."""
 
-    def __init__(self, model, ctx, cfg, regroups=0, verbose=False):
+    def __init__(self, model, ctx, cfg, regroups=0, verbose=False, device=None):
         super().__init__(model, ctx, cfg)
         self.regroups, self.recoveries, self.verbose = regroups, [], verbose
+        self.device = device or emulate.NoDevice()  # an emulated device's throughput changes between requests
         self.members = list(range(ctx.world))  # the launch's rank numbers of the ranks the model is laid out over
         self._watch()
 
@@ -216,19 +219,25 @@ class Server(Holding):
         results, batches, recovered = [], list(batches), False
         forward = lambda ids, mask: forward_fn(self.model, self.cfg["model"], ask)(ids, mask)  # the model of now
         while len(results) < len(batches):
-            after = self.replanner.after_step if self.replanner else None
             try:
                 if recovered:  # a survivor may have finished the request the others lost
                     done = torch.tensor([len(results)], device=self.ctx.device)
                     dist.all_reduce(done, op=dist.ReduceOp.MIN)
                     del results[int(done):]
                     recovered = False
-                for out, latency in serve(forward, batches[len(results):], self.ctx, after, len(results)):
+                for out, latency in serve(forward, batches[len(results):], self.ctx, self._after_request,
+                                          len(results)):
                     results.append((latency, keep(out)))
             except Exception as e:  # a peer's loss surfaces as whatever its collective raised
                 self._recover(e, len(results))
                 recovered = True
         return results
+
+    def _after_request(self, index):
+        """Between requests (`index` of them served): an emulated device's change, then re-planning."""
+        self.device.after_step(index)
+        if self.replanner:
+            self.replanner.after_step(index)
 
     def follow(self, take, give, tok):
         """Serve rounds until rank 0's take() says "stop" (galaxy.app.serve): each round, rank 0's
@@ -253,9 +262,8 @@ class Server(Holding):
 
         forward = lambda ids, mask: forward_fn(self.model, self.cfg["model"], asked["ask"])(ids, mask)  # noqa: E731
         while True:
-            after = self.replanner.after_step if self.replanner else None
             try:
-                for out, latency in serve(forward, rounds(), self.ctx, after, served):
+                for out, latency in serve(forward, rounds(), self.ctx, self._after_request, served):
                     served += 1
                     if self.ctx.rank == 0:
                         give(pending[0], out, latency)
@@ -373,17 +381,20 @@ def prepare(cfg, plan, rank):
 def infer(rank, world, cfg, plan, args):
     model, ctx = eval_model(cfg, plan, rank)
     regroups = cfg["elastic_restarts"] if cfg["elastic"] and elastic.in_place(plan, resumes=False) else 0
-    server = Server(model, ctx, cfg, regroups, args.verbose)
-    if args.serve:
-        return serve_http(server, args)
-    if args.output:
-        return answer_file(server, args)
-    count = args.warmup + (args.requests or REQUESTS)
-    batches, cut = (text_batches(cfg, args.texts, args.batch_size, count) if args.texts
-                    else (synthetic_batches(cfg, args.batch_size, count), ""))
-    if cut and rank == 0:
-        print(f"[rank 0] {cut}", flush=True)
-    latencies = [latency for latency, _ in server.run(batches)][args.warmup:]
+    log = (lambda line: print(f"[rank 0] {line}", flush=True)) if rank == 0 else None
+    device = emulate.device(args.device_gflops, args.device_gflops_after, rank, log, unit="request")
+    server = Server(model, ctx, cfg, regroups, args.verbose, device)
+    with device:
+        if args.serve:
+            return serve_http(server, args)
+        if args.output:
+            return answer_file(server, args)
+        count = args.warmup + (args.requests or REQUESTS)
+        batches, cut = (text_batches(cfg, args.texts, args.batch_size, count) if args.texts
+                        else (synthetic_batches(cfg, args.batch_size, count), ""))
+        if cut and rank == 0:
+            print(f"[rank 0] {cut}", flush=True)
+        latencies = [latency for latency, _ in server.run(batches)][args.warmup:]
     report(server, args, latencies)
 
 

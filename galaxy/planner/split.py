@@ -107,14 +107,23 @@ _BLOCK_COSTS = {"tp_num_attention_heads_list": ("att_s_per_head", "att_s_fixed")
                 "seq_scatter_list": ("con_s_per_position", "con_s_fixed")}
 
 
-def split_layer(profiles, totals, units=None, caps=None):
+def split_layer(profiles, totals, units=None, caps=None, extra=None):
     """The one split policy (the planner, live re-planning, elastic recovery): each SPLIT_KEYS list
     in `totals` (key -> heads, columns or positions to share) apportioned to the ranks' fixed and
-    per-unit seconds of its block, in multiples of units[key] (a GQA group of heads), within caps[key]."""
-    units, caps = units or {}, caps or {}
-    return {key: apportion(total, [getattr(p, _BLOCK_COSTS[key][0]) for p in profiles], caps.get(key),
-                           units.get(key, 1), [getattr(p, _BLOCK_COSTS[key][1]) for p in profiles])
+    per-unit seconds of its block (plus extra[key] a unit: link time), in multiples of units[key]
+    (a GQA group of heads), within caps[key]."""
+    units, caps, extra = units or {}, caps or {}, extra or {}
+    return {key: apportion(total, [getattr(p, _BLOCK_COSTS[key][0]) + extra.get(key, 0.0) for p in profiles],
+                           caps.get(key), units.get(key, 1), [getattr(p, _BLOCK_COSTS[key][1]) for p in profiles])
             for key, total in totals.items()}
+
+
+def _send_s_per_position(world, batch, hidden, bandwidth_Bps, bytes_per=4):
+    """Link seconds per layer that each position a rank owns costs it, per connective: it sends its
+    positions to every peer in each all-gather (collectives' direct exchange), so the rank with the
+    most positions sets the gathers' time. With the connective's own cost per position, the split
+    of positions minimises the slowest rank's connective plus sends (0 on a free link)."""
+    return (world - 1) * batch * hidden * bytes_per / bandwidth_Bps
 
 
 def plan_galaxy(profiles, *, hidden, heads, intermediate, seq, layers, batch, bandwidth_Bps, column_unit=1,
@@ -126,7 +135,8 @@ def plan_galaxy(profiles, *, hidden, heads, intermediate, seq, layers, batch, ba
     caps = {SPLIT_KEYS[0]: [c - c % head_unit for c in head_caps],
             SPLIT_KEYS[1]: [c - c % column_unit for c in col_caps]}
     totals = dict(zip(SPLIT_KEYS, (heads, intermediate, seq), strict=True))
-    split = {"parallel": "galaxy", **split_layer(profiles, totals, units, caps)}
+    send = _send_s_per_position(len(profiles), batch, hidden, bandwidth_Bps)
+    split = {"parallel": "galaxy", **split_layer(profiles, totals, units, caps, {SPLIT_KEYS[2]: send})}
     return split, layers * predict_layer_seconds(split, profiles, batch, hidden, bandwidth_Bps)
 
 
@@ -285,12 +295,29 @@ def _gather_seconds(positions, batch, hidden, bandwidth_Bps, bytes_per=4):
     return _gather_bytes(positions, batch, hidden, bytes_per) / bandwidth_Bps
 
 
+def tp_layer_seconds(profiles, *, hidden, heads, intermediate, seq, batch, bandwidth_Bps):
+    """Predicted forward time of one layer in even TP (Megatron): heads and columns split evenly,
+    every rank runs both connectives over all positions, and two all-reduces of the [B, T, H]
+    activation (ring: 2 (p - 1) / p of it sent per rank each)."""
+    p = len(profiles)
+    split = even_galaxy(p, heads=heads, intermediate=intermediate, seq=seq)
+    att = max(q.att_s_fixed + h * q.att_s_per_head
+              for h, q in zip(split["tp_num_attention_heads_list"], profiles, strict=True))
+    mlp = max(q.mlp_s_fixed + c * q.mlp_s_per_column
+              for c, q in zip(split["tp_intermediate_size_list"], profiles, strict=True))
+    con = max(q.con_s_fixed + seq * q.con_s_per_position for q in profiles)
+    all_reduce = 2 * (p - 1) / p * batch * seq * hidden * 4 / bandwidth_Bps
+    return att + mlp + 2 * con + 2 * all_reduce
+
+
 def plan_layouts(profiles, *, hidden, heads, intermediate, seq, layers, batch, bandwidth_Bps, column_unit=1):
-    """The planner's candidates for a forward pass, name -> (config keys, predicted seconds):
-    "local" (the fastest rank alone; it is rank `keys["rank"]`), "sp" (sequence parallelism, positions
-    apportioned to speed; per layer K and V are all-gathered) and "galaxy" (`plan_galaxy`). All three
-    count the embeddings (every rank embeds the whole batch) and, split ones, the final gather of the
-    output, so their times compare; choose with `min(candidates, key=lambda k: candidates[k][1])`."""
+    """The planner's candidates for a forward pass, name -> (config keys, predicted seconds), simplest
+    first: "local" (the fastest rank alone; it is rank `keys["rank"]`), "tp" (even TP), "sp" (sequence
+    parallelism, positions apportioned to speed; per layer K and V are all-gathered), "galaxy even"
+    (`even_galaxy`) and "galaxy" (`plan_galaxy`). The even splits are there because a plan is only as
+    good as its profile: the check (galaxy.planner.check) races them all. All count the embeddings
+    (every rank embeds the whole batch) and, sequence-split ones, the final gather of the output, so
+    their times compare; choose with `min(candidates, key=lambda k: candidates[k][1])`."""
     dims = dict(heads=heads, intermediate=intermediate, seq=seq)
     embed = max(p.embed_s for p in profiles)
     local = [layers * seq * _per_position_seconds(p, **dims) + p.embed_s for p in profiles]
@@ -299,9 +326,26 @@ def plan_layouts(profiles, *, hidden, heads, intermediate, seq, layers, batch, b
     out_gather = _gather_seconds(positions, batch, hidden, bandwidth_Bps)
     sp_layer = (max(n * _per_position_seconds(p, **dims) for n, p in zip(positions, profiles, strict=True))
                 + 2 * _gather_seconds(positions, batch, hidden, bandwidth_Bps))  # K and V
+    tp_layer = tp_layer_seconds(profiles, hidden=hidden, batch=batch, bandwidth_Bps=bandwidth_Bps, **dims)
     galaxy, galaxy_s = plan_galaxy(profiles, hidden=hidden, intermediate=intermediate, layers=layers, batch=batch,
                                    bandwidth_Bps=bandwidth_Bps, column_unit=column_unit, heads=heads, seq=seq)
+    even = even_galaxy(len(profiles), **dims)
+    even_s = layers * predict_layer_seconds(even, profiles, batch, hidden, bandwidth_Bps)
+
+    def with_gather(split, seconds):  # the embeddings before, the output gathered along the sequence after
+        return split, seconds + embed + _gather_seconds(split["seq_scatter_list"], batch, hidden, bandwidth_Bps)
     return {"local": ({"parallel": "serial", "rank": fastest}, local[fastest]),
+            "tp": ({"parallel": "tp"}, layers * tp_layer + embed),
             "sp": ({"parallel": "sp", "seq_scatter_list": positions}, layers * sp_layer + embed + out_gather),
-            "galaxy": (galaxy, galaxy_s + embed + _gather_seconds(galaxy["seq_scatter_list"], batch, hidden,
-                                                                  bandwidth_Bps))}
+            "galaxy even": with_gather(even, even_s),
+            "galaxy": with_gather(galaxy, galaxy_s)}
+
+
+def race(candidates, tiles):
+    """What the check races, simplest first, name -> config keys: plan_layouts' candidates (local
+    without its "rank": the caller runs it on the fastest rank), the planned Galaxy split once per
+    overlap_tiles of `tiles` ("galaxy x2": 2 tiles)."""
+    out = {name: {k: v for k, v in keys.items() if k != "rank"} for name, (keys, _) in candidates.items()
+           if name != "galaxy"}
+    out.update({f"galaxy x{k}": dict(candidates["galaxy"][0], overlap_tiles=k) for k in sorted(tiles)})
+    return out

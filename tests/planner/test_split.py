@@ -7,7 +7,7 @@ import pytest
 from galaxy.plan import build_plan
 from galaxy.planner.split import (RankProfile, apportion, comm_seconds, even_galaxy, even_pipeline,
                                   pipeline_seconds, plan_galaxy, plan_layouts, plan_pipeline, plan_stage_layers,
-                                  predict_layer_seconds, tiled_variants)
+                                  predict_layer_seconds, race, tiled_variants)
 
 
 def test_apportion_is_proportional_to_speed_and_exact():
@@ -63,9 +63,13 @@ def test_slow_rank_gets_smaller_share_and_lower_predicted_latency():
     split, predicted = plan_galaxy(_profiles(2.0), **dims)
     assert split["tp_num_attention_heads_list"] == [8, 4]
     assert split["tp_intermediate_size_list"] == [2048, 1024]
-    assert split["seq_scatter_list"][0] > split["seq_scatter_list"][1]
+    assert split["seq_scatter_list"] == [261, 251]  # a position costs its owner 25 us of sends, 1 or 2 us of compute
     even = even_galaxy(2, heads=12, intermediate=3072, seq=512)
     assert predicted < 12 * predict_layer_seconds(even, _profiles(2.0), 1, 768, 1.25e8)
+    free = plan_galaxy(_profiles(2.0), **dict(dims, bandwidth_Bps=float("inf")))[0]
+    assert free["seq_scatter_list"] == [342, 170]  # a free link: positions in proportion to speed
+    by_speed = dict(split, seq_scatter_list=free["seq_scatter_list"])
+    assert predicted < 12 * predict_layer_seconds(by_speed, _profiles(2.0), 1, 768, 1.25e8)
 
 
 def test_memory_budget_caps_a_rank():
@@ -198,8 +202,35 @@ def test_plan_layouts_splits_on_a_fast_link_and_counts_every_collective():
     assert galaxy_s == pytest.approx(planned)  # no embeddings in the profiles, no link time at this bandwidth
     slower = plan_layouts(profiles, bandwidth_Bps=1e8, **LAYOUT_DIMS)
     # per layer 2 all-gathers (the longer shard sets them) and 2 reduce-scatters (half the activation each);
-    # then the output gather
-    longest, half = max(galaxy_keys["seq_scatter_list"]) * 1024 * 4, 512 * 1024 * 4 / 2
-    assert slower["galaxy"][1] - galaxy_s == pytest.approx((2 * 2 * (longest + half) + longest) / 1e8)
+    # then the output gather. On the slower link the positions are split more evenly (fewer bytes for the longest)
+    split = slower["galaxy"][0]
+    assert max(split["seq_scatter_list"]) < max(galaxy_keys["seq_scatter_list"])
+    compute = 2 * predict_layer_seconds(split, profiles, 1, 1024, float("inf"))
+    longest, half = max(split["seq_scatter_list"]) * 1024 * 4, 512 * 1024 * 4 / 2
+    assert slower["galaxy"][1] - compute == pytest.approx((2 * 2 * (longest + half) + longest) / 1e8)
     longest = max(sp_keys["seq_scatter_list"]) * 1024 * 4
     assert slower["sp"][1] - candidates["sp"][1] == pytest.approx((2 * 2 + 1) * longest / 1e8)  # K, V per layer; output
+
+
+def test_plan_layouts_offers_the_even_splits_beside_the_planned_ones():
+    profiles = _profiles(3.0)
+    candidates = plan_layouts(profiles, bandwidth_Bps=1e15, **LAYOUT_DIMS)
+    assert list(candidates) == ["local", "tp", "sp", "galaxy even", "galaxy"]  # simplest first
+    even = even_galaxy(2, heads=16, intermediate=4096, seq=512)
+    assert candidates["galaxy even"][0] == even and candidates["tp"][0] == {"parallel": "tp"}
+    # TP: heads and columns even, both connectives over every position on every rank; the slow rank sets each block
+    slow = max(profiles, key=lambda p: p.att_s_per_head)
+    tp_layer = 8 * slow.att_s_per_head + 2048 * slow.mlp_s_per_column + 2 * 512 * slow.con_s_per_position
+    assert candidates["tp"][1] == pytest.approx(2 * tp_layer + slow.embed_s)
+    assert candidates["galaxy"][1] < candidates["galaxy even"][1] < candidates["tp"][1]
+    slower = plan_layouts(profiles, bandwidth_Bps=1e8, **LAYOUT_DIMS)
+    # two all-reduces a layer, each sending (ring) 2 (p - 1) / p = 1 activation per rank at world 2
+    assert slower["tp"][1] - candidates["tp"][1] == pytest.approx(2 * 2 * 512 * 1024 * 4 / 1e8)
+
+
+def test_the_check_races_the_even_splits_and_each_tiling_of_the_plan():
+    candidates = plan_layouts(_profiles(2.0), bandwidth_Bps=1e9, **LAYOUT_DIMS)
+    raced = race(candidates, [4, 1])
+    assert list(raced) == ["local", "tp", "sp", "galaxy even", "galaxy x1", "galaxy x4"]
+    assert raced["galaxy x4"] == dict(candidates["galaxy"][0], overlap_tiles=4)
+    assert raced["galaxy even"]["tp_num_attention_heads_list"] == [8, 8]
