@@ -34,7 +34,7 @@ from galaxy.pipeline.engine import pipeline_streams
 from galaxy.pipeline.p2p import StageLinks
 from galaxy.planner.replan import Replanner
 from galaxy.profiler import emulate
-from galaxy.reshard.relayout import build_empty, build_lost_part, fill_after_loss
+from galaxy.reshard.relayout import Holding, build_like, build_lost_part, fill as fill_after_loss
 from galaxy.runtime import elastic, health, launch
 
 
@@ -194,32 +194,25 @@ def serve(forward, batches, ctx, after_request=None, first=0):
             yield out, elapsed.item()
 
 
-class Server:
+class Server(Holding):
     """This rank's side of a run of requests. Between requests, live re-planning (config replan)
     may move the model to another split; with `regroups` > 0 (--elastic in a layout whose ranks
     share every layer), a rank lost mid-request makes the survivors re-plan for the smaller world
     in place (`recover`) and serve that request again; `recoveries` records what each moved."""
 
     def __init__(self, model, ctx, cfg, regroups=0, verbose=False, device=None):
-        self.cfg, self.regroups, self.recoveries, self.verbose = cfg, regroups, [], verbose
+        super().__init__(model, ctx, cfg)
+        self.regroups, self.recoveries, self.verbose = regroups, [], verbose
         self.device = device or emulate.NoDevice()  # an emulated device's throughput changes between requests
         self.members = list(range(ctx.world))  # the launch's rank numbers of the ranks the model is laid out over
-        self._adopt(model, ctx)
+        self._watch()
 
-    def _adopt(self, model, ctx):
-        self._model, self._ctx = model, ctx
+    def _watch(self):
+        """Live re-planning (config replan) of the ranks the model is now laid out over, when it splits layers."""
         self.replanner = None
-        if self.cfg["replan"] and ctx.tp_size > 1:
-            self.replanner = Replanner(model, ctx, self.cfg, log=lambda line: print(f"[rank 0] {line}", flush=True),
-                                       verbose=self.verbose)
-
-    @property
-    def model(self):
-        return self.replanner.model if self.replanner else self._model
-
-    @property
-    def ctx(self):
-        return self.replanner.ctx if self.replanner else self._ctx
+        if self.cfg["replan"] and self.ctx.tp_size > 1:
+            self.replanner = Replanner(self.model, self.ctx, self.cfg, self,
+                                       log=lambda line: print(f"[rank 0] {line}", flush=True), verbose=self.verbose)
 
     def run(self, batches, keep=lambda out: None, ask=None):
         """[(latency, keep(output))] of every batch, in order; the output is `ask`'s answers when given."""
@@ -287,13 +280,14 @@ class Server:
                 raise error
             self.regroups -= 1
             try:
-                self.cfg, model, ctx, moved = recover(self.model, self.ctx, self.cfg, error, served, self.members)
+                cfg, model, ctx, moved = recover(self, error, served, self.members)
                 break
             except Exception as e:
                 error = e
         self.members = list(health.current().members)
         self.recoveries.append(moved)
-        self._adopt(model, ctx)
+        self.adopt(model, ctx, cfg)
+        self._watch()
 
 
 def _shared_part(round_):
@@ -316,31 +310,28 @@ def share(obj, ctx):
     return pickle.loads(buffer.cpu().numpy().tobytes())
 
 
-def recover(model, ctx, cfg, error, served, members):
+def recover(holding, error, served, members):
     """After a collective failed with `error`: regroup with the survivors (galaxy.runtime.health),
     re-plan for them (galaxy.runtime.elastic) and rebuild this rank's model in the new plan from its
     own rows, its peers' and the lost ranks' rows rebuilt from the run's sources
-    (galaxy.reshard.relayout). `members`: the launch's numbers of the ranks of ctx's plan. Returns
-    (cfg, model, ctx) for the survivors and what moved: the lost ranks (numbered as in ctx's plan),
-    the bytes the survivors kept in place, sent each other and rebuilt from the sources, and the
-    seconds it took."""
-    start, rendezvous = time.perf_counter(), health.current()
+    (galaxy.reshard.relayout). `members`: the launch's numbers of the ranks of the holding's plan.
+    Returns (cfg, model, ctx) for the survivors and what moved: the lost ranks (numbered as in the
+    old plan), the bytes the survivors kept in place, sent each other and rebuilt from the sources,
+    and the seconds it took."""
+    start, rendezvous, model, ctx, cfg = time.perf_counter(), health.current(), holding.model, holding.ctx, holding.cfg
     if rendezvous is None:
         raise error
     gone = rendezvous.regroup(error, dist.get_backend() if dist.is_initialized() else launch.default_backend(),
                               cfg["timeout_s"])
     lost = [i for i, r in enumerate(members) if r in gone]
     new_cfg, plan = elastic.go_on(cfg, ctx.plan, lost)
-    new_ctx = join(new_cfg, plan, dist.get_rank())
-    dtype = next(model.parameters()).dtype
-    new, new_ctx = build_empty(new_cfg, new_ctx)
-    new.to(dtype).train(model.training)  # (a LoRA layer merges on eval: the rows it receives are merged)
+    new, new_ctx = build_like(holding, new_cfg, join(new_cfg, plan, dist.get_rank()))
     holders, rebuilt = [model], 0
     for i, rank in enumerate(lost):  # the i-th lost rank's rows are rebuilt by survivor i (round robin)
         part = None
         if i % plan.world == new_ctx.rank:
             part, size = build_lost_part(cfg, ctx.plan, rank, new_ctx.device)
-            part.to(dtype).train(model.training)
+            part.to(next(model.parameters()).dtype).train(model.training)
             rebuilt += size
         holders.append(part)
     moved = fill_after_loss(new, holders, new_ctx)

@@ -80,11 +80,12 @@ class Pending:
 # collectives, which need equal slices: every slice is padded to the longest and trimmed after.
 
 
-def _exchange(sends, recvs, group):
-    """Post every irecv, then every isend ({group rank: contiguous tensor}); returns the works. An
-    empty tensor is not sent: both sides know its shape (a rank owning no positions of a decode step)."""
-    ops = [dist.P2POp(dist.irecv, t, group=group, group_peer=r) for r, t in recvs.items() if t.numel()]
-    ops += [dist.P2POp(dist.isend, t, group=group, group_peer=r) for r, t in sends.items() if t.numel()]
+def exchange(sends, recvs, group):
+    """Post every irecv, then every isend ((group rank, contiguous tensor) pairs; messages between
+    two ranks arrive in the order posted); returns the works. An empty tensor is not sent: both
+    sides know its shape (a rank owning no positions of a decode step)."""
+    ops = [dist.P2POp(dist.irecv, t, group=group, group_peer=r) for r, t in recvs if t.numel()]
+    ops += [dist.P2POp(dist.isend, t, group=group, group_peer=r) for r, t in sends if t.numel()]
     return dist.batch_isend_irecv(ops) if ops else []
 
 
@@ -94,14 +95,14 @@ def _direct_all_gather(mine, sizes, group):
     parts = out.split(sizes)
     parts[rank].copy_(mine)
     peers = [r for r in range(len(sizes)) if r != rank]
-    return _exchange({r: mine for r in peers}, {r: parts[r] for r in peers}, group), lambda: out
+    return exchange([(r, mine) for r in peers], [(r, parts[r]) for r in peers], group), lambda: out
 
 
 def _direct_reduce_scatter(chunks, sizes, group):
     rank = _rank(group)
     peers = [r for r in range(len(sizes)) if r != rank]
     incoming = {r: torch.empty_like(chunks[rank]) for r in peers}
-    works = _exchange({r: chunks[r] for r in peers}, incoming, group)
+    works = exchange([(r, chunks[r]) for r in peers], incoming.items(), group)
     return works, lambda: sum(incoming.values(), chunks[rank])
 
 
@@ -179,36 +180,6 @@ def _reduce_scatter(x, dim, sizes, group):
         return x
     with stats.timed("reduce_scatter", x):
         return start_reduce_scatter(x, dim, sizes, group).wait()
-
-
-def reshard_into(out, x, dim, held, wanted, group):
-    """Fill `out`, this rank's rows wanted[rank] = (lo, hi) along `dim` of a full tensor, with the
-    rows each group rank r holds in its `x` (rows held[r]; lo == hi: none, and x may be None); not
-    autograd: a layout change (galaxy.reshard.relayout). Each rank sends each peer only the overlap of its
-    rows with the peer's, point to point, so a split that shifts one head moves one head's rows.
-    Held ranges must not overlap. Returns how many of out's rows were filled (the rest stay
-    untouched): rows this rank holds are copied, the others arrive point to point."""
-    rank, filled = _rank(group), 0
-    mine, x = out.movedim(dim, 0), None if x is None else x.movedim(dim, 0)
-    sends, recvs = {}, {}
-    for peer in range(len(held)):
-        lo, hi = max(held[rank][0], wanted[peer][0]), min(held[rank][1], wanted[peer][1])  # mine, the peer's now
-        rows = x[lo - held[rank][0]: hi - held[rank][0]] if hi > lo else None
-        if rows is not None and peer == rank:
-            mine[lo - wanted[rank][0]: hi - wanted[rank][0]] = rows
-            filled += hi - lo
-        elif rows is not None:
-            sends[peer] = rows.contiguous()
-        lo, hi = max(held[peer][0], wanted[rank][0]), min(held[peer][1], wanted[rank][1])  # the peer's, mine now
-        if hi > lo and peer != rank:
-            recvs[peer] = (lo - wanted[rank][0], mine.new_empty((hi - lo,) + mine.shape[1:]))
-    if sends or recvs:
-        for work in _exchange(sends, {peer: buffer for peer, (_, buffer) in recvs.items()}, group):
-            work.wait()
-    for at, buffer in recvs.values():
-        mine[at: at + len(buffer)] = buffer
-        filled += len(buffer)
-    return filled
 
 
 # --- autograd functions ---------------------------------------------------------------

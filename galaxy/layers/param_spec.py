@@ -40,3 +40,16 @@ def set_spec(*params, **fields):
     """Replace `fields` (ParamSpec's) in the record of each parameter (None, an absent bias, is skipped)."""
     for p in (p for p in params if p is not None):
         p.galaxy_spec = replace(spec_of(p), **fields)
+
+
+def split_dim(t):
+    """The dimension along which `t`'s full tensor is split over ranks (its ParamSpec), -1 if none."""
+    return spec_of(t).shard.dim if spec_of(t).shard else -1
+
+
+def span(t, dim):
+    """The rows along `dim` of its full tensor that `t` holds (none if t is absent or on meta)."""
+    if t is None or t.is_meta or dim < 0:
+        return (0, 0)
+    shard = spec_of(t).shard
+    return (shard.start, shard.start + shard.length) if shard and shard.dim == dim else (0, t.shape[dim])

@@ -18,8 +18,8 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from galaxy.comm import collectives as C
-from galaxy.layers.param_spec import GradSum, spec_of
+from galaxy.comm.rows import read_rows, send_rows, share_rows
+from galaxy.layers.param_spec import GradSum, spec_of, span, split_dim
 
 INDEX = "model.safetensors.index.json"
 
@@ -138,8 +138,11 @@ def _holds_any(where, patterns):
 
 @torch.no_grad()
 def _copy_slices(found):
+    """Each parameter's rows of a tensor its file holds whole (galaxy.comm.rows's file transport)."""
     for _, view, param in found:
-        param.copy_(_read_slice(view, param))
+        dim = split_dim(param)
+        param.copy_(read_rows(lambda _: view, [(0, full_shape(param)[dim])], dim, *span(param, dim)) if dim >= 0
+                    else view[:])
 
 
 def _whole_model(model):
@@ -200,15 +203,6 @@ def own_slice(full, param):
     return full if shard is None else full.narrow(shard.dim, shard.start, shard.length)
 
 
-def _read_slice(view, param):
-    shard = spec_of(param).shard
-    if shard is None:
-        return view[:]
-    index = [slice(None)] * len(view.get_shape())
-    index[shard.dim] = slice(shard.start, shard.start + shard.length)
-    return view[tuple(index)]
-
-
 def gather_full_state(model, ctx, to_hf, tensor_of=lambda p: p.detach(), trainable_only=False):
     """Full (unsharded) tensors of this pipeline stage, HF-named, on every tensor rank.
     `tensor_of` picks what to gather per parameter (e.g. its gradient); trainable_only keeps
@@ -216,16 +210,16 @@ def gather_full_state(model, ctx, to_hf, tensor_of=lambda p: p.detach(), trainab
     are left out: the first stage holds the original."""
     params = [(n, p) for n, p in model.named_parameters()
               if (p.requires_grad or not trainable_only) and spec_of(p).grad_sum is not GradSum.TIED]
-    shards = [spec_of(p).shard for _, p in params]
-    meta = torch.tensor([(s.start, s.length) if s else (0, 0) for s in shards], dtype=torch.long, device=ctx.device)
-    # one small all-gather tells every rank where each rank's shard of each tensor starts
-    meta = C.gather_along_dim(meta.unsqueeze(0), 0, [1] * ctx.tp_size, ctx.tp_group)
+    dims = [split_dim(p) for _, p in params]
+    # every rank wants all the rows; the shards' rows move point to point (galaxy.comm.rows)
+    layouts = share_rows(ctx, dims, [(span(p, dim), (0, full_shape(p)[dim] if dim >= 0 else 0))
+                                     for (_, p), dim in zip(params, dims, strict=True)])
     out = {}
-    for i, (name, p) in enumerate(params):
+    for (name, p), rows in zip(params, layouts, strict=True):
         tensor = tensor_of(p)
-        starts, sizes = meta[:, i, 0].tolist(), meta[:, i, 1].tolist()
-        if len(set(starts)) > 1:  # split over the tensor group (replicated tensors start at 0 everywhere)
-            tensor = C.gather_along_dim(tensor.contiguous(), shards[i].dim, sizes, ctx.tp_group)
+        if not rows.in_place:
+            shard, tensor = tensor, tensor.new_empty(full_shape(p))
+            send_rows(tensor, shard, rows, ctx.tp_rank, ctx.tp_group)
         out[to_hf(name)] = tensor.contiguous().cpu()
     return out
 

@@ -8,12 +8,9 @@ at the step boundary and goes on, without a restart.
                positions, so each rank's time divided by its units is its cost per unit
     shared     one all-gather of 3 numbers per rank per step: every rank then holds the same costs
                and takes the same decision (`Drift`, pure functions)
-    the move   the model is built under the new plan on the same ranks and process groups; each
-               split parameter sends only the rows that change owner, point to point
-               (galaxy.comm.collectives.reshard_into); replicated ones are copied. AdamW's moments move
-               like their parameters; its step counts, the LR schedule and the training step stay.
-
-The move itself is galaxy.reshard.relayout's (shared with --elastic inference).
+    the move   galaxy.reshard.relayout.move (shared with --elastic inference): only the
+               rows that change owner are sent; AdamW's moments move like their parameters, its step
+               counts, the LR schedule and the training step stay.
 
 The prediction is the planner's cost model of the blocks' compute (galaxy.planner.split, with an
 unlimited link): what crosses the link per layer changes only with the positions' split. A block's
@@ -34,10 +31,9 @@ from galaxy.layers.mlp import MLP
 from galaxy.layers.transformer import Connective
 from galaxy.plan import SP, TP, gqa_group
 from galaxy.planner.run import plan_dims
-from galaxy.planner.split import RankProfile, plan_galaxy, predict_layer_seconds
-from galaxy.reshard.relayout import build_empty, move_state
+from galaxy.planner.split import SPLIT_KEYS, RankProfile, plan_galaxy, predict_layer_seconds
+from galaxy.reshard.relayout import Holding, move
 
-SPLIT_KEYS = ("tp_num_attention_heads_list", "tp_intermediate_size_list", "seq_scatter_list")
 BLOCKS = (Attention, MLP, Connective)
 UNLIMITED_LINK = float("inf")
 
@@ -219,18 +215,22 @@ def layer_dims(cfg):
 
 class Replanner:
     """Call `after_step(step)` at every step boundary (an optimizer step, an inference request):
-    it measures, and when the ranks decide so, moves `model` (and the trainer's model and optimizer)
-    to the new split. `moves` records (step, old plan, new plan, predicted speed-up, steps measured,
-    seconds) of each move. Rank 0 logs that it watches, each move, and with `verbose` what every
-    step measured (`measured_line`)."""
+    it measures, and when the ranks decide so, moves `owner` (a Holding: a Trainer, a Server; without
+    one, model, ctx and cfg) to the new split.
+    `moves` records (step, old plan, new plan, predicted speed-up, steps measured, seconds) of each
+    move. Rank 0 logs that it watches, each move, and with `verbose` what every step measured
+    (`measured_line`)."""
 
-    def __init__(self, model, ctx, cfg, trainer=None, log=print, verbose=False):
-        self.model, self.ctx, self.cfg, self.trainer, self.log = model, ctx, cfg, trainer, log
+    def __init__(self, model, ctx, cfg, owner=None, log=print, verbose=False):
+        self.holding, self.log = owner or Holding(model, ctx, cfg), log
         self.drift = Drift(check_replan(cfg, ctx.plan), layer_dims(cfg))
         self.timer = BlockTimer(model, ctx.device)
         self.moves, self.verbose = [], verbose
         if ctx.rank == 0:
             self.log(watching_line(self.drift.rule))
+
+    model = property(lambda self: self.holding.model)
+    ctx = property(lambda self: self.holding.ctx)
 
     @torch.no_grad()
     def shared_costs(self):
@@ -256,15 +256,9 @@ class Replanner:
     def move_to(self, split):
         """Move to `split` (SPLIT_KEYS lists) now, on every rank of the tensor group; returns seconds."""
         start = time.perf_counter()
-        cfg = dict(self.cfg, **split)
-        model, ctx = build_empty(cfg, self.ctx)
-        model.to(next(self.model.parameters()).dtype).train(self.model.training)
-        move_state(self.model, model, self.ctx, self.trainer.opt if self.trainer else None)
         self.timer.remove()
-        self.model, self.ctx, self.cfg = model, ctx, cfg
-        if self.trainer:
-            self.trainer.adopt(model, ctx, cfg)
-        self.timer = BlockTimer(model, ctx.device)
+        move(self.holding, dict(self.holding.cfg, **split))
+        self.timer = BlockTimer(self.model, self.ctx.device)
         self.drift.restart()
         return time.perf_counter() - start
 

@@ -18,6 +18,7 @@ every link between stages; `plan_stage_layers` minimises the resulting forward l
 from bisect import bisect_right
 from dataclasses import dataclass
 
+from galaxy.errors import ConfigError
 from galaxy.plan import even_split
 
 
@@ -37,17 +38,17 @@ def apportion(total, costs, caps=None, unit=1, fixed=None):
     """Integers n_r (multiples of `unit`, >= unit, <= caps[r]) summing to `total` that minimise
     max_r(fixed[r] + n_r * costs[r]) (fixed: 0 when not given). Greedy: each next unit goes where
     it finishes earliest, which is optimal for this separable min-max problem of non-decreasing costs."""
-    if total % unit:
-        raise ValueError(f"total {total} is not a multiple of unit {unit}")
+    if total % unit:  # (ConfigError: a world, model or memory budget the split cannot serve)
+        raise ConfigError(f"total {total} is not a multiple of unit {unit}")
     caps = caps or [total] * len(costs)
     fixed = fixed or [0.0] * len(costs)
     n = [unit] * len(costs)
     if sum(n) > total or any(c < unit for c in caps):
-        raise ValueError(f"cannot give each of {len(costs)} ranks at least {unit} of {total} within caps {caps}")
+        raise ConfigError(f"cannot give each of {len(costs)} ranks at least {unit} of {total} within caps {caps}")
     for _ in range((total - sum(n)) // unit):
         open_ = [r for r in range(len(n)) if n[r] + unit <= caps[r]]
         if not open_:
-            raise ValueError(f"memory budgets allow only {sum(n)} of {total} units (caps {caps})")
+            raise ConfigError(f"memory budgets allow only {sum(n)} of {total} units (caps {caps})")
         best = min(open_, key=lambda r: (fixed[r] + (n[r] + unit) * costs[r], r))
         n[best] += unit
     return n
@@ -99,6 +100,24 @@ def memory_caps(profiles, hidden, heads, intermediate, layers):
     return head_caps, col_caps
 
 
+SPLIT_KEYS = ("tp_num_attention_heads_list", "tp_intermediate_size_list", "seq_scatter_list")
+# per split list: the RankProfile's (seconds per unit, fixed seconds) of the block it splits
+_BLOCK_COSTS = {"tp_num_attention_heads_list": ("att_s_per_head", "att_s_fixed"),
+                "tp_intermediate_size_list": ("mlp_s_per_column", "mlp_s_fixed"),
+                "seq_scatter_list": ("con_s_per_position", "con_s_fixed")}
+
+
+def split_layer(profiles, totals, units=None, caps=None, extra=None):
+    """The one split policy (the planner, live re-planning, elastic recovery): each SPLIT_KEYS list
+    in `totals` (key -> heads, columns or positions to share) apportioned to the ranks' fixed and
+    per-unit seconds of its block (plus extra[key] a unit: link time), in multiples of units[key]
+    (a GQA group of heads), within caps[key]."""
+    units, caps, extra = units or {}, caps or {}, extra or {}
+    return {key: apportion(total, [getattr(p, _BLOCK_COSTS[key][0]) + extra.get(key, 0.0) for p in profiles],
+                           caps.get(key), units.get(key, 1), [getattr(p, _BLOCK_COSTS[key][1]) for p in profiles])
+            for key, total in totals.items()}
+
+
 def _send_s_per_position(world, batch, hidden, bandwidth_Bps, bytes_per=4):
     """Link seconds per layer that each position a rank owns costs it, per connective: it sends its
     positions to every peer in each all-gather (collectives' direct exchange), so the rank with the
@@ -112,18 +131,12 @@ def plan_galaxy(profiles, *, hidden, heads, intermediate, seq, layers, batch, ba
     """The Galaxy config keys (per-rank splits) minimising predicted latency, and that latency (s).
     Heads move in multiples of head_unit (a GQA group), columns of column_unit."""
     head_caps, col_caps = memory_caps(profiles, hidden, heads, intermediate, layers)
-    head_caps = [c - c % head_unit for c in head_caps]
-    col_caps = [c - c % column_unit for c in col_caps]
+    units = {SPLIT_KEYS[0]: head_unit, SPLIT_KEYS[1]: column_unit}
+    caps = {SPLIT_KEYS[0]: [c - c % head_unit for c in head_caps],
+            SPLIT_KEYS[1]: [c - c % column_unit for c in col_caps]}
+    totals = dict(zip(SPLIT_KEYS, (heads, intermediate, seq), strict=True))
     send = _send_s_per_position(len(profiles), batch, hidden, bandwidth_Bps)
-    split = {
-        "parallel": "galaxy",
-        "tp_num_attention_heads_list": apportion(heads, [p.att_s_per_head for p in profiles], head_caps, head_unit,
-                                                 [p.att_s_fixed for p in profiles]),
-        "tp_intermediate_size_list": apportion(intermediate, [p.mlp_s_per_column for p in profiles], col_caps,
-                                               column_unit, [p.mlp_s_fixed for p in profiles]),
-        "seq_scatter_list": apportion(seq, [p.con_s_per_position + send for p in profiles],
-                                      fixed=[p.con_s_fixed for p in profiles]),
-    }
+    split = {"parallel": "galaxy", **split_layer(profiles, totals, units, caps, {SPLIT_KEYS[2]: send})}
     return split, layers * predict_layer_seconds(split, profiles, batch, hidden, bandwidth_Bps)
 
 

@@ -1,2 +1,2 @@
-"""Moving shards: a running model moved to another plan in memory (relayout: live re-planning and
---elastic inference), rows sent point to point by comm.collectives.reshard_into."""
+"""A running model moved to another plan in memory (relayout); the rows it moves are described and
+sent by galaxy.comm.rows, which HF loading and training checkpoints read files through too."""

@@ -3,15 +3,10 @@
 Two callers: live re-planning (galaxy.planner.replan: the same ranks, another split) and --elastic
 inference (galaxy.runtime.elastic: fewer ranks once one has died). Both build this rank's model under
 the new plan on the meta device and give it memory (`build_empty`: no initial weights drawn), then
-fill it:
-
-    move_state        every split parameter sends only the rows that change owner, point to point
-                      (collectives.reshard_into); replicated ones are handed over; AdamW's moments move
-                      like their parameters
-    fill_after_loss   the survivors' own rows stay, or move point to point as above; the rows that
-                      only a lost rank held are rebuilt by one survivor from the run's sources
-                      (`build_lost_part`: the seed's weights, then load_checkpoint's and load_trainable's
-                      slices of those rows only) and sent on the same way
+`fill` it: each rank keeps its own rows, and receives the rows that change owner point to point
+(galaxy.comm.rows); AdamW's moments move like their parameters. After a loss, the rows that only
+a lost rank held are rebuilt by one survivor from the run's sources (`build_lost_part`: the seed's
+weights, then load_checkpoint's and load_trainable's slices of those rows only) and sent on the same way.
 """
 from collections import defaultdict
 from dataclasses import replace
@@ -20,13 +15,13 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from galaxy.comm import collectives as C
 from galaxy.comm.context import ParallelContext
-from galaxy.layers.param_spec import spec_of
+from galaxy.layers.param_spec import spec_of, span, split_dim
 from galaxy.layers.transformer import TransformerLayer
 from galaxy.models.common import init_weights
 from galaxy.models.registry import build_model
 from galaxy.plan import build_plan
+from galaxy.comm.rows import send_rows, share_rows
 from galaxy.tuning.apply import apply_tuning, load_sources
 
 META = torch.device("meta")
@@ -104,102 +99,93 @@ def part_of(p):
     return shard if shard is not None and shard.length < shard.full else None
 
 
-@torch.no_grad()
-def move_state(old, new, ctx, opt=None):
-    """Fill `new` (the model under another plan on the same ranks) from `old`, and point `opt`
-    (built for old) at new's parameters with their state moved alike. Collective over the tensor
-    group; every rank moves the same tensors in the same (model) order. What does not move (a
-    replicated parameter, a buffer such as LLaMA's rotary frequencies) is handed over, not copied:
-    `old` is left sharing it and must not be used again."""
-    params = dict(new.named_parameters())
-    pairs = [(p, params[name]) for name, p in old.named_parameters()]
-    layouts = _row_layouts(pairs, ctx, first=True)
+class Holding:
+    """This rank's model, its context (hence the plan), the config that planned it and the optimizer
+    over it (None when serving): what a move swaps together (`move`, `build_like`, then `adopt`).
+    An inference Server is one; a Trainer has the same four and its own `adopt` (galaxy.train does
+    not import reshard)."""
 
-    def moved(tensor, i):
-        dim, held, wanted = layouts[i]
-        if dim < 0 or held == wanted:  # replicated, or split alike: handed over
-            return tensor
-        lo, hi = wanted[ctx.tp_rank]
-        out = tensor.new_empty(tensor.shape[:dim] + (hi - lo,) + tensor.shape[dim + 1:])
-        C.reshard_into(out, tensor, dim, held, wanted, ctx.tp_group)
-        return out
+    def __init__(self, model, ctx, cfg, opt=None):
+        self.model, self.ctx, self.cfg, self.opt = model, ctx, cfg, opt
 
-    for i, (p, q) in enumerate(pairs):
-        q.data = moved(p, i).data
-    _hand_over_buffers(old, new)
-    if opt is None:
-        return
-    state = {}
-    for i, (p, q) in enumerate(pairs):  # a tensor of its parameter's shape (AdamW's moments) moves with it
-        if p in opt.state:
-            state[q] = {k: moved(v, i) if torch.is_tensor(v) and v.shape == p.shape else v
-                        for k, v in opt.state[p].items()}
-    opt.state = defaultdict(dict, state)
-    new_of = {p: q for p, q in pairs}
-    for group in opt.param_groups:
-        group["params"] = [new_of[p] for p in group["params"]]
+    def adopt(self, model, ctx, cfg):
+        """Go on with `model`, filled under ctx's plan."""
+        self.model, self.ctx, self.cfg = model, ctx, cfg
 
 
-def _hand_over_buffers(old, new):
-    buffers = dict(old.named_buffers())
-    for name, b in new.named_buffers():
-        b.data = buffers[name].data
+def build_like(holding, cfg, ctx):
+    """`build_empty` in the holding's dtype and mode (a LoRA layer merges on eval: the rows it receives are)."""
+    model, ctx = build_empty(cfg, ctx)
+    return model.to(next(holding.model.parameters()).dtype).train(holding.model.training), ctx
 
 
-def _rows(p, q, first, rank):
-    """(dim, held lo, held hi, wanted lo, wanted hi) of one parameter on this rank: the rows along
-    its split dimension that holder `p` has (none if p is absent or on meta) and that new `q` needs.
-    dim -1: split in neither plan. A replicated holder serves its rows from group rank 0 only, in
-    the first round (everyone holds them); a split one serves its own shard."""
-    old, new = (part_of(p) if p is not None else None), part_of(q)
-    dim = (new or old).dim if (new or old) else -1
-    wanted = (new.start, new.start + new.length) if new else (0, q.shape[dim] if dim >= 0 else 0)
-    if p is None or p.is_meta or dim < 0:
-        held = (0, 0)
-    elif old:
-        held = (old.start, old.start + old.length)
-    else:
-        held = (0, p.shape[dim]) if first and rank == 0 else (0, 0)
-    return (dim, *held, *wanted)
-
-
-def _row_layouts(pairs, ctx, first):
-    """Per (holder, new parameter): (dim, held, wanted), the `_rows` of every rank of the tensor
-    group (one small all-gather), so that every rank moves the same tensors the same way."""
-    mine = torch.tensor([_rows(p, q, first, ctx.tp_rank) for p, q in pairs], dtype=torch.long, device=ctx.device)
-    every = C.gather_along_dim(mine.unsqueeze(0), 0, [1] * ctx.tp_size, ctx.tp_group).tolist()
-    return [(every[ctx.tp_rank][i][0], [tuple(r[i][1:3]) for r in every], [tuple(r[i][3:5]) for r in every])
-            for i in range(len(pairs))]
+def move(holding, cfg):
+    """Live re-planning: `holding` (a Holding, a Trainer) to cfg's plan on the same ranks (collective
+    over the tensor group)."""
+    model, ctx = build_like(holding, cfg, holding.ctx)
+    fill(model, [holding.model], ctx, holding.opt)
+    holding.adopt(model, ctx, cfg)
 
 
 @torch.no_grad()
-def fill_after_loss(new, holders, ctx):
-    """Fill `new` (this rank's model under the survivors' plan, `ctx`) round by round over the
-    survivors' tensor group. holders[0] is this rank's model under the old plan; holders[k] for
-    k >= 1 is the k-th lost rank's `build_lost_part` on the one survivor standing in for it (None
-    on the others). Held rows never overlap within a round: the old ranks' shards are disjoint.
-    Returns this rank's {kept, received} bytes (from its own memory / from peers)."""
-    params = list(new.named_parameters())
-    rank, kept, received = ctx.tp_rank, 0, 0
-    filled, needed = [0] * len(params), [1] * len(params)
+def fill(new, holders, ctx, opt=None):
+    """Fill `new` (this rank's model under ctx's plan) round by round over ctx's tensor group.
+    holders[0] is this rank's model under the old plan; holders[k] for k >= 1 the k-th lost rank's
+    `build_lost_part` on the survivor standing in for it (None on the others). What stays in place
+    (a replicated parameter, one split alike, buffers) is handed over, not copied: holders[0] must
+    not be used again. `opt` (built for holders[0]) is pointed at new's parameters, AdamW's moments
+    moved like them. Returns this rank's {kept, received} bytes (its own memory / from peers)."""
+    params, rank, kept, received = list(new.named_parameters()), ctx.tp_rank, 0, 0
     for k, holder in enumerate(holders):
-        got = dict(holder.named_parameters()) if holder is not None else {}
-        layouts = _row_layouts([(got.get(name), q) for name, q in params], ctx, first=k == 0)
-        for i, (name, q) in enumerate(params):
-            dim, held, wanted = layouts[i]
-            if dim < 0:  # replicated before and after: this rank's own copy
+        # a lost rank's part brings its split rows only: every survivor holds its whole tensors
+        got = {name: p for name, p in holder.named_parameters() if k == 0 or part_of(p)} if holder is not None else {}
+        layouts = _layouts([(got.get(name), q) for name, q in params], ctx)
+        if k == 0:
+            moved, filled = layouts, [0] * len(params)
+        for i, ((name, q), rows) in enumerate(zip(params, layouts, strict=True)):
+            if rows.in_place:
                 if k == 0:
-                    q.data.copy_(got[name])
-                    kept, filled[i] = kept + q.numel() * q.element_size(), 1
+                    q.data, kept, filled[i] = got[name].data, kept + q.numel() * q.element_size(), _count(rows, rank)
                 continue
-            own = max(0, min(held[rank][1], wanted[rank][1]) - max(held[rank][0], wanted[rank][0]))
-            rows = C.reshard_into(q.data, got.get(name), dim, held, wanted, ctx.tp_group)
-            row_bytes = q.numel() * q.element_size() // max(1, q.shape[dim])
-            kept, received = kept + own * row_bytes, received + (rows - own) * row_bytes
-            filled[i], needed[i] = filled[i] + rows, wanted[rank][1] - wanted[rank][0]
-    missing = [name for (name, _), got, need in zip(params, filled, needed, strict=True) if got != need]
+            own, came = send_rows(q.data, got.get(name), rows, rank, ctx.tp_group)
+            row_bytes = q.numel() * q.element_size() // max(1, q.shape[rows.dim])
+            kept, received, filled[i] = kept + own * row_bytes, received + came * row_bytes, filled[i] + own + came
+    missing = [name for (name, _), rows, got in zip(params, moved, filled, strict=True) if got != _count(rows, rank)]
     if missing:
         raise RuntimeError(f"after the loss, parts of {missing[:3]} ({len(missing)} tensors) were on no survivor "
                            f"and not rebuilt from the sources")
-    _hand_over_buffers(holders[0], new)
+    buffers = dict(holders[0].named_buffers())
+    for name, b in new.named_buffers():
+        b.data = buffers[name].data
+    if opt is not None:
+        _move_optimizer(opt, dict(holders[0].named_parameters()), params, moved, ctx)
     return {"kept": kept, "received": received}
+
+
+def _count(rows, rank):
+    return rows.wanted[rank][1] - rows.wanted[rank][0]
+
+
+def _layouts(pairs, ctx):
+    """The Rows of each (holder, new parameter) over the tensor group: the rows the holder has (none
+    if it is absent or on meta) and the rows the new parameter needs."""
+    dims = [split_dim(q) for _, q in pairs]
+    return share_rows(ctx, dims, [(span(p, dim), span(q, dim)) for (p, q), dim in zip(pairs, dims, strict=True)])
+
+
+def _move_optimizer(opt, old, params, layouts, ctx):
+    """Point `opt` from the `old` parameters (by name) at the new `params`; a tensor of its
+    parameter's shape (AdamW's moments) moves as the parameter's rows did (`layouts`)."""
+    def moved(tensor, rows, like):
+        if not rows.in_place:
+            tensor, held = tensor.new_empty(like.shape), tensor
+            send_rows(tensor, held, rows, ctx.tp_rank, ctx.tp_group)
+        return tensor
+
+    pairs = [(old[name], q) for name, q in params]
+    opt.state = defaultdict(dict, {q: {k: moved(v, rows, q) if torch.is_tensor(v) and v.shape == p.shape else v
+                                       for k, v in opt.state[p].items()}
+                                   for (p, q), rows in zip(pairs, layouts, strict=True) if p in opt.state})
+    new_of = {p: q for p, q in pairs}
+    for group in opt.param_groups:
+        group["params"] = [new_of[p] for p in group["params"]]

@@ -7,10 +7,11 @@ layer (tp, sp, galaxy: `in_place`): the launcher tells the survivors instead, an
 their own processes, keeping their weights (galaxy.app.infer.Server). Both re-plan the same way:
 
 - the config loses the dead ranks' entries, and each per-rank list is apportioned again over the
-  survivors in proportion to their own entries (a rank that held twice the heads keeps twice the
-  share): tp_num_attention_heads_list / tp_intermediate_size_list / seq_scatter_list when the
-  ranks share each layer, stage_num_hidden_layers_list when they are pipeline stages, memory_mb /
-  zero_shard_list when they are data-parallel replicas;
+  survivors by the planner's split policy (galaxy.planner.split), each one's speed taken from its
+  own entries (twice the heads: twice as fast): tp_num_attention_heads_list /
+  tp_intermediate_size_list / seq_scatter_list when the ranks share each layer,
+  stage_num_hidden_layers_list when they are pipeline stages, memory_mb / zero_shard_list when
+  they are data-parallel replicas;
 - training resumes from the latest complete checkpoint in save_dir, read into the new layout
   (galaxy.train.checkpoint reshards it); inference in place keeps each survivor's rows, moves
   rows between survivors point to point and rebuilds only the lost rank's rows from the run's
@@ -23,7 +24,7 @@ start-up for the loss of the last rank and with the reason when it happens.
 """
 from galaxy.errors import ConfigError
 from galaxy.plan import Method, build_plan, gqa_group
-from galaxy.planner.split import apportion
+from galaxy.planner.split import SPLIT_KEYS, RankProfile, apportion, split_layer
 from galaxy.train import checkpoint
 from galaxy.train.zero import check_zero
 
@@ -32,13 +33,10 @@ def _kept(values, dead):
     return [v for r, v in enumerate(values) if r not in dead]
 
 
-def _reapportion(sizes, total, dead, world, unit=1):
-    """`total` over the survivors in proportion to their old `sizes` (even when there were none)."""
-    weights = _kept(sizes, dead) if sizes else [1] * world
-    try:
-        return apportion(total, [1 / w for w in weights], unit=unit)
-    except ValueError:
-        raise ConfigError(f"{world} surviving ranks cannot share {total} (at least {unit} each)") from None
+def _seconds_per_unit(sizes, dead, world):
+    """The survivors' seconds per unit as their old `sizes` imply: a rank that held twice the share
+    is twice as fast (even when there were none)."""
+    return [1 / w for w in (_kept(sizes, dead) if sizes else [1] * world)]
 
 
 def survivors_config(cfg, plan, dead):
@@ -55,8 +53,8 @@ def survivors_config(cfg, plan, dead):
     if plan.tp_size > 1:
         out.update(_tensor_lists(cfg, plan, dead, world))
     elif plan.pp_size > 1:
-        out["stage_num_hidden_layers_list"] = _reapportion(
-            cfg["stage_num_hidden_layers_list"], cfg["num_hidden_layers"], dead, world) if world > 1 else None
+        costs = _seconds_per_unit(cfg["stage_num_hidden_layers_list"], dead, world)
+        out["stage_num_hidden_layers_list"] = apportion(cfg["num_hidden_layers"], costs) if world > 1 else None
     elif cfg["data_parallel_size"]:
         out["data_parallel_size"] = world
     if plan.dp_size > 1:
@@ -65,12 +63,14 @@ def survivors_config(cfg, plan, dead):
 
 
 def _tensor_lists(cfg, plan, dead, world):
-    """The split lists the plan uses, over the surviving tensor ranks."""
-    lists = {"tp_num_attention_heads_list": (plan.att is Method.TP, "num_attention_heads", gqa_group(cfg)),
-             "tp_intermediate_size_list": (plan.mlp is Method.TP, "intermediate_size", 1),
-             "seq_scatter_list": (plan.seq_sharded, "seq_length", 1)}
-    return {key: _reapportion(cfg[key], cfg[total], dead, world, unit)
-            for key, (used, total, unit) in lists.items() if used}
+    """The split lists the plan uses, over the surviving tensor ranks (the planner's split policy)."""
+    totals = {key: cfg[total] for key, used, total in (
+        ("tp_num_attention_heads_list", plan.att is Method.TP, "num_attention_heads"),
+        ("tp_intermediate_size_list", plan.mlp is Method.TP, "intermediate_size"),
+        ("seq_scatter_list", plan.seq_sharded, "seq_length")) if used}
+    costs = [_seconds_per_unit(cfg[key] if key in totals else None, dead, world) for key in SPLIT_KEYS]
+    profiles = [RankProfile(*rank) for rank in zip(*costs, strict=True)]
+    return split_layer(profiles, totals, {SPLIT_KEYS[0]: gqa_group(cfg)})
 
 
 def _replica_lists(cfg, dead):

@@ -21,7 +21,7 @@ directory, so the previous checkpoint stays the latest. The ranks must share sav
 Another layout: a checkpoint written by N ranks under one plan resumes on M ranks under another
 (the same model, tuning and training settings; LAYOUT_KEYS may differ). Each rank state lists
 every tensor's full name and shard (ParamSpec.Shard), so each new rank reads from the old ranks'
-files only the slices its own parameters and AdamW moments cover (safetensors get_slice); the
+files only the rows its own parameters and AdamW moments cover (galaxy.comm.rows.read_rows); the
 step, the LR schedule's position and RNG carry over (the data order and dropout masks follow from the step).
 """
 import hashlib
@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from galaxy.layers.param_spec import spec_of
 from galaxy.models.checkpoint import CheckpointError
+from galaxy.comm.rows import read_rows
 from galaxy.train.optim import lr_schedule
 
 FORMAT = "galaxy-train-checkpoint/1"
@@ -349,9 +350,6 @@ class _Source:
         self.rank, self.name, self.optim_index = rank, name, optim_index
         self.dim, self.start, self.length, self.full = shard or (None, 0, 0, 0)
 
-    def holds(self, dim, pos):
-        return self.dim is None or (self.dim == dim and self.start <= pos < self.start + self.length)
-
 
 class _OldRanks:
     """The rank files of a checkpoint written in another layout, opened lazily, read by slices."""
@@ -379,33 +377,25 @@ class _OldRanks:
         return self.handles[key]
 
     def read(self, full_name, param, field=None):
-        """The part of `full_name` that `param` holds (its whole tensor, or its shard), assembled
-        from the old ranks' slices: a parameter (field None) or its AdamW `field` (None if absent)."""
+        """The part of `full_name` that `param` holds (its whole tensor, or its shard), read from
+        the old ranks' files (galaxy.comm.rows's file transport): a parameter (field None) or its
+        AdamW `field` (None if absent)."""
         sources = [s for s in self.sources.get(full_name, ()) if field is None or self._has(s, field)]
         if not sources:
             if field:
                 return None
             raise CheckpointError(f"{self.directory}: no rank of the checkpoint holds '{full_name}'")
-        if field == "step":  # AdamW's step count: a scalar, the same on every rank
-            return self._slice(sources[0], field, None, 0, 0)
         shard = spec_of(param).shard
-        if shard:
-            dim, lo, hi = shard.dim, shard.start, shard.start + shard.length
-        else:  # the whole tensor: all of it along the dimension the old ranks split (if they did)
-            dim, lo, hi = sources[0].dim, 0, sources[0].full
-        whole = next((s for s in sources if s.dim is None), None)
-        if whole:
-            return self._slice(whole, field, dim, lo, hi)
-        pieces, pos = [], lo
-        while pos < hi:
-            source = next((s for s in sources if s.holds(dim, pos)), None)
-            if source is None:
-                raise CheckpointError(f"{self.directory}: no rank of the checkpoint holds '{full_name}' at "
-                                      f"index {pos} of dimension {dim}")
-            end = min(hi, source.start + source.length)
-            pieces.append(self._slice(source, field, dim, pos - source.start, end - source.start))
-            pos = end
-        return torch.cat(pieces, dim)
+        split = next((s for s in sources if s.dim is not None), None)  # how the old ranks split it, if they did
+        dim, full = (shard.dim, shard.full) if shard else (split.dim, split.full) if split else (None, 0)
+        dim = None if field == "step" else dim  # AdamW's step count: a scalar, the same on every rank
+        lo, hi = (shard.start, shard.start + shard.length) if shard else (0, full)
+        held = [(0, full) if s.dim is None else (s.start, s.start + s.length) for s in sources]
+        try:
+            return read_rows(lambda h: self._view(sources[h], field), held, dim, lo, hi)
+        except LookupError as e:
+            raise CheckpointError(f"{self.directory}: no rank of the checkpoint holds '{full_name}' at index "
+                                  f"{e.args[0]} of dimension {dim}") from None
 
     def rng(self, rank):
         """The RNG tensors of old rank `rank`."""
@@ -418,12 +408,8 @@ class _OldRanks:
     def _has(self, source, field):
         return source.optim_index is not None and self._tensor_name(source, field) in self._file(source.rank, 1).keys()
 
-    def _slice(self, source, field, dim, lo, hi):
-        view = self._file(source.rank, 0 if field is None else 1).get_slice(self._tensor_name(source, field))
-        index = [slice(None)] * len(view.get_shape())
-        if dim is not None:
-            index[dim] = slice(lo, hi)
-        return view[tuple(index)]
+    def _view(self, source, field):
+        return self._file(source.rank, 0 if field is None else 1).get_slice(self._tensor_name(source, field))
 
 
 def _read_json(path, directory, rank):

@@ -63,7 +63,8 @@ def label_tokens(model, labels):
 
 
 class Trainer:
-    """Owns the model, optimizer, schedule and gradient sync of one rank.
+    """Owns the model, context, config and optimizer of one rank (galaxy.reshard.relayout moves
+    them together, as it moves a Holding), the LR schedule and the gradient sync.
 
     `forward_backward(batches, n_tokens)` runs the micro-steps of one optimizer step and
     returns this rank's share of the loss sum; the pipeline schedules replace it.
@@ -86,7 +87,7 @@ class Trainer:
 
     def adopt(self, model, ctx, cfg):
         """Go on with `model`: the same weights under another split on the same ranks, the optimizer
-        already pointed at them (galaxy.planner.replan); gradient sync follows the new parameters."""
+        already pointed at them (galaxy.reshard.relayout.move); gradient sync follows the new parameters."""
         self.model, self.ctx, self.cfg = model, ctx, cfg
         self.sync = GradSync(model, ctx, cfg["bucket_size_mb"])
 
