@@ -11,6 +11,7 @@ import finetune_llama
 import generate
 from galaxy.app import train
 from galaxy.config.load import load_config
+from galaxy.data import tokenizer_from
 from galaxy.inference.generate import greedy_generate
 from galaxy.models.llama import LlamaConfig, LlamaForCausalLM
 from galaxy.plan import build_plan
@@ -111,6 +112,6 @@ def merged_generation(base, lora, cfg, prompt, tokenizer):
         for name in [k for k in lora if k.endswith(".lora_A")]:
             stem = name[:-len(".lora_A")]
             weights[stem + ".weight"] += lora[stem + ".lora_B"] @ lora[name] * (cfg["lora_alpha"] / cfg["lora_dim"])
-    tok = generate.Tokenizer(tokenizer)
+    tok = tokenizer_from(tokenizer)
     ids = torch.tensor([[tok.bos_id] + tok.encode(prompt)])
     return greedy_generate(model, ids, 6)[0, ids.shape[1]:].tolist()
