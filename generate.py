@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from galaxy.comm.context import ParallelContext
-from galaxy.config.load import SCHEMA, load_config
+from galaxy.config.load import is_config_key, load_config
 from galaxy.data import Tokenizer
 from galaxy.errors import ConfigError
 from galaxy.models.checkpoint import CheckpointError
@@ -52,7 +52,7 @@ def parse(argv=None):
     try:
         # the model's own fields, not config.json's raw keys: transformers' "dtype" is not the engine's
         model = LlamaConfig.from_pretrained(args.checkpoint)
-        shape = {k: v for k, v in vars(model).items() if k in SCHEMA and v is not None}
+        shape = {k: v for k, v in vars(model).items() if is_config_key(k) and v is not None}
         tuning = _tuning(args.load_trainable)
         cfg = load_config(None, {**shape, **layout, **tuning, "model": "llama", "seq_length": 1})
         plan = build_plan(cfg, world)

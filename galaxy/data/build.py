@@ -1,5 +1,8 @@
-"""The dataset a config names, for its architecture: build_data(cfg, ctx); and the pairs it holds
-out for evaluation, if any: held_out_data(cfg)."""
+"""The data section of a config (DataConfig), the dataset it names for its architecture:
+build_data(cfg, ctx), and the pairs it holds out for evaluation, if any: held_out_data(cfg)."""
+from dataclasses import dataclass
+
+from galaxy.config.section import at_least, key, one_of
 from galaxy.data.denoising import BartDenoisingData
 from galaxy.data.instruction import InstructionData, PretrainTextData
 from galaxy.data.pretrain import BertPretrainData, SyntheticMLM
@@ -7,6 +10,21 @@ from galaxy.data.retrieval import RetrievalPairs
 from galaxy.data.tokenizer import holds_tokenizer, tokenizer_from
 
 DEFAULT_TOKENIZER = "data/python_docs/spm_bert.model"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data: str = key("corpus", "corpus | synthetic (BERT: random tokens) | instruction (LLaMA: prompt/answer pairs)")
+    data_file: str = key("data/python_docs/pretrain.jsonl", "the JSON-lines corpus, instructions or question/passage pairs")
+    tokenizer_file: str = key(None, "a SentencePiece .model, a Hugging Face tokenizer.json or BERT vocab.txt, or a "
+                                    "directory holding one (default: load_checkpoint's directory when it holds one, "
+                                    f"else {DEFAULT_TOKENIZER})")
+    seq_length: int = key(128, "tokens per sequence (alias: pad_size, max_seq_length)")
+    batch_size: int = key(8, "global batch size per optimizer micro-step")
+
+    def __post_init__(self):
+        at_least(self, ("seq_length", "batch_size"), 1)
+        one_of(self, "data", ("corpus", "synthetic", "instruction"))
 
 
 def tokenizer_path(cfg):

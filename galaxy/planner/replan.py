@@ -246,7 +246,7 @@ class Replanner:
     def move_to(self, split):
         """Move to `split` (SPLIT_KEYS lists) now, on every rank of the tensor group; returns seconds."""
         start = time.perf_counter()
-        cfg = dict(self.cfg, **split)
+        cfg = self.cfg.with_layout(**split)
         model, ctx = build_empty(cfg, self.ctx)
         model.to(next(self.model.parameters()).dtype).train(self.model.training)
         move_state(self.model, model, self.ctx, self.trainer.opt if self.trainer else None)

@@ -21,6 +21,8 @@ Layouts whose ranks split more than one way (tensor x data, tensor x pipeline ..
 too small for the layout (ZeRO without replicas, fewer heads than ranks ...) are refused, at
 start-up for the loss of the last rank and with the reason when it happens.
 """
+import dataclasses
+
 from galaxy.errors import ConfigError
 from galaxy.plan import Method, build_plan, gqa_group
 from galaxy.planner.split import apportion
@@ -51,17 +53,16 @@ def survivors_config(cfg, plan, dead):
                           f"this plan splits {' x '.join(split)} ways ({plan.describe()})")
     if plan.virtual_stages > 1:
         raise ConfigError(f"--elastic does not re-plan interleaved pipelines (virtual_stages {plan.virtual_stages})")
-    out = dict(cfg)
+    layout = {}
     if plan.tp_size > 1:
-        out.update(_tensor_lists(cfg, plan, dead, world))
+        layout = _tensor_lists(cfg, plan, dead, world)
     elif plan.pp_size > 1:
-        out["stage_num_hidden_layers_list"] = _reapportion(
+        layout["stage_num_hidden_layers_list"] = _reapportion(
             cfg["stage_num_hidden_layers_list"], cfg["num_hidden_layers"], dead, world) if world > 1 else None
     elif cfg["data_parallel_size"]:
-        out["data_parallel_size"] = world
-    if plan.dp_size > 1:
-        out.update(_replica_lists(cfg, dead))
-    return out
+        layout["data_parallel_size"] = world
+    zero = _replica_lists(cfg, dead) if plan.dp_size > 1 else {}
+    return cfg.replace(layout=dataclasses.replace(cfg.layout, **layout), zero=dataclasses.replace(cfg.zero, **zero))
 
 
 def _tensor_lists(cfg, plan, dead, world):
@@ -130,7 +131,7 @@ class Survivors:
             if not found:
                 raise SystemExit(f"galaxy: --elastic: no complete checkpoint in save_dir {cfg['save_dir']} to resume "
                                  f"the survivors from (rank(s) {dead} died before the first save)")
-            cfg = {**cfg, "resume": True}
+            cfg = cfg.replace(checkpoint=dataclasses.replace(cfg.checkpoint, resume=True))
             what = f"resuming from {found[-1][1]}, {what}"
         return new.world, (cfg, new, *rest), what
 
