@@ -96,17 +96,17 @@ class Plan:
                 f"positions={list(self.positions)} stage_layers={list(self.stage_layers)}")
 
 
-def _even(total, parts, key):
+def _even(total, parts, key, what):
     if total % parts:
-        raise ConfigError(f"{key} is not given and {total} does not split evenly over {parts} ranks; "
-                          f"list the per-rank sizes in {key}")
+        raise ConfigError(f"{key} is not given and {total} {what}s do not split evenly over {parts} ranks "
+                          f"(list each rank's share in it)")
     return [total // parts] * parts
 
 
 def _split(cfg, key, total, parts, what):
     sizes = cfg.get(key)
     if sizes is None:
-        return tuple(_even(total, parts, key))
+        return tuple(_even(total, parts, key, what))
     if len(sizes) != parts:
         raise ConfigError(f"{key} {sizes} has {len(sizes)} entries, but {parts} ranks share each layer "
                           f"(world size / pipeline stages / data-parallel replicas)")
@@ -166,16 +166,29 @@ def build_plan(cfg, world):
     if tp > 1 and not sharded:
         raise ConfigError(f"world {world} = {pp} stages x {dp} replicas x {tp}, but no block is parallel: "
                           f"set parallel or att/con/mlp_parallel_method, or data_parallel_size")
-    heads = _split(cfg, "tp_num_attention_heads_list", cfg["num_attention_heads"], tp, "attention head") \
-        if m["att_parallel_method"] is TP else (cfg["num_attention_heads"],) * tp
+    heads, columns, positions = _tensor_splits(cfg, m, tp)
     kv = _kv_split(cfg, heads) if m["att_parallel_method"] is TP else (_kv_heads(cfg),) * tp
-    columns = _split(cfg, "tp_intermediate_size_list", cfg["intermediate_size"], tp, "intermediate column") \
-        if m["mlp_parallel_method"] is TP else (cfg["intermediate_size"],) * tp
-    positions = _split(cfg, "seq_scatter_list", cfg["seq_length"], tp, "sequence position") \
-        if SP in m.values() else (cfg["seq_length"],) * tp
     return Plan(att=m["att_parallel_method"], con=m["con_parallel_method"], mlp=m["mlp_parallel_method"],
                 tp_size=tp, dp_size=dp, pp_size=pp, heads=heads, kv_heads=kv, columns=columns,
                 positions=positions, stage_layers=stage_layers, virtual_stages=chunks)
+
+
+def _tensor_splits(cfg, methods, tp):
+    """Heads, columns and positions per tensor rank; every list that is wrong or missing is named
+    in one ConfigError (not one per run)."""
+    wanted = (("tp_num_attention_heads_list", "num_attention_heads", "attention head",
+               methods["att_parallel_method"] is TP),
+              ("tp_intermediate_size_list", "intermediate_size", "intermediate column", methods["mlp_parallel_method"] is TP),
+              ("seq_scatter_list", "seq_length", "sequence position", SP in methods.values()))
+    splits, errors = [], []
+    for key, total, what, split in wanted:
+        try:
+            splits.append(_split(cfg, key, cfg[total], tp, what) if split else (cfg[total],) * tp)
+        except ConfigError as e:
+            errors.append(str(e))
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return splits
 
 
 def _kv_heads(cfg):

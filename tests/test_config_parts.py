@@ -4,8 +4,11 @@ import json
 
 import pytest
 
-from galaxy.config.load import load_config, read_config
+from galaxy.app import cli
+from galaxy.config.load import idle_keys, load_config, read_config
+from galaxy.data.build import check_training_data
 from galaxy.errors import ConfigError
+from galaxy.models.registry import MODELS
 from galaxy.plan import build_plan
 from tests.helpers import ROOT
 
@@ -37,8 +40,10 @@ def test_missing_and_circular_parts_are_named(tmp_path):
         read_config(write(tmp_path / "a.json", {"include": ["nope.json"]}))
     write(tmp_path / "b.json", {"include": ["c.json"]})
     write(tmp_path / "c.json", {"include": ["b.json"]})
-    with pytest.raises(ConfigError, match="includes itself"):
+    with pytest.raises(ConfigError, match=r"include each other in a cycle: .*b\.json -> .*c\.json -> .*b\.json$"):
         read_config(tmp_path / "b.json")
+    with pytest.raises(ConfigError, match=r"e\.json includes itself \(.*e\.json -> .*e\.json\)"):
+        read_config(write(tmp_path / "e.json", {"include": ["e.json"]}))
     with pytest.raises(ConfigError, match="unknown config key 'hiden_size'"):
         read_config(write(tmp_path / "d.json", {"include": [], "hiden_size": 1}))
 
@@ -56,3 +61,34 @@ def test_shipped_recipes_split_evenly_at_any_world_that_divides(path):
 def test_the_uneven_example_plans_its_lists_at_world_2():
     plan = build_plan(load_config(UNEVEN), 2)
     assert (plan.heads, plan.columns, plan.positions) == ((3, 1), (768, 256), (80, 48))
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "train_config").rglob("*.json")),
+                         ids=lambda p: str(p.relative_to(ROOT / "train_config")))
+def test_every_shipped_config_passes_the_command_line_checks(path, capsys):
+    """Parts and recipes alike: no error; a recipe's only warnings are for its layout keys at world 1
+    (the serial reference), a part's for keys another part completes."""
+    recipe = path.parent.name not in ("model", "training", "layout", "tuning")
+    for world in (1, 2):
+        _, cfg, plan, _, _ = cli.parse("", str(path), ["--world", str(world), "--rank", "0"])
+        if recipe:
+            cli.check(check_training_data, cfg)
+            cli.check(MODELS[cfg["model"]].check, cfg, plan)
+        warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("galaxy: warning:")]
+        if recipe:
+            assert all(line.endswith("world 1 runs the serial model, whatever the layout") for line in warnings) \
+                and (world == 1 or not warnings), warnings
+
+
+def test_keys_that_do_nothing_are_named():
+    cfg = load_config(None, {"use_adapter": True, "lora_dim": 4, "lora_dropout": 0.1, "parallel": "tp",
+                             "seq_scatter_list": [64, 64], "num_microbatches": 2, "keep_checkpoints": 2})
+    assert idle_keys(cfg, build_plan(cfg, 2)) == [
+        "config keys lora_dim 4, lora_dropout 0.1 have no effect: the tuning method is use_adapter",
+        "config key seq_scatter_list [64, 64] has no effect: no block splits sequence positions (ATT=TP CON=NONE MLP=TP)",
+        "config key num_microbatches 2 has no effect: there are no pipeline stages (stage_num_hidden_layers_list)",
+        "config key keep_checkpoints 2 has no effect: save_every is 0: no training checkpoints are written"]
+    serial = idle_keys(cfg, build_plan(cfg, 1))
+    assert serial[1] == ("config keys seq_scatter_list [64, 64], num_microbatches 2 have no effect: world 1 runs the "
+                         "serial model, whatever the layout"), serial
+    assert idle_keys(load_config(None, {"use_lora": True, "lora_dim": 4}), build_plan(load_config(None), 1)) == []

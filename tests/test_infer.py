@@ -7,6 +7,7 @@ import re
 import pytest
 import torch
 
+from galaxy.app import infer
 from galaxy.app.infer import prepare, serve
 from galaxy.config.load import load_config
 from galaxy.models.registry import build_model
@@ -118,3 +119,10 @@ def test_bad_input_stops_before_processes_start(argv, message, tmp_path):
     out = run_script("infer_galaxy.py", "--world", "2", *argv, timeout=60)
     assert out.returncode != 0 and message in out.stderr, out.stderr
     assert "[rank" not in out.stdout + out.stderr
+
+
+def test_help_says_what_the_metrics_file_gets(capsys):
+    with pytest.raises(SystemExit):
+        infer.main("inference", "train_config/bert/galaxy/full.json", ["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--metrics_file METRICS_FILE append one JSON line per timed request (request, latency_s)" in text, text

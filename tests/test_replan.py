@@ -3,6 +3,7 @@ the same on every rank); a move from one uneven split to another at world 2 and 
 model's outputs and continues training exactly as a run that never moved (losses, weights, AdamW
 moments); a rank slowed mid-run makes the ranks move work away from it; bad "replan" keys stop
 before any process starts."""
+import re
 from dataclasses import astuple
 
 import pytest
@@ -18,7 +19,8 @@ from galaxy.models.checkpoint import gather_full_state
 from galaxy.models.registry import build_model
 from galaxy.plan import build_plan
 from galaxy.planner.profile import slow_down
-from galaxy.planner.replan import Drift, ReplanRule, Replanner, best_split, check_replan, fit_block, fitted_profiles
+from galaxy.planner.replan import (Drift, ReplanRule, Replanner, best_split, check_replan, fit_block, fitted_profiles,
+                                   measured_line, watching_line)
 from galaxy.planner.split import RankProfile, predict_layer_seconds
 from galaxy.train.loop import Trainer
 from tests.helpers import rel_err, run_ranks, run_script
@@ -235,7 +237,8 @@ def _slowed_mid_run(rank, world):
     model, _ = load_model(cfg, ctx, rank)
     trainer = Trainer(model, ctx, cfg, SyntheticMLM(cfg["vocab_size"], cfg["seq_length"], cfg["seed"], 64),
                       MOST_STEPS, log=lambda line: None)
-    replanner = Replanner(model, ctx, cfg, trainer, log=lambda line: None)
+    logged = []
+    replanner = Replanner(model, ctx, cfg, trainer, log=logged.append, verbose=True)
     for step in range(1, MOST_STEPS + 1):
         with slow_down(rank, {1} if step >= SLOWED_FROM else set(), factor=6):
             trainer.train_step()
@@ -243,12 +246,33 @@ def _slowed_mid_run(rank, world):
         if replanner.moves:  # every rank decides the same, so all stop here together
             break
     return [(step, list(before.heads), list(after.heads), list(after.columns))
-            for step, before, after, *_ in replanner.moves]
+            for step, before, after, *_ in replanner.moves], logged
 
 
 def test_a_rank_slowed_mid_run_makes_the_ranks_move_work_away_from_it():
-    moves = run_ranks(_slowed_mid_run, 2, timeout_s=240)
-    assert moves[0] == moves[1] and len(moves[0]) == 1, moves
-    step, before, heads, columns = moves[0][0]
+    (moves, logged), (moves_1, logged_1) = run_ranks(_slowed_mid_run, 2, timeout_s=240)
+    assert moves == moves_1 and len(moves) == 1, (moves, moves_1)
+    step, before, heads, columns = moves[0]
     assert before == [2, 2] and heads[1] < heads[0] and columns[1] < columns[0], moves
     assert step >= SLOWED_FROM  # (a noisy step just before the slow-down may count towards patience)
+    # rank 0 says at start that it watches, then (verbose) what each step measured, then the move
+    assert logged[0].startswith("replan: watching") and not logged_1, (logged, logged_1)
+    assert logged[1:3] == ["replan step 1: warm-up, not measured", "replan step 2: warm-up, not measured"], logged
+    measured = logged[3:3 + step - 2]
+    assert all(re.match(r"replan step \d+: rank 0 [\d.e+]+ heads/s, .*; rank 1 .* positions/s; best split predicted", m)
+               for m in measured), logged
+    assert logged[-1].startswith(f"replan after step {step}: heads [2, 2] -> "), logged
+
+
+def test_what_replan_says_it_watches_and_measures():
+    drift = Drift(ReplanRule(threshold=0.25, patience=3, warmup=1), DIMS)
+    assert watching_line(drift.rule) == (
+        "replan: watching each rank's attention, MLP and connective times; the ranks move to the planner's best "
+        "split when the split run is predicted over 25% slower than it 3 measured steps in a row (the first 1 not "
+        "measured; --verbose prints each step's measurements)")
+    drift.observe(SLOW, EVEN)
+    assert measured_line(1, SLOW, drift) == "replan step 1: warm-up, not measured"
+    drift.observe(SLOW, EVEN)
+    assert measured_line(2, SLOW, drift) == (
+        "replan step 2: rank 0 1 heads/s, 100 columns/s, 1e+03 positions/s; rank 1 0.25 heads/s, 25 columns/s, "
+        f"250 positions/s; best split predicted {drift.predicted:.2f}x faster (moves over 1.25x, 1 of 3 steps in a row)")

@@ -1,8 +1,9 @@
 """Command line shared by the entry scripts: config file, launch flags, and `--key value`
 overrides for any config key. Everything is validated before a process group is formed."""
 import argparse
+import sys
 
-from galaxy.config.load import is_config_key, key_type, load_config, parse_cli_value
+from galaxy.config.load import idle_keys, is_config_key, key_type, load_config, parse_cli_value
 from galaxy.errors import ConfigError
 from galaxy.plan import build_plan
 from galaxy.planner.replan import check_replan
@@ -10,17 +11,23 @@ from galaxy.runtime import launch
 from galaxy.train.zero import check_zero
 
 
-def parse(description, default_config, argv=None, add_args=None):
+def parse(description, default_config, argv=None, add_args=None, keys=None, check=None,
+          metrics="one JSON line per optimizer step"):
     """add_args(parser), when given, adds an entry's own flags; they win over config keys of the
-    same name (inference's --batch_size is not the training batch)."""
+    same name (inference's --batch_size is not the training batch). keys(args, overrides), when given,
+    returns config keys drawn from those flags (generate.py: its checkpoint's shape): over the config
+    file's, under the command line's (`overrides`). check(args, cfg, plan) is the entry's own check.
+    A ConfigError from either ends the program as parse's own do. `metrics`: what --metrics_file gets."""
     parser = argparse.ArgumentParser(description=description,
                                      epilog="Any config key can be overridden with --key value.")
     parser.add_argument("--config_file", "--config", dest="config_file", default=default_config)
     launch.add_launch_args(parser)
     if add_args:
         add_args(parser)
-    parser.add_argument("--metrics_file", default=None, help="append one JSON line per optimizer step")
+    parser.add_argument("--metrics_file", default=None, help=f"append {metrics}")
     parser.add_argument("--explain", action="store_true", help="print the parallel plan and exit")
+    parser.add_argument("--verbose", action="store_true", help="print what the run measures as it goes (replan: "
+                        "every rank's speed at every step)")
     parser.add_argument("--trace_dir", default=None, help="write Chrome traces of compute and collectives")
     args, rest = parser.parse_known_args(argv)
     overrides = config_overrides(parser, rest)
@@ -30,13 +37,22 @@ def parse(description, default_config, argv=None, add_args=None):
     if args.backend:
         overrides["distributed_backend"] = args.backend
     try:
-        cfg = load_config(args.config_file, overrides)
         world, rank = launch.resolve_world_rank(args)
+        if rank is None and world > 1:
+            launch.check_local_spawn(world, launch.cpu_cores())
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        cfg = load_config(args.config_file, {**(keys(args, overrides) if keys else {}), **overrides})
         plan = build_plan(cfg, world)
         check_zero(cfg, plan)
         check_replan(cfg, plan)
+        if check:
+            check(args, cfg, plan)
     except ConfigError as e:
         parser.exit(2, f"galaxy: config error: {e}\n")
+    for line in idle_keys(cfg, plan):
+        print(f"galaxy: warning: {line}", file=sys.stderr, flush=True)
     args.init_method = launch.init_method_from(args, cfg["init_method"], local_spawn=rank is None and world > 1)
     return args, cfg, plan, world, rank
 
@@ -46,7 +62,13 @@ def check(rule, *args, **kwargs):
     try:
         rule(*args, **kwargs)
     except ConfigError as e:
-        raise SystemExit(f"galaxy: config error: {e}") from None
+        reject(e)
+
+
+def reject(why):
+    """End the program as parse's own config errors do: before any process starts, exit 2."""
+    print(f"galaxy: config error: {why}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def config_overrides(parser, rest):

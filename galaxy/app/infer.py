@@ -1,5 +1,7 @@
 """Forward-only inference in any layout the config names: BERT (masked-LM logits), the BART
-encoder (its last hidden states), LLaMA prefill (logits). Each request is timed end to end on
+encoder (its last hidden states), LLaMA prefill (logits); with --task and --output, answers for
+every line of --texts (galaxy.app.answers: embeddings, filled masks, greedy continuations), one JSON
+line each, in input order. Each request is timed end to end on
 every rank (a barrier first, so all start together); a request's latency is the slowest rank's
 wall-clock time, since the answer is ready only when every rank is done. Rank 0 prints the
 latency percentiles and the throughput. Pipeline stages (BERT, LLaMA) run one request through
@@ -14,15 +16,19 @@ An entry script only names its default config:
 """
 import argparse
 import json
+import os
+import pickle
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from galaxy.app import cli, outputs
+from galaxy.app import cli, outputs, serve as http
+from galaxy.app.answers import TASKS, Ask, answer_json, check_task
 from galaxy.app.session import join, load_model
-from galaxy.data.build import load_tokenizer
+from galaxy.data import DataError, text_lines
+from galaxy.data.build import load_tokenizer, tokenizer_path
 from galaxy.models.registry import MODELS
 from galaxy.pipeline.engine import pipeline_streams
 from galaxy.pipeline.p2p import StageLinks
@@ -48,33 +54,75 @@ def non_negative_int(text):
 def text_file(path):
     if not Path(path).is_file():
         raise argparse.ArgumentTypeError(f"{path} is not a file")
-    if not read_lines(path):
-        raise argparse.ArgumentTypeError(f"{path} has no text")
+    try:
+        if not read_lines(path):
+            raise argparse.ArgumentTypeError(f"{path} has no text")
+    except DataError as e:  # argparse would say only "invalid text_file value"
+        raise argparse.ArgumentTypeError(str(e)) from None
     return path
 
 
 def read_lines(path):
-    return [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line for line in all_lines(path) if line.strip()]
+
+
+def all_lines(path):
+    return [line for _, line in text_lines(path)]
+
+
+REQUESTS = 50  # timed requests when --requests is not given
 
 
 def add_args(parser):
     group = parser.add_argument_group("inference")
-    group.add_argument("--requests", type=positive_int, default=50, help="timed requests")
+    group.add_argument("--requests", type=positive_int, default=None,
+                       help=f"timed requests of random tokens or --texts' lines in turn (default {REQUESTS}; "
+                            "not with --output, which answers every line once)")
     group.add_argument("--warmup", type=non_negative_int, default=5, help="untimed requests first")
     group.add_argument("--batch_size", type=positive_int, default=1,
                        help="sequences per request (not the config's training batch_size)")
     group.add_argument("--texts", type=text_file, default=None,
-                       help="one text a line, tokenized with tokenizer_file and padded to seq_length "
-                            "(default: random tokens, seq_length of them)")
+                       help="one text a line, tokenized with tokenizer_file (or load_checkpoint's tokenizer) "
+                            "and cut and padded to seq_length (default: random tokens, seq_length of them)")
+    group.add_argument("--task", choices=sorted(TASKS), default=None,
+                       help="what to answer for each line of --texts: embed (BERT: mean-pooled, normalised "
+                            "sentence embeddings), fill-mask (BERT: top_k tokens at each mask token), generate "
+                            "(LLaMA: greedy continuation); needs --output")
+    group.add_argument("--output", default=None,
+                       help="--task's answers, one JSON line per line of --texts in input order (overwritten)")
+    group.add_argument("--top_k", type=positive_int, default=5, help="fill-mask: tokens listed per mask")
+    group.add_argument("--max_new_tokens", type=positive_int, default=32, help="generate: new tokens at most")
+    group.add_argument("--serve", type=http.address, default=None, metavar="HOST:PORT",
+                       help="keep the model loaded and answer HTTP on HOST:PORT (rank 0; port 0: any free one): "
+                            "POST /v1/embeddings (BERT), POST /v1/completions (LLaMA, greedy), GET /health; "
+                            "--batch_size texts at most a round; SIGTERM / Ctrl-C stops every rank")
 
 
-def forward_fn(model, name):
+METRICS_HELP = "one JSON line per timed request (request, latency_s)"
+
+
+def forward_fn(model, name, ask=None):
     """What one request computes: the output callers read, replicated on every rank (with
-    pipeline stages: on the last stage's ranks; the others return None)."""
+    pipeline stages: on the last stage's ranks; the others return None), or `ask`'s answers
+    (galaxy.app.answers), on every rank."""
+    if ask:
+        forward = ask.forward(model)
+        return from_last_stage(pipelined(forward, model), model.ctx) if model.ctx.plan.pp_size > 1 else forward
     if name == "bart":  # no pipeline stages (refused by its check)
         return lambda ids, mask: model.model.encode(ids, mask)
     forward = (lambda ids, mask, x=None: model(ids, mask, hidden_states=x))  # BERT MLM / LLaMA prefill logits
     return pipelined(forward, model) if model.ctx.plan.pp_size > 1 else forward
+
+
+def from_last_stage(forward, ctx):
+    """The last stage's answers on every rank: one broadcast from its first rank (answers are small)."""
+    src = ctx.world - ctx.plan.tp_size * ctx.plan.dp_size
+
+    def everywhere(ids, mask):
+        box = [forward(ids, mask)]
+        dist.broadcast_object_list(box, src=src, device=ctx.device)
+        return box[0]
+    return everywhere
 
 
 def pipelined(forward, model):
@@ -106,17 +154,20 @@ def synthetic_batches(cfg, batch_size, count):
 
 
 def text_batches(cfg, path, batch_size, count):
-    """The file's lines in turn, each [bos] text ([eos] for the encoders) cut and padded to
-    seq_length: sequence-sharded layouts split a fixed number of positions."""
-    tok = load_tokenizer(cfg)
-    ends = [tok.eos_id] if cfg["model"] != "llama" else []
-    lines = read_lines(path)
-    rows = []
-    for i in range(batch_size * count):
-        ids = ([tok.bos_id] + tok.encode(lines[i % len(lines)]) + ends)[:cfg["seq_length"]]
-        rows.append(ids + [tok.pad_id] * (cfg["seq_length"] - len(ids)))
-    ids = torch.tensor(rows).view(count, batch_size, -1)
-    return ((b, (b != tok.pad_id).long()) for b in ids)
+    """The file's lines in turn, batch_size a batch, count batches (see encode); and what seq_length
+    cut of them ("" if nothing)."""
+    tok, lines, length = load_tokenizer(cfg), read_lines(path), cfg["seq_length"]
+    texts = [lines[i % len(lines)] for i in range(batch_size * count)]
+    long = [n - length for n in (len(tok.encode_with_special_tokens(line)) for line in lines) if n > length]
+    cut = (f"--texts {path}: {len(long)} of {len(lines)} lines are longer than seq_length {length} tokens and were "
+           f"cut to it ({sum(long)} tokens dropped)") if long else ""
+    return [encode(tok, texts[i:i + batch_size], cfg) for i in range(0, len(texts), batch_size)], cut
+
+
+def encode(tok, texts, cfg):
+    """(input_ids, attention_mask) of texts, each with the tokenizer's special tokens, cut and
+    padded to seq_length: sequence-sharded layouts and pipeline stages split a fixed length."""
+    return tok.encode_batch(texts, max_length=cfg["seq_length"], pad_to_max_length=True)
 
 
 def serve(forward, batches, ctx, after_request=None, first=0):
@@ -145,8 +196,8 @@ class Server:
     share every layer), a rank lost mid-request makes the survivors re-plan for the smaller world
     in place (`recover`) and serve that request again; `recoveries` records what each moved."""
 
-    def __init__(self, model, ctx, cfg, regroups=0):
-        self.cfg, self.regroups, self.recoveries = cfg, regroups, []
+    def __init__(self, model, ctx, cfg, regroups=0, verbose=False):
+        self.cfg, self.regroups, self.recoveries, self.verbose = cfg, regroups, [], verbose
         self.members = list(range(ctx.world))  # the launch's rank numbers of the ranks the model is laid out over
         self._adopt(model, ctx)
 
@@ -154,7 +205,8 @@ class Server:
         self._model, self._ctx = model, ctx
         self.replanner = None
         if self.cfg["replan"] and ctx.tp_size > 1:
-            self.replanner = Replanner(model, ctx, self.cfg, log=lambda line: print(f"[rank 0] {line}", flush=True))
+            self.replanner = Replanner(model, ctx, self.cfg, log=lambda line: print(f"[rank 0] {line}", flush=True),
+                                       verbose=self.verbose)
 
     @property
     def model(self):
@@ -164,12 +216,10 @@ class Server:
     def ctx(self):
         return self.replanner.ctx if self.replanner else self._ctx
 
-    def forward(self, ids, mask):
-        return forward_fn(self.model, self.cfg["model"])(ids, mask)
-
-    def run(self, batches, keep=lambda out: None):
-        """[(latency, keep(output))] of every batch, in order."""
+    def run(self, batches, keep=lambda out: None, ask=None):
+        """[(latency, keep(output))] of every batch, in order; the output is `ask`'s answers when given."""
         results, batches, recovered = [], list(batches), False
+        forward = lambda ids, mask: forward_fn(self.model, self.cfg["model"], ask)(ids, mask)  # the model of now
         while len(results) < len(batches):
             after = self.replanner.after_step if self.replanner else None
             try:
@@ -178,12 +228,46 @@ class Server:
                     dist.all_reduce(done, op=dist.ReduceOp.MIN)
                     del results[int(done):]
                     recovered = False
-                for out, latency in serve(self.forward, batches[len(results):], self.ctx, after, len(results)):
+                for out, latency in serve(forward, batches[len(results):], self.ctx, after, len(results)):
                     results.append((latency, keep(out)))
             except Exception as e:  # a peer's loss surfaces as whatever its collective raised
                 self._recover(e, len(results))
                 recovered = True
         return results
+
+    def follow(self, take, give, tok):
+        """Serve rounds until rank 0's take() says "stop" (galaxy.app.serve): each round, rank 0's
+        take() gives "idle", "stop" or a round (.ask, .texts), shared with every rank (`share`);
+        every rank computes its answers and rank 0 hands them to give(round, answers, latency). A
+        loss (with regroups left) regroups the survivors and serves the round again: rank 0 keeps
+        it until it is answered. Returns the rounds served."""
+        served, pending, asked = 0, [None], {}
+
+        def rounds():  # the (input_ids, attention_mask) of each round, as rank 0 shares them
+            while True:
+                if self.ctx.rank == 0 and pending[0] is None:
+                    pending[0] = take()
+                work = share(_shared_part(pending[0]) if self.ctx.rank == 0 else None, self.ctx)
+                if work == "stop":
+                    return
+                if work == "idle":
+                    pending[0] = None
+                    continue
+                asked["ask"], texts = work
+                yield encode(tok, texts, self.cfg)
+
+        forward = lambda ids, mask: forward_fn(self.model, self.cfg["model"], asked["ask"])(ids, mask)  # noqa: E731
+        while True:
+            after = self.replanner.after_step if self.replanner else None
+            try:
+                for out, latency in serve(forward, rounds(), self.ctx, after, served):
+                    served += 1
+                    if self.ctx.rank == 0:
+                        give(pending[0], out, latency)
+                    pending[0] = None
+                return served
+            except Exception as e:  # a peer's loss surfaces as whatever its collective raised
+                self._recover(e, served)
 
     def _recover(self, error, served):
         """Re-plan in place after `error` (one of `regroups` each time); again when a survivor is
@@ -200,6 +284,26 @@ class Server:
         self.members = list(health.current().members)
         self.recoveries.append(moved)
         self._adopt(model, ctx)
+
+
+def _shared_part(round_):
+    """What rank 0 shares of a round: "idle", "stop" or (ask, texts) (not the waiting requests)."""
+    return round_ if isinstance(round_, str) else (round_.ask, round_.texts)
+
+
+def share(obj, ctx):
+    """Rank 0's picklable `obj` on every rank. All-reduces, not a broadcast: every rank exchanges
+    with its neighbours, so a lost rank fails every rank's call, not only the root's."""
+    if ctx.world == 1:
+        return obj
+    data = pickle.dumps(obj) if ctx.rank == 0 else b""
+    size = torch.tensor([len(data)], dtype=torch.long, device=ctx.device)
+    dist.all_reduce(size)
+    buffer = torch.zeros(int(size), dtype=torch.uint8, device=ctx.device)
+    if ctx.rank == 0:
+        buffer.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    dist.all_reduce(buffer)  # zeros elsewhere: the sum is rank 0's bytes
+    return pickle.loads(buffer.cpu().numpy().tobytes())
 
 
 def recover(model, ctx, cfg, error, served, members):
@@ -249,11 +353,12 @@ def _moved_line(cfg, plan, moved):
             f"(the lost rows only)")
 
 
-def summary(latencies, batch_size, seq_length):
-    """The percentiles line; throughput is of requests served one after another."""
+def summary(latencies, batch_size, seq_length, sequences=None):
+    """The percentiles line; throughput is of requests served one after another (`sequences` in
+    all: default batch_size each)."""
     ms = torch.tensor(latencies, dtype=torch.float64) * 1e3
     p50, p90, p99 = torch.quantile(ms, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64)).tolist()
-    per_s = len(latencies) * batch_size / (ms.sum().item() / 1e3)
+    per_s = (sequences or len(latencies) * batch_size) / (ms.sum().item() / 1e3)
     return (f"latency over {len(latencies)} requests (batch {batch_size}, {seq_length} tokens): "
             f"p50 {p50:.2f} ms, p90 {p90:.2f} ms, p99 {p99:.2f} ms, mean {ms.mean().item():.2f} ms; "
             f"throughput {per_s:.2f} sequences/s ({per_s * seq_length:.0f} tokens/s)")
@@ -275,33 +380,148 @@ def prepare(cfg, plan, rank):
 def infer(rank, world, cfg, plan, args):
     model, ctx = eval_model(cfg, plan, rank)
     regroups = cfg["elastic_restarts"] if cfg["elastic"] and elastic.in_place(plan, resumes=False) else 0
-    server = Server(model, ctx, cfg, regroups)
-    count = args.warmup + args.requests
-    batches = (text_batches(cfg, args.texts, args.batch_size, count) if args.texts
-               else synthetic_batches(cfg, args.batch_size, count))
+    server = Server(model, ctx, cfg, regroups, args.verbose)
+    if args.serve:
+        return serve_http(server, args)
+    if args.output:
+        return answer_file(server, args)
+    count = args.warmup + (args.requests or REQUESTS)
+    batches, cut = (text_batches(cfg, args.texts, args.batch_size, count) if args.texts
+                    else (synthetic_batches(cfg, args.batch_size, count), ""))
+    if cut and rank == 0:
+        print(f"[rank 0] {cut}", flush=True)
     latencies = [latency for latency, _ in server.run(batches)][args.warmup:]
+    report(server, args, latencies)
+
+
+def report(server, args, latencies, sequences=None):
+    """Rank 0 prints the plan (after any move) and the latency line, and appends to --metrics_file."""
     if server.ctx.rank != 0:
         return
-    print(f"[rank 0] plan: {server.ctx.plan.describe()}", flush=True)  # after any move
-    print(summary(latencies, args.batch_size, server.cfg["seq_length"]), flush=True)
+    print(f"[rank 0] plan: {server.ctx.plan.describe()}", flush=True)
+    print(summary(latencies, args.batch_size, server.cfg["seq_length"], sequences), flush=True)
     if args.metrics_file:
         with open(args.metrics_file, "a", encoding="utf-8") as f:
             for i, latency in enumerate(latencies):
                 f.write(json.dumps({"request": i, "latency_s": latency}) + "\n")
 
 
+def ask_for(task, args, tok):
+    return Ask(task, top_k=args.top_k, max_new_tokens=args.max_new_tokens, mask_id=tok.mask_id, eos_id=tok.eos_id)
+
+
+def serve_http(server, args):
+    """--serve: every rank follows rank 0's rounds (Server.follow) until SIGTERM / SIGINT reaches
+    rank 0; rank 0 answers HTTP (galaxy.app.serve.Front)."""
+    tok, signals = load_tokenizer(server.cfg), launch.SignalFlag()
+    pids = [None] * server.ctx.world
+    if server.ctx.world > 1:
+        dist.all_gather_object(pids, os.getpid())
+    else:
+        pids = [os.getpid()]
+    front = None
+    if server.ctx.rank == 0:
+        health = lambda: {"world": server.ctx.world, "plan": server.ctx.plan.describe(),  # noqa: E731
+                          "pids": [pids[r] for r in server.members]}
+        wait_s = server.cfg["timeout_s"] * (server.regroups + 2)  # a round, and a regroup for each loss allowed
+        front = http.Front(server.cfg, tok, *args.serve, args.batch_size, wait_s, health,
+                           stop=lambda: signals.signum != 0)
+        front.start()
+        served = [p for p, (task, _) in http.ENDPOINTS.items() if check_task(task, server.cfg["model"]) is None]
+        print(f"[rank 0] serving on {front.url} (POST {', POST '.join(served)}, GET /health)", flush=True)
+    try:
+        served = server.follow(front.take if front else None, front.give if front else None, tok)
+    except BaseException as e:
+        if front:
+            front.close(launch.cause(e))
+        raise
+    if front:
+        front.close()
+        print(f"[rank 0] stopped by signal {signals.signum} after {served} rounds", flush=True)
+
+
+def answer_file(server, args):
+    """Every line of --texts answered once, batch_size lines a request (--warmup untimed copies of
+    the first request before them); rank 0 writes the answers to --output and the timing report."""
+    tok, lines = load_tokenizer(server.cfg), all_lines(args.texts)
+    ask = ask_for(args.task, args, tok)
+    batches = [encode(tok, lines[i:i + args.batch_size], server.cfg) for i in range(0, len(lines), args.batch_size)]
+    results = server.run(batches[:1] * args.warmup + batches, keep=lambda out: out, ask=ask)[args.warmup:]
+    if server.ctx.rank != 0:
+        return
+    answers = [answer for _, batch in results for answer in batch]
+    tmp = f"{args.output}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for i, (text, answer) in enumerate(zip(lines, answers)):
+            cut = len(tok.encode_with_special_tokens(text)) > server.cfg["seq_length"]
+            f.write(json.dumps({"index": i, "text": text, "truncated": cut, **answer_json(ask, answer, tok)}) + "\n")
+    os.replace(tmp, args.output)
+    print(f"[rank 0] {args.task}: {len(lines)} answers written to {args.output}", flush=True)
+    report(server, args, [latency for latency, _ in results], sequences=len(lines))
+
+
 def main(doc, default_config, argv=None):
     """Parse and check everything (errors stop here, before any process starts), then infer on
     this rank, or on every rank spawned here."""
-    args, cfg, plan, world, rank = cli.parse(doc.splitlines()[0], default_config, argv, add_args)
+    args, cfg, plan, world, rank = cli.parse(doc.splitlines()[0], default_config, argv, add_args, metrics=METRICS_HELP)
     if args.explain or args.trace_dir:
         raise SystemExit("galaxy: --explain and --trace_dir record a training step; inference has neither yet")
     if plan.virtual_stages > 1:
-        raise SystemExit(f"galaxy: config error: virtual_stages {plan.virtual_stages}: inference runs each "
-                         "rank's layers as one stage (virtual_stages 1)")
-    MODELS[cfg["model"]].check(cfg, plan)
+        cli.reject(f"virtual_stages {plan.virtual_stages}: inference runs each rank's layers as one stage "
+                   "(virtual_stages 1)")
+    cli.check(MODELS[cfg["model"]].check, cfg, plan)
+    check_answers(args, cfg, plan)
     cli.check(elastic.check, cfg, plan, rank, resumes=False)
     outputs.check_outputs(None, args.metrics_file)
     launch.run(infer, world, rank, (cfg, plan, args), args.init_method,
                cfg["distributed_backend"], cfg["timeout_s"], args.threads, args.debug,
                **elastic.launch_args(cfg, plan, resumes=False))
+
+
+def check_answers(args, cfg, plan):
+    """--task, --output and their options: what the model can answer, and where; or --serve's."""
+    if args.serve:
+        return check_serving(args, cfg, plan)
+    if args.output is None and args.task is None:
+        return
+    if not (args.output and args.task and args.texts):
+        raise SystemExit("galaxy: --task answers the lines of --texts into --output: give all three")
+    if args.requests is not None:
+        raise SystemExit("galaxy: --requests: with --output every line of --texts is answered once")
+    if Path(args.output).resolve() == Path(args.texts).resolve():
+        raise SystemExit(f"galaxy: --output {args.output} is --texts: the answers would overwrite the questions")
+    if Path(args.output).is_dir():
+        raise SystemExit(f"galaxy: --output {args.output} is a directory")
+    outputs.check_writable(Path(args.output).parent, f"--output {args.output}: directory")
+    check_task_here(args.task, args, cfg, plan)
+
+
+def check_task_here(task, args, cfg, plan):
+    """Whether this model, plan and tokenizer can answer `task` with args' options (SystemExit if not)."""
+    problem = check_task(task, cfg["model"])
+    if problem:
+        raise SystemExit(f"galaxy: --task: {problem}")
+    if task == "fill-mask":
+        if args.top_k > cfg["vocab_size"]:
+            raise SystemExit(f"galaxy: --top_k {args.top_k} exceeds vocab_size {cfg['vocab_size']}")
+        tok = load_tokenizer(cfg)
+        if tok.mask_id is None:
+            raise SystemExit(f"galaxy: --task fill-mask: tokenizer {tokenizer_path(cfg)} has no mask token")
+    if task == "generate":
+        limit = MODELS["llama"].config.from_dict(cfg).position_limit
+        if cfg["seq_length"] + args.max_new_tokens > limit:
+            raise SystemExit(f"galaxy: --task generate: seq_length {cfg['seq_length']} (the longest prompt) + "
+                             f"--max_new_tokens {args.max_new_tokens} exceeds the model's {limit} positions")
+
+
+def check_serving(args, cfg, plan):
+    """--serve answers what the model can: it takes no --task, --output or --requests."""
+    given = [flag for flag, value in (("--task", args.task), ("--output", args.output), ("--requests", args.requests),
+                                      ("--texts", args.texts)) if value is not None]
+    if given:
+        raise SystemExit(f"galaxy: --serve answers HTTP requests, not with {', '.join(given)} (a run over --texts)")
+    tasks = [task for task in TASKS if check_task(task, cfg["model"]) is None]
+    if not tasks:
+        raise SystemExit(f"galaxy: --serve: a {cfg['model']} model answers none of {sorted(TASKS)}")
+    http.check_address(*args.serve)
+

@@ -41,5 +41,6 @@ def load_model(cfg, ctx, rank):
     model = build_model(cfg, ctx)
     skipped, tuning = load_sources(model, cfg, ctx)
     if skipped and rank == 0:  # every rank found the same: the whole model's names were checked
-        print(f"[rank 0] --strict false: {cfg['load_checkpoint']}: " + "; ".join(skipped), flush=True)
+        strict = "" if cfg["strict"] else "--strict false: "  # (a bare encoder's missing head is named too)
+        print(f"[rank 0] {strict}{cfg['load_checkpoint']}: " + "; ".join(skipped), flush=True)
     return model, tuning

@@ -13,7 +13,7 @@ from contextlib import nullcontext
 from galaxy.app import cli, outputs
 from galaxy.app.session import join, load_model
 from galaxy.data import DataError
-from galaxy.data.build import build_data, held_out_data
+from galaxy.data.build import build_data, check_training_data, held_out_data
 from galaxy.models.checkpoint import CheckpointError
 from galaxy.models.registry import MODELS, build_model
 from galaxy.pipeline import PipelineForwardBackward, format_actions
@@ -24,6 +24,7 @@ from galaxy.profiler.memory import MemoryReport, model_state_line
 from galaxy.runtime import elastic, launch
 from galaxy.train import checkpoint
 from galaxy.train.loop import NonFiniteError, Trainer, run_training
+from galaxy.tuning.apply import check_sources
 from galaxy.tuning.keys import save_tuning_record
 
 
@@ -100,7 +101,8 @@ def _train(rank, world, cfg, plan, args):
     evaluate(trainer, held_out, log)
     saver = checkpoint_saver(trainer, total) if cfg["save_every"] else None
     stopper = stop_on_signal(trainer) if cfg["save_on_signal"] else None
-    replanner = Replanner(model, ctx, cfg, trainer, log) if cfg["replan"] else None  # may replace trainer.model
+    # (may replace trainer.model)
+    replanner = Replanner(model, ctx, cfg, trainer, log, args.verbose) if cfg["replan"] else None
     with observe.traced(args.trace_dir, rank, model, lambda: trainer.step + 1) as trace_step:
         def on_step(metrics):
             for callback in (trace_step, saver, stopper):
@@ -124,15 +126,20 @@ def main(doc, model, default_config, argv=None):
     `model` ("bert", "llama", "bart") on this rank, or on every rank spawned here."""
     args, cfg, plan, world, rank = cli.parse(doc.splitlines()[0], default_config, argv)
     if cfg["model"] != model:
-        raise SystemExit(f"galaxy: config {args.config_file} has model '{cfg['model']}', this script trains {model}")
-    MODELS[model].check(cfg, plan)
+        cli.reject(f"config {args.config_file} has model '{cfg['model']}', this script trains {model}")
+    cli.check(check_training_data, cfg)
+    cli.check(MODELS[model].check, cfg, plan)
     cli.check(elastic.check, cfg, plan, rank, resumes=True)
     if args.explain:  # the plan only: no process group, no training
         print(explain(plan, cfg, build_model))
         return
     if args.trace_dir and cfg["replan"]:
-        raise SystemExit("galaxy: config error: --trace_dir traces the model it starts with; replan may rebuild "
-                         "it in another split, so use one or the other")
+        cli.reject("--trace_dir traces the model it starts with; replan may rebuild it in another split, so use "
+                   "one or the other")
+    try:
+        check_sources(cfg)  # inputs before outputs: a run that cannot load leaves no empty save_dir
+    except CheckpointError as e:
+        raise SystemExit(f"galaxy: {e}") from None
     outputs.check_outputs(cfg["save_dir"], args.metrics_file)  # every process that may write, before step 1
     owns_save_dir = cfg["save_dir"] and rank in (None, 0)  # the process of rank 0 locks it for the run
     with outputs.save_dir_lock(cfg["save_dir"]) if owns_save_dir else nullcontext():

@@ -81,10 +81,11 @@ class Pending:
 
 
 def _exchange(sends, recvs, group):
-    """Post every irecv, then every isend ({group rank: contiguous tensor}); returns the works."""
-    ops = [dist.P2POp(dist.irecv, t, group=group, group_peer=r) for r, t in recvs.items()]
-    ops += [dist.P2POp(dist.isend, t, group=group, group_peer=r) for r, t in sends.items()]
-    return dist.batch_isend_irecv(ops)
+    """Post every irecv, then every isend ({group rank: contiguous tensor}); returns the works. An
+    empty tensor is not sent: both sides know its shape (a rank owning no positions of a decode step)."""
+    ops = [dist.P2POp(dist.irecv, t, group=group, group_peer=r) for r, t in recvs.items() if t.numel()]
+    ops += [dist.P2POp(dist.isend, t, group=group, group_peer=r) for r, t in sends.items() if t.numel()]
+    return dist.batch_isend_irecv(ops) if ops else []
 
 
 def _direct_all_gather(mine, sizes, group):

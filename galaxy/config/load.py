@@ -26,7 +26,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -35,19 +34,22 @@ from galaxy.config.section import from_keys, key
 from galaxy.data.build import DataConfig
 from galaxy.errors import ConfigError
 from galaxy.models.registry import MODELS
-from galaxy.plan import LayoutConfig
+from galaxy.plan import TP, LayoutConfig
 from galaxy.runtime.launch import RuntimeConfig
 from galaxy.train.checkpoint import CheckpointConfig
 from galaxy.train.loop import LoopConfig
 from galaxy.train.optim import OptimConfig
 from galaxy.train.zero import ZeroConfig
-from galaxy.tuning.keys import TuningConfig, check_tuning
+from galaxy.tuning.keys import TuningConfig, check_tuning, other_methods_keys, tuning_method
 
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "loop": LoopConfig, "layout": LayoutConfig,
             "zero": ZeroConfig, "tuning": TuningConfig, "checkpoint": CheckpointConfig, "runtime": RuntimeConfig}
 SECTION_OF = {f.name: name for name, cls in SECTIONS.items() for f in fields(cls)}  # key -> its section
 ALIASES = {"pad_size": "seq_length", "max_seq_length": "seq_length", "lr": "learning_rate",
            "lora_att_dim": "lora_dim", "lora_r": "lora_dim", "grad_accum_steps": "gradient_accumulation_steps"}
+PIPELINE_KEYS = ("stage_num_hidden_layers_list", "num_microbatches", "pipeline_schedule", "virtual_stages")
+LAYOUT_KEYS = ("tp_num_attention_heads_list", "tp_intermediate_size_list", "seq_scatter_list", "data_parallel_size",
+               *PIPELINE_KEYS)
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,12 @@ def _canonical(key):
     return key
 
 
+def _default(key):
+    """A section key's default value."""
+    field = key_fields()[key]
+    return field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
+
+
 def is_config_key(name):
     """A config key or one of the prototype's aliases of one."""
     return ALIASES.get(name, name) in key_fields()
@@ -171,12 +179,17 @@ def parse_cli_value(key, text):
 
 def read_config(path, _outer=()):
     """One JSON object, after its "include" list of config parts (paths relative to the file),
-    read in order; later parts and then the file's own keys win. Keys come back canonical."""
+    read in order; later parts and then the file's own keys win. Keys come back canonical.
+    `_outer`: the files that include this one, outermost first."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    if path.resolve() in _outer:
-        raise ConfigError(f"config file {path} includes itself")
+    outer = [p.resolve() for p in _outer]
+    if path.resolve() in outer:
+        cycle = [*_outer[outer.index(path.resolve()):], path]
+        chain = " -> ".join(map(str, cycle))
+        raise ConfigError(f"config file {path} includes itself ({chain})" if len(cycle) == 2
+                          else f"config files include each other in a cycle: {chain}")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -185,7 +198,7 @@ def read_config(path, _outer=()):
         raise ConfigError(f"config file {path} must hold one JSON object")
     merged, parts = {}, raw.pop("include", [])
     for part in [parts] if isinstance(parts, str) else parts:
-        merged.update(read_config(path.parent / part, _outer + (path.resolve(),)))
+        merged.update(read_config(path.parent / part, (*_outer, path)))
     merged.update({_canonical(key): value for key, value in raw.items()})
     return merged
 
@@ -246,6 +259,34 @@ def _check_across(cfg):
         raise ConfigError(f"virtual_stages {cfg.layout.virtual_stages}: side-tuning (use_side / use_side_only) "
                           f"runs one chunk of layers per pipeline rank")  # the side network is one chunk per stage
     check_tuning(cfg)
+
+
+def idle_keys(cfg, plan):
+    """Warnings (lines) for the keys set to other than their default that have no effect under the
+    rest of the config and `plan`. Warnings, not errors: the prototype's flat configs carry every
+    method's keys, and a layout's recipe run at world 1 is the serial reference."""
+    why = {key: f"the tuning method is {tuning_method(cfg)}" for key in other_methods_keys(cfg)}
+    if plan.world == 1:
+        why.update(dict.fromkeys(LAYOUT_KEYS, "world 1 runs the serial model, whatever the layout"))
+    else:
+        if plan.att is not TP:
+            why["tp_num_attention_heads_list"] = f"attention heads are not split (ATT={plan.att})"
+        if plan.mlp is not TP:
+            why["tp_intermediate_size_list"] = f"MLP columns are not split (MLP={plan.mlp})"
+        if not plan.seq_sharded:
+            why["seq_scatter_list"] = f"no block splits sequence positions (ATT={plan.att} CON={plan.con} MLP={plan.mlp})"
+        if plan.pp_size == 1:
+            why.update(dict.fromkeys(PIPELINE_KEYS, "there are no pipeline stages (stage_num_hidden_layers_list)"))
+    if not cfg["save_every"]:
+        why["keep_checkpoints"] = "save_every is 0: no training checkpoints are written"
+    if not cfg["elastic"]:
+        why["elastic_restarts"] = "elastic is off"
+    idle = {}
+    for key, reason in why.items():
+        if cfg[key] != _default(key):
+            idle.setdefault(reason, []).append(f"{key} {cfg[key]}")
+    return [f"config key{'s' * (len(keys) > 1)} {', '.join(keys)} {'have' if len(keys) > 1 else 'has'} no effect: "
+            f"{reason}" for reason, keys in idle.items()]
 
 
 def config_hash(cfg):

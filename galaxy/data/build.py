@@ -8,6 +8,7 @@ from galaxy.data.instruction import InstructionData, PretrainTextData
 from galaxy.data.pretrain import BertPretrainData, SyntheticMLM
 from galaxy.data.retrieval import RetrievalPairs
 from galaxy.data.tokenizer import holds_tokenizer, tokenizer_from
+from galaxy.errors import ConfigError
 
 DEFAULT_TOKENIZER = "data/python_docs/spm_bert.model"
 
@@ -56,9 +57,7 @@ def llama_data(cfg, ctx):
     if cfg["data"] == "instruction":  # sequence shards and pipeline stages need every batch at seq_length
         fixed = ctx.plan.seq_sharded or ctx.plan.pp_size > 1
         return InstructionData(cfg["data_file"], tok, cfg["seq_length"], pad_to_max_length=fixed)
-    if cfg["data"] == "corpus":
-        return PretrainTextData(cfg["data_file"], tok, cfg["seq_length"])
-    raise SystemExit(f"galaxy: data '{cfg['data']}' is not available for LLaMA; use instruction or corpus")
+    return PretrainTextData(cfg["data_file"], tok, cfg["seq_length"])  # data "corpus" (check_training_data)
 
 
 def bart_data(cfg, ctx):
@@ -70,6 +69,17 @@ def retrieval_data(cfg, ctx, held_out=False):
 
 
 BUILDERS = {"bert": bert_data, "bert_retrieval": retrieval_data, "llama": llama_data, "bart": bart_data}
+# the config's data kinds each builder trains on (retrieval reads the instruction file's pairs)
+DATA_KINDS = {"bert": ("corpus", "synthetic"), "bert_retrieval": ("instruction",), "llama": ("instruction", "corpus"),
+              "bart": ("corpus",)}
+
+
+def check_training_data(cfg):
+    """The config's data is a kind its model trains on, checked before any tokenizer or file is read."""
+    kinds = DATA_KINDS[cfg["model"]]
+    if cfg["data"] not in kinds:
+        raise ConfigError(f"config key 'data' is {cfg['data']!r}: {cfg['model']} trains on data "
+                          f"{' or '.join(map(repr, kinds))}")
 
 
 def build_data(cfg, ctx):

@@ -21,22 +21,28 @@ from .mlm import mask_tokens
 PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(5)
 
 
+def text_lines(path):
+    """(line number, text) of each line of a UTF-8 text file; DataError "<path>: cannot read (why)"
+    or "<path>:<line>: not valid UTF-8 (byte N)"."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    for lineno, line in enumerate(raw.splitlines(), start=1):
+        try:
+            yield lineno, line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte {e.start + 1})") from None
+
+
 def read_jsonl(path, required_keys):
     """Objects of a JSONL file, each with string values for required_keys.
 
     Blank lines are skipped. Any defect raises DataError "<path>:<line>: why".
     """
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
     rows = []
-    for lineno, line in enumerate(raw.splitlines(), start=1):
+    for lineno, text in text_lines(path):
         where = f"{path}:{lineno}"
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{where}: not valid UTF-8 (byte {e.start + 1})") from None
         if not text.strip():
             continue
         try:

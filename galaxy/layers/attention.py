@@ -5,8 +5,11 @@
     SP    all heads, queries at ctx.positions; K and V of every position are all-gathered
           (backward: reduce-scatter, since every rank's queries used them) -> output SEQ
 
-For generation, `kv_cache` (a KVCache, set by the generator) keeps this rank's K and V heads
-of earlier tokens; the new tokens then sit at positions after the cached ones.
+For generation, `kv_cache` (a KVCache, set by the generator) keeps K and V of earlier tokens, and
+the new tokens sit at positions after them. Under TP a rank keeps its own heads of every position;
+under SP every head of its own positions, and once the cache holds tokens a rank's new queries are
+answered without moving it: every rank attends all new queries to the keys it keeps, and each
+query's rank combines those partial softmaxes (`_attend_kept`).
 """
 import math
 
@@ -23,19 +26,24 @@ from galaxy.plan import Method
 
 
 class KVCache:
-    """Keys and values [B, kv_heads, t, d] of the tokens seen so far (after the rotary)."""
+    """What one attention layer keeps of the tokens seen so far: K and V [B, kv_heads, n, d] (after
+    the rotary) and their global positions [n]; `length` counts the sequence's positions on every
+    rank (under SP a rank keeps only some of them)."""
 
     def __init__(self):
-        self.k = self.v = None
+        self.k = self.v = self.positions = None
+        self.length = 0
 
-    @property
-    def length(self):
-        return 0 if self.k is None else self.k.shape[2]
-
-    def append(self, k, v):
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        return self.k, self.v
+    def append(self, k, v, rows, new):
+        """Keep k, v of global positions `rows`, from a step that added `new` positions in all;
+        returns everything kept: (k, v, positions)."""
+        positions = torch.arange(rows.start, rows.stop, device=k.device)
+        if self.k is not None:
+            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+            positions = torch.cat([self.positions, positions])
+        self.k, self.v, self.positions = k, v, positions
+        self.length += new
+        return k, v, positions
 
 
 def _scaled(owned, factor):
@@ -78,25 +86,51 @@ class Attention(nn.Module):
         q = q.view(B, t, self.n_local, self.head_dim).transpose(1, 2)
         k = k.view(B, k.shape[1], self.kv_local, self.head_dim).transpose(1, 2)
         v = v.view(B, v.shape[1], self.kv_local, self.head_dim).transpose(1, 2)
-        seq_len = sum(self.ctx.plan.positions) if self.method is Method.SP else t
-        rows = self.query_positions(seq_len)
-        if self.kv_cache is not None:
-            rows = range(self.kv_cache.length, self.kv_cache.length + t)
-            seq_len = rows.stop  # the sequence so far: dynamic RoPE scales with it
+        cache = self.kv_cache
+        past = 0 if cache is None else cache.length
+        new = sum(self.ctx.plan.positions) if self.method is Method.SP else t  # this step's positions, all ranks
+        own = self.query_positions(new)
+        rows = range(past + own.start, past + own.stop)
+        seq_len = past + new  # the sequence so far: dynamic RoPE scales with it
         if self.rotary is not None:
             q, k = self.rotary(q, rows, seq_len), self.rotary(k, rows, seq_len)
+        if cache is not None:
+            kept = cache.append(k, v, rows, new)
+            if self.method is not Method.SP:
+                k, v = kept[:2]
+            elif past:  # every earlier position is kept by some rank
+                out = self._attend_kept(q, *kept, past, own)
+                return row_out(out.transpose(1, 2).reshape(B, t, self.n_local * self.head_dim), self.o, self.tiling)
         if self.method is Method.SP:
             k = C.all_gather(k, 2, self.ctx.plan.positions, self.ctx.tp_group)
             v = C.all_gather(v, 2, self.ctx.plan.positions, self.ctx.tp_group)
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.append(k, v)
-        if self.kv_local != self.n_local:  # grouped-query attention: share each KV head
-            k = k.repeat_interleave(self.n_local // self.kv_local, dim=1)
-            v = v.repeat_interleave(self.n_local // self.kv_local, dim=1)
+        k, v = self._shared(k), self._shared(v)
         if attn_bias is not None and attn_bias.shape[-2] > 1:
             attn_bias = attn_bias[..., rows.start:rows.stop, :]
         out = self._attend(q, k, v, attn_bias, (B, self.num_heads, seq_len, k.shape[2]), rows)
         return row_out(out.transpose(1, 2).reshape(B, t, self.n_local * self.head_dim), self.o, self.tiling)
+
+    def _shared(self, kv):
+        """Grouped-query attention: each KV head serves its group of query heads."""
+        return kv if self.kv_local == self.n_local else kv.repeat_interleave(self.n_local // self.kv_local, dim=1)
+
+    def _attend_kept(self, q, k, v, kept, past, own):
+        """SP after the prompt: this rank keeps k, v [B, kv, n, d] of global positions `kept`. Every
+        rank's new queries (global positions past + 0, 1, ...) are gathered; each rank attends all of
+        them to its own keys, giving per query the log of its softmax denominator (-inf: no key of
+        this rank visible) and its normalised output; these partials are gathered and each rank
+        weights them by softmax over ranks for its own queries (`own`: their offsets in the step)."""
+        sizes, group = self.ctx.plan.positions, self.ctx.tp_group
+        queries = C.all_gather(q, 2, sizes, group)
+        asked = torch.arange(past, past + queries.shape[2], device=q.device)
+        scores = queries @ self._shared(k).transpose(-1, -2) / math.sqrt(self.head_dim)
+        scores = scores.masked_fill(kept[None, :] > asked[:, None], float("-inf"))  # causal among new tokens
+        log_sum = torch.logsumexp(scores, dim=-1, keepdim=True)
+        probs = (scores - log_sum.clamp_min(torch.finfo(scores.dtype).min)).exp()  # 0, not nan, when none visible
+        partial = torch.cat([probs @ self._shared(v), log_sum], dim=-1)[None]
+        partials = C.all_gather(partial, 0, [1] * len(sizes), group)[..., own.start:own.stop, :]
+        weights = torch.softmax(partials[..., -1:], dim=0)
+        return (weights * partials[..., :-1]).sum(0)
 
     def _attend(self, q, k, v, attn_bias, full_shape, rows):
         if not self.training or self.dropout.p == 0.0:

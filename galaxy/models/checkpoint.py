@@ -37,8 +37,9 @@ def rename(name, rules):
     return name
 
 
-def _files(path):
-    """Map tensor name -> safetensors file for a file, a directory, or a sharded directory."""
+def tensor_files(path):
+    """Map tensor name -> safetensors file for a file, a directory, or a sharded directory (the
+    files' headers only: cheap, so a run checks its inputs with it before it writes anything)."""
     path = Path(path)
     if path.is_file():
         files = [path]
@@ -74,7 +75,8 @@ def check_config_agrees(config, path, from_json, keys):
                               f"{'; '.join(differ)} (set these keys to the checkpoint's values)")
 
 
-def load_checkpoint(model, path, to_hf, strip_prefix="", trainable_only=False, strict=True, ignore=(), verified=False):
+def load_checkpoint(model, path, to_hf, strip_prefix="", trainable_only=False, strict=True, ignore=(), verified=False,
+                    optional=()):
     """Copy this rank's slices of a Hugging Face checkpoint into `model` (names mapped by to_hf).
 
     A full load is checked against the whole model, every pipeline stage of it, built without
@@ -82,7 +84,9 @@ def load_checkpoint(model, path, to_hf, strip_prefix="", trainable_only=False, s
     on another. A tensor the model needs that the file lacks, or one no parameter uses (other
     than names matching the `ignore` patterns: parts of Hugging Face's model that this one leaves
     out), is an error; strict=False loads what matches, leaves the rest as initialised and
-    returns those problems. A tensor of another shape is always an error. A checkpoint with a
+    returns those problems. Missing tensors whose names match an `optional` pattern (a head that
+    a checkpoint of the bare encoder lacks, as transformers allows) are left as initialised and
+    named in what is returned, strict or not, when the checkpoint holds none of them. A tensor of another shape is always an error. A checkpoint with a
     different prefix (e.g. a bare BertModel "embeddings.*" loaded into BertForMaskedLM
     "bert.embeddings.*") is matched by trying the name without strip_prefix.
 
@@ -95,7 +99,7 @@ def load_checkpoint(model, path, to_hf, strip_prefix="", trainable_only=False, s
     verified: the checks above passed before (at start-up); copy this rank's slices into the
     parameters that have memory and skip those on the meta device (nothing is read for them).
     """
-    where = _files(path)
+    where = tensor_files(path)
     handles = {}
     try:
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad or not trainable_only]
@@ -108,6 +112,8 @@ def load_checkpoint(model, path, to_hf, strip_prefix="", trainable_only=False, s
         used = {hf for hf, _, _ in found}
         if trainable_only:
             missing, reshaped, used = _pooled(missing, reshaped, used)
+        fresh = [] if _holds_any(where, optional) else [n for n in missing if any(re.search(p, n) for p in optional)]
+        missing = [n for n in missing if n not in fresh]
         unused = [repr(n) for n in sorted(set(where) - used) if not any(re.search(p, n) for p in ignore)]
         unused_as = "this model does not " + ("train" if trainable_only else "use")
         tolerable = {w: n for w, n in {"missing": missing, unused_as: unused}.items() if n}
@@ -121,7 +127,13 @@ def load_checkpoint(model, path, to_hf, strip_prefix="", trainable_only=False, s
         _copy_slices(found)
     finally:
         handles.clear()
-    return [_listed(n, w, shown=len(n)) for w, n in tolerable.items()]
+    initialised = {"missing, left as initialised (the checkpoint has none of them)": fresh} if fresh else {}
+    return [_listed(n, w, shown=len(n)) for w, n in {**tolerable, **initialised}.items()]
+
+
+def _holds_any(where, patterns):
+    """Whether the checkpoint has a tensor matching a pattern (matched as the quoted names of `missing`)."""
+    return any(re.search(p, f"'{name}'") for name in where for p in patterns)
 
 
 @torch.no_grad()
@@ -142,7 +154,7 @@ def _match(params, where, handles, to_hf, strip_prefix):
     found, missing, reshaped = [], [], []
     for name, param in params:
         hf = to_hf(spec_of(param).init_name or name)  # a pipeline's copy of a tied weight loads as its original
-        if hf not in where and strip_prefix and hf.startswith(strip_prefix):
+        if hf not in where and strip_prefix and hf.startswith(strip_prefix) and hf[len(strip_prefix):] in where:
             hf = hf[len(strip_prefix):]
         named = f"'{hf}'" + (f" (parameter '{name}')" if hf != name else "")
         if hf not in where:

@@ -12,22 +12,21 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
+from galaxy.errors import ConfigError
 
 def bart_check(cfg, plan):
-    if cfg["data"] != "corpus":
-        raise SystemExit(f"galaxy: config error: BART trains on the corpus (data 'corpus'), config says {cfg['data']!r}")
     if plan.pp_size > 1:
-        raise SystemExit("galaxy: config error: stage_num_hidden_layers_list: BART does not support pipeline parallelism")
+        raise ConfigError("stage_num_hidden_layers_list: BART does not support pipeline parallelism")
     if cfg["use_side"] or cfg["use_side_only"]:
-        raise SystemExit("galaxy: config error: use_side / use_side_only: side-tuning reads one stack of layers "
-                         "(BERT, LLaMA); BART's encoder-decoder is not supported")
+        raise ConfigError("use_side / use_side_only: side-tuning reads one stack of layers (BERT, LLaMA); BART's "
+                          "encoder-decoder is not supported")
 
 
 def retrieval_check(cfg, plan):
     if plan.dp_size > 1 or plan.pp_size > 1:
-        raise SystemExit("galaxy: config error: bert_retrieval scores each question against its batch's passages "
-                         "(in-batch negatives), so every rank needs the whole batch: no data_parallel_size > 1 or "
-                         "pipeline stages (tp, sp, galaxy and galaxy2 layouts do)")
+        raise ConfigError("bert_retrieval scores each question against its batch's passages (in-batch negatives), "
+                          "so every rank needs the whole batch: no data_parallel_size > 1 or pipeline stages (tp, sp, "
+                          "galaxy and galaxy2 layouts do)")
 
 
 def supports_every_layout(cfg, plan):
@@ -39,7 +38,7 @@ class ModelSpec:
     package: str  # galaxy.models.<package>: exports the config class and the model class
     config_name: str
     model_name: str
-    check: Callable = supports_every_layout  # check(cfg, plan) raises SystemExit for what the model does not support
+    check: Callable = supports_every_layout  # check(cfg, plan) raises ConfigError for what the model does not support
 
     @property
     def config(self):

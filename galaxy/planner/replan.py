@@ -177,6 +177,7 @@ class Drift:
     window: list = field(default_factory=list)  # costs of the steps in a row over the threshold
     skip: int = 0
     before: list = None  # block_seconds of the window that decided the last move, in the split left
+    predicted: float = None  # the last step's predicted speed-up of the best split (None: not measured)
 
     def __post_init__(self):
         self.restart()
@@ -190,8 +191,10 @@ class Drift:
         run. Returns (new split, predicted speed-up, steps measured) when the ranks should move, else None."""
         if self.skip:
             self.skip -= 1
+            self.predicted = None
             return None
-        slow = best_split(costs, split, self.dims, self.before)[1] > 1 + self.rule.threshold
+        self.predicted = best_split(costs, split, self.dims, self.before)[1]
+        slow = self.predicted > 1 + self.rule.threshold
         self.window = self.window + [costs] if slow else []
         if len(self.window) < self.rule.patience:
             return None
@@ -217,13 +220,16 @@ class Replanner:
     """Call `after_step(step)` at every step boundary (an optimizer step, an inference request):
     it measures, and when the ranks decide so, moves `model` (and the trainer's model and optimizer)
     to the new split. `moves` records (step, old plan, new plan, predicted speed-up, steps measured,
-    seconds) of each move."""
+    seconds) of each move. Rank 0 logs that it watches, each move, and with `verbose` what every
+    step measured (`measured_line`)."""
 
-    def __init__(self, model, ctx, cfg, trainer=None, log=print):
+    def __init__(self, model, ctx, cfg, trainer=None, log=print, verbose=False):
         self.model, self.ctx, self.cfg, self.trainer, self.log = model, ctx, cfg, trainer, log
         self.drift = Drift(check_replan(cfg, ctx.plan), layer_dims(cfg))
         self.timer = BlockTimer(model, ctx.device)
-        self.moves = []
+        self.moves, self.verbose = [], verbose
+        if ctx.rank == 0:
+            self.log(watching_line(self.drift.rule))
 
     @torch.no_grad()
     def shared_costs(self):
@@ -233,7 +239,10 @@ class Replanner:
         return C.gather_along_dim(mine, 0, [1] * self.ctx.tp_size, self.ctx.tp_group).tolist()
 
     def after_step(self, step):
-        decision = self.drift.observe(self.shared_costs(), split_of(self.ctx.plan))
+        costs = self.shared_costs()
+        decision = self.drift.observe(costs, split_of(self.ctx.plan))
+        if self.verbose and self.ctx.rank == 0:
+            self.log(measured_line(step, costs, self.drift))
         if decision is None:
             return
         split, speedup, measured = decision
@@ -257,6 +266,26 @@ class Replanner:
         self.timer = BlockTimer(model, ctx.device)
         self.drift.restart()
         return time.perf_counter() - start
+
+
+def watching_line(rule):
+    """What re-planning watches and when it moves, said once at start."""
+    return (f"replan: watching each rank's attention, MLP and connective times; the ranks move to the planner's "
+            f"best split when the split run is predicted over {rule.threshold:.0%} slower than it {rule.patience} "
+            f"measured step{'s' * (rule.patience > 1)} in a row (the first {rule.warmup} not measured; --verbose "
+            f"prints each step's measurements)")
+
+
+def measured_line(step, costs, drift):
+    """One step's measurements: every rank's speed per block (units per second) and the predicted
+    speed-up of the best split."""
+    if drift.predicted is None:
+        return f"replan step {step}: warm-up, not measured"
+    units = ("heads/s", "columns/s", "positions/s")
+    speeds = "; ".join(f"rank {r} " + ", ".join(f"{1 / c:.3g} {u}" for c, u in zip(rank_costs, units) if c > 0)
+                       for r, rank_costs in enumerate(costs))
+    return (f"replan step {step}: {speeds}; best split predicted {drift.predicted:.2f}x faster (moves over "
+            f"{1 + drift.rule.threshold:.2f}x, {len(drift.window)} of {drift.rule.patience} steps in a row)")
 
 
 def _change(before, after):

@@ -15,6 +15,7 @@ leaves the broken process group, reads that key and joins the survivors' new one
 """
 import json
 import socket
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -24,6 +25,7 @@ import torch.distributed as dist
 from torch.distributed.rendezvous import _torchelastic_use_agent_store
 
 BEAT_S = 1.0
+PROGRESS_S = 10.0  # how often rank 0 says how many ranks have joined while it waits for the rest
 _PROBE_TIMEOUT_S = 5.0
 # substrings of the RuntimeErrors that gloo / NCCL / the store raise when a peer is gone
 _COMM_MARKERS = ("gloo", "nccl", "connection closed", "connection reset", "broken pipe", "timed out", "peer")
@@ -92,6 +94,11 @@ def _client(host, port, timeout_s):
     return dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
 
 
+def _few(ranks, most=8):
+    """'[1, 5]', or '52 ranks' for a long list."""
+    return str(ranks) if len(ranks) <= most else f"{len(ranks)} ranks"
+
+
 def first_line(error):
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
@@ -129,21 +136,37 @@ class Rendezvous:
                             f"({first_line(e)})") from None
 
     def join(self, timeout_s):
-        """Wait until every rank has joined; name the ranks that did not."""
+        """Wait until every rank has joined; name the ranks that did not. Rank 0 says every
+        PROGRESS_S seconds how many have joined."""
         self.store.set(_key("joined", self.rank), "1")
-        try:
-            self.store.wait([_key("joined", r) for r in range(self.world)], timedelta(seconds=timeout_s))
-        except RuntimeError:
+        start = time.monotonic()
+        while True:
+            left = timeout_s - (time.monotonic() - start)
             try:
-                missing = [r for r in range(self.world) if not self.store.check([_key("joined", r)])]
-            except RuntimeError:  # the store went away: rank 0 gave up (and reports the missing ranks)
-                raise PeerError(f"rank {self.rank}: rank 0 closed the rendezvous at {self.where} before every "
-                                f"rank joined") from None
-            raise PeerError(f"rank {self.rank}: rank(s) {missing} never joined the rendezvous at {self.where} "
-                            f"within {timeout_s:.0f}s (not started, crashed at start-up, or started with another "
-                            f"--world / --master_port)") from None
+                self.store.wait([_key("joined", r) for r in range(self.world)],
+                                timedelta(seconds=max(0.01, min(left, PROGRESS_S) if self.rank == 0 else left)))
+                break
+            except RuntimeError:
+                missing = self._missing()
+                if not missing:  # the last joined just after the wait gave up
+                    continue
+                if self.rank != 0 or time.monotonic() - start >= timeout_s:
+                    raise PeerError(f"rank {self.rank}: rank(s) {missing} never joined the rendezvous at {self.where} "
+                                    f"within {timeout_s:.0f}s (not started, crashed at start-up, or started with "
+                                    f"another --world / --master_port)") from None
+                print(f"galaxy: rank {self.rank}: waiting for ranks: {self.world - len(missing)}/{self.world} joined, "
+                      f"{time.monotonic() - start:.0f} s (missing {_few(missing)}; gives up at timeout_s "
+                      f"{timeout_s:.0f})", file=sys.stderr, flush=True)
         self._beat_store = _client(self.host, self.port, timeout_s)
         threading.Thread(target=self._beat, daemon=True, name="galaxy-heartbeat").start()
+
+    def _missing(self):
+        """The ranks that have not joined yet."""
+        try:
+            return [r for r in range(self.world) if not self.store.check([_key("joined", r)])]
+        except RuntimeError:  # the store went away: rank 0 gave up (and reports the missing ranks)
+            raise PeerError(f"rank {self.rank}: rank 0 closed the rendezvous at {self.where} before every "
+                            f"rank joined") from None
 
     def _beat(self):
         while not self._stop.wait(BEAT_S):

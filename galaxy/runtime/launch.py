@@ -35,6 +35,7 @@ DEFAULT_ADDR, DEFAULT_PORT = "127.0.0.1", 29500
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _RANK_EXIT_S = 5  # how long ranks get to exit on their own once the run is decided
 _POLL_S = 0.2  # how often spawn looks for ranks that ended without a result
+RANKS_PER_CORE = 4  # the most a one-command local spawn starts on one CPU core
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,12 @@ def add_launch_args(parser):
     group = parser.add_argument_group("launch")
     group.add_argument("--world", type=int, default=None, help="number of ranks (default: torchrun's or 1)")
     group.add_argument("--rank", type=int, default=None, help="this process's rank; omit to spawn all ranks here")
-    group.add_argument("--master_addr", default=None, help=f"rendezvous address (default {DEFAULT_ADDR})")
+    group.add_argument("--master_addr", default=None,
+                       help=f"rendezvous address (default: MASTER_ADDR, else the config's init_method, else "
+                            f"{DEFAULT_ADDR})")
     group.add_argument("--master_port", type=int, default=None,
-                       help=f"rendezvous port (default {DEFAULT_PORT}; a free one for a local spawn)")
+                       help=f"rendezvous port (default: MASTER_PORT, else the config's init_method (the shipped "
+                            f"configs: 23000), else {DEFAULT_PORT}; a local spawn picks a free one)")
     group.add_argument("--backend", default=None, help="gloo | nccl (default: nccl on CUDA, else gloo)")
     group.add_argument("--timeout_s", type=float, default=None, help="collective timeout in seconds")
     group.add_argument("--threads", type=int, default=None,
@@ -87,14 +91,40 @@ def _first(*values):
 
 
 def resolve_world_rank(args):
-    """CLI first, then torchrun's environment, then a single rank."""
+    """CLI first, then torchrun's environment, then a single rank; ValueError for a world or rank
+    out of range (the command line rejects it)."""
     world = _first(args.world, _env_int("WORLD_SIZE"), 1)
     rank = _first(args.rank, _env_int("RANK"))
     if world < 1:
-        raise SystemExit(f"--world {world} must be at least 1")
+        raise ValueError(f"--world {world} must be at least 1")
     if rank is not None and not 0 <= rank < world:
-        raise SystemExit(f"--rank {rank} is outside 0..{world - 1} for --world {world}")
+        raise ValueError(f"--rank {rank} is outside 0..{world - 1} for --world {world}")
     return world, rank
+
+
+def cpu_cores():
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def check_local_spawn(world, cores):
+    """A one-command local spawn of `world` ranks on `cores` CPU cores: ValueError past
+    RANKS_PER_CORE ranks a core (they would crawl: every step waits for the slowest rank)."""
+    if world > RANKS_PER_CORE * cores:
+        raise ValueError(f"--world {world} would start {world} ranks on this machine's {cores} CPU core"
+                         f"{'s' * (cores > 1)} ({world / cores:.0f} a core); a local spawn starts at most "
+                         f"{RANKS_PER_CORE} ranks a core ({RANKS_PER_CORE * cores} here): give a smaller --world, or "
+                         f"start the ranks on several machines with --rank")
+
+
+def local_spawn_line(world, cores, threads):
+    """What a local spawn says at start: how many ranks share how many cores."""
+    line = (f"galaxy: starting {world} ranks here on {cores} CPU core{'s' * (cores > 1)}, {threads} torch "
+            f"thread{'s' * (threads > 1)} each")
+    if world * threads > cores:
+        line += (f"; oversubscribed ({world * threads} threads on {cores} cores): every step waits for the slowest "
+                 f"rank, so expect it slow")
+    return line
 
 
 def init_method_from(args, cfg_init_method=None, local_spawn=False):
@@ -168,13 +198,18 @@ class RankFailed(RuntimeError):
     def __init__(self, rank, cause, details="", died=None):
         super().__init__(f"rank {rank} failed: {cause}\n{details}".rstrip())
         self.line = f"rank {rank} failed: {cause}"
+        self.details = details
         self.died = died or {}
 
 
 def _deaths(died):
     """'rank 1 was killed by SIGKILL', 'rank 2 exited with code 3', ..."""
-    return "; ".join(f"rank {r} " + (f"was killed by {signal.Signals(-code).name}" if code < 0 else
-                                     f"exited with code {code}") for r, code in sorted(died.items()))
+    return "; ".join(f"rank {r} {_death(code)}" for r, code in sorted(died.items()))
+
+
+def _death(exit_code):
+    """How a process ended: 'was killed by SIGKILL' (exit code -9), 'exited with code 3'."""
+    return f"was killed by {signal.Signals(-exit_code).name}" if exit_code < 0 else f"exited with code {exit_code}"
 
 
 def cause(error):
@@ -328,7 +363,7 @@ def _newly_dead(procs, outcome, errors, lost):
 def _check_alive(procs, outcome, errors, deadline, lost=()):
     """A rank that died without reporting (killed, or failed before it could) fails the run now."""
     for rank, code in _newly_dead(procs, outcome, errors, lost).items():
-        errors[rank] = (f"process exited with code {code} before reporting a result", "")
+        errors[rank] = (f"its process {_death(code)} before reporting a result (no traceback exists)", "")
     if not errors and deadline is not None and time.monotonic() > deadline:
         missing = [r for r in range(len(procs)) if r not in outcome and r not in lost]
         raise RuntimeError(f"ranks {missing} gave no result before the time limit")
@@ -370,6 +405,7 @@ def run(main, world, rank, args=(), init_method=None, backend=None, timeout_s=30
     check_backend(backend)
     try:
         if rank is None and world > 1:
+            print(local_spawn_line(world, cpu_cores(), threads or 1), file=sys.stderr, flush=True)
             with signals_raise_stopped():
                 if in_place:
                     spawn(main, world, args, backend, timeout_s, init_method, threads=threads or 1, regroups=restarts)
@@ -381,7 +417,8 @@ def run(main, world, rank, args=(), init_method=None, backend=None, timeout_s=30
             torch.set_num_threads(threads)
         return _run_here(main, world, rank or 0, args, init_method, backend, timeout_s)
     except RankFailed as e:
-        sys.exit(f"galaxy: {e if debug else e.line + ' (--debug shows its traceback)'}")
+        hint = " (--debug shows its traceback)" if e.details else ""  # a killed rank has none
+        sys.exit(f"galaxy: {e if debug else e.line + hint}")
     except Stopped as e:
         print(f"galaxy: stopped by {e}; every rank started here has ended", file=sys.stderr)
         sys.exit(128 + e.signum)

@@ -117,6 +117,7 @@ class Trainer:
         self.autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if cfg["dtype"] == "bf16" \
             else nullcontext()
         self.step = 0
+        self.skipped = 0  # steps of this run that took no optimizer step (on_nonfinite skip)
         self.before_update = None  # called with the synced, clipped gradients in place (tests, debugging)
 
     def adopt(self, model, ctx, cfg):
@@ -203,6 +204,7 @@ class Trainer:
         if self.cfg["on_nonfinite"] == "stop":
             raise NonFiniteError(f"{what}; stopped before its optimizer step, so the weights are step "
                                  f"{metrics['step'] - 1}'s (--on_nonfinite skip skips such steps)")
+        self.skipped += 1
         if is_reporting_rank(self.ctx):
             self.log(f"{what}: skipped its optimizer step (on_nonfinite skip)")
 
@@ -245,6 +247,9 @@ def run_training(trainer, max_steps, metrics_file=None, on_step=None, around_ste
     finally:
         if writer:
             writer.close()
+    if trainer.cfg["on_nonfinite"] == "skip" and is_reporting_rank(ctx):
+        trainer.log(f"on_nonfinite skip: {trainer.skipped} of the {trainer.step - first_step} steps run took no "
+                    f"optimizer step (non-finite loss or gradient norm)")
     trainer.log(f"optimizer state on this rank: {optimizer_state_bytes(trainer.opt) / 2**20:.1f} MiB")
 
 

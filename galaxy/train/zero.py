@@ -64,8 +64,13 @@ class ZeroConfig:
 
 
 def check_zero(cfg, plan):
-    """The ZeRO keys against the plan: there must be replicas to shard over, one fraction each."""
+    """The ZeRO keys against the plan: there must be replicas to shard over, one fraction each; a
+    shard key without zero_stage would silently train plain data parallelism."""
     if not cfg["zero_stage"]:
+        for key in ("zero_shard_list", "memory_mb"):
+            if cfg[key] is not None:
+                raise ConfigError(f"config key '{key}' {cfg[key]} has no effect without zero_stage: it sets ZeRO's "
+                                  f"shards; set zero_stage 1, 2 or 3, or leave {key} out")
         return
     if plan.dp_size == 1:
         raise ConfigError(f"config key 'zero_stage' is {cfg['zero_stage']} but there is no data-parallel group "

@@ -26,6 +26,7 @@ from galaxy.layers.param_spec import GradSum, set_spec
 from galaxy.layers.placement import redistribute
 from galaxy.layers.transformer import TransformerLayer
 from galaxy.loralib import LoraShard, mark_only_lora_as_trainable
+from galaxy.models.checkpoint import tensor_files
 from galaxy.models.common import init_new_parameters
 from galaxy.plan import Method
 from galaxy.tuning.keys import LORA_TARGETS, check_tuning, tuning_method
@@ -127,6 +128,14 @@ def _add_side(model, cfg, ctx):
     SideTap(model, model.side, layers, ctx, keep_backbone=cfg["use_side"])
     # the backbone is frozen and read detached: only the side state carries a gradient back
     model.pipeline_streams = ((cfg["hidden_size"], False), (model.side.width, True))
+
+
+def check_sources(cfg):
+    """The checkpoints load_sources will read must name readable safetensors files: checked before a
+    run creates its save_dir or any process, so a typo there leaves nothing behind (CheckpointError)."""
+    for key in ("load_checkpoint", "load_trainable"):
+        if cfg[key] and not cfg["resume"]:
+            tensor_files(cfg[key])
 
 
 def load_sources(model, cfg, ctx, verified=False):

@@ -18,6 +18,8 @@ METHOD_KEYS = {"full_model": (), "use_lora": ("lora_dim", "lora_alpha", "lora_ta
                "use_adapter": ("adapter_reduction_dim", "non_linearity"),
                "use_side": ("side_reduction_factor", "add_bias_sampling", "non_linearity"),
                "use_side_only": ("side_reduction_factor", "add_bias_sampling", "non_linearity")}
+# every key a method reads: its shaping keys and how it trains
+METHOD_OPTIONS = {**METHOD_KEYS, "use_lora": (*METHOD_KEYS["use_lora"], "lora_dropout", "fan_in_fan_out", "merge_weights")}
 TUNING_FILE = "tuning.json"
 METHODS = ("use_lora", "use_adapter", "use_side", "use_side_only")  # at most one true; none: full_model
 
@@ -77,6 +79,12 @@ def check_tuning(cfg):
             raise ConfigError(f"side_reduction_factor {factor} must be >= 1 and divide hidden_size {cfg['hidden_size']}")
     if cfg.get("load_trainable"):
         check_saved_tuning(cfg)
+
+
+def other_methods_keys(cfg):
+    """The tuning keys that only methods other than the config's read."""
+    mine = METHOD_OPTIONS[tuning_method(cfg)]
+    return sorted({key for keys in METHOD_OPTIONS.values() for key in keys} - set(mine))
 
 
 def tuning_record(cfg):

@@ -87,3 +87,34 @@ def test_settings_no_shape_shows_must_agree_with_config_json(tmp_path):
     LlamaForCausalLM(LlamaConfig.from_dict(cfg)).save_hf(tmp_path)
     with pytest.raises(CheckpointError, match=r"rope_theta 500000\.0 there, 10000\.0 here"):
         llama(2).load_hf(tmp_path)
+
+
+def test_a_bare_encoder_checkpoint_leaves_the_mlm_head_as_initialised(tmp_path):
+    """As transformers' BertForMaskedLM.from_pretrained does with a BertModel checkpoint: the encoder's
+    tensors (named without "bert.") load, the head the file has none of stays as initialised and is
+    named; a file with part of a head is still an error."""
+    from galaxy.models.bert import BertConfig, BertForMaskedLM, BertModel
+    from galaxy.models.bert.model import to_hf
+    from galaxy.models.checkpoint import save_checkpoint
+    cfg = BertConfig(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_hidden_layers=1, vocab_size=50)
+    encoder = BertModel(cfg)
+    torch.nn.init.normal_(encoder.embeddings.word_embeddings.weight)
+    save_checkpoint(encoder, encoder.ctx, tmp_path / "bare", to_hf)
+    model = BertForMaskedLM(cfg)
+    head = model.cls.dense.weight.clone()
+    skipped = model.load_hf(tmp_path / "bare")
+    assert skipped == [_listed_head()]
+    assert torch.equal(model.bert.embeddings.word_embeddings.weight, encoder.embeddings.word_embeddings.weight)
+    assert torch.equal(model.cls.dense.weight, head)
+    tensors = load_file(tmp_path / "bare" / "model-stage00-of-01.safetensors")
+    tensors["cls.predictions.bias"] = torch.zeros(50)
+    save_file(tensors, tmp_path / "part_head.safetensors")
+    with pytest.raises(CheckpointError, match=r"4 tensor\(s\) missing: 'cls\.predictions\.transform\.dense\.weight'"):
+        BertForMaskedLM(cfg).load_hf(tmp_path / "part_head.safetensors")
+
+
+def _listed_head():
+    names = [("cls.predictions.bias", "cls.bias")] + [
+        (f"cls.predictions.transform.{m}.{p}", f"cls.{m}.{p}") for m in ("dense", "LayerNorm") for p in ("weight", "bias")]
+    return (f"{len(names)} tensor(s) missing, left as initialised (the checkpoint has none of them): "
+            + ", ".join(f"'{hf}' (parameter '{ours}')" for hf, ours in names))

@@ -1,5 +1,6 @@
-"""Bad inputs to pretrain_galaxy.py and what each gets: the cases test_bad_inputs.py checks
-in-process, and the table of docs/bad_inputs.md, made by running them for real:
+"""Bad inputs to pretrain_galaxy.py (or the entry script a case's arguments start with) and what
+each gets: the cases test_bad_inputs.py checks in-process, and the table of docs/bad_inputs.md,
+made by running them for real:
 
     python -m tests.reliability.bad_inputs > docs/bad_inputs.md
 """
@@ -30,6 +31,12 @@ def write_files(d):
     (d / "short.jsonl").write_text('{"title": "A", "content": "few words only"}\n')
     (d / "long.jsonl").write_text('{"title": "long", "content": "%s"}\n' % ("the module defines a class " * 400))
     (d / "not_json.json").write_text("{batch_size: 8")
+    (d / "cycle_a.json").write_text('{"include": ["cycle_b.json"]}')
+    (d / "cycle_b.json").write_text('{"include": ["cycle_a.json"]}')
+    (d / "latin1.txt").write_bytes(b"fine\ncaf\xe9\n")
+    (d / "long.txt").write_text("a short line\n" + "the module defines a class " * 20 + "\n")
+    (d / "texts.txt").write_text("The list is a [MASK] sequence.\nA tuple cannot change.\n")
+    (d / "blank.txt").write_text("\n  \n")
     (d / "garbage.safetensors").write_bytes(b"\x00" * 64)
     (d / "no_model").mkdir(exist_ok=True)
     (d / "empty_save").mkdir(exist_ok=True)
@@ -45,7 +52,8 @@ def write_files(d):
     victim.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
 
 
-# (input, arguments with {d} for the files' directory, text the output must contain, exit code)
+# (input, arguments with {d} for the files' directory, text the output must contain, exit code);
+# arguments that start with a script's name run that script instead of pretrain_galaxy.py
 CASES = [
     ("unknown option", ["--hiden_size", "64"], "unknown option --hiden_size", 2),
     ("wrong type", ["--batch_size", "eight"], "--batch_size 'eight' is not a valid int", 2),
@@ -69,12 +77,35 @@ CASES = [
     ("re-planning key misspelt", ["--world", "2", "--parallel", "galaxy", "--replan", '{"treshold": 0.2}'],
      "config key 'replan' has unknown keys ['treshold']", 2),
     ("nccl without CUDA", ["--world", "2", "--backend", "nccl"], "--backend nccl needs a CUDA GPU and torch sees none", 1),
-    ("rank outside world", ["--world", "2", "--rank", "5"], "--rank 5 is outside 0..1 for --world 2", 1),
+    ("rank outside world", ["--world", "2", "--rank", "5"], "--rank 5 is outside 0..1 for --world 2", 2),
+    ("world of no ranks", ["--world", "0"], "--world 0 must be at least 1", 2),
+    ("local spawn of far more ranks than cores", ["--world", "1000", "--parallel", "dp", "--batch_size", "1000"],
+     "--world 1000 would start 1000 ranks on this machine's", 2),
+    ("no split lists where sizes do not divide", ["--world", "3", "--parallel", "galaxy"],
+     "tp_num_attention_heads_list is not given and 2 attention heads do not split evenly over 3 ranks (list each "
+     "rank's share in it); tp_intermediate_size_list is not given and 128 intermediate columns do not split evenly "
+     "over 3 ranks (list each rank's share in it); seq_scatter_list is not given and 32 sequence positions do not "
+     "split evenly over 3 ranks (list each rank's share in it)", 2),
+    ("LLaMA has no synthetic data", ["finetune_llama.py", "--config_file", "train_config/llama/full.json",
+                                     "--num_key_value_heads", "2", "--vocab_size", "500"],
+     "config key 'data' is 'synthetic': llama trains on data 'instruction' or 'corpus'", 2),
     ("resume without save_dir", ["--resume", "true"], "'resume' is True but save_dir is not set", 2),
+    ("ZeRO shard list without zero_stage", ["--world", "2", "--parallel", "dp", "--zero_shard_list", "[0.7,0.3]"],
+     "config key 'zero_shard_list' [0.7, 0.3] has no effect without zero_stage: it sets ZeRO's shards", 2),
+    ("keys of another tuning method", [*SYNTH, "--use_adapter", "true", "--lora_dim", "4"],
+     "galaxy: warning: config key lora_dim 4 has no effect: the tuning method is use_adapter", 0),
+    ("a split list the layout does not use", ["--world", "2", "--parallel", "tp", "--seq_scatter_list", "[16,16]",
+                                              "--explain"],
+     "galaxy: warning: config key seq_scatter_list [16, 16] has no effect: no block splits sequence positions "
+     "(ATT=TP CON=NONE MLP=TP)", 0),
+    ("pipeline keys without stages", ["--world", "2", "--parallel", "galaxy", "--num_microbatches", "2", "--explain"],
+     "galaxy: warning: config key num_microbatches 2 has no effect: there are no pipeline stages", 0),
     ("memory report of one step", ["--max_steps", "1", "--memory_report", "true"],
      "'memory_report' measures the second step", 2),
     ("missing config file", ["--config_file", "{d}/nope.json"], "config file {d}/nope.json does not exist", 2),
     ("config file not JSON", ["--config_file", "{d}/not_json.json"], "config file {d}/not_json.json is not valid JSON", 2),
+    ("config files include each other", ["--config_file", "{d}/cycle_a.json"],
+     "config files include each other in a cycle: {d}/cycle_a.json -> {d}/cycle_b.json -> {d}/cycle_a.json", 2),
     ("missing data file", [*CORPUS, "--data_file", "{d}/nope.jsonl"], "{d}/nope.jsonl: cannot read (No such file or directory)", 1),
     ("empty data file", [*CORPUS, "--data_file", "{d}/empty.jsonl"], "{d}/empty.jsonl: empty file", 1),
     ("non-UTF-8 data", [*CORPUS, "--data_file", "{d}/latin1.jsonl"], "{d}/latin1.jsonl:2: not valid UTF-8 (byte 15)", 1),
@@ -89,6 +120,11 @@ CASES = [
      "{d}/garbage.safetensors: not a valid sentencepiece model", 1),
     ("tokenizer.json is not one", [*CORPUS, "--tokenizer_file", "{d}/not_json.json"], "{d}/not_json.json: not a valid tokenizer.json", 1),
     ("tokenizer larger than vocab", ["--data", "corpus", "--vocab_size", "200"], "has 8000 pieces, config vocab_size is 200", 1),
+    ("inference texts not UTF-8", ["infer_galaxy.py", "--texts", "{d}/latin1.txt"],
+     "argument --texts: {d}/latin1.txt:2: not valid UTF-8 (byte 4)", 2),
+    ("inference texts longer than seq_length", ["infer_galaxy.py", "--texts", "{d}/long.txt", "--vocab_size", "8000",
+                                                "--requests", "2", "--warmup", "0"],
+     "--texts {d}/long.txt: 1 of 2 lines are longer than seq_length 32 tokens and were cut to it (", 0),
     ("load_checkpoint missing", [*SYNTH, "--load_checkpoint", "{d}/no_model"], "{d}/no_model: no model.safetensors", 1),
     ("load_checkpoint corrupt", [*SYNTH, "--load_checkpoint", "{d}/garbage.safetensors"],
      "{d}/garbage.safetensors: not a readable safetensors file", 1),
@@ -113,17 +149,20 @@ CASES = [
     ("resume with a changed config", [*SYNTH, "--save_dir", "{d}/ck", "--resume", "true", "--weight_decay", "0.5"],
      "the config differs from the checkpoint's in weight_decay: 0.01 -> 0.5", 1),
     ("elastic with --rank (one terminal per rank)", ["--world", "2", "--rank", "0", "--parallel", "galaxy", "--elastic"],
-     "--elastic restarts the ranks of a one-command local spawn (--world N, no --rank); under torchrun use", 1),
+     "--elastic restarts the ranks of a one-command local spawn (--world N, no --rank); under torchrun use", 2),
     ("elastic without checkpoints", ["--world", "2", "--parallel", "galaxy", "--elastic"],
-     "--elastic resumes from the latest training checkpoint: set save_every (and save_dir)", 1),
+     "--elastic resumes from the latest training checkpoint: set save_every (and save_dir)", 2),
     ("elastic layout split two ways", ["--world", "4", "--parallel", "galaxy", "--data_parallel_size", "2", "--elastic",
                                        "--save_dir", "{d}/elastic", "--save_every", "1"],
-     "--elastic: after losing a rank: --elastic re-plans layouts whose ranks split one way", 1),
+     "--elastic: after losing a rank: --elastic re-plans layouts whose ranks split one way", 2),
     ("elastic_restarts 0", ["--elastic_restarts", "0"], "config key 'elastic_restarts' must be >= 1, got 0", 2),
     ("on_nonfinite not stop or skip", ["--on_nonfinite", "ignore"],
      "config key 'on_nonfinite' is 'ignore', expected one of ['stop', 'skip']", 2),
     ("loss becomes NaN", ["--lr", "1e9", "--max_grad_norm", "0", "--max_steps", "3"],
      "step 2: non-finite loss or gradient norm on some rank", 1),
+    ("loss becomes NaN, with on_nonfinite skip", ["--lr", "1e9", "--max_grad_norm", "0", "--max_steps", "3",
+                                                 "--on_nonfinite", "skip"],
+     "on_nonfinite skip: 2 of the 3 steps run took no optimizer step", 0),
     ("save_dir is a file", [*SYNTH, "--save_dir", "{d}/not_json.json"], "save_dir {d}/not_json.json is not a directory", 1),
     ("metrics_file under a file", [*SYNTH, "--metrics_file", "{d}/not_json.json/m.jsonl"],
      "directory {d}/not_json.json is not a directory", 1),
@@ -132,15 +171,56 @@ CASES = [
 ]
 
 
+ANSWER = ["--texts", "{d}/texts.txt", "--output", "{d}/answers.jsonl"]
+LLAMA = ["--config_file", "train_config/llama/full.json", "--num_key_value_heads", "2"]
+# infer_galaxy.py's cases; all stop before any rank starts
+INFER_CASES = [
+    ("--texts missing", ["--texts", "{d}/nope.txt"], "argument --texts: {d}/nope.txt is not a file", 2),
+    ("--texts blank", ["--texts", "{d}/blank.txt"], "argument --texts: {d}/blank.txt has no text", 2),
+    ("unknown --task", ["--task", "translate"], "argument --task: invalid choice: 'translate'", 2),
+    ("--task without --output", ["--task", "embed", "--texts", "{d}/texts.txt"],
+     "--task answers the lines of --texts into --output: give all three", 1),
+    ("--output without --task", ANSWER, "--task answers the lines of --texts into --output: give all three", 1),
+    ("--requests with --output", [*ANSWER, "--task", "embed", "--requests", "3"],
+     "--requests: with --output every line of --texts is answered once", 1),
+    ("--output is --texts", ["--texts", "{d}/texts.txt", "--output", "{d}/texts.txt", "--task", "embed"],
+     "--output {d}/texts.txt is --texts: the answers would overwrite the questions", 1),
+    ("--output is a directory", ["--texts", "{d}/texts.txt", "--output", "{d}/no_model", "--task", "embed"],
+     "--output {d}/no_model is a directory", 1),
+    ("--task the model cannot answer", [*ANSWER, "--task", "generate"],
+     "--task: task 'generate' needs a llama model; this one is bert", 1),
+    ("--top_k above the vocabulary", [*ANSWER, "--task", "fill-mask", "--top_k", "500"],
+     "--top_k 500 exceeds vocab_size 200", 1),
+    ("fill-mask with a tokenizer that has no mask", [*ANSWER, "--task", "fill-mask", "--vocab_size", "4000",
+                                                    "--tokenizer_file", "data/python_docs/spm_llama.model"],
+     "--task fill-mask: tokenizer data/python_docs/spm_llama.model has no mask token", 1),
+    ("--serve not HOST:PORT", ["--serve", "8000"], "argument --serve: '8000' is not HOST:PORT (e.g. 127.0.0.1:8000)", 2),
+    ("--serve with --task", ["--serve", "127.0.0.1:0", *ANSWER, "--task", "embed"],
+     "--serve answers HTTP requests, not with --task, --output, --texts (a run over --texts)", 1),
+    ("--serve on an address not this machine's", ["--serve", "192.0.2.1:8000"],
+     "--serve 192.0.2.1:8000: cannot listen there", 1),
+    ("generate past the model's positions", [*LLAMA, *ANSWER, "--task", "generate", "--max_new_tokens", "3000"],
+     "--task generate: seq_length 32 (the longest prompt) + --max_new_tokens 3000 exceeds the model's 2048 positions", 1),
+]
+
+CASES += [(what, ["infer_galaxy.py", *args], expected, code) for what, args, expected, code in INFER_CASES]
+
+
 def fill(items, d):
     return [str(x).replace("{d}", str(d)) for x in items]
 
 
+def script_and_args(args):
+    """(the entry script a case runs, its arguments)."""
+    return (args[0], args[1:]) if args and args[0].endswith(".py") else ("pretrain_galaxy.py", args)
+
+
 def run_in_process(args):
-    """pretrain_galaxy.py's exit code and output, run inside this process (no process group)."""
+    """The entry script's exit code and output, run inside this process (no process group)."""
     out = io.StringIO()
     saved_argv = sys.argv
-    sys.argv = [str(procs.ROOT / "pretrain_galaxy.py"), *procs.TINY, *args]
+    script, args = script_and_args(args)
+    sys.argv = [str(procs.ROOT / script), *procs.TINY, *args]
     code = 0
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
@@ -154,15 +234,18 @@ def run_in_process(args):
     return code, out.getvalue()
 
 
-def _message(code, output):
-    if code == 0:  # it trained: show the first step
+def _message(code, output, expected=None):
+    """The line of the output that holds the expected text; else the error, or the first step."""
+    if expected and expected in output:
+        return next(ln for ln in output.splitlines() if expected in ln)
+    if code == 0:
         return next(ln for ln in output.splitlines() if "step 1/" in ln)
     lines = [ln for ln in output.strip().splitlines() if ln.startswith("galaxy:") or "error" in ln.lower()]
     return (lines or output.strip().splitlines() or [""])[-1]
 
 
-def _row(what, args, code, output):
-    cell = _message(code, output).replace("|", "\\|")
+def _row(what, args, code, output, expected=None):
+    cell = _message(code, output, expected).replace("|", "\\|")
     return f"| {what} | `{' '.join(args)}` | {code} | {cell} |"
 
 
@@ -171,9 +254,10 @@ def table():
     rows = ["| bad input | arguments (besides a tiny model) | exit | message |", "|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as d:
         write_files(d)
-        for what, args, _, _ in CASES:
-            code, out = procs.run(fill(args, d))
-            rows.append(_row(what, fill(args, d), code, out).replace(d, "DIR"))
+        for what, args, expected, _ in CASES:
+            script, rest = script_and_args(fill(args, d))
+            code, out = procs.run(rest, script=script)
+            rows.append(_row(what, fill(args, d), code, out, fill([expected], d)[0]).replace(d, "DIR"))
         rows += _multi_process_rows(Path(d))
     return "\n".join(rows)
 
@@ -203,6 +287,11 @@ def _multi_process_rows(d):
     code = procs.finish(ranks, 120)[0]
     rows.append(_row("rank 1 SIGKILLed mid-training (rank 0's view)", ["--world", "2", "--rank", "0"], code,
                      (d / "rank0.log").read_text()))
+    spawn = procs.start(["--parallel", "galaxy", "--world", "2", "--max_steps", "3"], d / "spawn.log",
+                        "tests/reliability/patched_steps.py", env={"GALAXY_TEST_KILL": "1,1,2"})
+    code = procs.finish({0: spawn}, 120)[0]
+    rows.append(_row("rank 1 SIGKILLed in a local spawn (the launcher's view)", ["--world", "2"], code,
+                     (d / "spawn.log").read_text()))
     return rows
 
 
@@ -213,4 +302,16 @@ if __name__ == "__main__":
           "seq_length pieces, so nothing is skipped (only the tail shorter than one sequence is dropped). Exit 2 = rejected by the command line / "
           "config check before any process starts training; 1 = a runtime error with a message naming the "
           "file, key or rank.\n")
+    print("Keys that do nothing under the rest of the config (set to other than their default): "
+          "`zero_shard_list` or `memory_mb` without `zero_stage` is an error (the run would silently be plain "
+          "data parallelism); these warn (`galaxy: warning: ...`, the run goes on: the prototype's flat configs "
+          "carry them out of habit, and a layout's recipe run at world 1 is the serial reference): another tuning "
+          "method's keys; split lists the layout does not use (`tp_num_attention_heads_list` without TP attention, "
+          "`tp_intermediate_size_list` without a TP MLP, `seq_scatter_list` without a sequence-split block); "
+          "pipeline keys without stages (`stage_num_hidden_layers_list`, `num_microbatches`, `pipeline_schedule`, "
+          "`virtual_stages`); any layout key at world 1; `keep_checkpoints` without `save_every`; "
+          "`elastic_restarts` without `elastic`.\n")
+    print("A one-command local spawn (`--world N`, no `--rank`) says how many ranks share how many CPU cores, "
+          "warns when their threads outnumber the cores, and refuses more than 4 ranks a core (exit 2); "
+          "while ranks join, rank 0 says every 10 s how many have.\n")
     print(table())

@@ -57,6 +57,7 @@ def test_nonfinite_steps_are_skipped_by_every_rank_with_skip(tmp_path, layout):
     assert [r["nonfinite"] for r in rows] == [False, True, True]
     assert rows[1]["lr"] == rows[2]["lr"]  # a skipped step does not advance the LR schedule
     assert "step 2: non-finite loss or gradient norm" in out and "skipped its optimizer step" in out
+    assert "on_nonfinite skip: 2 of the 3 steps run took no optimizer step" in out, out[-2000:]
     assert all_finite(save)  # the export holds step 1's weights
 
 
@@ -155,3 +156,14 @@ def test_lock_is_released_when_the_run_fails(tmp_path):
     code, out = procs.run([*BLOW_UP, "--max_steps", "3", "--save_dir", str(tmp_path)])
     assert code == 1, out[-2000:]
     assert not (tmp_path / outputs.LOCK).exists()
+
+
+@pytest.mark.parametrize("source", ["--load_checkpoint", "--load_trainable"])
+def test_a_run_whose_checkpoint_is_missing_creates_no_save_dir(tmp_path, source):
+    """README's LoRA block once left an empty out/lora behind when out/base did not exist: inputs
+    are checked before save_dir is created or any rank starts."""
+    save, missing = tmp_path / "out" / "lora", tmp_path / "out" / "base"
+    code, out = procs.run(["--max_steps", "1", "--use_lora", "true", source, str(missing), "--save_dir", str(save)])
+    assert code == 1, out[-2000:]
+    assert not (tmp_path / "out").exists()
+    assert f"galaxy: {missing}: no model.safetensors" in out, out[-2000:]  # before any rank started

@@ -186,8 +186,11 @@ class BertForMaskedLM(nn.Module):
 
     def load_hf(self, path, trainable_only=False, strict=True, verified=False):
         checkpoint.check_config_agrees(self.config, path, BertConfig.from_dict, ("layer_norm_eps", "hidden_act"))
-        return checkpoint.load_checkpoint(self, path, mlm_to_hf, trainable_only=trainable_only, strict=strict,
-                                          verified=verified, ignore=HF_EXTRAS)
+        # a bare BertModel checkpoint (all-MiniLM-L6-v2) names its tensors without "bert." and has no MLM head:
+        # the head stays as initialised, as in transformers' BertForMaskedLM.from_pretrained
+        return checkpoint.load_checkpoint(self, path, mlm_to_hf, strip_prefix="bert.", trainable_only=trainable_only,
+                                          strict=strict, verified=verified, ignore=HF_EXTRAS,
+                                          optional=() if trainable_only else (r"^'cls\.",))
 
     def save_hf(self, path, trainable_only=False):
         cfg = json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert", **vars(self.config)}, indent=1)

@@ -95,7 +95,9 @@ class LlamaModel(nn.Module):
         if given, covers those too. chunk: run only this rank's chunk c (interleaved 1F1B): it
         embeds at chunk 0 of the first stage and normalises at the last chunk of the last."""
         x = self.embed_tokens(input_ids) if self.embed_tokens is not None and chunk == 0 else hidden_states
-        bias = causal_bias(past_length + x.shape[1], attention_mask, x.dtype, x.device)
+        bias = None  # a single new token sees every earlier one: no [L, L] bias each decode step
+        if x.shape[1] > 1 or attention_mask is not None:
+            bias = causal_bias(past_length + x.shape[1], attention_mask, x.dtype, x.device)
         x, placement = run_layers([self.layers[i] for i in self.chunks[chunk]], x, REPLICATE, bias,
                                   self.config.activation_checkpointing)
         if self.norm is not None and chunk == len(self.chunks) - 1:  # before the gather: own positions only

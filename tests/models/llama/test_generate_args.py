@@ -4,7 +4,8 @@ import pytest
 
 import generate
 from galaxy.models.llama import LlamaConfig, LlamaForCausalLM
-from tests.helpers import SHIPPED
+from galaxy.plan import Method
+from tests.helpers import ROOT, SHIPPED
 
 
 @pytest.fixture(scope="module")
@@ -37,3 +38,24 @@ def test_a_prompt_that_fits_is_accepted(checkpoint):
     args = generate.parse(["--checkpoint", str(checkpoint), "--tokenizer_file", str(SHIPPED / "spm_llama.model"),
                            "--prompt", "Hi", "--max_new_tokens", "8"])[0]
     assert len(args.prompt_ids) + 8 <= 32
+
+
+def test_training_flags_are_refused(capsys, checkpoint):
+    assert "--explain records training steps; generate.py has none" in refused(capsys, checkpoint, "--prompt", "Hi",
+                                                                                "--max_new_tokens", "4", "--explain")
+
+
+def test_a_directory_without_config_json(capsys, tmp_path):
+    err = refused(capsys, tmp_path, "--prompt", "Hi")
+    assert f"{tmp_path / 'config.json'} not found (--checkpoint must be a Hugging Face LLaMA directory)" in err
+
+
+def test_the_layout_comes_from_the_config_and_its_splits_are_checked(capsys, checkpoint):
+    galaxy = ["--prompt", "Hi", "--max_new_tokens", "4", "--config_file", str(ROOT / "train_config/llama/galaxy/full.json"),
+              "--world", "3"]
+    err = refused(capsys, checkpoint, *galaxy, "--tp_num_attention_heads_list", "[2,1,2]")
+    assert "tp_num_attention_heads_list [2, 1, 2] sums to 5, model has 4 attention heads" in err
+    plan = generate.parse(["--checkpoint", str(checkpoint), "--tokenizer_file", str(SHIPPED / "spm_llama.model"),
+                           *galaxy, "--tp_num_attention_heads_list", "[2,1,1]", "--tp_intermediate_size_list",
+                           "[16,16,16]"])[2]
+    assert (plan.att, plan.con, plan.heads, plan.positions) == (Method.TP, Method.SP, (2, 1, 1), (1, 1, 1))  # even shares

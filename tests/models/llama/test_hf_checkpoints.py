@@ -145,7 +145,6 @@ def test_generate_script_runs_on_a_transformers_checkpoint(checkpoints, tmp_path
                                             "--max_new_tokens", "6", "--tokenizer_file", tokenizer, "--ignore_eos"])
     capsys.readouterr()
     generate.main(0, 1, args, cfg, plan)
-    tok = generate.Tokenizer(tokenizer)
-    prompt = torch.tensor([[tok.bos_id] + tok.encode(args.prompt)])
+    prompt = torch.tensor([args.prompt_ids])  # [bos] + the prompt's tokens
     want = hf_tokens(path, prompt, 6)[0, prompt.shape[1]:].tolist()
     assert f"new tokens: {want}]" in capsys.readouterr().out

@@ -1,0 +1,84 @@
+"""What inference answers: a question (`Ask`: the task and its options) turns the model's
+output into one answer per text, and `answer_json` into the JSON a user reads.
+
+    embed      BERT (and a retrieval fine-tune of it): the last hidden states mean-pooled over the
+               attention mask and L2-normalised, as sentence-transformers computes all-MiniLM-L6-v2's
+               sentence embeddings
+    fill-mask  BERT with its MLM head: the top_k tokens and probabilities at every mask token
+    generate   LLaMA: the greedy continuation of the text, up to max_new_tokens (and eos)
+
+A task's forward runs this rank's part of the model; on the ranks that hold the output (every
+rank; with pipeline stages, the last stage's) it returns the per-text results, the same on each.
+"""
+from dataclasses import dataclass
+
+from galaxy.models.bert.model import sentence_embedding
+from galaxy.models.llama.generate import greedy_generate
+
+TASKS = {"embed": ("bert", "bert_retrieval"), "fill-mask": ("bert",), "generate": ("llama",)}  # task: the models that answer it
+
+
+def check_task(task, model):
+    """The reason `model` cannot answer `task`, or None."""
+    if task not in TASKS:
+        return f"unknown task {task!r}; the tasks are {sorted(TASKS)}"
+    if model not in TASKS[task]:
+        return f"task {task!r} needs a {' or '.join(TASKS[task])} model; this one is {model}"
+    return None
+
+
+@dataclass(frozen=True)
+class Ask:
+    """One question put to every text of a batch; built alike on every rank."""
+    task: str
+    top_k: int = 5
+    max_new_tokens: int = 32
+    mask_id: int = None  # fill-mask: the tokenizer's mask token
+    eos_id: int = None  # generate: stop once it is produced
+
+    def forward(self, model):
+        """f(input_ids, attention_mask, hidden_states=None): this rank's part of the model, then
+        the task's results where the output is held (a pipeline's other stages return what they
+        hand on)."""
+        if self.task == "generate":
+            return lambda ids, mask, x=None: self._generate(model, ids, mask)
+        body = model.bert if self.task == "embed" else model  # embed reads the encoder, not the MLM head
+        finish = self._embed if self.task == "embed" else self._fill_mask
+
+        def forward(ids, mask, x=None):
+            out = body(ids, mask, hidden_states=x)
+            return finish(out, ids, mask) if model.ctx.is_last_stage else out
+        return forward
+
+    @staticmethod
+    def _embed(hidden, ids, mask):
+        return list(sentence_embedding(hidden.float(), mask).cpu())
+
+    def _fill_mask(self, logits, ids, mask):
+        """Per text: [(position, token ids, probabilities)] of its mask tokens, top_k each."""
+        rows = []
+        for b in range(ids.shape[0]):
+            row = []
+            for p in ((ids[b] == self.mask_id) & mask[b].bool()).nonzero().flatten().tolist():
+                scores, top = logits[b, p].float().softmax(-1).topk(self.top_k)
+                row.append((p, top.tolist(), scores.tolist()))
+            rows.append(row)
+        return rows
+
+    def _generate(self, model, ids, mask):
+        """Each text alone (no padding), its new token ids."""
+        out = []
+        for row, keep in zip(ids, mask.bool()):
+            prompt = row[keep].unsqueeze(0)
+            out.append(greedy_generate(model, prompt, self.max_new_tokens, self.eos_id)[0, prompt.shape[1]:].tolist())
+        return out
+
+
+def answer_json(ask, result, tok):
+    """The JSON fields of one text's answer."""
+    if ask.task == "embed":
+        return {"embedding": result.tolist()}
+    if ask.task == "fill-mask":
+        return {"masks": [{"position": p, "top": [{"token_id": i, "token": tok.token(i), "score": s}
+                                                  for i, s in zip(ids, scores)]} for p, ids, scores in result]}
+    return {"completion": tok.decode(result), "token_ids": result}
