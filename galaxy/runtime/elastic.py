@@ -58,8 +58,8 @@ def survivors_config(cfg, plan, dead):
         layout = _tensor_lists(cfg, plan, dead, world)
     elif plan.pp_size > 1:
         layout["stage_num_hidden_layers_list"] = _reapportion(
-            cfg["stage_num_hidden_layers_list"], cfg["num_hidden_layers"], dead, world) if world > 1 else None
-    elif cfg["data_parallel_size"]:
+            cfg.layout.stage_num_hidden_layers_list, cfg.model.num_hidden_layers, dead, world) if world > 1 else None
+    elif cfg.layout.data_parallel_size:
         layout["data_parallel_size"] = world
     zero = _replica_lists(cfg, dead) if plan.dp_size > 1 else {}
     return cfg.replace(layout=dataclasses.replace(cfg.layout, **layout), zero=dataclasses.replace(cfg.zero, **zero))
@@ -76,7 +76,8 @@ def _tensor_lists(cfg, plan, dead, world):
 
 def _replica_lists(cfg, dead):
     """memory_mb and zero_shard_list (renormalised) of the surviving data-parallel ranks."""
-    out = {key: _kept(cfg[key], dead) for key in ("memory_mb", "zero_shard_list") if cfg[key] is not None}
+    lists = {"memory_mb": cfg.zero.memory_mb, "zero_shard_list": cfg.zero.zero_shard_list}
+    out = {key: _kept(values, dead) for key, values in lists.items() if values is not None}
     if "zero_shard_list" in out:
         out["zero_shard_list"] = [f / sum(out["zero_shard_list"]) for f in out["zero_shard_list"]]
     return out
@@ -101,12 +102,12 @@ def go_on(cfg, plan, dead):
 def check(cfg, plan, rank, resumes):
     """Before any process starts: --elastic needs a local spawn, a layout it can re-plan after
     losing a rank, and (training, `resumes`) checkpoints to go on from."""
-    if not cfg["elastic"]:
+    if not cfg.runtime.elastic:
         return
     if rank is not None or plan.world == 1:
         raise ConfigError("--elastic restarts the ranks of a one-command local spawn (--world N, no --rank); "
                           "under torchrun use its own --max-restarts (with --resume true)")
-    if resumes and not cfg["save_every"]:
+    if resumes and not cfg.checkpoint.save_every:
         raise ConfigError("--elastic resumes from the latest training checkpoint: set save_every (and save_dir)")
     try:
         survivors_plan(cfg, plan, [plan.world - 1])
@@ -127,9 +128,10 @@ class Survivors:
         cfg, new = go_on(cfg, plan, dead)
         what = f"plan {new.describe()}"
         if self.resumes:
-            found = checkpoint.checkpoints(cfg["save_dir"])
+            save_dir = cfg.checkpoint.save_dir
+            found = checkpoint.checkpoints(save_dir)
             if not found:
-                raise SystemExit(f"galaxy: --elastic: no complete checkpoint in save_dir {cfg['save_dir']} to resume "
+                raise SystemExit(f"galaxy: --elastic: no complete checkpoint in save_dir {save_dir} to resume "
                                  f"the survivors from (rank(s) {dead} died before the first save)")
             cfg = cfg.replace(checkpoint=dataclasses.replace(cfg.checkpoint, resume=True))
             what = f"resuming from {found[-1][1]}, {what}"
@@ -143,6 +145,7 @@ def in_place(plan, resumes):
 
 def launch_args(cfg, plan, resumes):
     """launch.run's elastic arguments for this config (none without --elastic)."""
-    if not cfg["elastic"]:
+    if not cfg.runtime.elastic:
         return {}
-    return {"survivors": Survivors(resumes), "restarts": cfg["elastic_restarts"], "in_place": in_place(plan, resumes)}
+    return {"survivors": Survivors(resumes), "restarts": cfg.runtime.elastic_restarts,
+            "in_place": in_place(plan, resumes)}
