@@ -30,9 +30,9 @@ from galaxy.config.load import is_config_key, read_config
 from galaxy.data import holds_tokenizer
 from galaxy.data.build import load_tokenizer
 from galaxy.errors import ConfigError
+from galaxy.inference.generate import greedy_generate
 from galaxy.models.checkpoint import CheckpointError
 from galaxy.models.llama import LlamaConfig
-from galaxy.models.llama.generate import greedy_generate
 from galaxy.runtime import launch
 from galaxy.tuning.keys import TUNING_FILE, read_tuning_record
 

@@ -26,8 +26,8 @@ from galaxy.app.cli import config_overrides
 from galaxy.comm.context import ParallelContext
 from galaxy.config.load import load_config
 from galaxy.errors import ConfigError
+from galaxy.inference.generate import greedy_steps
 from galaxy.models.llama import LlamaConfig, LlamaForCausalLM
-from galaxy.models.llama.generate import greedy_steps
 from galaxy.plan import build_plan
 from galaxy.runtime.launch import spawn
 

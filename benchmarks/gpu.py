@@ -188,7 +188,8 @@ def world2(args, device, peak, serial_losses):
     rows = []
     for layout, cfg, seconds, losses in results[-1]:  # the last rank holds the loss under PP too
         r = row(args, f"llama-1.1b {layout}", "galaxy", cfg, 2, seconds, losses, peak)
-        r["max_loss_rel_diff_vs_serial"] = f"{max(abs(a - b) / abs(b) for a, b in zip(losses, serial_losses)):.1e}"
+        worst = max(abs(a - b) / abs(b) for a, b in zip(losses, serial_losses, strict=True))
+        r["max_loss_rel_diff_vs_serial"] = f"{worst:.1e}"
         rows.append(r)
     return rows
 

@@ -1,5 +1,6 @@
-"""An emulated edge network on this machine: every rank in its own Linux network namespace,
-joined by one veth link shaped with tc (rate, delay). World 2 only.
+"""An emulated edge network on this machine: every rank in its own Linux network namespace, each
+joined to a switch (a bridge in a namespace of its own) by its own veth link, shaped with tc (rate,
+delay) in both directions: every device has one link of that rate, as on an Ethernet switch.
 
 Shaping uses the netem qdisc (rate + one-way delay) when the kernel has it; otherwise the tbf
 qdisc (token bucket: rate only) and the delay is NOT applied -- `EdgeNet.shaping` says which
@@ -8,8 +9,8 @@ was used, and the scripts print it. (This machine's kernel has tbf/htb but no sc
     sudo python -m benchmarks.netem --rate 100mbit --delay 1ms   # set up, measure throughput, tear down
 
 Needs root and iproute2 (`ip`, `tc`; on Debian/Ubuntu: apt-get install iproute2). It only
-creates and uses its own namespaces (gxnet0, gxnet1), its own veth pair and the addresses
-10.77.0.1 and 10.77.0.2 inside those namespaces, and removes them on exit.
+creates and uses its own namespaces (gxnet0, gxnet1, ... and gxnethub), its own veth pairs and the
+addresses 10.77.0.1, 10.77.0.2, ... inside those namespaces, and removes them on exit.
 """
 import argparse
 import os
@@ -50,29 +51,38 @@ def check_tools():
 
 
 class EdgeNet:
-    """Context manager: two namespaces gxnet0/gxnet1 with addresses 10.77.0.1/.2 over one veth
-    link whose both directions are shaped to `rate` with one-way `delay` (netem)."""
+    """Context manager: `world` namespaces {prefix}0, {prefix}1, ... with addresses 10.77.0.1, .2, ...,
+    each linked to a bridge in namespace {prefix}hub by a veth pair whose both directions are shaped
+    to `rate` with one-way `delay` (netem): a rank sends and receives at `rate` at most."""
 
-    def __init__(self, rate="100mbit", delay="1ms", prefix="gxnet"):
+    def __init__(self, rate="100mbit", delay="1ms", prefix="gxnet", world=2):
         self.rate, self.delay = rate, delay
-        self.ns = [f"{prefix}0", f"{prefix}1"]
-        self.dev = [f"{prefix}v0", f"{prefix}v1"]
-        self.addr = [f"{SUBNET}.1", f"{SUBNET}.2"]
+        self.ns = [f"{prefix}{r}" for r in range(world)]
+        self.hub = f"{prefix}hub"
+        self.dev = [f"{prefix}v{r}" for r in range(world)]  # the rank's end of its link
+        self.port = [f"{prefix}p{r}" for r in range(world)]  # the switch's end
+        self.addr = [f"{SUBNET}.{r + 1}" for r in range(world)]
         self.shaping = None
 
     def __enter__(self):
         check_tools()
         self.teardown()  # leftovers of an interrupted run
         try:
-            for ns in self.ns:
+            for ns in (self.hub, *self.ns):
                 _sh("ip", "netns", "add", ns)
                 _sh("ip", "-n", ns, "link", "set", "lo", "up")
-            _sh("ip", "link", "add", self.dev[0], "type", "veth", "peer", "name", self.dev[1])
-            for ns, dev, addr in zip(self.ns, self.dev, self.addr):
+            _sh("ip", "-n", self.hub, "link", "add", "br0", "type", "bridge")
+            _sh("ip", "-n", self.hub, "link", "set", "br0", "up")
+            for ns, dev, port, addr in zip(self.ns, self.dev, self.port, self.addr):
+                _sh("ip", "link", "add", dev, "type", "veth", "peer", "name", port)
                 _sh("ip", "link", "set", dev, "netns", ns)
+                _sh("ip", "link", "set", port, "netns", self.hub)
+                _sh("ip", "-n", self.hub, "link", "set", port, "master", "br0")
+                _sh("ip", "-n", self.hub, "link", "set", port, "up")
                 _sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
                 _sh("ip", "-n", ns, "link", "set", dev, "up")
-                self._shape(ns, dev)
+                self._shape(ns, dev)  # what the rank sends
+                self._shape(self.hub, port)  # what it receives
         except subprocess.CalledProcessError as e:
             self.teardown()
             raise SystemExit(f"netem: `{' '.join(e.cmd)}` failed: {e.stderr.strip()}") from None
@@ -94,7 +104,7 @@ class EdgeNet:
         self.teardown()
 
     def teardown(self):
-        for ns in self.ns:  # deleting a namespace deletes the veth end inside it, and so the pair
+        for ns in (*self.ns, self.hub):  # deleting a namespace deletes the veth ends inside it, and so the pairs
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
     def env(self, rank):
@@ -108,7 +118,7 @@ class EdgeNet:
     def run_ranks(self, argv, timeout_s):
         """Run `argv --rank r` in each rank's namespace and wait; raise naming the exit codes if any
         rank fails (a rank still running at the timeout is killed)."""
-        procs = [self.popen(r, [*argv, "--rank", str(r)]) for r in range(2)]
+        procs = [self.popen(r, [*argv, "--rank", str(r)]) for r in range(len(self.ns))]
         try:
             codes = [p.wait(timeout=timeout_s) for p in procs]
         finally:

@@ -1,31 +1,40 @@
-"""The Galaxy paper's experiment (issue 15): inference latency at world 2 over a shaped edge link,
-one rank slowed, every method side by side.
+"""The Galaxy paper's experiment (issues 15, 23): forward latency of edge devices, emulated by
+throughput, over shaped links, every method side by side and beside the physical limit.
 
-    sudo python -m benchmarks.paper                                       # the default grid
-    sudo python -m benchmarks.paper --links 100mbit --slow 4 --models bert --seqs 128 --layers 1 --repeats 2
+    sudo python -m benchmarks.paper                   # the full grid (GRID, about 21 minutes on a quiet machine)
+    sudo python -m benchmarks.paper --links 1gbit --devices 16,4 --models bert --seqs 128 --repeats 2
 
-Each rank runs in its own network namespace (benchmarks.netem; tbf shaping on this kernel, so the
-link has a rate but no added delay). Rank 1 is made `--slow` times slower by
-galaxy.planner.profile.slow_down (every torch call on it burns that many times its own CPU time;
-waits for the peer are not multiplied); the measured per-block ratio is printed for each row.
-Models: BERT-large width (hidden 1024, 16 heads, intermediate 4096) and LLaMA at GPT-2-large width
-(hidden 1280, 20 heads, intermediate 5120), --layers deep, vocabulary 8000, batch 1, forward only.
+Every rank runs in its own network namespace, linked to a switch by its own link of the given rate
+(benchmarks.netem: tbf on this kernel, so a rate and no added delay), and computes as a device of
+the stated fp32 throughput (galaxy.profiler.emulate: each torch call with arithmetic takes its FLOPs
+/ throughput, sleeping what the host did not need; copies, sends and waits keep the host's speed).
+Rank 0 is the fastest device. Models: BERT-large width (hidden 1024, 16 heads, intermediate 4096)
+and LLaMA at GPT-2-large width (hidden 1280, 20 heads, intermediate 5120, gated MLP), --layers deep,
+vocabulary 8000, batch 1, forward only.
 
 Methods, timed interleaved in the same rounds (medians):
-    local           the fast rank (0) alone
+    local           the fastest device (rank 0) alone
     tp, sp, galaxy  even splits (Megatron TP, sequence parallelism, Galaxy)
-    galaxy_planned  Galaxy with the planner's splits (profiles taken on the slowed ranks)
+    galaxy_planned  Galaxy with the planner's splits (profiles taken on the emulated devices)
     galaxy_overlap  the same with the overlap_tiles the planner's check picked of --tiles
     sp_planned      sequence parallelism with the planner's positions
     torch_tp        torch's parallelize_module, Colwise/Rowwise (even)
     torch_tp_sp     the same + SequenceParallel norms (even)
-The planner also predicts local vs SP vs Galaxy (galaxy.planner.split.plan_layouts), then checks
-its candidates in a measurement of its own (`trial`, galaxy.planner.check: interleaved rounds until
-one is clearly fastest, at most --trial_repeats; the simplest of the close ones if none is) and runs
-the one it picked: "planner" is that method (local, sp_planned or galaxy_overlap); both picks are
-printed. Writes paper.csv and paper.svg to --out_dir (docs/results).
+The planner predicts local, TP even, SP, Galaxy even and Galaxy planned (galaxy.planner.split.
+plan_layouts), then races them in a measurement of its own (galaxy.planner.check: interleaved rounds
+until one is clearly fastest, at most --trial_repeats; the simplest of the close ones if none is); the
+method it picked is marked planner_pick.
+
+Beside every figure: ideal_ms, the row's whole forward FLOPs over the devices' summed throughput
+(free links), and limit_ms, max(ideal_ms, the method's bytes over the measured link rate) (perfect
+overlap). A row's regime is "compute" when one layer's compute on the fastest device takes at least
+3x the link time of TP's bytes for that layer, else "link". measured_gflops is what each rank's
+profile showed for one layer (FLOPs / time; off when not within 10% of its target).
+Writes paper.csv and paper.svg to --out_dir (docs/results).
 """
 import argparse
+import copy
+import itertools
 import json
 import sys
 import tempfile
@@ -36,28 +45,45 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from benchmarks.common import RESULTS, Runner, bert_cfg, interleaved, median, svg_bars, table, write_results
+from benchmarks.common import (RESULTS, RING_FACTOR, Runner, bert_cfg, interleaved, median, svg_bars, table,
+                               write_results)
 from benchmarks.netem import EdgeNet, add_worker_args, rate_bits
 from benchmarks.vs_torch_tp import TorchTP
 from galaxy.planner.check import MIN_ROUNDS, check, from_rank0, leader
-from galaxy.planner.profile import slow_down
+from galaxy.planner.profile import block_flops, profile_gflops
 from galaxy.planner.run import gather_profiles, plan_dims
-from galaxy.planner.split import plan_layouts
+from galaxy.planner.split import RankProfile, plan_layouts, race
+from galaxy.profiler.emulate import Throughput, parse_gflops
 from galaxy.runtime.launch import init_distributed
 
 PORT = 29561
-# An embedding lookup's time does not depend on the vocabulary, but initialising ~15 models per row
+# An embedding lookup's time does not depend on the vocabulary, but initialising ~12 models per row
 # does (BERT's 30522 x 1024 table is 2.5x a layer): a small vocabulary keeps the rows short.
 VOCAB = 8000
 MODELS = {"bert": dict(model="bert", hidden_size=1024, num_attention_heads=16, intermediate_size=4096,
                        vocab_size=VOCAB),
           "llama": dict(model="llama", hidden_size=1280, num_attention_heads=20, intermediate_size=5120,
-                        vocab_size=VOCAB)}
-METHODS = ("local", "tp", "sp", "galaxy", "galaxy_planned", "galaxy_overlap", "sp_planned", "torch_tp",
-           "torch_tp_sp")
-PICKED = {"local": "local", "sp": "sp_planned", "galaxy": "galaxy_overlap"}  # plan_layouts' name -> method
-PREDICTED = {"local": "local", "sp_planned": "sp", "galaxy_planned": "galaxy"}  # method -> its prediction
-OURS_VS_TORCH = (("tp", "torch_tp"), ("galaxy", "torch_tp_sp"), ("planner", "torch_tp"), ("planner", "torch_tp_sp"))
+                        vocab_size=VOCAB),
+          "tiny": dict(model="bert", hidden_size=128, num_attention_heads=4, intermediate_size=512, vocab_size=100)}
+# ("tiny": for the fast test of the whole path, tests/benchmarks/test_paper.py)
+OURS = ("local", "tp", "sp", "galaxy", "galaxy_planned", "galaxy_overlap", "sp_planned")
+METHODS = OURS + ("torch_tp", "torch_tp_sp")
+RACED = {"local": "local", "tp": "tp", "sp": "sp_planned", "galaxy even": "galaxy"}  # check's name -> method
+OFF = 0.10  # an emulated device whose measured throughput is further than this from its target is "off"
+COMPUTE_BOUND = 3.0  # regime "compute": the fastest device's layer compute >= this x TP's link time per layer
+
+# The full grid: ~21 minutes on a quiet 2-core machine (docs/results/paper.md has the estimate per row).
+# 16 GFLOP/s devices are compute-dominated over 1 Gbit/s and 500 Mbit/s and link-bound over 100 Mbit/s;
+# 6 GFLOP/s ones are compute-dominated over 100 Mbit/s too (docs/emulation.md: the device classes). The
+# ranks of a row together stay below ~40 GFLOP/s: these 2 host cores do ~30 GFLOP/s each in a matmul.
+GRID = [
+    dict(links=["100mbit", "1gbit"], devices=["16,16", "16,8", "16,4", "8,8,8,8", "16,8,4,4"], models=["bert"],
+         seqs=[128]),
+    dict(links=["500mbit"], devices=["16,4"], models=["bert"], seqs=[128]),
+    dict(links=["100mbit"], devices=["6,3"], models=["bert"], seqs=[128]),
+    dict(links=["1gbit"], devices=["16,4"], models=["llama"], seqs=[128]),
+    dict(links=["1gbit"], devices=["16,8"], models=["bert"], seqs=[512]),
+]
 
 
 def paper_cfg(sizes, layers, seq, **keys):
@@ -73,43 +99,62 @@ def method_keys(candidates, tiles):
             "galaxy_overlap": dict(planned, overlap_tiles=tiles), "sp_planned": candidates["sp"][0]}
 
 
-def planner_pick(seconds):
-    """The method for {layout (local, sp, galaxy): seconds} of the least (the prediction's pick)."""
-    return PICKED[min(seconds, key=seconds.get)]
+def tiles_of(name):
+    """The overlap_tiles of a planned Galaxy candidate of the check ("galaxy x4" -> 4)."""
+    return int(name.rsplit("x", 1)[1])
 
 
-def speedups(medians, pick):
-    """Ratios a row is judged by (> 1: the first named is faster), from {method: median seconds}
-    and the method the planner picked; "best other" is the fastest method it did not pick."""
-    best_other = min((m for m in medians if m != pick), key=medians.get)
-    ours = dict(medians, planner=medians[pick])
-    out = {"galaxy_overlap vs tp": medians["tp"] / medians["galaxy_overlap"],
-           "planner vs tp": medians["tp"] / medians[pick],
-           "planner vs best other": medians[best_other] / medians[pick]}
-    out.update({f"{mine} vs {peer}": medians[peer] / ours[mine] for mine, peer in OURS_VS_TORCH})
-    return out, best_other
+def picked_method(best, tiles):
+    """The table's method of the check's pick (a race name of galaxy.planner.split.race)."""
+    if best in RACED:
+        return RACED[best]
+    return "galaxy_overlap" if tiles_of(best) == tiles else "galaxy_planned"
 
 
-def trial(rank, world, sizes, layers, seq, candidates, tiles, max_rounds, slowed):
-    """The planner's check of its candidates (galaxy.planner.check; apart from the timed rounds the
-    table reports): local, its SP split and its Galaxy split with each overlap_tiles of `tiles`,
-    simplest first, raced in interleaved rounds until one is clearly fastest or `max_rounds` end.
-    Predictions rest on a profile that other processes' load can skew, as on these shared cores, so
-    the layout run is the one the check picks (as `python -m galaxy.planner --out` keeps).
-    `slowed()`: the slow-down's context. Returns (the Verdict, the layout picked (local, sp, galaxy),
-    the tiles galaxy_overlap runs: the pick's if a Galaxy one, else the leader among the Galaxy ones)."""
-    galaxy = {f"galaxy x{k}": k for k in sorted(tiles)}
-    keys = {"local": {"parallel": "serial"}, "sp": candidates["sp"][0]}
-    keys.update({name: dict(candidates["galaxy"][0], overlap_tiles=k) for name, k in galaxy.items()})
-    runners = {name: Runner(name, paper_cfg(sizes, layers, seq, **k), rank, world) for name, k in keys.items()}
+def overlap_tiles(verdict):
+    """The tiles galaxy_overlap runs: the pick's if it is a planned Galaxy one, else the leader of those."""
+    tiled = [name for name in verdict.times if name.startswith("galaxy x")]
+    best = verdict.best if verdict.best in tiled else leader({name: verdict.times[name] for name in tiled})
+    return tiles_of(best)
 
-    def time_round(names):
-        times = interleaved([runners[name] for name in names], lambda r: r.infer(), 1, warmup=0)
-        return {name: ts[0] for name, ts in times.items()}
-    with slowed():
-        verdict = check(list(keys), time_round, max_rounds=max_rounds, agree=from_rank0)
-    tiled = verdict.best if verdict.best in galaxy else leader({name: verdict.times[name] for name in galaxy})
-    return verdict, "galaxy" if verdict.best in galaxy else verdict.best, galaxy[tiled]
+
+class Methods:
+    """Every method's runner on this rank, built once per row; the check's candidates run the same
+    models as the table's methods (a planned Galaxy split per tiling only for the check)."""
+
+    def __init__(self, rank, world, mesh, sizes, layers, seq, candidates, tiles):
+        self.cfg = lambda **keys: paper_cfg(sizes, layers, seq, **keys)
+        self.rank, self.world = rank, world
+        self.raced = race(candidates, tiles)
+        self.by_race = {}
+        for name, keys in self.raced.items():
+            method = RACED[name] if name in RACED else f"galaxy_overlap x{tiles_of(name)}"
+            self.by_race[name] = Runner(method, self.cfg(**keys), rank, world)
+        self.candidates, self.mesh = candidates, mesh
+
+    def time_round(self, names):
+        """galaxy.planner.check's time_round: one forward of each of `names` (race names)."""
+        times = interleaved([self.by_race[name] for name in names], lambda r: r.infer(), 1, warmup=0)
+        return {name: times[self.by_race[name].name][0] for name in names}
+
+    def table(self, tiles):
+        """The table's runners (METHODS order), galaxy_overlap with `tiles`: ours, then torch's."""
+        keys = method_keys(self.candidates, tiles)
+        built = {RACED[name]: runner for name, runner in self.by_race.items() if name in RACED}
+        built.update(galaxy_planned=self.by_race.get("galaxy x1"), galaxy_overlap=self.by_race[f"galaxy x{tiles}"])
+        ours = [_named(built.get(m) or Runner(m, self.cfg(**keys[m]), self.rank, self.world), m) for m in OURS]
+        peer = self.cfg(parallel="serial")
+        return ours, [TorchTP("torch_tp", peer, self.rank, self.mesh, False),
+                      TorchTP("torch_tp_sp", peer, self.rank, self.mesh, True)]
+
+
+def _named(runner, name):
+    """`runner` under `name` (a copy sharing its model when it was built under another)."""
+    if runner.name == name:
+        return runner
+    runner = copy.copy(runner)
+    runner.name = name
+    return runner
 
 
 def counting(ours):
@@ -125,169 +170,246 @@ def counting(ours):
     return step, sent
 
 
-def measure_row(rank, world, mesh, sizes, seq, factor, opts):
-    """One row on this rank: profile the blocks and the link with rank 1 slowed `factor` times,
-    plan, check the plan (tiles, layout), then time every method (and count the bytes each sends)."""
-    cfg = paper_cfg(sizes, opts.layers, seq, parallel="galaxy")
-    def slowed():  # models are built at full speed, only the measurements are slowed
-        return slow_down(rank, {1} if factor > 1 else set(), factor)
+def torch_sent(cfg, world, sequence_parallel):
+    """Bytes a rank sends in torch's TP forward (ring volumes): per layer two all-reduces of the
+    [1, T, H] activation (TP) or two all-gathers + two reduce-scatters, the same volume (TP + SP),
+    which then gathers the output along the sequence."""
+    activation = cfg["seq_length"] * cfg["hidden_size"] * 4
+    sent = cfg["num_hidden_layers"] * 2 * RING_FACTOR["all_reduce"](world) * activation
+    return sent + (RING_FACTOR["all_gather"](world) * activation / world if sequence_parallel else 0)
 
-    with slowed():
+
+def measure_row(rank, world, mesh, spec, opts):
+    """One row on this rank: profile the blocks and the link on the emulated devices, plan, check
+    the planner's candidates, then time every method (and count the bytes each sends)."""
+    sizes, seq, devices = MODELS[spec["model"]], spec["seq"], spec["devices"]
+    device = Throughput(devices[rank])  # entered for the measurements only: models build at the host's speed
+    cfg = paper_cfg(sizes, opts.layers, seq, parallel="galaxy")
+    with device:
         profiles, bandwidth = gather_profiles(cfg, world, batch=1)
     candidates = plan_layouts(profiles, bandwidth_Bps=bandwidth, **plan_dims(cfg, 1))
-    verdict, layout, tiles = trial(rank, world, sizes, opts.layers, seq, candidates, opts.tiles, opts.trial_repeats,
-                                   slowed)
-    keys = method_keys(candidates, tiles)
-    ours = [Runner(name, paper_cfg(sizes, opts.layers, seq, **k), rank, world) for name, k in keys.items()]
-    peer = paper_cfg(sizes, opts.layers, seq, parallel="serial")
-    peers = [TorchTP("torch_tp", peer, rank, mesh, False), TorchTP("torch_tp_sp", peer, rank, mesh, True)]
+    methods = Methods(rank, world, mesh, sizes, opts.layers, seq, candidates, opts.tiles)
+    with device:
+        verdict = check(list(methods.raced), methods.time_round, max_rounds=opts.trial_repeats, agree=from_rank0)
+    tiles = overlap_tiles(verdict)
+    ours, peers = methods.table(tiles)
     step, sent = counting(ours)
-    with slowed():
+    with device:
         times = interleaved(ours + peers, step, opts.repeats)
     every = [None] * world
     dist.all_gather_object(every, sent)
-    predicted = {name: seconds for name, (_, seconds) in candidates.items()}
-    return dict(seq=seq, slow=factor, times=times, profiles=[vars(p) for p in profiles], bandwidth=bandwidth,
-                sent={r.name: max(s.get(r.name, 0.0) for s in every) for r in ours},  # the busier direction
-                predicted=predicted, predicted_pick=planner_pick(predicted), pick=PICKED[layout], tiles=tiles,
+    sent = {r.name: max(s.get(r.name, 0.0) for s in every) for r in ours}  # the busiest rank's
+    sent.update({p.name: torch_sent(cfg, world, p.sp) for p in peers})
+    return dict(spec, times=times, profiles=[vars(p) for p in profiles], bandwidth=bandwidth, flops=block_flops(cfg),
+                sent=sent, predicted={name: seconds for name, (_, seconds) in candidates.items()},
+                pick=picked_method(verdict.best, tiles), tiles=tiles,
                 check={name: (median(ts), len(ts)) for name, ts in verdict.times.items()},
                 check_rounds=verdict.rounds, decided=verdict.decided,
-                splits={m: keys[m] for m in ("galaxy_planned", "sp_planned")})
-
-
-def measure_rows(rank, world, models, opts):
-    """Every (model, sequence, slow-down) row on this rank; `models`: name -> sizes (MODELS)."""
-    mesh = init_device_mesh("cpu", (world,))
-    rows = []
-    for name, sizes in models.items():
-        for seq in opts.seqs:
-            for factor in opts.slow:
-                start = time.perf_counter()
-                row = measure_row(rank, world, mesh, sizes, seq, factor, opts)
-                rows.append(dict(model=name, sizes=sizes, wall_s=time.perf_counter() - start, **row))
-    return rows
+                splits={m: candidates[k][0] for m, k in (("galaxy_planned", "galaxy"), ("sp_planned", "sp"))})
 
 
 def worker(args):
-    """One rank inside its namespace."""
-    torch.set_num_threads(1)  # both ranks share this machine's cores (the library no longer sets it)
-    init_distributed(2, args.rank, f"tcp://{args.master_addr}:{PORT}", "gloo", timeout_s=1800)
-    rows = measure_rows(args.rank, 2, {m: MODELS[m] for m in args.models}, args)
+    """One rank inside its namespace: every row of `--rows` (one link, one world)."""
+    torch.set_num_threads(1)  # the ranks share this machine's cores (the library never sets it)
+    specs = json.loads(args.rows)
+    world = len(specs[0]["devices"])
+    init_distributed(world, args.rank, f"tcp://{args.master_addr}:{PORT}", "gloo", timeout_s=1800)
+    mesh = init_device_mesh("cpu", (world,))
+    rows = []
+    for spec in specs:
+        start = time.perf_counter()
+        row = measure_row(args.rank, world, mesh, spec, args)
+        rows.append(dict(row, wall_s=time.perf_counter() - start))
+        if args.rank == 0:  # progress: the report comes when the link's rows are done
+            print(f"{spec['devices']} {spec['model']} seq {spec['seq']}: {rows[-1]['wall_s']:.0f} s", flush=True)
     if args.rank == 0:
         Path(args.out).write_text(json.dumps(rows))
     dist.destroy_process_group()
 
 
-def run_link(rate, args):
-    with EdgeNet(rate, args.delay, prefix="gxpap") as net, tempfile.TemporaryDirectory() as tmp:
+def run_group(link, specs, args):
+    """Rows of one link and world, in namespaces: (the shaping used, the rows measured)."""
+    world = len(specs[0]["devices"])
+    with EdgeNet(link, args.delay, prefix="gxpap", world=world) as net, tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.json"
         argv = [sys.executable, "-m", "benchmarks.paper", "--worker", "--master_addr", net.addr[0], "--out", str(out),
-                "--layers", str(args.layers), "--repeats", str(args.repeats), "--models", *args.models,
-                "--seqs", *map(str, args.seqs), "--slow", *map(str, args.slow), "--tiles", *map(str, args.tiles),
-                "--trial_repeats", str(args.trial_repeats)]
+                "--rows", json.dumps(specs), "--layers", str(args.layers), "--repeats", str(args.repeats),
+                "--tiles", *map(str, args.tiles), "--trial_repeats", str(args.trial_repeats)]
         net.run_ranks(argv, args.timeout_s)
         return net.shaping, json.loads(out.read_text())
 
 
-def slow_ratios(profiles):
-    """Measured slow-down of rank 1 against rank 0 per block (attention, MLP, connective)."""
-    keys = ("att_s_per_head", "mlp_s_per_column", "con_s_per_position")
-    return [profiles[1][k] / profiles[0][k] for k in keys]
+# ---- the report -----------------------------------------------------------------------------
+
+def layer_flops(flops):
+    return flops["attention"] + flops["mlp"] + 2 * flops["connective"]
 
 
-def block_line(row):
-    """Per-layer block times of each rank (all heads, all columns, all positions) and the link."""
-    seq, sizes, parts = row["seq"], row["sizes"], []
-    for rank, p in enumerate(row["profiles"]):
-        parts.append(f"rank {rank}: attention {p['att_s_per_head'] * sizes['num_attention_heads'] * 1e3:.1f} ms, "
-                     f"MLP {p['mlp_s_per_column'] * sizes['intermediate_size'] * 1e3:.1f} ms, "
-                     f"connective {p['con_s_per_position'] * seq * 1e3:.1f} ms")
-    return f"    whole layer on one rank -- {'; '.join(parts)}; link {row['bandwidth'] / 1e6:.1f} MB/s"
+def row_figures(row):
+    """What a row is judged by: ideal seconds, the regime and its ratio, each rank's measured GFLOP/s
+    per block, whether any rank is off its target."""
+    sizes, devices, world = MODELS[row["model"]], row["devices"], len(row["devices"])
+    cfg = dict(sizes, seq_length=row["seq"])
+    per_layer = layer_flops(row["flops"])
+    ideal = row["layers"] * per_layer / (sum(devices) * 1e9)
+    tp_link = 2 * RING_FACTOR["all_reduce"](world) * row["seq"] * sizes["hidden_size"] * 4 / row["bandwidth"]
+    ratio = per_layer / (max(devices) * 1e9) / tp_link
+    measured = [profile_gflops(RankProfile(**p), row["flops"], cfg) for p in row["profiles"]]
+    off = [abs(m["layer"] / g - 1) > OFF for m, g in zip(measured, devices, strict=True)]
+    return dict(ideal=ideal, ratio=ratio, regime="compute" if ratio >= COMPUTE_BOUND else "link",
+                measured=measured, off=off)
+
+
+def gflops_text(values):
+    return "/".join(f"{v:g}" for v in values)
+
+
+def csv_rows(link, row, medians, fig):
+    measured = gflops_text(float(f"{m['layer']:.3g}") for m in fig["measured"]) + (" (off)" if any(fig["off"]) else "")
+    out = []
+    for method, ts in row["times"].items():
+        m, sent = medians[method], row["sent"][method]
+        out.append(dict(link=link, world=len(row["devices"]), devices_gflops=gflops_text(row["devices"]),
+                        model=row["model"], layers=row["layers"], seq=row["seq"], method=method,
+                        median_ms=round(m * 1e3, 1), min_ms=round(min(ts) * 1e3, 1), max_ms=round(max(ts) * 1e3, 1),
+                        ideal_ms=round(fig["ideal"] * 1e3, 1),
+                        limit_ms=round(max(fig["ideal"], sent / row["bandwidth"]) * 1e3, 1),
+                        sent_MB=round(sent / 1e6, 2), speedup_vs_tp=round(medians["tp"] / m, 3),
+                        speedup_vs_local=round(medians["local"] / m, 3), planner_pick=method == row["pick"],
+                        measured_gflops=measured, regime=fig["regime"]))
+    return out
+
+
+def targets(row, medians, fig):
+    """The issue's targets that apply to this row: [(target, ratio, goal)]."""
+    devices, world = row["devices"], len(row["devices"])
+    apart = max(devices) / min(devices)
+    pick = medians[row["pick"]]
+    limit = max(fig["ideal"], row["sent"][row["pick"]] / row["bandwidth"])
+    out = [("pick vs best other", min(m for k, m in medians.items() if k != row["pick"]) / pick, 1.0)]
+    if row["pick"].startswith("galaxy"):
+        out.append(("limit / pick", limit / pick, 1 / 1.25))
+    if fig["regime"] == "compute" and world == 2:
+        out.append(("galaxy_overlap vs tp", medians["tp"] / medians["galaxy_overlap"], 0.9 * (apart + 1) / 2))
+    if fig["regime"] == "compute" and world == 4 and apart == 1:
+        out.append(("galaxy_overlap vs local", medians["local"] / medians["galaxy_overlap"], 2.5))
+    if apart > 1:
+        out.append(("galaxy_overlap vs torch_tp_sp", medians["torch_tp_sp"] / medians["galaxy_overlap"], 1.3))
+    return out
+
+
+def hidden_share(row, medians):
+    """The share of Galaxy's link time the overlap hid: (planned - overlap) / its bytes' link time."""
+    link_s = row["sent"]["galaxy_planned"] / row["bandwidth"]
+    return (medians["galaxy_planned"] - medians["galaxy_overlap"]) / link_s if link_s else float("nan")
 
 
 def report_row(link, row):
-    """Print one row and return its CSV rows, chart group name and {method: median seconds}."""
+    """Print one row; return its CSV rows, chart group, {method: median seconds} and target lines."""
     medians = {m: median(ts) for m, ts in row["times"].items()}
-    ratios = slow_ratios(row["profiles"])
-    group = f"{link} {row['model']} s{row['seq']} x{row['slow']:g}"
-    print(f"\n{link}, {row['model']}, seq {row['seq']}, rank 1 slowed {row['slow']:g}x -> measured "
-          f"{ratios[0]:.2f}x attention, {ratios[1]:.2f}x MLP, {ratios[2]:.2f}x connective ({row['wall_s']:.0f} s)")
-    print(block_line(row))
+    fig = row_figures(row)
+    devices = gflops_text(row["devices"])
+    group = f"{link} {devices} {row['model']} s{row['seq']}"
+    print(f"\n{link}, devices {devices} GFLOP/s, {row['model']} x{row['layers']} layers, seq {row['seq']} "
+          f"({row['wall_s']:.0f} s): link {row['bandwidth'] / 1e6:.1f} MB/s, regime {fig['regime']} (fastest "
+          f"device's layer compute = {fig['ratio']:.1f}x TP's link time per layer)")
+    for rank, (m, target, off) in enumerate(zip(fig["measured"], row["devices"], fig["off"], strict=True)):
+        print(f"    rank {rank}: target {target:g} GFLOP/s, measured attention {m['attention']:.3g}, MLP {m['mlp']:.3g}, "
+              f"connective {m['connective']:.3g} (element-wise, not held to it), layer {m['layer']:.3g}"
+              + ("  OFF (> 10% from target)" if off else ""))
     how = "clearly fastest" if row["decided"] else "the simplest of the close ones"
     print("    planner predicts " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in row["predicted"].items())
-          + f" (-> {row['predicted_pick']}); its check measured (median ms, rounds) "
-          + ", ".join(f"{k} {s * 1e3:.0f} ({n})" for k, (s, n) in row["check"].items())
-          + f" -> runs {row['pick']}, overlap_tiles {row['tiles']} ({how} after {row['check_rounds']} rounds)")
-    print(f"    planned splits: {row['splits']}")
-    lines, csv_rows = [], []
-    for method, ts in row["times"].items():
-        m, sent = medians[method], row["sent"].get(method)
-        cells = dict(link=link, model=row["model"], seq=row["seq"], slow=f"{row['slow']:g}", method=method,
-                     median_ms=round(m * 1e3, 1), min_ms=round(min(ts) * 1e3, 1), max_ms=round(max(ts) * 1e3, 1),
-                     sent_MB=round(sent / 1e6, 2) if sent is not None else "",
-                     predicted_ms=round(row["predicted"][PREDICTED[method]] * 1e3, 1) if method in PREDICTED else "",
-                     speedup_vs_tp=round(medians["tp"] / m, 3), planner_pick=method == row["pick"],
-                     measured_slowdown="/".join(f"{r:.2f}" for r in ratios), link_MBps=round(row["bandwidth"] / 1e6, 1))
-        csv_rows.append(cells)
-        lines.append([method + (" <- planner" if method == row["pick"] else ""), cells["median_ms"], cells["min_ms"],
-                      cells["max_ms"], cells["predicted_ms"], cells["sent_MB"], f"{cells['speedup_vs_tp']:.2f}x"])
-    print(table(lines, ["method", "median ms", "min ms", "max ms", "predicted ms", "MB sent", "vs tp"]))
-    return csv_rows, group, medians
+          + "; its check measured (median ms, rounds) " + ", ".join(f"{k} {s * 1e3:.0f} ({n})" for k, (s, n)
+                                                                      in row["check"].items())
+          + f" -> {row['pick']}, overlap_tiles {row['tiles']} ({how} after {row['check_rounds']} rounds)")
+    print(f"    planned splits: {row['splits']}; overlap hid {hidden_share(row, medians):.0%} of Galaxy's link time")
+    cells = csv_rows(link, row, medians, fig)
+    print(table([[c["method"] + (" <- planner" if c["planner_pick"] else ""), c["median_ms"], c["min_ms"], c["max_ms"],
+                  c["limit_ms"], f"{c['median_ms'] / c['limit_ms']:.2f}", c["sent_MB"], f"{c['speedup_vs_tp']:.2f}x",
+                  f"{c['speedup_vs_local']:.2f}x"] for c in cells],
+                ["method", "median ms", "min ms", "max ms", "limit ms", "/ limit", "MB sent", "vs tp", "vs local"]))
+    lines = [[group, name, f"{ratio:.2f}", f">= {goal:.2f}", "met" if ratio >= goal else "MISSED"]
+             for name, ratio, goal in targets(row, medians, fig)]
+    return cells, group, medians, fig, lines
+
+
+# ---- the command line -------------------------------------------------------------------------
+
+def row_specs(args):
+    """[(link, [row spec])] grouped by link and world, from the flags or, without them, GRID."""
+    blocks = GRID if args.links is None and args.devices is None and args.models is None and args.seqs is None else [
+        dict(links=args.links or ["1gbit"], devices=args.devices or ["16,4"], models=args.models or ["bert"],
+             seqs=args.seqs or [128])]
+    groups = {}
+    for block in blocks:
+        for link, devices, model, seq in itertools.product(block["links"], block["devices"], block["models"],
+                                                           block["seqs"]):
+            gflops = parse_gflops(devices)
+            spec = dict(devices=gflops, model=model, seq=seq, layers=args.layers)
+            groups.setdefault((link, len(gflops)), []).append(spec)
+    return [(link, specs) for (link, _), specs in groups.items()]
 
 
 def check_args(p, args):
     """Bad flags fail before any namespace or process starts."""
-    for rate in args.links:
+    for rate in args.links or []:
         try:
             rate_bits(rate)
         except ValueError as e:
             p.error(f"--links: {e}")
-    if any(f < 1 for f in args.slow):
-        p.error(f"--slow {args.slow}: a slow-down factor is >= 1 (1 = homogeneous)")
-    if any(s < 2 for s in args.seqs) or min(args.layers, args.repeats, *args.tiles) < 1:
-        p.error("--seqs >= 2; --layers, --repeats and --tiles >= 1")
+    for devices in args.devices or []:
+        try:
+            gflops = parse_gflops(devices)
+        except ValueError as e:
+            p.error(f"--devices: {e}")
+        if len(gflops) < 2 or min(gflops) <= 0 or gflops[0] != max(gflops):
+            p.error(f"--devices {devices}: two or more throughputs above 0 (GFLOP/s), the first the fastest "
+                    f"(rank 0 runs 'local')")
+    if any(s < 4 for s in args.seqs or []) or min(args.layers, args.repeats, *args.tiles) < 1:
+        p.error("--seqs >= 4; --layers, --repeats and --tiles >= 1")
     if args.trial_repeats < MIN_ROUNDS:
         p.error(f"--trial_repeats {args.trial_repeats}: the planner's check needs at least {MIN_ROUNDS} rounds "
                 f"to tell candidates apart")
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--links", nargs="+", default=["100mbit", "500mbit", "1gbit"])
+    p.add_argument("--links", nargs="+", default=None, help="link rates (tc units); with --devices/--models/--seqs "
+                   "the rows are their product (defaults 1gbit, 16,4, bert, 128), without any of them GRID")
+    p.add_argument("--devices", nargs="+", default=None, help="device sets, GFLOP/s per rank, fastest first: 16,4 8,8,8,8")
+    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=None)
+    p.add_argument("--seqs", nargs="+", type=int, default=None)
     p.add_argument("--delay", default="1ms", help="one-way delay (applied only where the kernel has netem)")
-    p.add_argument("--slow", nargs="+", type=float, default=[2, 4], help="rank 1's slow-down factors (1: none)")
-    p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["bert", "llama"])
-    p.add_argument("--seqs", nargs="+", type=int, default=[128, 512])
-    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--layers", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--tiles", nargs="+", type=int, default=[1, 2, 4, 8], help="overlap_tiles the planner measures")
-    p.add_argument("--trial_repeats", type=int, default=12,
+    p.add_argument("--tiles", nargs="+", type=int, default=[1, 2, 4], help="overlap_tiles the planner measures")
+    p.add_argument("--trial_repeats", type=int, default=5,
                    help=f"most rounds of the planner's check of its candidates (at least {MIN_ROUNDS}; it stops "
                         f"once one is clearly fastest)")
     p.add_argument("--out_dir", default=RESULTS)
     p.add_argument("--timeout_s", type=float, default=3600)
     add_worker_args(p)
     p.add_argument("--out", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    check_args(p, args)
+    p.add_argument("--rows", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
     if args.worker:
         return worker(args)
-    csv_rows, groups, values, judged = [], [], {}, []
-    for link in args.links:
-        shaping, rows = run_link(link, args)
-        print(f"\nlink: {shaping}")
+    check_args(p, args)
+    csv, groups, values, judged = [], [], {}, []
+    for link, specs in row_specs(args):
+        shaping, rows = run_group(link, specs, args)
+        print(f"\nlink: {shaping}, world {len(specs[0]['devices'])}")
         for row in rows:
-            cells, group, medians = report_row(link, row)
-            csv_rows += cells
+            cells, group, medians, fig, lines = report_row(link, row)
+            csv += cells
             groups.append(group)
             values.update({(group, m): s * 1e3 for m, s in medians.items()})
-            ratios, best_other = speedups(medians, row["pick"])
-            judged.append([group, row["predicted_pick"], row["pick"], best_other]
-                          + [f"{r:.2f}x" for r in ratios.values()])
-    print(f"\nratios (> 1: the first named is faster); {args.layers} layer(s), batch 1, {args.repeats} rounds")
-    print(table(judged, ["row", "predicted pick", "planner runs", "best other"] + list(ratios)))
-    title = f"inference latency, world 2, rank 1 slowed x times, {args.layers} layer(s), batch 1 (median ms)"
-    write_results(args.out_dir, "paper", csv_rows, svg_bars(groups, list(METHODS), values, title))
+            values[group, "ideal"] = fig["ideal"] * 1e3
+            judged += lines
+    print(f"\ntargets (issue 23); {args.layers} layers, batch 1, {args.repeats} rounds")
+    print(table(judged, ["row", "target", "ratio", "goal", ""]))
+    title = f"forward latency, emulated edge devices over shaped links, {args.layers} layers, batch 1 (median ms)"
+    write_results(args.out_dir, "paper", csv, svg_bars(groups, ["ideal", *METHODS], values, title))
 
 
 if __name__ == "__main__":

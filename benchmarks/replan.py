@@ -3,13 +3,14 @@ after the ranks re-planned (galaxy.planner.replan), against a model planned for 
 from the start (the planner's profile and split, galaxy.planner.run), BERT-base widths, Galaxy
 layout, gloo.
 
-    python -m benchmarks.replan                         # world 2, rank 1 four times slower
-    python -m benchmarks.replan --world 3 --factor 6 --layers 4
+    python -m benchmarks.replan                         # devices of 16 GFLOP/s; rank 1 throttles to 8
+    python -m benchmarks.replan --devices 8,8,8,8 --slowed 8,4,8,8 --layers 4
 
-Each round serves one request on the live model and, once rank 1 is slowed, one on the model
-planned from the start, so load from other processes hits both alike. The slow-down is
-planner.profile.slow_down (every torch call on rank 1 takes `factor` times its time). A request's
-latency is the slowest rank's (galaxy.app.infer.serve).
+Each rank is an edge device emulated by throughput (galaxy.profiler.emulate, docs/emulation.md):
+--devices GFLOP/s per rank, --slowed after --before requests (a thermal throttle). Each round
+serves one request on the live model and, once slowed, one on the model planned from the start for
+the slowed devices, so load from other processes hits both alike. A request's latency is the
+slowest rank's (galaxy.app.infer.serve).
 """
 from dataclasses import replace
 
@@ -20,9 +21,9 @@ from galaxy.app.infer import forward_fn, serve
 from galaxy.comm.context import ParallelContext
 from galaxy.models.registry import build_model
 from galaxy.plan import build_plan
-from galaxy.planner.profile import slow_down
 from galaxy.planner.replan import Replanner
 from galaxy.planner.run import profile_and_plan
+from galaxy.profiler.emulate import Throughput, check_gflops, parse_gflops
 from galaxy.runtime.launch import spawn
 
 
@@ -38,14 +39,16 @@ def bench(rank, world, args):
     live = Replanner(build_model(cfg, ctx).eval(), ctx, cfg, log=print if rank == 0 else (lambda line: None))
     ids = torch.randint(5, cfg["vocab_size"], (1, args.seq), generator=torch.Generator().manual_seed(0))
     serve_live = (lambda ids, mask: forward_fn(live.model, "bert")(ids, mask))
-    before = []
-    for request in range(1, args.before + 1):
-        before.append(_one(serve_live, ids, ctx))
-        live.after_step(request)
-    with slow_down(rank, {1}, args.factor):
+    device, before = Throughput(args.devices[rank]), []
+    with device:
+        for request in range(1, args.before + 1):
+            before.append(_one(serve_live, ids, ctx))
+            live.after_step(request)
+        device.set(args.slowed[rank])
         split = profile_and_plan(cfg.replace(data=replace(cfg.data, batch_size=1)), world)[0]
-        planned_cfg = cfg.with_layout(**{k: v for k, v in split.items() if k != "parallel"})
-        planned = build_model(planned_cfg, replace(ctx, plan=build_plan(planned_cfg, world))).eval()
+    planned_cfg = cfg.with_layout(**{k: v for k, v in split.items() if k != "parallel"})
+    planned = build_model(planned_cfg, replace(ctx, plan=build_plan(planned_cfg, world))).eval()
+    with device:
         during, after, beside, request = [], [], [], args.before
         while len(after) < args.after and request < args.before + args.most_slowed:
             request += 1
@@ -63,15 +66,21 @@ def bench(rank, world, args):
 def main():
     p = parser(__doc__, batch=1)
     p.set_defaults(layers=2, seq=128)
-    p.add_argument("--world", type=int, default=2)
-    p.add_argument("--factor", type=int, default=4, help="how many times slower rank 1 becomes")
+    p.add_argument("--devices", type=parse_gflops, default=[16.0, 16.0], help="GFLOP/s per rank (the world)")
+    p.add_argument("--slowed", type=parse_gflops, default=[16.0, 8.0], help="GFLOP/s per rank after --before requests")
     p.add_argument("--before", type=int, default=6, help="requests before the slow-down")
     p.add_argument("--after", type=int, default=10, help="requests measured after the re-plan")
     p.add_argument("--most_slowed", type=int, default=40, help="give up when no re-plan came in this many requests")
     p.add_argument("--threshold", type=float, default=0.25)
     p.add_argument("--patience", type=int, default=3)
     args = p.parse_args()
-    r = spawn(bench, args.world, (args,), timeout_s=args.timeout_s)[0]
+    try:
+        check_gflops(args.devices, len(args.devices))
+        check_gflops(args.slowed, len(args.devices), "--slowed")
+    except ValueError as e:
+        p.error(str(e))
+    world = len(args.devices)
+    r = spawn(bench, world, (args,), timeout_s=args.timeout_s)[0]
     if not r["moves"]:
         raise SystemExit(f"no re-plan within {args.most_slowed} slowed requests "
                          f"(median latency {median(r['during']) * 1e3:.0f} ms)")
@@ -79,15 +88,15 @@ def main():
     ms = {name: median(r[name]) * 1e3 for name in ("before", "during", "after", "planned", "planned_during")}
     even = f"heads {old_heads}"
     rows = [["before the slow-down", even, len(r["before"]), f"{ms['before']:.0f}", ""],
-            [f"rank 1 {args.factor}x slower", even, len(r["during"]), f"{ms['during']:.0f}",
+            [f"devices slowed to {args.slowed} GFLOP/s", even, len(r["during"]), f"{ms['during']:.0f}",
              f"{ms['during'] / ms['planned_during']:.2f}x"],
             [f"after re-planning ({len(r['moves'])} move(s))", f"heads {heads} columns {columns} positions {positions}"
              + (" (first move)" if len(r["moves"]) > 1 else ""), len(r["after"]),
              f"{ms['after']:.0f}", f"{ms['after'] / ms['planned']:.2f}x"],
             ["planned from the start", "heads {} columns {} positions {}".format(*r["planned_split"]),
              len(r["planned"]), f"{ms['planned']:.0f}", "1.00x"]]
-    print(f"BERT-base widths, Galaxy layout, {args.layers} layers, seq {args.seq}, batch 1, world {args.world} gloo; "
-          f"rank 1 slowed from request {args.before + 1}, re-planned after request {step} "
+    print(f"BERT-base widths, Galaxy layout, {args.layers} layers, seq {args.seq}, batch 1, world {world} gloo; "
+          f"devices {args.devices} GFLOP/s, {args.slowed} from request {args.before + 1}, re-planned after request {step} "
           f"(threshold {args.threshold}, patience {args.patience}); medians")
     headers = ["phase", "split", "requests", "latency ms", "vs planned (same rounds)"]
     print(table(rows, headers))
@@ -98,7 +107,7 @@ def main():
           f"{ms['planned_during']:.0f} ms")
     values = {("forward latency", row[0]): float(row[3]) for row in rows}
     chart = svg_bars(["forward latency"], [row[0] for row in rows], values,
-                     f"Re-planning live, world {args.world}, rank 1 {args.factor}x slower (ms)")
+                     f"Re-planning live, devices {args.devices} -> {args.slowed} GFLOP/s (ms)")
     write_results(args.out_dir, "replan", [dict(zip(headers, map(str, row))) for row in rows], chart)
 
 

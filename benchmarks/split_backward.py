@@ -93,7 +93,7 @@ def main():
     for name in names:
         b, w = (statistics.median(t[i] for t in times[name]) for i in (0, 1))
         total = statistics.median(b + w for b, w in times[name])
-        diff = max(((a - c).norm() / c.norm()).item() for a, c in zip(grads[name], grads["whole"]))
+        diff = max(((a - c).norm() / c.norm()).item() for a, c in zip(grads[name], grads["whole"], strict=True))
         print(f"  {name:12s} {b * 1e3:8.1f} {w * 1e3:8.1f} {total * 1e3:9.1f} {total / base:9.2f} {diff:14.1e}")
 
 

@@ -146,7 +146,7 @@ class TorchTP:
     def forward(self):
         x = self.embeddings(self.ids)
         if self.sp:
-            x = x.chunk(2, dim=1)[self.rank]
+            x = x.chunk(self.mesh.size(), dim=1)[self.rank]
         for layer in self.layers:
             x = layer(x)
         if self.norm is not None:  # each rank normalises its own positions, as ours do

@@ -44,9 +44,9 @@ class LayoutConfig:
     att_parallel_method: str = key(None, "TP | SP | NONE: overrides parallel's method for attention")
     con_parallel_method: str = key(None, "SP | NONE: overrides parallel's method for the connective blocks")
     mlp_parallel_method: str = key(None, "TP | SP | NONE: overrides parallel's method for the MLP")
-    tp_num_attention_heads_list: list[int] = key(None, "attention heads per tensor rank (default: even)")
-    tp_intermediate_size_list: list[int] = key(None, "MLP intermediate columns per tensor rank (default: even)")
-    seq_scatter_list: list[int] = key(None, "sequence positions per tensor rank (default: even)")
+    tp_num_attention_heads_list: list[int] = key(None, "attention heads per tensor rank (default: as even as can be)")
+    tp_intermediate_size_list: list[int] = key(None, "MLP columns per tensor rank (default: as even as can be)")
+    seq_scatter_list: list[int] = key(None, "sequence positions per tensor rank (default: as even as can be)")
     stage_num_hidden_layers_list: list[int] = key(None, "layers per pipeline stage; more than one entry turns "
                                                         "pipelining on")
     data_parallel_size: int = key(None, "model replicas (default: the world over the stages when no block is split)")
@@ -96,17 +96,23 @@ class Plan:
                 f"positions={list(self.positions)} stage_layers={list(self.stage_layers)}")
 
 
-def _even(total, parts, key, what):
-    if total % parts:
-        raise ConfigError(f"{key} is not given and {total} {what}s do not split evenly over {parts} ranks "
-                          f"(list each rank's share in it)")
-    return [total // parts] * parts
+def even_split(total, parts, unit=1):
+    """`total` in `parts` shares of whole `unit`s, as even as they come: where they do not divide, the
+    first ranks take one unit more (4 heads over 3 ranks: [2, 1, 1])."""
+    units, extra = divmod(total // unit, parts)
+    return [(units + (r < extra)) * unit for r in range(parts)]
 
 
-def _split(cfg, key, total, parts, what):
+def _split(cfg, key, total, parts, what, unit=1):
+    """cfg's per-rank sizes of `key`, checked; without them the most even split (default_splits names
+    an uneven one)."""
     sizes = cfg.get(key)
     if sizes is None:
-        return tuple(_even(total, parts, key, what))
+        sizes = even_split(total, parts, unit)
+        if not sizes[-1]:
+            raise ConfigError(f"{key} is not given and {total} {what}s cannot give each of {parts} ranks "
+                              + (f"a group of {unit}" if unit > 1 else "one"))
+        return tuple(sizes)
     if len(sizes) != parts:
         raise ConfigError(f"{key} {sizes} has {len(sizes)} entries, but {parts} ranks share each layer "
                           f"(world size / pipeline stages / data-parallel replicas)")
@@ -121,7 +127,7 @@ def _methods(cfg):
     layout = (cfg.get("parallel") or "serial").lower()
     if layout not in LAYOUTS:
         raise ConfigError(f"parallel '{cfg.get('parallel')}' is not one of {sorted(LAYOUTS)}")
-    methods = dict(zip(BLOCK_METHODS, LAYOUTS[layout]))
+    methods = dict(zip(BLOCK_METHODS, LAYOUTS[layout], strict=True))
     for key, allowed in BLOCK_METHODS.items():
         if cfg.get(key) is not None:
             value = next((m for m in allowed if m.value == str(cfg[key]).upper()), None)
@@ -173,17 +179,33 @@ def build_plan(cfg, world):
                 positions=positions, stage_layers=stage_layers, virtual_stages=chunks)
 
 
+SPLIT_LISTS = {"tp_num_attention_heads_list": ("heads", "attention heads"),
+               "tp_intermediate_size_list": ("columns", "MLP columns"), "seq_scatter_list": ("positions", "positions")}
+
+
+def default_splits(cfg, plan):
+    """One line for each split the config does not list and build_plan made uneven, for start-up."""
+    lines = []
+    for key, (field, what) in SPLIT_LISTS.items():
+        sizes = list(getattr(plan, field))
+        if cfg.get(key) is None and len(set(sizes)) > 1:
+            lines.append(f"{sum(sizes)} {what} do not divide over {len(sizes)} ranks: {key} {sizes}, the most "
+                         f"even split (list the sizes to choose another)")
+    return lines
+
+
 def _tensor_splits(cfg, methods, tp):
     """Heads, columns and positions per tensor rank; every list that is wrong or missing is named
     in one ConfigError (not one per run)."""
     wanted = (("tp_num_attention_heads_list", "num_attention_heads", "attention head",
-               methods["att_parallel_method"] is TP),
-              ("tp_intermediate_size_list", "intermediate_size", "intermediate column", methods["mlp_parallel_method"] is TP),
-              ("seq_scatter_list", "seq_length", "sequence position", SP in methods.values()))
+               methods["att_parallel_method"] is TP, gqa_group(cfg)),  # heads move in whole GQA groups
+              ("tp_intermediate_size_list", "intermediate_size", "intermediate column",
+               methods["mlp_parallel_method"] is TP, 1),
+              ("seq_scatter_list", "seq_length", "sequence position", SP in methods.values(), 1))
     splits, errors = [], []
-    for key, total, what, split in wanted:
+    for key, total, what, split, unit in wanted:
         try:
-            splits.append(_split(cfg, key, cfg[total], tp, what) if split else (cfg[total],) * tp)
+            splits.append(_split(cfg, key, cfg[total], tp, what, unit) if split else (cfg[total],) * tp)
         except ConfigError as e:
             errors.append(str(e))
     if errors:

@@ -1,5 +1,6 @@
 """Shared test helpers: run a function on N gloo ranks (free port, timeout) and collect results,
 run an entry script, train a tiny LLaMA tokenizer on the shipped corpus."""
+import itertools
 import json
 import subprocess
 import sys
@@ -44,7 +45,7 @@ def tiny_llama_tokenizer(directory, documents=60, vocab_size=300):
     """A kind="llama" SentencePiece model trained on the first shipped documents; returns its path."""
     lines = []
     with open(SHIPPED / "pretrain.jsonl", encoding="utf-8") as f:
-        for _, line in zip(range(documents), f):
+        for line in itertools.islice(f, documents):
             row = json.loads(line)
             lines += [row["title"], *row["content"].split("\n")]
     return train_sentencepiece(lines, Path(directory) / "tiny", vocab_size, kind="llama")

@@ -107,7 +107,7 @@ def test_documented_commands_run(block, runner, tmp_path):
         batches = [[run] for run in runs]
     for batch in batches:
         codes = runner.run(batch, TIMEOUT_S)
-        for run, code in zip(batch, codes):
+        for run, code in zip(batch, codes, strict=True):
             assert code == 0, f"{block.id}: `{' '.join(run['argv'])}` exited {code}:\n{_show(run['log'])}"
 
 

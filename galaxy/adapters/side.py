@@ -79,7 +79,7 @@ class SideNetwork(nn.Module):
             raise ValueError("the first part starts the side path; every later part needs the side state")
         states = iter(hidden_states)
         x = self.side_downsamplers["0"](next(states).detach()) if self.first else side
-        for i, h in zip(self.layers, states):
+        for i, h in zip(self.layers, states, strict=True):
             gate = torch.sigmoid(self.side_gates[str(i)])
             x = self.side_blocks[str(i)](gate * self.side_downsamplers[str(i + 1)](h.detach()) + (1 - gate) * x)
         return self.side_upsample(self.side_norm(x)) if self.last else x

@@ -2,6 +2,8 @@
 
     train      every training script (pretrain_*.py, finetune_*.py)
     infer      infer_galaxy.py
+    answers    what inference answers (embeddings, fill-mask, generation), as JSON
+    serve      infer_galaxy.py --serve: HTTP answered by rank 0
     planner    python -m galaxy.planner
     memory     python -m galaxy.memory
     session    what the ranks of every entry share: joining, one config, the model from the run's sources

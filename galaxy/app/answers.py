@@ -12,8 +12,8 @@ rank; with pipeline stages, the last stage's) it returns the per-text results, t
 """
 from dataclasses import dataclass
 
+from galaxy.inference.generate import greedy_generate
 from galaxy.models.bert.model import sentence_embedding
-from galaxy.models.llama.generate import greedy_generate
 
 TASKS = {"embed": ("bert", "bert_retrieval"), "fill-mask": ("bert",), "generate": ("llama",)}  # task: the models that answer it
 
@@ -68,7 +68,7 @@ class Ask:
     def _generate(self, model, ids, mask):
         """Each text alone (no padding), its new token ids."""
         out = []
-        for row, keep in zip(ids, mask.bool()):
+        for row, keep in zip(ids, mask.bool(), strict=True):
             prompt = row[keep].unsqueeze(0)
             out.append(greedy_generate(model, prompt, self.max_new_tokens, self.eos_id)[0, prompt.shape[1]:].tolist())
         return out
@@ -80,5 +80,6 @@ def answer_json(ask, result, tok):
         return {"embedding": result.tolist()}
     if ask.task == "fill-mask":
         return {"masks": [{"position": p, "top": [{"token_id": i, "token": tok.token(i), "score": s}
-                                                  for i, s in zip(ids, scores)]} for p, ids, scores in result]}
+                                                  for i, s in zip(ids, scores, strict=True)]}
+                          for p, ids, scores in result]}
     return {"completion": tok.decode(result), "token_ids": result}

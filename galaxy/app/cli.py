@@ -5,8 +5,9 @@ import sys
 
 from galaxy.config.load import idle_keys, is_config_key, key_type, load_config, parse_cli_value
 from galaxy.errors import ConfigError
-from galaxy.plan import build_plan
+from galaxy.plan import build_plan, default_splits
 from galaxy.planner.replan import check_replan
+from galaxy.profiler import emulate
 from galaxy.runtime import launch
 from galaxy.train.zero import check_zero
 
@@ -51,10 +52,42 @@ def parse(description, default_config, argv=None, add_args=None, keys=None, chec
             check(args, cfg, plan)
     except ConfigError as e:
         parser.exit(2, f"galaxy: config error: {e}\n")
+    if "device_gflops" in vars(args):  # an entry that runs steps (add_device_args)
+        try:
+            emulate.check_devices(args.device_gflops, args.device_gflops_after, world)
+        except ValueError as e:
+            parser.error(str(e))
+    if rank in (None, 0):  # once per run: the launcher of a local spawn, or rank 0
+        for line in default_splits(cfg, plan):
+            print(f"galaxy: {line}", flush=True)
     for line in idle_keys(cfg, plan):
         print(f"galaxy: warning: {line}", file=sys.stderr, flush=True)
     args.init_method = launch.init_method_from(args, cfg["init_method"], local_spawn=rank is None and world > 1)
     return args, cfg, plan, world, rank
+
+
+def _argument(parse):
+    """An argparse type from a parser raising ValueError (argparse then names the flag and the text)."""
+    def convert(text):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def add_device_args(parser):
+    """Edge devices emulated by throughput (galaxy.profiler.emulate, docs/emulation.md): for the
+    entries that run steps or requests; parse checks them against the world."""
+    group = parser.add_argument_group("emulated devices")
+    group.add_argument("--device_gflops", type=_argument(emulate.parse_gflops), default=None, metavar="G0,G1,...",
+                       help="emulate edge devices: each rank's fp32 throughput in GFLOP/s, one per rank (e.g. 40,10); "
+                            "its forward computes that fast, its copies and sends keep the host's speed")
+    group.add_argument("--device_gflops_after", type=_argument(emulate.parse_change), action="append", default=[],
+                       metavar="STEP:G0,G1,...",
+                       help="from after step (inference: request, warm-up ones included) STEP on, these throughputs "
+                            "(a device that throttles, e.g. 20:40,5); repeatable")
 
 
 def check(rule, *args, **kwargs):

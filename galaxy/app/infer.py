@@ -33,6 +33,7 @@ from galaxy.models.registry import MODELS
 from galaxy.pipeline.engine import pipeline_streams
 from galaxy.pipeline.p2p import StageLinks
 from galaxy.planner.replan import Replanner
+from galaxy.profiler import emulate
 from galaxy.reshard.relayout import build_empty, build_lost_part, fill_after_loss
 from galaxy.runtime import elastic, health, launch
 
@@ -96,6 +97,7 @@ def add_args(parser):
                        help="keep the model loaded and answer HTTP on HOST:PORT (rank 0; port 0: any free one): "
                             "POST /v1/embeddings (BERT), POST /v1/completions (LLaMA, greedy), GET /health; "
                             "--batch_size texts at most a round; SIGTERM / Ctrl-C stops every rank")
+    cli.add_device_args(parser)
 
 
 METRICS_HELP = "one JSON line per timed request (request, latency_s)"
@@ -110,6 +112,8 @@ def forward_fn(model, name, ask=None):
         return from_last_stage(pipelined(forward, model), model.ctx) if model.ctx.plan.pp_size > 1 else forward
     if name == "bart":  # no pipeline stages (refused by its check)
         return lambda ids, mask: model.model.encode(ids, mask)
+    if name == "bert_retrieval":  # its output is the sentence embedding (no pipeline stages: refused by its check)
+        return model.embed
     forward = (lambda ids, mask, x=None: model(ids, mask, hidden_states=x))  # BERT MLM / LLaMA prefill logits
     return pipelined(forward, model) if model.ctx.plan.pp_size > 1 else forward
 
@@ -196,8 +200,9 @@ class Server:
     share every layer), a rank lost mid-request makes the survivors re-plan for the smaller world
     in place (`recover`) and serve that request again; `recoveries` records what each moved."""
 
-    def __init__(self, model, ctx, cfg, regroups=0, verbose=False):
+    def __init__(self, model, ctx, cfg, regroups=0, verbose=False, device=None):
         self.cfg, self.regroups, self.recoveries, self.verbose = cfg, regroups, [], verbose
+        self.device = device or emulate.NoDevice()  # an emulated device's throughput changes between requests
         self.members = list(range(ctx.world))  # the launch's rank numbers of the ranks the model is laid out over
         self._adopt(model, ctx)
 
@@ -221,19 +226,25 @@ class Server:
         results, batches, recovered = [], list(batches), False
         forward = lambda ids, mask: forward_fn(self.model, self.cfg["model"], ask)(ids, mask)  # the model of now
         while len(results) < len(batches):
-            after = self.replanner.after_step if self.replanner else None
             try:
                 if recovered:  # a survivor may have finished the request the others lost
                     done = torch.tensor([len(results)], device=self.ctx.device)
                     dist.all_reduce(done, op=dist.ReduceOp.MIN)
                     del results[int(done):]
                     recovered = False
-                for out, latency in serve(forward, batches[len(results):], self.ctx, after, len(results)):
+                for out, latency in serve(forward, batches[len(results):], self.ctx, self._after_request,
+                                          len(results)):
                     results.append((latency, keep(out)))
             except Exception as e:  # a peer's loss surfaces as whatever its collective raised
                 self._recover(e, len(results))
                 recovered = True
         return results
+
+    def _after_request(self, index):
+        """Between requests (`index` of them served): an emulated device's change, then re-planning."""
+        self.device.after_step(index)
+        if self.replanner:
+            self.replanner.after_step(index)
 
     def follow(self, take, give, tok):
         """Serve rounds until rank 0's take() says "stop" (galaxy.app.serve): each round, rank 0's
@@ -258,9 +269,8 @@ class Server:
 
         forward = lambda ids, mask: forward_fn(self.model, self.cfg["model"], asked["ask"])(ids, mask)  # noqa: E731
         while True:
-            after = self.replanner.after_step if self.replanner else None
             try:
-                for out, latency in serve(forward, rounds(), self.ctx, after, served):
+                for out, latency in serve(forward, rounds(), self.ctx, self._after_request, served):
                     served += 1
                     if self.ctx.rank == 0:
                         give(pending[0], out, latency)
@@ -336,7 +346,7 @@ def recover(model, ctx, cfg, error, served, members):
     moved = fill_after_loss(new, holders, new_ctx)
     total = torch.tensor([moved["kept"], moved["received"], rebuilt], dtype=torch.float64, device=new_ctx.device)
     dist.all_reduce(total)
-    moved = dict(zip(("kept", "received", "rebuilt"), map(int, total.tolist())), lost=lost,
+    moved = dict(zip(("kept", "received", "rebuilt"), map(int, total.tolist()), strict=True), lost=lost,
                  seconds=time.perf_counter() - start)
     if new_ctx.rank == 0:
         print(f"[rank 0] elastic: lost rank(s) {lost} during request {served}; {_moved_line(cfg, plan, moved)}",
@@ -380,17 +390,20 @@ def prepare(cfg, plan, rank):
 def infer(rank, world, cfg, plan, args):
     model, ctx = eval_model(cfg, plan, rank)
     regroups = cfg["elastic_restarts"] if cfg["elastic"] and elastic.in_place(plan, resumes=False) else 0
-    server = Server(model, ctx, cfg, regroups, args.verbose)
-    if args.serve:
-        return serve_http(server, args)
-    if args.output:
-        return answer_file(server, args)
-    count = args.warmup + (args.requests or REQUESTS)
-    batches, cut = (text_batches(cfg, args.texts, args.batch_size, count) if args.texts
-                    else (synthetic_batches(cfg, args.batch_size, count), ""))
-    if cut and rank == 0:
-        print(f"[rank 0] {cut}", flush=True)
-    latencies = [latency for latency, _ in server.run(batches)][args.warmup:]
+    log = (lambda line: print(f"[rank 0] {line}", flush=True)) if rank == 0 else None
+    device = emulate.device(args.device_gflops, args.device_gflops_after, rank, log, unit="request")
+    server = Server(model, ctx, cfg, regroups, args.verbose, device)
+    with device:
+        if args.serve:
+            return serve_http(server, args)
+        if args.output:
+            return answer_file(server, args)
+        count = args.warmup + (args.requests or REQUESTS)
+        batches, cut = (text_batches(cfg, args.texts, args.batch_size, count) if args.texts
+                        else (synthetic_batches(cfg, args.batch_size, count), ""))
+        if cut and rank == 0:
+            print(f"[rank 0] {cut}", flush=True)
+        latencies = [latency for latency, _ in server.run(batches)][args.warmup:]
     report(server, args, latencies)
 
 
@@ -452,7 +465,7 @@ def answer_file(server, args):
     answers = [answer for _, batch in results for answer in batch]
     tmp = f"{args.output}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        for i, (text, answer) in enumerate(zip(lines, answers)):
+        for i, (text, answer) in enumerate(zip(lines, answers, strict=True)):
             cut = len(tok.encode_with_special_tokens(text)) > server.cfg["seq_length"]
             f.write(json.dumps({"index": i, "text": text, "truncated": cut, **answer_json(ask, answer, tok)}) + "\n")
     os.replace(tmp, args.output)

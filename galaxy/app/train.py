@@ -18,7 +18,7 @@ from galaxy.models.checkpoint import CheckpointError
 from galaxy.models.registry import MODELS, build_model
 from galaxy.pipeline import PipelineForwardBackward, format_actions
 from galaxy.planner.replan import Replanner
-from galaxy.profiler import observe
+from galaxy.profiler import emulate, observe
 from galaxy.profiler.explain import explain
 from galaxy.profiler.memory import MemoryReport, model_state_line
 from galaxy.runtime import elastic, launch
@@ -103,11 +103,13 @@ def _train(rank, world, cfg, plan, args):
     stopper = stop_on_signal(trainer) if cfg["save_on_signal"] else None
     # (may replace trainer.model)
     replanner = Replanner(model, ctx, cfg, trainer, log, args.verbose) if cfg["replan"] else None
-    with observe.traced(args.trace_dir, rank, model, lambda: trainer.step + 1) as trace_step:
+    device = emulate.device(args.device_gflops, args.device_gflops_after, rank, log if rank == 0 else None)
+    with observe.traced(args.trace_dir, rank, model, lambda: trainer.step + 1) as trace_step, device:
         def on_step(metrics):
             for callback in (trace_step, saver, stopper):
                 if callback:
                     callback(metrics)
+            device.after_step(metrics["step"])
             if replanner:  # last: a checkpoint of this step is written in the split it ran
                 replanner.after_step(metrics["step"])
         around_step = report.around_step if report else nullcontext
@@ -124,7 +126,7 @@ def _train(rank, world, cfg, plan, args):
 def main(doc, model, default_config, argv=None):
     """Parse the command line (config errors stop here, before any process starts) and train
     `model` ("bert", "llama", "bart") on this rank, or on every rank spawned here."""
-    args, cfg, plan, world, rank = cli.parse(doc.splitlines()[0], default_config, argv)
+    args, cfg, plan, world, rank = cli.parse(doc.splitlines()[0], default_config, argv, cli.add_device_args)
     if cfg["model"] != model:
         cli.reject(f"config {args.config_file} has model '{cfg['model']}', this script trains {model}")
     cli.check(check_training_data, cfg)

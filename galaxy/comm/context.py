@@ -3,7 +3,8 @@
 Ranks are laid out tensor-fastest, then data, then pipeline (as in Megatron):
     rank = pp_rank * (dp_size * tp_size) + dp_rank * tp_size + tp_rank
 so the ranks that exchange activations every block are neighbours. The context is passed
-explicitly to whatever needs it; there is no global state.
+explicitly to whatever needs it; the few process-wide values (which implementation a group uses,
+who listens to collectives) describe the process, not a layout (docs/architecture.md).
 
 The context also owns the rank's device: the model, every buffer, batch, optimizer and RNG
 state the engine creates lives on `ctx.device`.
@@ -128,12 +129,18 @@ class ParallelContext:
         return ctx
 
 
+def local_gpu(rank):
+    """The one rule for which GPU of this machine a rank uses: torchrun's LOCAL_RANK, else the rank,
+    modulo the GPUs here (galaxy.runtime.launch sets it before NCCL starts; resolve_device names it)."""
+    return int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()
+
+
 def resolve_device(device, backend, rank):
     """`device` if given, else CUDA under NCCL, else the CPU (gloo, or world 1 with no backend named).
-    CUDA without an index is this rank's GPU: torchrun's LOCAL_RANK, else the rank modulo the GPUs here."""
+    CUDA without an index is this rank's GPU (local_gpu)."""
     device = torch.device(device or ("cuda" if backend == "nccl" else "cpu"))
     if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+        return torch.device("cuda", local_gpu(rank))
     return device
 
 

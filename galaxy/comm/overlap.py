@@ -75,7 +75,7 @@ class _GatherLinear(torch.autograd.Function):
         for i in range(tiles.count):
             xi = pending[i].wait()
             full.index_copy_(1, tiles.index[i], xi)
-            for out, w, b in zip(outs, weights, biases):
+            for out, w, b in zip(outs, weights, biases, strict=True):
                 out.index_copy_(1, tiles.index[i], F.linear(xi, w, b))
         ctx.save_for_backward(full, *weights)
         ctx.tiles, ctx.group, ctx.has_bias = tiles, group, [b is not None for b in biases]
@@ -87,11 +87,11 @@ class _GatherLinear(torch.autograd.Function):
         tiles = ctx.tiles
         pending = []
         for i in range(tiles.count):
-            gx = sum(g.index_select(1, tiles.index[i]) @ w for g, w in zip(grads, weights))
+            gx = sum(g.index_select(1, tiles.index[i]) @ w for g, w in zip(grads, weights, strict=True))
             pending.append(_start_reduce_scatter(gx, tiles.sizes[i], ctx.group))
         flat_x = full.flatten(0, 1)
         param_grads = []
-        for g, has_bias in zip(grads, ctx.has_bias):  # weight gradients while the last tiles travel
+        for g, has_bias in zip(grads, ctx.has_bias, strict=True):  # weight gradients while the last tiles travel
             flat_g = g.flatten(0, 1)
             param_grads += [flat_g.t() @ flat_x, flat_g.sum(0) if has_bias else None]
         grad_x = torch.cat([p.wait() for p in pending], dim=1)
@@ -127,7 +127,7 @@ class _LinearReduceScatter(torch.autograd.Function):
 
 def gather_linear(x, weights, biases, tiles, group):
     """[F.linear(all_gather(x, seq), w, b) for each (w, b)], tiled; x is this rank's shard [B, t, H]."""
-    params = [t for pair in zip(weights, biases) for t in pair]
+    params = [t for pair in zip(weights, biases, strict=True) for t in pair]
     return list(_GatherLinear.apply(x, tiles, group, *params))
 
 

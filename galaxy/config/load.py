@@ -1,6 +1,8 @@
 """JSON configs with the research prototype's key names, read into a typed, frozen Config.
 
 A config may compose parts: {"include": ["../../model/bert_tiny.json", "../../layout/galaxy.json"]}.
+A part's path is relative to the file; where nothing is there, the same path under the shipped
+train_config/ is read (its leading "../" dropped), so a shipped config copied anywhere still runs.
 Every key belongs to one section, a frozen dataclass defined beside the code that uses it; its
 fields give each key's type, default and one-line description, its __post_init__ the key's rules:
 
@@ -25,6 +27,7 @@ Loading imports the architectures' config classes, not their models.
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -42,6 +45,7 @@ from galaxy.train.optim import OptimConfig
 from galaxy.train.zero import ZeroConfig
 from galaxy.tuning.keys import TuningConfig, check_tuning, other_methods_keys, tuning_method
 
+SHIPPED = Path(__file__).resolve().parents[2] / "train_config"  # the repository's configs and their parts
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "loop": LoopConfig, "layout": LayoutConfig,
             "zero": ZeroConfig, "tuning": TuningConfig, "checkpoint": CheckpointConfig, "runtime": RuntimeConfig}
 SECTION_OF = {f.name: name for name, cls in SECTIONS.items() for f in fields(cls)}  # key -> its section
@@ -177,9 +181,21 @@ def parse_cli_value(key, text):
             from None
 
 
+def part_path(config, part):
+    """Where `config`'s include `part` is: beside the file, else the same path under SHIPPED with its
+    leading "../" dropped (a copy of train_config/bert/full.json anywhere finds ../model/bert_tiny.json)."""
+    beside = config.parent / part
+    shipped = SHIPPED.joinpath(*itertools.dropwhile(lambda name: name == "..", Path(part).parts))
+    tried = dict.fromkeys((beside, shipped))  # one place for an absolute part
+    found = next((candidate for candidate in tried if candidate.is_file()), None)
+    if found is None:
+        raise ConfigError(f"config file {config} includes {part}, but there is no {' nor '.join(map(str, tried))}")
+    return found
+
+
 def read_config(path, _outer=()):
-    """One JSON object, after its "include" list of config parts (paths relative to the file),
-    read in order; later parts and then the file's own keys win. Keys come back canonical.
+    """One JSON object, after its "include" list of config parts (each found by part_path), read
+    in order; later parts and then the file's own keys win. Keys come back canonical.
     `_outer`: the files that include this one, outermost first."""
     path = Path(path)
     if not path.is_file():
@@ -198,7 +214,7 @@ def read_config(path, _outer=()):
         raise ConfigError(f"config file {path} must hold one JSON object")
     merged, parts = {}, raw.pop("include", [])
     for part in [parts] if isinstance(parts, str) else parts:
-        merged.update(read_config(path.parent / part, (*_outer, path)))
+        merged.update(read_config(part_path(path, part), (*_outer, path)))
     merged.update({_canonical(key): value for key, value in raw.items()})
     return merged
 

@@ -27,7 +27,7 @@ def infill_spans(ids, mask_id, generator, mask_ratio=0.3, poisson_lambda=3.0):
     lengths = lengths[: int((lengths.cumsum(0) < budget).sum()) + 1] if budget else lengths
     starts = torch.randint(n, (len(lengths),), generator=generator)
     covered = torch.zeros(n, dtype=torch.bool)
-    for start, length in zip(starts.tolist(), lengths.tolist()):
+    for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
         covered[start:start + length] = True
     run_start = covered & ~torch.cat([torch.tensor([False]), covered[:-1]])
     return torch.where(covered, mask_id, ids)[~covered | run_start]
@@ -58,7 +58,7 @@ class BartDenoisingData:
 
     def get_batch(self, indices):
         """input_ids, attention_mask, decoder_input_ids, labels: [len(indices), seq_length]."""
-        inputs, targets = map(torch.stack, zip(*(self.sample(i) for i in indices)))
+        inputs, targets = map(torch.stack, zip(*(self.sample(i) for i in indices), strict=True))
         start = torch.full((len(indices), 1), self.tokenizer.sep_id)
         return {"input_ids": inputs,
                 "attention_mask": (inputs != self.tokenizer.pad_id).long(),

@@ -168,7 +168,7 @@ class PipelineForwardBackward:
         self._seed(i)
         if not self._first(action):
             received = self.links.recv_forward(self._stream_shapes(i), self.dtype)
-            for r, (_, carries_grad) in zip(received, self.streams):
+            for r, (_, carries_grad) in zip(received, self.streams, strict=True):
                 r.requires_grad_(carries_grad)
             x = received[0] if len(received) == 1 else tuple(received)
         with self.trainer.autocast:
@@ -182,7 +182,11 @@ class PipelineForwardBackward:
         return outs, received
 
     def _with_grad(self, tensors):
-        return [t for t, (_, carries_grad) in zip(tensors, self.streams) if carries_grad]
+        """Those of a stage's streams (its outputs, or what it received: nothing on the first stage)
+        that carry a gradient."""
+        if not tensors:
+            return []
+        return [t for t, (_, carries_grad) in zip(tensors, self.streams, strict=True) if carries_grad]
 
     def _start_backward(self, action):
         self._post_next_recv()
@@ -199,7 +203,7 @@ class PipelineForwardBackward:
         if not self._last(action):
             outs = self._with_grad(out)
             grads = self.links.recv_backward(self._stream_shapes(action.microbatch, with_grad_only=True), self.dtype)
-            grads = [g.to(o.dtype) for g, o in zip(grads, outs)]
+            grads = [g.to(o.dtype) for g, o in zip(grads, outs, strict=True)]
         inputs = self._with_grad(received)
         if not self.split:
             torch.autograd.backward(outs, grads)

@@ -62,7 +62,7 @@ def clearly_ahead(lead, other, lead_simpler, margin=MARGIN, min_rounds=MIN_ROUND
     """Whether seconds per round `lead` are clearly below `other` (the same rounds); the more
     complex of the two weighs 1 + margin."""
     w_lead, w_other = (1.0, 1.0 + margin) if lead_simpler else (1.0 + margin, 1.0)
-    misses = sum(a * w_lead >= b * w_other for a, b in zip(lead, other))
+    misses = sum(a * w_lead >= b * w_other for a, b in zip(lead, other, strict=True))
     return misses <= misses_allowed(len(lead), min_rounds)
 
 

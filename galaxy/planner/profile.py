@@ -18,6 +18,7 @@ from galaxy.models.llama.model import causal_bias, llama_layer
 from galaxy.models.llama.rope import Rotary
 from galaxy.plan import Plan
 from galaxy.planner.split import RankProfile
+from galaxy.profiler.flops import FlopsProfiler
 
 
 def _best_time(fn, repeats):
@@ -42,10 +43,9 @@ def _serial_blocks(cfg, plan):
     return bert_layer(bcfg, ParallelContext(plan), 0, REPLICATE), BertEmbeddings(bcfg), None
 
 
-@torch.no_grad()
-def measure_blocks(cfg, memory_bytes=float("inf"), repeats=5):
-    """This rank's seconds per attention head, per MLP column, per position and for the
-    embeddings (forward, at cfg's batch_size). A pre-norm model's connective includes its norm."""
+def _block_calls(cfg):
+    """One serial layer of cfg's model (built at its batch and sequence) and a call per block:
+    attention, MLP, connective (a pre-norm model's connective includes its norm), embeddings."""
     seq, heads, inter = cfg["seq_length"], cfg["num_attention_heads"], cfg["intermediate_size"]
     plan = Plan(heads=(heads,), kv_heads=(heads,), columns=(inter,), positions=(seq,), stage_layers=(1,))
     layer, embeddings, bias = _serial_blocks(cfg, plan)
@@ -53,10 +53,47 @@ def measure_blocks(cfg, memory_bytes=float("inf"), repeats=5):
     x = torch.randn(cfg["batch_size"], seq, cfg["hidden_size"])
     ids = torch.randint(cfg["vocab_size"], (cfg["batch_size"], seq))
     norm = layer.norm_mid or (lambda h: h)
-    return RankProfile(att_s_per_head=_best_time(lambda: layer.attn(x, bias), repeats) / heads,
-                       mlp_s_per_column=_best_time(lambda: layer.mlp(x), repeats) / inter,
-                       con_s_per_position=_best_time(lambda: layer.con1(norm(x), x), repeats) / seq,
-                       memory_bytes=memory_bytes, embed_s=_best_time(lambda: embeddings(ids), repeats))
+    calls = {"attention": lambda: layer.attn(x, bias), "mlp": lambda: layer.mlp(x),
+             "connective": lambda: layer.con1(norm(x), x), "embeddings": lambda: embeddings(ids)}
+    return layer, calls
+
+
+@torch.no_grad()
+def measure_blocks(cfg, memory_bytes=float("inf"), repeats=5):
+    """This rank's seconds per attention head, per MLP column, per position and for the
+    embeddings (forward, at cfg's batch_size)."""
+    _, calls = _block_calls(cfg)
+    seconds = {name: _best_time(call, repeats) for name, call in calls.items()}
+    return RankProfile(att_s_per_head=seconds["attention"] / cfg["num_attention_heads"],
+                       mlp_s_per_column=seconds["mlp"] / cfg["intermediate_size"],
+                       con_s_per_position=seconds["connective"] / cfg["seq_length"],
+                       memory_bytes=memory_bytes, embed_s=seconds["embeddings"])
+
+
+@torch.no_grad()
+def block_flops(cfg):
+    """FLOPs of the blocks measure_blocks times (galaxy.profiler.flops): {attention, mlp, connective}."""
+    layer, calls = _block_calls(cfg)
+    out = {}
+    for name in ("attention", "mlp", "connective"):
+        counter = FlopsProfiler(layer)
+        counter.start()
+        calls[name]()
+        counter.stop()
+        out[name] = counter.get_total_flops()
+    return out
+
+
+def profile_gflops(profile, flops, cfg):
+    """GFLOP/s a rank's profile (RankProfile) shows per block, from its FLOPs (block_flops), and
+    for the whole layer (attention, MLP, two connectives): how fast an emulated device ran."""
+    seconds = {"attention": profile.att_s_per_head * cfg["num_attention_heads"],
+               "mlp": profile.mlp_s_per_column * cfg["intermediate_size"],
+               "connective": profile.con_s_per_position * cfg["seq_length"]}
+    out = {name: flops[name] / seconds[name] / 1e9 for name in seconds}
+    layer_s = seconds["attention"] + seconds["mlp"] + 2 * seconds["connective"]
+    out["layer"] = (flops["attention"] + flops["mlp"] + 2 * flops["connective"]) / layer_s / 1e9
+    return out
 
 
 def measure_bandwidth(nbytes=8 << 20, repeats=3, group=None):

@@ -120,15 +120,16 @@ def unit_costs(seconds, plan, tp_rank):
 
 
 def split_of(plan):
-    return dict(zip(SPLIT_KEYS, (list(plan.heads), list(plan.columns), list(plan.positions))))
+    return dict(zip(SPLIT_KEYS, (list(plan.heads), list(plan.columns), list(plan.positions)), strict=True))
 
 
 # ---- the decision (pure) ------------------------------------------------------------------
 
 def block_seconds(costs, split):
     """Per rank, per block (attention, MLP, one connective): (units it owns, seconds) in `split`."""
-    units = zip(*(split[k] for k in SPLIT_KEYS))
-    return [[(n, c * n) for n, c in zip(owned, rank_costs)] for owned, rank_costs in zip(units, costs)]
+    units = zip(*(split[k] for k in SPLIT_KEYS), strict=True)
+    return [[(n, c * n) for n, c in zip(owned, rank_costs, strict=True)]
+            for owned, rank_costs in zip(units, costs, strict=True)]
 
 
 def fit_block(now, before=None):
@@ -151,7 +152,7 @@ def fitted_profiles(costs, split, before=None):
     now = block_seconds(costs, split)
     before = before or [[None] * len(BLOCKS)] * len(costs)
     out = []
-    for rank_now, rank_before in zip(now, before):
+    for rank_now, rank_before in zip(now, before, strict=True):
         (att0, att), (mlp0, mlp), (con0, con) = map(fit_block, rank_now, rank_before)
         out.append(RankProfile(att, mlp, con, att_s_fixed=att0, mlp_s_fixed=mlp0, con_s_fixed=con0))
     return out
@@ -282,7 +283,8 @@ def measured_line(step, costs, drift):
     if drift.predicted is None:
         return f"replan step {step}: warm-up, not measured"
     units = ("heads/s", "columns/s", "positions/s")
-    speeds = "; ".join(f"rank {r} " + ", ".join(f"{1 / c:.3g} {u}" for c, u in zip(rank_costs, units) if c > 0)
+    speeds = "; ".join(f"rank {r} " + ", ".join(f"{1 / c:.3g} {u}" for c, u in zip(rank_costs, units, strict=True)
+                                                if c > 0)
                        for r, rank_costs in enumerate(costs))
     return (f"replan step {step}: {speeds}; best split predicted {drift.predicted:.2f}x faster (moves over "
             f"{1 + drift.rule.threshold:.2f}x, {len(drift.window)} of {drift.rule.patience} steps in a row)")

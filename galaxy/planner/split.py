@@ -18,6 +18,8 @@ every link between stages; `plan_stage_layers` minimises the resulting forward l
 from bisect import bisect_right
 from dataclasses import dataclass
 
+from galaxy.plan import even_split
+
 
 @dataclass(frozen=True)
 class RankProfile:
@@ -69,9 +71,9 @@ def comm_seconds(positions, batch, hidden, bandwidth_Bps, bytes_per=4):
 
 def predict_layer_seconds(split, profiles, batch, hidden, bandwidth_Bps):
     heads, cols, pos = split["tp_num_attention_heads_list"], split["tp_intermediate_size_list"], split["seq_scatter_list"]
-    att = max(p.att_s_fixed + h * p.att_s_per_head for h, p in zip(heads, profiles))
-    mlp = max(p.mlp_s_fixed + c * p.mlp_s_per_column for c, p in zip(cols, profiles))
-    con = max(p.con_s_fixed + n * p.con_s_per_position for n, p in zip(pos, profiles))
+    att = max(p.att_s_fixed + h * p.att_s_per_head for h, p in zip(heads, profiles, strict=True))
+    mlp = max(p.mlp_s_fixed + c * p.mlp_s_per_column for c, p in zip(cols, profiles, strict=True))
+    con = max(p.con_s_fixed + n * p.con_s_per_position for n, p in zip(pos, profiles, strict=True))
     return att + mlp + 2 * con + comm_seconds(pos, batch, hidden, bandwidth_Bps)
 
 
@@ -97,6 +99,14 @@ def memory_caps(profiles, hidden, heads, intermediate, layers):
     return head_caps, col_caps
 
 
+def _send_s_per_position(world, batch, hidden, bandwidth_Bps, bytes_per=4):
+    """Link seconds per layer that each position a rank owns costs it, per connective: it sends its
+    positions to every peer in each all-gather (collectives' direct exchange), so the rank with the
+    most positions sets the gathers' time. With the connective's own cost per position, the split
+    of positions minimises the slowest rank's connective plus sends (0 on a free link)."""
+    return (world - 1) * batch * hidden * bytes_per / bandwidth_Bps
+
+
 def plan_galaxy(profiles, *, hidden, heads, intermediate, seq, layers, batch, bandwidth_Bps, column_unit=1,
                 head_unit=1):
     """The Galaxy config keys (per-rank splits) minimising predicted latency, and that latency (s).
@@ -104,26 +114,23 @@ def plan_galaxy(profiles, *, hidden, heads, intermediate, seq, layers, batch, ba
     head_caps, col_caps = memory_caps(profiles, hidden, heads, intermediate, layers)
     head_caps = [c - c % head_unit for c in head_caps]
     col_caps = [c - c % column_unit for c in col_caps]
+    send = _send_s_per_position(len(profiles), batch, hidden, bandwidth_Bps)
     split = {
         "parallel": "galaxy",
         "tp_num_attention_heads_list": apportion(heads, [p.att_s_per_head for p in profiles], head_caps, head_unit,
                                                  [p.att_s_fixed for p in profiles]),
         "tp_intermediate_size_list": apportion(intermediate, [p.mlp_s_per_column for p in profiles], col_caps,
                                                column_unit, [p.mlp_s_fixed for p in profiles]),
-        "seq_scatter_list": apportion(seq, [p.con_s_per_position for p in profiles],
+        "seq_scatter_list": apportion(seq, [p.con_s_per_position + send for p in profiles],
                                       fixed=[p.con_s_fixed for p in profiles]),
     }
     return split, layers * predict_layer_seconds(split, profiles, batch, hidden, bandwidth_Bps)
 
 
-def _even(total, parts):
-    return [total // parts + (r < total % parts) for r in range(parts)]
-
-
 def even_galaxy(world, *, heads, intermediate, seq):
     """The even split (what a config without lists gets), for comparison."""
-    return {"parallel": "galaxy", "tp_num_attention_heads_list": _even(heads, world),
-            "tp_intermediate_size_list": _even(intermediate, world), "seq_scatter_list": _even(seq, world)}
+    return {"parallel": "galaxy", "tp_num_attention_heads_list": even_split(heads, world),
+            "tp_intermediate_size_list": even_split(intermediate, world), "seq_scatter_list": even_split(seq, world)}
 
 
 def pipeline_seconds(stage_layers, s_per_layer, microbatches, extra_s=None, link_s=0.0):
@@ -134,7 +141,7 @@ def pipeline_seconds(stage_layers, s_per_layer, microbatches, extra_s=None, link
         sum_s T_s + (S - 1) * link_s + (M - 1) * max(max_s T_s, link_s)
     (GPipe's (M + S - 1) * max_s T_s when all stages are equal; the forward phase of GPipe/1F1B)."""
     extra_s = extra_s or [0.0] * len(s_per_layer)
-    times = [n * t + e for n, t, e in zip(stage_layers, s_per_layer, extra_s)]
+    times = [n * t + e for n, t, e in zip(stage_layers, s_per_layer, extra_s, strict=True)]
     return sum(times) + (len(times) - 1) * link_s + (microbatches - 1) * max(max(times), link_s)
 
 
@@ -179,7 +186,8 @@ def plan_stage_layers(layers, s_per_layer, microbatches, *, extra_s=None, link_s
     caps = caps or [layers] * len(s_per_layer)
     _check_stages(layers, s_per_layer, microbatches, extra_s, caps)
     # each stage's possible times per micro-batch, ascending: room within B is a bisection
-    times = [[n * t + e for n in range(1, min(cap, layers) + 1)] for t, e, cap in zip(s_per_layer, extra_s, caps)]
+    times = [[n * t + e for n in range(1, min(cap, layers) + 1)]
+             for t, e, cap in zip(s_per_layer, extra_s, caps, strict=True)]
     best = None
     for bound in sorted({x for ts in times for x in ts}):
         room = [bisect_right(ts, bound) for ts in times]
@@ -202,9 +210,10 @@ def stage_costs(tensor_split, profiles, stages, *, hidden, heads, seq, layers, b
     tp = len(profiles) // stages
     groups = [profiles[s * tp:(s + 1) * tp] for s in range(stages)]
     per_head, per_col = layer_param_bytes(hidden, heads)
-    shares = list(zip(tensor_split["tp_num_attention_heads_list"], tensor_split["tp_intermediate_size_list"]))
+    shares = list(zip(tensor_split["tp_num_attention_heads_list"], tensor_split["tp_intermediate_size_list"],
+                      strict=True))
     s_per_layer = [predict_layer_seconds(tensor_split, g, batch, hidden, bandwidth_Bps) for g in groups]
-    caps = [min(_fit(p.memory_bytes, h * per_head + c * per_col, layers) for p, (h, c) in zip(g, shares))
+    caps = [min(_fit(p.memory_bytes, h * per_head + c * per_col, layers) for p, (h, c) in zip(g, shares, strict=True))
             for g in groups]
     extra_s = [max(p.embed_s for p in groups[0])] + [0.0] * (stages - 1)
     return s_per_layer, extra_s, batch * seq * hidden * 4 / bandwidth_Bps, caps
@@ -251,7 +260,7 @@ def even_pipeline(profiles, stages, *, hidden, heads, intermediate, seq, layers,
     tensor = even_galaxy(tp, heads=heads, intermediate=intermediate, seq=seq)
     s_per_layer, extra_s, link_s, _ = stage_costs(tensor, profiles, stages, hidden=hidden, heads=heads, seq=seq,
                                                   layers=layers, batch=batch, bandwidth_Bps=bandwidth_Bps)
-    n = _even(layers, stages)
+    n = even_split(layers, stages)
     return _pipeline_keys(tensor, n, tp), pipeline_seconds(n, s_per_layer, microbatches, extra_s, link_s)
 
 
@@ -273,23 +282,57 @@ def _gather_seconds(positions, batch, hidden, bandwidth_Bps, bytes_per=4):
     return _gather_bytes(positions, batch, hidden, bytes_per) / bandwidth_Bps
 
 
+def tp_layer_seconds(profiles, *, hidden, heads, intermediate, seq, batch, bandwidth_Bps):
+    """Predicted forward time of one layer in even TP (Megatron): heads and columns split evenly,
+    every rank runs both connectives over all positions, and two all-reduces of the [B, T, H]
+    activation (ring: 2 (p - 1) / p of it sent per rank each)."""
+    p = len(profiles)
+    split = even_galaxy(p, heads=heads, intermediate=intermediate, seq=seq)
+    att = max(q.att_s_fixed + h * q.att_s_per_head
+              for h, q in zip(split["tp_num_attention_heads_list"], profiles, strict=True))
+    mlp = max(q.mlp_s_fixed + c * q.mlp_s_per_column
+              for c, q in zip(split["tp_intermediate_size_list"], profiles, strict=True))
+    con = max(q.con_s_fixed + seq * q.con_s_per_position for q in profiles)
+    all_reduce = 2 * (p - 1) / p * batch * seq * hidden * 4 / bandwidth_Bps
+    return att + mlp + 2 * con + 2 * all_reduce
+
+
 def plan_layouts(profiles, *, hidden, heads, intermediate, seq, layers, batch, bandwidth_Bps, column_unit=1):
-    """The planner's candidates for a forward pass, name -> (config keys, predicted seconds):
-    "local" (the fastest rank alone; it is rank `keys["rank"]`), "sp" (sequence parallelism, positions
-    apportioned to speed; per layer K and V are all-gathered) and "galaxy" (`plan_galaxy`). All three
-    count the embeddings (every rank embeds the whole batch) and, split ones, the final gather of the
-    output, so their times compare; choose with `min(candidates, key=lambda k: candidates[k][1])`."""
+    """The planner's candidates for a forward pass, name -> (config keys, predicted seconds), simplest
+    first: "local" (the fastest rank alone; it is rank `keys["rank"]`), "tp" (even TP), "sp" (sequence
+    parallelism, positions apportioned to speed; per layer K and V are all-gathered), "galaxy even"
+    (`even_galaxy`) and "galaxy" (`plan_galaxy`). The even splits are there because a plan is only as
+    good as its profile: the check (galaxy.planner.check) races them all. All count the embeddings
+    (every rank embeds the whole batch) and, sequence-split ones, the final gather of the output, so
+    their times compare; choose with `min(candidates, key=lambda k: candidates[k][1])`."""
     dims = dict(heads=heads, intermediate=intermediate, seq=seq)
     embed = max(p.embed_s for p in profiles)
     local = [layers * seq * _per_position_seconds(p, **dims) + p.embed_s for p in profiles]
     fastest = min(range(len(profiles)), key=local.__getitem__)
     positions = apportion(seq, [_per_position_seconds(p, **dims) for p in profiles])
     out_gather = _gather_seconds(positions, batch, hidden, bandwidth_Bps)
-    sp_layer = (max(n * _per_position_seconds(p, **dims) for n, p in zip(positions, profiles))
+    sp_layer = (max(n * _per_position_seconds(p, **dims) for n, p in zip(positions, profiles, strict=True))
                 + 2 * _gather_seconds(positions, batch, hidden, bandwidth_Bps))  # K and V
+    tp_layer = tp_layer_seconds(profiles, hidden=hidden, batch=batch, bandwidth_Bps=bandwidth_Bps, **dims)
     galaxy, galaxy_s = plan_galaxy(profiles, hidden=hidden, intermediate=intermediate, layers=layers, batch=batch,
                                    bandwidth_Bps=bandwidth_Bps, column_unit=column_unit, heads=heads, seq=seq)
+    even = even_galaxy(len(profiles), **dims)
+    even_s = layers * predict_layer_seconds(even, profiles, batch, hidden, bandwidth_Bps)
+
+    def with_gather(split, seconds):  # the embeddings before, the output gathered along the sequence after
+        return split, seconds + embed + _gather_seconds(split["seq_scatter_list"], batch, hidden, bandwidth_Bps)
     return {"local": ({"parallel": "serial", "rank": fastest}, local[fastest]),
+            "tp": ({"parallel": "tp"}, layers * tp_layer + embed),
             "sp": ({"parallel": "sp", "seq_scatter_list": positions}, layers * sp_layer + embed + out_gather),
-            "galaxy": (galaxy, galaxy_s + embed + _gather_seconds(galaxy["seq_scatter_list"], batch, hidden,
-                                                                  bandwidth_Bps))}
+            "galaxy even": with_gather(even, even_s),
+            "galaxy": with_gather(galaxy, galaxy_s)}
+
+
+def race(candidates, tiles):
+    """What the check races, simplest first, name -> config keys: plan_layouts' candidates (local
+    without its "rank": the caller runs it on the fastest rank), the planned Galaxy split once per
+    overlap_tiles of `tiles` ("galaxy x2": 2 tiles)."""
+    out = {name: {k: v for k, v in keys.items() if k != "rank"} for name, (keys, _) in candidates.items()
+           if name != "galaxy"}
+    out.update({f"galaxy x{k}": dict(candidates["galaxy"][0], overlap_tiles=k) for k in sorted(tiles)})
+    return out

@@ -7,7 +7,8 @@ module stack kept by forward pre/post hooks.  Counting at this level (rather
 than at aten level) keeps the numbers independent of the backend: SDPA is one
 call whether it later runs flash, memory-efficient or math kernels.  A counted
 call's internals are not seen again (torch disables the mode while it runs),
-so nothing is counted twice.  Only forward passes are counted; backward runs
+so nothing is counted twice.  A DTensor operand counts by its local shard: the
+FLOPs this process computes (``call_flops``, shared with galaxy.profiler.emulate).  Only forward passes are counted; backward runs
 in the autograd engine and never reaches the mode.
 
 Conventions (N = number of output elements unless said otherwise):
@@ -50,7 +51,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
 
 # ----------------------------------------------------------------------------- rules
 # A rule maps (args, kwargs, out) -> (flops, macs).
@@ -130,6 +133,23 @@ for _f in (torch.rsub, _T.__rsub__, _T.__rdiv__):  # scalar-on-the-left operator
     _RULES[_f] = _per_element(1)
 
 
+def _local(x):
+    """A DTensor's shard on this rank (what this process computes), anything else as it is."""
+    return x._local_tensor if isinstance(x, DTensor) else x
+
+
+def counts(func):
+    """Whether calls of `func` do arithmetic this module counts (a rule in the table above)."""
+    return func in _RULES
+
+
+def call_flops(func, args, kwargs, out):
+    """(FLOPs, MACs) of one call of a counted `func` (see `counts`) with its result `out`, as this
+    process computes them: a DTensor operand counts by its local shard."""
+    args, kwargs, out = tree_map(_local, (args, kwargs, out))
+    return _RULES[func](args, kwargs, out)
+
+
 # ----------------------------------------------------------------------------- profiler
 @dataclass
 class _Stats:
@@ -152,9 +172,8 @@ class _CountMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        rule = _RULES.get(func)
-        if rule is not None and self.profiler._stack:
-            self.profiler._charge(*rule(args, kwargs, out))
+        if counts(func) and self.profiler._stack:
+            self.profiler._charge(*call_flops(func, args, kwargs, out))
         return out
 
 
@@ -270,7 +289,8 @@ class FlopsProfiler:
         widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
 
         def line(cells):
-            return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+            return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                             for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
 
         return "\n".join([line(header), "-" * len(line(header))] + [line(r) for r in rows])
 

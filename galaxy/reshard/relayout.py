@@ -197,7 +197,7 @@ def fill_after_loss(new, holders, ctx):
             row_bytes = q.numel() * q.element_size() // max(1, q.shape[dim])
             kept, received = kept + own * row_bytes, received + (rows - own) * row_bytes
             filled[i], needed[i] = filled[i] + rows, wanted[rank][1] - wanted[rank][0]
-    missing = [name for (name, _), got, need in zip(params, filled, needed) if got != need]
+    missing = [name for (name, _), got, need in zip(params, filled, needed, strict=True) if got != need]
     if missing:
         raise RuntimeError(f"after the loss, parts of {missing[:3]} ({len(missing)} tensors) were on no survivor "
                            f"and not rebuilt from the sources")

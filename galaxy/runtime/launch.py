@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from galaxy.comm.context import local_gpu
 from galaxy.config.section import at_least, key, one_of, positive
 from galaxy.errors import ConfigError
 from galaxy.runtime import health
@@ -160,7 +161,7 @@ def init_distributed(world, rank, init_method, backend=None, timeout_s=300.0, la
         return None
     backend = backend or default_backend()
     if backend == "nccl":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
+        torch.cuda.set_device(local_gpu(rank))
     timeout = timedelta(seconds=timeout_s)
     if not init_method.startswith("tcp://"):  # env:// or file://: torch's own rendezvous
         dist.init_process_group(backend, init_method=init_method, world_size=world, rank=rank, timeout=timeout)

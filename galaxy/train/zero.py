@@ -97,7 +97,7 @@ def shard_fractions(cfg, dp_size):
 def shard_sizes(n, fractions):
     """Split n elements by fractions (summing to 1): rounded cumulative bounds, the last exactly n."""
     bounds = [round(n * sum(fractions[:r + 1])) for r in range(len(fractions) - 1)] + [n]
-    return [b - a for a, b in zip([0] + bounds[:-1], bounds)]
+    return [b - a for a, b in zip([0] + bounds[:-1], bounds, strict=True)]
 
 
 def sharded_params(model, ctx):
@@ -134,7 +134,7 @@ class Unit:
         self.lo = sum(self.sizes[:group.rank()])
         self.hi = self.lo + self.sizes[group.rank()]
         self.full = torch.cat([p.detach().reshape(-1) for p in params])
-        for p, offset in zip(params, self.offsets):
+        for p, offset in zip(params, self.offsets, strict=True):
             p.data = self.full[offset: offset + p.numel()].view_as(p)
         self.shard = self.full[self.lo: self.hi]
         if own_shard:
@@ -146,7 +146,7 @@ class Unit:
     def segments(self):
         """(parameter, slice of the shard, slice of the parameter's flat view) for each parameter
         overlapping this rank's shard."""
-        for p, offset in zip(self.params, self.offsets):
+        for p, offset in zip(self.params, self.offsets, strict=True):
             lo, hi = max(offset, self.lo), min(offset + p.numel(), self.hi)
             if lo < hi:
                 yield p, slice(lo - self.lo, hi - self.lo), slice(lo - offset, hi - offset)
@@ -309,7 +309,7 @@ class Zero:
     def _hook(self, model, modules):
         if self.root:
             model.register_forward_pre_hook(lambda *_: self.root.gather())
-        for i, (module, u) in enumerate(zip(modules, self.layers)):
+        for i, (module, u) in enumerate(zip(modules, self.layers, strict=True)):
             after = self.layers[i + 1] if i + 1 < len(self.layers) else None
             before = self.layers[i - 1] if i else None
             module.register_forward_pre_hook(lambda m, args, u=u, nxt=after: self._use(u, nxt))
@@ -343,7 +343,7 @@ class ZeroAdamW(torch.optim.AdamW):
         super().step()
         self.zero_step += 1
         group_of = {p: g for g in self.param_groups for p in g["params"]}  # load_state_dict replaces the groups
-        for u, (m, v) in zip(self.zero.units, self.moments):
+        for u, (m, v) in zip(self.zero.units, self.moments, strict=True):
             for p, part, _ in u.segments():
                 _adamw(u.shard[part], u.grad[part], m[part], v[part], self.zero_step, group_of[p])
         if self.zero.stage < 3:
@@ -362,9 +362,9 @@ class ZeroAdamW(torch.optim.AdamW):
         if not self.zero_step:
             return out
         index = self._index()
-        for u, moments in zip(self.zero.units, self.moments):
+        for u, moments in zip(self.zero.units, self.moments, strict=True):
             m, v = (start_all_gather(t, 0, u.sizes, u.group).wait() for t in moments)
-            for p, offset in zip(u.params, u.offsets):
+            for p, offset in zip(u.params, u.offsets, strict=True):
                 n = p.numel()
                 out["state"][index[p]] = {"step": torch.tensor(float(self.zero_step)),
                                           "exp_avg": m[offset: offset + n].view_as(p).clone(),
@@ -377,7 +377,7 @@ class ZeroAdamW(torch.optim.AdamW):
         super().load_state_dict({"state": {i: s for i, s in state.items() if i not in sharded},
                                  "param_groups": state_dict["param_groups"]})
         self.zero_step = 0
-        for u, (m, v) in zip(self.zero.units, self.moments):
+        for u, (m, v) in zip(self.zero.units, self.moments, strict=True):
             m.zero_()
             v.zero_()
             for p, part, in_p in u.segments():

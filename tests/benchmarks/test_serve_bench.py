@@ -3,7 +3,7 @@ every request sent is answered (0 errors). Slow: kept out of CI."""
 import pytest
 
 from benchmarks import serve as bench
-from tests.test_serve import GALAXY2, TEXTS, TINY, Server
+from tests.app.test_serve import GALAXY2, TEXTS, TINY, Server
 
 
 @pytest.mark.slow

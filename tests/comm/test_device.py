@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from galaxy.comm.context import ParallelContext, resolve_device
+from galaxy.runtime import launch
 from galaxy.config.load import load_config
 from galaxy.data import SyntheticMLM
 from galaxy.models.bart import BartConfig, BartForConditionalGeneration
@@ -104,3 +105,18 @@ def test_device_follows_the_backend(monkeypatch):
     assert resolve_device("cpu", "nccl", 5) == torch.device("cpu")  # --device overrides
     assert resolve_device("cuda:2", "gloo", 5) == torch.device("cuda", 2)
     assert resolve_device("cuda", "gloo", 5) == torch.device("cuda", 3)  # this rank's GPU
+
+
+def test_the_launcher_sets_the_gpu_the_context_names(monkeypatch):
+    """init_distributed picks the GPU NCCL starts on by the rule resolve_device names the device by."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(launch.dist, "init_process_group", lambda *args, **kwargs: None)
+    for local_rank in ("3", None):  # torchrun's LOCAL_RANK, then none: the rank modulo the GPUs
+        if local_rank:
+            monkeypatch.setenv("LOCAL_RANK", local_rank)
+        else:
+            monkeypatch.delenv("LOCAL_RANK")
+        launch.init_distributed(8, 5, "env://", "nccl")
+        assert torch.device("cuda", chosen.pop()) == resolve_device(None, "nccl", 5)

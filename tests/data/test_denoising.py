@@ -38,7 +38,7 @@ def test_samples_frame_target_input_and_shifted_decoder_input(data, bert_tok):
     assert (b["decoder_input_ids"][:, 0] == bert_tok.sep_id).all()
     assert torch.equal(b["decoder_input_ids"][:, 1:], labels[:, :-1])
     assert torch.equal(b["attention_mask"], (inputs != bert_tok.pad_id).long())
-    for row, mask in zip(inputs, b["attention_mask"]):
+    for row, mask in zip(inputs, b["attention_mask"], strict=True):
         real = row[mask.bool()]
         assert real[0] == bert_tok.cls_id and real[-1] == bert_tok.sep_id and (real == bert_tok.mask_id).any()
         assert mask.sum() < 48  # shorter than the target: spans collapsed, padding follows

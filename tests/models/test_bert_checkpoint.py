@@ -95,7 +95,7 @@ def test_galaxy_layout_loads_its_slices_and_saves_the_full_model(tmp_path):
         assert n_params < sum(p.numel() for p in serial.parameters())  # only its own heads and columns
     reloaded = BertModel(BertConfig.from_dict(json.loads((MODEL_DIR / "config.json").read_text())))
     load_checkpoint(reloaded, tmp_path, to_hf)
-    for (name, a), b in zip(serial.state_dict().items(), reloaded.state_dict().values()):
+    for (name, a), b in zip(serial.state_dict().items(), reloaded.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 

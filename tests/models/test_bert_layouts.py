@@ -113,7 +113,7 @@ def test_accumulation_matches_one_batch(serial):
 
 def assert_same(losses, grads, serial, where):
     ref_losses, ref_grads, _ = serial
-    for got, want in zip(losses, ref_losses):
+    for got, want in zip(losses, ref_losses, strict=True):
         assert abs(got - want) / abs(want) < 1e-5, (where, losses, ref_losses)
     for name, g in grads.items():
         assert rel_err(g, ref_grads[name]) < 1e-5, (where, name, rel_err(g, ref_grads[name]))

@@ -97,3 +97,11 @@ def test_finetune_retrieval_entry_reports_recall_before_and_after(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert re.search(r"at step 0: recall@1 on 2 held-out pairs: \d\.\d{3}", out.stdout), out.stdout
     assert re.search(r"at step 1: recall@1 on 2 held-out pairs: \d\.\d{3}", out.stdout), out.stdout
+
+
+def test_infer_times_the_sentence_embedding_of_unpadded_requests():
+    from galaxy.app.infer import forward_fn
+    model = build_model(config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
+    ids = torch.randint(1000, (2, SEQ))
+    embedding = forward_fn(model, "bert_retrieval")(ids, None)  # synthetic requests carry no mask
+    assert embedding.shape == (2, 384) and torch.allclose(embedding, model.embed(ids, torch.ones_like(ids)))

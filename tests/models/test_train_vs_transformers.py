@@ -122,6 +122,6 @@ def test_serial_and_galaxy_train_like_transformers_with_adamw(checkpoints):
         runs = {"serial": our_losses(0, 1, arch, checkpoints / arch), "galaxy rank 0": galaxy[0][arch],
                 "galaxy rank 1": galaxy[1][arch]}
         for name, got in runs.items():
-            worst = max(abs(a - b) / abs(b) for a, b in zip(got, want))
+            worst = max(abs(a - b) / abs(b) for a, b in zip(got, want, strict=True))
             print(f"{arch} {name}: max rel. loss error over {STEPS} steps {worst:.2e}")
             assert len(got) == STEPS and worst < 1e-4, (arch, name, got, want)

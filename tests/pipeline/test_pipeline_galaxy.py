@@ -33,7 +33,7 @@ def test_galaxy_inside_pipeline_stages_equals_serial():
     want_losses, want_grads = losses_and_grads(0, 1, make_cfg())
     results = run_ranks(losses_and_grads, 4, make_cfg(**GALAXY_STAGES), timeout_s=240)
     for losses, grads in results:
-        assert all(abs(a - b) / abs(b) < 1e-5 for a, b in zip(losses, want_losses)), (losses, want_losses)
+        assert all(abs(a - b) / abs(b) < 1e-5 for a, b in zip(losses, want_losses, strict=True)), (losses, want_losses)
         for name, g in grads.items():
             assert rel_err(g, want_grads[name]) < 1e-5, (name, rel_err(g, want_grads[name]))
     assert set().union(*(grads for _, grads in results)) == set(want_grads)  # the stages hold every tensor

@@ -89,9 +89,9 @@ def _compare(results, serial):
     for r in results:
         for name, w in r["loaded"].items():  # the decoder copy loads from the embeddings
             assert torch.equal(w, serial["loaded"][name]), name
-        for got, want in zip(r["losses"], serial["losses"]):
+        for got, want in zip(r["losses"], serial["losses"], strict=True):
             assert abs(got - want) / abs(want) < TOL, (r["losses"], serial["losses"])
-        for step, (got, want) in enumerate(zip(r["grads"], serial["grads"])):
+        for step, (got, want) in enumerate(zip(r["grads"], serial["grads"], strict=True)):
             for name, g in got.items():
                 assert _grad_err(g, want[name]) < TOL, f"step {step + 1} grad {name}: {_grad_err(g, want[name])}"
         for name, w in r["weights"].items():

@@ -10,7 +10,7 @@ import torch
 from galaxy.runtime.launch import free_port
 from galaxy.train import checkpoint
 from tests.helpers import run_script
-from tests.reliability.test_checkpoint import make_trainer, tiny_cfg, train
+from tests.train.test_checkpoint import make_trainer, tiny_cfg, train
 
 LR = 5e-4
 
@@ -32,17 +32,10 @@ def torch_schedule_lrs(kind, warmup, total):
     return lrs
 
 
-def trainer_lrs(trainer, until):
-    lrs = []
-    while trainer.step < until:
-        lrs.append(trainer.train_step()["lr"])
-    return lrs
-
-
 @pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
 def test_every_schedule_equals_torchs_own_schedulers(kind):
     trainer = make_trainer(tiny_cfg(lr_scheduler=kind, learning_rate=LR))  # 6 steps, 2 of warm-up
-    assert trainer_lrs(trainer, trainer.total_steps) == pytest.approx(
+    assert train(trainer, trainer.total_steps, "lr") == pytest.approx(
         torch_schedule_lrs(kind, 2, trainer.total_steps), rel=1e-6, abs=1e-12)
 
 
@@ -56,7 +49,7 @@ def test_a_resumed_run_follows_its_own_schedule_from_its_first_step(tmp_path, ch
     resumed = make_trainer(new_cfg)
     assert checkpoint.resume(resumed, tmp_path) == 3
     fresh = make_trainer(new_cfg)
-    assert trainer_lrs(resumed, 6) == trainer_lrs(fresh, 6)[3:]
+    assert train(resumed, 6, "lr") == train(fresh, 6, "lr")[3:]
 
 
 def pretrain_lrs(tmp_path, *args):

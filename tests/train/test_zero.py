@@ -60,7 +60,7 @@ def assert_same(results, reference_losses, reference_weights=None):
     for rank_results in results:
         dp_weights = rank_results[0][1]
         for stage, (losses, got, _) in rank_results.items():
-            for a, b in zip(losses, reference_losses):
+            for a, b in zip(losses, reference_losses, strict=True):
                 assert abs(a - b) <= TOL * abs(b), (stage, losses, reference_losses)
             assert_weights_close(got, reference_weights or dp_weights)
 
@@ -121,7 +121,7 @@ def resume_across(rank, world, save_dir, first, second):
 @pytest.mark.parametrize("first,second", [(2, 1), (2, 0), (0, 2), (1, 3), (3, 0)])
 def test_checkpoint_resumes_across_stages(tmp_path, first, second):
     for straight, resumed, want, got in run_ranks(resume_across, 2, str(tmp_path), first, second):
-        for a, b in zip(resumed, straight):
+        for a, b in zip(resumed, straight, strict=True):
             assert abs(a - b) <= TOL * abs(b), (resumed, straight)
         assert_weights_close(got, want)
 
@@ -158,7 +158,7 @@ def test_memory_proportional_shards_equal_serial():  # every stage at world 2, s
     results = run_ranks(every_stage, 2, {"data_parallel_size": 2, "memory_mb": [3000, 1000]})
     losses, reference = serial()
     assert_same(results, losses, reference)
-    for rank_results, share in zip(results, (0.75, 0.25)):  # ZeRO-3 holds the rank's share of the state
+    for rank_results, share in zip(results, (0.75, 0.25), strict=True):  # ZeRO-3 holds the rank's share of the state
         plain, zero3 = (sum(rank_results[s][2].values()) for s in (0, 3))
         assert zero3 <= (share + 0.01) * plain, (share, zero3, plain)
 

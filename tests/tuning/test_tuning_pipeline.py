@@ -94,7 +94,7 @@ def test_every_method_under_pipeline_matches_serial(world):
         stages = [r[(method, schedule)] for r in results]
         for rank, got in enumerate(stages):
             where = f"{method} {schedule} stage {rank}"
-            for step, (loss, ref) in enumerate(zip(got["losses"], want["losses"])):
+            for step, (loss, ref) in enumerate(zip(got["losses"], want["losses"], strict=True)):
                 assert abs(loss - ref) <= TOL * abs(ref), f"{where} step {step + 1}: loss {loss} vs serial {ref}"
             ref = want["grads"][0]
             bad = {n: e for n, e in ((n, grad_err(g, ref[n], ref)) for n, g in got["grads"][0].items()) if not e < TOL}

@@ -235,7 +235,9 @@ class BertForRetrieval(nn.Module):
     def label_tokens(labels):
         return labels.numel()  # each question counts once
 
-    def embed(self, input_ids, attention_mask):
+    def embed(self, input_ids, attention_mask=None):
+        if attention_mask is None:  # every position counts
+            attention_mask = torch.ones_like(input_ids)
         return sentence_embedding(self.bert(input_ids, attention_mask), attention_mask)
 
     def forward(self, query_ids, query_mask, passage_ids, passage_mask, labels):

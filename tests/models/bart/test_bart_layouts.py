@@ -78,7 +78,7 @@ def test_layouts_match_serial(world, serial):
     for rank, per_layout in enumerate(results):
         for (layout, dropout), (losses, grads) in per_layout.items():
             ref_losses, ref_grads = serial[dropout]
-            for got, want in zip(losses, ref_losses):
+            for got, want in zip(losses, ref_losses, strict=True):
                 assert abs(got - want) / abs(want) < 1e-5, (layout, dropout, rank, losses, ref_losses)
             assert grads.keys() == ref_grads.keys(), layout
             for name, g in grads.items():

@@ -57,7 +57,7 @@ def assert_matches_serial(result, serial, where):
     """Both losses and every gradient in `result` (a train_two_steps result) equal serial's
     within fp32 rounding (rel. error < 1e-5); `where` names the run in failures."""
     (losses, grads), (ref_losses, ref_grads) = result, serial
-    for got, want in zip(losses, ref_losses):
+    for got, want in zip(losses, ref_losses, strict=True):
         assert abs(got - want) / abs(want) < 1e-5, (where, losses, ref_losses)
     for name, g in grads.items():
         assert rel_err(g, ref_grads[name]) < 1e-5, (where, name, rel_err(g, ref_grads[name]))

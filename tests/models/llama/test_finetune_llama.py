@@ -11,8 +11,8 @@ import finetune_llama
 import generate
 from galaxy.app import train
 from galaxy.config.load import load_config
+from galaxy.inference.generate import greedy_generate
 from galaxy.models.llama import LlamaConfig, LlamaForCausalLM
-from galaxy.models.llama.generate import greedy_generate
 from galaxy.plan import build_plan
 from tests.helpers import ROOT, SHIPPED, tiny_llama_tokenizer
 

@@ -14,8 +14,8 @@ import torch
 import generate
 from galaxy.comm.context import ParallelContext
 from galaxy.config.load import load_config
+from galaxy.inference.generate import GrowingSequence, SequenceSplit, greedy_generate, greedy_steps, kv_caches
 from galaxy.models.llama import LlamaForCausalLM
-from galaxy.models.llama.generate import GrowingSequence, SequenceSplit, greedy_generate, greedy_steps, kv_caches
 from galaxy.plan import build_plan
 from tests.helpers import ROOT, rel_err, run_ranks, tiny_llama_tokenizer
 
@@ -60,7 +60,7 @@ def hf_generate(path, index):
 
 def steps(model, prompt, use_cache=True):
     """(new tokens [B, NEW_TOKENS], each step's logits or None off the last pipeline stage)."""
-    tokens, logits = zip(*greedy_steps(model, prompt, NEW_TOKENS, use_cache))
+    tokens, logits = zip(*greedy_steps(model, prompt, NEW_TOKENS, use_cache), strict=True)
     return torch.cat(tokens, 1), logits
 
 
@@ -89,7 +89,7 @@ def _in_layouts(rank, world, path, layouts):
 
 def assert_logits_match(got, want, what):
     assert len(got) == len(want) == NEW_TOKENS, what
-    for step, (g, w) in enumerate(zip(got, want)):
+    for step, (g, w) in enumerate(zip(got, want, strict=True)):
         assert rel_err(g, w) < 1e-5, (what, step)
 
 

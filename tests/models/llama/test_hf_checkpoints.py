@@ -14,8 +14,8 @@ import torch
 import generate
 from galaxy.comm.context import ParallelContext
 from galaxy.config.load import load_config
+from galaxy.inference.generate import greedy_generate
 from galaxy.models.llama import LlamaForCausalLM
-from galaxy.models.llama.generate import greedy_generate
 from galaxy.plan import build_plan
 from tests.helpers import rel_err, run_ranks, tiny_llama_tokenizer
 

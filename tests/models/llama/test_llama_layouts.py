@@ -8,8 +8,8 @@ import torch
 
 from galaxy.comm.context import ParallelContext
 from galaxy.config.load import load_config
+from galaxy.inference.generate import greedy_generate
 from galaxy.models.llama import LlamaConfig, LlamaForCausalLM
-from galaxy.models.llama.generate import greedy_generate
 from galaxy.plan import build_plan
 from tests.helpers import rel_err, run_ranks
 from tests.models.llama.common import MODEL, assert_matches_serial, train_two_steps

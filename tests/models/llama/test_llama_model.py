@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from galaxy.config.load import load_config
+from galaxy.inference.generate import greedy_generate, kv_caches
 from galaxy.models.llama import LlamaConfig, LlamaForCausalLM
-from galaxy.models.llama.generate import greedy_generate, kv_caches
 from galaxy.train.loop import Trainer, label_tokens
 from galaxy.tuning.apply import apply_tuning
 from tests.helpers import rel_err
@@ -158,5 +158,5 @@ def test_bf16_pure_trains_bf16_parameters_and_optimizer_state():
         losses[dtype] = [trainer.train_step()["loss"] for _ in range(2)]
         states[dtype] = [t.dtype for s in trainer.opt.state.values() for k, t in s.items() if k != "step"]
     assert all(p.dtype == torch.bfloat16 for p in model.parameters()) and set(states["bf16_pure"]) == {torch.bfloat16}
-    for got, want in zip(losses["bf16_pure"], losses["fp32"]):
+    for got, want in zip(losses["bf16_pure"], losses["fp32"], strict=True):
         assert abs(got - want) < 2e-2 * want, losses

@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from galaxy.app.outputs import LOCK
-from tests.reliability import procs
+from tests import procs
 
 GRACE_S = procs.TIMEOUT_S + 30
 
@@ -65,7 +65,7 @@ def test_kill_during_save_then_resume(tmp_path):
     common = ["--max_steps", "6", "--save_dir", str(tmp_path / "ckpt"), "--save_every", "2"]
     code, out = procs.run([*common[:2], "--metrics_file", str(tmp_path / "straight.jsonl")])
     assert code == 0, out
-    code, out = procs.run([*common, "--metrics_file", str(tmp_path / "crash.jsonl")], script="tests/reliability/die_in_save.py")
+    code, out = procs.run([*common, "--metrics_file", str(tmp_path / "crash.jsonl")], script="tests/scripts/die_in_save.py")
     assert code == -signal.SIGKILL, out
     # the killed run's lock stays behind, stale: the resumed run takes it over
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [LOCK, ".tmp-step-00000004", "step-00000002"]

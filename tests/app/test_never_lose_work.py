@@ -15,8 +15,8 @@ from galaxy.app import outputs
 from galaxy.models.checkpoint import CheckpointError
 from galaxy.train import checkpoint
 from tests.helpers import run_ranks
-from tests.reliability import procs
-from tests.reliability.test_checkpoint import make_trainer, tiny_cfg, train
+from tests import procs
+from tests.train.test_checkpoint import make_trainer, tiny_cfg, train
 
 BLOW_UP = ["--lr", "1e9", "--max_grad_norm", "0"]  # step 1 is finite, step 2's loss is NaN
 

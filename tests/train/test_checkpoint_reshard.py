@@ -12,7 +12,7 @@ import pytest
 from galaxy.models.checkpoint import CheckpointError
 from galaxy.train import checkpoint
 from tests.helpers import run_ranks
-from tests.reliability.test_checkpoint import TOTAL, make_trainer, tiny_cfg, train
+from tests.train.test_checkpoint import TOTAL, make_trainer, tiny_cfg, train
 
 SAVED_AT = 3
 MODEL = {"num_attention_heads": 4}  # dropout on (tiny_cfg): masks follow the sample, not the layout

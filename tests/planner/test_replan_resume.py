@@ -7,7 +7,7 @@ import json
 import re
 import shutil
 
-from tests.reliability import procs
+from tests import procs
 
 STEPS = 8
 SPLIT = ["--parallel", "galaxy", "--num_attention_heads", "4", "--tp_num_attention_heads_list", "[1,3]",
@@ -19,7 +19,7 @@ ARGS = [*SPLIT, *TRAIN, "--world", "2", "--replan", '{"threshold": 0.25, "patien
 def test_checkpoint_after_a_move_resumes_in_the_original_split_exactly(tmp_path):
     args = [*ARGS, "--save_dir", str(tmp_path / "ckpt")]
     run = procs.start([*args, "--metrics_file", str(tmp_path / "moved.jsonl")], tmp_path / "run.log",
-                      "tests/reliability/patched_steps.py", env={"GALAXY_TEST_SLOW": "1,3,6"})
+                      "tests/scripts/patched_steps.py", env={"GALAXY_TEST_SLOW": "1,3,6"})
     code = procs.finish({0: run}, 240)[0]
     log = (tmp_path / "run.log").read_text()
     assert code == 0, log[-3000:]

@@ -15,7 +15,7 @@ from galaxy.errors import ConfigError
 from galaxy.plan import build_plan
 from galaxy.runtime import elastic, health, launch
 from tests.helpers import ROOT
-from tests.reliability import procs
+from tests import procs
 
 STEPS = ["--max_steps", "6", "--hidden_dropout_prob", "0", "--attention_probs_dropout_prob", "0"]
 
@@ -25,7 +25,7 @@ STEPS = ["--max_steps", "6", "--hidden_dropout_prob", "0", "--attention_probs_dr
 def test_killed_rank_survivors_resume_at_world2_and_match_serial(lost, plan, tmp_path):
     args = [*procs.GALAXY3, *STEPS, "--world", "3", "--elastic", "--save_dir", str(tmp_path / "ckpt"),
             "--save_every", "2", "--metrics_file", str(tmp_path / "elastic.jsonl")]
-    run = procs.start(args, tmp_path / "run.log", "tests/reliability/patched_steps.py",
+    run = procs.start(args, tmp_path / "run.log", "tests/scripts/patched_steps.py",
                       env={"GALAXY_TEST_KILL": f"{lost},5,3"})
     code = procs.finish({0: run}, 240)[0]
     log = (tmp_path / "run.log").read_text()
@@ -45,7 +45,7 @@ def test_killed_rank_survivors_resume_at_world2_and_match_serial(lost, plan, tmp
 def test_no_checkpoint_yet_is_refused(tmp_path):
     args = [*procs.GALAXY3, *STEPS, "--world", "3", "--elastic", "--save_dir", str(tmp_path / "ckpt"),
             "--save_every", "4"]
-    run = procs.start(args, tmp_path / "run.log", "tests/reliability/patched_steps.py",
+    run = procs.start(args, tmp_path / "run.log", "tests/scripts/patched_steps.py",
                       env={"GALAXY_TEST_KILL": "2,1,3"})
     code = procs.finish({0: run}, 240)[0]
     log = (tmp_path / "run.log").read_text()
@@ -95,7 +95,7 @@ def test_inference_killed_rank_survivors_serve_at_world2(layout, expected):
             "--hidden_size", "64", "--intermediate_size", "128", "--vocab_size", "200", "--num_hidden_layers", "2",
             "--seq_length", "32", "--timeout_s", "20", "--requests", "4", "--warmup", "1", *layout]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GALAXY_TEST_KILL": "2,3,3"}
-    done = subprocess.run([sys.executable, "tests/reliability/patched_infer.py", *args], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, "tests/scripts/patched_infer.py", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=240)
     log = done.stdout + done.stderr
     assert done.returncode == 0, log[-3000:]

@@ -2,7 +2,7 @@
 before a process group exists, so no ranks are spawned)."""
 import pytest
 
-from tests.reliability import bad_inputs
+from tests.app import bad_inputs
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,9 @@
-"""`python -m galaxy.planner` end to end on a pipeline: 2 stages of one rank each, the second slowed."""
+"""`python -m galaxy.planner` end to end on a pipeline: 2 stages of one rank each, the second slowed;
+bad arguments named before any rank starts."""
 import json
 import re
+
+import pytest
 
 from galaxy.config.load import load_config, read_config
 from galaxy.plan import build_plan
@@ -34,3 +37,13 @@ def test_planner_gives_the_slowed_stage_fewer_layers_and_writes_a_loadable_confi
         assert cfg["stage_num_hidden_layers_list"] == [int(planned[1]), int(planned[2])]
     else:
         assert cfg["stage_num_hidden_layers_list"] == [2, 2]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--world", "1"], "--world 1: the planner splits a model over at least 2 ranks"),
+    (["--world", "2", "--memory_mb", "1", "1"], "--memory_mb [1.0, 1.0] sums to 2 MB; the layers' parameters need 12.0 MB"),
+    (["--world", "2", "--memory_mb", "100", "0.5"], "--memory_mb 0.5 cannot hold one head and one intermediate column"),
+])
+def test_planner_names_bad_arguments(args, message):
+    done = run_script("-m", "galaxy.planner", "--config", "train_config/bert/galaxy/full.json", *args, timeout=120)
+    assert done.returncode == 2 and message in done.stderr, done.stderr[-3000:]

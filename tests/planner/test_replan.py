@@ -44,7 +44,7 @@ STEPS, MOVE_AFTER = 3, 2
 
 def config(model, world, **extra):
     shape = BERT if model == "bert" else dict(LLAMA, data="corpus")
-    split = dict(zip(KEYS, SPLITS[model, world])) if world > 1 else {}
+    split = dict(zip(KEYS, SPLITS[model, world], strict=True)) if world > 1 else {}
     return load_config(None, {**shape, **split, "model": model, "parallel": "galaxy" if world > 1 else "serial",
                               **extra})
 
@@ -56,7 +56,7 @@ def ids_of(cfg):
 # ---- the decision, without processes --------------------------------------------------------
 
 DIMS = dict(hidden=64, heads=4, intermediate=128, seq=32, layers=1, batch=1, head_unit=1)
-EVEN = dict(zip(KEYS, ([2, 2], [64, 64], [16, 16])))
+EVEN = dict(zip(KEYS, ([2, 2], [64, 64], [16, 16]), strict=True))
 EQUAL = [[1.0, 0.01, 0.001], [1.0, 0.01, 0.001]]
 SLOW = [[1.0, 0.01, 0.001], [4.0, 0.04, 0.004]]  # rank 1 four times slower at everything
 
@@ -64,7 +64,7 @@ SLOW = [[1.0, 0.01, 0.001], [4.0, 0.04, 0.004]]  # rank 1 four times slower at e
 def test_best_split_moves_work_from_a_slow_rank_and_keeps_a_balanced_one():
     assert best_split(EQUAL, EVEN, DIMS) == (EVEN, 1.0)
     split, speedup = best_split(SLOW, EVEN, DIMS)
-    assert split == dict(zip(KEYS, ([3, 1], [103, 25], [26, 6])))
+    assert split == dict(zip(KEYS, ([3, 1], [103, 25], [26, 6]), strict=True))
     assert speedup > 1.9
 
 
@@ -89,7 +89,7 @@ def test_ranks_observing_the_same_costs_decide_the_same():
     noisy = [[[(1.0 + 0.1 * ((s * 7 + r) % 3)) * (3 if r == 2 and s >= 4 else 1), 0.01, 0.001] for r in range(3)]
              for s in range(12)]
     dims = dict(DIMS, heads=6)
-    split = dict(zip(KEYS, ([2, 2, 2], [43, 43, 42], [11, 11, 10])))
+    split = dict(zip(KEYS, ([2, 2, 2], [43, 43, 42], [11, 11, 10]), strict=True))
     decisions = []
     for _ in range(3):  # three ranks, each with its own Drift
         drift = Drift(ReplanRule(threshold=0.1, patience=2), dims)
@@ -113,13 +113,14 @@ WIDE = dict(DIMS, heads=12, intermediate=96, seq=48)
 
 def _measured(split):
     """The unit costs the ranks measure in `split` when their blocks take TRUE's seconds."""
-    shares = zip(*(split[k] for k in KEYS))
-    return [[(f + n * u) / n for (f, u), n in zip(rank, owned)] for rank, owned in zip(TRUE, shares)]
+    shares = zip(*(split[k] for k in KEYS), strict=True)
+    return [[(f + n * u) / n for (f, u), n in zip(rank, owned, strict=True)]
+            for rank, owned in zip(TRUE, shares, strict=True)]
 
 
 def test_a_slow_rank_with_fixed_costs_makes_one_move_where_the_linear_model_made_two():
     drift = Drift(ReplanRule(threshold=0.25, patience=3, warmup=1), WIDE)
-    split, moves = dict(zip(KEYS, ([6, 6], [48, 48], [24, 24]))), []
+    split, moves = dict(zip(KEYS, ([6, 6], [48, 48], [24, 24]), strict=True)), []
     for step in range(16):
         decision = drift.observe(_measured(split), split)
         if decision:
@@ -163,7 +164,7 @@ def test_replan_is_refused_before_processes_start():
 def _infer_then_move(cfg, world, rank):
     model, ctx = eval_model(cfg, build_plan(cfg, world), rank)
     replanner = Replanner(model, ctx, cfg)
-    replanner.move_to(dict(zip(KEYS, MOVED[cfg["model"], world])))
+    replanner.move_to(dict(zip(KEYS, MOVED[cfg["model"], world], strict=True)))
     with torch.no_grad():
         return forward_fn(replanner.model, cfg["model"])(ids_of(cfg), None), list(replanner.model.ctx.plan.heads)
 
@@ -179,7 +180,7 @@ def _train(cfg, world, rank, move):
     for step in range(STEPS):
         losses.append(trainer.train_step()["loss"])
         if move and step + 1 == MOVE_AFTER:
-            replanner.move_to(dict(zip(KEYS, MOVED[cfg["model"], world])))
+            replanner.move_to(dict(zip(KEYS, MOVED[cfg["model"], world], strict=True)))
     state = lambda key: gather_full_state(trainer.model, trainer.ctx, mlm_to_hf,  # noqa: E731
                                           lambda p: trainer.opt.state[p][key])
     full = {"weights": gather_full_state(trainer.model, trainer.ctx, mlm_to_hf),
@@ -210,7 +211,7 @@ def test_a_move_keeps_outputs_serial_and_training_exact(world):
             assert rel_err(got, serial[model]) < 1e-5, (case, rank, rel_err(got, serial[model]))
         (losses, full, lr, columns), (want_losses, want_full, want_lr, _) = out["moved"], out["stayed"]
         assert columns == MOVED["bert", world][1]
-        for got, want in zip(losses, want_losses):
+        for got, want in zip(losses, want_losses, strict=True):
             assert abs(got - want) / abs(want) < 1e-5, (rank, losses, want_losses)
         assert lr == want_lr
         for kind, tensors in full.items():

@@ -82,7 +82,7 @@ def test_a_noisy_but_better_candidate_is_found_with_enough_rounds():
     long = [race(seconds, noise, seed, max_rounds=40)[0] for seed in range(20)]
     assert sum(v.best == "galaxy" for v in short) == 13 and all(v.decided for v in short if v.best == "galaxy")
     assert all(v.best == "galaxy" and v.decided for v in long)
-    assert all(v.rounds > 3 for s, v in zip(short, long) if not s.decided)  # it took more rounds
+    assert all(v.rounds > 3 for s, v in zip(short, long, strict=True) if not s.decided)  # it took more rounds
 
 
 def test_too_small_a_budget_is_refused():

@@ -36,7 +36,7 @@ def test_parts_compose_in_order_and_the_file_wins(tmp_path):
 
 
 def test_missing_and_circular_parts_are_named(tmp_path):
-    with pytest.raises(ConfigError, match="nope.json does not exist"):
+    with pytest.raises(ConfigError, match="includes nope.json, but there is no .*nope.json nor .*train_config/nope.json"):
         read_config(write(tmp_path / "a.json", {"include": ["nope.json"]}))
     write(tmp_path / "b.json", {"include": ["c.json"]})
     write(tmp_path / "c.json", {"include": ["b.json"]})
@@ -46,6 +46,18 @@ def test_missing_and_circular_parts_are_named(tmp_path):
         read_config(write(tmp_path / "e.json", {"include": ["e.json"]}))
     with pytest.raises(ConfigError, match="unknown config key 'hiden_size'"):
         read_config(write(tmp_path / "d.json", {"include": [], "hiden_size": 1}))
+
+
+@pytest.mark.parametrize("path", RECIPES + [UNEVEN], ids=lambda p: str(p.relative_to(ROOT / "train_config")))
+def test_a_copied_recipe_reads_as_the_shipped_one(path, tmp_path):
+    """Parts not beside the copy come from train_config/; a part put beside it wins."""
+    copy = write(tmp_path / "runs" / "x" / "my.json", json.loads(path.read_text()))
+    assert read_config(copy) == read_config(path)
+    if path.relative_to(ROOT / "train_config").as_posix() == "bert/galaxy/full.json":
+        tp = (ROOT / "train_config" / "layout" / "tp.json").read_text()
+        (tmp_path / "layout").mkdir()
+        (tmp_path / "layout" / "galaxy.json").write_text(tp)  # the copy's ../../layout/galaxy.json, beside it
+        assert read_config(copy) == read_config(ROOT / "train_config" / "bert" / "tp" / "full.json")
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "train_config")))

@@ -147,7 +147,7 @@ def _serve_losing_a_rank(rank, world, cfg, victim, after, lagging=None, regroups
 
 def assert_serial(outputs, want, label):
     assert len(outputs) == REQUESTS
-    for i, (got, expected) in enumerate(zip(outputs, want)):
+    for i, (got, expected) in enumerate(zip(outputs, want, strict=True)):
         assert rel_err(got, expected) < 1e-5, (label, i, rel_err(got, expected))
 
 

@@ -20,12 +20,12 @@ import pytest
 import torch
 
 from galaxy.app.answers import Ask
-from galaxy.data import tokenizer_from
-from galaxy.models.llama.generate import greedy_generate
-from galaxy.models.registry import build_model
 from galaxy.config.load import load_config
+from galaxy.data import tokenizer_from
+from galaxy.inference.generate import greedy_generate
+from galaxy.models.registry import build_model
 from tests.helpers import ROOT, SHIPPED
-from tests.reliability.bad_inputs import run_in_process
+from tests.app.bad_inputs import run_in_process
 
 TINY = ["--hidden_size", "64", "--num_hidden_layers", "2", "--intermediate_size", "128", "--seq_length", "32",
         "--threads", "1"]
@@ -37,11 +37,11 @@ TEXTS = ["The list is a mutable sequence.", "A tuple cannot change.", "Dictionar
 
 
 class Server:
-    """infer_galaxy.py --serve (through tests.reliability.patched_infer, whose ranks can kill themselves)."""
+    """infer_galaxy.py --serve (through tests.scripts.patched_infer, whose ranks can kill themselves)."""
 
     def __init__(self, args, env=None, limit_s=240):
         env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.reliability.patched_infer", *args,
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.scripts.patched_infer", *args,
                                       "--serve", "127.0.0.1:0"], cwd=ROOT, env=env, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.lines = queue.Queue()
@@ -175,7 +175,7 @@ def test_completions_while_a_slowed_rank_makes_the_ranks_replan():
             prompts = [PROMPTS[i % len(PROMPTS)]] if i % 2 else PROMPTS[:2]
             status, body = call(server.url, "/v1/completions", {"prompt": prompts, "max_tokens": 5, "temperature": 0})
             assert status == 200, body
-            for choice, prompt in zip(sorted(body["choices"], key=lambda c: c["index"]), prompts):
+            for choice, prompt in zip(sorted(body["choices"], key=lambda c: c["index"]), prompts, strict=True):
                 new = want[PROMPTS.index(prompt)]
                 assert choice["text"] == tok.decode(new), (i, prompt, choice)
                 assert choice["finish_reason"] == ("stop" if new[-1] == tok.eos_id else "length")
@@ -196,6 +196,6 @@ def test_completions_while_a_slowed_rank_makes_the_ranks_replan():
 def test_a_port_in_use_stops_before_any_rank_starts():
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        code, out = run_in_process(["--world", "2", "--serve", f"127.0.0.1:{port}"], "infer_galaxy.py")
+        code, out = run_in_process(["infer_galaxy.py", "--world", "2", "--serve", f"127.0.0.1:{port}"])
     assert code == 1 and f"--serve 127.0.0.1:{port}: cannot listen there (Address already in use)" in out, out
     assert "[rank" not in out

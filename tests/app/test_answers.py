@@ -131,7 +131,7 @@ def test_generate_equals_transformers(hf_llama):
     got = answers(cfg, "generate", serial_model(cfg))
     tok = tokenizer_from(hf_llama)
     model = hf().LlamaForCausalLM.from_pretrained(hf_llama).eval()
-    for prompt, new in zip(PROMPTS, got):
+    for prompt, new in zip(PROMPTS, got, strict=True):
         ids = torch.tensor([tok.encode_with_special_tokens(prompt)])
         want = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=6,
                               eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)

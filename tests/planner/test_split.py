@@ -7,19 +7,19 @@ import pytest
 from galaxy.plan import build_plan
 from galaxy.planner.split import (RankProfile, apportion, comm_seconds, even_galaxy, even_pipeline,
                                   pipeline_seconds, plan_galaxy, plan_layouts, plan_pipeline, plan_stage_layers,
-                                  predict_layer_seconds, tiled_variants)
+                                  predict_layer_seconds, race, tiled_variants)
 
 
 def test_apportion_is_proportional_to_speed_and_exact():
     assert apportion(12, [1.0, 1.0]) == [6, 6]
     assert apportion(12, [1.0, 2.0]) == [8, 4]  # the 2x slower rank gets half the work
-    assert max(n * c for n, c in zip(apportion(13, [1.0, 2.0, 4.0]), [1.0, 2.0, 4.0])) == 8
+    assert max(n * c for n, c in zip(apportion(13, [1.0, 2.0, 4.0]), [1.0, 2.0, 4.0], strict=True)) == 8
     assert sum(apportion(3072, [0.3, 0.7, 1.1], unit=64)) == 3072
 
 
 def test_apportion_minimises_the_slowest_rank():
     costs = [1.0, 1.7, 2.9]
-    best = max(n * c for n, c in zip(apportion(20, costs), costs))
+    best = max(n * c for n, c in zip(apportion(20, costs), costs, strict=True))
     brute = min(max(a * costs[0], b * costs[1], (20 - a - b) * costs[2])
                 for a in range(1, 19) for b in range(1, 20 - a))
     assert best == pytest.approx(brute)
@@ -34,10 +34,10 @@ def test_apportion_with_fixed_costs_is_optimal_against_brute_force():
         fixed = [rng.choice([0.0, rng.uniform(0.0, 10.0)]) for _ in range(ranks)]
         caps = [unit * rng.randint(1, total // unit) for _ in range(ranks)]
         shares = [n for n in itertools.product(range(unit, total + 1, unit), repeat=ranks)
-                  if sum(n) == total and all(a <= c for a, c in zip(n, caps))]
+                  if sum(n) == total and all(a <= c for a, c in zip(n, caps, strict=True))]
         if not shares:
             continue
-        seconds = (lambda n: max(f + a * c for f, a, c in zip(fixed, n, costs)))  # noqa: E731
+        seconds = (lambda n: max(f + a * c for f, a, c in zip(fixed, n, costs, strict=True)))  # noqa: E731
         assert seconds(apportion(total, costs, caps, unit, fixed)) == pytest.approx(min(map(seconds, shares)))
     # a fixed part moves units away from its rank (a linear model cannot tell it apart)
     assert apportion(12, [1.0, 1.0], fixed=[0.0, 4.0]) == [8, 4]
@@ -63,9 +63,13 @@ def test_slow_rank_gets_smaller_share_and_lower_predicted_latency():
     split, predicted = plan_galaxy(_profiles(2.0), **dims)
     assert split["tp_num_attention_heads_list"] == [8, 4]
     assert split["tp_intermediate_size_list"] == [2048, 1024]
-    assert split["seq_scatter_list"][0] > split["seq_scatter_list"][1]
+    assert split["seq_scatter_list"] == [261, 251]  # a position costs its owner 25 us of sends, 1 or 2 us of compute
     even = even_galaxy(2, heads=12, intermediate=3072, seq=512)
     assert predicted < 12 * predict_layer_seconds(even, _profiles(2.0), 1, 768, 1.25e8)
+    free = plan_galaxy(_profiles(2.0), **dict(dims, bandwidth_Bps=float("inf")))[0]
+    assert free["seq_scatter_list"] == [342, 170]  # a free link: positions in proportion to speed
+    by_speed = dict(split, seq_scatter_list=free["seq_scatter_list"])
+    assert predicted < 12 * predict_layer_seconds(by_speed, _profiles(2.0), 1, 768, 1.25e8)
 
 
 def test_memory_budget_caps_a_rank():
@@ -99,7 +103,9 @@ def test_slow_stage_gets_fewer_layers_within_memory_caps():
 def test_many_micro_batches_give_apportions_min_max_split():
     costs = [1.0, 1.7, 2.9]
     split, _ = plan_stage_layers(20, costs, 1000)
-    assert max(n * c for n, c in zip(split, costs)) == max(n * c for n, c in zip(apportion(20, costs), costs))
+    proportional = apportion(20, costs)
+    slowest = (lambda counts: max(n * c for n, c in zip(counts, costs, strict=True)))  # noqa: E731
+    assert slowest(split) == slowest(proportional)
 
 
 def test_stage_layers_are_optimal_against_brute_force():
@@ -114,7 +120,7 @@ def test_stage_layers_are_optimal_against_brute_force():
         if sum(caps) < layers:
             continue
         split, seconds = plan_stage_layers(layers, t, micro, extra_s=extra, link_s=link, caps=caps)
-        assert sum(split) == layers and all(1 <= n <= c for n, c in zip(split, caps))
+        assert sum(split) == layers and all(1 <= n <= c for n, c in zip(split, caps, strict=True))
         brute = min(pipeline_seconds(n, t, micro, extra, link)
                     for n in itertools.product(*(range(1, c + 1) for c in caps)) if sum(n) == layers)
         assert seconds == pytest.approx(brute, rel=1e-12)
@@ -196,8 +202,35 @@ def test_plan_layouts_splits_on_a_fast_link_and_counts_every_collective():
     assert galaxy_s == pytest.approx(planned)  # no embeddings in the profiles, no link time at this bandwidth
     slower = plan_layouts(profiles, bandwidth_Bps=1e8, **LAYOUT_DIMS)
     # per layer 2 all-gathers (the longer shard sets them) and 2 reduce-scatters (half the activation each);
-    # then the output gather
-    longest, half = max(galaxy_keys["seq_scatter_list"]) * 1024 * 4, 512 * 1024 * 4 / 2
-    assert slower["galaxy"][1] - galaxy_s == pytest.approx((2 * 2 * (longest + half) + longest) / 1e8)
+    # then the output gather. On the slower link the positions are split more evenly (fewer bytes for the longest)
+    split = slower["galaxy"][0]
+    assert max(split["seq_scatter_list"]) < max(galaxy_keys["seq_scatter_list"])
+    compute = 2 * predict_layer_seconds(split, profiles, 1, 1024, float("inf"))
+    longest, half = max(split["seq_scatter_list"]) * 1024 * 4, 512 * 1024 * 4 / 2
+    assert slower["galaxy"][1] - compute == pytest.approx((2 * 2 * (longest + half) + longest) / 1e8)
     longest = max(sp_keys["seq_scatter_list"]) * 1024 * 4
     assert slower["sp"][1] - candidates["sp"][1] == pytest.approx((2 * 2 + 1) * longest / 1e8)  # K, V per layer; output
+
+
+def test_plan_layouts_offers_the_even_splits_beside_the_planned_ones():
+    profiles = _profiles(3.0)
+    candidates = plan_layouts(profiles, bandwidth_Bps=1e15, **LAYOUT_DIMS)
+    assert list(candidates) == ["local", "tp", "sp", "galaxy even", "galaxy"]  # simplest first
+    even = even_galaxy(2, heads=16, intermediate=4096, seq=512)
+    assert candidates["galaxy even"][0] == even and candidates["tp"][0] == {"parallel": "tp"}
+    # TP: heads and columns even, both connectives over every position on every rank; the slow rank sets each block
+    slow = max(profiles, key=lambda p: p.att_s_per_head)
+    tp_layer = 8 * slow.att_s_per_head + 2048 * slow.mlp_s_per_column + 2 * 512 * slow.con_s_per_position
+    assert candidates["tp"][1] == pytest.approx(2 * tp_layer + slow.embed_s)
+    assert candidates["galaxy"][1] < candidates["galaxy even"][1] < candidates["tp"][1]
+    slower = plan_layouts(profiles, bandwidth_Bps=1e8, **LAYOUT_DIMS)
+    # two all-reduces a layer, each sending (ring) 2 (p - 1) / p = 1 activation per rank at world 2
+    assert slower["tp"][1] - candidates["tp"][1] == pytest.approx(2 * 2 * 512 * 1024 * 4 / 1e8)
+
+
+def test_the_check_races_the_even_splits_and_each_tiling_of_the_plan():
+    candidates = plan_layouts(_profiles(2.0), bandwidth_Bps=1e9, **LAYOUT_DIMS)
+    raced = race(candidates, [4, 1])
+    assert list(raced) == ["local", "tp", "sp", "galaxy even", "galaxy x1", "galaxy x4"]
+    assert raced["galaxy x4"] == dict(candidates["galaxy"][0], overlap_tiles=4)
+    assert raced["galaxy even"]["tp_num_attention_heads_list"] == [8, 8]

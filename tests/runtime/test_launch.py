@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability import procs
+from tests import procs
 
 GALAXY = ["--config_file", "train_config/bert/galaxy/full.json", "--parallel", "galaxy"]
 GALAXY2 = [*GALAXY, "--tp_num_attention_heads_list", "[1,1]", "--tp_intermediate_size_list", "[64,64]",
@@ -41,7 +41,7 @@ def test_local_run_outlives_its_timeout(tmp_path):
     """A collective timeout of 3 s, a run of more than 40 s (the old spawner gave up at timeout_s + 30)."""
     args = [*GALAXY2, "--world", "2", "--timeout_s", "3", "--max_steps", "80", "--log_every", "20"]
     start = time.monotonic()
-    run = procs.start(args, tmp_path / "run.log", "tests/reliability/patched_steps.py", env={"GALAXY_TEST_STEP_S": "0.5"})
+    run = procs.start(args, tmp_path / "run.log", "tests/scripts/patched_steps.py", env={"GALAXY_TEST_STEP_S": "0.5"})
     code = procs.finish({0: run}, 300)[0]
     log = (tmp_path / "run.log").read_text()
     assert code == 0 and "step 80/80 |" in log, log[-3000:]
@@ -73,7 +73,7 @@ def _sigterm_mid_run(tmp_path, extra):
     every process it started had ended). Every such process is killed before returning."""
     log = tmp_path / "run.log"
     launcher = procs.start([*GALAXY2, "--world", "2", "--max_steps", "100000", "--log_every", "1", *extra], log,
-                           "tests/reliability/patched_steps.py", env={"GALAXY_TEST_STEP_S": "0.2"})
+                           "tests/scripts/patched_steps.py", env={"GALAXY_TEST_STEP_S": "0.2"})
     children = []
     try:
         assert procs.wait_for(log, "step 3/", launcher), log.read_text()[-3000:]
@@ -112,19 +112,8 @@ def test_save_on_signal_then_resume(tmp_path):
 @pytest.mark.parametrize("debug", [False, True])
 def test_failing_rank_is_one_line_unless_debug(tmp_path, debug):
     run = procs.start([*GALAXY2, "--world", "2", "--max_steps", "5", *(["--debug"] if debug else [])],
-                      tmp_path / "run.log", "tests/reliability/patched_steps.py", env={"GALAXY_TEST_FAIL_RANK": "1"})
+                      tmp_path / "run.log", "tests/scripts/patched_steps.py", env={"GALAXY_TEST_FAIL_RANK": "1"})
     code = procs.finish({0: run}, 240)[0]
     log = (tmp_path / "run.log").read_text()
     assert code == 1 and "galaxy: rank 1 failed: RuntimeError: injected failure after step 1" in log, log[-3000:]
     assert ("Traceback" in log) == debug, log[-3000:]
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--world", "1"], "--world 1: the planner splits a model over at least 2 ranks"),
-    (["--world", "2", "--memory_mb", "1", "1"], "--memory_mb [1.0, 1.0] sums to 2 MB; the layers' parameters need 12.0 MB"),
-    (["--world", "2", "--memory_mb", "100", "0.5"], "--memory_mb 0.5 cannot hold one head and one intermediate column"),
-])
-def test_planner_names_bad_arguments(args, message):
-    done = subprocess.run([sys.executable, "-m", "galaxy.planner", "--config", "train_config/bert/galaxy/full.json", *args],
-                          cwd=procs.ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and message in done.stderr, done.stderr[-3000:]

@@ -45,11 +45,12 @@ def make_trainer(cfg, rank=0, world=1):
     return trainer
 
 
-def train(trainer, until):
-    losses = []
+def train(trainer, until, metric="loss"):
+    """`metric` of each step until step `until`."""
+    values = []
     while trainer.step < until:
-        losses.append(trainer.train_step()["loss"])
-    return losses
+        values.append(trainer.train_step()[metric])
+    return values
 
 
 def straight_and_resumed(rank, world, cfg, save_dir):

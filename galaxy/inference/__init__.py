@@ -1,0 +1,1 @@
+"""Inference beyond one forward pass: greedy decoding with a KV cache in every layout (generate)."""
