@@ -16,7 +16,7 @@ what to build; they never branch on layout names.
 from dataclasses import dataclass
 from enum import Enum
 
-from galaxy.config.section import at_least, key, one_of
+from galaxy.keys import at_least, key, one_of
 from galaxy.errors import ConfigError
 
 

@@ -3,19 +3,20 @@
 A config may compose parts: {"include": ["../../model/bert_tiny.json", "../../layout/galaxy.json"]}.
 A part's path is relative to the file; where nothing is there, the same path under the shipped
 train_config/ is read (its leading "../" dropped), so a shipped config copied anywhere still runs.
-Every key belongs to one section, a frozen dataclass defined beside the code that uses it; its
-fields give each key's type, default and one-line description, its __post_init__ the key's rules:
+Every key belongs to one section, a frozen dataclass defined beside the code that uses it (or, for
+the packages above config, which never import it, in sections.py); its fields give each key's type,
+default and one-line description (galaxy/keys.py), its __post_init__ the key's rules:
 
     section     class                               module
     model       the architecture's own config class  galaxy/models/<arch>/config.py (models/registry.py)
     data        DataConfig                          galaxy/data/build.py
-    optim       OptimConfig                         galaxy/train/optim.py
-    loop        LoopConfig                          galaxy/train/loop.py
     layout      LayoutConfig                        galaxy/plan.py
-    zero        ZeroConfig                          galaxy/train/zero.py
     tuning      TuningConfig                        galaxy/tuning/keys.py
-    checkpoint  CheckpointConfig                    galaxy/train/checkpoint.py
-    runtime     RuntimeConfig                       galaxy/runtime/launch.py
+    optim       OptimConfig                         galaxy/config/sections.py (for train/optim.py)
+    loop        LoopConfig                          galaxy/config/sections.py (for train/loop.py)
+    zero        ZeroConfig                          galaxy/config/sections.py (for train/zero.py)
+    checkpoint  CheckpointConfig                    galaxy/config/sections.py (for train/checkpoint.py)
+    runtime     RuntimeConfig                       galaxy/config/sections.py (for runtime/)
 
 The prototype's aliases (pad_size, lr, lora_att_dim, ...) become the keys' names once, as a file or
 an override is read. Unknown keys and wrong types are errors naming the key; a key of another
@@ -33,16 +34,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from galaxy.config.section import from_keys, key
+from galaxy.config.sections import CheckpointConfig, LoopConfig, OptimConfig, RuntimeConfig, ZeroConfig
 from galaxy.data.build import DataConfig
 from galaxy.errors import ConfigError
+from galaxy.keys import from_keys, key
 from galaxy.models.registry import MODELS
 from galaxy.plan import TP, LayoutConfig
-from galaxy.runtime.launch import RuntimeConfig
-from galaxy.train.checkpoint import CheckpointConfig
-from galaxy.train.loop import LoopConfig
-from galaxy.train.optim import OptimConfig
-from galaxy.train.zero import ZeroConfig
 from galaxy.tuning.keys import TuningConfig, check_tuning, other_methods_keys, tuning_method
 
 SHIPPED = Path(__file__).resolve().parents[2] / "train_config"  # the repository's configs and their parts

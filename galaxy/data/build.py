@@ -2,7 +2,7 @@
 build_data(cfg, ctx), and the pairs it holds out for evaluation, if any: held_out_data(cfg)."""
 from dataclasses import dataclass
 
-from galaxy.config.section import at_least, key, one_of
+from galaxy.keys import at_least, key, one_of
 from galaxy.data.denoising import BartDenoisingData
 from galaxy.data.instruction import InstructionData, PretrainTextData
 from galaxy.data.pretrain import BertPretrainData, SyntheticMLM

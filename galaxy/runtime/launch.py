@@ -19,7 +19,6 @@ import socket
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 from datetime import timedelta
 from urllib.parse import urlparse
 
@@ -28,8 +27,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from galaxy.comm.context import local_gpu
-from galaxy.config.section import at_least, key, one_of, positive
-from galaxy.errors import ConfigError
 from galaxy.runtime import health
 
 DEFAULT_ADDR, DEFAULT_PORT = "127.0.0.1", 29500
@@ -37,27 +34,6 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _RANK_EXIT_S = 5  # how long ranks get to exit on their own once the run is decided
 _POLL_S = 0.2  # how often spawn looks for ranks that ended without a result
 RANKS_PER_CORE = 4  # the most a one-command local spawn starts on one CPU core
-
-
-@dataclass(frozen=True)
-class RuntimeConfig:
-    """The process section of a config: where ranks meet, how they talk, how long they wait."""
-    init_method: str = key(None, f"where ranks meet, e.g. tcp://{DEFAULT_ADDR}:23000 (after --master_addr/"
-                                 f"--master_port and MASTER_ADDR/MASTER_PORT)")
-    distributed_backend: str = key(None, "gloo | nccl (default: nccl on CUDA, else gloo)")
-    device: str = key(None, "cpu | cuda | cuda:N (default: cuda:<local rank> under nccl, else cpu)")
-    timeout_s: float = key(300.0, "collective / rendezvous timeout")
-    elastic: bool = key(False, "a one-command local spawn restarts its surviving ranks when one dies: re-planned "
-                               "for the smaller world, training resumes from the latest checkpoint "
-                               "(galaxy.runtime.elastic)")
-    elastic_restarts: int = key(3, "--elastic: at most this many restarts")
-
-    def __post_init__(self):
-        at_least(self, ("elastic_restarts",), 1)
-        positive(self, ("timeout_s",))
-        one_of(self, "distributed_backend", ("gloo", "nccl", None))
-        if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda"):
-            raise ConfigError(f"config key 'device' is {self.device!r}, expected cpu, cuda or cuda:N")
 
 
 def add_launch_args(parser):

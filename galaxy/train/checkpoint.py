@@ -30,7 +30,7 @@ import os
 import random
 import re
 import shutil
-from dataclasses import astuple, dataclass
+from dataclasses import astuple
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +39,6 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from galaxy.config.section import at_least, key
-from galaxy.errors import ConfigError
 from galaxy.layers.param_spec import spec_of
 from galaxy.models.checkpoint import CheckpointError
 from galaxy.train.optim import lr_schedule
@@ -60,31 +58,6 @@ RESUME_FREE_KEYS = LAYOUT_KEYS + (
     "max_steps", "num_epochs", "learning_rate", "warmup_steps", "lr_scheduler", "resume", "save_dir", "save_every", "keep_checkpoints", "timeout_s", "save_on_signal",
     "log_every", "on_nonfinite", "init_method", "distributed_backend", "load_checkpoint", "load_trainable", "device",
     "strict", "elastic", "elastic_restarts", "replan", "memory_report")
-
-
-@dataclass(frozen=True)
-class CheckpointConfig:
-    """The checkpoint section of a config: the weights a run starts from and what it saves where."""
-    load_checkpoint: str = key(None, "a Hugging Face directory or safetensors file to start from")
-    strict: bool = key(True, "load_checkpoint must hold exactly the model's tensors; false loads those that "
-                             "match and lists the tensors missing and unused")
-    save_dir: str = key(None, "training checkpoints go to save_dir/step-N/; the final HF export to save_dir")
-    save_every: int = key(0, "save a training checkpoint every N optimizer steps (and at the last); 0 = never")
-    keep_checkpoints: int = key(0, "keep only the newest K training checkpoints; 0 = keep all")
-    resume: bool = key(False, "continue from the newest complete checkpoint in save_dir")
-    save_on_signal: bool = key(False, "on SIGTERM/SIGINT every rank stops at the same step and saves a "
-                                      "training checkpoint to save_dir before it exits")
-    save_trainable_only: bool = key(False, "the final export holds only the trained tensors (LoRA / adapter / "
-                                           "side), with tuning.json beside them")
-    load_trainable: str = key(None, "a save_trainable_only directory, loaded after load_checkpoint once the "
-                                    "tuning method has added its parameters (its tuning.json must match this run's)")
-
-    def __post_init__(self):
-        at_least(self, ("save_every", "keep_checkpoints"), 0)
-        for name in ("resume", "save_every", "save_on_signal"):
-            if getattr(self, name) and not self.save_dir:
-                raise ConfigError(f"config key '{name}' is {getattr(self, name)!r} but save_dir is not set; "
-                                  f"training checkpoints live in save_dir")
 
 
 def _rank_files(rank):

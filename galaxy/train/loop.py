@@ -9,58 +9,23 @@ optimizer step over all replicas, so any layout's gradients equal the serial mod
 
 A step whose loss or gradient norm is not finite on any rank takes no optimizer step; the run
 then stops (on_nonfinite "stop") or goes on with the next batch ("skip", as Megatron skips a step
-whose gradients overflowed; the LR schedule does not advance either). LoopConfig is the
-training section of a config.
+whose gradients overflowed; the LR schedule does not advance either). Its keys are the config's
+loop section (galaxy.config.sections.LoopConfig).
 """
 import json
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from galaxy.config.section import at_least, key, one_of, positive
 from galaxy.data import DataError, batch_indices
-from galaxy.errors import ConfigError
 from galaxy.layers.dropout import set_dropout_seed
-from galaxy.seeding import DEFAULT_SEED
 from galaxy.train.grad_sync import GradSync, clip_grad_norm
 from galaxy.train.optim import build_optimizer, optimizer_state_bytes
 from galaxy.train.zero import Zero
-
-
-@dataclass(frozen=True)
-class LoopConfig:
-    train: bool = key(True, "train (true) or only run the forward pass (false)")
-    gradient_accumulation_steps: int = key(1, "micro-steps of batch_size samples per optimizer step "
-                                              "(alias: grad_accum_steps)")
-    num_epochs: int = key(1, "passes over the data, when max_steps is not given")
-    max_steps: int = key(None, "optimizer steps; default = one pass of num_epochs")
-    seed: int = key(DEFAULT_SEED, "initial weights, data order and masking, dropout masks derive from it")
-    dtype: str = key("fp32", "fp32 | bf16 (autocast; fp32 master weights) | bf16_pure (bf16 parameters and "
-                             "optimizer state)")
-    activation_checkpointing: bool = key(False, "recompute each layer in backward instead of keeping its "
-                                                "activations")
-    bucket_size_mb: float = key(25.0, "gradient all-reduce bucket size")
-    log_every: int = key(1, "print a step's loss every N optimizer steps")
-    on_nonfinite: str = key("stop", "a step with a non-finite loss or gradient norm: stop the run, or skip "
-                                    "its optimizer step and go on")
-    memory_report: bool = key(False, "each rank prints its model state at start-up and the peak of its second "
-                                     "step beside galaxy.profiler.memory's prediction (a meta build of the rank: "
-                                     "seconds)")
-
-    def __post_init__(self):
-        at_least(self, ("gradient_accumulation_steps", "max_steps", "log_every"), 1)
-        at_least(self, ("num_epochs",), 0)
-        positive(self, ("bucket_size_mb",))
-        one_of(self, "dtype", ("fp32", "bf16", "bf16_pure"))
-        one_of(self, "on_nonfinite", ("stop", "skip"))
-        if self.memory_report and self.max_steps == 1:
-            raise ConfigError("config key 'memory_report' measures the second step (the first creates AdamW's "
-                              "state), but max_steps is 1")
 
 
 def replica_rows(n, ctx):

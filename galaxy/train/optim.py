@@ -1,31 +1,11 @@
-"""AdamW over the trainable parameters only, with warmup then linear / cosine / constant decay;
-OptimConfig is the optimizer section of a config."""
+"""AdamW over the trainable parameters only, with warmup then linear / cosine / constant decay
+(the config's optim section, galaxy.config.sections.OptimConfig)."""
 import functools
 import math
-from dataclasses import dataclass
 
 import torch
 
-from galaxy.config.section import at_least, key, one_of, positive, probability
 from galaxy.train.zero import ZeroAdamW
-
-
-@dataclass(frozen=True)
-class OptimConfig:
-    learning_rate: float = key(5e-4, "peak learning rate, after warmup (alias: lr)")
-    weight_decay: float = key(0.01, "AdamW weight decay of matrices (biases and norms: none)")
-    adam_beta1: float = key(0.9, "AdamW's first-moment decay")
-    adam_beta2: float = key(0.999, "AdamW's second-moment decay")
-    adam_eps: float = key(1e-8, "AdamW's denominator epsilon")
-    warmup_steps: int = key(10, "optimizer steps of linear warmup from 0")
-    lr_scheduler: str = key("linear", "decay after warmup: linear | cosine | constant")
-    max_grad_norm: float = key(1.0, "clip the global gradient norm to this; 0 disables clipping")
-
-    def __post_init__(self):
-        at_least(self, ("warmup_steps", "learning_rate", "weight_decay", "max_grad_norm"), 0)
-        positive(self, ("adam_eps",))
-        probability(self, ("adam_beta1", "adam_beta2"))
-        one_of(self, "lr_scheduler", ("linear", "cosine", "constant"))
 
 
 def build_optimizer(model, cfg, total_steps, zero=None):

@@ -23,7 +23,6 @@ and last stages share (summed between the two stages after the data-parallel sum
 """
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -31,36 +30,9 @@ from torch import nn
 
 from galaxy.comm import stats
 from galaxy.comm.collectives import start_all_gather, start_reduce_scatter
-from galaxy.config.section import key, one_of
 from galaxy.errors import ConfigError
 from galaxy.layers.param_spec import GradSum, spec_of
 from galaxy.train.grad_sync import GradSync, grad_groups, is_split
-
-
-@dataclass(frozen=True)
-class ZeroConfig:
-    """The ZeRO section of a config: what needs no plan (check_zero checks the rest against the replicas)."""
-    zero_stage: int = key(0, "ZeRO over the data-parallel group: 1 shards AdamW state, 2 also gradients, "
-                             "3 also parameters; 0 = off")
-    zero_shard_list: list = key(None, "fraction of every sharded tensor each data-parallel rank holds, "
-                                      "e.g. [0.5, 0.3, 0.2]; default even")
-    memory_mb: list[int] = key(None, "each data-parallel rank's memory in MiB: ZeRO shards in proportion "
-                                     "(instead of zero_shard_list)")
-
-    def __post_init__(self):
-        one_of(self, "zero_stage", (0, 1, 2, 3))
-        fractions = self.zero_shard_list
-        if self.memory_mb is not None:
-            if fractions is not None:
-                raise ConfigError("config keys 'zero_shard_list' and 'memory_mb' both set how ZeRO shards; set one")
-            if any(m < 1 for m in self.memory_mb):
-                raise ConfigError(f"config key 'memory_mb' must hold positive sizes in MiB, got {self.memory_mb}")
-        if fractions is None:
-            return
-        if not all(isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in fractions):
-            raise ConfigError(f"config key 'zero_shard_list' must hold positive fractions, got {fractions!r}")
-        if abs(sum(fractions) - 1) > 1e-6:
-            raise ConfigError(f"config key 'zero_shard_list' {fractions} sums to {sum(fractions):g}, not 1")
 
 
 def check_zero(cfg, plan):

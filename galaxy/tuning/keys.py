@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from galaxy.adapters.utils import ACTIVATIONS
-from galaxy.config.section import key, probability, settle
+from galaxy.keys import key, probability, settle
 from galaxy.errors import ConfigError
 
 # config name (Hugging Face BERT's module name) -> (block, projection) in our layers

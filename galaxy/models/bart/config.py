@@ -2,7 +2,7 @@
 BART config.json both ways. Light on purpose: a config is read without the model's torch code."""
 from dataclasses import dataclass
 
-from galaxy.config.section import check_transformer, from_keys, key, settle
+from galaxy.keys import check_transformer, from_keys, key, settle
 from galaxy.seeding import DEFAULT_SEED
 
 

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from galaxy.config.section import check_transformer, from_keys, key, settle
+from galaxy.keys import check_transformer, from_keys, key, settle
 from galaxy.plan import check_kv_heads
 from galaxy.seeding import DEFAULT_SEED
 

@@ -1,7 +1,8 @@
-"""What a config section is made of. A section is a frozen dataclass defined by the module that
-uses its keys (galaxy.config.load lists them); each field is one config key, with a default and a
-one-line description (`key`), and the section's __post_init__ checks its rules with the helpers
-below, whose messages name the key. Imports nothing of Galaxy's but its errors, so every owner can."""
+"""What a config section is made of. A section is a frozen dataclass (galaxy.config.load lists
+them); each field is one config key, with a default and a one-line description (`key`), and the
+section's __post_init__ checks its rules with the helpers below, whose messages name the key.
+It sits at the bottom of the package picture (it imports only galaxy.errors), so the modules that
+own sections (plan.py, data, tuning, the models' config classes) can import it."""
 from dataclasses import field, fields
 
 from galaxy.errors import ConfigError
