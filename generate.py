@@ -26,7 +26,7 @@ import torch
 
 from galaxy.app import cli
 from galaxy.app.session import join, load_model
-from galaxy.config.load import SCHEMA, read_config
+from galaxy.config.load import is_config_key, read_config
 from galaxy.data import holds_tokenizer
 from galaxy.data.build import load_tokenizer
 from galaxy.errors import ConfigError
@@ -57,7 +57,7 @@ def generation_keys(args, overrides):
     if not config.is_file():
         raise ConfigError(f"{config} not found (--checkpoint must be a Hugging Face LLaMA directory)")
     # the model's own fields, not config.json's raw keys: transformers' "dtype" is not the engine's
-    shape = {k: v for k, v in vars(LlamaConfig.from_pretrained(args.checkpoint)).items() if k in SCHEMA and v is not None}
+    shape = {k: v for k, v in vars(LlamaConfig.from_pretrained(args.checkpoint)).items() if is_config_key(k) and v is not None}
     shares = overrides.get("seq_scatter_list") or read_config(args.config_file).get("seq_scatter_list")
     seq_length = sum(shares) if shares else launch.resolve_world_rank(args)[0]  # no list: even shares
     keys = {**shape, **_tuning(args.load_trainable), "model": "llama", "load_checkpoint": args.checkpoint,

@@ -28,12 +28,12 @@ def main(argv=None):
                         help="default: train_config/<model>/full.json")
     parser.add_argument("--depth", type=int, default=2, help="table depth (root = 0, -1 = every module)")
     args, rest = parser.parse_known_args(argv)
+    overrides = {**config_overrides(parser, rest), **({"model": args.model} if args.model else {})}
     try:
-        cfg = load_config(args.config_file or f"train_config/{args.model or 'bert'}/full.json",
-                          config_overrides(parser, rest))
+        cfg = load_config(args.config_file or f"train_config/{args.model or 'bert'}/full.json", overrides)
     except ConfigError as e:
         parser.exit(2, f"profile_flops: config error: {e}\n")
-    name = cfg["model"] = args.model or cfg["model"]
+    name = cfg["model"]
     model = build_model(cfg).eval()
     ids = torch.randint(cfg["vocab_size"], (cfg["batch_size"], cfg["seq_length"]),
                         generator=torch.Generator().manual_seed(cfg["seed"]))

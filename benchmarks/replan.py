@@ -45,8 +45,8 @@ def bench(rank, world, args):
             before.append(_one(serve_live, ids, ctx))
             live.after_step(request)
         device.set(args.slowed[rank])
-        split = profile_and_plan(dict(cfg, batch_size=1), world)[0]
-    planned_cfg = dict(cfg, **{k: v for k, v in split.items() if k != "parallel"})
+        split = profile_and_plan(cfg.replace(data=replace(cfg.data, batch_size=1)), world)[0]
+    planned_cfg = cfg.with_layout(**{k: v for k, v in split.items() if k != "parallel"})
     planned = build_model(planned_cfg, replace(ctx, plan=build_plan(planned_cfg, world))).eval()
     with device:
         during, after, beside, request = [], [], [], args.before

@@ -16,6 +16,7 @@ what to build; they never branch on layout names.
 from dataclasses import dataclass
 from enum import Enum
 
+from galaxy.keys import at_least, key, one_of
 from galaxy.errors import ConfigError
 
 
@@ -34,6 +35,35 @@ LAYOUTS = {"serial": (NONE, NONE, NONE), "tp": (TP, NONE, TP), "sp": (SP, SP, SP
            "galaxy2": (TP, SP, SP), "dp": (NONE, NONE, NONE), "pp": (NONE, NONE, NONE)}
 BLOCK_METHODS = {"att_parallel_method": (TP, SP, NONE), "con_parallel_method": (SP, NONE),
                  "mlp_parallel_method": (TP, SP, NONE)}
+
+
+@dataclass(frozen=True)
+class LayoutConfig:
+    """The layout keys of a config: build_plan turns them and the world size into a Plan."""
+    parallel: str = key(None, "serial | tp | sp | dp | galaxy | galaxy2 | pp: the block methods of the table above")
+    att_parallel_method: str = key(None, "TP | SP | NONE: overrides parallel's method for attention")
+    con_parallel_method: str = key(None, "SP | NONE: overrides parallel's method for the connective blocks")
+    mlp_parallel_method: str = key(None, "TP | SP | NONE: overrides parallel's method for the MLP")
+    tp_num_attention_heads_list: list[int] = key(None, "attention heads per tensor rank (default: as even as can be)")
+    tp_intermediate_size_list: list[int] = key(None, "MLP columns per tensor rank (default: as even as can be)")
+    seq_scatter_list: list[int] = key(None, "sequence positions per tensor rank (default: as even as can be)")
+    stage_num_hidden_layers_list: list[int] = key(None, "layers per pipeline stage; more than one entry turns "
+                                                        "pipelining on")
+    data_parallel_size: int = key(None, "model replicas (default: the world over the stages when no block is split)")
+    num_microbatches: int = key(1, "micro-batches per pipeline step")
+    pipeline_schedule: str = key("1f1b", "gpipe | 1f1b | zb-h1 | interleaved-1f1b")
+    virtual_stages: int = key(1, "chunks of layers per pipeline rank (interleaved-1f1b)")
+    overlap_tiles: int = key(1, "tiles for comm/compute overlap; 1 = off")
+    replan: dict = key(None, "re-plan the head/column/position split while running when a rank's speed drifts: "
+                             "{\"threshold\": 0.25, \"patience\": 3, \"warmup\": 1} (any of them; {} = these); "
+                             "galaxy.planner.replan")
+
+    def __post_init__(self):
+        at_least(self, ("num_microbatches", "overlap_tiles", "virtual_stages"), 1)
+        one_of(self, "pipeline_schedule", ("gpipe", "1f1b", "zb-h1", "interleaved-1f1b"))
+        if self.virtual_stages > 1 and self.pipeline_schedule != "interleaved-1f1b":
+            raise ConfigError(f"virtual_stages {self.virtual_stages} needs pipeline_schedule 'interleaved-1f1b', "
+                              f"not {self.pipeline_schedule!r}")
 
 
 @dataclass(frozen=True)

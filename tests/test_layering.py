@@ -38,7 +38,8 @@ RULES = [
 # docs/architecture.md's picture, top to bottom: a package imports only those under it
 STACK = ["galaxy.app", "galaxy.runtime", "galaxy.planner", "galaxy.profiler", "galaxy.reshard", "galaxy.inference",
          "galaxy.train", "galaxy.config", "galaxy.tuning", "galaxy.loralib", "galaxy.adapters", "galaxy.pipeline",
-         "galaxy.models", "galaxy.data", "galaxy.layers", "galaxy.comm", "galaxy.plan", "galaxy.errors", "galaxy.seeding"]
+         "galaxy.models", "galaxy.data", "galaxy.layers", "galaxy.comm", "galaxy.plan", "galaxy.keys", "galaxy.errors",
+         "galaxy.seeding"]
 # the `python -m galaxy.X` commands the documentation names: thin shims into galaxy.app
 COMMAND_SHIMS = {"galaxy.planner.__main__", "galaxy.memory.__main__"}
 

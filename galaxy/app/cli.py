@@ -3,7 +3,7 @@ overrides for any config key. Everything is validated before a process group is 
 import argparse
 import sys
 
-from galaxy.config.load import ALIASES, SCHEMA, idle_keys, load_config, parse_cli_value
+from galaxy.config.load import idle_keys, is_config_key, key_type, load_config, parse_cli_value
 from galaxy.errors import ConfigError
 from galaxy.plan import build_plan, default_splits
 from galaxy.planner.replan import check_replan
@@ -112,7 +112,7 @@ def config_overrides(parser, rest):
         if not token.startswith("--"):
             parser.error(f"unexpected argument {token!r}")
         key, _, value = token[2:].partition("=")
-        if key not in SCHEMA and key not in ALIASES:
+        if not is_config_key(key):
             parser.error(f"unknown option --{key} (not a flag and not a config key)")
         if not value and _is_bool(key) and (i + 1 >= len(rest) or rest[i + 1].startswith("--")):
             value = "true"  # a bare flag: --save_on_signal
@@ -129,4 +129,4 @@ def config_overrides(parser, rest):
 
 
 def _is_bool(key):
-    return SCHEMA[ALIASES.get(key, key)][0] is bool
+    return key_type(key) is bool

@@ -48,10 +48,9 @@ def main():
     cfg = load_config(args.config, {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0})
     args.stages = args.stages or len(cfg["stage_num_hidden_layers_list"] or [None])
     _check_args(p, cfg, args)
-    cfg["parallel"] = "galaxy" if args.world > args.stages else "pp"
-    for key in ("tp_num_attention_heads_list", "tp_intermediate_size_list", "seq_scatter_list",
-                "stage_num_hidden_layers_list"):
-        cfg[key] = None  # the planner decides these
+    cfg = cfg.with_layout(parallel="galaxy" if args.world > args.stages else "pp", tp_num_attention_heads_list=None,
+                          tp_intermediate_size_list=None, seq_scatter_list=None,
+                          stage_num_hidden_layers_list=None)  # the planner decides the splits
     try:
         r = spawn(plan_and_check, args.world, (cfg, args), timeout_s=args.timeout_s)[0]
     except RankFailed as e:  # e.g. budgets too tight for the measured splits

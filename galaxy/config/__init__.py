@@ -1,2 +1,3 @@
-"""Run configs: JSON files composed of parts ("include"), every key typed and checked at load
-(load.py: SCHEMA, load_config)."""
+"""Run configs: JSON files composed of parts ("include"), read into a typed, frozen Config whose
+sections are defined and checked by the modules that use them (load.py: Config, load_config;
+section.py: what a section is made of)."""

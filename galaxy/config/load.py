@@ -1,160 +1,140 @@
-"""JSON configs with the research prototype's key names, validated in one place.
+"""JSON configs with the research prototype's key names, read into a typed, frozen Config.
 
 A config may compose parts: {"include": ["../../model/bert_tiny.json", "../../layout/galaxy.json"]}.
 A part's path is relative to the file; where nothing is there, the same path under the shipped
 train_config/ is read (its leading "../" dropped), so a shipped config copied anywhere still runs.
-Every key has a type and a default (model keys: the architecture's, galaxy/models/registry.py);
-unknown keys and wrong types are errors naming the key. Command-line `--key value` pairs
-override the file. Aliases keep old names working.
+Every key belongs to one section, a frozen dataclass defined beside the code that uses it (or, for
+the packages above config, which never import it, in sections.py); its fields give each key's type,
+default and one-line description (galaxy/keys.py), its __post_init__ the key's rules:
+
+    section     class                               module
+    model       the architecture's own config class  galaxy/models/<arch>/config.py (models/registry.py)
+    data        DataConfig                          galaxy/data/build.py
+    layout      LayoutConfig                        galaxy/plan.py
+    tuning      TuningConfig                        galaxy/tuning/keys.py
+    optim       OptimConfig                         galaxy/config/sections.py (for train/optim.py)
+    loop        LoopConfig                          galaxy/config/sections.py (for train/loop.py)
+    zero        ZeroConfig                          galaxy/config/sections.py (for train/zero.py)
+    checkpoint  CheckpointConfig                    galaxy/config/sections.py (for train/checkpoint.py)
+    runtime     RuntimeConfig                       galaxy/config/sections.py (for runtime/)
+
+The prototype's aliases (pad_size, lr, lora_att_dim, ...) become the keys' names once, as a file or
+an override is read. Unknown keys and wrong types are errors naming the key; a key of another
+architecture (rope_theta in a BERT config) is ignored. Command-line `--key value` pairs override
+the file. Reading: cfg.optim.learning_rate, or cfg["learning_rate"] (a Config is a read-only
+mapping of every key); changing: cfg.replace(layout=dataclasses.replace(cfg.layout, ...)).
+Loading imports the architectures' config classes, not their models.
 """
+import dataclasses
+import functools
 import hashlib
 import itertools
 import json
-from dataclasses import fields
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 
+from galaxy.config.sections import CheckpointConfig, LoopConfig, OptimConfig, RuntimeConfig, ZeroConfig
+from galaxy.data.build import DataConfig
 from galaxy.errors import ConfigError
-from galaxy.models.llama.config import LlamaConfig
+from galaxy.keys import from_keys, key
 from galaxy.models.registry import MODELS
-from galaxy.plan import TP, check_kv_heads
-from galaxy.seeding import DEFAULT_SEED
-from galaxy.tuning.keys import check_tuning, other_methods_keys, tuning_method
+from galaxy.plan import TP, LayoutConfig
+from galaxy.tuning.keys import TuningConfig, check_tuning, other_methods_keys, tuning_method
 
-INT_LIST = "list[int]"
 SHIPPED = Path(__file__).resolve().parents[2] / "train_config"  # the repository's configs and their parts
-
-# key: (type, default, meaning)
-SCHEMA = {
-    # model: None takes the architecture's own default (its config class in galaxy/models/*/)
-    "model": (str, "bert", "architecture: bert | llama | bart"),
-    "hidden_size": (int, None, ""),
-    "intermediate_size": (int, None, ""),
-    "num_attention_heads": (int, None, ""),
-    "num_key_value_heads": (int, None, "GQA key/value heads (LLaMA); default = num_attention_heads"),
-    "num_hidden_layers": (int, None, ""),
-    "num_decoder_layers": (int, None, "BART decoder layers; default = num_hidden_layers"),
-    "vocab_size": (int, None, ""),
-    "type_vocab_size": (int, None, ""),
-    "max_position_embeddings": (int, None, ""),
-    "hidden_dropout_prob": (float, None, ""),
-    "attention_probs_dropout_prob": (float, None, ""),
-    "layer_norm_eps": (float, None, ""),
-    "rms_norm_eps": (float, None, ""),
-    "rope_theta": (float, None, ""),
-    "rope_scaling": (dict, None, "LLaMA RoPE scaling as Hugging Face writes it, e.g. {\"rope_type\": \"linear\", "
-                     "\"factor\": 4.0}; rope_type linear | dynamic | llama3 (default: plain RoPE)"),
-    "head_dim": (int, None, "LLaMA width of one attention head; default = hidden_size / num_attention_heads"),
-    "tie_word_embeddings": (bool, None, "share input embeddings with the output head"),
-    "scale_embedding": (bool, None, "BART: multiply token embeddings by sqrt(hidden_size)"),
-    "initializer_range": (float, None, ""),
-    "hidden_act": (str, None, ""),
-    # data
-    "train": (bool, True, "train (true) or only run the forward pass (false)"),
-    "data": (str, "corpus", "corpus | synthetic | instruction"),
-    "data_file": (str, "data/python_docs/pretrain.jsonl", ""),
-    "tokenizer_file": (str, None, "a SentencePiece .model, a Hugging Face tokenizer.json or BERT vocab.txt, or "
-                       "a directory holding one (default: load_checkpoint's directory when it holds one, else "
-                       "data/python_docs/spm_bert.model)"),
-    "seq_length": (int, 128, "tokens per sequence (alias: pad_size, max_seq_length)"),
-    "batch_size": (int, 8, "global batch size per optimizer micro-step"),
-    # optimisation
-    "learning_rate": (float, 5e-4, "(alias: lr)"),
-    "weight_decay": (float, 0.01, ""),
-    "adam_beta1": (float, 0.9, ""),
-    "adam_beta2": (float, 0.999, ""),
-    "adam_eps": (float, 1e-8, ""),
-    "warmup_steps": (int, 10, ""),
-    "lr_scheduler": (str, "linear", "linear | cosine | constant"),
-    "gradient_accumulation_steps": (int, 1, ""),
-    "max_grad_norm": (float, 1.0, "0 disables clipping"),
-    "num_epochs": (int, 1, ""),
-    "max_steps": (int, None, "optimizer steps; default = one pass of num_epochs"),
-    "seed": (int, DEFAULT_SEED, "initial weights, data order and masking, dropout masks derive from it"),
-    "dtype": (str, "fp32", "fp32 | bf16 (autocast; fp32 master weights) | bf16_pure (bf16 parameters and "
-              "optimizer state)"),
-    "activation_checkpointing": (bool, False, ""),
-    "log_every": (int, 1, ""),
-    "on_nonfinite": (str, "stop", "a step with a non-finite loss or gradient norm: stop the run, or skip "
-                     "its optimizer step and go on"),
-    # tuning method: exactly one true
-    "full_model": (bool, True, ""),
-    "use_lora": (bool, False, ""),
-    "lora_dim": (int, 8, "LoRA rank r (alias: lora_att_dim, lora_r)"),
-    "lora_alpha": (float, 32.0, ""),
-    "lora_dropout": (float, 0.0, ""),
-    "fan_in_fan_out": (bool, False, ""),
-    "merge_weights": (bool, False, ""),
-    "lora_targets": (list, ["query", "value"], "projections that get LoRA"),
-    "use_adapter": (bool, False, ""),
-    "adapter_reduction_dim": (int, 16, ""),
-    "non_linearity": (str, "relu", ""),
-    "use_side": (bool, False, ""),
-    "use_side_only": (bool, False, ""),
-    "side_reduction_factor": (int, 8, ""),
-    "add_bias_sampling": (bool, True, ""),
-    # layout
-    "parallel": (str, None, "serial | tp | sp | dp | galaxy | galaxy2 | pp"),
-    "att_parallel_method": (str, None, "TP | SP | NONE"),
-    "con_parallel_method": (str, None, "SP | NONE"),
-    "mlp_parallel_method": (str, None, "TP | SP | NONE"),
-    "tp_num_attention_heads_list": (INT_LIST, None, ""),
-    "tp_intermediate_size_list": (INT_LIST, None, ""),
-    "seq_scatter_list": (INT_LIST, None, ""),
-    "stage_num_hidden_layers_list": (INT_LIST, None, ""),
-    "data_parallel_size": (int, None, ""),
-    "num_microbatches": (int, 1, ""),
-    "pipeline_schedule": (str, "1f1b", "gpipe | 1f1b | zb-h1 | interleaved-1f1b"),
-    "virtual_stages": (int, 1, "chunks of layers per pipeline rank (interleaved-1f1b)"),
-    "overlap_tiles": (int, 1, "tiles for comm/compute overlap; 1 = off"),
-    "bucket_size_mb": (float, 25.0, "gradient all-reduce bucket size"),
-    "replan": (dict, None, "re-plan the head/column/position split while running when a rank's speed drifts: "
-               "{\"threshold\": 0.25, \"patience\": 3, \"warmup\": 1} (any of them; {} = these); "
-               "galaxy.planner.replan"),
-    "zero_stage": (int, 0, "ZeRO over the data-parallel group: 1 shards AdamW state, 2 also gradients, "
-                   "3 also parameters; 0 = off"),
-    "zero_shard_list": (list, None, "ZeRO: fraction of every sharded tensor each data-parallel rank holds, "
-                        "e.g. [0.5, 0.3, 0.2]; default even"),
-    "memory_mb": (INT_LIST, None, "each data-parallel rank's memory in MiB: ZeRO shards in proportion "
-                  "(instead of zero_shard_list)"),
-    "memory_report": (bool, False, "each rank prints its model state at start-up and the peak of its second "
-                      "step beside galaxy.profiler.memory's prediction (a meta build of the rank: seconds)"),
-    # processes
-    "init_method": (str, None, "e.g. tcp://127.0.0.1:23000"),
-    "distributed_backend": (str, None, "gloo | nccl (default: nccl on CUDA, else gloo)"),
-    "device": (str, None, "cpu | cuda | cuda:N (default: cuda:<local rank> under nccl, else cpu)"),
-    "timeout_s": (float, 300.0, "collective / rendezvous timeout"),
-    "elastic": (bool, False, "a one-command local spawn restarts its surviving ranks when one dies: re-planned "
-                "for the smaller world, training resumes from the latest checkpoint (galaxy.runtime.elastic)"),
-    "elastic_restarts": (int, 3, "--elastic: at most this many restarts"),
-    "save_on_signal": (bool, False, "on SIGTERM/SIGINT every rank stops at the same step and saves a "
-                       "training checkpoint to save_dir before it exits"),
-    # checkpoints
-    "load_checkpoint": (str, None, "a Hugging Face directory or safetensors file to start from"),
-    "strict": (bool, True, "load_checkpoint must hold exactly the model's tensors; false loads those that "
-               "match and lists the tensors missing and unused"),
-    "save_dir": (str, None, "training checkpoints go to save_dir/step-N/; the final HF export to save_dir"),
-    "save_every": (int, 0, "save a training checkpoint every N optimizer steps (and at the last); 0 = never"),
-    "keep_checkpoints": (int, 0, "keep only the newest K training checkpoints; 0 = keep all"),
-    "resume": (bool, False, "continue from the newest complete checkpoint in save_dir"),
-    "save_trainable_only": (bool, False, "the final export holds only the trained tensors (LoRA / adapter / "
-                            "side), with tuning.json beside them"),
-    "load_trainable": (str, None, "a save_trainable_only directory, loaded after load_checkpoint once the "
-                       "tuning method has added its parameters (its tuning.json must match this run's)"),
-}
+SECTIONS = {"data": DataConfig, "optim": OptimConfig, "loop": LoopConfig, "layout": LayoutConfig,
+            "zero": ZeroConfig, "tuning": TuningConfig, "checkpoint": CheckpointConfig, "runtime": RuntimeConfig}
+SECTION_OF = {f.name: name for name, cls in SECTIONS.items() for f in fields(cls)}  # key -> its section
 ALIASES = {"pad_size": "seq_length", "max_seq_length": "seq_length", "lr": "learning_rate",
            "lora_att_dim": "lora_dim", "lora_r": "lora_dim", "grad_accum_steps": "gradient_accumulation_steps"}
-TUNING_KEYS = ("full_model", "use_lora", "use_adapter", "use_side", "use_side_only")
 PIPELINE_KEYS = ("stage_num_hidden_layers_list", "num_microbatches", "pipeline_schedule", "virtual_stages")
 LAYOUT_KEYS = ("tp_num_attention_heads_list", "tp_intermediate_size_list", "seq_scatter_list", "data_parallel_size",
                *PIPELINE_KEYS)
 
 
-def _check_type(key, value, kind):
+@dataclass(frozen=True)
+class _Architecture:
+    """The key that picks the model section's class (galaxy.models.registry)."""
+    model: str = key("bert", f"architecture: {' | '.join(MODELS)}")
+
+
+@functools.cache
+def model_fields(model_class):
+    """The model section's own keys: its config class's fields less those other sections own (seed,
+    activation_checkpointing, overlap_tiles: the model config holds copies of them)."""
+    return {f.name: f for f in fields(model_class) if f.name not in SECTION_OF}
+
+
+@functools.cache
+def key_fields():
+    """{key: its dataclass field} over every section and every architecture's config class."""
+    found = {f.name: f for f in fields(_Architecture)}
+    for spec in MODELS.values():
+        found.update(model_fields(spec.config))
+    found.update({f.name: f for cls in SECTIONS.values() for f in fields(cls)})
+    return found
+
+
+@dataclass(frozen=True, eq=False)
+class Config(Mapping):
+    """A run's configuration: the architecture's name and config class (the model section) and one
+    frozen section per concern. Built by load_config; a changed one by replace()."""
+    model_name: str
+    model: object  # BertConfig, LlamaConfig or BartConfig
+    data: DataConfig
+    optim: OptimConfig
+    loop: LoopConfig
+    layout: LayoutConfig
+    zero: ZeroConfig
+    tuning: TuningConfig
+    checkpoint: CheckpointConfig
+    runtime: RuntimeConfig
+
+    def __post_init__(self):
+        owned = {f.name: self[f.name] for f in fields(self.model) if f.name in SECTION_OF}
+        if any(getattr(self.model, k) != v for k, v in owned.items()):  # the model's copies follow their owners
+            object.__setattr__(self, "model", dataclasses.replace(self.model, **owned))
+        _check_across(self)
+
+    def replace(self, **sections):
+        """This config with some sections replaced (new frozen sections), checked again across sections."""
+        return dataclasses.replace(self, **sections)
+
+    def with_layout(self, **keys):
+        """This config with a new layout section: the planner's, re-planning's and elastic recovery's splits."""
+        return self.replace(layout=dataclasses.replace(self.layout, **keys))
+
+    def __getitem__(self, key):
+        if key == "model":
+            return self.model_name
+        if key in SECTION_OF:
+            return getattr(getattr(self, SECTION_OF[key]), key)
+        if key in model_fields(type(self.model)):
+            return getattr(self.model, key)
+        raise KeyError(key)
+
+    def __iter__(self):
+        yield "model"
+        yield from model_fields(type(self.model))
+        yield from SECTION_OF
+
+    def __len__(self):
+        return 1 + len(model_fields(type(self.model))) + len(SECTION_OF)
+
+
+def describe_keys():
+    """{key: its one-line description}, every section's and every architecture's."""
+    return {name: f.metadata.get("doc", "") for name, f in key_fields().items()}
+
+
+def _typed(key, value, kind):
+    """`value` as the key's annotated type (an int where a float is wanted becomes one)."""
     if value is None:
         return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if kind == INT_LIST:
+    if kind == list[int]:
         if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return value
         raise ConfigError(f"config key '{key}' must be a list of integers, got {value!r}")
@@ -166,20 +146,36 @@ def _check_type(key, value, kind):
 
 def _canonical(key):
     key = ALIASES.get(key, key)
-    if key not in SCHEMA:
+    if key not in key_fields():
         raise ConfigError(f"unknown config key '{key}'")
     return key
 
 
+def _default(key):
+    """A section key's default value."""
+    field = key_fields()[key]
+    return field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
+
+
+def is_config_key(name):
+    """A config key or one of the prototype's aliases of one."""
+    return ALIASES.get(name, name) in key_fields()
+
+
+def key_type(key):
+    return key_fields()[_canonical(key)].type
+
+
 def parse_cli_value(key, text):
     """Turn a command-line string into the key's type (JSON for lists and booleans)."""
-    kind = SCHEMA[_canonical(key)][0]
+    kind = key_type(key)
     if kind is str:
         return text
     try:
         return json.loads(text)
     except json.JSONDecodeError:
-        raise ConfigError(f"--{key} {text!r} is not a valid {getattr(kind, '__name__', kind)}") from None
+        raise ConfigError(f"--{key} {text!r} is not a valid {kind.__name__ if isinstance(kind, type) else kind}") \
+            from None
 
 
 def part_path(config, part):
@@ -221,75 +217,60 @@ def read_config(path, _outer=()):
 
 
 def load_config(path=None, overrides=None):
-    """Read a JSON config and its parts (or only defaults), apply overrides, validate; return a plain dict."""
-    raw = read_config(path) if path is not None else {}
-    cfg = {key: spec[1] for key, spec in SCHEMA.items()}
-    for source in (raw, overrides or {}):
-        for key, value in source.items():
-            canon = _canonical(key)
-            cfg[canon] = _check_type(canon, value, SCHEMA[canon][0])
-    if cfg["model"] not in MODELS:
-        raise ConfigError(f"config key 'model' is {cfg['model']!r}, expected one of {list(MODELS)}")
-    for f in fields(MODELS[cfg["model"]].config):  # keys left out take the architecture's defaults
-        if f.name in SCHEMA and cfg[f.name] is None:
-            cfg[f.name] = f.default
-    _check_rules(cfg)
-    return cfg
+    """Read a JSON config and its parts (or only defaults), apply overrides, validate; return the Config."""
+    keys = read_config(path) if path is not None else {}
+    keys.update({_canonical(key): value for key, value in (overrides or {}).items()})
+    return build_config(keys)
 
 
-def _check_rules(cfg):
-    for key in ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size",
-                "seq_length", "batch_size", "gradient_accumulation_steps", "num_microbatches", "overlap_tiles",
-                "virtual_stages"):
-        if cfg[key] < 1:
-            raise ConfigError(f"config key '{key}' must be >= 1, got {cfg[key]}")
-    for key in ("save_every", "keep_checkpoints", "warmup_steps", "num_epochs"):
-        if cfg[key] < 0:
-            raise ConfigError(f"config key '{key}' must be >= 0, got {cfg[key]}")
-    for key in ("max_steps", "log_every", "elastic_restarts"):
-        if cfg[key] is not None and cfg[key] < 1:
-            raise ConfigError(f"config key '{key}' must be >= 1, got {cfg[key]}")
-    for key in ("learning_rate", "weight_decay", "max_grad_norm"):
-        if cfg[key] < 0:
-            raise ConfigError(f"config key '{key}' must be >= 0, got {cfg[key]}")
-    for key in ("timeout_s", "bucket_size_mb", "adam_eps", "layer_norm_eps", "initializer_range"):
-        if cfg[key] is not None and not cfg[key] > 0:
-            raise ConfigError(f"config key '{key}' must be > 0, got {cfg[key]}")
-    for key in ("adam_beta1", "adam_beta2"):
-        if not 0.0 <= cfg[key] < 1.0:
-            raise ConfigError(f"config key '{key}' must be in [0, 1), got {cfg[key]}")
-    if cfg["model"] == "bert" and cfg["seq_length"] < 3:
-        raise ConfigError(f"config key 'seq_length' is {cfg['seq_length']}; BERT needs >= 3 ([CLS] token [SEP])")
-    if cfg["memory_report"] and cfg["max_steps"] == 1:
-        raise ConfigError("config key 'memory_report' measures the second step (the first creates AdamW's state), "
-                          "but max_steps is 1")
-    for key in ("resume", "save_every", "save_on_signal"):
-        if cfg[key] and not cfg["save_dir"]:
-            raise ConfigError(f"config key '{key}' is {cfg[key]!r} but save_dir is not set; "
-                              f"training checkpoints live in save_dir")
-    if cfg["hidden_size"] % cfg["num_attention_heads"]:
-        raise ConfigError(f"hidden_size {cfg['hidden_size']} is not divisible by num_attention_heads "
-                          f"{cfg['num_attention_heads']}")
-    check_kv_heads(cfg["num_attention_heads"], cfg["num_key_value_heads"])
-    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "lora_dropout"):
-        if cfg[key] is not None and not 0.0 <= cfg[key] < 1.0:
-            raise ConfigError(f"config key '{key}' must be in [0, 1), got {cfg[key]}")
-    choices = {"data": ("corpus", "synthetic", "instruction"),
-               "lr_scheduler": ("linear", "cosine", "constant"), "dtype": ("fp32", "bf16", "bf16_pure"),
-               "pipeline_schedule": ("gpipe", "1f1b", "zb-h1", "interleaved-1f1b"), "on_nonfinite": ("stop", "skip"),
-               "distributed_backend": ("gloo", "nccl", None)}
-    for key, allowed in choices.items():
-        if cfg[key] not in allowed:
-            raise ConfigError(f"config key '{key}' is {cfg[key]!r}, expected one of {[a for a in allowed if a]}")
-    _check_positions(cfg)
-    _check_virtual_stages(cfg)
-    _check_zero(cfg)
-    if cfg["device"] is not None and cfg["device"].split(":")[0] not in ("cpu", "cuda"):
-        raise ConfigError(f"config key 'device' is {cfg['device']!r}, expected cpu, cuda or cuda:N")
-    methods = [k for k in TUNING_KEYS[1:] if cfg[k]]
-    if len(methods) > 1:
-        raise ConfigError(f"tuning methods {methods} are all true; set exactly one of {list(TUNING_KEYS)}")
-    cfg["full_model"] = not methods  # a PEFT method switches full-model tuning off
+def build_config(keys):
+    """The Config of canonical `keys` (the rest take their defaults): typed, split into sections, each
+    checked by its owner, then across sections."""
+    keys = {key: _typed(key, value, key_fields()[key].type) for key, value in keys.items()}
+    name = keys.get("model") or "bert"
+    if name not in MODELS:
+        raise ConfigError(f"config key 'model' is {name!r}, expected one of {list(MODELS)}")
+    sections = {section: cls(**{f.name: keys[f.name] for f in fields(cls) if f.name in keys})
+                for section, cls in SECTIONS.items()}
+    model_class = MODELS[name].config
+    given = {key: value for key, value in keys.items() if key in model_fields(model_class)}
+    owned = {f.name: getattr(sections[SECTION_OF[f.name]], f.name) for f in fields(model_class) if f.name in SECTION_OF}
+    model = _model_config(model_class, {**given, **owned})  # keys left out take the architecture's defaults
+    others = {key: value for key, value in keys.items() if key not in SECTION_OF and key not in {*given, "model"}}
+    _check_other_architectures(model, others)
+    return Config(name, model, **sections)
+
+
+def _model_config(model_class, keys):
+    try:
+        return from_keys(model_class, keys)
+    except ConfigError:
+        raise
+    except ValueError as e:  # LlamaConfig refuses unsupported RoPE scalings by name
+        raise ConfigError(str(e)) from None
+
+
+def _check_other_architectures(model, keys):
+    """Keys of another architecture (num_key_value_heads in a BERT config) are ignored, once that
+    architecture's config class has checked them against this model's shape."""
+    for model_class in {spec.config for spec in MODELS.values()} - {type(model)}:
+        theirs = {key: value for key, value in keys.items() if key in model_fields(model_class)}
+        if theirs:
+            shape = {key: getattr(model, key) for key in model_fields(model_class) if hasattr(model, key)}
+            _model_config(model_class, {**shape, **theirs})
+
+
+def _check_across(cfg):
+    """The rules that join sections."""
+    if cfg.model_name == "bert" and cfg.data.seq_length < 3:
+        raise ConfigError(f"config key 'seq_length' is {cfg.data.seq_length}; BERT needs >= 3 ([CLS] token [SEP])")
+    limit = getattr(cfg.model, "position_limit", cfg.model.max_position_embeddings)  # LLaMA: its RoPE scaling's
+    if cfg.data.seq_length > limit:
+        raise ConfigError(f"seq_length {cfg.data.seq_length} exceeds max_position_embeddings "
+                          f"{cfg.model.max_position_embeddings}")
+    if cfg.layout.virtual_stages > 1 and (cfg.tuning.use_side or cfg.tuning.use_side_only):
+        raise ConfigError(f"virtual_stages {cfg.layout.virtual_stages}: side-tuning (use_side / use_side_only) "
+                          f"runs one chunk of layers per pipeline rank")  # the side network is one chunk per stage
     check_tuning(cfg)
 
 
@@ -315,53 +296,12 @@ def idle_keys(cfg, plan):
         why["elastic_restarts"] = "elastic is off"
     idle = {}
     for key, reason in why.items():
-        if cfg[key] != SCHEMA[key][1]:
+        if cfg[key] != _default(key):
             idle.setdefault(reason, []).append(f"{key} {cfg[key]}")
     return [f"config key{'s' * (len(keys) > 1)} {', '.join(keys)} {'have' if len(keys) > 1 else 'has'} no effect: "
             f"{reason}" for reason, keys in idle.items()]
 
 
-def _check_virtual_stages(cfg):
-    if cfg["virtual_stages"] == 1:
-        return
-    if cfg["pipeline_schedule"] != "interleaved-1f1b":
-        raise ConfigError(f"virtual_stages {cfg['virtual_stages']} needs pipeline_schedule 'interleaved-1f1b', "
-                          f"not {cfg['pipeline_schedule']!r}")
-    if cfg["use_side"] or cfg["use_side_only"]:  # the side network is built as one chunk per stage
-        raise ConfigError(f"virtual_stages {cfg['virtual_stages']}: side-tuning (use_side / use_side_only) runs "
-                          f"one chunk of layers per pipeline rank")
-
-
-def _check_zero(cfg):
-    """What needs no plan (galaxy.train.zero.check_zero checks the rest against the replicas)."""
-    if cfg["zero_stage"] not in (0, 1, 2, 3):
-        raise ConfigError(f"config key 'zero_stage' is {cfg['zero_stage']}, expected 0, 1, 2 or 3")
-    fractions = cfg["zero_shard_list"]
-    if cfg["memory_mb"] is not None:
-        if fractions is not None:
-            raise ConfigError("config keys 'zero_shard_list' and 'memory_mb' both set how ZeRO shards; set one")
-        if any(m < 1 for m in cfg["memory_mb"]):
-            raise ConfigError(f"config key 'memory_mb' must hold positive sizes in MiB, got {cfg['memory_mb']}")
-    if fractions is None:
-        return
-    if not all(isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in fractions):
-        raise ConfigError(f"config key 'zero_shard_list' must hold positive fractions, got {fractions!r}")
-    if abs(sum(fractions) - 1) > 1e-6:
-        raise ConfigError(f"config key 'zero_shard_list' {fractions} sums to {sum(fractions):g}, not 1")
-
-
-def _check_positions(cfg):
-    """seq_length within the positions the model learned (LLaMA too: its rotary would run past them)."""
-    limit = cfg["max_position_embeddings"]
-    if cfg["model"] == "llama":
-        try:
-            limit = LlamaConfig.from_dict(cfg).position_limit  # also refuses unsupported RoPE scalings by name
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-    if cfg["seq_length"] > limit:
-        raise ConfigError(f"seq_length {cfg['seq_length']} exceeds max_position_embeddings {cfg['max_position_embeddings']}")
-
-
 def config_hash(cfg):
     """Stable digest ranks compare at start-up, so ranks started with different configs stop."""
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(dict(cfg), sort_keys=True).encode()).hexdigest()[:16]

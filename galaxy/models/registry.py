@@ -1,18 +1,18 @@
-"""The config's "model" names an architecture: its config class (which owns the model's
-defaults), its model class, and what it refuses before any process starts. Its data is
-galaxy.data.build's, its tuning method and weight files galaxy.tuning.apply.load_sources'.
+"""The config's "model" names an architecture: its config class (the model section of a config:
+its keys, defaults and rules), its model class, and what it refuses before any process starts.
+Its data is galaxy.data.build's, its tuning method and weight files galaxy.tuning.apply.load_sources'.
 
     spec = MODELS[cfg["model"]]
     model = spec.model(spec.config.from_dict(cfg), ctx)
+
+Both classes are looked up by name when first asked for: reading a config imports the config
+classes (light), not the models.
 """
+import importlib
 from dataclasses import dataclass
 from typing import Callable
 
 from galaxy.errors import ConfigError
-from galaxy.models.bart import BartConfig, BartForConditionalGeneration
-from galaxy.models.bert import BertConfig, BertForMaskedLM, BertForRetrieval, BertModel
-from galaxy.models.common import init_weights
-from galaxy.models.llama import LlamaConfig, LlamaForCausalLM, LlamaModel
 
 
 def bart_check(cfg, plan):
@@ -36,15 +36,27 @@ def supports_every_layout(cfg, plan):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    config: type
-    model: type
+    package: str  # galaxy.models.<package>: exports the config class and the model class
+    config_name: str
+    model_name: str
     check: Callable = supports_every_layout  # check(cfg, plan) raises ConfigError for what the model does not support
 
+    @property
+    def config(self):
+        return self.exported(self.config_name)
 
-MODELS = {"bert": ModelSpec(BertConfig, BertForMaskedLM),
-          "bert_retrieval": ModelSpec(BertConfig, BertForRetrieval, retrieval_check),
-          "llama": ModelSpec(LlamaConfig, LlamaForCausalLM),
-          "bart": ModelSpec(BartConfig, BartForConditionalGeneration, bart_check)}
+    @property
+    def model(self):
+        return self.exported(self.model_name)
+
+    def exported(self, name):
+        return getattr(importlib.import_module(f"galaxy.models.{self.package}"), name)
+
+
+MODELS = {"bert": ModelSpec("bert", "BertConfig", "BertForMaskedLM"),
+          "bert_retrieval": ModelSpec("bert", "BertConfig", "BertForRetrieval", retrieval_check),
+          "llama": ModelSpec("llama", "LlamaConfig", "LlamaForCausalLM"),
+          "bart": ModelSpec("bart", "BartConfig", "BartForConditionalGeneration", bart_check)}
 
 
 def build_model(cfg, ctx=None):
@@ -52,7 +64,7 @@ def build_model(cfg, ctx=None):
     return spec.model(spec.config.from_dict(cfg), ctx)
 
 
-BACKBONES = {"bert": BertModel, "llama": LlamaModel}  # what inference latency is timed on
+BACKBONES = {"bert": "BertModel", "llama": "LlamaModel"}  # what inference latency is timed on
 
 
 def build_backbone(cfg, ctx=None):
@@ -60,7 +72,9 @@ def build_backbone(cfg, ctx=None):
     initialised from cfg's seed: what the benchmarks and the planner time a forward pass of."""
     if cfg["model"] not in BACKBONES:
         raise ValueError(f"model {cfg['model']!r}: a backbone is built for {sorted(BACKBONES)}")
+    from galaxy.models.common import init_weights  # torch code: not imported with the registry
+
     spec = MODELS[cfg["model"]]
-    model = BACKBONES[cfg["model"]](spec.config.from_dict(cfg), ctx)
+    model = spec.exported(BACKBONES[cfg["model"]])(spec.config.from_dict(cfg), ctx)
     init_weights(model, cfg["initializer_range"], cfg["seed"])
     return model

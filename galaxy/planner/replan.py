@@ -257,7 +257,7 @@ class Replanner:
         """Move to `split` (SPLIT_KEYS lists) now, on every rank of the tensor group; returns seconds."""
         start = time.perf_counter()
         self.timer.remove()
-        move(self.holding, dict(self.holding.cfg, **split))
+        move(self.holding, self.holding.cfg.with_layout(**split))
         self.timer = BlockTimer(self.model, self.ctx.device)
         self.drift.restart()
         return time.perf_counter() - start

@@ -1,6 +1,7 @@
 """Profile every rank, plan the Galaxy splits (and the stage layers of a pipeline), and measure
 the planned layout against the even split (forward latency, interleaved). Runs on every rank of
 a started process group."""
+import dataclasses
 import statistics
 import time
 
@@ -26,7 +27,7 @@ def plan_dims(cfg, batch):
 def gather_profiles(cfg, world, batch, memory_bytes=float("inf"), repeats=5):
     """Every rank's block profile at `batch` (each block timed `repeats` times) and the link
     bandwidth, the same on every rank."""
-    mine = measure_blocks(dict(cfg, batch_size=batch), memory_bytes, repeats)
+    mine = measure_blocks(cfg.replace(data=dataclasses.replace(cfg.data, batch_size=batch)), memory_bytes, repeats)
     profiles = [None] * world
     dist.all_gather_object(profiles, mine)
     # at the size of the layout's own messages (one rank's share of an activation): small messages
@@ -55,7 +56,7 @@ def profile_and_plan(cfg, world, memory_bytes=float("inf"), column_unit=1, stage
 
 
 def _model(cfg, split, rank, world):
-    cfg = dict(cfg, **split)
+    cfg = cfg.with_layout(**split)
     return build_backbone(cfg, ParallelContext.create(build_plan(cfg, world), rank)).eval()
 
 

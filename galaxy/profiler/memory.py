@@ -12,6 +12,7 @@ included) are built on the meta device under ParallelContext.recording, as --exp
     real ranks (gloo, CPU) to compare, and a training run with --memory_report on its second step
     (on CUDA: torch.cuda.max_memory_allocated).
 """
+import dataclasses
 import weakref
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -163,8 +164,9 @@ def peak_bytes(trainer):
     return peak.bytes
 
 
-def _meta_trainer(plan, cfg, rank, **keys):
-    return build_trainer(ParallelContext.recording(plan, rank), {**cfg, **keys}, build_model)
+def _meta_trainer(plan, cfg, rank, **loop_keys):
+    cfg = cfg.replace(loop=dataclasses.replace(cfg.loop, **loop_keys))
+    return build_trainer(ParallelContext.recording(plan, rank), cfg, build_model)
 
 
 def predict(plan, cfg, rank):

@@ -22,6 +22,8 @@ Layouts whose ranks split more than one way (tensor x data, tensor x pipeline ..
 too small for the layout (ZeRO without replicas, fewer heads than ranks ...) are refused, at
 start-up for the loss of the last rank and with the reason when it happens.
 """
+import dataclasses
+
 from galaxy.errors import ConfigError
 from galaxy.plan import Method, build_plan, gqa_group
 from galaxy.planner.split import SPLIT_KEYS, RankProfile, apportion, split_layer
@@ -49,17 +51,16 @@ def survivors_config(cfg, plan, dead):
                           f"this plan splits {' x '.join(split)} ways ({plan.describe()})")
     if plan.virtual_stages > 1:
         raise ConfigError(f"--elastic does not re-plan interleaved pipelines (virtual_stages {plan.virtual_stages})")
-    out = dict(cfg)
+    layout = {}
     if plan.tp_size > 1:
-        out.update(_tensor_lists(cfg, plan, dead, world))
+        layout = _tensor_lists(cfg, plan, dead, world)
     elif plan.pp_size > 1:
-        costs = _seconds_per_unit(cfg["stage_num_hidden_layers_list"], dead, world)
-        out["stage_num_hidden_layers_list"] = apportion(cfg["num_hidden_layers"], costs) if world > 1 else None
-    elif cfg["data_parallel_size"]:
-        out["data_parallel_size"] = world
-    if plan.dp_size > 1:
-        out.update(_replica_lists(cfg, dead))
-    return out
+        costs = _seconds_per_unit(cfg.layout.stage_num_hidden_layers_list, dead, world)
+        layout["stage_num_hidden_layers_list"] = apportion(cfg.model.num_hidden_layers, costs) if world > 1 else None
+    elif cfg.layout.data_parallel_size:
+        layout["data_parallel_size"] = world
+    zero = _replica_lists(cfg, dead) if plan.dp_size > 1 else {}
+    return cfg.replace(layout=dataclasses.replace(cfg.layout, **layout), zero=dataclasses.replace(cfg.zero, **zero))
 
 
 def _tensor_lists(cfg, plan, dead, world):
@@ -75,7 +76,8 @@ def _tensor_lists(cfg, plan, dead, world):
 
 def _replica_lists(cfg, dead):
     """memory_mb and zero_shard_list (renormalised) of the surviving data-parallel ranks."""
-    out = {key: _kept(cfg[key], dead) for key in ("memory_mb", "zero_shard_list") if cfg[key] is not None}
+    lists = {"memory_mb": cfg.zero.memory_mb, "zero_shard_list": cfg.zero.zero_shard_list}
+    out = {key: _kept(values, dead) for key, values in lists.items() if values is not None}
     if "zero_shard_list" in out:
         out["zero_shard_list"] = [f / sum(out["zero_shard_list"]) for f in out["zero_shard_list"]]
     return out
@@ -100,12 +102,12 @@ def go_on(cfg, plan, dead):
 def check(cfg, plan, rank, resumes):
     """Before any process starts: --elastic needs a local spawn, a layout it can re-plan after
     losing a rank, and (training, `resumes`) checkpoints to go on from."""
-    if not cfg["elastic"]:
+    if not cfg.runtime.elastic:
         return
     if rank is not None or plan.world == 1:
         raise ConfigError("--elastic restarts the ranks of a one-command local spawn (--world N, no --rank); "
                           "under torchrun use its own --max-restarts (with --resume true)")
-    if resumes and not cfg["save_every"]:
+    if resumes and not cfg.checkpoint.save_every:
         raise ConfigError("--elastic resumes from the latest training checkpoint: set save_every (and save_dir)")
     try:
         survivors_plan(cfg, plan, [plan.world - 1])
@@ -126,11 +128,12 @@ class Survivors:
         cfg, new = go_on(cfg, plan, dead)
         what = f"plan {new.describe()}"
         if self.resumes:
-            found = checkpoint.checkpoints(cfg["save_dir"])
+            save_dir = cfg.checkpoint.save_dir
+            found = checkpoint.checkpoints(save_dir)
             if not found:
-                raise SystemExit(f"galaxy: --elastic: no complete checkpoint in save_dir {cfg['save_dir']} to resume "
+                raise SystemExit(f"galaxy: --elastic: no complete checkpoint in save_dir {save_dir} to resume "
                                  f"the survivors from (rank(s) {dead} died before the first save)")
-            cfg = {**cfg, "resume": True}
+            cfg = cfg.replace(checkpoint=dataclasses.replace(cfg.checkpoint, resume=True))
             what = f"resuming from {found[-1][1]}, {what}"
         return new.world, (cfg, new, *rest), what
 
@@ -142,6 +145,7 @@ def in_place(plan, resumes):
 
 def launch_args(cfg, plan, resumes):
     """launch.run's elastic arguments for this config (none without --elastic)."""
-    if not cfg["elastic"]:
+    if not cfg.runtime.elastic:
         return {}
-    return {"survivors": Survivors(resumes), "restarts": cfg["elastic_restarts"], "in_place": in_place(plan, resumes)}
+    return {"survivors": Survivors(resumes), "restarts": cfg.runtime.elastic_restarts,
+            "in_place": in_place(plan, resumes)}

@@ -9,7 +9,8 @@ optimizer step over all replicas, so any layout's gradients equal the serial mod
 
 A step whose loss or gradient norm is not finite on any rank takes no optimizer step; the run
 then stops (on_nonfinite "stop") or goes on with the next batch ("skip", as Megatron skips a step
-whose gradients overflowed; the LR schedule does not advance either).
+whose gradients overflowed; the LR schedule does not advance either). Its keys are the config's
+loop section (galaxy.config.sections.LoopConfig).
 """
 import json
 import math
@@ -73,13 +74,13 @@ class Trainer:
     def __init__(self, model, ctx, cfg, data, total_steps, forward_backward=None, log=print):
         self.model, self.ctx, self.cfg, self.data, self.log = model, ctx, cfg, data, log
         self.total_steps = total_steps
-        if cfg["dtype"] == "bf16_pure":  # parameters, gradients and optimizer state in bf16
+        if cfg.loop.dtype == "bf16_pure":  # parameters, gradients and optimizer state in bf16
             model.to(torch.bfloat16)
-        self.zero = Zero(model, ctx, cfg) if cfg["zero_stage"] else None
+        self.zero = Zero(model, ctx, cfg) if cfg.zero.zero_stage else None
         self.opt, self.sched = build_optimizer(model, cfg, total_steps, self.zero)
-        self.sync = self.zero or GradSync(model, ctx, cfg["bucket_size_mb"])
+        self.sync = self.zero or GradSync(model, ctx, cfg.loop.bucket_size_mb)
         self.forward_backward = forward_backward or self._forward_backward
-        self.autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if cfg["dtype"] == "bf16" \
+        self.autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if cfg.loop.dtype == "bf16" \
             else nullcontext()
         self.step = 0
         self.skipped = 0  # steps of this run that took no optimizer step (on_nonfinite skip)
@@ -89,7 +90,7 @@ class Trainer:
         """Go on with `model`: the same weights under another split on the same ranks, the optimizer
         already pointed at them (galaxy.reshard.relayout.move); gradient sync follows the new parameters."""
         self.model, self.ctx, self.cfg = model, ctx, cfg
-        self.sync = GradSync(model, ctx, cfg["bucket_size_mb"])
+        self.sync = GradSync(model, ctx, cfg.loop.bucket_size_mb)
 
     def full_weights(self):
         """A block in which every parameter is whole (ZeRO-3 gathers its shards)."""
@@ -97,9 +98,9 @@ class Trainer:
 
     def step_indices(self, step):
         """The global sample indices of every micro-step of optimizer step `step`."""
-        accum, size = self.cfg["gradient_accumulation_steps"], self.cfg["batch_size"]
+        accum, size = self.cfg.loop.gradient_accumulation_steps, self.cfg.data.batch_size
         with torch.device("cpu"):  # drawn from CPU generators: the same batches for every device
-            return [batch_indices(step * accum + micro, size, len(self.data), self.cfg["seed"])
+            return [batch_indices(step * accum + micro, size, len(self.data), self.cfg.loop.seed)
                     for micro in range(accum)]
 
     def micro_batches(self, step):
@@ -114,14 +115,14 @@ class Trainer:
 
     def rows(self, micro):
         """The positions in the step's global batch of this replica's samples of micro-step `micro`."""
-        size = self.cfg["batch_size"]
+        size = self.cfg.data.batch_size
         share = replica_rows(size, self.ctx)
         return range(micro * size + share.start, micro * size + share.stop)
 
     def key_dropout(self, rows):
         """Key the dropout masks of a micro-batch of samples `rows` (positions in the step)."""
-        samples = self.cfg["batch_size"] * self.cfg["gradient_accumulation_steps"]
-        set_dropout_seed(self.model, self.cfg["seed"], self.step, rows, samples)
+        samples = self.cfg.data.batch_size * self.cfg.loop.gradient_accumulation_steps
+        set_dropout_seed(self.model, self.cfg.loop.seed, self.step, rows, samples)
 
     def _forward_backward(self, batches, n_tokens):
         total = 0.0
@@ -143,10 +144,10 @@ class Trainer:
         n_tokens = sum_over(local_tokens, self.ctx.device, self.ctx.dp_group)
         if n_tokens == 0:  # the same count on every rank, so all stop here; loss 0 would hide it
             raise DataError(f"step {self.step + 1}: samples {sorted(sum(self.step_indices(self.step), []))} carry no "
-                            f"label token (is every prompt longer than seq_length {self.cfg['seq_length']}?)")
+                            f"label token (is every prompt longer than seq_length {self.cfg.data.seq_length}?)")
         loss_sum = self.forward_backward(batches, n_tokens)
         self.sync.finish()
-        grad_norm = clip_grad_norm(self.model, self.ctx, self.cfg["max_grad_norm"], self.zero)
+        grad_norm = clip_grad_norm(self.model, self.ctx, self.cfg.optim.max_grad_norm, self.zero)
         lr = self.sched.get_last_lr()[0]
         loss = sum_over(loss_sum, self.ctx.device, self.ctx.dp_group, self.ctx.pp_group) / n_tokens
         finite = all_finite(self.ctx, loss, grad_norm)
@@ -158,7 +159,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - start
         self.step += 1
-        tokens = self.cfg["batch_size"] * self.cfg["gradient_accumulation_steps"] * self.cfg["seq_length"]
+        tokens = self.cfg.data.batch_size * self.cfg.loop.gradient_accumulation_steps * self.cfg.data.seq_length
         return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                 "tokens_per_s": tokens / elapsed, "step_time_s": elapsed, "nonfinite": not finite}
 
@@ -166,7 +167,7 @@ class Trainer:
         """Stop, or note the skipped step, after a step that was not finite."""
         what = (f"step {metrics['step']}: non-finite loss or gradient norm on some rank (this rank: loss "
                 f"{metrics['loss']}, grad_norm {metrics['grad_norm']})")
-        if self.cfg["on_nonfinite"] == "stop":
+        if self.cfg.loop.on_nonfinite == "stop":
             raise NonFiniteError(f"{what}; stopped before its optimizer step, so the weights are step "
                                  f"{metrics['step'] - 1}'s (--on_nonfinite skip skips such steps)")
         self.skipped += 1
@@ -195,7 +196,7 @@ def run_training(trainer, max_steps, metrics_file=None, on_step=None, around_ste
         while trainer.step < max_steps:
             with around_step():
                 metrics = trainer.train_step()
-            if is_reporting_rank(ctx) and (metrics["step"] % trainer.cfg["log_every"] == 0 or metrics["step"] == 1):
+            if is_reporting_rank(ctx) and (metrics["step"] % trainer.cfg.loop.log_every == 0 or metrics["step"] == 1):
                 elapsed = time.monotonic() - started
                 remaining = elapsed / (trainer.step - first_step) * (max_steps - trainer.step)
                 trainer.log(f"step {metrics['step']}/{max_steps} | loss {metrics['loss']:.4f} | "
@@ -212,7 +213,7 @@ def run_training(trainer, max_steps, metrics_file=None, on_step=None, around_ste
     finally:
         if writer:
             writer.close()
-    if trainer.cfg["on_nonfinite"] == "skip" and is_reporting_rank(ctx):
+    if trainer.cfg.loop.on_nonfinite == "skip" and is_reporting_rank(ctx):
         trainer.log(f"on_nonfinite skip: {trainer.skipped} of the {trainer.step - first_step} steps run took no "
                     f"optimizer step (non-finite loss or gradient norm)")
     trainer.log(f"optimizer state on this rank: {optimizer_state_bytes(trainer.opt) / 2**20:.1f} MiB")

@@ -1,4 +1,5 @@
-"""AdamW over the trainable parameters only, with warmup then linear / cosine / constant decay."""
+"""AdamW over the trainable parameters only, with warmup then linear / cosine / constant decay
+(the config's optim section, galaxy.config.sections.OptimConfig)."""
 import functools
 import math
 
@@ -12,13 +13,13 @@ def build_optimizer(model, cfg, total_steps, zero=None):
     params = [p for p in dict.fromkeys(model.parameters()) if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]  # biases and norms, as in BERT
-    groups = [g for g in ({"params": decay, "weight_decay": cfg["weight_decay"]},
+    groups = [g for g in ({"params": decay, "weight_decay": cfg.optim.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     # fused AdamW (one kernel over all tensors) where torch has it, CUDA; the per-tensor loop elsewhere
     kernel = {"fused": True} if params and params[0].is_cuda else {"foreach": False}
     adamw = functools.partial(ZeroAdamW, zero=zero) if zero else torch.optim.AdamW
-    opt = adamw(groups, lr=cfg["learning_rate"], betas=(cfg["adam_beta1"], cfg["adam_beta2"]),
-                            eps=cfg["adam_eps"], **kernel)
+    opt = adamw(groups, lr=cfg.optim.learning_rate, betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
+                eps=cfg.optim.adam_eps, **kernel)
     return opt, lr_schedule(opt, cfg, total_steps)
 
 
@@ -28,8 +29,8 @@ def lr_schedule(opt, cfg, total_steps, steps_taken=0):
     own config: extending max_steps or changing warmup or the LR must not leave the first resumed
     step at the saved schedule's last LR (0.0 at the end of a linear decay)."""
     for group in opt.param_groups:
-        group["initial_lr"] = cfg["learning_rate"]  # LambdaLR's base LR; a loaded state holds the old one
-    schedule = lr_lambda(cfg["lr_scheduler"], cfg["warmup_steps"], total_steps)
+        group["initial_lr"] = cfg.optim.learning_rate  # LambdaLR's base LR; a loaded state holds the old one
+    schedule = lr_lambda(cfg.optim.lr_scheduler, cfg.optim.warmup_steps, total_steps)
     return torch.optim.lr_scheduler.LambdaLR(opt, schedule, last_epoch=steps_taken - 1)
 
 

@@ -38,29 +38,31 @@ from galaxy.train.grad_sync import GradSync, grad_groups, is_split
 def check_zero(cfg, plan):
     """The ZeRO keys against the plan: there must be replicas to shard over, one fraction each; a
     shard key without zero_stage would silently train plain data parallelism."""
-    if not cfg["zero_stage"]:
-        for key in ("zero_shard_list", "memory_mb"):
-            if cfg[key] is not None:
-                raise ConfigError(f"config key '{key}' {cfg[key]} has no effect without zero_stage: it sets ZeRO's "
+    zero = cfg.zero
+    shard_keys = {"zero_shard_list": zero.zero_shard_list, "memory_mb": zero.memory_mb}
+    if not zero.zero_stage:
+        for key, value in shard_keys.items():
+            if value is not None:
+                raise ConfigError(f"config key '{key}' {value} has no effect without zero_stage: it sets ZeRO's "
                                   f"shards; set zero_stage 1, 2 or 3, or leave {key} out")
         return
     if plan.dp_size == 1:
-        raise ConfigError(f"config key 'zero_stage' is {cfg['zero_stage']} but there is no data-parallel group "
+        raise ConfigError(f"config key 'zero_stage' is {zero.zero_stage} but there is no data-parallel group "
                           f"(data_parallel_size 1): ZeRO shards over data-parallel replicas")
-    for key in ("zero_shard_list", "memory_mb"):
-        if cfg[key] is not None and len(cfg[key]) != plan.dp_size:
-            raise ConfigError(f"config key '{key}' has {len(cfg[key])} entries for {plan.dp_size} "
+    for key, value in shard_keys.items():
+        if value is not None and len(value) != plan.dp_size:
+            raise ConfigError(f"config key '{key}' has {len(value)} entries for {plan.dp_size} "
                               f"data-parallel ranks")
-    if cfg["zero_stage"] == 3 and cfg["activation_checkpointing"]:
+    if zero.zero_stage == 3 and cfg.loop.activation_checkpointing:
         raise ConfigError("config key 'zero_stage' 3 does not combine with activation_checkpointing (a "
                           "recomputed layer would free its weights before its backward)")
 
 
 def shard_fractions(cfg, dp_size):
     """Each data-parallel rank's share: zero_shard_list, else in proportion to memory_mb, else even."""
-    if cfg["zero_shard_list"] is not None:
-        return cfg["zero_shard_list"]
-    memory = cfg["memory_mb"] or [1] * dp_size
+    if cfg.zero.zero_shard_list is not None:
+        return cfg.zero.zero_shard_list
+    memory = cfg.zero.memory_mb or [1] * dp_size
     return [m / sum(memory) for m in memory]
 
 
@@ -174,10 +176,10 @@ class Zero:
 
     def __init__(self, model, ctx, cfg):
         check_zero(cfg, ctx.plan)  # for trainers built without the command line's check
-        self.stage, self.ctx = cfg["zero_stage"], ctx
+        self.stage, self.ctx = cfg.zero.zero_stage, ctx
         fractions = shard_fractions(cfg, ctx.plan.dp_size)
         managed = sharded_params(model, ctx)
-        self.whole = GradSync(model, ctx, cfg["bucket_size_mb"], exclude=managed)
+        self.whole = GradSync(model, ctx, cfg.loop.bucket_size_mb, exclude=managed)
         ids, layers, claimed = {id(p) for p in managed}, [], set()
         for module in _unit_modules(model):
             params = [p for p in module.parameters() if id(p) in ids and id(p) not in claimed]

@@ -1,10 +1,13 @@
-"""The tuning keys: which method a config picks, the rules its keys follow, and tuning.json, the
-record of them written beside a trainable-only checkpoint (like PEFT's adapter_config.json) and
-checked when one is loaded. Light on purpose: galaxy.config.load imports it without the models."""
+"""The tuning keys (TuningConfig, the tuning section of a config): which method a config picks, the
+rules its keys follow, and tuning.json, the record of them written beside a trainable-only
+checkpoint (like PEFT's adapter_config.json) and checked when one is loaded. Light on purpose:
+galaxy.config.load imports it without the models."""
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from galaxy.adapters.utils import ACTIVATIONS
+from galaxy.keys import key, probability, settle
 from galaxy.errors import ConfigError
 
 # config name (Hugging Face BERT's module name) -> (block, projection) in our layers
@@ -18,29 +21,59 @@ METHOD_KEYS = {"full_model": (), "use_lora": ("lora_dim", "lora_alpha", "lora_ta
 # every key a method reads: its shaping keys and how it trains
 METHOD_OPTIONS = {**METHOD_KEYS, "use_lora": (*METHOD_KEYS["use_lora"], "lora_dropout", "fan_in_fan_out", "merge_weights")}
 TUNING_FILE = "tuning.json"
+METHODS = ("use_lora", "use_adapter", "use_side", "use_side_only")  # at most one true; none: full_model
+
+
+@dataclass(frozen=True)
+class TuningConfig:
+    """What a run trains: the whole model, or LoRA / adapters / a side network on a frozen one."""
+    full_model: bool = key(True, "train every parameter (set false by whichever method below is true)")
+    use_lora: bool = key(False, "LoRA on the lora_targets projections (galaxy.loralib)")
+    lora_dim: int = key(8, "LoRA rank r (alias: lora_att_dim, lora_r)")
+    lora_alpha: float = key(32.0, "LoRA scale numerator: the update is scaled by lora_alpha / lora_dim")
+    lora_dropout: float = key(0.0, "dropout on LoRA's input")
+    fan_in_fan_out: bool = key(False, "GPT-2 Conv1D weights stored [in, out]; Galaxy's are [out, in]: keep false")
+    merge_weights: bool = key(False, "fold LoRA's update into the frozen weight in eval mode")
+    lora_targets: list = key(["query", "value"], f"projections that get LoRA, of {list(LORA_TARGETS)}")
+    use_adapter: bool = key(False, "bottleneck adapters after attention and MLP (Houlsby)")
+    adapter_reduction_dim: int = key(16, "width of an adapter's bottleneck")
+    non_linearity: str = key("relu", f"activation of adapters and the side network, one of {sorted(ACTIVATIONS)}")
+    use_side: bool = key(False, "a side network reads every layer's output; the backbone is frozen")
+    use_side_only: bool = key(False, "as use_side, and the backbone's own output is not used")
+    side_reduction_factor: int = key(8, "the side network is hidden_size / side_reduction_factor wide")
+    add_bias_sampling: bool = key(True, "biases in the side network's down-sampling linears")
+
+    def __post_init__(self):
+        methods = [name for name in METHODS if getattr(self, name)]
+        if len(methods) > 1:
+            raise ConfigError(f"tuning methods {methods} are all true; set exactly one of "
+                              f"{['full_model', *METHODS]}")
+        settle(self, full_model=not methods)  # a PEFT method switches full-model tuning off
+        probability(self, ("lora_dropout",))
+        method = methods[0] if methods else "full_model"
+        if method == "use_lora":
+            if self.lora_dim < 1:
+                raise ConfigError(f"lora_dim must be >= 1 with use_lora, got {self.lora_dim}")
+            unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
+            if unknown or not self.lora_targets:
+                raise ConfigError(f"lora_targets {self.lora_targets}: each must be one of {list(LORA_TARGETS)}")
+            if self.fan_in_fan_out:
+                raise ConfigError("fan_in_fan_out is for GPT-2 Conv1D weights stored [in, out]; "
+                                  "BERT's linears are [out, in]: set it false")
+        if method == "use_adapter" and self.adapter_reduction_dim < 1:
+            raise ConfigError(f"adapter_reduction_dim must be >= 1, got {self.adapter_reduction_dim}")
+        if method in ("use_adapter", "use_side", "use_side_only") and self.non_linearity not in ACTIVATIONS:
+            raise ConfigError(f"non_linearity '{self.non_linearity}' is not one of {sorted(ACTIVATIONS)}")
 
 
 def tuning_method(cfg):
-    return next((k for k in ("use_lora", "use_adapter", "use_side", "use_side_only") if cfg[k]), "full_model")
+    return next((name for name in METHODS if cfg[name]), "full_model")
 
 
 def check_tuning(cfg):
-    """The tuning keys' rules; ConfigError naming the key (called by load_config)."""
-    method = tuning_method(cfg)
-    if method == "use_lora":
-        if cfg["lora_dim"] < 1:
-            raise ConfigError(f"lora_dim must be >= 1 with use_lora, got {cfg['lora_dim']}")
-        unknown = [t for t in cfg["lora_targets"] if t not in LORA_TARGETS]
-        if unknown or not cfg["lora_targets"]:
-            raise ConfigError(f"lora_targets {cfg['lora_targets']}: each must be one of {list(LORA_TARGETS)}")
-        if cfg["fan_in_fan_out"]:
-            raise ConfigError("fan_in_fan_out is for GPT-2 Conv1D weights stored [in, out]; "
-                              "BERT's linears are [out, in]: set it false")
-    if method == "use_adapter" and cfg["adapter_reduction_dim"] < 1:
-        raise ConfigError(f"adapter_reduction_dim must be >= 1, got {cfg['adapter_reduction_dim']}")
-    if method in ("use_adapter", "use_side", "use_side_only") and cfg["non_linearity"] not in ACTIVATIONS:
-        raise ConfigError(f"non_linearity '{cfg['non_linearity']}' is not one of {sorted(ACTIVATIONS)}")
-    if method in ("use_side", "use_side_only"):
+    """The tuning rules that read other sections: the side network's width divides hidden_size, and
+    load_trainable was saved with this run's tuning. ConfigError naming the key."""
+    if tuning_method(cfg) in ("use_side", "use_side_only"):
         factor = cfg["side_reduction_factor"]
         if factor < 1 or cfg["hidden_size"] % factor:
             raise ConfigError(f"side_reduction_factor {factor} must be >= 1 and divide hidden_size {cfg['hidden_size']}")

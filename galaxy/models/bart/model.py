@@ -18,7 +18,6 @@ Parameter names are Hugging Face's outside the layers; HF_NAMES maps the layers'
 """
 import json
 import math
-from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +29,10 @@ from galaxy.layers.mlp import MLP
 from galaxy.layers.placement import REPLICATE, consumes, redistribute
 from galaxy.layers.transformer import Connective, run_layers, sublayer
 from galaxy.models import checkpoint
+from galaxy.models.bart.config import BartConfig
 from galaxy.models.bert.model import attention_bias, bert_layer
 from galaxy.models.common import init_weights, on_context_device, serial_context
 from galaxy.plan import Method
-from galaxy.seeding import DEFAULT_SEED
 
 HF_NAMES = [
     (r"\.attn\.([qkv])\.", r".self_attn.\1_proj."),
@@ -51,56 +50,6 @@ POSITION_OFFSET = 2  # BART's learned position table has two extra leading rows 
 
 def to_hf(name):
     return checkpoint.rename(name, HF_NAMES)
-
-
-@dataclass
-class BartConfig:
-    """Field names are the flat config's (galaxy.config.load); HF's d_model = hidden_size,
-    encoder_layers = num_hidden_layers, decoder_layers = num_decoder_layers, ffn_dim = intermediate_size."""
-    vocab_size: int = 50265
-    hidden_size: int = 768
-    num_hidden_layers: int = 6
-    num_decoder_layers: int = None  # None: as many as the encoder
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    hidden_act: str = "gelu"
-    hidden_dropout_prob: float = 0.1
-    attention_probs_dropout_prob: float = 0.0
-    max_position_embeddings: int = 1024
-    layer_norm_eps: float = 1e-5
-    initializer_range: float = 0.02
-    seed: int = DEFAULT_SEED  # the run seed: initial weights derive from it (galaxy.seeding)
-    scale_embedding: bool = False
-    pad_token_id: int = 0
-    activation_checkpointing: bool = False
-    overlap_tiles: int = 1  # encoder layers are BERT's, which may tile (galaxy.comm.overlap)
-
-    def __post_init__(self):
-        if self.num_decoder_layers is None:
-            self.num_decoder_layers = self.num_hidden_layers
-
-    @classmethod
-    def from_dict(cls, d):
-        return cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
-
-    @classmethod
-    def from_hf(cls, d):
-        """From a Hugging Face BART config.json's dict."""
-        return cls.from_dict({ours: d.get(theirs) for ours, theirs in HF_CONFIG.items()})
-
-    def to_hf(self):
-        return {"architectures": ["BartForConditionalGeneration"], "model_type": "bart",
-                "decoder_attention_heads": self.num_attention_heads, "decoder_ffn_dim": self.intermediate_size,
-                **{theirs: getattr(self, ours) for ours, theirs in HF_CONFIG.items()}}
-
-
-# our config field -> HF BartConfig key (HF's LayerNorm eps is fixed at 1e-5; decoder heads/ffn = encoder's here)
-HF_CONFIG = {"vocab_size": "vocab_size", "hidden_size": "d_model", "num_hidden_layers": "encoder_layers",
-             "num_decoder_layers": "decoder_layers", "num_attention_heads": "encoder_attention_heads",
-             "intermediate_size": "encoder_ffn_dim", "hidden_act": "activation_function",
-             "hidden_dropout_prob": "dropout", "attention_probs_dropout_prob": "attention_dropout",
-             "max_position_embeddings": "max_position_embeddings", "initializer_range": "init_std",
-             "scale_embedding": "scale_embedding", "pad_token_id": "pad_token_id"}
 
 
 def causal_bias(length, dtype, device):

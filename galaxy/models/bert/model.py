@@ -9,7 +9,6 @@ its own layers, the head on the last.
 Parameter names are ours; HF_NAMES maps them to Hugging Face's for checkpoints.
 """
 import json
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -23,9 +22,9 @@ from galaxy.layers.param_spec import GradSum, set_spec
 from galaxy.layers.placement import REPLICATE, redistribute
 from galaxy.layers.transformer import Connective, TransformerLayer, build_chunks, run_layers
 from galaxy.models import checkpoint
+from galaxy.models.bert.config import BertConfig
 from galaxy.models.common import init_weights, on_context_device, serial_context
 from galaxy.plan import Method
-from galaxy.seeding import DEFAULT_SEED
 
 HF_NAMES = [
     (r"\.attn\.q\.", ".attention.self.query."),
@@ -46,29 +45,6 @@ HF_EXTRAS = (r"pooler\.", r"position_ids$", r"^cls\.seq_relationship\.", r"^cls\
 
 def to_hf(name):
     return checkpoint.rename(name, HF_NAMES)
-
-
-@dataclass
-class BertConfig:
-    vocab_size: int = 30522
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    hidden_act: str = "gelu"
-    hidden_dropout_prob: float = 0.1
-    attention_probs_dropout_prob: float = 0.1
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    layer_norm_eps: float = 1e-12
-    initializer_range: float = 0.02
-    seed: int = DEFAULT_SEED  # the run seed: initial weights derive from it (galaxy.seeding)
-    activation_checkpointing: bool = False
-    overlap_tiles: int = 1  # > 1: Galaxy's tiled comm/compute overlap (galaxy.comm.overlap)
-
-    @classmethod
-    def from_dict(cls, d):
-        return cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
 
 
 class BertEmbeddings(nn.Module):

@@ -8,9 +8,10 @@ keys a checkpoint carries for transformers (dtype, architectures, transformers_v
 reach the engine's own.
 """
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
+from galaxy.keys import check_transformer, from_keys, key, settle
 from galaxy.plan import check_kv_heads
 from galaxy.seeding import DEFAULT_SEED
 
@@ -19,32 +20,34 @@ ROPE_KEYS = {"linear": ("factor",), "dynamic": ("factor",),
              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
 
-@dataclass
+@dataclass(frozen=True)
 class LlamaConfig:
-    vocab_size: int = 32000
-    hidden_size: int = 4096
-    intermediate_size: int = 11008
-    num_hidden_layers: int = 32
-    num_attention_heads: int = 32
-    num_key_value_heads: int = None  # None: as many as query heads (no grouping)
-    head_dim: int = None  # None: hidden_size / num_attention_heads
-    hidden_act: str = "silu"
-    max_position_embeddings: int = 4096
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_scaling: dict = None  # None: plain RoPE; else {"rope_type": "linear" | "dynamic" | "llama3", ...}
-    initializer_range: float = 0.02
-    seed: int = DEFAULT_SEED  # the run seed: initial weights derive from it (galaxy.seeding)
-    tie_word_embeddings: bool = False
-    activation_checkpointing: bool = False
-    overlap_tiles: int = 1  # > 1: Galaxy's tiled comm/compute overlap (galaxy.comm.overlap)
+    vocab_size: int = key(32000, "token embeddings (a tokenizer may not hold more pieces)")
+    hidden_size: int = key(4096, "width of every layer's input and output")
+    intermediate_size: int = key(11008, "SwiGLU MLP columns per layer")
+    num_hidden_layers: int = key(32, "decoder layers")
+    num_attention_heads: int = key(32, "query heads per layer")
+    num_key_value_heads: int = key(None, "GQA key/value heads (divides num_attention_heads; default: as many "
+                                         "as query heads, no grouping)")
+    head_dim: int = key(None, "width of one attention head (default: hidden_size / num_attention_heads)")
+    hidden_act: str = key("silu", "MLP activation, as Hugging Face names it")
+    max_position_embeddings: int = key(4096, "positions the model was trained on (rotary: no table)")
+    rms_norm_eps: float = key(1e-6, "RMSNorm epsilon")
+    rope_theta: float = key(10000.0, "RoPE base")
+    rope_scaling: dict = key(None, "RoPE scaling as Hugging Face writes it, e.g. {\"rope_type\": \"linear\", "
+                                   "\"factor\": 4.0}; rope_type linear | dynamic | llama3 (default: plain RoPE)")
+    initializer_range: float = key(0.02, "standard deviation of the initial weights")
+    seed: int = key(DEFAULT_SEED, "the run seed: initial weights derive from it (galaxy.seeding)")
+    tie_word_embeddings: bool = key(False, "share input embeddings with the output head")
+    activation_checkpointing: bool = key(False, "recompute each layer in backward instead of keeping it")
+    overlap_tiles: int = key(1, "> 1: Galaxy's tiled comm/compute overlap (galaxy.comm.overlap)")
 
     def __post_init__(self):
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        check_kv_heads(self.num_attention_heads, self.num_key_value_heads)
-        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
-        self.rope_scaling = _check_rope_scaling(self.rope_scaling, self.max_position_embeddings)
+        check_transformer(self, eps="rms_norm_eps")
+        kv = self.num_attention_heads if self.num_key_value_heads is None else self.num_key_value_heads
+        check_kv_heads(self.num_attention_heads, kv)
+        settle(self, num_key_value_heads=kv, head_dim=self.head_dim or self.hidden_size // self.num_attention_heads,
+               rope_scaling=_check_rope_scaling(self.rope_scaling, self.max_position_embeddings))
 
     @property
     def position_limit(self):
@@ -55,14 +58,13 @@ class LlamaConfig:
     @classmethod
     def from_dict(cls, d):
         """From a Hugging Face config.json (either RoPE format) or a Galaxy config; other keys are ignored."""
-        for key in ("attention_bias", "mlp_bias"):
-            if d.get(key):
-                raise ValueError(f"LLaMA config key '{key}' = {d[key]!r} is not supported")
+        for name in ("attention_bias", "mlp_bias"):
+            if d.get(name):
+                raise ValueError(f"LLaMA config key '{name}' = {d[name]!r} is not supported")
         # transformers reads rope_scaling first when a config has both
         rope = dict(d.get("rope_scaling") or d.get("rope_parameters") or {})
         theta = rope.pop("rope_theta", None) or d.get("rope_theta")
-        d = {**d, "rope_theta": theta, "rope_scaling": rope}
-        return cls(**{f.name: d[f.name] for f in fields(cls) if d.get(f.name) is not None})
+        return from_keys(cls, {**d, "rope_theta": theta, "rope_scaling": rope})
 
     @classmethod
     def from_pretrained(cls, path):
