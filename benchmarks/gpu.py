@@ -51,7 +51,7 @@ def config(shape, args, **extra):
 
 def flops_per_token(cfg):
     h, layers, seq = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["seq_length"]
-    kv = h // cfg["num_attention_heads"] * (cfg["num_key_value_heads"] or cfg["num_attention_heads"])
+    kv = h // cfg["num_attention_heads"] * (cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
     llama = cfg["model"] == "llama"
     per_layer = 2 * h * h + 2 * h * kv + (3 if llama else 2) * h * cfg["intermediate_size"]  # q,o + k,v + MLP
     return 6 * (layers * per_layer + h * cfg["vocab_size"]) + (6 if llama else 12) * layers * h * seq

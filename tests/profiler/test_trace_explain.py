@@ -34,7 +34,8 @@ def config(layout):
 def _train_every_layout(rank, world, trace_root):
     for layout in LAYOUTS:
         cfg = config(layout)
-        args = argparse.Namespace(trace_dir=f"{trace_root}/{layout}", metrics_file=None)
+        args = argparse.Namespace(trace_dir=f"{trace_root}/{layout}", metrics_file=None, verbose=False,
+                                  device_gflops=None, device_gflops_after=None)
         train.train(rank, world, cfg, build_plan(cfg, world), args)
 
 

@@ -32,7 +32,7 @@ def _pipelines(rank, world):
     out = {}
     for schedule in SCHEDULES:
         for tie in TIES:
-            cfg = {**config(tie, STAGES[world]), "pipeline_schedule": schedule}
+            cfg = config(tie, STAGES[world], pipeline_schedule=schedule)
             out[schedule, tie] = train_two_steps(cfg, build_plan(cfg, world), rank)
     return out
 
