@@ -38,6 +38,9 @@ class GradBuckets:
                 p.register_post_accumulate_grad_hook(self._ready)
 
     def arm(self):
+        if self.pending:  # re-arming would launch these buckets again, out of step with the other ranks
+            raise RuntimeError("gradient sync armed again before finish(): arm() once per optimizer step, "
+                               "before the last micro-batch's backward, and finish() after it")
         self.armed, self.next_launch = self.group is not None, 0
         # a parameter this rank never uses (a bias added on another rank) is ready from the start
         self.waiting = [sum(spec_of(p).used_here for p in b) for b in self.buckets]
