@@ -16,11 +16,6 @@ def key(default, doc):
     return field(default=default, metadata={"doc": doc})
 
 
-def describe(section_class):
-    """{key: its one-line description} of a section (or a model config class)."""
-    return {f.name: f.metadata.get("doc", "") for f in fields(section_class)}
-
-
 def settle(section, **values):
     """Set values a frozen section derives from its keys (in its __post_init__)."""
     for name, value in values.items():
