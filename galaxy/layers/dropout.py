@@ -18,6 +18,8 @@ sum_d w_d[i_d] (mod 2^32) goes through murmur3's 32-bit finaliser. Of n elements
 n^2 / 2^33 pairs share a sum and hence a decision (18,000 pairs among the 12.6 M elements of a
 [4, 12, 512, 512] mask): harmless for dropout.
 """
+from contextlib import contextmanager, nullcontext
+
 import torch
 from torch import nn
 
@@ -33,6 +35,7 @@ class LayoutInvariantDropout(nn.Module):
         self.p = p
         self.site = site  # an int or a name: the same dropout in every layout
         self.key_by(DEFAULT_SEED, step=0)  # set_dropout_seed keys every micro-batch
+        self.part = (0, 1)  # (which, of how many) forwards of the same samples this one is (set_part)
 
     def key_by(self, seed, step, rows=None, samples=None):
         """Key the mask by (run seed, site, step); the batch dimension's rows are the samples `rows`
@@ -40,14 +43,23 @@ class LayoutInvariantDropout(nn.Module):
         self.key = seed_of(seed, "dropout", self.site, step)
         self.rows, self.samples = rows, samples
 
+    def key_state(self):
+        return self.key, self.rows, self.samples, self.part
+
+    def set_key_state(self, state):
+        self.key, self.rows, self.samples, self.part = state
+
     def forward(self, x, full_shape=None, index=None):
         """x is the part `index` (a slice per leading dimension) of a tensor of shape full_shape
         (default: x is the whole tensor), whose batch dimension 0 callers leave whole."""
         if not self.training or self.p == 0.0:
             return x
         full_shape, index = tuple(full_shape or x.shape), tuple(index or (slice(None),))
-        if self.rows is not None:  # the batch is these rows of the step's samples
-            full_shape, index = (self.samples,) + full_shape[1:], (slice(self.rows.start, self.rows.stop),) + index[1:]
+        rows, samples = (self.rows, self.samples) if self.rows is not None else (range(full_shape[0]), full_shape[0])
+        # the batch is these rows of the step's samples, in the part-th of `parts` forwards of them
+        part, parts = self.part
+        start = part * samples + rows.start
+        full_shape, index = (parts * samples,) + full_shape[1:], (slice(start, start + len(rows)),) + index[1:]
         return x * self.mask(full_shape, index, x.dtype, x.device)
 
     def mask(self, full_shape, index, dtype, device):
@@ -103,3 +115,40 @@ def set_dropout_seed(model, seed, step, rows=None, samples=None):
     for m in model.modules():
         if isinstance(m, LayoutInvariantDropout):
             m.key_by(seed, step, rows, samples)
+
+
+def _sites(model):
+    return [m for m in model.modules() if isinstance(m, LayoutInvariantDropout)]
+
+
+@contextmanager
+def set_part(model, part, parts):
+    """Forwards inside draw their masks as the part-th of `parts` forwards of the same samples, a
+    batch `parts` times the step's: retrieval's questions (part 0 of 2) and their passages (1 of 2)
+    run as two forwards of the same rows and must not share masks."""
+    sites = _sites(model)
+    for m in sites:
+        m.part = (part, parts)
+    try:
+        yield
+    finally:
+        for m in sites:
+            m.part = (0, 1)
+
+
+def masks_as_in_forward(module):
+    """torch.utils.checkpoint's context_fn: the recomputation in backward draws the masks the
+    forward drew, though the sites were keyed again in between (set_part, another micro-batch)."""
+    drawn = [(m, m.key_state()) for m in _sites(module)]
+
+    @contextmanager
+    def recompute():
+        now = [(m, m.key_state()) for m, _ in drawn]
+        for m, state in drawn:
+            m.set_key_state(state)
+        try:
+            yield
+        finally:
+            for m, state in now:
+                m.set_key_state(state)
+    return nullcontext(), recompute()

@@ -6,11 +6,13 @@ CON is dropout + residual add, plus the norm for post-norm models (BERT, BART). 
 models (LLaMA) pass `norm_in`/`norm_mid`, which run *before* redistribution, i.e. on the
 local shard when the connective block is sequence-parallel.
 """
+from functools import partial
+
 import torch
 from torch import nn
 
 from galaxy.comm import stats
-from galaxy.layers.dropout import LayoutInvariantDropout
+from galaxy.layers.dropout import LayoutInvariantDropout, masks_as_in_forward
 from galaxy.layers.param_spec import GradSum, set_spec
 from galaxy.layers.placement import PRODUCES, REPLICATE, SEQ, consumes, redistribute
 from galaxy.layers.tiling import tiling_for
@@ -101,7 +103,8 @@ def run_layers(layers, x, placement, attn_bias, checkpoint=False, extra=()):
     and its placement."""
     for layer in layers:
         if checkpoint and layer.training:
-            x = torch.utils.checkpoint.checkpoint(layer, x, attn_bias, *extra, use_reentrant=False)
+            x = torch.utils.checkpoint.checkpoint(layer, x, attn_bias, *extra, use_reentrant=False,
+                                                  context_fn=partial(masks_as_in_forward, layer))
         else:
             x = layer(x, attn_bias, *extra)
         placement = layer.output_placement

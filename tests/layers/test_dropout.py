@@ -1,12 +1,13 @@
 """Dropout masks as randomness, which parity with serial cannot check (serial shares the masks):
 masks of different sites, steps, samples and seeds are independent, each drops about p,
 neighbouring elements are independent, a shard's mask is its slice of the whole, and a
-micro-batch's mask is its samples' rows of the whole step's."""
+micro-batch's mask is its samples' rows of the whole step's; two forwards of the same samples
+(retrieval's questions and passages) draw the two halves of one batch twice the step's."""
 import pytest
 import torch
 from torch import nn
 
-from galaxy.layers.dropout import LayoutInvariantDropout, set_dropout_seed
+from galaxy.layers.dropout import LayoutInvariantDropout, set_dropout_seed, set_part
 
 SHAPE = (4, 64, 256)  # 65536 elements: agreement rates within 0.01 of their expectation
 SITES = (0, 1, 5, "layers.0.attn.q")
@@ -60,3 +61,14 @@ def test_a_micro_batch_draws_its_samples_rows_of_the_step():
         index = (slice(None), slice(10, 50))
         part = d(torch.ones(len(rows), 40, SHAPE[2]), (len(rows),) + SHAPE[1:], index)
         assert torch.equal(part, whole[rows.start:rows.stop, 10:50])
+
+
+def test_two_forwards_of_the_same_samples_draw_the_halves_of_one_batch():
+    d = LayoutInvariantDropout(0.3, site=2).train()
+    set_dropout_seed(d, 42, step=0, rows=range(SHAPE[0], 2 * SHAPE[0]), samples=2 * SHAPE[0])
+    second_half = d(torch.ones(SHAPE))
+    for rows in (None, range(0, SHAPE[0])):  # keyed by the loop or not: the batch is the step's samples
+        set_dropout_seed(d, 42, step=0, rows=rows, samples=SHAPE[0] if rows else None)
+        with set_part(d, 1, 2):
+            assert torch.equal(d(torch.ones(SHAPE)), second_half)
+    assert d.part == (0, 1)  # the part holds inside the block only

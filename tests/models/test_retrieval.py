@@ -12,6 +12,7 @@ import torch
 
 from galaxy.comm.context import ParallelContext
 from galaxy.data import RetrievalPairs
+from galaxy.layers.dropout import set_dropout_seed
 from galaxy.models.bert.model import retrieval_to_hf
 from galaxy.models.checkpoint import gather_full_state
 from galaxy.data.build import load_tokenizer
@@ -105,3 +106,24 @@ def test_infer_times_the_sentence_embedding_of_unpadded_requests():
     ids = torch.randint(1000, (2, SEQ))
     embedding = forward_fn(model, "bert_retrieval")(ids, None)  # synthetic requests carry no mask
     assert embedding.shape == (2, 384) and torch.allclose(embedding, model.embed(ids, torch.ones_like(ids)))
+
+
+def test_questions_and_passages_draw_their_own_masks_and_recomputation_redraws_them():
+    """Two forwards of the same rows in one micro-batch (galaxy.layers.dropout.set_part): removing the
+    part gives questions and passages the same masks, and without masks_as_in_forward the
+    recomputed questions would draw the passages' masks."""
+    grads = {}
+    for checkpointing in (False, True):
+        trainer = trainer_of(config(activation_checkpointing=checkpointing), 1, 0)
+        trainer.before_update = lambda: grads.setdefault(checkpointing, {
+            n: p.grad.clone() for n, p in trainer.model.named_parameters()})
+        trainer.train_step()
+    for name, grad in grads[True].items():
+        assert grad_err(grad, grads[False][name], grads[False]) < 1e-5, name
+    model, batch = trainer.model.train(), trainer.data.get_batch(range(4))
+    set_dropout_seed(model, seed=0, step=0)  # the batch is the step's samples
+    states = []
+    model.bert.register_forward_hook(lambda module, args, out: states.append(out))
+    model(query_ids=batch["query_ids"], query_mask=batch["query_mask"], passage_ids=batch["query_ids"],
+          passage_mask=batch["query_mask"], labels=batch["labels"])  # passages equal to their questions
+    assert not torch.allclose(states[0], states[1])  # only their masks can tell them apart

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from galaxy.layers.attention import Attention
-from galaxy.layers.dropout import LayoutInvariantDropout
+from galaxy.layers.dropout import LayoutInvariantDropout, set_part
 from galaxy.layers.mlp import MLP
 from galaxy.layers.param_spec import GradSum, set_spec
 from galaxy.layers.placement import REPLICATE, redistribute
@@ -214,8 +214,9 @@ class BertForRetrieval(nn.Module):
     """BERT sentence embeddings trained for retrieval with in-batch negatives: question i's
     embedding scores every passage of the batch (cosine x SCALE) and the loss is the cross-entropy
     of its own passage, as sentence-transformers' MultipleNegativesRankingLoss. forward returns
-    (sum over questions, number of questions). Questions and passages run as two batches, so both
-    draw the dropout masks of the same sample rows."""
+    (sum over questions, number of questions). Questions and passages run as two forwards of the same
+    sample rows, drawing their dropout masks as two halves of one batch (independent, as two batches
+    of sentence-transformers are)."""
 
     SCALE = 20.0
 
@@ -241,7 +242,11 @@ class BertForRetrieval(nn.Module):
         return sentence_embedding(self.bert(input_ids, attention_mask), attention_mask)
 
     def forward(self, query_ids, query_mask, passage_ids, passage_mask, labels):
-        scores = self.SCALE * self.embed(query_ids, query_mask) @ self.embed(passage_ids, passage_mask).T
+        with set_part(self, 0, 2):
+            queries = self.embed(query_ids, query_mask)
+        with set_part(self, 1, 2):
+            passages = self.embed(passage_ids, passage_mask)
+        scores = self.SCALE * queries @ passages.T
         return F.cross_entropy(scores.float(), labels, reduction="sum"), labels.numel()
 
     @torch.no_grad()
