@@ -129,6 +129,7 @@ def main(argv=None):
     p.add_argument("--after", type=int, default=3, help="requests served after")
     p.add_argument("--requests", type=int, default=5,
                    help="rounds after recovery, each a request on the recovered and on the planned model")
+    p.add_argument("--skip_restart", action="store_true", help="only the in-place figures (no restart to compare)")
     args = p.parse_args(argv)
     world = check_args(p, args)
     survivor_devices = args.devices and [g for r, g in enumerate(args.devices) if r != LOST]
@@ -143,23 +144,26 @@ def main(argv=None):
         died = float(Path(f"{tmp}/died").read_text())
         survivors_cfg, plan = elastic.survivors_plan(cfg, build_plan(cfg, world), [LOST])
         start = time.time()
-        restarted = call("benchmarks.elastic:restart", world - 1, (survivors_cfg, survivor_devices), args.timeout_s)
+        restarted = None if args.skip_restart else call("benchmarks.elastic:restart", world - 1,
+                                                        (survivors_cfg, survivor_devices), args.timeout_s)
     ends, recoveries, after = results[0]
     moved = recoveries[0]
     gap_in_place = ends[args.before] - died
-    gap_restart = max(end for end, _ in restarted) - start
-    read_restart = sum(size for _, size in restarted)
     mib = 2 ** 20
     rows = [["in place", f"{gap_in_place:.2f}", f"{moved['seconds']:.2f}", f"{moved['rebuilt'] / mib:.1f}",
-             f"{moved['kept'] / mib:.1f} kept, {moved['received'] / mib:.1f} received"],
-            ["restart", f"{gap_restart:.2f}", "", f"{read_restart / mib:.1f}", "all read again"]]
+             f"{moved['kept'] / mib:.1f} kept, {moved['received'] / mib:.1f} received"]]
+    if restarted:
+        gap_restart = max(end for end, _ in restarted) - start
+        read_restart = sum(size for _, size in restarted)
+        rows.append(["restart", f"{gap_restart:.2f}", "", f"{read_restart / mib:.1f}", "all read again"])
     devices = f"devices {args.devices} GFLOP/s" if args.devices else "the host's speed"
     print(f"{args.model} x{args.layers} layers, seq {args.seq}, batch 1, Galaxy world {world} -> {world - 1} (gloo, "
           f"{shaping}), {devices}, rank {LOST} lost after request {args.before}; survivors' plan {plan.describe()}")
     print(table(rows, ["survivors go on", "serving stops s", "of it re-planning s", "MiB from the checkpoint",
                        "the survivors' weights"]))
-    print(f"in place / restart: {gap_in_place / gap_restart:.2f}x the stop, "
-          f"{moved['rebuilt'] / read_restart:.2f}x the bytes read")
+    if restarted:
+        print(f"in place / restart: {gap_in_place / gap_restart:.2f}x the stop, "
+              f"{moved['rebuilt'] / read_restart:.2f}x the bytes read")
     live, planned = median(after["live"]) * 1e3, median(after["planned"]) * 1e3
     print(table([["recovered in place", after["live_split"], len(after["live"]), f"{live:.1f}",
                   f"{min(after['live']) * 1e3:.1f}", f"{max(after['live']) * 1e3:.1f}", f"{live / planned:.3f}x"],
@@ -167,6 +171,8 @@ def main(argv=None):
                   f"{planned:.1f}", f"{min(after['planned']) * 1e3:.1f}", f"{max(after['planned']) * 1e3:.1f}",
                   "1.000x"]],
                 ["after recovery", "split", "requests", "median ms", "min ms", "max ms", "vs planned"]))
+    return dict(stop_in_place_s=gap_in_place, stop_restart_s=restarted and gap_restart, recovered_ms=live, planned_ms=planned,
+                recovered_vs_planned=live / planned)
 
 
 if __name__ == "__main__":
