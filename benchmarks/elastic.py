@@ -136,7 +136,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp, ranks_over(args.link, world, prefix="gxela") as (call, shaping):
         share = args.seq // world  # positions split as evenly as they go
         cfg = paper_cfg(MODELS[args.model], args.layers, args.seq, parallel="galaxy", load_checkpoint=f"{tmp}/ckpt",
-                        timeout_s=args.timeout_s, seq_scatter_list=[args.seq - (world - 1) * share] + [share] * (world - 1))
+                        timeout_s=args.timeout_s,
+                        seq_scatter_list=[args.seq - (world - 1) * share] + [share] * (world - 1))
         build_model(cfg.with_layout(parallel="serial")).save_hf(f"{tmp}/ckpt")
         results = call("benchmarks.elastic:in_place", world,
                        (cfg, args.before, args.after, f"{tmp}/died", args.devices, args.requests), args.timeout_s,
@@ -171,8 +172,8 @@ def main(argv=None):
                   f"{planned:.1f}", f"{min(after['planned']) * 1e3:.1f}", f"{max(after['planned']) * 1e3:.1f}",
                   "1.000x"]],
                 ["after recovery", "split", "requests", "median ms", "min ms", "max ms", "vs planned"]))
-    return dict(stop_in_place_s=gap_in_place, stop_restart_s=restarted and gap_restart, recovered_ms=live, planned_ms=planned,
-                recovered_vs_planned=live / planned)
+    return dict(stop_in_place_s=gap_in_place, stop_restart_s=restarted and gap_restart, recovered_ms=live,
+                planned_ms=planned, recovered_vs_planned=live / planned)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ was used, and the scripts print it. (This machine's kernel has tbf/htb but no sc
 
 Needs root and iproute2 (`ip`, `tc`; on Debian/Ubuntu: apt-get install iproute2). It only
 creates and uses its own namespaces (gxnet0, gxnet1, ... and gxnethub), its own veth pairs and the
-addresses 10.77.0.1, 10.77.0.2, ... inside those namespaces, and removes them on exit.
+addresses 10.77.0.1, 10.77.0.2, ... (and 10.77.0.254, the switch's) inside those namespaces, and
+removes them on exit. call_ranks / ranks_over run a function of a benchmark on ranks in them.
 """
 import argparse
 import ctypes
@@ -172,10 +173,10 @@ class _Exited:
 
 
 def call_ranks(net, target, args, timeout_s, regroups=0, world=None):
-    """target(rank, world, *args) on the first `world` ranks of `net` (all by default), each in its namespace, joined in a gloo
-    group; target is "module:function", args picklable. Returns each rank's return value (None for
-    a rank lost without one). With regroups > 0 the ranks' store is the launcher's, in the switch's
-    namespace, and up to `regroups` times a rank that dies is announced to the others
+    """target(rank, world, *args) on the first `world` ranks of `net` (all by default), each in its
+    namespace, joined in a gloo group; target is "module:function", args picklable. Returns each
+    rank's return value (None for a rank lost without one). With regroups > 0 the ranks' store is the
+    launcher's, in the switch's namespace, and up to `regroups` times a rank that dies is announced to the others
     (galaxy.runtime.launch.spawn's regroups, over the shaped links)."""
     world = world or len(net.ns)
     with tempfile.TemporaryDirectory() as tmp:
@@ -281,8 +282,7 @@ def main():
     p.add_argument("--rate", default="100mbit")
     p.add_argument("--delay", default="1ms")
     p.add_argument("--call", help=argparse.SUPPRESS)  # one rank of call_ranks
-    p.add_argument("--rank", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--master_addr", help=argparse.SUPPRESS)
+    add_worker_args(p)
     args = p.parse_args()
     if args.call:
         return _called_rank(args.call, args.rank, args.master_addr)
