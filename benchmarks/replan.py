@@ -10,8 +10,9 @@ own network namespace behind a shaped link (benchmarks.netem) when --link is giv
 
 Presets (--worlds; paper.py's device classes): world 2 is devices 16,16 GFLOP/s with rank 1 slowed to
 8; world 4 is 8,8,8,8 with rank 1 slowed to 4. --devices/--slowed give one world of your own instead.
-On an idle 2-core machine the first command takes about 10 minutes (per repeat: ~1 min at world 2,
-~2 min at world 4, each with a fresh set of namespaces).
+The first command: about 10 minutes on an idle 2-core machine (estimate: one repeat of both worlds
+took 192 s under load, load average ~14; world 2 requests ~1 s, world 4 ~2 s, a move over 100 Mbit/s
+1.5 to 3 s). Each repeat runs on fresh ranks in a fresh set of namespaces.
 
 Each round serves one request on the live model and, once slowed, one on the model planned from the
 start for the slowed devices, so load from other processes hits both alike. A request's latency is the
