@@ -133,13 +133,14 @@ def run_world(args, devices, slowed):
     world = len(devices)
     base = dict(link=args.link or "loopback", world=world, devices_gflops="/".join(f"{g:g}" for g in devices),
                 slowed_gflops="/".join(f"{g:g}" for g in slowed), model=args.model, layers=args.layers, seq=args.seq)
-    rows, ratios = [], []
+    rows, ratios, moves = [], [], []
     for repeat in range(1, args.repeats + 1):
         with ranks_over(args.link, world, prefix="gxrpl") as (call, shaping):
             one_world = argparse.Namespace(**dict(vars(args), devices=devices, slowed=slowed))
             r = call("benchmarks.replan:bench", world, (one_world,), args.timeout_s)[0]
         cells = repeat_rows(base, repeat, r)
         rows += cells
+        moves.append(len(r["moves"]))
         print(f"\n{args.model} x{args.layers} layers, seq {args.seq}, batch 1, Galaxy world {world}, {shaping}; "
               f"devices {devices} GFLOP/s, {slowed} from request {args.before + 1} (threshold {args.threshold}, "
               f"patience {args.patience}); repeat {repeat} of {args.repeats}, medians")
@@ -157,7 +158,7 @@ def run_world(args, devices, slowed):
         verdict = "met" if summary["vs_planned"] <= GOAL else "MISSED"
         print(f"world {world}: after / planned over {len(ratios)} repeat(s) that moved: median "
               f"{summary['vs_planned']:.3f}x (min {summary['vs_planned_min']:.3f}, max {summary['vs_planned_max']:.3f})"
-              f"; goal <= {GOAL}x: {verdict}")
+              f"; goal <= {GOAL}x: {verdict}; moves per repeat {moves}")
     return rows
 
 
