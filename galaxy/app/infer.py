@@ -217,21 +217,16 @@ class Server(Holding):
 
     def run(self, batches, keep=lambda out: None, ask=None):
         """[(latency, keep(output))] of every batch, in order; the output is `ask`'s answers when given."""
-        results, batches, recovered = [], list(batches), False
+        results, batches = [], list(batches)
         forward = lambda ids, mask: forward_fn(self.model, self.cfg["model"], ask)(ids, mask)  # the model of now
         while len(results) < len(batches):
             try:
-                if recovered:  # a survivor may have finished the request the others lost
-                    done = torch.tensor([len(results)], device=self.ctx.device)
-                    dist.all_reduce(done, op=dist.ReduceOp.MIN)
-                    del results[int(done):]
-                    recovered = False
                 for out, latency in serve(forward, batches[len(results):], self.ctx, self._after_request,
                                           len(results)):
                     results.append((latency, keep(out)))
             except Exception as e:  # a peer's loss surfaces as whatever its collective raised
-                self._recover(e, len(results))
-                recovered = True
+                # a survivor may have finished the request the others lost: all go on from the agreed count
+                del results[self._recover(e, len(results)):]
         return results
 
     def _after_request(self, index):
@@ -275,7 +270,8 @@ class Server(Holding):
 
     def _recover(self, error, served):
         """Re-plan in place after `error` (one of `regroups` each time); again when a survivor is
-        lost while the others re-plan: the model under the old plan still holds this rank's rows."""
+        lost while the others re-plan: the model under the old plan still holds this rank's rows.
+        Returns the requests every survivor served (this rank served `served`)."""
         while True:
             if not (self.regroups and health.is_comm_error(error)):
                 raise error
@@ -289,6 +285,7 @@ class Server(Holding):
         self.recoveries.append(moved)
         self.adopt(model, ctx, cfg)
         self._watch()
+        return moved["served"]
 
 
 def _shared_part(round_):
@@ -318,7 +315,7 @@ def recover(holding, error, served, members):
     (galaxy.reshard.relayout). `members`: the launch's numbers of the ranks of the holding's plan.
     Returns (cfg, model, ctx) for the survivors and what moved: the lost ranks (numbered as in the
     old plan), the bytes the survivors kept in place, sent each other and rebuilt from the sources,
-    and the seconds it took."""
+    the requests every survivor had served (this rank: `served`) and the seconds it took."""
     start, rendezvous, model, ctx, cfg = time.perf_counter(), health.current(), holding.model, holding.ctx, holding.cfg
     if rendezvous is None:
         raise error
@@ -338,11 +335,13 @@ def recover(holding, error, served, members):
     moved = fill_after_loss(new, holders, new_ctx)
     total = torch.tensor([moved["kept"], moved["received"], rebuilt], dtype=torch.float64, device=new_ctx.device)
     dist.all_reduce(total)
+    agreed = torch.tensor([served], device=new_ctx.device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)  # a lagging survivor's count: the request lost is its next
     moved = dict(zip(("kept", "received", "rebuilt"), map(int, total.tolist()), strict=True), lost=lost,
-                 seconds=time.perf_counter() - start)
+                 served=int(agreed), seconds=time.perf_counter() - start)
     if new_ctx.rank == 0:
-        print(f"[rank 0] elastic: lost rank(s) {lost} during request {served}; {_moved_line(cfg, plan, moved)}",
-              flush=True)
+        print(f"[rank 0] elastic: lost rank(s) {lost} during request {moved['served']}; "
+              f"{_moved_line(cfg, plan, moved)}", flush=True)
     return new_cfg, new, new_ctx, moved
 
 
