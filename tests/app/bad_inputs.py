@@ -203,6 +203,10 @@ INFER_CASES = [
      "--task: task 'generate' needs a llama model; this one is bart", 2),
     ("denoise past seq_length", [*BART, *ANSWER, "--task", "denoise", "--max_new_tokens", "33"],
      "--task denoise: --max_new_tokens 33 exceeds seq_length 32, the positions BART's decoder runs over", 2),
+    ("denoise with a tokenizer that has no [CLS] / [SEP]", [*BART, *ANSWER, "--task", "denoise", "--vocab_size", "4000",
+                                                          "--tokenizer_file", "data/python_docs/spm_llama.model"],
+     "--task denoise: tokenizer data/python_docs/spm_llama.model has no [CLS] / [SEP], which frame what BART "
+     "reconstructs", 2),
     ("--serve with a model no endpoint answers", [*BART, "--serve", "127.0.0.1:0"],
      "--serve: a bart model answers none of ['embed', 'generate']", 2),
     ("inference with --explain", ["--explain"], "--explain and --trace_dir record a training step", 2),
