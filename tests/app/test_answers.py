@@ -16,6 +16,7 @@ from galaxy.app import infer
 from galaxy.app.answers import Ask, answer_json
 from galaxy.config.load import load_config
 from galaxy.data import read_jsonl, tokenizer_from
+from galaxy.inference.generate import greedy_denoise
 from galaxy.models.registry import build_model
 from galaxy.plan import build_plan
 from galaxy.tuning.apply import load_sources
@@ -214,6 +215,7 @@ BART = dict(model="bart", hidden_size=32, num_hidden_layers=2, num_decoder_layer
             intermediate_size=48, max_position_embeddings=64, seq_length=24, hidden_act="gelu", batch_size=6)
 BART_LAYOUTS = ["tp", "sp", "galaxy", "galaxy2", "dp"]  # every layout BART runs (no pipeline stages)
 DENOISE = ["the list is a [MASK] sequence .", "a tuple cannot [MASK] .", "", "[MASK] loops over [MASK] items"]
+SEP_BIAS = 8.0  # test_denoise_batch_pads_rows_that_ended_as_transformers: rows end at different steps
 
 
 @pytest.fixture(scope="module")
@@ -289,3 +291,20 @@ def test_denoise_in_every_layout_as_serial(world, hf_bart):
     for rank, got in enumerate(run_ranks(_bart_layouts, world, str(hf_bart), timeout_s=240)):
         for layout, result in got.items():
             assert result == want, (layout, rank)
+
+
+def test_denoise_batch_pads_rows_that_ended_as_transformers(hf_bart):
+    """A batch whose rows produce [SEP] at different steps (the bias of [SEP] raised in both models):
+    a finished row is padded until every row has ended, as transformers' batched generate does."""
+    cfg, transformers, tok = bart_cfg(hf_bart), hf(), tokenizer_from(hf_bart)
+    model = serial_model(cfg)
+    reference = transformers.BartForConditionalGeneration.from_pretrained(hf_bart).eval()
+    with torch.no_grad():
+        for bias in (model.final_logits_bias, reference.final_logits_bias):
+            bias[0, tok.sep_id] += SEP_BIAS
+    ids, mask = infer.encode(tok, DENOISE, cfg)
+    got = greedy_denoise(model, ids, mask, 16, start_id=tok.sep_id, eos_id=tok.sep_id, bos_id=tok.cls_id)
+    want = reference.generate(ids, attention_mask=mask, do_sample=False, num_beams=1, max_new_tokens=16)
+    ended = [row.index(tok.sep_id) + 1 for row in got.tolist()]
+    assert len(set(ended)) > 2, ended  # rows end apart: the early ones are padded while the rest decode
+    assert torch.equal(got, want[:, 1:]), (got, want)
