@@ -6,16 +6,19 @@ output into one answer per text, and `answer_json` into the JSON a user reads.
                sentence embeddings
     fill-mask  BERT with its MLM head: the top_k tokens and probabilities at every mask token
     generate   LLaMA: the greedy continuation of the text, up to max_new_tokens (and eos)
+    denoise    BART: the greedy decoder output for the text (its [MASK] spans filled in), the whole
+               sequence BART was trained to reconstruct ([CLS] ... [SEP]), not a continuation
 
 A task's forward runs this rank's part of the model; on the ranks that hold the output (every
 rank; with pipeline stages, the last stage's) it returns the per-text results, the same on each.
 """
 from dataclasses import dataclass
 
-from galaxy.inference.generate import greedy_generate
+from galaxy.inference.generate import greedy_denoise, greedy_generate
 from galaxy.models.bert.model import sentence_embedding
 
-TASKS = {"embed": ("bert", "bert_retrieval"), "fill-mask": ("bert",), "generate": ("llama",)}  # task: the models that answer it
+TASKS = {"embed": ("bert", "bert_retrieval"), "fill-mask": ("bert",), "generate": ("llama",),
+         "denoise": ("bart",)}  # task: the models that answer it
 
 
 def check_task(task, model):
@@ -34,7 +37,8 @@ class Ask:
     top_k: int = 5
     max_new_tokens: int = 32
     mask_id: int = None  # fill-mask: the tokenizer's mask token
-    eos_id: int = None  # generate: stop once it is produced
+    eos_id: int = None  # generate, denoise: stop once it is produced (denoise: BART's decoding starts from it)
+    bos_id: int = None  # denoise: the first token of what BART reconstructs
 
     def forward(self, model):
         """f(input_ids, attention_mask, hidden_states=None): this rank's part of the model, then
@@ -42,6 +46,8 @@ class Ask:
         hand on)."""
         if self.task == "generate":
             return lambda ids, mask, x=None: self._generate(model, ids, mask)
+        if self.task == "denoise":
+            return lambda ids, mask, x=None: self._denoise(model, ids, mask)
         body = model.bert if self.task == "embed" else model  # embed reads the encoder, not the MLM head
         finish = self._embed if self.task == "embed" else self._fill_mask
 
@@ -73,6 +79,12 @@ class Ask:
             out.append(greedy_generate(model, prompt, self.max_new_tokens, self.eos_id)[0, prompt.shape[1]:].tolist())
         return out
 
+    def _denoise(self, model, ids, mask):
+        """Each text's decoded ids, up to its eos (the batch decodes at once: every row is padded alike)."""
+        out = greedy_denoise(model, ids, mask, self.max_new_tokens, start_id=self.eos_id, eos_id=self.eos_id,
+                             bos_id=self.bos_id).tolist()
+        return [row[:row.index(self.eos_id) + 1] if self.eos_id in row else row for row in out]
+
 
 def answer_json(ask, result, tok):
     """The JSON fields of one text's answer."""
@@ -82,4 +94,6 @@ def answer_json(ask, result, tok):
         return {"masks": [{"position": p, "top": [{"token_id": i, "token": tok.token(i), "score": s}
                                                   for i, s in zip(ids, scores, strict=True)]}
                           for p, ids, scores in result]}
+    if ask.task == "denoise":
+        return {"text": tok.decode(result), "token_ids": result}
     return {"completion": tok.decode(result), "token_ids": result}

@@ -100,7 +100,12 @@ def check(rule, *args, **kwargs):
 
 def reject(why):
     """End the program as parse's own config errors do: before any process starts, exit 2."""
-    print(f"galaxy: config error: {why}", file=sys.stderr, flush=True)
+    refuse(f"config error: {why}")
+
+
+def refuse(why):
+    """End the program as argparse's own command-line errors do: the message, exit 2."""
+    print(f"galaxy: {why}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 

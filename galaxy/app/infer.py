@@ -1,7 +1,7 @@
 """Forward-only inference in any layout the config names: BERT (masked-LM logits), the BART
 encoder (its last hidden states), LLaMA prefill (logits); with --task and --output, answers for
-every line of --texts (galaxy.app.answers: embeddings, filled masks, greedy continuations), one JSON
-line each, in input order. Each request is timed end to end on
+every line of --texts (galaxy.app.answers: embeddings, filled masks, greedy continuations, BART's
+denoised text), one JSON line each, in input order. Each request is timed end to end on
 every rank (a barrier first, so all start together); a request's latency is the slowest rank's
 wall-clock time, since the answer is ready only when every rank is done. Rank 0 prints the
 latency percentiles and the throughput. Pipeline stages (BERT, LLaMA) run one request through
@@ -88,11 +88,12 @@ def add_args(parser):
     group.add_argument("--task", choices=sorted(TASKS), default=None,
                        help="what to answer for each line of --texts: embed (BERT: mean-pooled, normalised "
                             "sentence embeddings), fill-mask (BERT: top_k tokens at each mask token), generate "
-                            "(LLaMA: greedy continuation); needs --output")
+                            "(LLaMA: greedy continuation), denoise (BART: the decoder's greedy reconstruction of the text, "
+                            "its [MASK] spans filled in); needs --output")
     group.add_argument("--output", default=None,
                        help="--task's answers, one JSON line per line of --texts in input order (overwritten)")
     group.add_argument("--top_k", type=positive_int, default=5, help="fill-mask: tokens listed per mask")
-    group.add_argument("--max_new_tokens", type=positive_int, default=32, help="generate: new tokens at most")
+    group.add_argument("--max_new_tokens", type=positive_int, default=32, help="generate, denoise: new tokens at most")
     group.add_argument("--serve", type=http.address, default=None, metavar="HOST:PORT",
                        help="keep the model loaded and answer HTTP on HOST:PORT (rank 0; port 0: any free one): "
                             "POST /v1/embeddings (BERT), POST /v1/completions (LLaMA, greedy), GET /health; "
@@ -216,21 +217,16 @@ class Server(Holding):
 
     def run(self, batches, keep=lambda out: None, ask=None):
         """[(latency, keep(output))] of every batch, in order; the output is `ask`'s answers when given."""
-        results, batches, recovered = [], list(batches), False
+        results, batches = [], list(batches)
         forward = lambda ids, mask: forward_fn(self.model, self.cfg["model"], ask)(ids, mask)  # the model of now
         while len(results) < len(batches):
             try:
-                if recovered:  # a survivor may have finished the request the others lost
-                    done = torch.tensor([len(results)], device=self.ctx.device)
-                    dist.all_reduce(done, op=dist.ReduceOp.MIN)
-                    del results[int(done):]
-                    recovered = False
                 for out, latency in serve(forward, batches[len(results):], self.ctx, self._after_request,
                                           len(results)):
                     results.append((latency, keep(out)))
             except Exception as e:  # a peer's loss surfaces as whatever its collective raised
-                self._recover(e, len(results))
-                recovered = True
+                # a survivor may have finished the request the others lost: all go on from the agreed count
+                del results[self._recover(e, len(results)):]
         return results
 
     def _after_request(self, index):
@@ -274,7 +270,8 @@ class Server(Holding):
 
     def _recover(self, error, served):
         """Re-plan in place after `error` (one of `regroups` each time); again when a survivor is
-        lost while the others re-plan: the model under the old plan still holds this rank's rows."""
+        lost while the others re-plan: the model under the old plan still holds this rank's rows.
+        Returns the requests every survivor served (this rank served `served`)."""
         while True:
             if not (self.regroups and health.is_comm_error(error)):
                 raise error
@@ -288,6 +285,7 @@ class Server(Holding):
         self.recoveries.append(moved)
         self.adopt(model, ctx, cfg)
         self._watch()
+        return moved["served"]
 
 
 def _shared_part(round_):
@@ -317,7 +315,7 @@ def recover(holding, error, served, members):
     (galaxy.reshard.relayout). `members`: the launch's numbers of the ranks of the holding's plan.
     Returns (cfg, model, ctx) for the survivors and what moved: the lost ranks (numbered as in the
     old plan), the bytes the survivors kept in place, sent each other and rebuilt from the sources,
-    and the seconds it took."""
+    the requests every survivor had served (this rank: `served`) and the seconds it took."""
     start, rendezvous, model, ctx, cfg = time.perf_counter(), health.current(), holding.model, holding.ctx, holding.cfg
     if rendezvous is None:
         raise error
@@ -337,11 +335,13 @@ def recover(holding, error, served, members):
     moved = fill_after_loss(new, holders, new_ctx)
     total = torch.tensor([moved["kept"], moved["received"], rebuilt], dtype=torch.float64, device=new_ctx.device)
     dist.all_reduce(total)
+    agreed = torch.tensor([served], device=new_ctx.device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)  # a lagging survivor's count: the request lost is its next
     moved = dict(zip(("kept", "received", "rebuilt"), map(int, total.tolist()), strict=True), lost=lost,
-                 seconds=time.perf_counter() - start)
+                 served=int(agreed), seconds=time.perf_counter() - start)
     if new_ctx.rank == 0:
-        print(f"[rank 0] elastic: lost rank(s) {lost} during request {served}; {_moved_line(cfg, plan, moved)}",
-              flush=True)
+        print(f"[rank 0] elastic: lost rank(s) {lost} during request {moved['served']}; "
+              f"{_moved_line(cfg, plan, moved)}", flush=True)
     return new_cfg, new, new_ctx, moved
 
 
@@ -411,7 +411,9 @@ def report(server, args, latencies, sequences=None):
 
 
 def ask_for(task, args, tok):
-    return Ask(task, top_k=args.top_k, max_new_tokens=args.max_new_tokens, mask_id=tok.mask_id, eos_id=tok.eos_id)
+    # BART reconstructs [CLS] text [SEP] and starts decoding from [SEP] (galaxy.data.denoising)
+    ends = dict(bos_id=tok.cls_id, eos_id=tok.sep_id) if task == "denoise" else dict(eos_id=tok.eos_id)
+    return Ask(task, top_k=args.top_k, max_new_tokens=args.max_new_tokens, mask_id=tok.mask_id, **ends)
 
 
 def serve_http(server, args):
@@ -469,7 +471,7 @@ def main(doc, default_config, argv=None):
     this rank, or on every rank spawned here."""
     args, cfg, plan, world, rank = cli.parse(doc.splitlines()[0], default_config, argv, add_args, metrics=METRICS_HELP)
     if args.explain or args.trace_dir:
-        raise SystemExit("galaxy: --explain and --trace_dir record a training step; inference has neither yet")
+        cli.refuse("--explain and --trace_dir record a training step; inference has neither yet")
     if plan.virtual_stages > 1:
         cli.reject(f"virtual_stages {plan.virtual_stages}: inference runs each rank's layers as one stage "
                    "(virtual_stages 1)")
@@ -489,33 +491,41 @@ def check_answers(args, cfg, plan):
     if args.output is None and args.task is None:
         return
     if not (args.output and args.task and args.texts):
-        raise SystemExit("galaxy: --task answers the lines of --texts into --output: give all three")
+        cli.refuse("--task answers the lines of --texts into --output: give all three")
     if args.requests is not None:
-        raise SystemExit("galaxy: --requests: with --output every line of --texts is answered once")
+        cli.refuse("--requests: with --output every line of --texts is answered once")
     if Path(args.output).resolve() == Path(args.texts).resolve():
-        raise SystemExit(f"galaxy: --output {args.output} is --texts: the answers would overwrite the questions")
+        cli.refuse(f"--output {args.output} is --texts: the answers would overwrite the questions")
     if Path(args.output).is_dir():
-        raise SystemExit(f"galaxy: --output {args.output} is a directory")
+        cli.refuse(f"--output {args.output} is a directory")
     outputs.check_writable(Path(args.output).parent, f"--output {args.output}: directory")
     check_task_here(args.task, args, cfg, plan)
 
 
 def check_task_here(task, args, cfg, plan):
-    """Whether this model, plan and tokenizer can answer `task` with args' options (SystemExit if not)."""
+    """Whether this model, plan and tokenizer can answer `task` with args' options (exit 2 if not)."""
     problem = check_task(task, cfg["model"])
     if problem:
-        raise SystemExit(f"galaxy: --task: {problem}")
+        cli.refuse(f"--task: {problem}")
     if task == "fill-mask":
         if args.top_k > cfg["vocab_size"]:
-            raise SystemExit(f"galaxy: --top_k {args.top_k} exceeds vocab_size {cfg['vocab_size']}")
+            cli.refuse(f"--top_k {args.top_k} exceeds vocab_size {cfg['vocab_size']}")
         tok = load_tokenizer(cfg)
         if tok.mask_id is None:
-            raise SystemExit(f"galaxy: --task fill-mask: tokenizer {tokenizer_path(cfg)} has no mask token")
+            cli.refuse(f"--task fill-mask: tokenizer {tokenizer_path(cfg)} has no mask token")
     if task == "generate":
         limit = MODELS["llama"].config.from_dict(cfg).position_limit
         if cfg["seq_length"] + args.max_new_tokens > limit:
-            raise SystemExit(f"galaxy: --task generate: seq_length {cfg['seq_length']} (the longest prompt) + "
-                             f"--max_new_tokens {args.max_new_tokens} exceeds the model's {limit} positions")
+            cli.refuse(f"--task generate: seq_length {cfg['seq_length']} (the longest prompt) + "
+                       f"--max_new_tokens {args.max_new_tokens} exceeds the model's {limit} positions")
+    if task == "denoise":
+        if args.max_new_tokens > cfg["seq_length"]:  # the decoder reruns over seq_length positions (greedy_denoise)
+            cli.refuse(f"--task denoise: --max_new_tokens {args.max_new_tokens} exceeds seq_length "
+                       f"{cfg['seq_length']}, the positions BART's decoder runs over")
+        tok = load_tokenizer(cfg)
+        if tok.cls_id is None or tok.sep_id is None:
+            cli.refuse(f"--task denoise: tokenizer {tokenizer_path(cfg)} has no [CLS] / [SEP], which frame "
+                       "what BART reconstructs")
 
 
 def check_serving(args, cfg, plan):
@@ -523,9 +533,11 @@ def check_serving(args, cfg, plan):
     given = [flag for flag, value in (("--task", args.task), ("--output", args.output), ("--requests", args.requests),
                                       ("--texts", args.texts)) if value is not None]
     if given:
-        raise SystemExit(f"galaxy: --serve answers HTTP requests, not with {', '.join(given)} (a run over --texts)")
-    tasks = [task for task in TASKS if check_task(task, cfg["model"]) is None]
-    if not tasks:
-        raise SystemExit(f"galaxy: --serve: a {cfg['model']} model answers none of {sorted(TASKS)}")
-    http.check_address(*args.serve)
+        cli.refuse(f"--serve answers HTTP requests, not with {', '.join(given)} (a run over --texts)")
+    served = sorted(task for task, _ in http.ENDPOINTS.values())
+    if all(check_task(task, cfg["model"]) for task in served):
+        cli.refuse(f"--serve: a {cfg['model']} model answers none of {served}")
+    problem = http.check_address(*args.serve)
+    if problem:
+        cli.refuse(problem)
 

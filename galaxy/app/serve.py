@@ -38,14 +38,15 @@ def address(text):
 
 
 def check_address(host, port):
-    """Bind once before any rank starts, so a port in use or a host that is not this machine's
-    ends the command with a message instead of rank 0 after the others joined."""
+    """Why rank 0 could not listen on host:port, or None: bound once before any rank starts, so a
+    port in use or a host that is not this machine's ends the command with a message instead of
+    rank 0 after the others joined."""
     try:
         with socket.create_server((host, port)):
             pass
     except OSError as e:
-        raise SystemExit(f"galaxy: --serve {host}:{port}: cannot listen there "
-                         f"({os.strerror(e.errno) if e.errno else e})") from None
+        return f"--serve {host}:{port}: cannot listen there ({os.strerror(e.errno) if e.errno else e})"
+    return None
 
 
 class BadRequest(Exception):

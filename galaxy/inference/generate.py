@@ -17,7 +17,8 @@ moves between ranks:
 
 `greedy_generate(model, input_ids, max_new_tokens)` returns the same ids on every rank;
 `greedy_steps` yields each step's token and logits (the benchmark times prefill and decode with it);
-`GrowingSequence` runs a sequence in pieces.
+`GrowingSequence` runs a sequence in pieces. `greedy_denoise` decodes BART's output (an
+encoder-decoder, without a decoder cache: see there).
 """
 from contextlib import contextmanager
 from dataclasses import replace
@@ -167,3 +168,40 @@ def greedy_generate(model, input_ids, max_new_tokens, eos_id=None):
         if eos_id is not None and bool((token == eos_id).all()):
             break
     return ids
+
+
+@torch.no_grad()
+def greedy_denoise(model, input_ids, attention_mask, max_new_tokens, start_id, eos_id, bos_id=None):
+    """BART: input_ids [B, T] (with attention_mask) -> the decoded ids [B, up to max_new_tokens], the
+    same on every rank, in every layout BART runs (not pipeline stages), as transformers'
+    BartForConditionalGeneration.generate(do_sample=False, num_beams=1) decodes them with
+    decoder_start_token_id start_id, forced_bos_token_id bos_id, forced_eos_token_id = eos_token_id
+    = eos_id: the first new token is bos_id (when given), the max_new_tokens-th is eos_id, a row
+    that produced eos_id is padded with pad_token_id, and decoding stops once every row has.
+
+    The encoder runs once. There is no KV cache for the decoder: each step reruns it over the tokens
+    so far padded to T positions, since the sequence-parallel layouts split the decoder's positions
+    as they split the encoder's (cross-attention pairs them), so every step keeps the training
+    shape; causal self-attention leaves the positions so far unaffected by the padding after them.
+    Hence max_new_tokens <= T."""
+    if max_new_tokens > input_ids.shape[1]:
+        raise ValueError(f"max_new_tokens {max_new_tokens} exceeds the {input_ids.shape[1]} positions the decoder runs over")
+    model.eval()
+    ids, mask, pad = input_ids.to(model.ctx.device), attention_mask.to(model.ctx.device), model.config.pad_token_id
+    memory = model.model.memory(ids, mask)
+    decoded = torch.full_like(ids, pad)
+    decoded[:, 0] = start_id
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    new = []
+    for step in range(max_new_tokens):
+        if step == max_new_tokens - 1 or (step == 0 and bos_id is not None):  # forced: no logits needed
+            token = torch.full_like(done, eos_id if step == max_new_tokens - 1 else bos_id, dtype=torch.long)
+        else:
+            token = model.lm_head(model.model.decode(decoded, memory)[:, step]).argmax(-1)
+        token = token.masked_fill(done, pad)
+        new.append(token)
+        done |= token == eos_id
+        if bool(done.all()):
+            break
+        decoded[:, step + 1] = token
+    return torch.stack(new, dim=1)

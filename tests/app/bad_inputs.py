@@ -170,34 +170,46 @@ CASES = [
 
 ANSWER = ["--texts", "{d}/texts.txt", "--output", "{d}/answers.jsonl"]
 LLAMA = ["--config_file", "train_config/llama/full.json", "--num_key_value_heads", "2"]
+BART = ["--config_file", "train_config/bart/full.json", "--vocab_size", "8000", "--data", "corpus"]
 # infer_galaxy.py's cases; all stop before any rank starts
 INFER_CASES = [
     ("--texts missing", ["--texts", "{d}/nope.txt"], "argument --texts: {d}/nope.txt is not a file", 2),
     ("--texts blank", ["--texts", "{d}/blank.txt"], "argument --texts: {d}/blank.txt has no text", 2),
     ("unknown --task", ["--task", "translate"], "argument --task: invalid choice: 'translate'", 2),
     ("--task without --output", ["--task", "embed", "--texts", "{d}/texts.txt"],
-     "--task answers the lines of --texts into --output: give all three", 1),
-    ("--output without --task", ANSWER, "--task answers the lines of --texts into --output: give all three", 1),
+     "--task answers the lines of --texts into --output: give all three", 2),
+    ("--output without --task", ANSWER, "--task answers the lines of --texts into --output: give all three", 2),
     ("--requests with --output", [*ANSWER, "--task", "embed", "--requests", "3"],
-     "--requests: with --output every line of --texts is answered once", 1),
+     "--requests: with --output every line of --texts is answered once", 2),
     ("--output is --texts", ["--texts", "{d}/texts.txt", "--output", "{d}/texts.txt", "--task", "embed"],
-     "--output {d}/texts.txt is --texts: the answers would overwrite the questions", 1),
+     "--output {d}/texts.txt is --texts: the answers would overwrite the questions", 2),
     ("--output is a directory", ["--texts", "{d}/texts.txt", "--output", "{d}/no_model", "--task", "embed"],
-     "--output {d}/no_model is a directory", 1),
+     "--output {d}/no_model is a directory", 2),
     ("--task the model cannot answer", [*ANSWER, "--task", "generate"],
-     "--task: task 'generate' needs a llama model; this one is bert", 1),
+     "--task: task 'generate' needs a llama model; this one is bert", 2),
     ("--top_k above the vocabulary", [*ANSWER, "--task", "fill-mask", "--top_k", "500"],
-     "--top_k 500 exceeds vocab_size 200", 1),
+     "--top_k 500 exceeds vocab_size 200", 2),
     ("fill-mask with a tokenizer that has no mask", [*ANSWER, "--task", "fill-mask", "--vocab_size", "4000",
                                                     "--tokenizer_file", "data/python_docs/spm_llama.model"],
-     "--task fill-mask: tokenizer data/python_docs/spm_llama.model has no mask token", 1),
+     "--task fill-mask: tokenizer data/python_docs/spm_llama.model has no mask token", 2),
     ("--serve not HOST:PORT", ["--serve", "8000"], "argument --serve: '8000' is not HOST:PORT (e.g. 127.0.0.1:8000)", 2),
     ("--serve with --task", ["--serve", "127.0.0.1:0", *ANSWER, "--task", "embed"],
-     "--serve answers HTTP requests, not with --task, --output, --texts (a run over --texts)", 1),
+     "--serve answers HTTP requests, not with --task, --output, --texts (a run over --texts)", 2),
     ("--serve on an address not this machine's", ["--serve", "192.0.2.1:8000"],
-     "--serve 192.0.2.1:8000: cannot listen there", 1),
+     "--serve 192.0.2.1:8000: cannot listen there", 2),
     ("generate past the model's positions", [*LLAMA, *ANSWER, "--task", "generate", "--max_new_tokens", "3000"],
-     "--task generate: seq_length 32 (the longest prompt) + --max_new_tokens 3000 exceeds the model's 2048 positions", 1),
+     "--task generate: seq_length 32 (the longest prompt) + --max_new_tokens 3000 exceeds the model's 2048 positions", 2),
+    ("--task the BART model cannot answer", [*BART, *ANSWER, "--task", "generate"],
+     "--task: task 'generate' needs a llama model; this one is bart", 2),
+    ("denoise past seq_length", [*BART, *ANSWER, "--task", "denoise", "--max_new_tokens", "33"],
+     "--task denoise: --max_new_tokens 33 exceeds seq_length 32, the positions BART's decoder runs over", 2),
+    ("denoise with a tokenizer that has no [CLS] / [SEP]", [*BART, *ANSWER, "--task", "denoise", "--vocab_size", "4000",
+                                                          "--tokenizer_file", "data/python_docs/spm_llama.model"],
+     "--task denoise: tokenizer data/python_docs/spm_llama.model has no [CLS] / [SEP], which frame what BART "
+     "reconstructs", 2),
+    ("--serve with a model no endpoint answers", [*BART, "--serve", "127.0.0.1:0"],
+     "--serve: a bart model answers none of ['embed', 'generate']", 2),
+    ("inference with --explain", ["--explain"], "--explain and --trace_dir record a training step", 2),
 ]
 
 CASES += [(what, ["infer_galaxy.py", *args], expected, code) for what, args, expected, code in INFER_CASES]

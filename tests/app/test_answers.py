@@ -2,9 +2,11 @@
 
 Serial answers against independent references: fill-mask against transformers' BertForMaskedLM
 on a tiny BERT it saved (with a WordPiece vocab built from the shipped corpus), generate against
-transformers' greedy generate on a tiny LLaMA it saved, embed (through the script, in Galaxy at
+transformers' greedy generate on a tiny LLaMA it saved, denoise against transformers' greedy
+generate on a tiny BART it saved (the same vocab), embed (through the script, in Galaxy at
 world 3 with uneven splits) against sentence-transformers on the real all-MiniLM-L6-v2 files.
 Every layout's answers equal serial's at world 2 and 3 (uneven splits)."""
+import argparse
 import json
 
 import pytest
@@ -14,6 +16,7 @@ from galaxy.app import infer
 from galaxy.app.answers import Ask, answer_json
 from galaxy.config.load import load_config
 from galaxy.data import read_jsonl, tokenizer_from
+from galaxy.inference.generate import greedy_denoise
 from galaxy.models.registry import build_model
 from galaxy.plan import build_plan
 from galaxy.tuning.apply import load_sources
@@ -47,19 +50,25 @@ def corpus(n=200):
     return [row["content"] for row in read_jsonl(SHIPPED / "pretrain.jsonl", ("title", "content"))[:n]]
 
 
+def wordpiece_dir(d):
+    """A WordPiece vocab trained on the shipped corpus, saved in directory d as BertTokenizer saves
+    it; returns its vocabulary size."""
+    from tokenizers import BertWordPieceTokenizer
+    wordpiece = BertWordPieceTokenizer(lowercase=True)
+    wordpiece.train_from_iterator(corpus(), vocab_size=400, show_progress=False)
+    wordpiece.save_model(str(d))
+    hf().BertTokenizer(str(d / "vocab.txt")).save_pretrained(d)
+    return wordpiece.get_vocab_size()
+
+
 @pytest.fixture(scope="module")
 def hf_bert(tmp_path_factory):
     """A tiny BertForMaskedLM saved by transformers with a WordPiece vocab trained on the shipped
     corpus (initializer_range 0.5: a random model's top tokens clear of near-ties)."""
-    from tokenizers import BertWordPieceTokenizer
     transformers = hf()
     d = tmp_path_factory.mktemp("hf_bert")
-    wordpiece = BertWordPieceTokenizer(lowercase=True)
-    wordpiece.train_from_iterator(corpus(), vocab_size=400, show_progress=False)
-    wordpiece.save_model(str(d))
-    transformers.BertTokenizer(str(d / "vocab.txt")).save_pretrained(d)
     shape = {k: v for k, v in BERT.items() if k not in ("model", "seq_length")}
-    config = transformers.BertConfig(vocab_size=wordpiece.get_vocab_size(), initializer_range=0.5, **shape)
+    config = transformers.BertConfig(vocab_size=wordpiece_dir(d), initializer_range=0.5, **shape)
     torch.manual_seed(0)
     transformers.BertForMaskedLM(config).save_pretrained(d)
     return d
@@ -200,3 +209,102 @@ def test_embed_script_in_galaxy_at_world_3_equals_sentence_transformers(tmp_path
     want = model.encode(lines, normalize_embeddings=True, convert_to_tensor=True).float()
     cosine = torch.nn.functional.cosine_similarity(torch.tensor([r["embedding"] for r in rows]), want)
     assert (cosine >= 0.99999).all(), cosine
+
+
+BART = dict(model="bart", hidden_size=32, num_hidden_layers=2, num_decoder_layers=2, num_attention_heads=4,
+            intermediate_size=48, max_position_embeddings=64, seq_length=24, hidden_act="gelu", batch_size=6)
+BART_LAYOUTS = ["tp", "sp", "galaxy", "galaxy2", "dp"]  # every layout BART runs (no pipeline stages)
+DENOISE = ["the list is a [MASK] sequence .", "a tuple cannot [MASK] .", "", "[MASK] loops over [MASK] items"]
+SEP_BIAS = 8.0  # test_denoise_batch_pads_rows_that_ended_as_transformers: rows end at different steps
+
+
+@pytest.fixture(scope="module")
+def hf_bart(tmp_path_factory):
+    """A tiny BartForConditionalGeneration saved by transformers, the WordPiece vocab beside it, its
+    special ids as Galaxy's BART is trained: it reconstructs [CLS] text [SEP], decoding from [SEP]
+    (init_std 0.5: a random model's top tokens clear of near-ties)."""
+    transformers = hf()
+    d = tmp_path_factory.mktemp("hf_bart")
+    vocab = wordpiece_dir(d)
+    tok = tokenizer_from(d)
+    config = transformers.BartConfig(
+        vocab_size=vocab, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
+        activation_function="gelu", dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, init_std=0.5,
+        scale_embedding=False, pad_token_id=tok.pad_id)
+    torch.manual_seed(0)
+    model = transformers.BartForConditionalGeneration(config)
+    model.generation_config = transformers.GenerationConfig(  # saved beside it: what generate() reads
+        pad_token_id=tok.pad_id, bos_token_id=tok.cls_id, eos_token_id=tok.sep_id, decoder_start_token_id=tok.sep_id,
+        forced_bos_token_id=tok.cls_id, forced_eos_token_id=tok.sep_id)
+    with torch.no_grad():
+        model.final_logits_bias.normal_()
+    model.save_pretrained(d)
+    return d
+
+
+def bart_cfg(path, layout="serial", world=1):
+    split = {} if layout in ("serial", "dp") else SPLITS[world]
+    return load_config(None, {**BART, **split, "vocab_size": tokenizer_from(path).vocab_size,
+                              "pad_token_id": tokenizer_from(path).pad_id, "load_checkpoint": str(path),
+                              "parallel": layout})
+
+
+def denoised(cfg, model, max_new_tokens=10, batch_size=2):
+    """The denoise answers to DENOISE, as infer_galaxy.py --task denoise computes them."""
+    tok = infer.load_tokenizer(cfg)
+    args = argparse.Namespace(top_k=1, max_new_tokens=max_new_tokens)
+    forward = infer.forward_fn(model, "bart", infer.ask_for("denoise", args, tok))
+    with torch.no_grad():
+        return [row for i in range(0, len(DENOISE), batch_size)
+                for row in forward(*infer.encode(tok, DENOISE[i:i + batch_size], cfg))]
+
+
+def test_denoise_equals_transformers(hf_bart):
+    cfg = bart_cfg(hf_bart)
+    model = serial_model(cfg)
+    tok = tokenizer_from(hf_bart)
+    reference = hf().BartForConditionalGeneration.from_pretrained(hf_bart).eval()
+    for max_new_tokens in (1, 10, 24):
+        got = denoised(cfg, model, max_new_tokens)
+        for text, ids in zip(DENOISE, got, strict=True):
+            prompt = torch.tensor([tok.encode_with_special_tokens(text)])
+            want = reference.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, num_beams=1,
+                                      max_new_tokens=max_new_tokens)  # the saved generation_config.json's ids
+            assert ids == want[0, 1:].tolist(), (text, max_new_tokens)  # want[0, 0]: the decoder start
+    assert got[0][0] == tok.cls_id and got[0][-1] == tok.sep_id and len(set(got[0])) > 3  # not one token repeated
+    assert answer_json(Ask("denoise"), got[0], tok) == {"text": tok.decode(got[0]), "token_ids": got[0]}
+
+
+def _bart_layouts(rank, world, path):
+    out = {}
+    for layout in BART_LAYOUTS:
+        cfg = bart_cfg(path, layout, world)
+        out[layout] = denoised(cfg, infer.eval_model(cfg, build_plan(cfg, world), rank)[0])
+    return out
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_denoise_in_every_layout_as_serial(world, hf_bart):
+    cfg = bart_cfg(hf_bart)
+    want = denoised(cfg, serial_model(cfg))
+    for rank, got in enumerate(run_ranks(_bart_layouts, world, str(hf_bart), timeout_s=240)):
+        for layout, result in got.items():
+            assert result == want, (layout, rank)
+
+
+def test_denoise_batch_pads_rows_that_ended_as_transformers(hf_bart):
+    """A batch whose rows produce [SEP] at different steps (the bias of [SEP] raised in both models):
+    a finished row is padded until every row has ended, as transformers' batched generate does."""
+    cfg, transformers, tok = bart_cfg(hf_bart), hf(), tokenizer_from(hf_bart)
+    model = serial_model(cfg)
+    reference = transformers.BartForConditionalGeneration.from_pretrained(hf_bart).eval()
+    with torch.no_grad():
+        for bias in (model.final_logits_bias, reference.final_logits_bias):
+            bias[0, tok.sep_id] += SEP_BIAS
+    ids, mask = infer.encode(tok, DENOISE, cfg)
+    got = greedy_denoise(model, ids, mask, 16, start_id=tok.sep_id, eos_id=tok.sep_id, bos_id=tok.cls_id)
+    want = reference.generate(ids, attention_mask=mask, do_sample=False, num_beams=1, max_new_tokens=16)
+    ended = [row.index(tok.sep_id) + 1 for row in got.tolist()]
+    assert len(set(ended)) > 2, ended  # rows end apart: the early ones are padded while the rest decode
+    assert torch.equal(got, want[:, 1:]), (got, want)

@@ -197,5 +197,5 @@ def test_a_port_in_use_stops_before_any_rank_starts():
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         code, out = run_in_process(["infer_galaxy.py", "--world", "2", "--serve", f"127.0.0.1:{port}"])
-    assert code == 1 and f"--serve 127.0.0.1:{port}: cannot listen there (Address already in use)" in out, out
+    assert code == 2 and f"--serve 127.0.0.1:{port}: cannot listen there (Address already in use)" in out, out
     assert "[rank" not in out

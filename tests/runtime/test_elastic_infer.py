@@ -152,12 +152,14 @@ def assert_serial(outputs, want, label):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_survivors_keep_their_rows_and_match_serial(case, tmp_path):
+def test_survivors_keep_their_rows_and_match_serial(case, tmp_path, capfd):
     keys, victim, after, lagging = CASES[case]
     cfg = load_config(None, {**keys, **(sources(tmp_path) if keys["model"] == "bert" else {}), "timeout_s": 30})
     want = serial_outputs(cfg)
     results = spawn(_serve_losing_a_rank, 3, (cfg, victim, after, lagging), timeout_s=30, limit_s=150, regroups=1)
     assert results[victim] is None
+    agreed = after - (lagging is not None)  # the lagging survivor had not served request `after`
+    assert f"[rank 0] elastic: lost rank(s) [{victim}] during request {agreed}; " in capfd.readouterr().out
     lost = lost_rows_bytes(cfg, build_plan(cfg, 3), victim)
     for rank, result in enumerate(results):
         if rank == victim:
@@ -165,7 +167,7 @@ def test_survivors_keep_their_rows_and_match_serial(case, tmp_path):
         outputs, computed, recoveries, plan = result
         assert computed == REQUESTS + (lagging not in (None, rank)), computed  # ahead: one request served twice
         assert "tp=2" in plan, plan
-        assert [r["lost"] for r in recoveries] == [[victim]]
+        assert [(r["lost"], r["served"]) for r in recoveries] == [([victim], agreed)]
         assert recoveries[0]["rebuilt"] == lost, (recoveries, lost)
         assert recoveries[0]["kept"] > 2 * lost  # what the survivors held stayed with them
         assert_serial(outputs, want, (case, rank))

@@ -141,18 +141,24 @@ class BartModel(nn.Module):
 
     def encode(self, input_ids, attention_mask=None):
         """The encoder's last hidden states [B, T, H], replicated: what encoder inference returns."""
-        memory, placement = self.encoder(input_ids, self.shared, attention_bias(attention_mask, self.shared.weight.dtype))
+        memory, placement, _ = self.memory(input_ids, attention_mask)
         return redistribute(memory, placement, Method.NONE, self.ctx)
+
+    def memory(self, input_ids, attention_mask=None):
+        """What the decoder's cross-attention reads: (encoder output, its placement, its padding bias)."""
+        memory_bias = attention_bias(attention_mask, self.shared.weight.dtype)
+        return (*self.encoder(input_ids, self.shared, memory_bias), memory_bias)
+
+    def decode(self, decoder_input_ids, memory):
+        """The decoder's last hidden states [B, T_dec, H] (replicated) over `memory` (self.memory's)."""
+        causal = causal_bias(decoder_input_ids.shape[1], self.shared.weight.dtype, decoder_input_ids.device)
+        x, placement = self.decoder(decoder_input_ids, self.shared, causal, memory)
+        return redistribute(x, placement, Method.NONE, self.ctx)
 
     def forward(self, input_ids, attention_mask=None, decoder_input_ids=None):
         if decoder_input_ids is None:
             raise ValueError("BART needs decoder_input_ids (the target shifted right)")
-        dtype = self.shared.weight.dtype
-        memory_bias = attention_bias(attention_mask, dtype)
-        memory, placement = self.encoder(input_ids, self.shared, memory_bias)
-        causal = causal_bias(decoder_input_ids.shape[1], dtype, decoder_input_ids.device)
-        x, placement = self.decoder(decoder_input_ids, self.shared, causal, (memory, placement, memory_bias))
-        return redistribute(x, placement, Method.NONE, self.ctx)
+        return self.decode(decoder_input_ids, self.memory(input_ids, attention_mask))
 
 
 class BartForConditionalGeneration(nn.Module):
@@ -169,9 +175,12 @@ class BartForConditionalGeneration(nn.Module):
         self.final_logits_bias = nn.Parameter(torch.zeros(1, cfg.vocab_size), requires_grad=False)
         init_weights(self, cfg.initializer_range, cfg.seed)
 
+    def lm_head(self, x):
+        """Decoder hidden states -> logits over the vocabulary (the tied embedding, plus the bias)."""
+        return F.linear(x, self.model.shared.weight) + self.final_logits_bias
+
     def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, labels=None):
-        x = self.model(input_ids, attention_mask, decoder_input_ids)
-        logits = F.linear(x, self.model.shared.weight) + self.final_logits_bias
+        logits = self.lm_head(self.model(input_ids, attention_mask, decoder_input_ids))
         if labels is None:
             return logits
         loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
