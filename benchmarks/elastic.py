@@ -11,7 +11,7 @@ weights from a load_checkpoint file, gloo; BERT-large width by default (benchmar
 The second command is issue 23's "a device leaves": 4 edge devices of 8 GFLOP/s emulated by throughput
 (galaxy.profiler.emulate, paper.py's device class), each in its own network namespace behind a shaped
 link (benchmarks.netem), world 4 -> 3 in place: about 1.5 minutes on an idle 2-core machine (128 s
-under load, load average ~15; requests ~1.6 s after recovery, re-planning ~5 s of a ~6 s stop).
+under load, load average ~15; quiet: docs/elastic.md).
 
 In place: rank 1 SIGKILLs itself after request --before; the serving stop runs from its death (a
 time it writes just before) to the end of the first request the survivors serve after it: the
