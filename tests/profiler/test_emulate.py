@@ -53,7 +53,7 @@ def test_calls_that_only_move_bytes_keep_the_hosts_speed():
         copies = [x.clone(), torch.cat([x, x]), x[:, 1:].contiguous(), x.view(-1), x.transpose(0, 1)]
         emulated = time.perf_counter() - start
     assert device.flops == 0 and emulated < 5 * host + 0.5
-    assert all(torch.equal(a, b) for a, b in zip(plain, copies))
+    assert all(torch.equal(a, b) for a, b in zip(plain, copies[:3], strict=True))
 
 
 def test_time_blocked_is_not_host_time():
