@@ -56,9 +56,14 @@ def wordpiece_dir(d):
     from tokenizers import BertWordPieceTokenizer
     wordpiece = BertWordPieceTokenizer(lowercase=True)
     wordpiece.train_from_iterator(corpus(), vocab_size=400, show_progress=False)
-    wordpiece.save_model(str(d))
+    # the trainer learns the same tokens in every process but numbers them in a hash order that differs from
+    # one process to the next: the special tokens first as trained, the rest sorted, so the ids are fixed
+    vocab = sorted(wordpiece.get_vocab().items(), key=lambda item: item[1])
+    special = [token for token, _ in vocab[:5]]
+    assert special == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"], special
+    (d / "vocab.txt").write_text("".join(f"{token}\n" for token in special + sorted(t for t, _ in vocab[5:])))
     hf().BertTokenizer(str(d / "vocab.txt")).save_pretrained(d)
-    return wordpiece.get_vocab_size()
+    return len(vocab)
 
 
 @pytest.fixture(scope="module")
