@@ -37,6 +37,8 @@ def write_files(d):
     (d / "long.txt").write_text("a short line\n" + "the module defines a class " * 20 + "\n")
     (d / "texts.txt").write_text("The list is a [MASK] sequence.\nA tuple cannot change.\n")
     (d / "blank.txt").write_text("\n  \n")
+    (d / "pairs_no_target.jsonl").write_text('{"input": "What is a list?", "answer": "A sequence."}\n')
+    (d / "two_pairs.jsonl").write_text('{"input": "q1", "target": "a1"}\n{"input": "q2", "target": "a2"}\n')
     (d / "garbage.safetensors").write_bytes(b"\x00" * 64)
     (d / "no_model").mkdir(exist_ok=True)
     (d / "empty_save").mkdir(exist_ok=True)
@@ -213,6 +215,24 @@ INFER_CASES = [
 ]
 
 CASES += [(what, ["infer_galaxy.py", *args], expected, code) for what, args, expected, code in INFER_CASES]
+
+# finetune_retrieval.py's cases (its default config: MiniLM's shape, the shipped instruction pairs)
+RETRIEVAL_NEGATIVES = "bert_retrieval scores each question against its batch's passages (in-batch negatives)"
+RETRIEVAL_CASES = [
+    ("retrieval with data-parallel replicas", ["--world", "2", "--data_parallel_size", "2"], RETRIEVAL_NEGATIVES, 2),
+    ("retrieval in pipeline stages", ["--world", "2", "--parallel", "pp", "--stage_num_hidden_layers_list", "[1,1]"],
+     RETRIEVAL_NEGATIVES, 2),
+    ("retrieval checkpoint directory without weights", ["--load_checkpoint", "{d}/no_model"],
+     "{d}/no_model: no model.safetensors, model.safetensors.index.json or .safetensors file found", 1),
+    ("retrieval pairs without a target", ["--data_file", "{d}/pairs_no_target.jsonl"],
+     "{d}/pairs_no_target.jsonl:1: missing key 'target'", 1),
+    ("retrieval pairs fewer than a batch", ["--data_file", "{d}/two_pairs.jsonl"],
+     "{d}/two_pairs.jsonl: 2 sequences of 32 tokens, fewer than one batch (batch_size 6)", 1),
+]
+RETRIEVAL = ["--config_file", "train_config/bert/retrieval/galaxy.json", "--data", "instruction", "--vocab_size", "8000",
+             "--max_steps", "1"]
+CASES += [(what, ["finetune_retrieval.py", *RETRIEVAL, *args], expected, code)
+          for what, args, expected, code in RETRIEVAL_CASES]
 
 
 def fill(items, d):
