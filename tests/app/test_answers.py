@@ -160,7 +160,7 @@ def _layout_answers(rank, world, bert_path, llama_path):
         model, _ = infer.eval_model(cfg, build_plan(cfg, world), rank)
         for task in ("embed", "fill-mask"):
             out[layout, task] = answers(cfg, task, model)
-    cfg = llama_cfg(llama_path, "tp", world)  # generation runs serial or tensor-parallel
+    cfg = llama_cfg(llama_path, "tp", world)  # one layout here: tests/inference/test_generate_layouts.py runs all
     out["tp", "generate"] = answers(cfg, "generate", infer.eval_model(cfg, build_plan(cfg, world), rank)[0])
     return out
 
