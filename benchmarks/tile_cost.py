@@ -11,12 +11,13 @@ the growth per tile is its fixed cost. Then the cause measured alone: one reduce
 of a tile's rows, waited for alone, and 8 posted back to back (per exchange): do they pipeline?
 """
 import argparse
+import contextlib
 import time
 
 import torch
 import torch.distributed as dist
 
-from benchmarks.common import table
+from benchmarks.common import median, table
 from galaxy.comm import collectives as C
 from galaxy.comm import overlap
 from galaxy.profiler.emulate import Throughput
@@ -33,7 +34,7 @@ def _median_ms(call, group, repeats):
         start = time.perf_counter()
         call()
         times.append(time.perf_counter() - start)
-    return sorted(times)[repeats // 2] * 1e3
+    return median(times) * 1e3
 
 
 def _fused(rank, group, gflops, repeats):
@@ -50,7 +51,7 @@ def _fused(rank, group, gflops, repeats):
                  "out proj before reduce-scatter": lambda: overlap.linear_reduce_scatter(h, out_proj, None, geometry,
                                                                                          group)}
         for name, call in calls.items():
-            with torch.no_grad(), (Throughput(gflops) if gflops else torch.no_grad()):
+            with torch.no_grad(), (Throughput(gflops) if gflops else contextlib.nullcontext()):
                 times[(name, tiles)] = _median_ms(call, group, repeats)
     return times
 
