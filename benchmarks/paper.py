@@ -49,6 +49,7 @@ from benchmarks.common import (RESULTS, RING_FACTOR, Runner, bert_cfg, interleav
                                write_results)
 from benchmarks.netem import EdgeNet, add_worker_args, rate_bits
 from benchmarks.vs_torch_tp import TorchTP
+from galaxy.comm.overlap import parse_tiles, tiles_name
 from galaxy.planner.check import MIN_ROUNDS, check, from_rank0, leader
 from galaxy.planner.profile import block_flops, profile_gflops
 from galaxy.planner.run import gather_profiles, plan_dims
@@ -100,8 +101,8 @@ def method_keys(candidates, tiles):
 
 
 def tiles_of(name):
-    """The overlap_tiles of a planned Galaxy candidate of the check ("galaxy x4" -> 4)."""
-    return int(name.rsplit("x", 1)[1])
+    """The overlap_tiles of a planned Galaxy candidate of the check ("galaxy x4" -> 4, "galaxy x[1, 3]")."""
+    return json.loads(name.rsplit("x", 1)[1])
 
 
 def picked_method(best, tiles):
@@ -234,7 +235,7 @@ def run_group(link, specs, args):
         out = Path(tmp) / "rows.json"
         argv = [sys.executable, "-m", "benchmarks.paper", "--worker", "--master_addr", net.addr[0], "--out", str(out),
                 "--rows", json.dumps(specs), "--layers", str(args.layers), "--repeats", str(args.repeats),
-                "--tiles", *map(str, args.tiles), "--trial_repeats", str(args.trial_repeats)]
+                "--tiles", *map(tiles_name, args.tiles), "--trial_repeats", str(args.trial_repeats)]
         net.run_ranks(argv, args.timeout_s)
         return net.shaping, json.loads(out.read_text())
 
@@ -365,8 +366,8 @@ def check_args(p, args):
         if len(gflops) < 2 or min(gflops) <= 0 or gflops[0] != max(gflops):
             p.error(f"--devices {devices}: two or more throughputs above 0 (GFLOP/s), the first the fastest "
                     f"(rank 0 runs 'local')")
-    if any(s < 4 for s in args.seqs or []) or min(args.layers, args.repeats, *args.tiles) < 1:
-        p.error("--seqs >= 4; --layers, --repeats and --tiles >= 1")
+    if any(s < 4 for s in args.seqs or []) or min(args.layers, args.repeats) < 1:
+        p.error("--seqs >= 4; --layers and --repeats >= 1")
     if args.trial_repeats < MIN_ROUNDS:
         p.error(f"--trial_repeats {args.trial_repeats}: the planner's check needs at least {MIN_ROUNDS} rounds "
                 f"to tell candidates apart")
@@ -382,7 +383,8 @@ def main(argv=None):
     p.add_argument("--delay", default="1ms", help="one-way delay (applied only where the kernel has netem)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--tiles", nargs="+", type=int, default=[1, 2, 4], help="overlap_tiles the planner measures")
+    p.add_argument("--tiles", nargs="+", type=parse_tiles, default=[1, 2, 4],
+                   help="overlap_tiles the planner measures, counts or tile sizes (2 4 1,3)")
     p.add_argument("--trial_repeats", type=int, default=5,
                    help=f"most rounds of the planner's check of its candidates (at least {MIN_ROUNDS}; it stops "
                         f"once one is clearly fastest)")

@@ -53,13 +53,17 @@ class LayoutConfig:
     num_microbatches: int = key(1, "micro-batches per pipeline step")
     pipeline_schedule: str = key("1f1b", "gpipe | 1f1b | zb-h1 | interleaved-1f1b")
     virtual_stages: int = key(1, "chunks of layers per pipeline rank (interleaved-1f1b)")
-    overlap_tiles: int = key(1, "tiles for comm/compute overlap; 1 = off")
+    overlap_tiles: int | list[int] = key(1, "tiles for comm/compute overlap (1 = off), or their relative sizes "
+                                            "in the all-gathers' order, e.g. [1, 3] (galaxy.comm.overlap)")
     replan: dict = key(None, "re-plan the head/column/position split while running when a rank's speed drifts: "
                              "{\"threshold\": 0.25, \"patience\": 3, \"warmup\": 1} (any of them; {} = these); "
                              "galaxy.planner.replan")
 
     def __post_init__(self):
-        at_least(self, ("num_microbatches", "overlap_tiles", "virtual_stages"), 1)
+        at_least(self, ("num_microbatches", "virtual_stages"), 1)
+        tiles = self.overlap_tiles
+        if (isinstance(tiles, int) and tiles < 1) or (isinstance(tiles, list) and (not tiles or min(tiles) < 1)):
+            raise ConfigError(f"config key 'overlap_tiles' must be >= 1 or a list of tile sizes >= 1, got {tiles}")
         one_of(self, "pipeline_schedule", ("gpipe", "1f1b", "zb-h1", "interleaved-1f1b"))
         if self.virtual_stages > 1 and self.pipeline_schedule != "interleaved-1f1b":
             raise ConfigError(f"virtual_stages {self.virtual_stages} needs pipeline_schedule 'interleaved-1f1b', "

@@ -21,6 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
+from galaxy.comm.overlap import parse_tiles
 from galaxy.config.load import load_config, read_config
 from galaxy.planner.check import MIN_ROUNDS
 from galaxy.planner.run import plan_and_check
@@ -38,8 +39,9 @@ def main():
     p.add_argument("--stages", type=int, default=None, help="pipeline stages (default: the config's)")
     p.add_argument("--slow_rank", type=int, default=None, help="emulate a slower device on this rank")
     p.add_argument("--slow_factor", type=int, default=2, help="how many times slower --slow_rank is")
-    p.add_argument("--tiles", type=int, nargs="+", default=[1],
-                   help="overlap_tiles candidates: the planned split is checked with each")
+    p.add_argument("--tiles", type=parse_tiles, nargs="+", default=[1],
+                   help="overlap_tiles candidates, a count or tile sizes (2 4 1,3): the planned split is checked "
+                        "with each")
     p.add_argument("--repeats", type=int, default=12,
                    help=f"most rounds of the check of the candidates (at least {MIN_ROUNDS}; it stops once one "
                         f"is clearly fastest)")
@@ -83,8 +85,6 @@ def _check_args(p, cfg, args):
         p.error(f"--memory_mb has {len(args.memory_mb)} entries for --world {args.world}")
     if args.memory_mb:
         _check_memory(p, cfg, args.memory_mb, cfg["num_hidden_layers"] // args.stages)
-    if min(args.tiles) < 1:
-        p.error(f"--tiles {args.tiles}: each must be at least 1")
     if args.repeats < MIN_ROUNDS:
         p.error(f"--repeats {args.repeats}: the check needs at least {MIN_ROUNDS} rounds to tell candidates apart")
     if args.slow_factor < 1:

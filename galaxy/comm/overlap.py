@@ -14,6 +14,12 @@ Tiles follow the per-rank split: each rank cuts *its own* positions into `count`
 tile i is the concatenation, in rank order, of every rank's i-th piece (uneven sizes work).
 The results equal the unfused collective + linear up to float summation order; the bytes
 moved are the same.
+
+Tiles need not be even (`overlap_tiles: [1, 3]`, shares of each rank's positions). Only the first
+all-gather and the last reduce-scatter cannot hide, so when compute outruns the link a small first
+gather tile and a small last scatter tile hide more with fewer messages, each of which has a fixed
+cost (docs/galaxy.md, "What a tile costs"): a block gathers in the shares' order and scatters in the
+reverse, and a backward pass, whose collective is the other one, takes its tiles in reverse too.
 """
 import torch
 import torch.nn.functional as F
@@ -22,17 +28,47 @@ from galaxy.comm import collectives as C
 from galaxy.comm import stats
 
 
-def _pieces(n, count):
-    """n positions cut into `count` contiguous pieces, the first n % count one longer."""
-    return [n // count + (i < n % count) for i in range(count)]
+def tile_shares(tiles):
+    """overlap_tiles as relative tile sizes: 4 -> [1, 1, 1, 1]; a list is its own shares."""
+    return [1] * tiles if isinstance(tiles, int) else list(tiles)
+
+
+def parse_tiles(text):
+    """A command line's overlap_tiles: "4" -> 4, "1,3" -> [1, 3] (relative sizes)."""
+    sizes = [int(part) for part in text.split(",")]
+    if min(sizes) < 1:
+        raise ValueError(f"tiles {text!r}: each must be at least 1")
+    return sizes[0] if len(sizes) == 1 else sizes
+
+
+def tiles_name(tiles):
+    """overlap_tiles as parse_tiles reads it: 4 -> "4", [1, 3] -> "1,3"."""
+    return ",".join(map(str, [tiles] if isinstance(tiles, int) else tiles))
+
+
+def simplest_first(tiles):
+    """overlap_tiles candidates ordered by their messages, even before shaped: 1, 2, [1, 3], 4."""
+    return sorted(tiles, key=lambda t: (len(tile_shares(t)), not isinstance(t, int)))
+
+
+def _pieces(n, shares):
+    """n positions cut into contiguous pieces in proportion to `shares`, each >= 1 (position by
+    position to the piece furthest below its share; equal shares: the first n % count one longer)."""
+    ideal = [n * s / sum(shares) for s in shares]
+    pieces = [min(n, 1)] * len(shares)
+    for _ in range(n - sum(pieces)):
+        pieces[max(range(len(pieces)), key=lambda i: ideal[i] - pieces[i])] += 1
+    return pieces
 
 
 class SeqTiles:
-    """Tile geometry for per-rank sequence sizes `positions` as seen by rank `rank`."""
+    """Tile geometry for per-rank sequence sizes `positions` as seen by rank `rank`; `tiles` is
+    overlap_tiles (a count or the tiles' relative sizes, in order)."""
 
     def __init__(self, positions, rank, tiles):
-        self.count = max(1, min(tiles, min(positions)))  # every rank keeps >= 1 position per tile
-        per_rank = [_pieces(n, self.count) for n in positions]
+        shares = tile_shares(tiles)[:max(1, min(positions))]  # every rank keeps >= 1 position per tile
+        self.count = len(shares)
+        per_rank = [_pieces(n, shares) for n in positions]
         self.total = sum(positions)
         self.sizes, self.index, self.local = [], [], []
         for i in range(self.count):
@@ -57,10 +93,10 @@ def _start_reduce_scatter(x, sizes, group):
     return C.start_reduce_scatter(x, 1, sizes, group)
 
 
-def _start_tile_gathers(x, tiles, group):
-    """Post every tile's all-gather of this rank's shard x at once: the link streams them back to
-    back (in order) while the caller computes on each as it arrives."""
-    return [_start_all_gather(x[:, tiles.local[i]], tiles.sizes[i], group) for i in range(tiles.count)]
+def _start_tile_gathers(x, tiles, group, order):
+    """Post every tile's all-gather of this rank's shard x at once, in `order`: the link streams
+    them back to back while the caller computes on each as it arrives. {tile: its pending gather}."""
+    return {i: _start_all_gather(x[:, tiles.local[i]], tiles.sizes[i], group) for i in order}
 
 
 class _GatherLinear(torch.autograd.Function):
@@ -71,7 +107,7 @@ class _GatherLinear(torch.autograd.Function):
         weights, biases = params[0::2], params[1::2]
         full = x.new_empty(x.shape[0], tiles.total, x.shape[2])  # kept for the weight gradients
         outs = [x.new_empty(x.shape[0], tiles.total, w.shape[0]) for w in weights]
-        pending = _start_tile_gathers(x, tiles, group)
+        pending = _start_tile_gathers(x, tiles, group, range(tiles.count))
         for i in range(tiles.count):
             xi = pending[i].wait()
             full.index_copy_(1, tiles.index[i], xi)
@@ -85,16 +121,16 @@ class _GatherLinear(torch.autograd.Function):
     def backward(ctx, *grads):
         full, *weights = ctx.saved_tensors
         tiles = ctx.tiles
-        pending = []
-        for i in range(tiles.count):
+        pending = {}
+        for i in reversed(range(tiles.count)):  # the forward's first (small) gather tile scatters last
             gx = sum(g.index_select(1, tiles.index[i]) @ w for g, w in zip(grads, weights, strict=True))
-            pending.append(_start_reduce_scatter(gx, tiles.sizes[i], ctx.group))
+            pending[i] = _start_reduce_scatter(gx, tiles.sizes[i], ctx.group)
         flat_x = full.flatten(0, 1)
         param_grads = []
         for g, has_bias in zip(grads, ctx.has_bias, strict=True):  # weight gradients while the last tiles travel
             flat_g = g.flatten(0, 1)
             param_grads += [flat_g.t() @ flat_x, flat_g.sum(0) if has_bias else None]
-        grad_x = torch.cat([p.wait() for p in pending], dim=1)
+        grad_x = torch.cat([pending[i].wait() for i in range(tiles.count)], dim=1)
         return (grad_x, None, None, *param_grads)
 
 
@@ -115,9 +151,10 @@ class _LinearReduceScatter(torch.autograd.Function):
         tiles = ctx.tiles
         g_full = grad.new_empty(grad.shape[0], tiles.total, grad.shape[2])
         grad_h = torch.empty_like(h)
-        pending = _start_tile_gathers(grad, tiles, ctx.group)
-        for i in range(tiles.count):
-            gi = pending[i].wait()
+        order = reversed(range(tiles.count))  # the forward's last (small) scatter tile gathers first
+        pending = _start_tile_gathers(grad, tiles, ctx.group, order)
+        for i, gather in pending.items():
+            gi = gather.wait()
             g_full.index_copy_(1, tiles.index[i], gi)
             grad_h.index_copy_(1, tiles.index[i], gi @ weight)
         flat_g = g_full.flatten(0, 1)

@@ -134,6 +134,8 @@ def _typed(key, value, kind):
         return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind == int | list[int]:  # overlap_tiles: a count or the tiles' sizes
+        return _typed(key, value, list[int] if isinstance(value, list) else int)
     if kind == list[int]:
         if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return value

@@ -17,15 +17,19 @@ from galaxy.plan import Method
 
 
 class Tiling:
+    """The block's gather tiles in overlap_tiles' order and its scatter tiles in the reverse one."""
+
     def __init__(self, tiles, ctx, gather_in, scatter_out):
         self.group, self.positions = ctx.tp_group, ctx.plan.positions
         self.gather_in, self.scatter_out = gather_in, scatter_out
-        self.tiles = overlap.SeqTiles(ctx.plan.positions, ctx.tp_rank, tiles)
+        shares = overlap.tile_shares(tiles)
+        self.gather_tiles = overlap.SeqTiles(ctx.plan.positions, ctx.tp_rank, shares)
+        self.scatter_tiles = overlap.SeqTiles(ctx.plan.positions, ctx.tp_rank, shares[::-1])
 
 
 def tiling_for(method, src, con, ctx, tiles):
     """A Tiling for a block of `method` fed from placement `src` and feeding connective `con`, or None."""
-    if tiles <= 1 or method is not Method.TP or ctx.tp_group is None:
+    if len(overlap.tile_shares(tiles)) <= 1 or method is not Method.TP or ctx.tp_group is None:
         return None
     gather_in, scatter_out = src == SEQ, con is Method.SP
     return Tiling(tiles, ctx, gather_in, scatter_out) if gather_in or scatter_out else None
@@ -39,7 +43,7 @@ def column_in(x, linears, tiling):
         x = C.all_gather(x, SEQ_DIM, tiling.positions, tiling.group)
         return [lin(x) for lin in linears]
     return overlap.gather_linear(x, [lin.weight for lin in linears], [lin.bias for lin in linears],
-                                 tiling.tiles, tiling.group)
+                                 tiling.gather_tiles, tiling.group)
 
 
 def row_out(h, linear, tiling):
@@ -49,4 +53,4 @@ def row_out(h, linear, tiling):
     if type(linear) is not RowLinear:
         return C.reduce_scatter(linear(h), SEQ_DIM, tiling.positions, tiling.group)
     bias = linear.bias if linear.owns_bias else None
-    return overlap.linear_reduce_scatter(h, linear.weight, bias, tiling.tiles, tiling.group)
+    return overlap.linear_reduce_scatter(h, linear.weight, bias, tiling.scatter_tiles, tiling.group)

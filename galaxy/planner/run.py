@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from galaxy.comm.context import ParallelContext
+from galaxy.comm.overlap import simplest_first
 from galaxy.models.registry import build_backbone
 from galaxy.pipeline import StageLinks
 from galaxy.plan import build_plan
@@ -118,7 +119,7 @@ def plan_and_check(rank, world, cfg, args):
                                                                                        args.column_unit, args.stages)
         # the plan is only as good as the profile (noisy on shared cores), so what is kept is what the
         # check picks, the even split included; simplest first: even, then fewer tiles
-        variants = {"even": even, **tiled_variants(split, sorted(args.tiles))}
+        variants = {"even": even, **tiled_variants(split, simplest_first(args.tiles))}
         verdict = check(list(variants), forward_timer(cfg, variants, rank, world), max_rounds=args.repeats,
                         agree=from_rank0)
     return dict(split=split, predicted=predicted, even=even, even_predicted=even_predicted,

@@ -18,6 +18,7 @@ every link between stages; `plan_stage_layers` minimises the resulting forward l
 from bisect import bisect_right
 from dataclasses import dataclass
 
+from galaxy.comm.overlap import simplest_first
 from galaxy.errors import ConfigError
 from galaxy.plan import even_split
 
@@ -344,8 +345,8 @@ def plan_layouts(profiles, *, hidden, heads, intermediate, seq, layers, batch, b
 def race(candidates, tiles):
     """What the check races, simplest first, name -> config keys: plan_layouts' candidates (local
     without its "rank": the caller runs it on the fastest rank), the planned Galaxy split once per
-    overlap_tiles of `tiles` ("galaxy x2": 2 tiles)."""
+    overlap_tiles of `tiles` ("galaxy x2": 2 tiles, "galaxy x[1, 3]": 2 tiles sized 1:3)."""
     out = {name: {k: v for k, v in keys.items() if k != "rank"} for name, (keys, _) in candidates.items()
            if name != "galaxy"}
-    out.update({f"galaxy x{k}": dict(candidates["galaxy"][0], overlap_tiles=k) for k in sorted(tiles)})
+    out.update({f"galaxy x{k}": dict(candidates["galaxy"][0], overlap_tiles=k) for k in simplest_first(tiles)})
     return out

@@ -28,6 +28,14 @@ def test_tiles_cover_each_ranks_positions_in_order():
     assert SeqTiles([2, 7], rank=0, tiles=4).count == 2  # never more tiles than a rank has positions
 
 
+def test_shaped_tiles_follow_their_shares_on_every_rank():
+    assert SeqTiles([8, 5], rank=0, tiles=[1, 3]).sizes == [[2, 1], [6, 4]]
+    assert SeqTiles([64, 64], rank=1, tiles=[1, 2, 4]).sizes == [[9, 9], [18, 18], [37, 37]]
+    assert SeqTiles([3, 12], rank=0, tiles=[1, 7]).sizes == [[1, 2], [2, 10]]  # each rank keeps >= 1 a tile
+    assert SeqTiles([2, 7], rank=0, tiles=[1, 2, 4]).sizes == [[1, 2], [1, 5]]  # as many as the least rank has
+    assert [t.sizes for t in (SeqTiles([5], 0, 2), SeqTiles([5], 0, [1, 1]))] == [[[3], [2]]] * 2
+
+
 class _WrappedColumn(ColumnLinear):
     """Stands in for a wrapped linear (e.g. LoRA) that the fused path must not bypass."""
 
@@ -64,7 +72,8 @@ def _run(model, ids, labels):
 
 
 def _compare(rank, world):
-    """Loss vs serial, and overlap_tiles 4 vs 1 (loss, every gradient) on this rank. The key bias is
+    """Loss vs serial, and overlap_tiles 4 and [1, 3] (a small first gather tile, a small last scatter
+    tile) vs 1 (loss, every gradient) on this rank. The key bias is
     skipped: softmax ignores it, so its gradient is rounding noise (~1e-9) in both runs."""
     ids, labels = _batch()
     serial_loss, _ = _run(BertForMaskedLM(BertConfig(**BASE)), ids, labels)
@@ -74,8 +83,8 @@ def _compare(rank, world):
         if layout == "galaxy2":
             cfg.pop("tp_intermediate_size_list")
         ctx = ParallelContext.create(build_plan(cfg, world), rank)
-        models = [BertForMaskedLM(BertConfig(**BASE, overlap_tiles=t), ctx) for t in (1, 4, 4)]
-        (loss1, grads1), *tiled = [_run(m, ids, labels) for m in models[:2] + [_wrapped(models[2])]]
+        models = [BertForMaskedLM(BertConfig(**BASE, overlap_tiles=t), ctx) for t in (1, 4, [1, 3], 4)]
+        (loss1, grads1), *tiled = [_run(m, ids, labels) for m in models[:3] + [_wrapped(models[3])]]
         for loss4, grads4 in tiled:
             assert grads1.keys() == grads4.keys()
             out[layout] = out.get(layout, []) + [(rel_err(loss1, serial_loss), rel_err(loss4, loss1), max(
@@ -87,7 +96,7 @@ def _compare(rank, world):
 def test_overlap_matches_unfused(world):
     for rank_result in run_ranks(_compare, world):
         for layout, runs in rank_result.items():
-            for vs_serial, loss_err, grad_err in runs:  # fused, then the wrapped-linear fallback
+            for vs_serial, loss_err, grad_err in runs:  # fused, shaped, then the wrapped-linear fallback
                 assert vs_serial < 1e-5, layout
                 assert loss_err < 1e-6, layout
                 assert grad_err < 1e-6, layout
