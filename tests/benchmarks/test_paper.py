@@ -20,6 +20,8 @@ def test_the_checks_pick_names_a_method_of_the_table():
     assert paper.overlap_tiles(verdict) == 4 and paper.picked_method("galaxy x4", 4) == "galaxy_overlap"
     verdict = Verdict("tp", True, 3, {"tp": [1.0], "galaxy x1": [2.0], "galaxy x2": [2.5]})
     assert paper.overlap_tiles(verdict) == 1  # not picked: the leader of the planned Galaxy ones
+    verdict = Verdict("galaxy x[1, 7]", True, 3, {"galaxy x1": [2.0], "galaxy x[1, 7]": [1.0]})
+    assert paper.overlap_tiles(verdict) == [1, 7] and paper.picked_method("galaxy x[1, 7]", [1, 7]) == "galaxy_overlap"
     assert [paper.picked_method(n, 2) for n in ("local", "tp", "sp", "galaxy even", "galaxy x1")] == [
         "local", "tp", "sp_planned", "galaxy", "galaxy_planned"]
 

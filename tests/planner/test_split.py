@@ -4,6 +4,8 @@ import random
 
 import pytest
 
+from galaxy.comm.overlap import parse_tiles, tiles_name
+
 from galaxy.plan import build_plan
 from galaxy.planner.split import (RankProfile, apportion, comm_seconds, even_galaxy, even_pipeline,
                                   pipeline_seconds, plan_galaxy, plan_layouts, plan_pipeline, plan_stage_layers,
@@ -234,3 +236,13 @@ def test_the_check_races_the_even_splits_and_each_tiling_of_the_plan():
     assert list(raced) == ["local", "tp", "sp", "galaxy even", "galaxy x1", "galaxy x4"]
     assert raced["galaxy x4"] == dict(candidates["galaxy"][0], overlap_tiles=4)
     assert raced["galaxy even"]["tp_num_attention_heads_list"] == [8, 8]
+    shaped = race(candidates, [4, [1, 7], 2, 1])  # fewer messages first, a count before a shape of as many
+    assert list(shaped)[4:] == ["galaxy x1", "galaxy x2", "galaxy x[1, 7]", "galaxy x4"]
+    assert shaped["galaxy x[1, 7]"]["overlap_tiles"] == [1, 7]
+
+
+def test_tiles_on_the_command_line_are_counts_or_sizes():
+    assert [parse_tiles(t) for t in ("4", "1,7", "1,2,4")] == [4, [1, 7], [1, 2, 4]]
+    assert [tiles_name(t) for t in (4, [1, 7])] == ["4", "1,7"]
+    with pytest.raises(ValueError, match="at least 1"):
+        parse_tiles("0,3")
