@@ -40,10 +40,10 @@ def main():
     headers = ["split", "heads", "columns", "positions", "predicted ms", "measured ms", "speed-up vs even"]
     print(table(rows, headers))
     group = f"rank {args.slow_rank} slowed"
-    values = {(group, f"{name} {kind}"): float(row[col]) for name, row in zip(("even", "planner"), rows)
+    values = {(group, f"{name} {kind}"): float(row[col]) for name, row in zip(("even", "planner"), rows, strict=True)
               for kind, col in (("predicted", 4), ("measured", 5))}
     chart = svg_bars([group], [s for _, s in values], values, f"Galaxy forward, {args.layers} layers, world 2 (ms)")
-    write_results(args.out_dir, "hetero", [dict(zip(headers, map(str, row))) for row in rows], chart)
+    write_results(args.out_dir, "hetero", [dict(zip(headers, map(str, row), strict=True)) for row in rows], chart)
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ class EdgeNet:
             _sh("ip", "-n", self.hub, "link", "add", "br0", "type", "bridge")
             _sh("ip", "-n", self.hub, "addr", "add", f"{HUB}/24", "dev", "br0")
             _sh("ip", "-n", self.hub, "link", "set", "br0", "up")
-            for ns, dev, port, addr in zip(self.ns, self.dev, self.port, self.addr):
+            for ns, dev, port, addr in zip(self.ns, self.dev, self.port, self.addr, strict=True):
                 _sh("ip", "link", "add", dev, "type", "veth", "peer", "name", port)
                 _sh("ip", "link", "set", dev, "netns", ns)
                 _sh("ip", "link", "set", port, "netns", self.hub)

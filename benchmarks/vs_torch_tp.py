@@ -189,7 +189,7 @@ def main():
     group = f"{args.layers} layers seq {args.seq} batch {args.batch}"
     chart = svg_bars([group], list(med), {(group, k): m * 1e3 for k, m in med.items()},
                      "training step, BERT-base-shaped encoder, world 2 gloo (median ms)")
-    write_results(args.out_dir, "vs_torch_tp", [dict(zip(headers, row)) for row in rows], chart)
+    write_results(args.out_dir, "vs_torch_tp", [dict(zip(headers, row, strict=True)) for row in rows], chart)
 
 
 if __name__ == "__main__":
