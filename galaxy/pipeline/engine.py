@@ -144,9 +144,6 @@ class PipelineForwardBackward:
         self.tied.all_reduce()
         return self.loss_sum
 
-    def _seed(self, i):
-        self.trainer.key_dropout(self.rows[i])
-
     def _stream_shapes(self, i, with_grad_only=False):
         """[micro_batch, seq, width] of the streams micro-batch i hands on (or sends gradients of)."""
         rows = tuple(self.micro[i]["input_ids"].shape)
@@ -165,7 +162,7 @@ class PipelineForwardBackward:
         i = action.microbatch
         batch, received, x = self.micro[i], [], None
         self._post_next_recv()
-        self._seed(i)
+        self.trainer.key_dropout(self.rows[i])
         if not self._first(action):
             received = self.links.recv_forward(self._stream_shapes(i), self.dtype)
             for r, (_, carries_grad) in zip(received, self.streams, strict=True):
@@ -192,7 +189,8 @@ class PipelineForwardBackward:
         self._post_next_recv()
         if action == self.last_grads:
             self.trainer.sync.arm()  # reduce gradients during the last backward only
-        self._seed(action.microbatch)  # recomputed (checkpointed) layers redraw this micro-batch's masks
+        # recomputed (checkpointed) layers redraw this micro-batch's masks
+        self.trainer.key_dropout(self.rows[action.microbatch])
 
     def _backward(self, action, saved):
         """The whole backward, or under a split schedule (a W follows) only the stage input's
