@@ -78,10 +78,8 @@ class TiedCopies:
                 p.grad = torch.zeros_like(p)
         flat = torch.cat([p.grad.reshape(-1) for p in self.params])
         dist.all_reduce(flat, group=self.group)
-        offset = 0
-        for p in self.params:
-            p.grad.copy_(flat[offset: offset + p.numel()].view_as(p.grad))
-            offset += p.numel()
+        for p, summed in zip(self.params, flat.split([p.numel() for p in self.params]), strict=True):
+            p.grad.copy_(summed.view_as(p.grad))
 
 
 def _first_last_group(ctx):
