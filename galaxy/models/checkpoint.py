@@ -41,23 +41,17 @@ def tensor_files(path):
     """Map tensor name -> safetensors file for a file, a directory, or a sharded directory (the
     files' headers only: cheap, so a run checks its inputs with it before it writes anything)."""
     path = Path(path)
-    if path.is_file():
-        files = [path]
-    elif (path / INDEX).is_file():
+    if (path / INDEX).is_file():
         weight_map = json.loads((path / INDEX).read_text())["weight_map"]
         return {name: path / file for name, file in weight_map.items()}
-    elif (path / "model.safetensors").is_file():
-        files = [path / "model.safetensors"]
-    else:
+    file = path if path.is_file() else path / "model.safetensors"
+    if not file.is_file():
         raise CheckpointError(f"{path}: no model.safetensors, {INDEX} or .safetensors file found")
-    out = {}
-    for f in files:
-        try:
-            with safe_open(str(f), "pt") as handle:
-                out.update({name: f for name in handle.keys()})
-        except Exception as e:
-            raise CheckpointError(f"{f}: not a readable safetensors file ({e})") from None
-    return out
+    try:
+        with safe_open(str(file), "pt") as handle:
+            return dict.fromkeys(handle.keys(), file)
+    except Exception as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from None
 
 
 def check_config_agrees(config, path, from_json, keys):
@@ -173,7 +167,8 @@ def _match(params, where, handles, to_hf, strip_prefix):
 
 
 def _listed(names, what, shown=3):
-    return f"{len(names)} tensor(s) {what}: {_some(names, shown)}"
+    more = f" (+{len(names) - shown} more)" if len(names) > shown else ""
+    return f"{len(names)} tensor(s) {what}: {', '.join(names[:shown])}{more}"
 
 
 def _pooled(missing, reshaped, used):
@@ -184,11 +179,6 @@ def _pooled(missing, reshaped, used):
     dist.all_gather_object(parts, (missing, reshaped, used))
     return (list(dict.fromkeys(m for part in parts for m in part[0])),
             list(dict.fromkeys(r for part in parts for r in part[1])), set().union(*(part[2] for part in parts)))
-
-
-def _some(names, shown=3):
-    more = f" (+{len(names) - shown} more)" if len(names) > shown else ""
-    return ", ".join(names[:shown]) + more
 
 
 def full_shape(param):

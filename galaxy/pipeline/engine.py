@@ -78,10 +78,8 @@ class TiedCopies:
                 p.grad = torch.zeros_like(p)
         flat = torch.cat([p.grad.reshape(-1) for p in self.params])
         dist.all_reduce(flat, group=self.group)
-        offset = 0
-        for p in self.params:
-            p.grad.copy_(flat[offset: offset + p.numel()].view_as(p.grad))
-            offset += p.numel()
+        for p, summed in zip(self.params, flat.split([p.numel() for p in self.params]), strict=True):
+            p.grad.copy_(summed.view_as(p.grad))
 
 
 def _first_last_group(ctx):
@@ -144,9 +142,6 @@ class PipelineForwardBackward:
         self.tied.all_reduce()
         return self.loss_sum
 
-    def _seed(self, i):
-        self.trainer.key_dropout(self.rows[i])
-
     def _stream_shapes(self, i, with_grad_only=False):
         """[micro_batch, seq, width] of the streams micro-batch i hands on (or sends gradients of)."""
         rows = tuple(self.micro[i]["input_ids"].shape)
@@ -165,7 +160,7 @@ class PipelineForwardBackward:
         i = action.microbatch
         batch, received, x = self.micro[i], [], None
         self._post_next_recv()
-        self._seed(i)
+        self.trainer.key_dropout(self.rows[i])
         if not self._first(action):
             received = self.links.recv_forward(self._stream_shapes(i), self.dtype)
             for r, (_, carries_grad) in zip(received, self.streams, strict=True):
@@ -192,7 +187,8 @@ class PipelineForwardBackward:
         self._post_next_recv()
         if action == self.last_grads:
             self.trainer.sync.arm()  # reduce gradients during the last backward only
-        self._seed(action.microbatch)  # recomputed (checkpointed) layers redraw this micro-batch's masks
+        # recomputed (checkpointed) layers redraw this micro-batch's masks
+        self.trainer.key_dropout(self.rows[action.microbatch])
 
     def _backward(self, action, saved):
         """The whole backward, or under a split schedule (a W follows) only the stage input's

@@ -111,13 +111,12 @@ def format_actions(actions):
     return " ".join(str(a) for a in actions)
 
 
-def simulate(per_rank, chunks=1, cost=None):
+def simulate(per_rank, chunks=1):
     """Run every rank's list with unit-time actions (each chunk 1/chunks of a stage's work; a B
     with no W after it is the whole backward, B + W) and no link delay. An action starts once
     its rank is free and its input is ready: F after the previous model stage's F, B after the
     next one's B. Returns (finish time, bubble fraction = idle / (ranks x finish time)); raises
     if the lists deadlock."""
-    cost = cost or {FORWARD: 1.0, BACKWARD: 1.0, WEIGHT: 1.0}
     ranks, done, free, busy = len(per_rank), {}, [0.0] * len(per_rank), [0.0] * len(per_rank)
     last = ranks * chunks - 1
     split = [any(a.kind == WEIGHT for a in actions) for actions in per_rank]
@@ -133,7 +132,7 @@ def simulate(per_rank, chunks=1, cost=None):
                 ready = done.get((need[0], a.microbatch, need[1]), None) if need else 0.0
                 if ready is None:
                     break
-                t = cost[a.kind] + (cost[WEIGHT] if a.kind == BACKWARD and not split[r] else 0.0)
+                t = 2.0 if a.kind == BACKWARD and not split[r] else 1.0
                 free[r] = max(free[r], ready) + t / chunks
                 busy[r] += t / chunks
                 done[(a.kind, a.microbatch, stage)] = free[r]

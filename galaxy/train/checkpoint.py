@@ -140,11 +140,9 @@ def _write_rank(trainer, directory):
     save_file(model, str(directory / files[0]))
     save_file(tensors, str(directory / files[1]))
     (directory / files[2]).write_text(json.dumps(state))
-    hashes = {}
     for name in files:
         _fsync(directory / name)
-        hashes[name] = sha256(directory / name)
-    return hashes
+    return {name: sha256(directory / name) for name in files}
 
 
 # ---- save ---------------------------------------------------------------------------------
@@ -158,28 +156,24 @@ def save(trainer, save_dir, keep=0):
     """Write a checkpoint of every rank at trainer.step (collective). Returns its directory.
     Non-finite weights or a failed write (disk full, read-only) raise CheckpointError on every
     rank and leave the checkpoints already in save_dir as they were."""
-    with trainer.full_weights():  # ZeRO-3 holds shards; a checkpoint holds the rank's whole parameters
-        return _save(trainer, save_dir, keep)
-
-
-def _save(trainer, save_dir, keep):
     ctx, save_dir = trainer.ctx, Path(save_dir)
     final = save_dir / f"step-{trainer.step:08d}"
     tmp = save_dir / f".tmp-step-{trainer.step:08d}"
-    require_finite(trainer, f"checkpoint {final}")
-    _raise_if_any(ctx, _attempt(_make_tmp, save_dir, tmp)[1] if ctx.rank == 0 else None)
-    written = _all_gather(ctx, _attempt(_write_rank, trainer, tmp))  # (hashes, error) of every rank
-    error = next((e for _, e in written if e), None)
-    if ctx.rank == 0:
-        error = error or _attempt(_publish, tmp, final, _manifest(trainer, [h for h, _ in written]))[1]
-        if error:  # free what the failed save took; the previous checkpoints stay untouched
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif keep:
-            for old in sorted(checkpoints(save_dir))[:-keep]:
-                shutil.rmtree(old[1])
-    _raise_if_any(ctx, error and f"could not save {final} ({error}); the latest checkpoint in {save_dir} "
-                             f"is still {_latest_name(save_dir)}")
-    return final
+    with trainer.full_weights():  # ZeRO-3 holds shards; a checkpoint holds the rank's whole parameters
+        require_finite(trainer, f"checkpoint {final}")
+        _raise_if_any(ctx, _attempt(_make_tmp, save_dir, tmp)[1] if ctx.rank == 0 else None)
+        written = _all_gather(ctx, _attempt(_write_rank, trainer, tmp))  # (hashes, error) of every rank
+        error = next((e for _, e in written if e), None)
+        if ctx.rank == 0:
+            error = error or _attempt(_publish, tmp, final, _manifest(trainer, [h for h, _ in written]))[1]
+            if error:  # free what the failed save took; the previous checkpoints stay untouched
+                shutil.rmtree(tmp, ignore_errors=True)
+            elif keep:
+                for old in sorted(checkpoints(save_dir))[:-keep]:
+                    shutil.rmtree(old[1])
+        _raise_if_any(ctx, error and f"could not save {final} ({error}); the latest checkpoint in {save_dir} "
+                                 f"is still {_latest_name(save_dir)}")
+        return final
 
 
 def _attempt(fn, *args):
@@ -268,10 +262,6 @@ def _read_manifest(directory):
     return manifest
 
 
-def _same_layout(manifest, trainer):
-    return manifest["world"] == trainer.ctx.world and manifest["plan"] == trainer.ctx.plan.describe()
-
-
 def _check_compatible(manifest, directory, trainer):
     now, then = resume_config(trainer.cfg), manifest["config"]
     changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
@@ -309,27 +299,29 @@ def _restore(trainer, model_tensors, tensors, state, directory):
                               f"unexpected {extra})")
     if state["optimizer_params"] != _param_names(trainer):
         raise CheckpointError(f"{directory}: rank {trainer.ctx.rank} optimizer covers other parameters")
-    with torch.no_grad():
-        for name, p in params.items():
-            _check_shape(directory, name, model_tensors[name], p)
-            p.copy_(model_tensors[name])
+    _copy_params(trainer, directory, lambda name, p: model_tensors[name])
     opt_state = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
             _, index, field = key.split(".", 2)
             opt_state.setdefault(int(index), {})[field] = value
-    trainer.opt.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
-    _restore_progress(trainer, tensors, state)
+    _restore_progress(trainer, opt_state, state["param_groups"], tensors, state)
 
 
-def _check_shape(directory, name, tensor, param):
-    if param.shape != tensor.shape:
-        raise CheckpointError(f"{directory}: '{name}' has shape {tuple(tensor.shape)}, "
-                              f"parameter needs {tuple(param.shape)}")
+@torch.no_grad()
+def _copy_params(trainer, directory, saved):
+    """Copy saved(name, parameter), the checkpoint's tensor for it, into every parameter of this rank."""
+    for name, p in trainer.model.named_parameters():
+        tensor = saved(name, p)
+        if p.shape != tensor.shape:
+            raise CheckpointError(f"{directory}: '{name}' has shape {tuple(tensor.shape)}, "
+                                  f"parameter needs {tuple(p.shape)}")
+        p.copy_(tensor)
 
 
-def _restore_progress(trainer, tensors, state):
-    """Step, the LR schedule's position (the schedule itself is the resumed config's) and RNG streams."""
+def _restore_progress(trainer, opt_state, param_groups, tensors, state):
+    """Optimizer state, step, the LR schedule's position (the schedule is the resumed config's), RNG streams."""
+    trainer.opt.load_state_dict({"state": opt_state, "param_groups": param_groups})
     trainer.sched = lr_schedule(trainer.opt, trainer.cfg, trainer.total_steps, state["scheduler"]["last_epoch"])
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and trainer.ctx.device.type == "cuda":  # the device may change on resume
@@ -424,11 +416,7 @@ def _restore_resharded(trainer, directory, world):
     layout; schedule and RNG come from the old rank of the same number (or rank 0)."""
     old = _OldRanks(directory, world)
     params, names = dict(trainer.model.named_parameters()), _shards(trainer.model)
-    with torch.no_grad():
-        for name, p in params.items():
-            tensor = old.read(names[name][0], p)
-            _check_shape(directory, name, tensor, p)
-            p.copy_(tensor)
+    _copy_params(trainer, directory, lambda name, p: old.read(names[name][0], p))
     opt_state = {}
     for i, name in enumerate(_param_names(trainer)):
         fields = {f: old.read(names[name][0], params[name], f) for f in ("step", "exp_avg", "exp_avg_sq")}
@@ -438,35 +426,30 @@ def _restore_resharded(trainer, directory, world):
     by_decay = {g["weight_decay"]: g for g in mine["param_groups"]}
     groups = [{**by_decay.get(g["weight_decay"], g), "params": g["params"]}
               for g in trainer.opt.state_dict()["param_groups"]]
-    trainer.opt.load_state_dict({"state": opt_state, "param_groups": groups})
-    _restore_progress(trainer, old.rng(mine["rank"]), mine)
+    _restore_progress(trainer, opt_state, groups, old.rng(mine["rank"]), mine)
     old.handles.clear()
 
 
 def load(trainer, directory):
     """Restore this rank from checkpoint `directory` (collective: all ranks agree or all raise)."""
-    with trainer.full_weights():
-        return _load(trainer, directory)
-
-
-def _load(trainer, directory):
     directory, ctx = Path(directory), trainer.ctx
     error = manifest = same = None
-    try:
-        manifest = _read_manifest(directory)
-        _check_compatible(manifest, directory, trainer)
-        same = _same_layout(manifest, trainer)
-        # in another layout every old rank's files are read in parts: each is hashed once, by one new rank
-        mine = [ctx.rank] if same else range(ctx.rank, manifest["world"], ctx.world)
-        error = next((e for e in (_verify(manifest, directory, r) for r in mine) if e), None)
-    except CheckpointError as e:
-        error = str(e)
-    _raise_if_any(ctx, error)
-    if same:
-        _restore(trainer, *_read_rank(directory, ctx.rank), directory)
-    else:
-        _raise_if_any(ctx, _attempt_restore(trainer, directory, manifest["world"]))
-    return trainer.step
+    with trainer.full_weights():
+        try:
+            manifest = _read_manifest(directory)
+            _check_compatible(manifest, directory, trainer)
+            same = manifest["world"] == ctx.world and manifest["plan"] == ctx.plan.describe()
+            # in another layout every old rank's files are read in parts: each is hashed once, by one new rank
+            mine = [ctx.rank] if same else range(ctx.rank, manifest["world"], ctx.world)
+            error = next((e for e in (_verify(manifest, directory, r) for r in mine) if e), None)
+        except CheckpointError as e:
+            error = str(e)
+        _raise_if_any(ctx, error)
+        if same:
+            _restore(trainer, *_read_rank(directory, ctx.rank), directory)
+        else:
+            _raise_if_any(ctx, _attempt_restore(trainer, directory, manifest["world"]))
+        return trainer.step
 
 
 def _attempt_restore(trainer, directory, world):

@@ -73,10 +73,8 @@ class GradBuckets:
             for work in works:  # the recorded span runs from launch until this wait returns
                 work.wait()
             stats.record("all_reduce", flat, stats.GRAD, start, time.perf_counter() - start)
-            offset = 0
-            for p in bucket:
-                p.grad.copy_(flat[offset: offset + p.numel()].view_as(p.grad))
-                offset += p.numel()
+            for p, summed in zip(bucket, flat.split([p.numel() for p in bucket]), strict=True):
+                p.grad.copy_(summed.view_as(p.grad))
         self.pending, self.armed = [], False
 
 

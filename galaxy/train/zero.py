@@ -23,6 +23,7 @@ and last stages share (summed between the two stages after the data-parallel sum
 """
 import time
 from contextlib import contextmanager
+from itertools import accumulate
 
 import torch
 import torch.distributed as dist
@@ -98,10 +99,7 @@ class Unit:
 
     def __init__(self, params, group, fractions, own_shard):
         self.params, self.group = params, group
-        self.offsets, n = [], 0
-        for p in params:
-            self.offsets.append(n)
-            n += p.numel()
+        *self.offsets, n = accumulate((p.numel() for p in params), initial=0)  # each one's start; the total
         self.sizes = shard_sizes(n, fractions)
         self.lo = sum(self.sizes[:group.rank()])
         self.hi = self.lo + self.sizes[group.rank()]
