@@ -29,9 +29,8 @@ from galaxy.app.answers import TASKS, Ask, answer_json, check_task
 from galaxy.app.session import join, load_model
 from galaxy.data import DataError, text_lines
 from galaxy.data.build import load_tokenizer, tokenizer_path
+from galaxy.inference.generate import through_stages
 from galaxy.models.registry import MODELS
-from galaxy.pipeline.engine import pipeline_streams
-from galaxy.pipeline.p2p import StageLinks
 from galaxy.planner.replan import Replanner
 from galaxy.profiler import emulate
 from galaxy.reshard.relayout import Holding, build_like, build_lost_part, fill as fill_after_loss
@@ -110,13 +109,12 @@ def forward_fn(model, name, ask=None):
     (galaxy.app.answers), on every rank."""
     if ask:
         forward = ask.forward(model)
-        return from_last_stage(pipelined(forward, model), model.ctx) if model.ctx.plan.pp_size > 1 else forward
+        return from_last_stage(through_stages(model, forward), model.ctx) if model.ctx.plan.pp_size > 1 else forward
     if name == "bart":  # no pipeline stages (refused by its check)
         return lambda ids, mask: model.model.encode(ids, mask)
     if name == "bert_retrieval":  # its output is the sentence embedding (no pipeline stages: refused by its check)
         return model.embed
-    forward = (lambda ids, mask, x=None: model(ids, mask, hidden_states=x))  # BERT MLM / LLaMA prefill logits
-    return pipelined(forward, model) if model.ctx.plan.pp_size > 1 else forward
+    return through_stages(model, model) if model.ctx.plan.pp_size > 1 else model  # BERT MLM / LLaMA prefill logits
 
 
 def from_last_stage(forward, ctx):
@@ -128,27 +126,6 @@ def from_last_stage(forward, ctx):
         dist.broadcast_object_list(box, src=src, device=ctx.device)
         return box[0]
     return everywhere
-
-
-def pipelined(forward, model):
-    """One request through the stages: receive what the previous stage hands on (its hidden
-    states, and whatever else the model says), run this stage's layers, send the result on."""
-    ctx, links = model.ctx, StageLinks(model.ctx)
-    widths = [width for width, _ in pipeline_streams(model, model.config.hidden_size)]
-    dtype = next(model.parameters()).dtype  # activations travel in the weights' dtype
-
-    def stage(ids, mask):
-        received = None
-        if not ctx.is_first_stage:
-            got = links.recv_forward([(*ids.shape, width) for width in widths], dtype)
-            received = got[0] if len(got) == 1 else tuple(got)
-        out = forward(ids, mask, received)
-        if ctx.is_last_stage:
-            return out
-        links.send_forward(list(out) if isinstance(out, tuple) else [out])
-        links.finish()  # this stage's part of the request ends once the next stage has its input
-        return None
-    return stage
 
 
 def synthetic_batches(cfg, batch_size, count):
