@@ -62,14 +62,11 @@ class Ask:
 
     def _fill_mask(self, logits, ids, mask):
         """Per text: [(position, token ids, probabilities)] of its mask tokens, top_k each."""
-        rows = []
-        for b in range(ids.shape[0]):
-            row = []
-            for p in ((ids[b] == self.mask_id) & mask[b].bool()).nonzero().flatten().tolist():
-                scores, top = logits[b, p].float().softmax(-1).topk(self.top_k)
-                row.append((p, top.tolist(), scores.tolist()))
-            rows.append(row)
-        return rows
+        def top(b, p):
+            scores, tokens = logits[b, p].float().softmax(-1).topk(self.top_k)
+            return p, tokens.tolist(), scores.tolist()
+        masks = (ids == self.mask_id) & mask.bool()
+        return [[top(b, p) for p in row.nonzero().flatten().tolist()] for b, row in enumerate(masks)]
 
     def _generate(self, model, ids, mask):
         """Each text alone (no padding), its new token ids."""
