@@ -63,11 +63,7 @@ def text_file(path):
 
 
 def read_lines(path):
-    return [line for line in all_lines(path) if line.strip()]
-
-
-def all_lines(path):
-    return [line for _, line in text_lines(path)]
+    return [line for _, line in text_lines(path) if line.strip()]
 
 
 REQUESTS = 50  # timed requests when --requests is not given
@@ -397,11 +393,9 @@ def serve_http(server, args):
     """--serve: every rank follows rank 0's rounds (Server.follow) until SIGTERM / SIGINT reaches
     rank 0; rank 0 answers HTTP (galaxy.app.serve.Front)."""
     tok, signals = load_tokenizer(server.cfg), launch.SignalFlag()
-    pids = [None] * server.ctx.world
+    pids = [os.getpid()] * server.ctx.world
     if server.ctx.world > 1:
         dist.all_gather_object(pids, os.getpid())
-    else:
-        pids = [os.getpid()]
     front = None
     if server.ctx.rank == 0:
         health = lambda: {"world": server.ctx.world, "plan": server.ctx.plan.describe(),  # noqa: E731
@@ -409,7 +403,6 @@ def serve_http(server, args):
         wait_s = server.cfg["timeout_s"] * (server.regroups + 2)  # a round, and a regroup for each loss allowed
         front = http.Front(server.cfg, tok, *args.serve, args.batch_size, wait_s, health,
                            stop=lambda: signals.signum != 0)
-        front.start()
         served = [p for p, (task, _) in http.ENDPOINTS.items() if check_task(task, server.cfg["model"]) is None]
         print(f"[rank 0] serving on {front.url} (POST {', POST '.join(served)}, GET /health)", flush=True)
     try:
@@ -426,7 +419,7 @@ def serve_http(server, args):
 def answer_file(server, args):
     """Every line of --texts answered once, batch_size lines a request (--warmup untimed copies of
     the first request before them); rank 0 writes the answers to --output and the timing report."""
-    tok, lines = load_tokenizer(server.cfg), all_lines(args.texts)
+    tok, lines = load_tokenizer(server.cfg), [line for _, line in text_lines(args.texts)]
     ask = ask_for(args.task, args, tok)
     batches = [encode(tok, lines[i:i + args.batch_size], server.cfg) for i in range(0, len(lines), args.batch_size)]
     results = server.run(batches[:1] * args.warmup + batches, keep=lambda out: out, ask=ask)[args.warmup:]
