@@ -111,17 +111,15 @@ class Front:
             jobs = [self._next(IDLE_S)]
         except queue.Empty:
             return "idle"
-        count = len(jobs[0].texts)
         while True:
             try:
                 job = self._next(0)
             except queue.Empty:
                 break
-            if job.ask != jobs[0].ask or count + len(job.texts) > self.batch_size:
+            if job.ask != jobs[0].ask or sum(len(j.texts) for j in jobs) + len(job.texts) > self.batch_size:
                 self.held = job  # first in the next round
                 break
             jobs.append(job)
-            count += len(job.texts)
         self.taken = Round(jobs)
         return self.taken
 
