@@ -41,18 +41,18 @@ class Ask:
     bos_id: int = None  # denoise: the first token of what BART reconstructs
 
     def forward(self, model):
-        """f(input_ids, attention_mask, hidden_states=None): this rank's part of the model, then
-        the task's results where the output is held (a pipeline's other stages return what they
-        hand on)."""
+        """f(input_ids, attention_mask, hidden_states=None, chunk=0): this rank's part of the model,
+        then the task's results where the output is held (a pipeline's other stages return what
+        they hand on)."""
         if self.task == "generate":
-            return lambda ids, mask, x=None: self._generate(model, ids, mask)
+            return lambda ids, mask, hidden_states=None, chunk=0: self._generate(model, ids, mask)
         if self.task == "denoise":
-            return lambda ids, mask, x=None: self._denoise(model, ids, mask)
+            return lambda ids, mask, hidden_states=None, chunk=0: self._denoise(model, ids, mask)
         body = model.bert if self.task == "embed" else model  # embed reads the encoder, not the MLM head
         finish = self._embed if self.task == "embed" else self._fill_mask
 
-        def forward(ids, mask, x=None):
-            out = body(ids, mask, hidden_states=x)
+        def forward(ids, mask, hidden_states=None, chunk=0):
+            out = body(ids, mask, hidden_states=hidden_states, chunk=chunk)
             return finish(out, ids, mask) if model.ctx.is_last_stage else out
         return forward
 
@@ -62,14 +62,11 @@ class Ask:
 
     def _fill_mask(self, logits, ids, mask):
         """Per text: [(position, token ids, probabilities)] of its mask tokens, top_k each."""
-        rows = []
-        for b in range(ids.shape[0]):
-            row = []
-            for p in ((ids[b] == self.mask_id) & mask[b].bool()).nonzero().flatten().tolist():
-                scores, top = logits[b, p].float().softmax(-1).topk(self.top_k)
-                row.append((p, top.tolist(), scores.tolist()))
-            rows.append(row)
-        return rows
+        def top(b, p):
+            scores, tokens = logits[b, p].float().softmax(-1).topk(self.top_k)
+            return p, tokens.tolist(), scores.tolist()
+        masks = (ids == self.mask_id) & mask.bool()
+        return [[top(b, p) for p in row.nonzero().flatten().tolist()] for b, row in enumerate(masks)]
 
     def _generate(self, model, ids, mask):
         """Each text alone (no padding), its new token ids."""

@@ -32,9 +32,8 @@ def parse(description, default_config, argv=None, add_args=None, keys=None, chec
     parser.add_argument("--trace_dir", default=None, help="write Chrome traces of compute and collectives")
     args, rest = parser.parse_known_args(argv)
     overrides = config_overrides(parser, rest)
-    for flag in ("timeout_s",):
-        if getattr(args, flag) is not None:
-            overrides[flag] = getattr(args, flag)
+    if args.timeout_s is not None:
+        overrides["timeout_s"] = args.timeout_s
     if args.backend:
         overrides["distributed_backend"] = args.backend
     try:
@@ -119,7 +118,7 @@ def config_overrides(parser, rest):
         key, _, value = token[2:].partition("=")
         if not is_config_key(key):
             parser.error(f"unknown option --{key} (not a flag and not a config key)")
-        if not value and _is_bool(key) and (i + 1 >= len(rest) or rest[i + 1].startswith("--")):
+        if not value and key_type(key) is bool and (i + 1 >= len(rest) or rest[i + 1].startswith("--")):
             value = "true"  # a bare flag: --save_on_signal
         if not value:
             if i + 1 >= len(rest):
@@ -131,7 +130,3 @@ def config_overrides(parser, rest):
             parser.error(str(e))
         i += 1
     return out
-
-
-def _is_bool(key):
-    return key_type(key) is bool

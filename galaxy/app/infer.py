@@ -29,9 +29,8 @@ from galaxy.app.answers import TASKS, Ask, answer_json, check_task
 from galaxy.app.session import join, load_model
 from galaxy.data import DataError, text_lines
 from galaxy.data.build import load_tokenizer, tokenizer_path
+from galaxy.inference.generate import through_stages
 from galaxy.models.registry import MODELS
-from galaxy.pipeline.engine import pipeline_streams
-from galaxy.pipeline.p2p import StageLinks
 from galaxy.planner.replan import Replanner
 from galaxy.profiler import emulate
 from galaxy.reshard.relayout import Holding, build_like, build_lost_part, fill as fill_after_loss
@@ -64,11 +63,7 @@ def text_file(path):
 
 
 def read_lines(path):
-    return [line for line in all_lines(path) if line.strip()]
-
-
-def all_lines(path):
-    return [line for _, line in text_lines(path)]
+    return [line for _, line in text_lines(path) if line.strip()]
 
 
 REQUESTS = 50  # timed requests when --requests is not given
@@ -110,13 +105,12 @@ def forward_fn(model, name, ask=None):
     (galaxy.app.answers), on every rank."""
     if ask:
         forward = ask.forward(model)
-        return from_last_stage(pipelined(forward, model), model.ctx) if model.ctx.plan.pp_size > 1 else forward
+        return from_last_stage(through_stages(model, forward), model.ctx) if model.ctx.plan.pp_size > 1 else forward
     if name == "bart":  # no pipeline stages (refused by its check)
         return lambda ids, mask: model.model.encode(ids, mask)
     if name == "bert_retrieval":  # its output is the sentence embedding (no pipeline stages: refused by its check)
         return model.embed
-    forward = (lambda ids, mask, x=None: model(ids, mask, hidden_states=x))  # BERT MLM / LLaMA prefill logits
-    return pipelined(forward, model) if model.ctx.plan.pp_size > 1 else forward
+    return through_stages(model, model) if model.ctx.plan.pp_size > 1 else model  # BERT MLM / LLaMA prefill logits
 
 
 def from_last_stage(forward, ctx):
@@ -128,27 +122,6 @@ def from_last_stage(forward, ctx):
         dist.broadcast_object_list(box, src=src, device=ctx.device)
         return box[0]
     return everywhere
-
-
-def pipelined(forward, model):
-    """One request through the stages: receive what the previous stage hands on (its hidden
-    states, and whatever else the model says), run this stage's layers, send the result on."""
-    ctx, links = model.ctx, StageLinks(model.ctx)
-    widths = [width for width, _ in pipeline_streams(model, model.config.hidden_size)]
-    dtype = next(model.parameters()).dtype  # activations travel in the weights' dtype
-
-    def stage(ids, mask):
-        received = None
-        if not ctx.is_first_stage:
-            got = links.recv_forward([(*ids.shape, width) for width in widths], dtype)
-            received = got[0] if len(got) == 1 else tuple(got)
-        out = forward(ids, mask, received)
-        if ctx.is_last_stage:
-            return out
-        links.send_forward(list(out) if isinstance(out, tuple) else [out])
-        links.finish()  # this stage's part of the request ends once the next stage has its input
-        return None
-    return stage
 
 
 def synthetic_batches(cfg, batch_size, count):
@@ -420,11 +393,9 @@ def serve_http(server, args):
     """--serve: every rank follows rank 0's rounds (Server.follow) until SIGTERM / SIGINT reaches
     rank 0; rank 0 answers HTTP (galaxy.app.serve.Front)."""
     tok, signals = load_tokenizer(server.cfg), launch.SignalFlag()
-    pids = [None] * server.ctx.world
+    pids = [os.getpid()] * server.ctx.world
     if server.ctx.world > 1:
         dist.all_gather_object(pids, os.getpid())
-    else:
-        pids = [os.getpid()]
     front = None
     if server.ctx.rank == 0:
         health = lambda: {"world": server.ctx.world, "plan": server.ctx.plan.describe(),  # noqa: E731
@@ -432,7 +403,6 @@ def serve_http(server, args):
         wait_s = server.cfg["timeout_s"] * (server.regroups + 2)  # a round, and a regroup for each loss allowed
         front = http.Front(server.cfg, tok, *args.serve, args.batch_size, wait_s, health,
                            stop=lambda: signals.signum != 0)
-        front.start()
         served = [p for p, (task, _) in http.ENDPOINTS.items() if check_task(task, server.cfg["model"]) is None]
         print(f"[rank 0] serving on {front.url} (POST {', POST '.join(served)}, GET /health)", flush=True)
     try:
@@ -449,7 +419,7 @@ def serve_http(server, args):
 def answer_file(server, args):
     """Every line of --texts answered once, batch_size lines a request (--warmup untimed copies of
     the first request before them); rank 0 writes the answers to --output and the timing report."""
-    tok, lines = load_tokenizer(server.cfg), all_lines(args.texts)
+    tok, lines = load_tokenizer(server.cfg), [line for _, line in text_lines(args.texts)]
     ask = ask_for(args.task, args, tok)
     batches = [encode(tok, lines[i:i + args.batch_size], server.cfg) for i in range(0, len(lines), args.batch_size)]
     results = server.run(batches[:1] * args.warmup + batches, keep=lambda out: out, ask=ask)[args.warmup:]

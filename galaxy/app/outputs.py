@@ -46,7 +46,7 @@ def _alive(pid):
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
+        pass
     return True
 
 

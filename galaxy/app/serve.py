@@ -72,25 +72,22 @@ class Round:
 
 
 class Front:
-    """Rank 0's side: the HTTP server, the queue of jobs, and take / give for Server.follow."""
+    """Rank 0's side: the HTTP server (serving once built), the queue of jobs, and take / give for Server.follow."""
 
-    def __init__(self, cfg, tok, host, port, batch_size, answer_timeout_s, health, top_k=5, stop=lambda: False):
+    def __init__(self, cfg, tok, host, port, batch_size, answer_timeout_s, health, stop=lambda: False):
         self.cfg, self.tok, self.batch_size, self.answer_timeout_s = cfg, tok, batch_size, answer_timeout_s
-        self.health, self.top_k, self.stop = health, top_k, stop
+        self.health, self.stop = health, stop
         self.jobs, self.held, self.taken, self.served = queue.Queue(), None, None, 0
         self.name = Path(cfg["load_checkpoint"]).name if cfg["load_checkpoint"] else cfg["model"]
         self.httpd = ThreadingHTTPServer((host, port), _Handler)
         self.httpd.daemon_threads = True
         self.httpd.front = self
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
 
     @property
     def url(self):
         host, port = self.httpd.server_address[:2]
         return f"http://{host}:{port}"
-
-    def start(self):
-        self.thread.start()
 
     def close(self, error=None):
         """Stop listening; every request still waiting gets 503 naming `error` (or the stop)."""
@@ -114,17 +111,15 @@ class Front:
             jobs = [self._next(IDLE_S)]
         except queue.Empty:
             return "idle"
-        count = len(jobs[0].texts)
         while True:
             try:
                 job = self._next(0)
             except queue.Empty:
                 break
-            if job.ask != jobs[0].ask or count + len(job.texts) > self.batch_size:
+            if job.ask != jobs[0].ask or sum(len(j.texts) for j in jobs) + len(job.texts) > self.batch_size:
                 self.held = job  # first in the next round
                 break
             jobs.append(job)
-            count += len(job.texts)
         self.taken = Round(jobs)
         return self.taken
 

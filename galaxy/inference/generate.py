@@ -88,26 +88,27 @@ def step_positions(ctx, sizes):
         ctx.plan = plan
 
 
-def through_stages(model):
-    """forward(ids, past) on this rank's pipeline stage: each of its chunks receives what the previous
-    model stage hands on (the first stage's first chunk embeds ids), runs and sends its output on.
-    Returns the logits on the last stage, None elsewhere."""
+def through_stages(model, run):
+    """forward(ids, ...) on this rank's pipeline stage: each of its chunks receives what the previous
+    model stage hands on (the first stage's first chunk embeds ids), runs run(ids, ..., hidden_states=
+    what it received, chunk=its index) and sends its output on. Returns the output on the last stage,
+    None elsewhere."""
     ctx, links = model.ctx, StageLinks(model.ctx)
     widths = [width for width, _ in pipeline_streams(model, model.config.hidden_size)]
     dtype = next(model.parameters()).dtype  # activations travel in the weights' dtype
-    chunks = len(model.model.chunks)
+    chunks = ctx.plan.virtual_stages
 
-    def forward(ids, past):
+    def forward(ids, *args, **kwargs):
         out = None
         for chunk in range(chunks):
             received = None
             if chunk or not ctx.is_first_stage:
                 got = links.recv_forward([(*ids.shape, width) for width in widths], dtype)
                 received = got[0] if len(got) == 1 else tuple(got)
-            out = model(ids, hidden_states=received, past_length=past, chunk=chunk)
+            out = run(ids, *args, **kwargs, hidden_states=received, chunk=chunk)
             if chunk < chunks - 1 or not ctx.is_last_stage:
                 links.send_forward(list(out) if isinstance(out, tuple) else [out])
-        links.finish()
+        links.finish()  # this stage's part ends once the next stage has its input
         return out if ctx.is_last_stage else None
     return forward
 
@@ -119,26 +120,24 @@ class GrowingSequence:
     def __init__(self, model):
         self.model, self.length = model, 0
         self.split = SequenceSplit(model.ctx.plan.positions)
-        self.forward = (through_stages(model) if model.ctx.plan.pp_size > 1
-                        else lambda ids, past: model(ids, past_length=past))
+        self.forward = through_stages(model, model) if model.ctx.plan.pp_size > 1 else model
 
     def __call__(self, ids):
         """The logits [B, t, V] of ids' t tokens on the last stage's ranks, else None."""
         with step_positions(self.model.ctx, self.split.take(ids.shape[1])):
-            out = self.forward(ids, self.length)
+            out = self.forward(ids, past_length=self.length)
         self.length += ids.shape[1]
         return out
 
 
 def next_tokens(logits, ctx, rows):
     """Each row's argmax [rows, 1] on every rank: a pipeline's last stage broadcasts its own."""
-    if ctx.plan.pp_size == 1:
-        return logits.argmax(-1, keepdim=True)
     if ctx.is_last_stage:
         tokens = logits.argmax(-1, keepdim=True)
     else:
         tokens = torch.empty((rows, 1), dtype=torch.long, device=ctx.device)
-    dist.broadcast(tokens, src=ctx.pp_peer(ctx.plan.pp_size - 1), group=ctx.pp_group)
+    if ctx.plan.pp_size > 1:
+        dist.broadcast(tokens, src=ctx.pp_peer(ctx.plan.pp_size - 1), group=ctx.pp_group)
     return tokens
 
 
