@@ -31,7 +31,7 @@ from galaxy.layers.transformer import Connective, run_layers, sublayer
 from galaxy.models import checkpoint
 from galaxy.models.bart.config import BartConfig
 from galaxy.models.bert.model import attention_bias, bert_layer
-from galaxy.models.common import init_weights, on_context_device, serial_context
+from galaxy.models.common import causal_bias, init_weights, on_context_device
 from galaxy.plan import Method
 
 HF_NAMES = [
@@ -50,13 +50,6 @@ POSITION_OFFSET = 2  # BART's learned position table has two extra leading rows 
 
 def to_hf(name):
     return checkpoint.rename(name, HF_NAMES)
-
-
-def causal_bias(length, dtype, device):
-    """Additive [1, 1, T, T]: position i attends to positions <= i."""
-    future = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
-    bias = torch.zeros(length, length, dtype=dtype, device=device).masked_fill(future, torch.finfo(dtype).min)
-    return bias[None, None]
 
 
 class BartDecoderLayer(nn.Module):
@@ -128,7 +121,7 @@ class BartModel(nn.Module):
     @on_context_device
     def __init__(self, cfg, ctx=None):
         super().__init__()
-        self.config, self.ctx = cfg, ctx or serial_context(cfg)
+        self.config, self.ctx = cfg, ctx
         if self.ctx.plan.pp_size > 1:
             raise ValueError("BART does not support pipeline parallelism (stage_num_hidden_layers_list)")
         n_enc = cfg.num_hidden_layers
@@ -151,7 +144,7 @@ class BartModel(nn.Module):
 
     def decode(self, decoder_input_ids, memory):
         """The decoder's last hidden states [B, T_dec, H] (replicated) over `memory` (self.memory's)."""
-        causal = causal_bias(decoder_input_ids.shape[1], self.shared.weight.dtype, decoder_input_ids.device)
+        causal = causal_bias(decoder_input_ids.shape[1], None, self.shared.weight.dtype, decoder_input_ids.device)
         x, placement = self.decoder(decoder_input_ids, self.shared, causal, memory)
         return redistribute(x, placement, Method.NONE, self.ctx)
 

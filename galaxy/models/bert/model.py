@@ -23,7 +23,7 @@ from galaxy.layers.placement import REPLICATE, redistribute
 from galaxy.layers.transformer import Connective, TransformerLayer, build_chunks, run_layers
 from galaxy.models import checkpoint
 from galaxy.models.bert.config import BertConfig
-from galaxy.models.common import init_weights, on_context_device, serial_context
+from galaxy.models.common import init_weights, on_context_device
 from galaxy.plan import Method
 
 HF_NAMES = [
@@ -100,7 +100,7 @@ class BertModel(nn.Module):
     @on_context_device
     def __init__(self, cfg, ctx=None):
         super().__init__()
-        self.config, self.ctx = cfg, ctx or serial_context(cfg)
+        self.config, self.ctx = cfg, ctx
         self.embeddings = BertEmbeddings(cfg) if self.ctx.is_first_stage else None
         self.encoder = BertEncoder(cfg, self.ctx)
 
