@@ -68,23 +68,18 @@ class Tokenizer(_Batching):
         self.model_file = Path(model_file)
         if not self.model_file.is_file():
             raise FileNotFoundError(f"tokenizer model not found: {self.model_file}")
-        self._sp = spm.SentencePieceProcessor()
+        self._sp = sp = spm.SentencePieceProcessor()
         try:
-            self._sp.load(str(self.model_file))
+            sp.load(str(self.model_file))
         except (OSError, RuntimeError) as e:
             raise DataError(f"{self.model_file}: not a valid sentencepiece model ({e})") from None
-        sp = self._sp
-        self.vocab_size = sp.get_piece_size()
-        self.unk_id = sp.unk_id()
+        self.vocab_size, self.unk_id = sp.get_piece_size(), sp.unk_id()
         # sentencepiece reports a disabled piece as -1; expose it as None.
-        self.pad_id, self.bos_id, self.eos_id = (
-            i if i >= 0 else None for i in (sp.pad_id(), sp.bos_id(), sp.eos_id()))
-        self.cls_id, self.sep_id, self.mask_id = (
-            self._piece_id(p) for p in ("[CLS]", "[SEP]", "[MASK]"))
+        self.pad_id, self.bos_id, self.eos_id = (i if i >= 0 else None for i in (sp.pad_id(), sp.bos_id(), sp.eos_id()))
+        self.cls_id, self.sep_id, self.mask_id = (self._piece_id(p) for p in ("[CLS]", "[SEP]", "[MASK]"))
         # Ids that must never be masked or drawn as random replacement tokens.
-        self.special_ids = sorted(
-            {i for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i)}
-            | ({self.mask_id} if self.mask_id is not None else set()))
+        self.special_ids = sorted({i for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i)}
+                                  | ({self.mask_id} if self.mask_id is not None else set()))
 
     @property
     def _ends(self):
