@@ -27,7 +27,7 @@ from galaxy.layers.attention import Attention
 from galaxy.layers.dropout import LayoutInvariantDropout
 from galaxy.layers.mlp import MLP
 from galaxy.layers.placement import REPLICATE, consumes, redistribute
-from galaxy.layers.transformer import Connective, run_layers, sublayer
+from galaxy.layers.transformer import Connective, chain, run_layers, sublayer
 from galaxy.models import checkpoint
 from galaxy.models.bart.config import BartConfig
 from galaxy.models.bert.model import attention_bias, bert_layer
@@ -106,15 +106,6 @@ class BartStack(nn.Module):
         return run_layers(self.layers, x, REPLICATE, attn_bias, self.checkpoint, extra)
 
 
-def _chain(build, count):
-    """count layers, each built as build(index, input placement) from its predecessor's output placement."""
-    layers, placement = [], REPLICATE
-    for i in range(count):
-        layers.append(build(i, placement))
-        placement = layers[-1].output_placement
-    return layers
-
-
 class BartModel(nn.Module):
     """Encoder + decoder; returns the decoder's last hidden states [B, T_dec, H] (replicated)."""
 
@@ -128,9 +119,9 @@ class BartModel(nn.Module):
         self.shared = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
         # dropout sites: encoder embeddings 0, encoder layer i 4i+1..4i+3 (bert_layer's numbering),
         # decoder embeddings 4*n_enc, decoder layer j the five from 4*n_enc + 1 + 5j
-        self.encoder = BartStack(cfg, _chain(lambda i, p: bert_layer(cfg, self.ctx, i, p), n_enc), embed_site=0)
-        self.decoder = BartStack(cfg, _chain(lambda j, p: decoder_layer(cfg, self.ctx, 4 * n_enc + 1 + 5 * j, p),
-                                             cfg.num_decoder_layers), embed_site=4 * n_enc)
+        self.encoder = BartStack(cfg, chain(lambda i, p: bert_layer(cfg, self.ctx, i, p), range(n_enc)), embed_site=0)
+        self.decoder = BartStack(cfg, chain(lambda j, p: decoder_layer(cfg, self.ctx, 4 * n_enc + 1 + 5 * j, p),
+                                            range(cfg.num_decoder_layers)), embed_site=4 * n_enc)
 
     def encode(self, input_ids, attention_mask=None):
         """The encoder's last hidden states [B, T, H], replicated: what encoder inference returns."""
