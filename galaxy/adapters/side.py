@@ -56,11 +56,8 @@ class SideNetwork(nn.Module):
         self.first, self.last = first, last
         self.width = width = hidden_size // side_reduction_factor
         samplers = [0] * first + [i + 1 for i in self.layers]
-
-        def down():
-            return nn.Linear(hidden_size, width, bias=add_bias_sampling)
-
-        self.side_downsamplers = nn.ModuleDict({str(i): down() for i in samplers})
+        self.side_downsamplers = nn.ModuleDict({str(i): nn.Linear(hidden_size, width, bias=add_bias_sampling)
+                                                for i in samplers})
         # Gate logits start at 0: sigmoid(0) = 0.5 weighs backbone and side path equally.
         self.side_gates = nn.ParameterDict({str(i): nn.Parameter(torch.zeros(1)) for i in self.layers})
         self.side_blocks = nn.ModuleDict({str(i): SideBlock(width, non_linearity) for i in self.layers})

@@ -170,8 +170,7 @@ class HFTokenizer(_Batching):
 
     def __init__(self, path):
         tokenizers = _hf_tokenizers()
-        path = Path(path)
-        self.model_file = path
+        self.model_file = path = Path(path)
         directory = path if path.is_dir() else path.parent
         settings = _tokenizer_settings(directory)
         file = path / "tokenizer.json" if path.is_dir() else path

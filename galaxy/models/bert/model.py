@@ -112,9 +112,7 @@ class BertModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path, ctx=None):
         """Load a Hugging Face BERT directory (config.json + safetensors) into this layout."""
-        path = Path(path)
-        cfg = BertConfig.from_dict(json.loads((path / "config.json").read_text()))
-        model = cls(cfg, ctx)
+        model = cls(BertConfig.from_dict(json.loads((Path(path) / "config.json").read_text())), ctx)
         model.load_hf(path)
         return model
 
@@ -195,7 +193,6 @@ class BertForMaskedLM(nn.Module):
     def save_hf(self, path, trainable_only=False):
         cfg = json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert", **vars(self.config)}, indent=1)
         checkpoint.save_checkpoint(self, self.ctx, path, mlm_to_hf, {"config.json": cfg}, trainable_only)
-
 
 
 def retrieval_to_hf(name):
