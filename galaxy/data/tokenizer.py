@@ -259,11 +259,8 @@ def train_sentencepiece(text_lines_or_file, model_prefix, vocab_size, kind="bert
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {sorted(_KINDS)}, got {kind!r}")
     if isinstance(text_lines_or_file, (str, Path)):
-        with open(text_lines_or_file, encoding="utf-8") as f:
-            lines = [line.rstrip("\n") for line in f]
-    else:
-        lines = list(text_lines_or_file)
-    lines = [line for line in lines if line.strip()]
+        text_lines_or_file = Path(text_lines_or_file).read_text(encoding="utf-8").split("\n")
+    lines = [line for line in text_lines_or_file if line.strip()]
     model = io.BytesIO()  # written via model_writer so no local path is stored in it
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,

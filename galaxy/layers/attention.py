@@ -80,9 +80,7 @@ class Attention(nn.Module):
         else:  # cross-attention runs untiled (the tiling fuses only a block's own input gather)
             q, k, v = self.q(x), self.k(kv_input), self.v(kv_input)
         B, t = q.shape[:2]  # t: the positions attended from (all of them when the input was gathered)
-        q = q.view(B, t, self.n_local, self.head_dim).transpose(1, 2)
-        k = k.view(B, k.shape[1], self.kv_local, self.head_dim).transpose(1, 2)
-        v = v.view(B, v.shape[1], self.kv_local, self.head_dim).transpose(1, 2)
+        q, k, v = (h.unflatten(-1, (-1, self.head_dim)).transpose(1, 2) for h in (q, k, v))  # [B, heads, t, d]
         cache = self.kv_cache
         past = 0 if cache is None else cache.length
         new = sum(self.ctx.plan.positions) if self.method is Method.SP else t  # this step's positions, all ranks
