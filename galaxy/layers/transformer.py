@@ -116,5 +116,3 @@ def run_layers(layers, x, placement, attn_bias, checkpoint=False, extra=()):
         placement = layer.output_placement
     return x, placement
 
-
-__all__ = ["Connective", "TransformerLayer", "sublayer", "chain", "build_chunks", "run_layers"]
