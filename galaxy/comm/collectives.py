@@ -200,7 +200,7 @@ def _identity(x, group):
 
 
 def _summed(x, group):
-    return _all_reduce(x.clone(), group)  # all-reduces in place: never the tensor autograd passed
+    return _all_reduce(x.clone(), group)  # _all_reduce sums in place: a copy, not the tensor autograd passed
 
 
 _CopyToAll = _pair("_CopyToAll", _identity, _summed,

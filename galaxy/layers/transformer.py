@@ -98,7 +98,8 @@ def build_chunks(ctx, make_layer):
     """A rank's layers, keyed by global layer number (so names match the full model's), and the
     keys of each of its chunks (one chunk unless interleaved 1F1B gives it virtual stages).
     make_layer(index, input_placement) builds one; a chunk's input arrives replicated."""
-    chunks, layers = [[str(i) for i in ctx.chunk_layers(c)] for c in range(ctx.plan.virtual_stages)], nn.ModuleDict()
+    chunks = [[str(i) for i in ctx.chunk_layers(c)] for c in range(ctx.plan.virtual_stages)]
+    layers = nn.ModuleDict()
     for c, keys in enumerate(chunks):
         layers.update(zip(keys, chain(make_layer, ctx.chunk_layers(c)), strict=True))
     return layers, chunks
