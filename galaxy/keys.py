@@ -52,8 +52,7 @@ def one_of(section, name, allowed):
 def check_transformer(model, eps="layer_norm_eps", dropouts=()):
     """The rules every architecture's config follows: positive sizes, a positive norm epsilon and
     initializer range, dropout rates in [0, 1), heads that divide the hidden size."""
-    at_least(model, ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
-                     "vocab_size"), 1)
+    at_least(model, ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size"), 1)
     positive(model, (eps, "initializer_range"))
     probability(model, dropouts)
     if model.hidden_size % model.num_attention_heads:

@@ -45,9 +45,8 @@ class SideNetwork(nn.Module):
     any other part returns x [B, T, hidden_size // side_reduction_factor] for the next part.
     """
 
-    def __init__(self, hidden_size: int, layers, side_reduction_factor: int = 8,
-                 add_bias_sampling: bool = True, non_linearity: str = "gelu",
-                 first: bool = True, last: bool = True):
+    def __init__(self, hidden_size: int, layers, side_reduction_factor: int = 8, add_bias_sampling: bool = True,
+                 non_linearity: str = "gelu", first: bool = True, last: bool = True):
         super().__init__()
         if hidden_size % side_reduction_factor:
             raise ValueError(f"hidden_size={hidden_size} is not divisible by "

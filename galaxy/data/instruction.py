@@ -82,5 +82,4 @@ class PretrainTextData:
         """input_ids, attention_mask (all 1), labels: [len(indices), seq_length] long."""
         check_indices(indices, len(self))
         input_ids = self._seqs[list(indices)]
-        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-                "labels": input_ids.clone()}
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}

@@ -55,8 +55,7 @@ def read_jsonl(path, required_keys):
             if key not in row:
                 raise DataError(f"{where}: missing key {key!r}")
             if not isinstance(row[key], str):
-                raise DataError(f"{where}: key {key!r} must be a string, "
-                                f"got {type(row[key]).__name__}")
+                raise DataError(f"{where}: key {key!r} must be a string, got {type(row[key]).__name__}")
         rows.append(row)
     if not rows:
         raise DataError(f"{path}: empty file, expected one JSON object per line")
@@ -93,8 +92,7 @@ def token_chunks(jsonl_path, tokenizer, body, ends=((), ()), framed=2):
               for t in before + tokenizer.encode(row["title"]) + tokenizer.encode(row["content"]) + after]
     n = len(stream) // body
     if n == 0:
-        raise DataError(f"{jsonl_path}: {len(stream)} tokens, too few for one "
-                        f"sequence of length {body + framed}")
+        raise DataError(f"{jsonl_path}: {len(stream)} tokens, too few for one sequence of length {body + framed}")
     chunks = torch.tensor(stream[:n * body], dtype=torch.long).view(n, body)
     return chunks, tail_cut(jsonl_path, len(stream), n * body, body)
 
@@ -146,10 +144,9 @@ class BertPretrainData:
         samples = []
         for i in indices:
             ids = torch.cat([torch.tensor([tok.cls_id]), self._chunks[i], torch.tensor([tok.sep_id])])
-            samples.append(mask_tokens(
-                ids, vocab_size=tok.vocab_size, mask_id=tok.mask_id,
-                special_ids=tok.special_ids, mlm_probability=self.mlm_probability,
-                generator=generator(self.seed, "mlm masking", i)))
+            samples.append(mask_tokens(ids, vocab_size=tok.vocab_size, mask_id=tok.mask_id, special_ids=tok.special_ids,
+                                       mlm_probability=self.mlm_probability,
+                                       generator=generator(self.seed, "mlm masking", i)))
         return _stack_mlm(samples)
 
 
@@ -176,7 +173,6 @@ class SyntheticMLM:
             gen = generator(self.seed, "synthetic sample", i)
             body = torch.randint(MASK_ID + 1, self.vocab_size, (self.seq_length - 2,), generator=gen)
             ids = torch.cat([torch.tensor([CLS_ID]), body, torch.tensor([SEP_ID])])
-            samples.append(mask_tokens(
-                ids, vocab_size=self.vocab_size, mask_id=MASK_ID, special_ids=range(MASK_ID + 1),
-                generator=gen, mlm_probability=self.mlm_probability))
+            samples.append(mask_tokens(ids, vocab_size=self.vocab_size, mask_id=MASK_ID, special_ids=range(MASK_ID + 1),
+                                       generator=gen, mlm_probability=self.mlm_probability))
         return _stack_mlm(samples)

@@ -246,8 +246,7 @@ def holds_tokenizer(directory):
     return Path(directory).is_dir() and any((Path(directory) / f).is_file() for f in (*HF_FILES, "tokenizer.model"))
 
 
-def train_sentencepiece(text_lines_or_file, model_prefix, vocab_size, kind="bert",
-                        model_type="unigram"):
+def train_sentencepiece(text_lines_or_file, model_prefix, vocab_size, kind="bert", model_type="unigram"):
     """Train a model with the `kind` id layout (see module doc); returns "<prefix>.model".
 
     text_lines_or_file: an iterable of strings (one sentence/paragraph each) or the
