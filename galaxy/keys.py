@@ -22,26 +22,25 @@ def settle(section, **values):
         object.__setattr__(section, name, value)
 
 
-def at_least(section, names, bound):
+def _refuse(section, names, bad, rule):
+    """ConfigError for the first of `names` whose value is set and bad(value): it must be `rule`."""
     for name in names:
         value = getattr(section, name)
-        if value is not None and value < bound:
-            raise ConfigError(f"config key '{name}' must be >= {bound}, got {value}")
+        if value is not None and bad(value):
+            raise ConfigError(f"config key '{name}' must be {rule}, got {value}")
+
+
+def at_least(section, names, bound):
+    _refuse(section, names, lambda value: value < bound, f">= {bound}")
 
 
 def positive(section, names):
-    for name in names:
-        value = getattr(section, name)
-        if value is not None and not value > 0:
-            raise ConfigError(f"config key '{name}' must be > 0, got {value}")
+    _refuse(section, names, lambda value: not value > 0, "> 0")
 
 
 def probability(section, names):
     """Dropout rates and the like: in [0, 1)."""
-    for name in names:
-        value = getattr(section, name)
-        if value is not None and not 0.0 <= value < 1.0:
-            raise ConfigError(f"config key '{name}' must be in [0, 1), got {value}")
+    _refuse(section, names, lambda value: not 0.0 <= value < 1.0, "in [0, 1)")
 
 
 def one_of(section, name, allowed):
@@ -53,8 +52,7 @@ def one_of(section, name, allowed):
 def check_transformer(model, eps="layer_norm_eps", dropouts=()):
     """The rules every architecture's config follows: positive sizes, a positive norm epsilon and
     initializer range, dropout rates in [0, 1), heads that divide the hidden size."""
-    at_least(model, ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
-                     "vocab_size"), 1)
+    at_least(model, ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size"), 1)
     positive(model, (eps, "initializer_range"))
     probability(model, dropouts)
     if model.hidden_size % model.num_attention_heads:

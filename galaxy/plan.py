@@ -149,8 +149,7 @@ def build_plan(cfg, world):
     layers = cfg["num_hidden_layers"]
     if world == 1:  # any layout run on one rank is the serial reference
         return Plan(heads=(cfg["num_attention_heads"],), kv_heads=(_kv_heads(cfg),),
-                    columns=(cfg["intermediate_size"],), positions=(cfg["seq_length"],),
-                    stage_layers=(layers,))
+                    columns=(cfg["intermediate_size"],), positions=(cfg["seq_length"],), stage_layers=(layers,))
     stages = cfg.get("stage_num_hidden_layers_list")  # a list of more than one entry turns pipelining on
     chunks = cfg.get("virtual_stages", 1)
     pp = len(stages) // chunks if stages else 1

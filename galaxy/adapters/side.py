@@ -45,9 +45,8 @@ class SideNetwork(nn.Module):
     any other part returns x [B, T, hidden_size // side_reduction_factor] for the next part.
     """
 
-    def __init__(self, hidden_size: int, layers, side_reduction_factor: int = 8,
-                 add_bias_sampling: bool = True, non_linearity: str = "gelu",
-                 first: bool = True, last: bool = True):
+    def __init__(self, hidden_size: int, layers, side_reduction_factor: int = 8, add_bias_sampling: bool = True,
+                 non_linearity: str = "gelu", first: bool = True, last: bool = True):
         super().__init__()
         if hidden_size % side_reduction_factor:
             raise ValueError(f"hidden_size={hidden_size} is not divisible by "
@@ -56,11 +55,8 @@ class SideNetwork(nn.Module):
         self.first, self.last = first, last
         self.width = width = hidden_size // side_reduction_factor
         samplers = [0] * first + [i + 1 for i in self.layers]
-
-        def down():
-            return nn.Linear(hidden_size, width, bias=add_bias_sampling)
-
-        self.side_downsamplers = nn.ModuleDict({str(i): down() for i in samplers})
+        self.side_downsamplers = nn.ModuleDict({str(i): nn.Linear(hidden_size, width, bias=add_bias_sampling)
+                                                for i in samplers})
         # Gate logits start at 0: sigmoid(0) = 0.5 weighs backbone and side path equally.
         self.side_gates = nn.ParameterDict({str(i): nn.Parameter(torch.zeros(1)) for i in self.layers})
         self.side_blocks = nn.ModuleDict({str(i): SideBlock(width, non_linearity) for i in self.layers})

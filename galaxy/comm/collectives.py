@@ -39,10 +39,6 @@ def _rank(group):
     return 0 if group is None else group.rank()
 
 
-def _offset(sizes, rank):
-    return sum(sizes[:rank])
-
-
 # --- plain (non-autograd) helpers shared by forward and backward -------------------------
 
 def _all_reduce(x, group):
@@ -55,7 +51,7 @@ def _all_reduce(x, group):
 
 def _split(x, dim, sizes, group):
     rank = _rank(group)
-    return x.narrow(dim, _offset(sizes, rank), sizes[rank]).contiguous()
+    return x.narrow(dim, sum(sizes[:rank]), sizes[rank]).contiguous()
 
 
 class Pending:
@@ -184,55 +180,43 @@ def _reduce_scatter(x, dim, sizes, group):
 
 # --- autograd functions ---------------------------------------------------------------
 
-class _CopyToAll(torch.autograd.Function):
-    """Identity in forward; all-reduce in backward (each rank's partial gradient sums)."""
+def _pair(name, forward_op, backward_op, doc):
+    """An autograd Function: forward_op(x, *args) in forward, its conjugate backward_op(grad, *args) in
+    backward; args are the group, after the split dimension and its sizes where there is one."""
 
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad.clone(), ctx.group), None
-
-
-class _AllReduce(torch.autograd.Function):
-    """All-reduce (sum of partial results) in forward; identity in backward."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x.clone(), group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-def _dim_pair(name, forward_op, backward_op, doc):
-    """An autograd Function over a split dimension: forward_op in forward, its conjugate in backward."""
-
-    def forward(ctx, x, dim, sizes, group):
-        ctx.args = (dim, sizes, group)
-        return forward_op(x, dim, sizes, group)
+    def forward(ctx, x, *args):
+        ctx.args = args
+        return forward_op(x, *args)
 
     def backward(ctx, grad):
-        return backward_op(grad, *ctx.args), None, None, None
+        return backward_op(grad, *ctx.args), *(None for _ in ctx.args)
 
     return type(name, (torch.autograd.Function,), {"__doc__": doc, "forward": staticmethod(forward),
                                                     "backward": staticmethod(backward)})
 
 
-_SplitScatter = _dim_pair("_SplitScatter", _split, _all_gather,
-                          "Keep this rank's slice in forward; all-gather the slices' gradients in backward.")
-_GatherAlongDim = _dim_pair("_GatherAlongDim", _all_gather, _split,
-                            "All-gather in forward; keep this rank's slice of the gradient in backward. Use it "
-                            "when every rank consumes the gathered tensor identically (replicated work).")
-_ReduceScatter = _dim_pair("_ReduceScatter", _reduce_scatter, _all_gather,
-                           "Reduce-scatter in forward; all-gather in backward.")
-_AllGather = _dim_pair("_AllGather", _all_gather, _reduce_scatter,
-                       "All-gather in forward; reduce-scatter in backward. Use it when each rank consumes the "
-                       "gathered tensor differently (its own heads/columns), so gradients are partial.")
+def _identity(x, group):
+    return x
+
+
+def _summed(x, group):
+    return _all_reduce(x.clone(), group)  # _all_reduce sums in place: a copy, not the tensor autograd passed
+
+
+_CopyToAll = _pair("_CopyToAll", _identity, _summed,
+                   "Identity in forward; all-reduce in backward (each rank's partial gradient sums).")
+_AllReduce = _pair("_AllReduce", _summed, _identity,
+                   "All-reduce (sum of partial results) in forward; identity in backward.")
+_SplitScatter = _pair("_SplitScatter", _split, _all_gather,
+                      "Keep this rank's slice in forward; all-gather the slices' gradients in backward.")
+_GatherAlongDim = _pair("_GatherAlongDim", _all_gather, _split,
+                        "All-gather in forward; keep this rank's slice of the gradient in backward. Use it "
+                        "when every rank consumes the gathered tensor identically (replicated work).")
+_ReduceScatter = _pair("_ReduceScatter", _reduce_scatter, _all_gather,
+                       "Reduce-scatter in forward; all-gather in backward.")
+_AllGather = _pair("_AllGather", _all_gather, _reduce_scatter,
+                   "All-gather in forward; reduce-scatter in backward. Use it when each rank consumes the "
+                   "gathered tensor differently (its own heads/columns), so gradients are partial.")
 
 
 def _check_sizes(x, dim, sizes, group, full):

@@ -115,7 +115,6 @@ class ParallelContext:
         ctx.stage_group = _groups(coords, rank, tp * dp, lambda c: c[0])
         return ctx
 
-
     @classmethod
     def recording(cls, plan, rank):
         """Rank `rank`'s context on the meta device, its groups RecordingGroups: the real model runs

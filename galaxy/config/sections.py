@@ -41,8 +41,7 @@ class LoopConfig:
     seed: int = key(DEFAULT_SEED, "initial weights, data order and masking, dropout masks derive from it")
     dtype: str = key("fp32", "fp32 | bf16 (autocast; fp32 master weights) | bf16_pure (bf16 parameters and "
                              "optimizer state)")
-    activation_checkpointing: bool = key(False, "recompute each layer in backward instead of keeping its "
-                                                "activations")
+    activation_checkpointing: bool = key(False, "recompute each layer in backward instead of keeping its activations")
     bucket_size_mb: float = key(25.0, "gradient all-reduce bucket size")
     log_every: int = key(1, "print a step's loss every N optimizer steps")
     on_nonfinite: str = key("stop", "a step with a non-finite loss or gradient norm: stop the run, or skip "

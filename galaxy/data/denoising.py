@@ -12,7 +12,7 @@ import torch
 
 from galaxy import seeding
 
-from .pretrain import _check_index, check_bert_pieces, token_chunks
+from .pretrain import check_bert_pieces, check_indices, token_chunks
 
 
 def infill_spans(ids, mask_id, generator, mask_ratio=0.3, poisson_lambda=3.0):
@@ -47,7 +47,7 @@ class BartDenoisingData:
 
     def sample(self, i):
         """(encoder input, target) of sample i, both [seq_length]."""
-        _check_index(i, len(self))
+        check_indices([i], len(self))
         tok = self.tokenizer
         cls, sep = torch.tensor([tok.cls_id]), torch.tensor([tok.sep_id])
         corrupted = infill_spans(self._chunks[i], tok.mask_id, seeding.generator(self.seed, "span infilling", i),

@@ -5,9 +5,8 @@ shifts them by one when computing the next-token loss, as Hugging Face models do
 """
 import torch
 
-from .errors import DataError
 from .mlm import IGNORE_INDEX
-from .pretrain import _check_index, read_jsonl, tail_cut
+from .pretrain import check_indices, read_jsonl, token_chunks
 
 
 class InstructionData:
@@ -49,8 +48,7 @@ class InstructionData:
 
     def get_batch(self, indices):
         """input_ids, attention_mask, labels: [len(indices), padded length] long."""
-        for i in indices:
-            _check_index(i, len(self))
+        check_indices(indices, len(self))
         rows = [self._samples[i] for i in indices]
         length = self.max_seq_length if self.pad_to_max_length else max(len(r[0]) for r in rows)
         input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
@@ -74,22 +72,14 @@ class PretrainTextData:
     def __init__(self, jsonl_path, tokenizer, seq_length):
         bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
         eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
-        stream = [t for row in read_jsonl(jsonl_path, ("title", "content"))
-                  for t in bos + tokenizer.encode(row["title"]) + tokenizer.encode(row["content"]) + eos]
-        n = len(stream) // seq_length
-        if n == 0:
-            raise DataError(f"{jsonl_path}: {len(stream)} tokens, too few for one "
-                            f"sequence of length {seq_length}")
-        self.seq_length, self.cut = seq_length, tail_cut(jsonl_path, len(stream), n * seq_length, seq_length)
-        self._seqs = torch.tensor(stream[:n * seq_length], dtype=torch.long).view(n, seq_length)
+        self.seq_length = seq_length
+        self._seqs, self.cut = token_chunks(jsonl_path, tokenizer, seq_length, (bos, eos), framed=0)
 
     def __len__(self):
         return len(self._seqs)
 
     def get_batch(self, indices):
         """input_ids, attention_mask (all 1), labels: [len(indices), seq_length] long."""
-        for i in indices:
-            _check_index(i, len(self))
+        check_indices(indices, len(self))
         input_ids = self._seqs[list(indices)]
-        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
-                "labels": input_ids.clone()}
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}

@@ -4,8 +4,7 @@ import torch
 IGNORE_INDEX = -100  # label value that torch.nn.functional.cross_entropy ignores
 
 
-def mask_tokens(input_ids, *, vocab_size, mask_id, special_ids, generator,
-                mlm_probability=0.15):
+def mask_tokens(input_ids, *, vocab_size, mask_id, special_ids, generator, mlm_probability=0.15):
     """Select ~mlm_probability of the non-special tokens for prediction.
 
     Of the selected tokens 80% become mask_id, 10% a random non-special id and
@@ -27,8 +26,7 @@ def mask_tokens(input_ids, *, vocab_size, mask_id, special_ids, generator,
     shape = input_ids.shape
     select_u = torch.rand(shape, generator=generator)
     action_u = torch.rand(shape, generator=generator)
-    random_tokens = replacement_pool[
-        torch.randint(len(replacement_pool), shape, generator=generator)]
+    random_tokens = replacement_pool[torch.randint(len(replacement_pool), shape, generator=generator)]
 
     selected = (select_u < mlm_probability) & ~torch.isin(input_ids, specials)
     labels = torch.where(selected, input_ids, IGNORE_INDEX)

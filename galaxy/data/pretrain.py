@@ -55,8 +55,7 @@ def read_jsonl(path, required_keys):
             if key not in row:
                 raise DataError(f"{where}: missing key {key!r}")
             if not isinstance(row[key], str):
-                raise DataError(f"{where}: key {key!r} must be a string, "
-                                f"got {type(row[key]).__name__}")
+                raise DataError(f"{where}: key {key!r} must be a string, got {type(row[key]).__name__}")
         rows.append(row)
     if not rows:
         raise DataError(f"{path}: empty file, expected one JSON object per line")
@@ -78,20 +77,22 @@ def batch_indices(step, batch_size, num_samples, seed):
     return order[b * batch_size:(b + 1) * batch_size].tolist()
 
 
-def _check_index(i, n):
-    if not 0 <= i < n:
-        raise IndexError(f"sample index {i} out of range for {n} samples")
+def check_indices(indices, n):
+    for i in indices:
+        if not 0 <= i < n:
+            raise IndexError(f"sample index {i} out of range for {n} samples")
 
 
-def token_chunks(jsonl_path, tokenizer, body):
-    """{"title","content"} JSONL -> ([n, body] LongTensor, what was cut): all documents (title tokens,
-    then content tokens) concatenated into one stream, cut into consecutive chunks; the tail is dropped."""
+def token_chunks(jsonl_path, tokenizer, body, ends=((), ()), framed=2):
+    """{"title","content"} JSONL -> ([n, body] LongTensor, what was cut): all documents (ends[0]'s ids,
+    title tokens, content tokens, ends[1]'s ids) concatenated into one stream, cut into consecutive chunks;
+    the tail is dropped. `framed`: the tokens each chunk is framed with (BERT's [CLS] ... [SEP]: 2)."""
+    before, after = map(list, ends)
     stream = [t for row in read_jsonl(jsonl_path, ("title", "content"))
-              for t in tokenizer.encode(row["title"]) + tokenizer.encode(row["content"])]
+              for t in before + tokenizer.encode(row["title"]) + tokenizer.encode(row["content"]) + after]
     n = len(stream) // body
     if n == 0:
-        raise DataError(f"{jsonl_path}: {len(stream)} tokens, too few for one "
-                        f"sequence of length {body + 2}")
+        raise DataError(f"{jsonl_path}: {len(stream)} tokens, too few for one sequence of length {body + framed}")
     chunks = torch.tensor(stream[:n * body], dtype=torch.long).view(n, body)
     return chunks, tail_cut(jsonl_path, len(stream), n * body, body)
 
@@ -139,14 +140,13 @@ class BertPretrainData:
     def get_batch(self, indices):
         """input_ids, attention_mask, token_type_ids, labels: [len(indices), seq_length]."""
         tok = self.tokenizer
+        check_indices(indices, len(self))
         samples = []
         for i in indices:
-            _check_index(i, len(self))
             ids = torch.cat([torch.tensor([tok.cls_id]), self._chunks[i], torch.tensor([tok.sep_id])])
-            samples.append(mask_tokens(
-                ids, vocab_size=tok.vocab_size, mask_id=tok.mask_id,
-                special_ids=tok.special_ids, mlm_probability=self.mlm_probability,
-                generator=generator(self.seed, "mlm masking", i)))
+            samples.append(mask_tokens(ids, vocab_size=tok.vocab_size, mask_id=tok.mask_id, special_ids=tok.special_ids,
+                                       mlm_probability=self.mlm_probability,
+                                       generator=generator(self.seed, "mlm masking", i)))
         return _stack_mlm(samples)
 
 
@@ -167,13 +167,12 @@ class SyntheticMLM:
         return self.num_samples
 
     def get_batch(self, indices):
+        check_indices(indices, len(self))
         samples = []
         for i in indices:
-            _check_index(i, len(self))
             gen = generator(self.seed, "synthetic sample", i)
             body = torch.randint(MASK_ID + 1, self.vocab_size, (self.seq_length - 2,), generator=gen)
             ids = torch.cat([torch.tensor([CLS_ID]), body, torch.tensor([SEP_ID])])
-            samples.append(mask_tokens(
-                ids, vocab_size=self.vocab_size, mask_id=MASK_ID, special_ids=range(MASK_ID + 1),
-                generator=gen, mlm_probability=self.mlm_probability))
+            samples.append(mask_tokens(ids, vocab_size=self.vocab_size, mask_id=MASK_ID, special_ids=range(MASK_ID + 1),
+                                       generator=gen, mlm_probability=self.mlm_probability))
         return _stack_mlm(samples)

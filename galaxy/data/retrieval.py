@@ -8,7 +8,7 @@ evaluation and never trained on, so recall on them measures what the model learn
 """
 import torch
 
-from .pretrain import _check_index, read_jsonl
+from .pretrain import check_indices, read_jsonl
 
 HELD_OUT = 5
 
@@ -33,8 +33,7 @@ class RetrievalPairs:
 
     def get_batch(self, indices):
         """Questions and their passages; labels[i] = i, the passage of question i among the batch's."""
-        for i in indices:
-            _check_index(i, len(self))
+        check_indices(indices, len(self))
         query_ids, query_mask = self.encode([self.queries[i] for i in indices])
         passage_ids, passage_mask = self.encode([self.passages[i] for i in indices])
         return {"query_ids": query_ids, "query_mask": query_mask, "passage_ids": passage_ids,

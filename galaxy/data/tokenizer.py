@@ -68,23 +68,18 @@ class Tokenizer(_Batching):
         self.model_file = Path(model_file)
         if not self.model_file.is_file():
             raise FileNotFoundError(f"tokenizer model not found: {self.model_file}")
-        self._sp = spm.SentencePieceProcessor()
+        self._sp = sp = spm.SentencePieceProcessor()
         try:
-            self._sp.load(str(self.model_file))
+            sp.load(str(self.model_file))
         except (OSError, RuntimeError) as e:
             raise DataError(f"{self.model_file}: not a valid sentencepiece model ({e})") from None
-        sp = self._sp
-        self.vocab_size = sp.get_piece_size()
-        self.unk_id = sp.unk_id()
+        self.vocab_size, self.unk_id = sp.get_piece_size(), sp.unk_id()
         # sentencepiece reports a disabled piece as -1; expose it as None.
-        self.pad_id, self.bos_id, self.eos_id = (
-            i if i >= 0 else None for i in (sp.pad_id(), sp.bos_id(), sp.eos_id()))
-        self.cls_id, self.sep_id, self.mask_id = (
-            self._piece_id(p) for p in ("[CLS]", "[SEP]", "[MASK]"))
+        self.pad_id, self.bos_id, self.eos_id = (i if i >= 0 else None for i in (sp.pad_id(), sp.bos_id(), sp.eos_id()))
+        self.cls_id, self.sep_id, self.mask_id = (self._piece_id(p) for p in ("[CLS]", "[SEP]", "[MASK]"))
         # Ids that must never be masked or drawn as random replacement tokens.
-        self.special_ids = sorted(
-            {i for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i)}
-            | ({self.mask_id} if self.mask_id is not None else set()))
+        self.special_ids = sorted({i for i in range(self.vocab_size) if sp.is_control(i) or sp.is_unknown(i)}
+                                  | ({self.mask_id} if self.mask_id is not None else set()))
 
     @property
     def _ends(self):
@@ -175,8 +170,7 @@ class HFTokenizer(_Batching):
 
     def __init__(self, path):
         tokenizers = _hf_tokenizers()
-        path = Path(path)
-        self.model_file = path
+        self.model_file = path = Path(path)
         directory = path if path.is_dir() else path.parent
         settings = _tokenizer_settings(directory)
         file = path / "tokenizer.json" if path.is_dir() else path
@@ -252,8 +246,7 @@ def holds_tokenizer(directory):
     return Path(directory).is_dir() and any((Path(directory) / f).is_file() for f in (*HF_FILES, "tokenizer.model"))
 
 
-def train_sentencepiece(text_lines_or_file, model_prefix, vocab_size, kind="bert",
-                        model_type="unigram"):
+def train_sentencepiece(text_lines_or_file, model_prefix, vocab_size, kind="bert", model_type="unigram"):
     """Train a model with the `kind` id layout (see module doc); returns "<prefix>.model".
 
     text_lines_or_file: an iterable of strings (one sentence/paragraph each) or the
@@ -265,11 +258,8 @@ def train_sentencepiece(text_lines_or_file, model_prefix, vocab_size, kind="bert
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {sorted(_KINDS)}, got {kind!r}")
     if isinstance(text_lines_or_file, (str, Path)):
-        with open(text_lines_or_file, encoding="utf-8") as f:
-            lines = [line.rstrip("\n") for line in f]
-    else:
-        lines = list(text_lines_or_file)
-    lines = [line for line in lines if line.strip()]
+        text_lines_or_file = Path(text_lines_or_file).read_text(encoding="utf-8").split("\n")
+    lines = [line for line in text_lines_or_file if line.strip()]
     model = io.BytesIO()  # written via model_writer so no local path is stored in it
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,

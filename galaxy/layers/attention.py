@@ -72,9 +72,6 @@ class Attention(nn.Module):
         self.tiling = None  # set by TransformerLayer when overlap_tiles > 1 (galaxy.layers.tiling)
         self.kv_cache = None
 
-    def query_positions(self, seq_len):
-        return self.ctx.positions if self.method is Method.SP else range(seq_len)
-
     def forward(self, x, attn_bias=None, kv_input=None):
         """x [B, t, H]; attn_bias additive, broadcastable to [B, heads, T, T_kv] over *all* positions.
         Keys and values come from x, or for cross-attention from kv_input (in x's placement)."""
@@ -83,13 +80,11 @@ class Attention(nn.Module):
         else:  # cross-attention runs untiled (the tiling fuses only a block's own input gather)
             q, k, v = self.q(x), self.k(kv_input), self.v(kv_input)
         B, t = q.shape[:2]  # t: the positions attended from (all of them when the input was gathered)
-        q = q.view(B, t, self.n_local, self.head_dim).transpose(1, 2)
-        k = k.view(B, k.shape[1], self.kv_local, self.head_dim).transpose(1, 2)
-        v = v.view(B, v.shape[1], self.kv_local, self.head_dim).transpose(1, 2)
+        q, k, v = (h.unflatten(-1, (-1, self.head_dim)).transpose(1, 2) for h in (q, k, v))  # [B, heads, t, d]
         cache = self.kv_cache
         past = 0 if cache is None else cache.length
         new = sum(self.ctx.plan.positions) if self.method is Method.SP else t  # this step's positions, all ranks
-        own = self.query_positions(new)
+        own = self.ctx.positions if self.method is Method.SP else range(new)  # the queries' offsets in it
         rows = range(past + own.start, past + own.stop)
         seq_len = past + new  # the sequence so far: dynamic RoPE scales with it
         if self.rotary is not None:

@@ -112,9 +112,8 @@ def set_dropout_seed(model, seed, step, rows=None, samples=None):
     """Key every dropout site's mask for this micro-batch, samples `rows` of the step's `samples`
     (LayoutInvariantDropout.key_by); recomputation (activation checkpointing) then redraws the
     same mask."""
-    for m in model.modules():
-        if isinstance(m, LayoutInvariantDropout):
-            m.key_by(seed, step, rows, samples)
+    for m in _sites(model):
+        m.key_by(seed, step, rows, samples)
 
 
 def _sites(model):

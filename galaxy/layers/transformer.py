@@ -84,17 +84,24 @@ def sublayer(block, method, con, x, placement, *args, norm=None, **kwargs):
         return con(out, redistribute(x, placement, con.method, con.ctx))
 
 
+def chain(make_layer, indices):
+    """Layers make_layer(i, input_placement) for i in indices, each fed in its predecessor's output
+    placement (the first: REPLICATE)."""
+    layers, placement = [], REPLICATE
+    for i in indices:
+        layers.append(make_layer(i, placement))
+        placement = layers[-1].output_placement
+    return layers
+
+
 def build_chunks(ctx, make_layer):
     """A rank's layers, keyed by global layer number (so names match the full model's), and the
     keys of each of its chunks (one chunk unless interleaved 1F1B gives it virtual stages).
     make_layer(index, input_placement) builds one; a chunk's input arrives replicated."""
-    layers, chunks = nn.ModuleDict(), []
-    for c in range(ctx.plan.virtual_stages):
-        chunks.append([str(i) for i in ctx.chunk_layers(c)])
-        placement = REPLICATE
-        for i in ctx.chunk_layers(c):
-            layers[str(i)] = make_layer(i, placement)
-            placement = layers[str(i)].output_placement
+    chunks = [[str(i) for i in ctx.chunk_layers(c)] for c in range(ctx.plan.virtual_stages)]
+    layers = nn.ModuleDict()
+    for c, keys in enumerate(chunks):
+        layers.update(zip(keys, chain(make_layer, ctx.chunk_layers(c)), strict=True))
     return layers, chunks
 
 
@@ -110,5 +117,3 @@ def run_layers(layers, x, placement, attn_bias, checkpoint=False, extra=()):
         placement = layer.output_placement
     return x, placement
 
-
-__all__ = ["Connective", "TransformerLayer", "sublayer", "build_chunks", "run_layers"]

@@ -18,8 +18,7 @@ def _bias_names(model: nn.Module, bias: str) -> set:
     if bias == "all":
         return {n for n, _ in model.named_parameters() if "bias" in n}
     if bias == "lora_only":
-        return {f"{name}.bias" if name else "bias"
-                for name, m in model.named_modules()
+        return {f"{name}.bias" if name else "bias" for name, m in model.named_modules()
                 if isinstance(m, Linear) and m.r > 0 and getattr(m, "bias", None) is not None}
     raise ValueError(f"unknown bias mode {bias!r}; expected one of {BIAS_MODES}")
 

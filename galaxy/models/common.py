@@ -1,5 +1,6 @@
-"""What every architecture shares: the serial context, building on the context's device, and
-the per-name weight init (of the model's own weights and of those a tuning method adds)."""
+"""What every architecture shares: the serial context, building on the context's device, the
+per-name weight init (of the model's own weights and of those a tuning method adds), and the
+causal attention bias of the decoders (LLaMA's, BART's)."""
 import functools
 import math
 
@@ -68,3 +69,13 @@ def init_new_parameters(model, existing, zero_init, seed):
             value = (torch.rand(full, generator=stream, device="cpu") * 2 - 1) / math.sqrt(full[-1])
         with torch.no_grad():
             p.copy_(own_slice(value, p))
+
+
+def causal_bias(length, attention_mask=None, dtype=torch.float32, device=None):
+    """Additive [1 or B, 1, length, length] bias over all positions: position i sees j <= i, and
+    with attention_mask ([B, length], 1 = token, 0 = padding) no padding."""
+    allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
+    if attention_mask is not None and not bool(attention_mask.all()):
+        allowed = allowed & attention_mask[:, None, None, :].bool()
+    # finfo.min rather than -inf: a fully masked row (a padding query) stays finite
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)

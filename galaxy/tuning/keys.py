@@ -46,8 +46,7 @@ class TuningConfig:
     def __post_init__(self):
         methods = [name for name in METHODS if getattr(self, name)]
         if len(methods) > 1:
-            raise ConfigError(f"tuning methods {methods} are all true; set exactly one of "
-                              f"{['full_model', *METHODS]}")
+            raise ConfigError(f"tuning methods {methods} are all true; set exactly one of {['full_model', *METHODS]}")
         settle(self, full_model=not methods)  # a PEFT method switches full-model tuning off
         probability(self, ("lora_dropout",))
         method = methods[0] if methods else "full_model"

@@ -27,11 +27,11 @@ from galaxy.layers.attention import Attention
 from galaxy.layers.dropout import LayoutInvariantDropout
 from galaxy.layers.mlp import MLP
 from galaxy.layers.placement import REPLICATE, consumes, redistribute
-from galaxy.layers.transformer import Connective, run_layers, sublayer
+from galaxy.layers.transformer import Connective, chain, run_layers, sublayer
 from galaxy.models import checkpoint
 from galaxy.models.bart.config import BartConfig
 from galaxy.models.bert.model import attention_bias, bert_layer
-from galaxy.models.common import init_weights, on_context_device, serial_context
+from galaxy.models.common import causal_bias, init_weights, on_context_device
 from galaxy.plan import Method
 
 HF_NAMES = [
@@ -50,13 +50,6 @@ POSITION_OFFSET = 2  # BART's learned position table has two extra leading rows 
 
 def to_hf(name):
     return checkpoint.rename(name, HF_NAMES)
-
-
-def causal_bias(length, dtype, device):
-    """Additive [1, 1, T, T]: position i attends to positions <= i."""
-    future = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
-    bias = torch.zeros(length, length, dtype=dtype, device=device).masked_fill(future, torch.finfo(dtype).min)
-    return bias[None, None]
 
 
 class BartDecoderLayer(nn.Module):
@@ -113,31 +106,22 @@ class BartStack(nn.Module):
         return run_layers(self.layers, x, REPLICATE, attn_bias, self.checkpoint, extra)
 
 
-def _chain(build, count):
-    """count layers, each built as build(index, input placement) from its predecessor's output placement."""
-    layers, placement = [], REPLICATE
-    for i in range(count):
-        layers.append(build(i, placement))
-        placement = layers[-1].output_placement
-    return layers
-
-
 class BartModel(nn.Module):
     """Encoder + decoder; returns the decoder's last hidden states [B, T_dec, H] (replicated)."""
 
     @on_context_device
     def __init__(self, cfg, ctx=None):
         super().__init__()
-        self.config, self.ctx = cfg, ctx or serial_context(cfg)
+        self.config, self.ctx = cfg, ctx
         if self.ctx.plan.pp_size > 1:
             raise ValueError("BART does not support pipeline parallelism (stage_num_hidden_layers_list)")
         n_enc = cfg.num_hidden_layers
         self.shared = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
         # dropout sites: encoder embeddings 0, encoder layer i 4i+1..4i+3 (bert_layer's numbering),
         # decoder embeddings 4*n_enc, decoder layer j the five from 4*n_enc + 1 + 5j
-        self.encoder = BartStack(cfg, _chain(lambda i, p: bert_layer(cfg, self.ctx, i, p), n_enc), embed_site=0)
-        self.decoder = BartStack(cfg, _chain(lambda j, p: decoder_layer(cfg, self.ctx, 4 * n_enc + 1 + 5 * j, p),
-                                             cfg.num_decoder_layers), embed_site=4 * n_enc)
+        self.encoder = BartStack(cfg, chain(lambda i, p: bert_layer(cfg, self.ctx, i, p), range(n_enc)), embed_site=0)
+        self.decoder = BartStack(cfg, chain(lambda j, p: decoder_layer(cfg, self.ctx, 4 * n_enc + 1 + 5 * j, p),
+                                            range(cfg.num_decoder_layers)), embed_site=4 * n_enc)
 
     def encode(self, input_ids, attention_mask=None):
         """The encoder's last hidden states [B, T, H], replicated: what encoder inference returns."""
@@ -151,7 +135,7 @@ class BartModel(nn.Module):
 
     def decode(self, decoder_input_ids, memory):
         """The decoder's last hidden states [B, T_dec, H] (replicated) over `memory` (self.memory's)."""
-        causal = causal_bias(decoder_input_ids.shape[1], self.shared.weight.dtype, decoder_input_ids.device)
+        causal = causal_bias(decoder_input_ids.shape[1], None, self.shared.weight.dtype, decoder_input_ids.device)
         x, placement = self.decoder(decoder_input_ids, self.shared, causal, memory)
         return redistribute(x, placement, Method.NONE, self.ctx)
 

@@ -23,7 +23,7 @@ from galaxy.layers.placement import REPLICATE, redistribute
 from galaxy.layers.transformer import Connective, TransformerLayer, build_chunks, run_layers
 from galaxy.models import checkpoint
 from galaxy.models.bert.config import BertConfig
-from galaxy.models.common import init_weights, on_context_device, serial_context
+from galaxy.models.common import init_weights, on_context_device
 from galaxy.plan import Method
 
 HF_NAMES = [
@@ -100,7 +100,7 @@ class BertModel(nn.Module):
     @on_context_device
     def __init__(self, cfg, ctx=None):
         super().__init__()
-        self.config, self.ctx = cfg, ctx or serial_context(cfg)
+        self.config, self.ctx = cfg, ctx
         self.embeddings = BertEmbeddings(cfg) if self.ctx.is_first_stage else None
         self.encoder = BertEncoder(cfg, self.ctx)
 
@@ -112,9 +112,7 @@ class BertModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path, ctx=None):
         """Load a Hugging Face BERT directory (config.json + safetensors) into this layout."""
-        path = Path(path)
-        cfg = BertConfig.from_dict(json.loads((path / "config.json").read_text()))
-        model = cls(cfg, ctx)
+        model = cls(BertConfig.from_dict(json.loads((Path(path) / "config.json").read_text())), ctx)
         model.load_hf(path)
         return model
 
@@ -195,7 +193,6 @@ class BertForMaskedLM(nn.Module):
     def save_hf(self, path, trainable_only=False):
         cfg = json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert", **vars(self.config)}, indent=1)
         checkpoint.save_checkpoint(self, self.ctx, path, mlm_to_hf, {"config.json": cfg}, trainable_only)
-
 
 
 def retrieval_to_hf(name):

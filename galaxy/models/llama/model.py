@@ -21,7 +21,7 @@ from galaxy.layers.param_spec import GradSum, set_spec
 from galaxy.layers.placement import REPLICATE, SEQ, consumes, redistribute
 from galaxy.layers.transformer import Connective, TransformerLayer, build_chunks, run_layers
 from galaxy.models import checkpoint
-from galaxy.models.common import init_weights, on_context_device, serial_context
+from galaxy.models.common import causal_bias, init_weights, on_context_device
 from galaxy.models.llama.config import LlamaConfig
 from galaxy.models.llama.rope import Rotary
 from galaxy.plan import Method
@@ -64,16 +64,6 @@ def llama_layer(cfg, ctx, rotary, input_placement):
                             norm_mid=RMSNorm(h, cfg.rms_norm_eps), overlap_tiles=cfg.overlap_tiles)
 
 
-def causal_bias(length, attention_mask=None, dtype=torch.float32, device=None):
-    """Additive [1 or B, 1, length, length] bias over all positions: position i sees j <= i, and
-    with attention_mask ([B, length], 1 = token, 0 = padding) no padding."""
-    allowed = torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
-    if attention_mask is not None and not bool(attention_mask.all()):
-        allowed = allowed & attention_mask[:, None, None, :].bool()
-    # finfo.min rather than -inf: a fully masked row (a padding query) stays finite
-    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-
-
 class LlamaModel(nn.Module):
     """Embeddings + decoder layers (+ final norm on the last stage); returns hidden states
     [B, T, H], replicated on every tensor rank."""
@@ -81,7 +71,7 @@ class LlamaModel(nn.Module):
     @on_context_device
     def __init__(self, cfg, ctx=None):
         super().__init__()
-        self.config, self.ctx = cfg, ctx or serial_context(cfg)
+        self.config, self.ctx = cfg, ctx
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if self.ctx.is_first_stage else None
         self.rotary = Rotary(cfg)
         self.layers, self.chunks = build_chunks(self.ctx, lambda i, placement: llama_layer(cfg, self.ctx, self.rotary,
