@@ -200,3 +200,12 @@ def test_files_and_modules_the_docs_name_exist():
         for dotted in set(re.findall(r"(?<![\w/.])galaxy(?:\.[a-z_]\w*)+", text)):
             if not re.search(r"\.(py|json|md|svg)$", dotted):
                 assert _resolves(dotted), f"{doc.relative_to(REPO)} names {dotted}, which does not import"
+
+
+def test_the_readmes_repository_map_names_every_entry_of_the_package():
+    """Every folder and module directly in galaxy/ is on the README's map (issue 24)."""
+    readme = (REPO / "README.md").read_text()
+    entries = sorted(p.name for p in (REPO / "galaxy").iterdir()
+                     if p.name != "__init__.py" and (p.suffix == ".py" or (p / "__init__.py").exists()
+                                                      or (p / "__main__.py").exists()))
+    assert entries and [e for e in entries if f"galaxy/{e}" not in readme] == []
