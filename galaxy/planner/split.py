@@ -16,7 +16,7 @@ planned layer time, the first stage also embeds, and each micro-batch's activati
 every link between stages; `plan_stage_layers` minimises the resulting forward latency exactly.
 """
 from bisect import bisect_right
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from galaxy.comm.overlap import simplest_first
 from galaxy.errors import ConfigError
@@ -235,10 +235,8 @@ def stage_costs(tensor_split, profiles, stages, *, hidden, heads, seq, layers, b
 
 def _slowest(profiles):
     """One profile with the worst of each figure (tightest memory)."""
-    return RankProfile(max(p.att_s_per_head for p in profiles), max(p.mlp_s_per_column for p in profiles),
-                       max(p.con_s_per_position for p in profiles), min(p.memory_bytes for p in profiles),
-                       max(p.embed_s for p in profiles), *(max(getattr(p, f"{block}_s_fixed") for p in profiles)
-                                                           for block in ("att", "mlp", "con")))
+    return RankProfile(*((min if f.name == "memory_bytes" else max)(getattr(p, f.name) for p in profiles)
+                         for f in fields(RankProfile)))
 
 
 def _pipeline_keys(tensor_split, stage_layers, tp):
@@ -301,14 +299,10 @@ def tp_layer_seconds(profiles, *, hidden, heads, intermediate, seq, batch, bandw
     every rank runs both connectives over all positions, and two all-reduces of the [B, T, H]
     activation (ring: 2 (p - 1) / p of it sent per rank each)."""
     p = len(profiles)
-    split = even_galaxy(p, heads=heads, intermediate=intermediate, seq=seq)
-    att = max(q.att_s_fixed + h * q.att_s_per_head
-              for h, q in zip(split["tp_num_attention_heads_list"], profiles, strict=True))
-    mlp = max(q.mlp_s_fixed + c * q.mlp_s_per_column
-              for c, q in zip(split["tp_intermediate_size_list"], profiles, strict=True))
-    con = max(q.con_s_fixed + seq * q.con_s_per_position for q in profiles)
+    # Galaxy's blocks with every rank's connectives over all positions, and no gathers or scatters
+    split = dict(even_galaxy(p, heads=heads, intermediate=intermediate, seq=seq), seq_scatter_list=[seq] * p)
     all_reduce = 2 * (p - 1) / p * batch * seq * hidden * 4 / bandwidth_Bps
-    return att + mlp + 2 * con + 2 * all_reduce
+    return predict_layer_seconds(split, profiles, batch, hidden, float("inf")) + 2 * all_reduce
 
 
 def plan_layouts(profiles, *, hidden, heads, intermediate, seq, layers, batch, bandwidth_Bps, column_unit=1):
