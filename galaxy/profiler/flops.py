@@ -194,12 +194,10 @@ class FlopsProfiler:
     def __init__(self, model: nn.Module):
         self.model = model
         self._names = {m: n for n, m in model.named_modules()}
-        self._stats = {m: _Stats() for m in self._names}
         self._stack: list[tuple[nn.Module, float]] = []
         self._handles = []
         self._mode = None
-        self._total_flops = self._total_macs = 0
-        self._total_duration = 0.0
+        self.reset()
 
     # -- lifecycle
     def start(self):
