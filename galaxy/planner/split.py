@@ -131,10 +131,9 @@ def plan_galaxy(profiles, *, hidden, heads, intermediate, seq, layers, batch, ba
                 head_unit=1):
     """The Galaxy config keys (per-rank splits) minimising predicted latency, and that latency (s).
     Heads move in multiples of head_unit (a GQA group), columns of column_unit."""
-    head_caps, col_caps = memory_caps(profiles, hidden, heads, intermediate, layers)
     units = {SPLIT_KEYS[0]: head_unit, SPLIT_KEYS[1]: column_unit}
-    caps = {SPLIT_KEYS[0]: [c - c % head_unit for c in head_caps],
-            SPLIT_KEYS[1]: [c - c % column_unit for c in col_caps]}
+    caps = {key: [c - c % units[key] for c in key_caps]  # memory_caps: the heads', then the columns'
+            for key, key_caps in zip(SPLIT_KEYS, memory_caps(profiles, hidden, heads, intermediate, layers))}
     totals = dict(zip(SPLIT_KEYS, (heads, intermediate, seq), strict=True))
     send = _send_s_per_position(len(profiles), batch, hidden, bandwidth_Bps)
     split = {"parallel": "galaxy", **split_layer(profiles, totals, units, caps, {SPLIT_KEYS[2]: send})}

@@ -134,7 +134,7 @@ def parse_gflops(text):
     try:
         values = [float(v) for v in text.strip().strip("[]").split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"{text!r}: expected GFLOP/s per rank, e.g. 40,10") from None
+        values = []
     if not values:
         raise ValueError(f"{text!r}: expected GFLOP/s per rank, e.g. 40,10")
     return values
