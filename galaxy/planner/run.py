@@ -49,10 +49,10 @@ def profile_and_plan(cfg, world, memory_bytes=float("inf"), column_unit=1, stage
         pipe = dict(dims, microbatches=microbatches, bandwidth_Bps=bandwidth)
         split, predicted = plan_pipeline(profiles, stages, column_unit=column_unit, **pipe)
         even, even_predicted = even_pipeline(profiles, stages, **pipe)
-        return split, predicted, even, even_predicted, profiles, bandwidth
-    split, predicted = plan_galaxy(profiles, bandwidth_Bps=bandwidth, column_unit=column_unit, **dims)
-    even = even_galaxy(world, heads=dims["heads"], intermediate=dims["intermediate"], seq=dims["seq"])
-    even_predicted = dims["layers"] * predict_layer_seconds(even, profiles, dims["batch"], dims["hidden"], bandwidth)
+    else:
+        split, predicted = plan_galaxy(profiles, bandwidth_Bps=bandwidth, column_unit=column_unit, **dims)
+        even = even_galaxy(world, heads=dims["heads"], intermediate=dims["intermediate"], seq=dims["seq"])
+        even_predicted = dims["layers"] * predict_layer_seconds(even, profiles, batch, dims["hidden"], bandwidth)
     return split, predicted, even, even_predicted, profiles, bandwidth
 
 

@@ -268,6 +268,7 @@ def spawn(fn, world, args=(), backend="gloo", timeout_s=120.0, init_method=None,
     results = ctx.Queue()
     init_method = init_method or f"tcp://{DEFAULT_ADDR}:{free_port()}"
     announcer = _LossAnnouncer(init_method, timeout_s, regroups) if regroups else None
+    lost = announcer.lost if announcer else {}  # ranks announced lost (their dict grows in place)
     procs = [ctx.Process(target=_worker, args=(r, world, init_method, backend, timeout_s, threads, fn, args, results,
                                                bool(regroups)), daemon=True) for r in range(world)]
     outcome, errors, reported, signum = {}, {}, set(), None
@@ -275,13 +276,13 @@ def spawn(fn, world, args=(), backend="gloo", timeout_s=120.0, init_method=None,
     try:
         for p in procs:
             p.start()
-        while len(outcome) + len(announcer.lost if announcer else ()) < world and not errors:
+        while len(outcome) + len(lost) < world and not errors:
             try:
                 rank, status, value = results.get(timeout=_POLL_S)
             except queue.Empty:
                 if announcer:
                     announcer.check(procs, outcome, errors)
-                _check_alive(procs, outcome, errors, deadline, announcer.lost if announcer else ())
+                _check_alive(procs, outcome, errors, deadline, lost)
                 continue
             reported.add(rank)
             (outcome if status == "ok" else errors)[rank] = value  # one failure is enough: peers would time out
@@ -333,7 +334,7 @@ def _newly_dead(procs, outcome, errors, lost):
             if r not in outcome and r not in errors and r not in lost and p.exitcode not in (None, 0)}
 
 
-def _check_alive(procs, outcome, errors, deadline, lost=()):
+def _check_alive(procs, outcome, errors, deadline, lost):
     """A rank that died without reporting (killed, or failed before it could) fails the run now."""
     for rank, code in _newly_dead(procs, outcome, errors, lost).items():
         errors[rank] = (f"its process {_death(code)} before reporting a result (no traceback exists)", "")
