@@ -352,11 +352,9 @@ def _end(procs, signum, wait_s):
             if p.is_alive():
                 os.kill(p.pid, signal.SIGTERM)  # not SIGINT: Python defers it while gloo blocks
     deadline = time.monotonic() + wait_s
-    try:
+    with contextlib.suppress(Stopped):
         for p in started:
             p.join(max(0.0, deadline - time.monotonic()))
-    except Stopped:
-        pass
     killed = set()
     for rank, p in enumerate(procs):
         if p.pid is not None and p.is_alive():
