@@ -201,16 +201,10 @@ def plan_stage_layers(layers, s_per_layer, microbatches, *, extra_s=None, link_s
     # each stage's possible times per micro-batch, ascending: room within B is a bisection
     times = [[n * t + e for n in range(1, min(cap, layers) + 1)]
              for t, e, cap in zip(s_per_layer, extra_s, caps, strict=True)]
-    best = None
-    for bound in sorted({x for ts in times for x in ts}):
-        room = [bisect_right(ts, bound) for ts in times]
-        if min(room) < 1 or sum(room) < layers:
-            continue
-        n = _fill_fastest(layers, s_per_layer, room)
-        seconds = pipeline_seconds(n, s_per_layer, microbatches, extra_s, link_s)
-        if best is None or seconds < best[1]:
-            best = (n, seconds)
-    return best
+    rooms = ([bisect_right(ts, bound) for ts in times] for bound in sorted({x for ts in times for x in ts}))
+    splits = [_fill_fastest(layers, s_per_layer, room) for room in rooms if min(room) >= 1 and sum(room) >= layers]
+    return min(((n, pipeline_seconds(n, s_per_layer, microbatches, extra_s, link_s)) for n in splits),
+               key=lambda best: best[1])
 
 
 def stage_costs(tensor_split, profiles, stages, *, hidden, heads, seq, layers, batch, bandwidth_Bps):
