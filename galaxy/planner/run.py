@@ -49,10 +49,10 @@ def profile_and_plan(cfg, world, memory_bytes=float("inf"), column_unit=1, stage
         pipe = dict(dims, microbatches=microbatches, bandwidth_Bps=bandwidth)
         split, predicted = plan_pipeline(profiles, stages, column_unit=column_unit, **pipe)
         even, even_predicted = even_pipeline(profiles, stages, **pipe)
-        return split, predicted, even, even_predicted, profiles, bandwidth
-    split, predicted = plan_galaxy(profiles, bandwidth_Bps=bandwidth, column_unit=column_unit, **dims)
-    even = even_galaxy(world, heads=dims["heads"], intermediate=dims["intermediate"], seq=dims["seq"])
-    even_predicted = dims["layers"] * predict_layer_seconds(even, profiles, dims["batch"], dims["hidden"], bandwidth)
+    else:
+        split, predicted = plan_galaxy(profiles, bandwidth_Bps=bandwidth, column_unit=column_unit, **dims)
+        even = even_galaxy(world, heads=dims["heads"], intermediate=dims["intermediate"], seq=dims["seq"])
+        even_predicted = dims["layers"] * predict_layer_seconds(even, profiles, batch, dims["hidden"], bandwidth)
     return split, predicted, even, even_predicted, profiles, bandwidth
 
 
@@ -61,9 +61,13 @@ def _model(cfg, split, rank, world):
     return build_backbone(cfg, ParallelContext.create(build_plan(cfg, world), rank)).eval()
 
 
-def _pipeline_forward(model, links, ids, microbatches):
-    """The forward phase of the GPipe schedule training uses: each micro-batch in turn, received
-    from the previous stage and sent on to the next (sends do not wait, so stages overlap)."""
+def _forward(model, ids, microbatches):
+    """One forward of the encoder; in a pipeline, the forward phase of the GPipe schedule training uses:
+    each micro-batch in turn, received from the previous stage and sent on to the next (sends do not
+    wait, so stages overlap)."""
+    if model.ctx.plan.pp_size == 1:
+        return model(ids)
+    links = StageLinks(model.ctx)
     for micro in ids.chunk(microbatches):
         x = None
         if not model.ctx.is_first_stage:
@@ -72,12 +76,6 @@ def _pipeline_forward(model, links, ids, microbatches):
         if not model.ctx.is_last_stage:
             links.send_forward([out])
     links.finish()
-
-
-def _forward(model, ids, microbatches):
-    if model.ctx.plan.pp_size == 1:
-        return model(ids)
-    return _pipeline_forward(model, StageLinks(model.ctx), ids, microbatches)
 
 
 def forward_timer(cfg, splits, rank, world):

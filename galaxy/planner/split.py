@@ -16,7 +16,7 @@ planned layer time, the first stage also embeds, and each micro-batch's activati
 every link between stages; `plan_stage_layers` minimises the resulting forward latency exactly.
 """
 from bisect import bisect_right
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from galaxy.comm.overlap import simplest_first
 from galaxy.errors import ConfigError
@@ -131,10 +131,9 @@ def plan_galaxy(profiles, *, hidden, heads, intermediate, seq, layers, batch, ba
                 head_unit=1):
     """The Galaxy config keys (per-rank splits) minimising predicted latency, and that latency (s).
     Heads move in multiples of head_unit (a GQA group), columns of column_unit."""
-    head_caps, col_caps = memory_caps(profiles, hidden, heads, intermediate, layers)
     units = {SPLIT_KEYS[0]: head_unit, SPLIT_KEYS[1]: column_unit}
-    caps = {SPLIT_KEYS[0]: [c - c % head_unit for c in head_caps],
-            SPLIT_KEYS[1]: [c - c % column_unit for c in col_caps]}
+    caps = {key: [c - c % units[key] for c in key_caps]  # memory_caps: the heads', then the columns'
+            for key, key_caps in zip(SPLIT_KEYS, memory_caps(profiles, hidden, heads, intermediate, layers))}
     totals = dict(zip(SPLIT_KEYS, (heads, intermediate, seq), strict=True))
     send = _send_s_per_position(len(profiles), batch, hidden, bandwidth_Bps)
     split = {"parallel": "galaxy", **split_layer(profiles, totals, units, caps, {SPLIT_KEYS[2]: send})}
@@ -202,16 +201,10 @@ def plan_stage_layers(layers, s_per_layer, microbatches, *, extra_s=None, link_s
     # each stage's possible times per micro-batch, ascending: room within B is a bisection
     times = [[n * t + e for n in range(1, min(cap, layers) + 1)]
              for t, e, cap in zip(s_per_layer, extra_s, caps, strict=True)]
-    best = None
-    for bound in sorted({x for ts in times for x in ts}):
-        room = [bisect_right(ts, bound) for ts in times]
-        if min(room) < 1 or sum(room) < layers:
-            continue
-        n = _fill_fastest(layers, s_per_layer, room)
-        seconds = pipeline_seconds(n, s_per_layer, microbatches, extra_s, link_s)
-        if best is None or seconds < best[1]:
-            best = (n, seconds)
-    return best
+    rooms = ([bisect_right(ts, bound) for ts in times] for bound in sorted({x for ts in times for x in ts}))
+    splits = [_fill_fastest(layers, s_per_layer, room) for room in rooms if min(room) >= 1 and sum(room) >= layers]
+    return min(((n, pipeline_seconds(n, s_per_layer, microbatches, extra_s, link_s)) for n in splits),
+               key=lambda best: best[1])
 
 
 def stage_costs(tensor_split, profiles, stages, *, hidden, heads, seq, layers, batch, bandwidth_Bps):
@@ -235,10 +228,8 @@ def stage_costs(tensor_split, profiles, stages, *, hidden, heads, seq, layers, b
 
 def _slowest(profiles):
     """One profile with the worst of each figure (tightest memory)."""
-    return RankProfile(max(p.att_s_per_head for p in profiles), max(p.mlp_s_per_column for p in profiles),
-                       max(p.con_s_per_position for p in profiles), min(p.memory_bytes for p in profiles),
-                       max(p.embed_s for p in profiles), *(max(getattr(p, f"{block}_s_fixed") for p in profiles)
-                                                           for block in ("att", "mlp", "con")))
+    return RankProfile(*((min if f.name == "memory_bytes" else max)(getattr(p, f.name) for p in profiles)
+                         for f in fields(RankProfile)))
 
 
 def _pipeline_keys(tensor_split, stage_layers, tp):
@@ -301,14 +292,10 @@ def tp_layer_seconds(profiles, *, hidden, heads, intermediate, seq, batch, bandw
     every rank runs both connectives over all positions, and two all-reduces of the [B, T, H]
     activation (ring: 2 (p - 1) / p of it sent per rank each)."""
     p = len(profiles)
-    split = even_galaxy(p, heads=heads, intermediate=intermediate, seq=seq)
-    att = max(q.att_s_fixed + h * q.att_s_per_head
-              for h, q in zip(split["tp_num_attention_heads_list"], profiles, strict=True))
-    mlp = max(q.mlp_s_fixed + c * q.mlp_s_per_column
-              for c, q in zip(split["tp_intermediate_size_list"], profiles, strict=True))
-    con = max(q.con_s_fixed + seq * q.con_s_per_position for q in profiles)
+    # Galaxy's blocks with every rank's connectives over all positions, and no gathers or scatters
+    split = dict(even_galaxy(p, heads=heads, intermediate=intermediate, seq=seq), seq_scatter_list=[seq] * p)
     all_reduce = 2 * (p - 1) / p * batch * seq * hidden * 4 / bandwidth_Bps
-    return att + mlp + 2 * con + 2 * all_reduce
+    return predict_layer_seconds(split, profiles, batch, hidden, float("inf")) + 2 * all_reduce
 
 
 def plan_layouts(profiles, *, hidden, heads, intermediate, seq, layers, batch, bandwidth_Bps, column_unit=1):

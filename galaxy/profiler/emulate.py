@@ -134,7 +134,7 @@ def parse_gflops(text):
     try:
         values = [float(v) for v in text.strip().strip("[]").split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"{text!r}: expected GFLOP/s per rank, e.g. 40,10") from None
+        values = []
     if not values:
         raise ValueError(f"{text!r}: expected GFLOP/s per rank, e.g. 40,10")
     return values
@@ -161,29 +161,22 @@ def check_devices(gflops, changes, world):
         raise ValueError(f"--device_gflops_after: step {max(steps, key=steps.count)} is given twice")
 
 
-class Device:
+class Device(Throughput):
     """This rank's emulated device over a run (entry scripts' --device_gflops): enter it around the
     steps; call `after_step(step)` at each step boundary to apply --device_gflops_after's changes."""
 
     def __init__(self, gflops, changes, rank, log=None, unit="step"):
-        self.mode = Throughput(gflops[rank])
+        super().__init__(gflops[rank])
         self.changes, self.rank, self.unit = dict(changes), rank, unit
         self.log = log or (lambda line: None)
         self.log(f"emulated devices: {gflops} GFLOP/s per rank" + "".join(
             f"; after {unit} {step}: {values}" for step, values in sorted(self.changes.items())))
 
-    def __enter__(self):
-        self.mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.mode.__exit__(*exc)
-
     def after_step(self, step):
         if step in self.changes:
             self.log(f"after {self.unit} {step}: emulated devices now {self.changes[step]} GFLOP/s per rank "
-                     f"(measured so far on rank {self.rank}: {self.mode.measured_gflops():.1f})")
-            self.mode.set(self.changes[step][self.rank])
+                     f"(measured so far on rank {self.rank}: {self.measured_gflops():.1f})")
+            self.set(self.changes[step][self.rank])
 
 
 class NoDevice:

@@ -13,6 +13,7 @@ whose forward or backward runs it.
 import inspect
 import warnings
 from collections import Counter, namedtuple
+from itertools import groupby
 
 import torch
 from torch import nn
@@ -128,17 +129,11 @@ def ownership(plan):
 
 
 def _sections(moves):
-    """[(layer, phase, [[row, count]])]: consecutive moves of one layer and phase, equal rows counted."""
+    """[(layer, phase, [(row, count)])]: consecutive moves of one layer and phase, runs of equal rows counted."""
     sections = []
-    for m in moves:
-        row = (m.site, m.kind, m.shape, m.nbytes)
-        if not sections or sections[-1][:2] != (m.layer, m.phase):
-            sections.append((m.layer, m.phase, []))
-        rows = sections[-1][2]
-        if rows and rows[-1][0] == row:
-            rows[-1][1] += 1
-        else:
-            rows.append([row, 1])
+    for (layer, phase), section in groupby(moves, key=lambda m: (m.layer, m.phase)):
+        rows = groupby((m.site, m.kind, m.shape, m.nbytes) for m in section)
+        sections.append((layer, phase, [(row, len(list(run))) for row, run in rows]))
     return sections
 
 

@@ -77,10 +77,9 @@ def _addmm(args, kwargs, out):
 
 
 def _linear(args, kwargs, out):
-    weight = _arg(args, kwargs, 1, "weight")
-    macs = out.numel() * weight.shape[-1]
-    bias = _arg(args, kwargs, 2, "bias")
-    return 2 * macs + (out.numel() if bias is not None else 0), macs
+    macs = out.numel() * _arg(args, kwargs, 1, "weight").shape[-1]
+    has_bias = _arg(args, kwargs, 2, "bias") is not None
+    return 2 * macs + has_bias * out.numel(), macs
 
 
 _SOFTMAX_FLOPS = 5
@@ -100,8 +99,7 @@ def _layer_norm(args, kwargs, out):
 
 
 def _rms_norm(args, kwargs, out):
-    weight = _arg(args, kwargs, 2, "weight")
-    return (4 + (weight is not None)) * out.numel(), 0
+    return (4 + (_arg(args, kwargs, 2, "weight") is not None)) * out.numel(), 0
 
 
 def _per_element(flops_per_element):
@@ -194,12 +192,10 @@ class FlopsProfiler:
     def __init__(self, model: nn.Module):
         self.model = model
         self._names = {m: n for n, m in model.named_modules()}
-        self._stats = {m: _Stats() for m in self._names}
         self._stack: list[tuple[nn.Module, float]] = []
         self._handles = []
         self._mode = None
-        self._total_flops = self._total_macs = 0
-        self._total_duration = 0.0
+        self.reset()
 
     # -- lifecycle
     def start(self):

@@ -12,6 +12,7 @@ Bytes are what this rank contributes: its slice for an all-gather, its whole inp
 """
 import time
 from contextlib import contextmanager
+from functools import partial
 
 from galaxy.comm import stats
 from galaxy.layers.transformer import TransformerLayer
@@ -31,20 +32,17 @@ def _span_hooks(timeline, module, name):
     """Forward and backward spans of `module` in the compute lane; returns the hook handles."""
     starts = {}
 
-    def begin(key):
-        def hook(*_):
-            starts[key] = time.perf_counter()
-        return hook
+    def begin(key, *_):
+        starts[key] = time.perf_counter()
 
-    def end(key):
-        def hook(*_):
-            start = starts.pop(key, None)
-            if start is not None:
-                timeline.record(f"{name} {key}", "compute", start, time.perf_counter() - start)
-        return hook
+    def end(key, *_):
+        start = starts.pop(key, None)
+        if start is not None:
+            timeline.record(f"{name} {key}", "compute", start, time.perf_counter() - start)
 
-    return [module.register_forward_pre_hook(begin("fwd")), module.register_forward_hook(end("fwd")),
-            module.register_full_backward_pre_hook(begin("bwd")), module.register_full_backward_hook(end("bwd"))]
+    return [module.register_forward_pre_hook(partial(begin, "fwd")), module.register_forward_hook(partial(end, "fwd")),
+            module.register_full_backward_pre_hook(partial(begin, "bwd")),
+            module.register_full_backward_hook(partial(end, "bwd"))]
 
 
 @contextmanager

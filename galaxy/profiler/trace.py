@@ -103,11 +103,14 @@ class Timeline:
 
     def save(self, path: str):
         """Write this rank's trace (creating the folder); comm bytes go in ``otherData``."""
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        trace = {"traceEvents": self._metadata() + self.events, "displayTimeUnit": "ms",
-                 "otherData": {"rank": self.rank, "comm_bytes": self.comm.to_dict()}}
-        with open(path, "w") as f:
-            json.dump(trace, f)
+        _write_json(path, {"traceEvents": self._metadata() + self.events, "displayTimeUnit": "ms",
+                           "otherData": {"rank": self.rank, "comm_bytes": self.comm.to_dict()}})
+
+
+def _write_json(path, obj):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f)
 
 
 def merge_traces(paths, out_path: str) -> dict:
@@ -120,9 +123,7 @@ def merge_traces(paths, out_path: str) -> dict:
         other = trace.get("otherData", {})
         comm[str(other.get("rank", path))] = other.get("comm_bytes", {})
     merged = {"traceEvents": events, "displayTimeUnit": "ms", "otherData": {"comm_bytes": comm}}
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with open(out_path, "w") as f:
-        json.dump(merged, f)
+    _write_json(out_path, merged)
     return merged
 
 

@@ -23,6 +23,7 @@ too small for the layout (ZeRO without replicas, fewer heads than ranks ...) are
 start-up for the loss of the last rank and with the reason when it happens.
 """
 import dataclasses
+import functools
 
 from galaxy.errors import ConfigError
 from galaxy.plan import Method, build_plan, gqa_group
@@ -115,27 +116,22 @@ def check(cfg, plan, rank, resumes):
         raise ConfigError(f"--elastic: after losing a rank: {e}") from None
 
 
-class Survivors:
-    """launch.run's `survivors(dead, launch_args)`: launch_args is (cfg, plan, *rest) of the run that
-    lost ranks `dead`; returns (world, launch_args, what the restart does) for the survivors, or
-    raises SystemExit saying why they cannot go on."""
-
-    def __init__(self, resumes):
-        self.resumes = resumes
-
-    def __call__(self, dead, launch_args):
-        cfg, plan, *rest = launch_args
-        cfg, new = go_on(cfg, plan, dead)
-        what = f"plan {new.describe()}"
-        if self.resumes:
-            save_dir = cfg.checkpoint.save_dir
-            found = checkpoint.checkpoints(save_dir)
-            if not found:
-                raise SystemExit(f"galaxy: --elastic: no complete checkpoint in save_dir {save_dir} to resume "
-                                 f"the survivors from (rank(s) {dead} died before the first save)")
-            cfg = cfg.replace(checkpoint=dataclasses.replace(cfg.checkpoint, resume=True))
-            what = f"resuming from {found[-1][1]}, {what}"
-        return new.world, (cfg, new, *rest), what
+def survivors(resumes, dead, launch_args):
+    """launch.run's `survivors(dead, launch_args)` once `resumes` is bound: launch_args is (cfg, plan, *rest)
+    of the run that lost ranks `dead`; returns (world, launch_args, what the restart does) for the
+    survivors, or raises SystemExit saying why they cannot go on."""
+    cfg, plan, *rest = launch_args
+    cfg, new = go_on(cfg, plan, dead)
+    what = f"plan {new.describe()}"
+    if resumes:
+        save_dir = cfg.checkpoint.save_dir
+        found = checkpoint.checkpoints(save_dir)
+        if not found:
+            raise SystemExit(f"galaxy: --elastic: no complete checkpoint in save_dir {save_dir} to resume "
+                             f"the survivors from (rank(s) {dead} died before the first save)")
+        cfg = cfg.replace(checkpoint=dataclasses.replace(cfg.checkpoint, resume=True))
+        what = f"resuming from {found[-1][1]}, {what}"
+    return new.world, (cfg, new, *rest), what
 
 
 def in_place(plan, resumes):
@@ -147,5 +143,5 @@ def launch_args(cfg, plan, resumes):
     """launch.run's elastic arguments for this config (none without --elastic)."""
     if not cfg.runtime.elastic:
         return {}
-    return {"survivors": Survivors(resumes), "restarts": cfg.runtime.elastic_restarts,
+    return {"survivors": functools.partial(survivors, resumes), "restarts": cfg.runtime.elastic_restarts,
             "in_place": in_place(plan, resumes)}

@@ -74,23 +74,18 @@ def is_comm_error(error):
     return isinstance(error, RuntimeError) and any(m in str(error).lower() for m in _COMM_MARKERS)
 
 
-def _wait_for_listener(host, port, timeout_s):
-    """True once host:port accepts connections. TCPStore's own connect retries overshoot its
-    timeout severalfold, so a missing store host is detected here, within timeout_s."""
+def _client(host, port, timeout_s):
+    """A client of the store at host:port, once host:port accepts connections. TCPStore's own connect
+    retries overshoot its timeout severalfold, so a missing store host is detected here, within timeout_s."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             with socket.create_connection((host, port), timeout=max(0.1, min(1.0, deadline - time.monotonic()))):
-                return True
+                break
         except OSError:
             if time.monotonic() >= deadline:
-                return False
+                raise dist.DistNetworkError(f"nothing listens on {host}:{port}") from None
             time.sleep(0.2)
-
-
-def _client(host, port, timeout_s):
-    if not _wait_for_listener(host, port, timeout_s):
-        raise dist.DistNetworkError(f"nothing listens on {host}:{port}")
     return dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
 
 

@@ -121,11 +121,6 @@ def default_backend():
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def check_backend(backend):
-    if backend == "nccl" and not torch.cuda.is_available():
-        raise SystemExit("galaxy: --backend nccl needs a CUDA GPU and torch sees none here; use --backend gloo")
-
-
 def init_distributed(world, rank, init_method, backend=None, timeout_s=300.0, launcher_hosts_store=False):
     """Join the process group; returns the Rendezvous (None for one rank) that names lost peers.
 
@@ -226,10 +221,7 @@ class SignalFlag:
     def __init__(self):
         self.signum = 0
         for s in STOP_SIGNALS:
-            signal.signal(s, self._raise)
-
-    def _raise(self, signum, frame):
-        self.signum = signum
+            signal.signal(s, lambda signum, frame: setattr(self, "signum", signum))
 
     def any_rank(self):
         """The signal number received by some rank, or 0."""
@@ -253,16 +245,16 @@ def _worker(rank, world, init_method, backend, timeout_s, threads, fn, args, res
             dist.destroy_process_group()
 
 
-def spawn(fn, world, args=(), backend="gloo", timeout_s=120.0, init_method=None, limit_s=None, threads=1,
-          stop_grace_s=None, regroups=0, start_method="spawn"):
+def spawn(fn, world, args=(), backend="gloo", timeout_s=120.0, init_method=None, limit_s=None, threads=1, regroups=0,
+          start_method="spawn"):
     """Run fn(rank, world, *args) on `world` local processes joined in a process group
     (on a free loopback port unless init_method is given), each with `threads` torch threads
     (ranks share this machine's cores; more threads only contend).
 
     Returns the list of per-rank return values (must be picklable). Raises RankFailed naming
     the first failing rank, RuntimeError when limit_s passes first (every rank is killed).
-    On Stopped (see signals_raise_stopped) each rank gets SIGTERM and stop_grace_s (default
-    timeout_s) to finish (a rank that saves on a signal saves); a second signal kills at once.
+    On Stopped (see signals_raise_stopped) each rank gets SIGTERM and timeout_s to finish
+    (a rank that saves on a signal saves); a second signal kills at once.
 
     regroups > 0: this launcher hosts the ranks' store, and up to `regroups` times a rank whose
     process ends without a result is announced to the others (health.Rendezvous.regroup) instead
@@ -276,20 +268,21 @@ def spawn(fn, world, args=(), backend="gloo", timeout_s=120.0, init_method=None,
     results = ctx.Queue()
     init_method = init_method or f"tcp://{DEFAULT_ADDR}:{free_port()}"
     announcer = _LossAnnouncer(init_method, timeout_s, regroups) if regroups else None
+    lost = announcer.lost if announcer else {}  # ranks announced lost (their dict grows in place)
     procs = [ctx.Process(target=_worker, args=(r, world, init_method, backend, timeout_s, threads, fn, args, results,
                                                bool(regroups)), daemon=True) for r in range(world)]
-    outcome, errors, reported, signum, killed = {}, {}, set(), None, set()
+    outcome, errors, reported, signum = {}, {}, set(), None
     deadline = None if limit_s is None else time.monotonic() + limit_s
     try:
         for p in procs:
             p.start()
-        while len(outcome) + len(announcer.lost if announcer else ()) < world and not errors:
+        while len(outcome) + len(lost) < world and not errors:
             try:
                 rank, status, value = results.get(timeout=_POLL_S)
             except queue.Empty:
                 if announcer:
                     announcer.check(procs, outcome, errors)
-                _check_alive(procs, outcome, errors, deadline, announcer.lost if announcer else ())
+                _check_alive(procs, outcome, errors, deadline, lost)
                 continue
             reported.add(rank)
             (outcome if status == "ok" else errors)[rank] = value  # one failure is enough: peers would time out
@@ -297,7 +290,7 @@ def spawn(fn, world, args=(), backend="gloo", timeout_s=120.0, init_method=None,
         signum = e.signum
         raise
     finally:
-        killed = _end(procs, signum, _first(stop_grace_s, timeout_s) if signum else _RANK_EXIT_S)
+        killed = _end(procs, signum, timeout_s if signum else _RANK_EXIT_S)
     if errors:
         died = {r: p.exitcode for r, p in enumerate(procs) if r not in reported | killed and p.exitcode}
         rank = min(errors)
@@ -341,7 +334,7 @@ def _newly_dead(procs, outcome, errors, lost):
             if r not in outcome and r not in errors and r not in lost and p.exitcode not in (None, 0)}
 
 
-def _check_alive(procs, outcome, errors, deadline, lost=()):
+def _check_alive(procs, outcome, errors, deadline, lost):
     """A rank that died without reporting (killed, or failed before it could) fails the run now."""
     for rank, code in _newly_dead(procs, outcome, errors, lost).items():
         errors[rank] = (f"its process {_death(code)} before reporting a result (no traceback exists)", "")
@@ -359,11 +352,9 @@ def _end(procs, signum, wait_s):
             if p.is_alive():
                 os.kill(p.pid, signal.SIGTERM)  # not SIGINT: Python defers it while gloo blocks
     deadline = time.monotonic() + wait_s
-    try:
+    with contextlib.suppress(Stopped):
         for p in started:
             p.join(max(0.0, deadline - time.monotonic()))
-    except Stopped:
-        pass
     killed = set()
     for rank, p in enumerate(procs):
         if p.pid is not None and p.is_alive():
@@ -383,7 +374,8 @@ def run(main, world, rank, args=(), init_method=None, backend=None, timeout_s=30
     start again with survivors(dead ranks, args) -> (world, args, what the restart does); or, with
     `in_place`, the survivors are told and go on in their own processes (spawn's regroups)."""
     backend = backend or default_backend()
-    check_backend(backend)
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise SystemExit("galaxy: --backend nccl needs a CUDA GPU and torch sees none here; use --backend gloo")
     try:
         if rank is None and world > 1:
             print(local_spawn_line(world, cpu_cores(), threads or 1), file=sys.stderr, flush=True)
