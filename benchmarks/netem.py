@@ -7,6 +7,7 @@ qdisc (token bucket: rate only) and the delay is NOT applied -- `EdgeNet.shaping
 was used, and the scripts print it. (This machine's kernel has tbf/htb but no sch_netem.)
 
     sudo python -m benchmarks.netem --rate 100mbit --delay 1ms   # set up, measure throughput, tear down
+    sudo python -m benchmarks.netem --rate 1gbit --run "python pretrain_galaxy.py --config_file ... --world 2"
 
 Needs root and iproute2 (`ip`, `tc`; on Debian/Ubuntu: apt-get install iproute2). It only
 creates and uses its own namespaces (gxnet0, gxnet1, ... and gxnethub), its own veth pairs and the
@@ -18,6 +19,7 @@ import ctypes
 import importlib
 import os
 import pickle
+import shlex
 import shutil
 import subprocess
 import sys
@@ -281,13 +283,20 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rate", default="100mbit")
     p.add_argument("--delay", default="1ms")
+    p.add_argument("--world", type=int, default=2, help="ranks (namespaces)")
+    p.add_argument("--run", help="a command to run in every rank's namespace instead of the probe, with --rank R "
+                                 "--master_addr (rank 0's address) added, e.g. \"python pretrain_galaxy.py "
+                                 "--config_file ... --world 2 --trace_dir traces\"")
+    p.add_argument("--timeout_s", type=float, default=600, help="--run: kill the ranks after this long")
     p.add_argument("--call", help=argparse.SUPPRESS)  # one rank of call_ranks
     add_worker_args(p)
     args = p.parse_args()
     if args.call:
         return _called_rank(args.call, args.rank, args.master_addr)
-    with EdgeNet(args.rate, args.delay) as net:
+    with EdgeNet(args.rate, args.delay, world=args.world) as net:
         print(net.shaping)
+        if args.run:
+            return net.run_ranks([*shlex.split(args.run), "--master_addr", net.addr[0]], args.timeout_s)
         print(f"measured {probe(net) / 1e6:.1f} Mbit/s rank 0 -> rank 1 (one TCP stream, 8 MB)")
 
 

@@ -21,6 +21,8 @@ gather tile and a small last scatter tile hide more with fewer messages, each of
 cost (docs/galaxy.md, "What a tile costs"): a block gathers in the shares' order and scatters in the
 reverse, and a backward pass, whose collective is the other one, takes its tiles in reverse too.
 """
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -83,14 +85,26 @@ class SeqTiles:
             self.local.append(slice(mine, mine + sizes[rank]))  # this rank's rows of tile i, locally
 
 
+class _Tile:
+    """One tile's collective in flight. wait() records its bytes with the time the caller was blocked
+    in it: the part of the tile's communication that compute did not hide (--trace_dir's comm lane)."""
+
+    def __init__(self, kind, x, pending):
+        self.kind, self.x, self.pending = kind, x, pending
+
+    def wait(self):
+        start = time.perf_counter()
+        out = self.pending.wait()
+        stats.record(self.kind, self.x, None, start, time.perf_counter() - start)
+        return out
+
+
 def _start_all_gather(x, sizes, group):
-    stats.record("all_gather", x)
-    return C.start_all_gather(x, 1, sizes, group)
+    return _Tile("all_gather", x, C.start_all_gather(x, 1, sizes, group))
 
 
 def _start_reduce_scatter(x, sizes, group):
-    stats.record("reduce_scatter", x)
-    return C.start_reduce_scatter(x, 1, sizes, group)
+    return _Tile("reduce_scatter", x, C.start_reduce_scatter(x, 1, sizes, group))
 
 
 def _start_tile_gathers(x, tiles, group, order):

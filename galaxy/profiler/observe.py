@@ -3,7 +3,8 @@
 Per rank, a Chrome trace (open in chrome://tracing or ui.perfetto.dev) with
   * lane "compute": one span per transformer layer's forward and one per its backward;
   * lane "comm": every collective, named like --explain names it ("all_gather",
-    "reduce_scatter(bwd)" for the conjugate run in backward), args {bytes, phase, step};
+    "reduce_scatter(bwd)" for the conjugate run in backward), args {bytes, phase, step}; a tile's
+    collective (overlap_tiles) spans only the time compute waited for it, the part not hidden;
   * lane "grad sync": gradient all-reduce buckets, from launch until their wait returns
     (they overlap backward, so they get their own lane);
   * lane "step": one span per optimizer step;
