@@ -26,6 +26,19 @@ def test_the_checks_pick_names_a_method_of_the_table():
         "local", "tp", "sp_planned", "galaxy", "galaxy_planned"]
 
 
+def test_the_pick_is_not_judged_against_a_method_running_its_very_model():
+    candidates = {"galaxy": ({"parallel": "galaxy", "seq_scatter_list": [64, 64]}, 1.0),
+                  "sp": ({"parallel": "sp", "seq_scatter_list": [64, 64]}, 1.0)}
+    keys = paper.method_keys(candidates, 1)
+    tiny = paper.MODELS["tiny"]
+    assert paper.twins(keys, "sp_planned", tiny, 1, 128, 2) == ["sp"]  # even SP is [64, 64] too
+    assert set(paper.twins(keys, "galaxy_overlap", tiny, 1, 128, 2)) == {"galaxy", "galaxy_planned"}  # tiles 1
+    assert paper.twins(paper.method_keys(candidates, 4), "galaxy_overlap", tiny, 1, 128, 2) == []
+    assert paper.twins(keys, "local", tiny, 1, 128, 2) == []
+    uneven = dict(candidates, sp=({"parallel": "sp", "seq_scatter_list": [100, 28]}, 1.0))
+    assert paper.twins(paper.method_keys(uneven, 1), "sp_planned", tiny, 1, 128, 2) == []
+
+
 def test_torch_sends_what_a_ring_sends():
     cfg = dict(seq_length=128, hidden_size=1024, num_hidden_layers=4)
     activation = 128 * 1024 * 4
