@@ -108,9 +108,10 @@ def twins(keys, pick, sizes, layers, seq, world):
     def layout(name):
         cfg = paper_cfg(sizes, layers, seq, **keys[name])
         return build_plan(cfg, world), cfg["overlap_tiles"]
-    if pick not in keys or pick == "local":
+    if pick == "local":  # the fastest device alone: no other method runs on one rank
         return []
-    return [m for m in keys if m not in (pick, "local") and layout(m) == layout(pick)]
+    mine = layout(pick)
+    return [m for m in keys if m not in (pick, "local") and layout(m) == mine]
 
 
 def tiles_of(name):
@@ -217,7 +218,8 @@ def measure_row(rank, world, mesh, spec, opts):
     pick = picked_method(verdict.best, tiles)
     return dict(spec, times=times, profiles=[vars(p) for p in profiles], bandwidth=bandwidth, flops=block_flops(cfg),
                 sent=sent, predicted={name: seconds for name, (_, seconds) in candidates.items()},
-                pick=pick, tiles=tiles, twins=twins(method_keys(candidates, tiles), pick, sizes, opts.layers, seq, world),
+                pick=pick, tiles=tiles,
+                twins=twins(method_keys(candidates, tiles), pick, sizes, opts.layers, seq, world),
                 check={name: (median(ts), len(ts)) for name, ts in verdict.times.items()},
                 check_rounds=verdict.rounds, decided=verdict.decided,
                 splits={m: candidates[k][0] for m, k in (("galaxy_planned", "galaxy"), ("sp_planned", "sp"))})
