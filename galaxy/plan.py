@@ -62,7 +62,7 @@ class LayoutConfig:
     def __post_init__(self):
         at_least(self, ("num_microbatches", "virtual_stages"), 1)
         tiles = self.overlap_tiles
-        if (isinstance(tiles, int) and tiles < 1) or (isinstance(tiles, list) and (not tiles or min(tiles) < 1)):
+        if min(tiles if isinstance(tiles, list) else [tiles], default=0) < 1:  # a count, or tile sizes
             raise ConfigError(f"config key 'overlap_tiles' must be >= 1 or a list of tile sizes >= 1, got {tiles}")
         one_of(self, "pipeline_schedule", ("gpipe", "1f1b", "zb-h1", "interleaved-1f1b"))
         if self.virtual_stages > 1 and self.pipeline_schedule != "interleaved-1f1b":

@@ -104,3 +104,14 @@ def test_keys_that_do_nothing_are_named():
     assert serial[1] == ("config keys seq_scatter_list [64, 64], num_microbatches 2 have no effect: world 1 runs the "
                          "serial model, whatever the layout"), serial
     assert idle_keys(load_config(None, {"use_lora": True, "lora_dim": 4}), build_plan(load_config(None), 1)) == []
+
+
+def test_overlap_tiles_is_a_count_or_tile_sizes():
+    assert load_config(None, {"overlap_tiles": [1, 7]})["overlap_tiles"] == [1, 7]
+    assert load_config(None, {"overlap_tiles": 4}).model.overlap_tiles == 4  # the model's copy follows
+    for bad in (0, [], [1, 0]):
+        with pytest.raises(ConfigError, match="'overlap_tiles' must be >= 1 or a list of tile sizes >= 1"):
+            load_config(None, {"overlap_tiles": bad})
+    for wrong in ("2", [1.5, 2], True):
+        with pytest.raises(ConfigError, match="'overlap_tiles' must be"):
+            load_config(None, {"overlap_tiles": wrong})

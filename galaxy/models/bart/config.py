@@ -26,7 +26,7 @@ class BartConfig:
     scale_embedding: bool = key(False, "multiply token embeddings by sqrt(hidden_size)")
     pad_token_id: int = key(0, "the padding token, whose embedding row stays zero")
     activation_checkpointing: bool = key(False, "recompute each layer in backward instead of keeping it")
-    overlap_tiles: int | list[int] = key(1, "> 1: tiled comm/compute overlap in the encoder's (BERT's) layers")
+    overlap_tiles: int | list[int] = key(1, "> 1 or tile sizes: tiled overlap in the encoder's (BERT's) layers")
 
     def __post_init__(self):
         check_transformer(self, dropouts=("hidden_dropout_prob", "attention_probs_dropout_prob"))

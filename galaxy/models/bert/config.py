@@ -22,7 +22,7 @@ class BertConfig:
     initializer_range: float = key(0.02, "standard deviation of the initial weights")
     seed: int = key(DEFAULT_SEED, "the run seed: initial weights derive from it (galaxy.seeding)")
     activation_checkpointing: bool = key(False, "recompute each layer in backward instead of keeping it")
-    overlap_tiles: int | list[int] = key(1, "> 1: Galaxy's tiled comm/compute overlap (galaxy.comm.overlap)")
+    overlap_tiles: int | list[int] = key(1, "> 1 or tile sizes: Galaxy's tiled overlap (galaxy.comm.overlap)")
 
     def __post_init__(self):
         check_transformer(self, dropouts=("hidden_dropout_prob", "attention_probs_dropout_prob"))

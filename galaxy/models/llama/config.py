@@ -40,7 +40,7 @@ class LlamaConfig:
     seed: int = key(DEFAULT_SEED, "the run seed: initial weights derive from it (galaxy.seeding)")
     tie_word_embeddings: bool = key(False, "share input embeddings with the output head")
     activation_checkpointing: bool = key(False, "recompute each layer in backward instead of keeping it")
-    overlap_tiles: int | list[int] = key(1, "> 1: Galaxy's tiled comm/compute overlap (galaxy.comm.overlap)")
+    overlap_tiles: int | list[int] = key(1, "> 1 or tile sizes: Galaxy's tiled overlap (galaxy.comm.overlap)")
 
     def __post_init__(self):
         check_transformer(self, eps="rms_norm_eps")
