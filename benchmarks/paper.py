@@ -22,7 +22,7 @@ Methods, timed interleaved in the same rounds (medians):
     torch_tp_sp     the same + SequenceParallel norms (even)
 The planner predicts local, TP even, SP, Galaxy even and Galaxy planned (galaxy.planner.split.
 plan_layouts), then races them in a measurement of its own (galaxy.planner.check: interleaved rounds
-until one is clearly fastest, at most --trial_repeats; the simplest of the close ones if none is); the
+until one is clearly fastest, at most --trial_repeats; the leader by medians of the close ones if none is); the
 method it picked is marked planner_pick. It is judged against the best other method that runs a
 different model: one with the very same plan and tiles (SP even beside SP planned at [64, 64]) is the pick.
 
@@ -335,7 +335,7 @@ def report_row(link, row):
         print(f"    rank {rank}: target {target:g} GFLOP/s, measured attention {m['attention']:.3g}, MLP {m['mlp']:.3g}, "
               f"connective {m['connective']:.3g} (element-wise, not held to it), layer {m['layer']:.3g}"
               + ("  OFF (> 10% from target)" if off else ""))
-    how = "clearly fastest" if row["decided"] else "the simplest of the close ones"
+    how = "clearly fastest" if row["decided"] else "the leader by medians of the close ones"
     print("    planner predicts " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in row["predicted"].items())
           + "; its check measured (median ms, rounds) " + ", ".join(f"{k} {s * 1e3:.0f} ({n})" for k, (s, n)
                                                                       in row["check"].items())

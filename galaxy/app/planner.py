@@ -67,7 +67,7 @@ def main():
         print(f"measured {name}: {seconds * 1e3:.0f} ms (median of {r['rounds'][name]} rounds)")
     planned = min((name for name in r["measured"] if name != "even"), key=r["measured"].get)
     print(f"measured speed-up of {planned} over even split: {r['measured']['even'] / r['measured'][planned]:.2f}x")
-    how = "clearly fastest" if r["decided"] else "the simplest of the close ones"
+    how = "clearly fastest" if r["decided"] else "the leader by medians of the close ones"
     print(f"kept: {r['best']} ({_describe(r['chosen'])}); {how} after {max(r['rounds'].values())} rounds")
     if args.out:
         raw = read_config(args.config)  # its parts merged: the written config stands alone

@@ -9,8 +9,10 @@ compared with the leader round by round (paired), not by medians of a few rounds
   difference) would give that few misses no more often than `min_rounds` rounds out of `min_rounds`
   do (2**-min_rounds; a sign test): 3 of 3 rounds, 5 of 6, 7 of 9, 9 of 12.
 - After each round the candidates clearly behind the leader leave the race, so further rounds go to
-  the close ones. The race ends when one is left, or after `max_rounds`, when the simplest one
-  still in it wins: the rounds could not show a gain worth its extra messages, tiles or ranks.
+  the close ones. The race ends when one is left, or after `max_rounds`, when the leader of those
+  still in it wins: the fastest median, unless a simpler one is within `margin` of it (a gain that
+  small does not pay for extra messages, tiles or ranks). Running the simplest of the close ones
+  instead cost 3% where noise hid a real gain (docs/results.md, 100 Mbit/s 16/16).
 - Candidates come simplest first (e.g. local, SP, Galaxy with 1, 2, 4 tiles). In a comparison the
   later one's seconds weigh 1 + `margin`: it has to be more than `margin` faster in a round for the
   round to count as its, so a tie goes to the simpler one.
@@ -28,7 +30,7 @@ MARGIN = 0.02  # a gain smaller than this does not pay for a more complex layout
 @dataclass
 class Verdict:
     best: str      # the candidate to run
-    decided: bool  # False: max_rounds ran out with several candidates close; best is the simplest of them
+    decided: bool  # False: max_rounds ran out with several candidates close; best is their leader()
     rounds: int    # rounds timed after the warm-up
     times: dict    # name -> its seconds in each round it ran (the candidates' order)
 
@@ -94,7 +96,7 @@ def check(names, time_round, *, max_rounds, min_rounds=MIN_ROUNDS, margin=MARGIN
         standing = still_standing({name: times[name] for name in standing}, margin, min_rounds)
         if len(standing) == 1:
             return Verdict(standing[0], True, round_ + 1, times)
-    return Verdict(standing[0], False, max_rounds, times)
+    return Verdict(leader({name: times[name] for name in standing}, margin), False, max_rounds, times)
 
 
 def from_rank0(obj):
