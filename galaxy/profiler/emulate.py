@@ -26,14 +26,21 @@ loaded one), so the time owed is kept as a balance: paid by sleeping once it rea
 an overshoot up to CREDIT taken off the following calls. Timing is thus right to about a
 millisecond per block of calls, and a rank's sends leave at most PAY_FROM early.
 
-Only forward calls are seen: a TorchFunctionMode does not see autograd's backward, which runs at
-the host's speed.
+Autograd's backward never reaches a TorchFunctionMode, so a TorchDispatchMode entered beside it
+(`_Backward`) stretches the aten ops that autograd runs (torch._C._current_autograd_node() is set):
+matrix products and attention by torch's own FLOP rules (torch.utils.flop_counter), the CPU's
+fused attention backward as twice its forward's products. Element-wise backward ops run at the
+host's speed (memory-bound; see docs/emulation.md).
 """
+import importlib
 import os
 import threading
 import time
 
+import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from galaxy.profiler.flops import call_flops, counts
 
@@ -78,6 +85,7 @@ class Throughput(TorchFunctionMode):
 
     def __init__(self, gflops):
         super().__init__()
+        importlib.import_module("torch._dynamo")  # a dispatch mode's first op imports it (~2.5 s): not in a timed call
         self.flops, self.seconds, self._balance = 0, 0.0, 0.0
         self._clock = None
         self.set(gflops)
@@ -94,15 +102,23 @@ class Throughput(TorchFunctionMode):
         kwargs = kwargs or {}
         if not counts(func):
             return func(*args, **kwargs)
+        return self.timed(lambda: func(*args, **kwargs), lambda out: call_flops(func, args, kwargs, out)[0])
+
+    def timed(self, call, flops_of):
+        """call()'s result, taking flops_of(result) / throughput seconds (or the host's time if longer)."""
         clock = self._host_clock()
         start, host = time.perf_counter(), clock()
-        out = func(*args, **kwargs)
+        out = call()
         host_s = clock() - host
-        flops = call_flops(func, args, kwargs, out)[0]
+        flops = flops_of(out)
         self._sleep(flops / (self.gflops * 1e9) - host_s)
         self.flops += flops
         self.seconds += time.perf_counter() - start
         return out
+
+    def __enter__(self):
+        self._backward = _Backward(self).__enter__()
+        return super().__enter__()
 
     def _host_clock(self):
         """The clock of the thread calling (a mode is entered per thread; opened on its first call)."""
@@ -116,7 +132,8 @@ class Throughput(TorchFunctionMode):
         if self._clock is not None:
             self._clock.close()
             self._clock = None
-        return super().__exit__(*exc)
+        super().__exit__(*exc)
+        return self._backward.__exit__(*exc)
 
     def _sleep(self, owed):
         """Add `owed` seconds (none when the host was slower) to the balance and sleep it off once it
@@ -127,6 +144,32 @@ class Throughput(TorchFunctionMode):
         start = time.perf_counter()
         time.sleep(self._balance)
         self._balance = max(self._balance - (time.perf_counter() - start), -CREDIT)
+
+
+def _fused_attention_backward(grad_out, query, key, value, *args, out_val=None, **kwargs):
+    """FLOPs of the CPU's fused attention backward: dQ, dK, dV and dP, twice the forward's products."""
+    scores = query.numel() // query.shape[-1] * key.shape[-2]  # B*H*Tq*Tk
+    return 2 * 2 * scores * (query.shape[-1] + value.shape[-1])
+
+
+_BACKWARD_FLOPS = {**flop_registry,
+                   torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _fused_attention_backward}
+
+
+class _Backward(TorchDispatchMode):
+    """The backward half of a Throughput: aten ops run by autograd's engine (forward calls are the
+    function mode's; a forward's aten ops are not counted twice)."""
+
+    def __init__(self, throughput):
+        super().__init__()
+        self.throughput = throughput
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        rule = _BACKWARD_FLOPS.get(func._overloadpacket)
+        if rule is None or torch._C._current_autograd_node() is None:
+            return func(*args, **kwargs)
+        return self.throughput.timed(lambda: func(*args, **kwargs), lambda out: rule(*args, **kwargs, out_val=out))
 
 
 def parse_gflops(text):

@@ -45,6 +45,21 @@ def test_matmuls_take_their_flops_over_the_throughput_and_sleep_meanwhile():
     assert cpu < 0.5 * wall  # the rest of each call was slept, not spun
 
 
+def test_autograds_backward_is_stretched_too_and_nothing_twice():
+    # forward x @ w.T, backward dx and dw: three products of one size; a Galaxy tile's own backward
+    # (a custom autograd Function's matmuls, galaxy.comm.overlap) runs through the same engine
+    x, w = torch.randn(1024, 512, requires_grad=True), torch.randn(1024, 512, requires_grad=True)
+    product = 2 * 1024 * 512 * 1024  # ~215 ms at TARGET: a late wake-up on a loaded host is a small part
+    F.linear(x, w).sum().backward()  # autograd's first backward in a process pays its set-up (~25 ms)
+    with Throughput(TARGET) as device:
+        out = F.linear(x, w)
+        start = time.perf_counter()
+        out.backward(torch.ones_like(out))
+        backward = time.perf_counter() - start
+    assert device.flops == 3 * product  # the forward's linear once, the backward's two mm
+    assert 2 * product / backward / 1e9 == pytest.approx(TARGET, rel=0.1)
+
+
 def test_calls_that_only_move_bytes_keep_the_hosts_speed():
     x = torch.randn(2048, 2048)  # 16 MB
     start = time.perf_counter()
