@@ -76,11 +76,11 @@ def build_empty(cfg, ctx):
     return model, ctx
 
 
-def build_lost_part(cfg, plan, lost_rank, device):
+def build_lost_part(cfg, plan, lost_rank, like, device):
     """The split parameters rank `lost_rank` held under `plan`, rebuilt here from the run's sources
     as that rank built them (the seed's weights, then galaxy.tuning.apply.load_sources, which
     reads only these parameters' slices of the files); its replicated parameters and buffers stay
-    on the meta device: every survivor holds them. Returns (model, bytes rebuilt)."""
+    on the meta device: every survivor holds them. Returns (model in `like`'s dtype and mode, bytes rebuilt)."""
     ctx = ParallelContext(plan, rank=lost_rank, device=META)
     with _NoDrawOnMeta():
         model = build_model(cfg, ctx)
@@ -89,7 +89,7 @@ def build_lost_part(cfg, plan, lost_rank, device):
     init_weights(model, cfg["initializer_range"], cfg["seed"])  # skips what stays on meta
     load_sources(model, cfg, ctx, verified=True)  # the tuning method's parameters are made here, with memory
     rebuilt = sum(p.numel() * p.element_size() for p in model.parameters() if part_of(p) and not p.is_meta)
-    return model, rebuilt
+    return model.to(next(like.parameters()).dtype).train(like.training), rebuilt
 
 
 def part_of(p):
