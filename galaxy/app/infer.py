@@ -368,8 +368,7 @@ def report(server, args, latencies, sequences=None):
     print(summary(latencies, args.batch_size, server.cfg["seq_length"], sequences), flush=True)
     if args.metrics_file:
         with open(args.metrics_file, "a", encoding="utf-8") as f:
-            for i, latency in enumerate(latencies):
-                f.write(json.dumps({"request": i, "latency_s": latency}) + "\n")
+            f.writelines(json.dumps({"request": i, "latency_s": latency}) + "\n" for i, latency in enumerate(latencies))
 
 
 def ask_for(task, args, tok):
@@ -392,8 +391,7 @@ def serve_http(server, args):
         wait_s = server.cfg["timeout_s"] * (server.regroups + 2)  # a round, and a regroup for each loss allowed
         front = http.Front(server.cfg, tok, *args.serve, args.batch_size, wait_s, health,
                            stop=lambda: signals.signum != 0)
-        served = [p for p, (task, _) in http.ENDPOINTS.items() if check_task(task, server.cfg["model"]) is None]
-        print(f"[rank 0] serving on {front.url} (POST {', POST '.join(served)}, GET /health)", flush=True)
+        print(f"[rank 0] serving on {front.url} (POST {', POST '.join(front.paths)}, GET /health)", flush=True)
     try:
         served = server.follow(front.take if front else None, front.give if front else None, tok)
     except BaseException as e:
