@@ -27,7 +27,7 @@ import torch.distributed as dist
 from galaxy.app import cli, outputs, serve as http
 from galaxy.app.answers import TASKS, Ask, answer_json, check_task
 from galaxy.app.session import join, load_model
-from galaxy.data import DataError, text_lines
+from galaxy.data import text_lines
 from galaxy.data.build import load_tokenizer, tokenizer_path
 from galaxy.inference.generate import through_stages
 from galaxy.models.registry import MODELS
@@ -37,28 +37,23 @@ from galaxy.reshard.relayout import Holding, build_like, build_lost_part, fill a
 from galaxy.runtime import elastic, health, launch
 
 
-def positive_int(text):
+def positive_int(text, least=1):
     value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1" if least else f"{value} must not be negative")
     return value
 
 
 def non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must not be negative")
-    return value
+    return positive_int(text, least=0)
 
 
+@cli.argument  # its ValueErrors (a DataError too) are the message: argparse would say only "invalid text_file value"
 def text_file(path):
     if not Path(path).is_file():
-        raise argparse.ArgumentTypeError(f"{path} is not a file")
-    try:
-        if not read_lines(path):
-            raise argparse.ArgumentTypeError(f"{path} has no text")
-    except DataError as e:  # argparse would say only "invalid text_file value"
-        raise argparse.ArgumentTypeError(str(e)) from None
+        raise ValueError(f"{path} is not a file")
+    if not read_lines(path):
+        raise ValueError(f"{path} has no text")
     return path
 
 
