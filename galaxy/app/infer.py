@@ -212,7 +212,8 @@ class Server(Holding):
             while True:
                 if self.ctx.rank == 0 and pending[0] is None:
                     pending[0] = take()
-                work = share(_shared_part(pending[0]) if self.ctx.rank == 0 else None, self.ctx)
+                part = pending[0]  # rank 0 shares "idle", "stop" or (ask, texts), not the waiting requests
+                work = share(part if part is None or isinstance(part, str) else (part.ask, part.texts), self.ctx)
                 if work == "stop":
                     return
                 if work == "idle":
@@ -251,11 +252,6 @@ class Server(Holding):
         self.adopt(model, ctx, cfg)
         self._watch()
         return moved["served"]
-
-
-def _shared_part(round_):
-    """What rank 0 shares of a round: "idle", "stop" or (ask, texts) (not the waiting requests)."""
-    return round_ if isinstance(round_, str) else (round_.ask, round_.texts)
 
 
 def share(obj, ctx):
