@@ -83,12 +83,8 @@ class Front:
         self.httpd = ThreadingHTTPServer((host, port), _Handler)
         self.httpd.daemon_threads = True
         self.httpd.front = self
+        self.url = "http://{}:{}".format(*self.httpd.server_address[:2])
         threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
-
-    @property
-    def url(self):
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
 
     def close(self, error=None):
         """Stop listening; every request still waiting gets 503 naming `error` (or the stop)."""
