@@ -99,8 +99,7 @@ def through_stages(model, run):
     chunks = ctx.plan.virtual_stages
 
     def forward(ids, *args, **kwargs):
-        out = None
-        for chunk in range(chunks):
+        for chunk in range(chunks):  # at least one (virtual_stages >= 1)
             received = None
             if chunk or not ctx.is_first_stage:
                 got = links.recv_forward([(*ids.shape, width) for width in widths], dtype)
