@@ -95,25 +95,21 @@ def forward_fn(model, name, ask=None):
     """What one request computes: the output callers read, replicated on every rank (with
     pipeline stages: on the last stage's ranks; the others return None), or `ask`'s answers
     (galaxy.app.answers), on every rank."""
+    if ask and model.ctx.plan.pp_size > 1:  # the last stage's answers: one broadcast from its first rank (small)
+        staged, ctx = through_stages(model, ask.forward(model)), model.ctx
+
+        def everywhere(ids, mask):
+            box = [staged(ids, mask)]
+            dist.broadcast_object_list(box, src=ctx.world - ctx.plan.tp_size * ctx.plan.dp_size, device=ctx.device)
+            return box[0]
+        return everywhere
     if ask:
-        forward = ask.forward(model)
-        return from_last_stage(through_stages(model, forward), model.ctx) if model.ctx.plan.pp_size > 1 else forward
+        return ask.forward(model)
     if name == "bart":  # no pipeline stages (refused by its check)
         return lambda ids, mask: model.model.encode(ids, mask)
     if name == "bert_retrieval":  # its output is the sentence embedding (no pipeline stages: refused by its check)
         return model.embed
     return through_stages(model, model) if model.ctx.plan.pp_size > 1 else model  # BERT MLM / LLaMA prefill logits
-
-
-def from_last_stage(forward, ctx):
-    """The last stage's answers on every rank: one broadcast from its first rank (answers are small)."""
-    src = ctx.world - ctx.plan.tp_size * ctx.plan.dp_size
-
-    def everywhere(ids, mask):
-        box = [forward(ids, mask)]
-        dist.broadcast_object_list(box, src=src, device=ctx.device)
-        return box[0]
-    return everywhere
 
 
 def synthetic_batches(cfg, batch_size, count):
