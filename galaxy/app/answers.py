@@ -44,10 +44,9 @@ class Ask:
         """f(input_ids, attention_mask, hidden_states=None, chunk=0): this rank's part of the model,
         then the task's results where the output is held (a pipeline's other stages return what
         they hand on)."""
-        if self.task == "generate":
-            return lambda ids, mask, hidden_states=None, chunk=0: self._generate(model, ids, mask)
-        if self.task == "denoise":
-            return lambda ids, mask, hidden_states=None, chunk=0: self._denoise(model, ids, mask)
+        if self.task in ("generate", "denoise"):
+            run = self._generate if self.task == "generate" else self._denoise
+            return lambda ids, mask, hidden_states=None, chunk=0: run(model, ids, mask)
         body = model.bert if self.task == "embed" else model  # embed reads the encoder, not the MLM head
         finish = self._embed if self.task == "embed" else self._fill_mask
 
@@ -70,11 +69,8 @@ class Ask:
 
     def _generate(self, model, ids, mask):
         """Each text alone (no padding), its new token ids."""
-        out = []
-        for row, keep in zip(ids, mask.bool(), strict=True):
-            prompt = row[keep].unsqueeze(0)
-            out.append(greedy_generate(model, prompt, self.max_new_tokens, self.eos_id)[0, prompt.shape[1]:].tolist())
-        return out
+        prompts = [row[keep].unsqueeze(0) for row, keep in zip(ids, mask.bool(), strict=True)]
+        return [greedy_generate(model, p, self.max_new_tokens, self.eos_id)[0, p.shape[1]:].tolist() for p in prompts]
 
     def _denoise(self, model, ids, mask):
         """Each text's decoded ids, up to its eos (the batch decodes at once: every row is padded alike)."""
@@ -91,6 +87,4 @@ def answer_json(ask, result, tok):
         return {"masks": [{"position": p, "top": [{"token_id": i, "token": tok.token(i), "score": s}
                                                   for i, s in zip(ids, scores, strict=True)]}
                           for p, ids, scores in result]}
-    if ask.task == "denoise":
-        return {"text": tok.decode(result), "token_ids": result}
-    return {"completion": tok.decode(result), "token_ids": result}
+    return {"text" if ask.task == "denoise" else "completion": tok.decode(result), "token_ids": result}

@@ -65,7 +65,7 @@ def parse(description, default_config, argv=None, add_args=None, keys=None, chec
     return args, cfg, plan, world, rank
 
 
-def _argument(parse):
+def argument(parse):
     """An argparse type from a parser raising ValueError (argparse then names the flag and the text)."""
     def convert(text):
         try:
@@ -80,10 +80,10 @@ def add_device_args(parser):
     """Edge devices emulated by throughput (galaxy.profiler.emulate, docs/emulation.md): for the
     entries that run steps or requests; parse checks them against the world."""
     group = parser.add_argument_group("emulated devices")
-    group.add_argument("--device_gflops", type=_argument(emulate.parse_gflops), default=None, metavar="G0,G1,...",
+    group.add_argument("--device_gflops", type=argument(emulate.parse_gflops), default=None, metavar="G0,G1,...",
                        help="emulate edge devices: each rank's fp32 throughput in GFLOP/s, one per rank (e.g. 40,10); "
                             "its forward computes that fast, its copies and sends keep the host's speed")
-    group.add_argument("--device_gflops_after", type=_argument(emulate.parse_change), action="append", default=[],
+    group.add_argument("--device_gflops_after", type=argument(emulate.parse_change), action="append", default=[],
                        metavar="STEP:G0,G1,...",
                        help="from after step (inference: request, warm-up ones included) STEP on, these throughputs "
                             "(a device that throttles, e.g. 20:40,5); repeatable")

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from galaxy.app import cli, outputs, serve as http
 from galaxy.app.answers import TASKS, Ask, answer_json, check_task
 from galaxy.app.session import join, load_model
-from galaxy.data import DataError, text_lines
+from galaxy.data import text_lines
 from galaxy.data.build import load_tokenizer, tokenizer_path
 from galaxy.inference.generate import through_stages
 from galaxy.models.registry import MODELS
@@ -37,28 +37,23 @@ from galaxy.reshard.relayout import Holding, build_like, build_lost_part, fill a
 from galaxy.runtime import elastic, health, launch
 
 
-def positive_int(text):
+def positive_int(text, least=1):
     value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1" if least else f"{value} must not be negative")
     return value
 
 
 def non_negative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must not be negative")
-    return value
+    return positive_int(text, least=0)
 
 
+@cli.argument  # its ValueErrors (a DataError too) are the message: argparse would say only "invalid text_file value"
 def text_file(path):
     if not Path(path).is_file():
-        raise argparse.ArgumentTypeError(f"{path} is not a file")
-    try:
-        if not read_lines(path):
-            raise argparse.ArgumentTypeError(f"{path} has no text")
-    except DataError as e:  # argparse would say only "invalid text_file value"
-        raise argparse.ArgumentTypeError(str(e)) from None
+        raise ValueError(f"{path} is not a file")
+    if not read_lines(path):
+        raise ValueError(f"{path} has no text")
     return path
 
 
@@ -96,32 +91,25 @@ def add_args(parser):
     cli.add_device_args(parser)
 
 
-METRICS_HELP = "one JSON line per timed request (request, latency_s)"
-
-
 def forward_fn(model, name, ask=None):
     """What one request computes: the output callers read, replicated on every rank (with
     pipeline stages: on the last stage's ranks; the others return None), or `ask`'s answers
     (galaxy.app.answers), on every rank."""
+    if ask and model.ctx.plan.pp_size > 1:  # the last stage's answers: one broadcast from its first rank (small)
+        staged, ctx = through_stages(model, ask.forward(model)), model.ctx
+
+        def everywhere(ids, mask):
+            box = [staged(ids, mask)]
+            dist.broadcast_object_list(box, src=ctx.world - ctx.plan.tp_size * ctx.plan.dp_size, device=ctx.device)
+            return box[0]
+        return everywhere
     if ask:
-        forward = ask.forward(model)
-        return from_last_stage(through_stages(model, forward), model.ctx) if model.ctx.plan.pp_size > 1 else forward
+        return ask.forward(model)
     if name == "bart":  # no pipeline stages (refused by its check)
         return lambda ids, mask: model.model.encode(ids, mask)
     if name == "bert_retrieval":  # its output is the sentence embedding (no pipeline stages: refused by its check)
         return model.embed
     return through_stages(model, model) if model.ctx.plan.pp_size > 1 else model  # BERT MLM / LLaMA prefill logits
-
-
-def from_last_stage(forward, ctx):
-    """The last stage's answers on every rank: one broadcast from its first rank (answers are small)."""
-    src = ctx.world - ctx.plan.tp_size * ctx.plan.dp_size
-
-    def everywhere(ids, mask):
-        box = [forward(ids, mask)]
-        dist.broadcast_object_list(box, src=src, device=ctx.device)
-        return box[0]
-    return everywhere
 
 
 def synthetic_batches(cfg, batch_size, count):
@@ -220,7 +208,8 @@ class Server(Holding):
             while True:
                 if self.ctx.rank == 0 and pending[0] is None:
                     pending[0] = take()
-                work = share(_shared_part(pending[0]) if self.ctx.rank == 0 else None, self.ctx)
+                part = pending[0]  # rank 0 shares "idle", "stop" or (ask, texts), not the waiting requests
+                work = share(part if part is None or isinstance(part, str) else (part.ask, part.texts), self.ctx)
                 if work == "stop":
                     return
                 if work == "idle":
@@ -261,11 +250,6 @@ class Server(Holding):
         return moved["served"]
 
 
-def _shared_part(round_):
-    """What rank 0 shares of a round: "idle", "stop" or (ask, texts) (not the waiting requests)."""
-    return round_ if isinstance(round_, str) else (round_.ask, round_.texts)
-
-
 def share(obj, ctx):
     """Rank 0's picklable `obj` on every rank. All-reduces, not a broadcast: every rank exchanges
     with its neighbours, so a lost rank fails every rank's call, not only the root's."""
@@ -297,15 +281,11 @@ def recover(holding, error, served, members):
     lost = [i for i, r in enumerate(members) if r in gone]
     new_cfg, plan = elastic.go_on(cfg, ctx.plan, lost)
     new, new_ctx = build_like(holding, new_cfg, join(new_cfg, plan, dist.get_rank()))
-    holders, rebuilt = [model], 0
-    for i, rank in enumerate(lost):  # the i-th lost rank's rows are rebuilt by survivor i (round robin)
-        part = None
-        if i % plan.world == new_ctx.rank:
-            part, size = build_lost_part(cfg, ctx.plan, rank, new_ctx.device)
-            part.to(next(model.parameters()).dtype).train(model.training)
-            rebuilt += size
-        holders.append(part)
-    moved = fill_after_loss(new, holders, new_ctx)
+    # the i-th lost rank's rows are rebuilt by survivor i (round robin); (part, bytes rebuilt)
+    parts = [build_lost_part(cfg, ctx.plan, rank, model, new_ctx.device) if i % plan.world == new_ctx.rank
+             else (None, 0) for i, rank in enumerate(lost)]
+    moved = fill_after_loss(new, [model] + [part for part, _ in parts], new_ctx)
+    rebuilt = sum(size for _, size in parts)
     total = torch.tensor([moved["kept"], moved["received"], rebuilt], dtype=torch.float64, device=new_ctx.device)
     dist.all_reduce(total)
     agreed = torch.tensor([served], device=new_ctx.device)
@@ -313,18 +293,14 @@ def recover(holding, error, served, members):
     moved = dict(zip(("kept", "received", "rebuilt"), map(int, total.tolist()), strict=True), lost=lost,
                  served=int(agreed), seconds=time.perf_counter() - start)
     if new_ctx.rank == 0:
+        files = [cfg[key] for key in ("load_checkpoint", "load_trainable") if cfg[key]]
+        source = " and ".join(files) if files else f"the seed's weights (seed {cfg['seed']})"
         print(f"[rank 0] elastic: lost rank(s) {lost} during request {moved['served']}; "
-              f"{_moved_line(cfg, plan, moved)}", flush=True)
+              f"{launch.survivors_phrase(plan.world)} re-planned in place in {moved['seconds']:.2f} s: "
+              f"plan {plan.describe()}; weights kept in place {moved['kept'] / 2**20:.2f} MiB, moved between "
+              f"survivors {moved['received'] / 2**20:.2f} MiB, rebuilt from {source} {moved['rebuilt'] / 2**20:.2f} "
+              f"MiB (the lost rows only)", flush=True)
     return new_cfg, new, new_ctx, moved
-
-
-def _moved_line(cfg, plan, moved):
-    files = [cfg[key] for key in ("load_checkpoint", "load_trainable") if cfg[key]]
-    source = " and ".join(files) if files else f"the seed's weights (seed {cfg['seed']})"
-    return (f"{launch.survivors_phrase(plan.world)} re-planned in place in {moved['seconds']:.2f} s: "
-            f"plan {plan.describe()}; weights kept in place {moved['kept'] / 2**20:.2f} MiB, moved between "
-            f"survivors {moved['received'] / 2**20:.2f} MiB, rebuilt from {source} {moved['rebuilt'] / 2**20:.2f} MiB "
-            f"(the lost rows only)")
 
 
 def summary(latencies, batch_size, seq_length, sequences=None):
@@ -379,8 +355,7 @@ def report(server, args, latencies, sequences=None):
     print(summary(latencies, args.batch_size, server.cfg["seq_length"], sequences), flush=True)
     if args.metrics_file:
         with open(args.metrics_file, "a", encoding="utf-8") as f:
-            for i, latency in enumerate(latencies):
-                f.write(json.dumps({"request": i, "latency_s": latency}) + "\n")
+            f.writelines(json.dumps({"request": i, "latency_s": latency}) + "\n" for i, latency in enumerate(latencies))
 
 
 def ask_for(task, args, tok):
@@ -403,8 +378,7 @@ def serve_http(server, args):
         wait_s = server.cfg["timeout_s"] * (server.regroups + 2)  # a round, and a regroup for each loss allowed
         front = http.Front(server.cfg, tok, *args.serve, args.batch_size, wait_s, health,
                            stop=lambda: signals.signum != 0)
-        served = [p for p, (task, _) in http.ENDPOINTS.items() if check_task(task, server.cfg["model"]) is None]
-        print(f"[rank 0] serving on {front.url} (POST {', POST '.join(served)}, GET /health)", flush=True)
+        print(f"[rank 0] serving on {front.url} (POST {', POST '.join(front.paths)}, GET /health)", flush=True)
     try:
         served = server.follow(front.take if front else None, front.give if front else None, tok)
     except BaseException as e:
@@ -439,14 +413,15 @@ def answer_file(server, args):
 def main(doc, default_config, argv=None):
     """Parse and check everything (errors stop here, before any process starts), then infer on
     this rank, or on every rank spawned here."""
-    args, cfg, plan, world, rank = cli.parse(doc.splitlines()[0], default_config, argv, add_args, metrics=METRICS_HELP)
+    args, cfg, plan, world, rank = cli.parse(doc.splitlines()[0], default_config, argv, add_args,
+                                             metrics="one JSON line per timed request (request, latency_s)")
     if args.explain or args.trace_dir:
         cli.refuse("--explain and --trace_dir record a training step; inference has neither yet")
     if plan.virtual_stages > 1:
         cli.reject(f"virtual_stages {plan.virtual_stages}: inference runs each rank's layers as one stage "
                    "(virtual_stages 1)")
     cli.check(MODELS[cfg["model"]].check, cfg, plan)
-    check_answers(args, cfg, plan)
+    check_answers(args, cfg)
     cli.check(elastic.check, cfg, plan, rank, resumes=False)
     outputs.check_outputs(None, args.metrics_file)
     launch.run(infer, world, rank, (cfg, plan, args), args.init_method,
@@ -454,10 +429,10 @@ def main(doc, default_config, argv=None):
                **elastic.launch_args(cfg, plan, resumes=False))
 
 
-def check_answers(args, cfg, plan):
-    """--task, --output and their options: what the model can answer, and where; or --serve's."""
+def check_answers(args, cfg):
+    """--task, --output and their options: what the model (and its tokenizer) can answer, and where; or --serve's."""
     if args.serve:
-        return check_serving(args, cfg, plan)
+        return check_serving(args, cfg)
     if args.output is None and args.task is None:
         return
     if not (args.output and args.task and args.texts):
@@ -469,26 +444,21 @@ def check_answers(args, cfg, plan):
     if Path(args.output).is_dir():
         cli.refuse(f"--output {args.output} is a directory")
     outputs.check_writable(Path(args.output).parent, f"--output {args.output}: directory")
-    check_task_here(args.task, args, cfg, plan)
-
-
-def check_task_here(task, args, cfg, plan):
-    """Whether this model, plan and tokenizer can answer `task` with args' options (exit 2 if not)."""
-    problem = check_task(task, cfg["model"])
+    problem = check_task(args.task, cfg["model"])
     if problem:
         cli.refuse(f"--task: {problem}")
-    if task == "fill-mask":
+    if args.task == "fill-mask":
         if args.top_k > cfg["vocab_size"]:
             cli.refuse(f"--top_k {args.top_k} exceeds vocab_size {cfg['vocab_size']}")
         tok = load_tokenizer(cfg)
         if tok.mask_id is None:
             cli.refuse(f"--task fill-mask: tokenizer {tokenizer_path(cfg)} has no mask token")
-    if task == "generate":
+    if args.task == "generate":
         limit = MODELS["llama"].config.from_dict(cfg).position_limit
         if cfg["seq_length"] + args.max_new_tokens > limit:
             cli.refuse(f"--task generate: seq_length {cfg['seq_length']} (the longest prompt) + "
                        f"--max_new_tokens {args.max_new_tokens} exceeds the model's {limit} positions")
-    if task == "denoise":
+    if args.task == "denoise":
         if args.max_new_tokens > cfg["seq_length"]:  # the decoder reruns over seq_length positions (greedy_denoise)
             cli.refuse(f"--task denoise: --max_new_tokens {args.max_new_tokens} exceeds seq_length "
                        f"{cfg['seq_length']}, the positions BART's decoder runs over")
@@ -498,7 +468,7 @@ def check_task_here(task, args, cfg, plan):
                        "what BART reconstructs")
 
 
-def check_serving(args, cfg, plan):
+def check_serving(args, cfg):
     """--serve answers what the model can: it takes no --task, --output or --requests."""
     given = [flag for flag, value in (("--task", args.task), ("--output", args.output), ("--requests", args.requests),
                                       ("--texts", args.texts)) if value is not None]

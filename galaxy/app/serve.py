@@ -79,15 +79,12 @@ class Front:
         self.health, self.stop = health, stop
         self.jobs, self.held, self.taken, self.served = queue.Queue(), None, None, 0
         self.name = Path(cfg["load_checkpoint"]).name if cfg["load_checkpoint"] else cfg["model"]
+        self.paths = [p for p, (task, _) in ENDPOINTS.items() if check_task(task, cfg["model"]) is None]  # those served
         self.httpd = ThreadingHTTPServer((host, port), _Handler)
         self.httpd.daemon_threads = True
         self.httpd.front = self
+        self.url = "http://{}:{}".format(*self.httpd.server_address[:2])
         threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
-
-    @property
-    def url(self):
-        host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
 
     def close(self, error=None):
         """Stop listening; every request still waiting gets 503 naming `error` (or the stop)."""
@@ -131,10 +128,8 @@ class Front:
 
     def give(self, round_, answers, latency):
         self.served, self.taken = self.served + 1, None
-        start = 0
-        for job in round_.jobs:
-            job.answers = answers[start:start + len(job.texts)]
-            start += len(job.texts)
+        for job in round_.jobs:  # the answers of the round's texts, in order
+            job.answers, answers = answers[:len(job.texts)], answers[len(job.texts):]
             job.done.set()
 
     # ---- a handler thread's side ----
@@ -146,8 +141,7 @@ class Front:
         task, key = ENDPOINTS[path]
         problem = check_task(task, self.cfg["model"])
         if problem:
-            served = [p for p, (t, _) in ENDPOINTS.items() if check_task(t, self.cfg["model"]) is None]
-            raise BadRequest(f"POST {path}: {problem}; this server answers POST {' and '.join(served)}")
+            raise BadRequest(f"POST {path}: {problem}; this server answers POST {' and '.join(self.paths)}")
         request = _json_object(body)
         texts = _texts(request, key)
         ask = self._ask(task, request)
@@ -218,8 +212,7 @@ def _texts(request, key):
     """The request's texts: a non-empty string or a non-empty list of them."""
     if key not in request:
         raise BadRequest(f"missing {key!r}")
-    texts = request[key]
-    texts = [texts] if isinstance(texts, str) else texts
+    texts = [request[key]] if isinstance(request[key], str) else request[key]
     if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
         raise BadRequest(f"{key} must be a string or a list of strings")
     if not texts or not all(texts):

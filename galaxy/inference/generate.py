@@ -99,8 +99,7 @@ def through_stages(model, run):
     chunks = ctx.plan.virtual_stages
 
     def forward(ids, *args, **kwargs):
-        out = None
-        for chunk in range(chunks):
+        for chunk in range(chunks):  # at least one (virtual_stages >= 1)
             received = None
             if chunk or not ctx.is_first_stage:
                 got = links.recv_forward([(*ids.shape, width) for width in widths], dtype)
@@ -132,10 +131,8 @@ class GrowingSequence:
 
 def next_tokens(logits, ctx, rows):
     """Each row's argmax [rows, 1] on every rank: a pipeline's last stage broadcasts its own."""
-    if ctx.is_last_stage:
-        tokens = logits.argmax(-1, keepdim=True)
-    else:
-        tokens = torch.empty((rows, 1), dtype=torch.long, device=ctx.device)
+    tokens = (logits.argmax(-1, keepdim=True) if ctx.is_last_stage
+              else torch.empty((rows, 1), dtype=torch.long, device=ctx.device))
     if ctx.plan.pp_size > 1:
         dist.broadcast(tokens, src=ctx.pp_peer(ctx.plan.pp_size - 1), group=ctx.pp_group)
     return tokens

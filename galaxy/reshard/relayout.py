@@ -76,11 +76,11 @@ def build_empty(cfg, ctx):
     return model, ctx
 
 
-def build_lost_part(cfg, plan, lost_rank, device):
+def build_lost_part(cfg, plan, lost_rank, like, device):
     """The split parameters rank `lost_rank` held under `plan`, rebuilt here from the run's sources
     as that rank built them (the seed's weights, then galaxy.tuning.apply.load_sources, which
     reads only these parameters' slices of the files); its replicated parameters and buffers stay
-    on the meta device: every survivor holds them. Returns (model, bytes rebuilt)."""
+    on the meta device: every survivor holds them. Returns (model in `like`'s dtype and mode, bytes rebuilt)."""
     ctx = ParallelContext(plan, rank=lost_rank, device=META)
     with _NoDrawOnMeta():
         model = build_model(cfg, ctx)
@@ -89,7 +89,7 @@ def build_lost_part(cfg, plan, lost_rank, device):
     init_weights(model, cfg["initializer_range"], cfg["seed"])  # skips what stays on meta
     load_sources(model, cfg, ctx, verified=True)  # the tuning method's parameters are made here, with memory
     rebuilt = sum(p.numel() * p.element_size() for p in model.parameters() if part_of(p) and not p.is_meta)
-    return model, rebuilt
+    return model.to(next(like.parameters()).dtype).train(like.training), rebuilt
 
 
 def part_of(p):
@@ -136,10 +136,13 @@ def fill(new, holders, ctx, opt=None):
     not be used again. `opt` (built for holders[0]) is pointed at new's parameters, AdamW's moments
     moved like them. Returns this rank's {kept, received} bytes (its own memory / from peers)."""
     params, rank, kept, received = list(new.named_parameters()), ctx.tp_rank, 0, 0
+    dims = [split_dim(q) for _, q in params]
     for k, holder in enumerate(holders):
         # a lost rank's part brings its split rows only: every survivor holds its whole tensors
         got = {name: p for name, p in holder.named_parameters() if k == 0 or part_of(p)} if holder is not None else {}
-        layouts = _layouts([(got.get(name), q) for name, q in params], ctx)
+        # the rows the holder has of each parameter (none if absent or on meta) and the rows new needs
+        layouts = share_rows(ctx, dims, [(span(got.get(name), dim), span(q, dim))
+                                         for (name, q), dim in zip(params, dims, strict=True)])
         if k == 0:
             moved, filled = layouts, [0] * len(params)
         for i, ((name, q), rows) in enumerate(zip(params, layouts, strict=True)):
@@ -164,13 +167,6 @@ def fill(new, holders, ctx, opt=None):
 
 def _count(rows, rank):
     return rows.wanted[rank][1] - rows.wanted[rank][0]
-
-
-def _layouts(pairs, ctx):
-    """The Rows of each (holder, new parameter) over the tensor group: the rows the holder has (none
-    if it is absent or on meta) and the rows the new parameter needs."""
-    dims = [split_dim(q) for _, q in pairs]
-    return share_rows(ctx, dims, [(span(p, dim), span(q, dim)) for (p, q), dim in zip(pairs, dims, strict=True)])
 
 
 def _move_optimizer(opt, old, params, layouts, ctx):
