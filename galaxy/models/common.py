@@ -5,6 +5,7 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 
 from galaxy.comm.context import ParallelContext
 from galaxy.layers.param_spec import spec_of
@@ -79,3 +80,10 @@ def causal_bias(length, attention_mask=None, dtype=torch.float32, device=None):
         allowed = allowed & attention_mask[:, None, None, :].bool()
     # finfo.min rather than -inf: a fully masked row (a padding query) stays finite
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def lm_loss(logits, labels):
+    """(sum of the token losses, number of label tokens), a label of -100 carrying none: callers divide
+    by the count of the *global* batch, so every layout matches serial exactly."""
+    loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+    return loss_sum, (labels != -100).sum()

@@ -31,7 +31,7 @@ from galaxy.layers.transformer import Connective, chain, run_layers, sublayer
 from galaxy.models import checkpoint
 from galaxy.models.bart.config import BartConfig
 from galaxy.models.bert.model import attention_bias, bert_layer
-from galaxy.models.common import causal_bias, init_weights, on_context_device
+from galaxy.models.common import causal_bias, init_weights, lm_loss, on_context_device
 from galaxy.plan import Method
 
 HF_NAMES = [
@@ -165,10 +165,7 @@ class BartForConditionalGeneration(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, labels=None):
         logits = self.lm_head(self.model(input_ids, attention_mask, decoder_input_ids))
-        if labels is None:
-            return logits
-        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
-        return loss_sum, (labels != -100).sum()
+        return logits if labels is None else lm_loss(logits, labels)
 
     def load_hf(self, path, trainable_only=False, strict=True, verified=False):
         checkpoint.check_config_agrees(self.config, path, BartConfig.from_hf, ("hidden_act", "scale_embedding"))

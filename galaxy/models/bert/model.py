@@ -23,7 +23,7 @@ from galaxy.layers.placement import REPLICATE, redistribute
 from galaxy.layers.transformer import Connective, TransformerLayer, build_chunks, run_layers
 from galaxy.models import checkpoint
 from galaxy.models.bert.config import BertConfig
-from galaxy.models.common import init_weights, on_context_device
+from galaxy.models.common import init_weights, lm_loss, on_context_device
 from galaxy.plan import Method
 
 HF_NAMES = [
@@ -177,10 +177,7 @@ class BertForMaskedLM(nn.Module):
         if self.cls is None or chunk < self.ctx.plan.virtual_stages - 1:
             return x
         logits = self.cls(x)
-        if labels is None:
-            return logits
-        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
-        return loss_sum, (labels != -100).sum()
+        return logits if labels is None else lm_loss(logits, labels)
 
     def load_hf(self, path, trainable_only=False, strict=True, verified=False):
         checkpoint.check_config_agrees(self.config, path, BertConfig.from_dict, ("layer_norm_eps", "hidden_act"))

@@ -12,7 +12,6 @@ Parameter names are ours; HF_NAMES maps them to Hugging Face's for checkpoints.
 import json
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from galaxy.layers.attention import Attention
@@ -21,7 +20,7 @@ from galaxy.layers.param_spec import GradSum, set_spec
 from galaxy.layers.placement import REPLICATE, SEQ, consumes, redistribute
 from galaxy.layers.transformer import Connective, TransformerLayer, build_chunks, run_layers
 from galaxy.models import checkpoint
-from galaxy.models.common import causal_bias, init_weights, on_context_device
+from galaxy.models.common import causal_bias, init_weights, lm_loss, on_context_device
 from galaxy.models.llama.config import LlamaConfig
 from galaxy.models.llama.rope import Rotary
 from galaxy.plan import Method
@@ -126,11 +125,7 @@ class LlamaForCausalLM(nn.Module):
         if self.lm_head is None or chunk < len(self.model.chunks) - 1:
             return x
         logits = self.lm_head(x)
-        if labels is None:
-            return logits
-        loss_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
-        return loss_sum, self.label_tokens(labels)
+        return logits if labels is None else lm_loss(logits[:, :-1], labels[:, 1:])  # position t predicts t + 1
 
     @staticmethod
     def label_tokens(labels):
