@@ -18,6 +18,7 @@ Parameter names are Hugging Face's outside the layers; HF_NAMES maps the layers'
 """
 import json
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +47,7 @@ HF_NAMES = [
     (r"\.mlp\.down\.", ".fc2."),
 ]
 POSITION_OFFSET = 2  # BART's learned position table has two extra leading rows (a fairseq legacy)
-
-
-def to_hf(name):
-    return checkpoint.rename(name, HF_NAMES)
+to_hf = partial(checkpoint.rename, rules=HF_NAMES)
 
 
 class BartDecoderLayer(nn.Module):

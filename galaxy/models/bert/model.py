@@ -9,6 +9,7 @@ its own layers, the head on the last.
 Parameter names are ours; HF_NAMES maps them to Hugging Face's for checkpoints.
 """
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -41,10 +42,7 @@ HF_NAMES = [
 # what Hugging Face's BERT checkpoints carry for parts this model leaves out (pooler, next-sentence
 # head, the position_ids buffer) or holds once (the decoder, tied to the word embeddings)
 HF_EXTRAS = (r"pooler\.", r"position_ids$", r"^cls\.seq_relationship\.", r"^cls\.predictions\.decoder\.")
-
-
-def to_hf(name):
-    return checkpoint.rename(name, HF_NAMES)
+to_hf = partial(checkpoint.rename, rules=HF_NAMES)
 
 
 class BertEmbeddings(nn.Module):
@@ -141,10 +139,7 @@ LM_HEAD_NAMES = [(r"^cls\.dense\.", "cls.predictions.transform.dense."),
                  (r"^cls\.LayerNorm\.", "cls.predictions.transform.LayerNorm."),
                  (r"^cls\.decoder_weight$", "cls.predictions.decoder.weight"),
                  (r"^cls\.bias$", "cls.predictions.bias")]
-
-
-def mlm_to_hf(name):
-    return checkpoint.rename(name, LM_HEAD_NAMES) if name.startswith("cls.") else to_hf(name)
+mlm_to_hf = partial(checkpoint.rename, rules=LM_HEAD_NAMES + HF_NAMES)  # the head's rules match only "cls." names
 
 
 class BertForMaskedLM(nn.Module):
