@@ -27,8 +27,8 @@ from torch import nn
 from galaxy.layers.attention import Attention
 from galaxy.layers.dropout import LayoutInvariantDropout
 from galaxy.layers.mlp import MLP
-from galaxy.layers.placement import REPLICATE, consumes, redistribute
-from galaxy.layers.transformer import Connective, chain, run_layers, sublayer
+from galaxy.layers.placement import REPLICATE, redistribute
+from galaxy.layers.transformer import Connective, TransformerLayer, chain, run_layers, sublayer
 from galaxy.models import checkpoint
 from galaxy.models.bart.config import BartConfig
 from galaxy.models.bert.model import attention_bias, bert_layer
@@ -58,9 +58,7 @@ class BartDecoderLayer(nn.Module):
         self.attn, self.con1, self.cross_attn, self.con2, self.mlp, self.con3 = attn, con1, cross_attn, con2, mlp, con3
         self.plan, self.input_placement = plan, input_placement
 
-    @property
-    def output_placement(self):
-        return consumes(self.plan.con)
+    output_placement = TransformerLayer.output_placement  # what its connectives consume
 
     def forward(self, x, attn_bias, memory, memory_placement, memory_bias):
         plan, rest = self.plan, self.output_placement
