@@ -10,6 +10,7 @@ embeddings on the first, its own layers, the final norm and lm_head on the last.
 Parameter names are ours; HF_NAMES maps them to Hugging Face's for checkpoints.
 """
 import json
+from functools import partial
 
 import torch
 from torch import nn
@@ -102,6 +103,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg, ctx=None):
         super().__init__()
         self.config = cfg
+        self.to_hf = partial(checkpoint.rename, rules=TIED_HEAD + HF_NAMES if cfg.tie_word_embeddings else HF_NAMES)
         self.model = LlamaModel(cfg, ctx)
         self.ctx = self.model.ctx
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if self.ctx.is_last_stage else None
@@ -131,10 +133,6 @@ class LlamaForCausalLM(nn.Module):
     def label_tokens(labels):
         """Tokens that carry loss: position 0 predicts nothing (labels are shifted by one)."""
         return (labels[:, 1:] != IGNORE_INDEX).sum()
-
-    def to_hf(self, name):
-        rules = TIED_HEAD + HF_NAMES if self.config.tie_word_embeddings else HF_NAMES
-        return checkpoint.rename(name, rules)
 
     @classmethod
     def from_pretrained(cls, path, ctx=None):
