@@ -74,8 +74,7 @@ class LlamaModel(nn.Module):
         self.config, self.ctx = cfg, ctx
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if self.ctx.is_first_stage else None
         self.rotary = Rotary(cfg)
-        self.layers, self.chunks = build_chunks(self.ctx, lambda i, placement: llama_layer(cfg, self.ctx, self.rotary,
-                                                                                          placement))
+        self.layers, self.chunks = build_chunks(ctx, lambda i, placement: llama_layer(cfg, ctx, self.rotary, placement))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if self.ctx.is_last_stage else None
         if self.norm is not None and consumes(self.ctx.plan.con) == SEQ:
             set_spec(*self.norm.parameters(), grad_sum=GradSum.STAGE)  # it runs on this rank's positions only
