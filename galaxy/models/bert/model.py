@@ -217,9 +217,7 @@ class BertForRetrieval(nn.Module):
         self.ctx = self.bert.ctx
         init_weights(self, cfg.initializer_range, cfg.seed)
 
-    @property
-    def side_backbone(self):
-        return self.bert
+    side_backbone = BertForMaskedLM.side_backbone  # the encoder, as for the masked LM
 
     @staticmethod
     def label_tokens(labels):
