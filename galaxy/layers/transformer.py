@@ -105,15 +105,14 @@ def build_chunks(ctx, make_layer):
     return layers, chunks
 
 
-def run_layers(layers, x, placement, attn_bias, checkpoint=False, extra=()):
-    """Run layers in order (each called as layer(x, attn_bias, *extra)); returns the activation
-    and its placement."""
+def run_layers(layers, x, attn_bias, checkpoint=False, extra=()):
+    """Run layers in order (each called as layer(x, attn_bias, *extra)) on x, REPLICATE; returns the
+    activation and its placement."""
     for layer in layers:
         if checkpoint and layer.training:
             x = torch.utils.checkpoint.checkpoint(layer, x, attn_bias, *extra, use_reentrant=False,
                                                   context_fn=partial(masks_as_in_forward, layer))
         else:
             x = layer(x, attn_bias, *extra)
-        placement = layer.output_placement
-    return x, placement
+    return x, layers[-1].output_placement if layers else REPLICATE
 

@@ -27,7 +27,7 @@ from torch import nn
 from galaxy.layers.attention import Attention
 from galaxy.layers.dropout import LayoutInvariantDropout
 from galaxy.layers.mlp import MLP
-from galaxy.layers.placement import REPLICATE, redistribute
+from galaxy.layers.placement import redistribute
 from galaxy.layers.transformer import Connective, TransformerLayer, chain, run_layers, sublayer
 from galaxy.models import checkpoint
 from galaxy.models.bart.config import BartConfig
@@ -99,7 +99,7 @@ class BartStack(nn.Module):
         """Returns the last layer's output and its placement."""
         positions = torch.arange(ids.shape[1], device=ids.device) + POSITION_OFFSET
         x = self.dropout(self.layernorm_embedding(shared(ids) * self.embed_scale + self.embed_positions(positions)))
-        return run_layers(self.layers, x, REPLICATE, attn_bias, self.checkpoint, extra)
+        return run_layers(self.layers, x, attn_bias, self.checkpoint, extra)
 
 
 class BartModel(nn.Module):

@@ -20,7 +20,7 @@ from galaxy.layers.attention import Attention
 from galaxy.layers.dropout import LayoutInvariantDropout, set_part
 from galaxy.layers.mlp import MLP
 from galaxy.layers.param_spec import GradSum, set_spec
-from galaxy.layers.placement import REPLICATE, redistribute
+from galaxy.layers.placement import redistribute
 from galaxy.layers.transformer import Connective, TransformerLayer, build_chunks, run_layers
 from galaxy.models import checkpoint
 from galaxy.models.bert.config import BertConfig
@@ -80,9 +80,9 @@ class BertEncoder(nn.Module):
         self.layer, self.chunks = build_chunks(ctx, lambda i, placement: bert_layer(cfg, ctx, i, placement))
         self.checkpoint = cfg.activation_checkpointing
 
-    def forward(self, x, attn_bias, placement=REPLICATE, chunk=0):
+    def forward(self, x, attn_bias, chunk=0):
         """Run the layers of `chunk` (a pipeline rank's chunk c under interleaved 1F1B; else all)."""
-        return run_layers([self.layer[i] for i in self.chunks[chunk]], x, placement, attn_bias, self.checkpoint)
+        return run_layers([self.layer[i] for i in self.chunks[chunk]], x, attn_bias, self.checkpoint)
 
 
 def attention_bias(attention_mask, dtype):

@@ -18,7 +18,7 @@ from torch import nn
 from galaxy.layers.attention import Attention
 from galaxy.layers.mlp import MLP
 from galaxy.layers.param_spec import GradSum, set_spec
-from galaxy.layers.placement import REPLICATE, SEQ, consumes, redistribute
+from galaxy.layers.placement import SEQ, consumes, redistribute
 from galaxy.layers.transformer import Connective, TransformerLayer, build_chunks, run_layers
 from galaxy.models import checkpoint
 from galaxy.models.common import causal_bias, init_weights, lm_loss, on_context_device
@@ -87,7 +87,7 @@ class LlamaModel(nn.Module):
         bias = None  # a single new token sees every earlier one: no [L, L] bias each decode step
         if x.shape[1] > 1 or attention_mask is not None:
             bias = causal_bias(past_length + x.shape[1], attention_mask, x.dtype, x.device)
-        x, placement = run_layers([self.layers[i] for i in self.chunks[chunk]], x, REPLICATE, bias,
+        x, placement = run_layers([self.layers[i] for i in self.chunks[chunk]], x, bias,
                                   self.config.activation_checkpointing)
         if self.norm is not None and chunk == len(self.chunks) - 1:  # before the gather: own positions only
             x = self.norm(x)
