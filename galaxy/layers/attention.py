@@ -97,8 +97,7 @@ class Attention(nn.Module):
                 out = self._attend_kept(q, *kept, past, own)
                 return row_out(out.transpose(1, 2).reshape(B, t, self.n_local * self.head_dim), self.o, self.tiling)
         if self.method is Method.SP:
-            k = C.all_gather(k, 2, self.ctx.plan.positions, self.ctx.tp_group)
-            v = C.all_gather(v, 2, self.ctx.plan.positions, self.ctx.tp_group)
+            k, v = (C.all_gather(h, 2, self.ctx.plan.positions, self.ctx.tp_group) for h in (k, v))
         k, v = self._shared(k), self._shared(v)
         if attn_bias is not None and attn_bias.shape[-2] > 1:
             attn_bias = attn_bias[..., rows.start:rows.stop, :]
