@@ -30,11 +30,7 @@ class CheckpointError(ValueError):
 
 def rename(name, rules):
     """Apply (pattern, replacement) rules, first match wins; used for ours <-> HF names."""
-    for pattern, repl in rules:
-        new, n = re.subn(pattern, repl, name)
-        if n:
-            return new
-    return name
+    return next((re.sub(pattern, repl, name) for pattern, repl in rules if re.search(pattern, name)), name)
 
 
 def tensor_files(path):
