@@ -99,7 +99,8 @@ def load_checkpoint(model, path, to_hf, strip_prefix="", trainable_only=False, s
             used = {hf for hf, _, _ in found}
             if trainable_only:
                 missing, reshaped, used = _pooled(missing, reshaped, used)
-            fresh = [] if _holds_any(where, optional) else \
+            # optional tensors stay as initialised only when the checkpoint has none (names quoted as in `missing`)
+            fresh = [] if any(re.search(p, f"'{name}'") for name in where for p in optional) else \
                 [n for n in missing if any(re.search(p, n) for p in optional)]
             missing = [n for n in missing if n not in fresh]
             unused = [repr(n) for n in sorted(set(where) - used) if not any(re.search(p, n) for p in ignore)]
@@ -116,11 +117,6 @@ def load_checkpoint(model, path, to_hf, strip_prefix="", trainable_only=False, s
         handles.clear()
     initialised = {"missing, left as initialised (the checkpoint has none of them)": fresh} if fresh else {}
     return [_listed(n, w, shown=len(n)) for w, n in {**tolerable, **initialised}.items()]
-
-
-def _holds_any(where, patterns):
-    """Whether the checkpoint has a tensor matching a pattern (matched as the quoted names of `missing`)."""
-    return any(re.search(p, f"'{name}'") for name in where for p in patterns)
 
 
 @torch.no_grad()
