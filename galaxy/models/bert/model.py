@@ -152,13 +152,10 @@ class BertForMaskedLM(nn.Module):
         self.config = cfg
         self.bert = BertModel(cfg, ctx)
         self.ctx = self.bert.ctx
-        if self.ctx.is_last_stage:
-            tied = self.bert.embeddings.word_embeddings if self.bert.embeddings is not None else None
-            self.cls = BertLMHead(cfg, tied)
-        else:  # the last stage's head holds a copy of the word embeddings
-            self.cls = None
-            if self.bert.embeddings is not None:
-                set_spec(self.bert.embeddings.word_embeddings.weight, has_tied_copy=True)
+        tied = self.bert.embeddings.word_embeddings if self.bert.embeddings is not None else None
+        self.cls = BertLMHead(cfg, tied) if self.ctx.is_last_stage else None
+        if self.cls is None and tied is not None:  # the last stage's head holds a copy of the word embeddings
+            set_spec(tied.weight, has_tied_copy=True)
         init_weights(self, cfg.initializer_range, cfg.seed)
 
     @property
