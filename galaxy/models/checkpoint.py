@@ -207,9 +207,8 @@ def save_checkpoint(model, ctx, path, to_hf, extra_files=None, trainable_only=Fa
     """Write the full model as HF sharded safetensors under directory `path` (collective)."""
     tensors = gather_full_state(model, ctx, to_hf, trainable_only=trainable_only)
     path = Path(path)
-    writer = ctx.tp_rank == 0 and ctx.dp_rank == 0
     file = f"model-stage{ctx.pp_rank:02d}-of-{ctx.plan.pp_size:02d}.safetensors"
-    if writer:
+    if ctx.tp_rank == 0 and ctx.dp_rank == 0:  # this stage's writer
         path.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path / file), metadata={"format": "pt"})
     names = {name: (file, t.numel() * t.element_size()) for name, t in tensors.items()}
