@@ -62,8 +62,7 @@ class Attention(nn.Module):
         self.heads, self.num_heads, self.n_local, self.kv_local = heads, num_heads, len(heads), len(kv_heads)
         q_dim, kv_dim = num_heads * self.head_dim, num_kv_heads * self.head_dim
         self.q = ColumnLinear(hidden, _scaled(heads, self.head_dim), q_dim, bias)
-        self.k = ColumnLinear(hidden, _scaled(kv_heads, self.head_dim), kv_dim, bias)
-        self.v = ColumnLinear(hidden, _scaled(kv_heads, self.head_dim), kv_dim, bias)
+        self.k, self.v = (ColumnLinear(hidden, _scaled(kv_heads, self.head_dim), kv_dim, bias) for _ in range(2))
         self.o = RowLinear(_scaled(heads, self.head_dim), q_dim, hidden, bias,
                            owns_bias=method is not Method.TP or ctx.tp_rank == 0)
         if method is Method.SP:
