@@ -17,10 +17,9 @@ from galaxy.seeding import DEFAULT_SEED, generator
 def serial_context(cfg):
     """The one-rank context a model gets when none is given: it builds the whole model."""
     heads = cfg.num_attention_heads
-    plan = Plan(heads=(heads,), kv_heads=(getattr(cfg, "num_key_value_heads", None) or heads,),
-                columns=(cfg.intermediate_size,), positions=(cfg.max_position_embeddings,),
-                stage_layers=(cfg.num_hidden_layers,))
-    return ParallelContext(plan)
+    return ParallelContext(Plan(heads=(heads,), kv_heads=(getattr(cfg, "num_key_value_heads", None) or heads,),
+                                columns=(cfg.intermediate_size,), positions=(cfg.max_position_embeddings,),
+                                stage_layers=(cfg.num_hidden_layers,)))
 
 
 def on_context_device(init):
