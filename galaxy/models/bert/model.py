@@ -131,8 +131,7 @@ class BertLMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
     def forward(self, x):
-        x = self.LayerNorm(F.gelu(self.dense(x)))
-        return F.linear(x, self.decoder_weight, self.bias)
+        return F.linear(self.LayerNorm(F.gelu(self.dense(x))), self.decoder_weight, self.bias)
 
 
 LM_HEAD_NAMES = [(r"^cls\.dense\.", "cls.predictions.transform.dense."),
