@@ -62,8 +62,7 @@ class Attention(nn.Module):
         self.heads, self.num_heads, self.n_local, self.kv_local = heads, num_heads, len(heads), len(kv_heads)
         q_dim, kv_dim = num_heads * self.head_dim, num_kv_heads * self.head_dim
         self.q = ColumnLinear(hidden, _scaled(heads, self.head_dim), q_dim, bias)
-        self.k = ColumnLinear(hidden, _scaled(kv_heads, self.head_dim), kv_dim, bias)
-        self.v = ColumnLinear(hidden, _scaled(kv_heads, self.head_dim), kv_dim, bias)
+        self.k, self.v = (ColumnLinear(hidden, _scaled(kv_heads, self.head_dim), kv_dim, bias) for _ in range(2))
         self.o = RowLinear(_scaled(heads, self.head_dim), q_dim, hidden, bias,
                            owns_bias=method is not Method.TP or ctx.tp_rank == 0)
         if method is Method.SP:
@@ -97,8 +96,7 @@ class Attention(nn.Module):
                 out = self._attend_kept(q, *kept, past, own)
                 return row_out(out.transpose(1, 2).reshape(B, t, self.n_local * self.head_dim), self.o, self.tiling)
         if self.method is Method.SP:
-            k = C.all_gather(k, 2, self.ctx.plan.positions, self.ctx.tp_group)
-            v = C.all_gather(v, 2, self.ctx.plan.positions, self.ctx.tp_group)
+            k, v = (C.all_gather(h, 2, self.ctx.plan.positions, self.ctx.tp_group) for h in (k, v))
         k, v = self._shared(k), self._shared(v)
         if attn_bias is not None and attn_bias.shape[-2] > 1:
             attn_bias = attn_bias[..., rows.start:rows.stop, :]

@@ -98,22 +98,19 @@ def build_chunks(ctx, make_layer):
     """A rank's layers, keyed by global layer number (so names match the full model's), and the
     keys of each of its chunks (one chunk unless interleaved 1F1B gives it virtual stages).
     make_layer(index, input_placement) builds one; a chunk's input arrives replicated."""
-    chunks = [[str(i) for i in ctx.chunk_layers(c)] for c in range(ctx.plan.virtual_stages)]
-    layers = nn.ModuleDict()
-    for c, keys in enumerate(chunks):
-        layers.update(zip(keys, chain(make_layer, ctx.chunk_layers(c)), strict=True))
-    return layers, chunks
+    chunks = [ctx.chunk_layers(c) for c in range(ctx.plan.virtual_stages)]
+    layers = nn.ModuleDict({str(i): layer for c in chunks for i, layer in zip(c, chain(make_layer, c), strict=True)})
+    return layers, [[str(i) for i in c] for c in chunks]
 
 
-def run_layers(layers, x, placement, attn_bias, checkpoint=False, extra=()):
-    """Run layers in order (each called as layer(x, attn_bias, *extra)); returns the activation
-    and its placement."""
+def run_layers(layers, x, attn_bias, checkpoint=False, extra=()):
+    """Run layers in order (each called as layer(x, attn_bias, *extra)) on x, REPLICATE; returns the
+    activation and its placement."""
     for layer in layers:
         if checkpoint and layer.training:
             x = torch.utils.checkpoint.checkpoint(layer, x, attn_bias, *extra, use_reentrant=False,
                                                   context_fn=partial(masks_as_in_forward, layer))
         else:
             x = layer(x, attn_bias, *extra)
-        placement = layer.output_placement
-    return x, placement
+    return x, layers[-1].output_placement if layers else REPLICATE
 

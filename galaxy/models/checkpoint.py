@@ -30,11 +30,7 @@ class CheckpointError(ValueError):
 
 def rename(name, rules):
     """Apply (pattern, replacement) rules, first match wins; used for ours <-> HF names."""
-    for pattern, repl in rules:
-        new, n = re.subn(pattern, repl, name)
-        if n:
-            return new
-    return name
+    return next((re.sub(pattern, repl, name) for pattern, repl in rules if re.search(pattern, name)), name)
 
 
 def tensor_files(path):
@@ -94,40 +90,33 @@ def load_checkpoint(model, path, to_hf, strip_prefix="", trainable_only=False, s
     parameters that have memory and skip those on the meta device (nothing is read for them).
     """
     where = tensor_files(path)
-    handles = {}
+    handles, tolerable, fresh = {}, {}, []
     try:
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad or not trainable_only]
-        if verified:
-            params = [(n, p) for n, p in params if not p.is_meta]
-            _copy_slices(_match(params, where, handles, to_hf, strip_prefix)[0])
-            return []
-        found, missing, reshaped = _match(params if trainable_only else _whole_model(model),
-                                          where, handles, to_hf, strip_prefix)
-        used = {hf for hf, _, _ in found}
-        if trainable_only:
-            missing, reshaped, used = _pooled(missing, reshaped, used)
-        fresh = [] if _holds_any(where, optional) else [n for n in missing if any(re.search(p, n) for p in optional)]
-        missing = [n for n in missing if n not in fresh]
-        unused = [repr(n) for n in sorted(set(where) - used) if not any(re.search(p, n) for p in ignore)]
-        unused_as = "this model does not " + ("train" if trainable_only else "use")
-        tolerable = {w: n for w, n in {"missing": missing, unused_as: unused}.items() if n}
-        if reshaped or (tolerable and (strict or trainable_only)):
-            hint = "saved by a run with other tuning settings?" if trainable_only else \
-                "does the config match? --strict false loads the tensors that do"
-            listed = [_listed(n, w) for w, n in {**tolerable, "of another shape": reshaped}.items() if n]
-            raise CheckpointError(f"{path}: {'; '.join(listed)} ({hint})")
-        if not trainable_only:  # this rank's own parameters (the whole model's were only checked)
-            found = _match(params, where, handles, to_hf, strip_prefix)[0]
-        _copy_slices(found)
+        if not verified:
+            found, missing, reshaped = _match(params if trainable_only else _whole_model(model),
+                                              where, handles, to_hf, strip_prefix)
+            used = {hf for hf, _, _ in found}
+            if trainable_only:
+                missing, reshaped, used = _pooled(missing, reshaped, used)
+            # optional tensors stay as initialised only when the checkpoint has none (names quoted as in `missing`)
+            fresh = [] if any(re.search(p, f"'{name}'") for name in where for p in optional) else \
+                [n for n in missing if any(re.search(p, n) for p in optional)]
+            missing = [n for n in missing if n not in fresh]
+            unused = [repr(n) for n in sorted(set(where) - used) if not any(re.search(p, n) for p in ignore)]
+            unused_as = "this model does not " + ("train" if trainable_only else "use")
+            tolerable = {w: n for w, n in {"missing": missing, unused_as: unused}.items() if n}
+            if reshaped or (tolerable and (strict or trainable_only)):
+                hint = "saved by a run with other tuning settings?" if trainable_only else \
+                    "does the config match? --strict false loads the tensors that do"
+                listed = [_listed(n, w) for w, n in {**tolerable, "of another shape": reshaped}.items() if n]
+                raise CheckpointError(f"{path}: {'; '.join(listed)} ({hint})")
+        # this rank's own parameters (a full load checked the whole model's); none on the meta device
+        _copy_slices(_match([(n, p) for n, p in params if not p.is_meta], where, handles, to_hf, strip_prefix)[0])
     finally:
         handles.clear()
     initialised = {"missing, left as initialised (the checkpoint has none of them)": fresh} if fresh else {}
     return [_listed(n, w, shown=len(n)) for w, n in {**tolerable, **initialised}.items()]
-
-
-def _holds_any(where, patterns):
-    """Whether the checkpoint has a tensor matching a pattern (matched as the quoted names of `missing`)."""
-    return any(re.search(p, f"'{name}'") for name in where for p in patterns)
 
 
 @torch.no_grad()
@@ -218,9 +207,8 @@ def save_checkpoint(model, ctx, path, to_hf, extra_files=None, trainable_only=Fa
     """Write the full model as HF sharded safetensors under directory `path` (collective)."""
     tensors = gather_full_state(model, ctx, to_hf, trainable_only=trainable_only)
     path = Path(path)
-    writer = ctx.tp_rank == 0 and ctx.dp_rank == 0
     file = f"model-stage{ctx.pp_rank:02d}-of-{ctx.plan.pp_size:02d}.safetensors"
-    if writer:
+    if ctx.tp_rank == 0 and ctx.dp_rank == 0:  # this stage's writer
         path.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path / file), metadata={"format": "pt"})
     names = {name: (file, t.numel() * t.element_size()) for name, t in tensors.items()}

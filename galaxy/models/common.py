@@ -5,6 +5,7 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 
 from galaxy.comm.context import ParallelContext
 from galaxy.layers.param_spec import spec_of
@@ -16,10 +17,9 @@ from galaxy.seeding import DEFAULT_SEED, generator
 def serial_context(cfg):
     """The one-rank context a model gets when none is given: it builds the whole model."""
     heads = cfg.num_attention_heads
-    plan = Plan(heads=(heads,), kv_heads=(getattr(cfg, "num_key_value_heads", None) or heads,),
-                columns=(cfg.intermediate_size,), positions=(cfg.max_position_embeddings,),
-                stage_layers=(cfg.num_hidden_layers,))
-    return ParallelContext(plan)
+    return ParallelContext(Plan(heads=(heads,), kv_heads=(getattr(cfg, "num_key_value_heads", None) or heads,),
+                                columns=(cfg.intermediate_size,), positions=(cfg.max_position_embeddings,),
+                                stage_layers=(cfg.num_hidden_layers,)))
 
 
 def on_context_device(init):
@@ -79,3 +79,10 @@ def causal_bias(length, attention_mask=None, dtype=torch.float32, device=None):
         allowed = allowed & attention_mask[:, None, None, :].bool()
     # finfo.min rather than -inf: a fully masked row (a padding query) stays finite
     return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def lm_loss(logits, labels):
+    """(sum of the token losses, number of label tokens), a label of -100 carrying none: callers divide
+    by the count of the *global* batch, so every layout matches serial exactly."""
+    loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+    return loss_sum, (labels != -100).sum()

@@ -40,14 +40,8 @@ class ModelSpec:
     config_name: str
     model_name: str
     check: Callable = supports_every_layout  # check(cfg, plan) raises ConfigError for what the model does not support
-
-    @property
-    def config(self):
-        return self.exported(self.config_name)
-
-    @property
-    def model(self):
-        return self.exported(self.model_name)
+    config = property(lambda self: self.exported(self.config_name))
+    model = property(lambda self: self.exported(self.model_name))
 
     def exported(self, name):
         return getattr(importlib.import_module(f"galaxy.models.{self.package}"), name)

@@ -122,10 +122,9 @@ class SideTap:
 
 
 def _add_side(model, cfg, ctx):
-    layers = [layer for _, layer in _layers(model)]
     model.side = SideNetwork(cfg["hidden_size"], ctx.layers, cfg["side_reduction_factor"], cfg["add_bias_sampling"],
                              cfg["non_linearity"], first=ctx.is_first_stage, last=ctx.is_last_stage)
-    SideTap(model, model.side, layers, ctx, keep_backbone=cfg["use_side"])
+    SideTap(model, model.side, [layer for _, layer in _layers(model)], ctx, keep_backbone=cfg["use_side"])
     # the backbone is frozen and read detached: only the side state carries a gradient back
     model.pipeline_streams = ((cfg["hidden_size"], False), (model.side.width, True))
 

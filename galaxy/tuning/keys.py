@@ -49,19 +49,17 @@ class TuningConfig:
             raise ConfigError(f"tuning methods {methods} are all true; set exactly one of {['full_model', *METHODS]}")
         settle(self, full_model=not methods)  # a PEFT method switches full-model tuning off
         probability(self, ("lora_dropout",))
-        method = methods[0] if methods else "full_model"
-        if method == "use_lora":
+        if self.use_lora:  # at most one method is true
             if self.lora_dim < 1:
                 raise ConfigError(f"lora_dim must be >= 1 with use_lora, got {self.lora_dim}")
-            unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
-            if unknown or not self.lora_targets:
+            if not self.lora_targets or any(t not in LORA_TARGETS for t in self.lora_targets):
                 raise ConfigError(f"lora_targets {self.lora_targets}: each must be one of {list(LORA_TARGETS)}")
             if self.fan_in_fan_out:
                 raise ConfigError("fan_in_fan_out is for GPT-2 Conv1D weights stored [in, out]; "
                                   "BERT's linears are [out, in]: set it false")
-        if method == "use_adapter" and self.adapter_reduction_dim < 1:
+        if self.use_adapter and self.adapter_reduction_dim < 1:
             raise ConfigError(f"adapter_reduction_dim must be >= 1, got {self.adapter_reduction_dim}")
-        if method in ("use_adapter", "use_side", "use_side_only") and self.non_linearity not in ACTIVATIONS:
+        if (self.use_adapter or self.use_side or self.use_side_only) and self.non_linearity not in ACTIVATIONS:
             raise ConfigError(f"non_linearity '{self.non_linearity}' is not one of {sorted(ACTIVATIONS)}")
 
 

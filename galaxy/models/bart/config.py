@@ -33,9 +33,7 @@ class BartConfig:
         if self.num_decoder_layers is None:
             settle(self, num_decoder_layers=self.num_hidden_layers)
 
-    @classmethod
-    def from_dict(cls, d):
-        return from_keys(cls, d)
+    from_dict = classmethod(from_keys)
 
     @classmethod
     def from_hf(cls, d):

@@ -18,6 +18,7 @@ Parameter names are Hugging Face's outside the layers; HF_NAMES maps the layers'
 """
 import json
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -26,12 +27,12 @@ from torch import nn
 from galaxy.layers.attention import Attention
 from galaxy.layers.dropout import LayoutInvariantDropout
 from galaxy.layers.mlp import MLP
-from galaxy.layers.placement import REPLICATE, consumes, redistribute
-from galaxy.layers.transformer import Connective, chain, run_layers, sublayer
+from galaxy.layers.placement import redistribute
+from galaxy.layers.transformer import Connective, TransformerLayer, chain, run_layers, sublayer
 from galaxy.models import checkpoint
 from galaxy.models.bart.config import BartConfig
 from galaxy.models.bert.model import attention_bias, bert_layer
-from galaxy.models.common import causal_bias, init_weights, on_context_device
+from galaxy.models.common import causal_bias, init_weights, lm_loss, on_context_device
 from galaxy.plan import Method
 
 HF_NAMES = [
@@ -46,10 +47,7 @@ HF_NAMES = [
     (r"\.mlp\.down\.", ".fc2."),
 ]
 POSITION_OFFSET = 2  # BART's learned position table has two extra leading rows (a fairseq legacy)
-
-
-def to_hf(name):
-    return checkpoint.rename(name, HF_NAMES)
+to_hf = partial(checkpoint.rename, rules=HF_NAMES)
 
 
 class BartDecoderLayer(nn.Module):
@@ -60,9 +58,7 @@ class BartDecoderLayer(nn.Module):
         self.attn, self.con1, self.cross_attn, self.con2, self.mlp, self.con3 = attn, con1, cross_attn, con2, mlp, con3
         self.plan, self.input_placement = plan, input_placement
 
-    @property
-    def output_placement(self):
-        return consumes(self.plan.con)
+    output_placement = TransformerLayer.output_placement  # what its connectives consume
 
     def forward(self, x, attn_bias, memory, memory_placement, memory_bias):
         plan, rest = self.plan, self.output_placement
@@ -103,7 +99,7 @@ class BartStack(nn.Module):
         """Returns the last layer's output and its placement."""
         positions = torch.arange(ids.shape[1], device=ids.device) + POSITION_OFFSET
         x = self.dropout(self.layernorm_embedding(shared(ids) * self.embed_scale + self.embed_positions(positions)))
-        return run_layers(self.layers, x, REPLICATE, attn_bias, self.checkpoint, extra)
+        return run_layers(self.layers, x, attn_bias, self.checkpoint, extra)
 
 
 class BartModel(nn.Module):
@@ -165,10 +161,7 @@ class BartForConditionalGeneration(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, labels=None):
         logits = self.lm_head(self.model(input_ids, attention_mask, decoder_input_ids))
-        if labels is None:
-            return logits
-        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
-        return loss_sum, (labels != -100).sum()
+        return logits if labels is None else lm_loss(logits, labels)
 
     def load_hf(self, path, trainable_only=False, strict=True, verified=False):
         checkpoint.check_config_agrees(self.config, path, BartConfig.from_hf, ("hidden_act", "scale_embedding"))

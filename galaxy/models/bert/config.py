@@ -27,6 +27,4 @@ class BertConfig:
     def __post_init__(self):
         check_transformer(self, dropouts=("hidden_dropout_prob", "attention_probs_dropout_prob"))
 
-    @classmethod
-    def from_dict(cls, d):
-        return from_keys(cls, d)
+    from_dict = classmethod(from_keys)

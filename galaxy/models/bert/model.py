@@ -9,6 +9,7 @@ its own layers, the head on the last.
 Parameter names are ours; HF_NAMES maps them to Hugging Face's for checkpoints.
 """
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,11 +20,11 @@ from galaxy.layers.attention import Attention
 from galaxy.layers.dropout import LayoutInvariantDropout, set_part
 from galaxy.layers.mlp import MLP
 from galaxy.layers.param_spec import GradSum, set_spec
-from galaxy.layers.placement import REPLICATE, redistribute
+from galaxy.layers.placement import redistribute
 from galaxy.layers.transformer import Connective, TransformerLayer, build_chunks, run_layers
 from galaxy.models import checkpoint
 from galaxy.models.bert.config import BertConfig
-from galaxy.models.common import init_weights, on_context_device
+from galaxy.models.common import init_weights, lm_loss, on_context_device
 from galaxy.plan import Method
 
 HF_NAMES = [
@@ -41,10 +42,7 @@ HF_NAMES = [
 # what Hugging Face's BERT checkpoints carry for parts this model leaves out (pooler, next-sentence
 # head, the position_ids buffer) or holds once (the decoder, tied to the word embeddings)
 HF_EXTRAS = (r"pooler\.", r"position_ids$", r"^cls\.seq_relationship\.", r"^cls\.predictions\.decoder\.")
-
-
-def to_hf(name):
-    return checkpoint.rename(name, HF_NAMES)
+to_hf = partial(checkpoint.rename, rules=HF_NAMES)
 
 
 class BertEmbeddings(nn.Module):
@@ -82,9 +80,9 @@ class BertEncoder(nn.Module):
         self.layer, self.chunks = build_chunks(ctx, lambda i, placement: bert_layer(cfg, ctx, i, placement))
         self.checkpoint = cfg.activation_checkpointing
 
-    def forward(self, x, attn_bias, placement=REPLICATE, chunk=0):
+    def forward(self, x, attn_bias, chunk=0):
         """Run the layers of `chunk` (a pipeline rank's chunk c under interleaved 1F1B; else all)."""
-        return run_layers([self.layer[i] for i in self.chunks[chunk]], x, placement, attn_bias, self.checkpoint)
+        return run_layers([self.layer[i] for i in self.chunks[chunk]], x, attn_bias, self.checkpoint)
 
 
 def attention_bias(attention_mask, dtype):
@@ -133,18 +131,14 @@ class BertLMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
     def forward(self, x):
-        x = self.LayerNorm(F.gelu(self.dense(x)))
-        return F.linear(x, self.decoder_weight, self.bias)
+        return F.linear(self.LayerNorm(F.gelu(self.dense(x))), self.decoder_weight, self.bias)
 
 
 LM_HEAD_NAMES = [(r"^cls\.dense\.", "cls.predictions.transform.dense."),
                  (r"^cls\.LayerNorm\.", "cls.predictions.transform.LayerNorm."),
                  (r"^cls\.decoder_weight$", "cls.predictions.decoder.weight"),
                  (r"^cls\.bias$", "cls.predictions.bias")]
-
-
-def mlm_to_hf(name):
-    return checkpoint.rename(name, LM_HEAD_NAMES) if name.startswith("cls.") else to_hf(name)
+mlm_to_hf = partial(checkpoint.rename, rules=LM_HEAD_NAMES + HF_NAMES)  # the head's rules match only "cls." names
 
 
 class BertForMaskedLM(nn.Module):
@@ -157,13 +151,10 @@ class BertForMaskedLM(nn.Module):
         self.config = cfg
         self.bert = BertModel(cfg, ctx)
         self.ctx = self.bert.ctx
-        if self.ctx.is_last_stage:
-            tied = self.bert.embeddings.word_embeddings if self.bert.embeddings is not None else None
-            self.cls = BertLMHead(cfg, tied)
-        else:  # the last stage's head holds a copy of the word embeddings
-            self.cls = None
-            if self.bert.embeddings is not None:
-                set_spec(self.bert.embeddings.word_embeddings.weight, has_tied_copy=True)
+        tied = self.bert.embeddings.word_embeddings if self.bert.embeddings is not None else None
+        self.cls = BertLMHead(cfg, tied) if self.ctx.is_last_stage else None
+        if self.cls is None and tied is not None:  # the last stage's head holds a copy of the word embeddings
+            set_spec(tied.weight, has_tied_copy=True)
         init_weights(self, cfg.initializer_range, cfg.seed)
 
     @property
@@ -177,10 +168,7 @@ class BertForMaskedLM(nn.Module):
         if self.cls is None or chunk < self.ctx.plan.virtual_stages - 1:
             return x
         logits = self.cls(x)
-        if labels is None:
-            return logits
-        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
-        return loss_sum, (labels != -100).sum()
+        return logits if labels is None else lm_loss(logits, labels)
 
     def load_hf(self, path, trainable_only=False, strict=True, verified=False):
         checkpoint.check_config_agrees(self.config, path, BertConfig.from_dict, ("layer_norm_eps", "hidden_act"))
@@ -225,9 +213,7 @@ class BertForRetrieval(nn.Module):
         self.ctx = self.bert.ctx
         init_weights(self, cfg.initializer_range, cfg.seed)
 
-    @property
-    def side_backbone(self):
-        return self.bert
+    side_backbone = BertForMaskedLM.side_backbone  # the encoder, as for the masked LM
 
     @staticmethod
     def label_tokens(labels):

@@ -10,18 +10,18 @@ embeddings on the first, its own layers, the final norm and lm_head on the last.
 Parameter names are ours; HF_NAMES maps them to Hugging Face's for checkpoints.
 """
 import json
+from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from galaxy.layers.attention import Attention
 from galaxy.layers.mlp import MLP
 from galaxy.layers.param_spec import GradSum, set_spec
-from galaxy.layers.placement import REPLICATE, SEQ, consumes, redistribute
+from galaxy.layers.placement import SEQ, consumes, redistribute
 from galaxy.layers.transformer import Connective, TransformerLayer, build_chunks, run_layers
 from galaxy.models import checkpoint
-from galaxy.models.common import causal_bias, init_weights, on_context_device
+from galaxy.models.common import causal_bias, init_weights, lm_loss, on_context_device
 from galaxy.models.llama.config import LlamaConfig
 from galaxy.models.llama.rope import Rotary
 from galaxy.plan import Method
@@ -74,8 +74,7 @@ class LlamaModel(nn.Module):
         self.config, self.ctx = cfg, ctx
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size) if self.ctx.is_first_stage else None
         self.rotary = Rotary(cfg)
-        self.layers, self.chunks = build_chunks(self.ctx, lambda i, placement: llama_layer(cfg, self.ctx, self.rotary,
-                                                                                          placement))
+        self.layers, self.chunks = build_chunks(ctx, lambda i, placement: llama_layer(cfg, ctx, self.rotary, placement))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if self.ctx.is_last_stage else None
         if self.norm is not None and consumes(self.ctx.plan.con) == SEQ:
             set_spec(*self.norm.parameters(), grad_sum=GradSum.STAGE)  # it runs on this rank's positions only
@@ -88,7 +87,7 @@ class LlamaModel(nn.Module):
         bias = None  # a single new token sees every earlier one: no [L, L] bias each decode step
         if x.shape[1] > 1 or attention_mask is not None:
             bias = causal_bias(past_length + x.shape[1], attention_mask, x.dtype, x.device)
-        x, placement = run_layers([self.layers[i] for i in self.chunks[chunk]], x, REPLICATE, bias,
+        x, placement = run_layers([self.layers[i] for i in self.chunks[chunk]], x, bias,
                                   self.config.activation_checkpointing)
         if self.norm is not None and chunk == len(self.chunks) - 1:  # before the gather: own positions only
             x = self.norm(x)
@@ -103,6 +102,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg, ctx=None):
         super().__init__()
         self.config = cfg
+        self.to_hf = partial(checkpoint.rename, rules=TIED_HEAD + HF_NAMES if cfg.tie_word_embeddings else HF_NAMES)
         self.model = LlamaModel(cfg, ctx)
         self.ctx = self.model.ctx
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if self.ctx.is_last_stage else None
@@ -126,20 +126,12 @@ class LlamaForCausalLM(nn.Module):
         if self.lm_head is None or chunk < len(self.model.chunks) - 1:
             return x
         logits = self.lm_head(x)
-        if labels is None:
-            return logits
-        loss_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
-        return loss_sum, self.label_tokens(labels)
+        return logits if labels is None else lm_loss(logits[:, :-1], labels[:, 1:])  # position t predicts t + 1
 
     @staticmethod
     def label_tokens(labels):
         """Tokens that carry loss: position 0 predicts nothing (labels are shifted by one)."""
         return (labels[:, 1:] != IGNORE_INDEX).sum()
-
-    def to_hf(self, name):
-        rules = TIED_HEAD + HF_NAMES if self.config.tie_word_embeddings else HF_NAMES
-        return checkpoint.rename(name, rules)
 
     @classmethod
     def from_pretrained(cls, path, ctx=None):
