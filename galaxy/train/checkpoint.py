@@ -115,8 +115,8 @@ def _shards(model):
     return out
 
 
-def _rank_state(trainer):
-    """(model tensors, optimizer + RNG tensors, JSON state) of this rank."""
+def _write_rank(trainer, directory):
+    """Write this rank's files (model tensors, optimizer + RNG tensors, JSON state); returns their sha256s."""
     model = {name: p.detach().contiguous().cpu() for name, p in trainer.model.named_parameters()}
     opt = trainer.opt.state_dict()
     tensors = {f"optim.{i}.{key}": value.contiguous().cpu()
@@ -132,11 +132,6 @@ def _rank_state(trainer):
              "scheduler": trainer.sched.state_dict(), "rng_python": random.getstate(),
              "rng_numpy": [np_kind, int(np_pos), int(np_gauss), float(np_cached)],
              "shards": _shards(trainer.model)}
-    return model, tensors, state
-
-
-def _write_rank(trainer, directory):
-    model, tensors, state = _rank_state(trainer)
     files = _rank_files(trainer.ctx.rank)
     save_file(model, str(directory / files[0]))
     save_file(tensors, str(directory / files[1]))
