@@ -228,29 +228,17 @@ def _check_sizes(x, dim, sizes, group, full):
         raise ValueError(f"tensor has {x.shape[dim]} along dim {dim}, sizes {list(sizes)} expect {expected}")
 
 
-def copy_to_all(x, group):
-    return _CopyToAll.apply(x, group)
+def _checked(function, full):
+    """A public collective of a split dimension: `function` on (x, dim, sizes, group), once checked."""
+    def collective(x, dim, sizes, group):
+        _check_sizes(x, dim, sizes, group, full)
+        return function.apply(x, dim, list(sizes), group)
+    return collective
 
 
-def all_reduce(x, group):
-    return _AllReduce.apply(x, group)
-
-
-def split_scatter(x, dim, sizes, group):
-    _check_sizes(x, dim, sizes, group, full=True)
-    return _SplitScatter.apply(x, dim, list(sizes), group)
-
-
-def gather_along_dim(x, dim, sizes, group):
-    _check_sizes(x, dim, sizes, group, full=False)
-    return _GatherAlongDim.apply(x, dim, list(sizes), group)
-
-
-def reduce_scatter(x, dim, sizes, group):
-    _check_sizes(x, dim, sizes, group, full=True)
-    return _ReduceScatter.apply(x, dim, list(sizes), group)
-
-
-def all_gather(x, dim, sizes, group):
-    _check_sizes(x, dim, sizes, group, full=False)
-    return _AllGather.apply(x, dim, list(sizes), group)
+copy_to_all = _CopyToAll.apply  # (x, group)
+all_reduce = _AllReduce.apply
+split_scatter = _checked(_SplitScatter, full=True)
+gather_along_dim = _checked(_GatherAlongDim, full=False)
+reduce_scatter = _checked(_ReduceScatter, full=True)
+all_gather = _checked(_AllGather, full=False)

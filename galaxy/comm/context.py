@@ -147,10 +147,12 @@ def _groups(coords, rank, size, key):
     """Create one group per value of `key` (ranks sharing it); return the one holding `rank`."""
     if size == 1:
         return None
-    mine = None
-    for value in sorted({key(c) for c in coords}):
-        members = [r for r, c in enumerate(coords) if key(c) == value]
-        group = dist.new_group(members)
-        if rank in members:
-            mine = group
-    return mine
+    return new_groups(rank, [[r for r, c in enumerate(coords) if key(c) == value]
+                             for value in sorted({key(c) for c in coords})])
+
+
+def new_groups(rank, members):
+    """Create a process group of each list of ranks in `members` (every rank creates every group, in
+    the same order); return the one holding `rank`, None if none does."""
+    made = [(ranks, dist.new_group(ranks)) for ranks in members]
+    return next((group for ranks, group in made if rank in ranks), None)

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from galaxy.comm.collectives import RecordingGroup
+from galaxy.comm.context import new_groups
 from galaxy.layers.param_spec import GradSum, spec_of
 from galaxy.pipeline.p2p import StageLinks
 from galaxy.pipeline.schedule import BACKWARD, FORWARD, WEIGHT, run_schedule, schedule_actions
@@ -87,13 +88,7 @@ def _first_last_group(ctx):
     if ctx.plan.pp_size == 2:
         return ctx.pp_group
     stride = ctx.plan.tp_size * ctx.plan.dp_size
-    mine = None
-    for base in range(stride):
-        pair = [base, base + (ctx.plan.pp_size - 1) * stride]
-        group = dist.new_group(pair)
-        if ctx.rank in pair:
-            mine = group
-    return mine
+    return new_groups(ctx.rank, [[base, base + (ctx.plan.pp_size - 1) * stride] for base in range(stride)])
 
 
 class PipelineForwardBackward:
@@ -179,9 +174,7 @@ class PipelineForwardBackward:
     def _with_grad(self, tensors):
         """Those of a stage's streams (its outputs, or what it received: nothing on the first stage)
         that carry a gradient."""
-        if not tensors:
-            return []
-        return [t for t, (_, carries_grad) in zip(tensors, self.streams, strict=True) if carries_grad]
+        return [t for t, (_, carries) in zip(tensors, self.streams, strict=True) if carries] if tensors else []
 
     def _start_backward(self, action):
         self._post_next_recv()

@@ -30,6 +30,7 @@ import os
 import random
 import re
 import shutil
+from collections import namedtuple
 from dataclasses import astuple
 from pathlib import Path
 
@@ -114,8 +115,8 @@ def _shards(model):
     return out
 
 
-def _rank_state(trainer):
-    """(model tensors, optimizer + RNG tensors, JSON state) of this rank."""
+def _write_rank(trainer, directory):
+    """Write this rank's files (model tensors, optimizer + RNG tensors, JSON state); returns their sha256s."""
     model = {name: p.detach().contiguous().cpu() for name, p in trainer.model.named_parameters()}
     opt = trainer.opt.state_dict()
     tensors = {f"optim.{i}.{key}": value.contiguous().cpu()
@@ -131,11 +132,6 @@ def _rank_state(trainer):
              "scheduler": trainer.sched.state_dict(), "rng_python": random.getstate(),
              "rng_numpy": [np_kind, int(np_pos), int(np_gauss), float(np_cached)],
              "shards": _shards(trainer.model)}
-    return model, tensors, state
-
-
-def _write_rank(trainer, directory):
-    model, tensors, state = _rank_state(trainer)
     files = _rank_files(trainer.ctx.rank)
     save_file(model, str(directory / files[0]))
     save_file(tensors, str(directory / files[1]))
@@ -236,12 +232,8 @@ def _publish(tmp, final, manifest):
 
 def checkpoints(save_dir):
     """(step, directory) of every complete checkpoint under save_dir."""
-    out = []
-    for d in Path(save_dir).iterdir() if Path(save_dir).is_dir() else ():
-        m = _STEP_DIR.match(d.name)
-        if m and (d / MANIFEST).is_file():
-            out.append((int(m.group(1)), d))
-    return sorted(out)
+    found = Path(save_dir).iterdir() if Path(save_dir).is_dir() else ()
+    return sorted((int(m.group(1)), d) for d in found if (m := _STEP_DIR.match(d.name)) and (d / MANIFEST).is_file())
 
 
 def latest(save_dir):
@@ -335,12 +327,8 @@ def _restore_progress(trainer, opt_state, param_groups, tensors, state):
 
 # ---- load into another layout --------------------------------------------------------------
 
-class _Source:
-    """One old rank's copy of (a slice of) a full tensor: its name there and its optimizer index."""
-
-    def __init__(self, rank, name, shard, optim_index):
-        self.rank, self.name, self.optim_index = rank, name, optim_index
-        self.dim, self.start, self.length, self.full = shard or (None, 0, 0, 0)
+# one old rank's copy of (a slice of) a full tensor: its name there, its optimizer index, the slice (dim None: whole)
+_Source = namedtuple("_Source", "rank name optim_index dim start length full", defaults=(None, 0, 0, 0))
 
 
 class _OldRanks:
@@ -356,7 +344,7 @@ class _OldRanks:
         for r, state in enumerate(self.states):
             index = {name: i for i, name in enumerate(state["optimizer_params"])}
             for name, (full_name, shard) in state["shards"].items():
-                self.sources.setdefault(full_name, []).append(_Source(r, name, shard, index.get(name)))
+                self.sources.setdefault(full_name, []).append(_Source(r, name, index.get(name), *(shard or ())))
 
     def _file(self, rank, kind):
         key = (rank, kind)
@@ -448,16 +436,12 @@ def load(trainer, directory):
         if same:
             _restore(trainer, *_read_rank(directory, ctx.rank), directory)
         else:
-            _raise_if_any(ctx, _attempt_restore(trainer, directory, manifest["world"]))
+            try:
+                _restore_resharded(trainer, directory, manifest["world"])
+            except CheckpointError as e:
+                error = str(e)
+            _raise_if_any(ctx, error)
         return trainer.step
-
-
-def _attempt_restore(trainer, directory, world):
-    try:
-        _restore_resharded(trainer, directory, world)
-    except CheckpointError as e:
-        return str(e)
-    return None
 
 
 def resume(trainer, save_dir):

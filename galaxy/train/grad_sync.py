@@ -107,18 +107,13 @@ def clip_grad_norm(model, ctx, max_norm, shards=None):
     """Global L2 norm over every rank's parameters, each counted once: split tensors' squares are
     summed over the tensor group, stages' over the pipeline; replicas hold equal grads. `shards`
     (galaxy.train.zero.Zero) adds the gradient shards ZeRO keeps instead of parameters' .grad."""
-    split, replicated = torch.zeros((), device=ctx.device), torch.zeros((), device=ctx.device)
+    sums = torch.zeros(2, device=ctx.device)  # squares of tensor-split, of replicated gradient entries
     for p in model.parameters():
-        if p.grad is None or spec_of(p).grad_sum is GradSum.TIED:
-            continue
-        sq = p.grad.detach().float().pow(2).sum()
-        if is_split(p, ctx):
-            split += sq
-        else:
-            replicated += sq
+        if p.grad is not None and spec_of(p).grad_sum is not GradSum.TIED:
+            sums[0 if is_split(p, ctx) else 1] += p.grad.detach().float().pow(2).sum()
     if shards is not None:
-        split_shards, replicated_shards = shards.squares()
-        split, replicated = split + split_shards, replicated + replicated_shards
+        sums += shards.squares()
+    split, replicated = sums.unbind()
     if ctx.tp_group is not None:
         dist.all_reduce(split, group=ctx.tp_group)
     total = split + replicated

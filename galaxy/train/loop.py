@@ -71,7 +71,7 @@ class Trainer:
     returns this rank's share of the loss sum; the pipeline schedules replace it.
     """
 
-    def __init__(self, model, ctx, cfg, data, total_steps, forward_backward=None, log=print):
+    def __init__(self, model, ctx, cfg, data, total_steps, log=print):
         self.model, self.ctx, self.cfg, self.data, self.log = model, ctx, cfg, data, log
         self.total_steps = total_steps
         if cfg.loop.dtype == "bf16_pure":  # parameters, gradients and optimizer state in bf16
@@ -79,7 +79,6 @@ class Trainer:
         self.zero = Zero(model, ctx, cfg) if cfg.zero.zero_stage else None
         self.opt, self.sched = build_optimizer(model, cfg, total_steps, self.zero)
         self.sync = self.zero or GradSync(model, ctx, cfg.loop.bucket_size_mb)
-        self.forward_backward = forward_backward or self._forward_backward
         self.autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if cfg.loop.dtype == "bf16" \
             else nullcontext()
         self.step = 0
@@ -105,13 +104,11 @@ class Trainer:
 
     def micro_batches(self, step):
         """This replica's batches for every micro-step of optimizer step `step`."""
-        out = []
-        for indices in self.step_indices(step):
-            share = replica_rows(len(indices), self.ctx)
-            with torch.device("cpu"):
-                batch = self.data.get_batch(indices[share.start:share.stop])
-            out.append({k: v.to(self.ctx.device) for k, v in batch.items()})
-        return out
+        every = self.step_indices(step)
+        share = replica_rows(self.cfg.data.batch_size, self.ctx)  # the same for each micro-step
+        with torch.device("cpu"):
+            batches = [self.data.get_batch(indices[share.start:share.stop]) for indices in every]
+        return [{k: v.to(self.ctx.device) for k, v in batch.items()} for batch in batches]
 
     def rows(self, micro):
         """The positions in the step's global batch of this replica's samples of micro-step `micro`."""
@@ -124,7 +121,7 @@ class Trainer:
         samples = self.cfg.data.batch_size * self.cfg.loop.gradient_accumulation_steps
         set_dropout_seed(self.model, self.cfg.loop.seed, self.step, rows, samples)
 
-    def _forward_backward(self, batches, n_tokens):
+    def forward_backward(self, batches, n_tokens):
         total = 0.0
         for micro, batch in enumerate(batches):
             self.key_dropout(self.rows(micro))

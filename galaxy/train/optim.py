@@ -30,19 +30,16 @@ def lr_schedule(opt, cfg, total_steps, steps_taken=0):
     step at the saved schedule's last LR (0.0 at the end of a linear decay)."""
     for group in opt.param_groups:
         group["initial_lr"] = cfg.optim.learning_rate  # LambdaLR's base LR; a loaded state holds the old one
-    schedule = lr_lambda(cfg.optim.lr_scheduler, cfg.optim.warmup_steps, total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(opt, schedule, last_epoch=steps_taken - 1)
+    kind, warmup = cfg.optim.lr_scheduler, cfg.optim.warmup_steps
 
-
-def lr_lambda(kind, warmup, total):
     def factor(step):  # step counts optimizer steps already taken
         if step < warmup:
             return (step + 1) / warmup
         if kind == "constant":
             return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
         return 0.5 * (1 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
-    return factor
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor, last_epoch=steps_taken - 1)
 
 
 def optimizer_state_bytes(opt):

@@ -149,11 +149,6 @@ class Unit:
         self.full.untyped_storage().resize_(0)
         self.gathered = False
 
-    def refresh(self):
-        """After the step (stages 1, 2): every rank's updated shard into `full`."""
-        self.gathered = False
-        self.start_gather()
-
     # ---- gradients
     def start_reduce(self):
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params])
@@ -235,19 +230,15 @@ class Zero:
                 u.free()
         self.armed, self.next = False, 0
 
-    def drop_grads(self):
-        for u in self.units:
-            u.grad = None
-
     # ---- gradient norm (galaxy.train.grad_sync.clip_grad_norm)
     def squares(self):
-        """(squares of tensor-split, of replicated gradient entries) over the whole data-parallel group."""
+        """[squares of tensor-split, of replicated gradient entries] over the whole data-parallel group."""
         sums = torch.zeros(2, device=self.ctx.device)
         for u in self.units:
             for p, part, _ in u.segments():
                 sums[0 if is_split(p, self.ctx) else 1] += u.grad[part].detach().float().pow(2).sum()
         dist.all_reduce(sums, group=self.ctx.dp_group)
-        return sums[0], sums[1]
+        return sums
 
     def scale_(self, factor):
         for u in self.units:
@@ -255,8 +246,10 @@ class Zero:
 
     # ---- parameters
     def refresh(self):
+        """After the step (stages 1, 2): every rank's updated shard into each unit's `full`."""
         for u in self.units:
-            u.refresh()
+            u.gathered = False
+            u.start_gather()
         for u in self.units:
             u.gather(stats.STEP)
 
@@ -321,7 +314,8 @@ class ZeroAdamW(torch.optim.AdamW):
 
     def zero_grad(self, set_to_none=True):
         super().zero_grad(set_to_none)
-        self.zero.drop_grads()
+        for u in self.zero.units:
+            u.grad = None
 
     def _index(self):
         """Parameter -> its index in state_dict()'s numbering (parameters in group order)."""
