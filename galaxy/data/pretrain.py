@@ -90,17 +90,12 @@ def token_chunks(jsonl_path, tokenizer, body, ends=((), ()), framed=2):
     before, after = map(list, ends)
     stream = [t for row in read_jsonl(jsonl_path, ("title", "content"))
               for t in before + tokenizer.encode(row["title"]) + tokenizer.encode(row["content"]) + after]
-    n = len(stream) // body
+    n, left = divmod(len(stream), body)
     if n == 0:
         raise DataError(f"{jsonl_path}: {len(stream)} tokens, too few for one sequence of length {body + framed}")
     chunks = torch.tensor(stream[:n * body], dtype=torch.long).view(n, body)
-    return chunks, tail_cut(jsonl_path, len(stream), n * body, body)
-
-
-def tail_cut(path, total, kept, length):
-    """What cutting a token stream into whole sequences left out, for the start-up report ("" if nothing)."""
-    return (f"{path}: the corpus's last {total - kept} of {total} tokens (less than one sequence of {length}) "
-            f"are left out") if total > kept else ""
+    return chunks, (f"{jsonl_path}: the corpus's last {left} of {len(stream)} tokens (less than one sequence of "
+                    f"{body}) are left out") if left else ""  # for the start-up report ("" if nothing was cut)
 
 
 class _MLMBatches:
