@@ -38,6 +38,13 @@ _KINDS = {
 }
 
 
+def padded(rows, length, value, left=False):
+    """Lists of ids as a LongTensor [len(rows), length], each filled up with `value` on its right (or left)."""
+    fill = [[value] * (length - len(row)) for row in rows]
+    return torch.tensor([f + row if left else row + f for row, f in zip(rows, fill, strict=True)],
+                        dtype=torch.long).view(len(rows), length)
+
+
 class _Batching:
     """encode_batch, shared by both kinds: each text with its special tokens, padded."""
 
@@ -53,12 +60,8 @@ class _Batching:
         rows = [self.encode_with_special_tokens(text, max_length) for text in texts]
         length = max_length if pad_to_max_length else max(map(len, rows))
         pad = next((i for i in (self.pad_id, self.eos_id) if i is not None), 0)  # masked out either way
-        ids = torch.full((len(rows), length), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, row in enumerate(rows):
-            at = slice(length - len(row), length) if self.padding_side == "left" else slice(0, len(row))
-            ids[i, at], mask[i, at] = torch.tensor(row, dtype=torch.long), 1
-        return ids, mask
+        left = self.padding_side == "left"
+        return padded(rows, length, pad, left), padded([[1] * len(row) for row in rows], length, 0, left)
 
 
 class Tokenizer(_Batching):
