@@ -124,15 +124,6 @@ SPECIAL_TOKENS = ("pad", "unk", "bos", "eos", "cls", "sep", "mask")
 BERT_SPECIAL_TOKENS = dict(pad="[PAD]", unk="[UNK]", cls="[CLS]", sep="[SEP]", mask="[MASK]")  # BertTokenizer's defaults
 
 
-def _hf_tokenizers():
-    try:
-        import tokenizers
-    except ImportError:
-        raise DataError("Hugging Face tokenizer files (tokenizer.json, vocab.txt) need the `tokenizers` package: "
-                        "pip install 'galaxy[hf]' (or pip install tokenizers)") from None
-    return tokenizers
-
-
 def _read_json(file):
     try:
         return json.loads(file.read_text(encoding="utf-8"))
@@ -172,7 +163,11 @@ class HFTokenizer(_Batching):
     holding either (tokenizer.json first); special tokens come from the files beside it."""
 
     def __init__(self, path):
-        tokenizers = _hf_tokenizers()
+        try:
+            import tokenizers
+        except ImportError:
+            raise DataError("Hugging Face tokenizer files (tokenizer.json, vocab.txt) need the `tokenizers` package: "
+                            "pip install 'galaxy[hf]' (or pip install tokenizers)") from None
         self.model_file = path = Path(path)
         directory = path if path.is_dir() else path.parent
         settings = _tokenizer_settings(directory)
