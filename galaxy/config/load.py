@@ -236,8 +236,7 @@ def build_config(keys):
                 for section, cls in SECTIONS.items()}
     model_class = MODELS[name].config
     given = {key: value for key, value in keys.items() if key in model_fields(model_class)}
-    owned = {f.name: getattr(sections[SECTION_OF[f.name]], f.name) for f in fields(model_class) if f.name in SECTION_OF}
-    model = _model_config(model_class, {**given, **owned})  # keys left out take the architecture's defaults
+    model = _model_config(model_class, given)  # keys left out: the architecture's defaults (copies: Config's)
     others = {key: value for key, value in keys.items() if key not in SECTION_OF and key not in {*given, "model"}}
     _check_other_architectures(model, others)
     return Config(name, model, **sections)
