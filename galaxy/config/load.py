@@ -140,8 +140,7 @@ def _typed(key, value, kind):
         if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return value
         raise ConfigError(f"config key '{key}' must be a list of integers, got {value!r}")
-    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-    if not ok:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"config key '{key}' must be {kind.__name__}, got {type(value).__name__} {value!r}")
     return value
 
