@@ -66,10 +66,9 @@ class PretrainTextData:
     """
 
     def __init__(self, jsonl_path, tokenizer, seq_length):
-        bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-        eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+        ends = [[i] if i is not None else [] for i in (tokenizer.bos_id, tokenizer.eos_id)]
         self.seq_length = seq_length
-        self._seqs, self.cut = token_chunks(jsonl_path, tokenizer, seq_length, (bos, eos), framed=0)
+        self._seqs, self.cut = token_chunks(jsonl_path, tokenizer, seq_length, ends, framed=0)
 
     def __len__(self):
         return len(self._seqs)
