@@ -120,6 +120,7 @@ class Tokenizer(_Batching):
         return self._sp.id_to_piece(int(i))
 
 
+HF_FILES = ("tokenizer.json", "vocab.txt")  # in the order a directory's are looked for
 SPECIAL_TOKENS = ("pad", "unk", "bos", "eos", "cls", "sep", "mask")
 BERT_SPECIAL_TOKENS = dict(pad="[PAD]", unk="[UNK]", cls="[CLS]", sep="[SEP]", mask="[MASK]")  # BertTokenizer's defaults
 
@@ -171,9 +172,7 @@ class HFTokenizer(_Batching):
         self.model_file = path = Path(path)
         directory = path if path.is_dir() else path.parent
         settings = _tokenizer_settings(directory)
-        file = path / "tokenizer.json" if path.is_dir() else path
-        if path.is_dir() and not file.is_file():
-            file = path / "vocab.txt"
+        file = next((path / f for f in HF_FILES if (path / f).is_file()), path / "vocab.txt") if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"tokenizer not found: {file}")
         if file.suffix == ".txt":
@@ -221,9 +220,6 @@ class HFTokenizer(_Batching):
     def token(self, i):
         """The vocabulary entry of one id (e.g. "##ing")."""
         return self._tok.id_to_token(int(i))
-
-
-HF_FILES = ("tokenizer.json", "vocab.txt")
 
 
 def tokenizer_from(path):
