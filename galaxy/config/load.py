@@ -244,9 +244,7 @@ def build_config(keys):
 def _model_config(model_class, keys):
     try:
         return from_keys(model_class, keys)
-    except ConfigError:
-        raise
-    except ValueError as e:  # LlamaConfig refuses unsupported RoPE scalings by name
+    except ValueError as e:  # LlamaConfig refuses unsupported RoPE scalings by name (a ConfigError keeps its message)
         raise ConfigError(str(e)) from None
 
 
