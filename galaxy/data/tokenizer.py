@@ -125,20 +125,17 @@ SPECIAL_TOKENS = ("pad", "unk", "bos", "eos", "cls", "sep", "mask")
 BERT_SPECIAL_TOKENS = dict(pad="[PAD]", unk="[UNK]", cls="[CLS]", sep="[SEP]", mask="[MASK]")  # BertTokenizer's defaults
 
 
-def _read_json(file):
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{file}: not a readable JSON file ({e})") from None
-
-
 def _tokenizer_settings(directory):
     """tokenizer_config.json with special_tokens_map.json's tokens over it; a token given as an
     AddedToken dict ({"content": ...}) becomes its text."""
     settings = {}
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        if (directory / name).is_file():
-            settings.update({k: v for k, v in _read_json(directory / name).items() if v is not None})
+    for file in (directory / "tokenizer_config.json", directory / "special_tokens_map.json"):
+        if file.is_file():
+            try:
+                found = json.loads(file.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise DataError(f"{file}: not a readable JSON file ({e})") from None
+            settings.update({k: v for k, v in found.items() if v is not None})
     return {k: v["content"] if isinstance(v, dict) and "content" in v else v for k, v in settings.items()}
 
 
