@@ -187,17 +187,14 @@ class HFTokenizer(_Batching):
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         for kind in SPECIAL_TOKENS:
             token = settings.get(f"{kind}_token")
-            setattr(self, f"{kind}_id", None if token is None else self._id_of(token, file))
+            i = None if token is None else self._tok.token_to_id(token)
+            if token is not None and i is None:
+                raise DataError(f"{file}: special token {token!r} (named in its tokenizer_config.json or "
+                                "special_tokens_map.json) is not in its vocabulary")
+            setattr(self, f"{kind}_id", i)
         self.num_special_tokens = self._tok.num_special_tokens_to_add(is_pair=False)
         named = {getattr(self, f"{k}_id") for k in SPECIAL_TOKENS} - {None}
         self.special_ids = sorted(named | {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special})
-
-    def _id_of(self, token, file):
-        i = self._tok.token_to_id(token)
-        if i is None:
-            raise DataError(f"{file}: special token {token!r} (named in its tokenizer_config.json or "
-                            "special_tokens_map.json) is not in its vocabulary")
-        return i
 
     def encode(self, text):
         """Token ids of text, without any special tokens added."""
