@@ -188,13 +188,9 @@ SPLIT_LISTS = {"tp_num_attention_heads_list": ("heads", "attention heads"),
 
 def default_splits(cfg, plan):
     """One line for each split the config does not list and build_plan made uneven, for start-up."""
-    lines = []
-    for key, (field, what) in SPLIT_LISTS.items():
-        sizes = list(getattr(plan, field))
-        if cfg.get(key) is None and len(set(sizes)) > 1:
-            lines.append(f"{sum(sizes)} {what} do not divide over {len(sizes)} ranks: {key} {sizes}, the most "
-                         f"even split (list the sizes to choose another)")
-    return lines
+    return [f"{sum(sizes)} {what} do not divide over {len(sizes)} ranks: {key} {list(sizes)}, the most even split "
+            f"(list the sizes to choose another)" for key, (field, what) in SPLIT_LISTS.items()
+            if cfg.get(key) is None and len(set(sizes := getattr(plan, field))) > 1]
 
 
 def _tensor_splits(cfg, methods, tp):

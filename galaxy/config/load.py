@@ -140,8 +140,7 @@ def _typed(key, value, kind):
         if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return value
         raise ConfigError(f"config key '{key}' must be a list of integers, got {value!r}")
-    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-    if not ok:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"config key '{key}' must be {kind.__name__}, got {type(value).__name__} {value!r}")
     return value
 
@@ -236,8 +235,7 @@ def build_config(keys):
                 for section, cls in SECTIONS.items()}
     model_class = MODELS[name].config
     given = {key: value for key, value in keys.items() if key in model_fields(model_class)}
-    owned = {f.name: getattr(sections[SECTION_OF[f.name]], f.name) for f in fields(model_class) if f.name in SECTION_OF}
-    model = _model_config(model_class, {**given, **owned})  # keys left out take the architecture's defaults
+    model = _model_config(model_class, given)  # keys left out: the architecture's defaults (copies: Config's)
     others = {key: value for key, value in keys.items() if key not in SECTION_OF and key not in {*given, "model"}}
     _check_other_architectures(model, others)
     return Config(name, model, **sections)
@@ -246,9 +244,7 @@ def build_config(keys):
 def _model_config(model_class, keys):
     try:
         return from_keys(model_class, keys)
-    except ConfigError:
-        raise
-    except ValueError as e:  # LlamaConfig refuses unsupported RoPE scalings by name
+    except ValueError as e:  # LlamaConfig refuses unsupported RoPE scalings by name (a ConfigError keeps its message)
         raise ConfigError(str(e)) from None
 
 

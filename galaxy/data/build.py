@@ -32,11 +32,7 @@ class DataConfig:
 def tokenizer_path(cfg):
     """tokenizer_file; else the tokenizer a load_checkpoint directory brings; else the shipped one."""
     checkpoint = cfg.checkpoint.load_checkpoint
-    if cfg.data.tokenizer_file:
-        return cfg.data.tokenizer_file
-    if checkpoint and holds_tokenizer(checkpoint):
-        return checkpoint
-    return DEFAULT_TOKENIZER
+    return cfg.data.tokenizer_file or (checkpoint if checkpoint and holds_tokenizer(checkpoint) else DEFAULT_TOKENIZER)
 
 
 def load_tokenizer(cfg):

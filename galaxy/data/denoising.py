@@ -26,9 +26,8 @@ def infill_spans(ids, mask_id, generator, mask_ratio=0.3, poisson_lambda=3.0):
     lengths = torch.poisson(torch.full((budget,), poisson_lambda), generator=generator).long().clamp(min=1)
     lengths = lengths[: int((lengths.cumsum(0) < budget).sum()) + 1] if budget else lengths
     starts = torch.randint(n, (len(lengths),), generator=generator)
-    covered = torch.zeros(n, dtype=torch.bool)
-    for start, length in zip(starts.tolist(), lengths.tolist(), strict=True):
-        covered[start:start + length] = True
+    at = torch.arange(n)
+    covered = ((at >= starts[:, None]) & (at < (starts + lengths)[:, None])).any(0)  # in any span
     run_start = covered & ~torch.cat([torch.tensor([False]), covered[:-1]])
     return torch.where(covered, mask_id, ids)[~covered | run_start]
 

@@ -7,6 +7,7 @@ import torch
 
 from .mlm import IGNORE_INDEX
 from .pretrain import check_indices, read_jsonl, token_chunks
+from .tokenizer import padded
 
 
 class InstructionData:
@@ -51,14 +52,9 @@ class InstructionData:
         check_indices(indices, len(self))
         rows = [self._samples[i] for i in indices]
         length = self.max_seq_length if self.pad_to_max_length else max(len(r[0]) for r in rows)
-        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for b, (ids, lab) in enumerate(rows):
-            input_ids[b, :len(ids)] = torch.tensor(ids)
-            labels[b, :len(lab)] = torch.tensor(lab)
-            attention_mask[b, :len(ids)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return {"input_ids": padded([ids for ids, _ in rows], length, self.pad_id),
+                "attention_mask": padded([[1] * len(ids) for ids, _ in rows], length, 0),
+                "labels": padded([labels for _, labels in rows], length, IGNORE_INDEX)}
 
 
 class PretrainTextData:
@@ -70,10 +66,9 @@ class PretrainTextData:
     """
 
     def __init__(self, jsonl_path, tokenizer, seq_length):
-        bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-        eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+        ends = [[i] if i is not None else [] for i in (tokenizer.bos_id, tokenizer.eos_id)]
         self.seq_length = seq_length
-        self._seqs, self.cut = token_chunks(jsonl_path, tokenizer, seq_length, (bos, eos), framed=0)
+        self._seqs, self.cut = token_chunks(jsonl_path, tokenizer, seq_length, ends, framed=0)
 
     def __len__(self):
         return len(self._seqs)

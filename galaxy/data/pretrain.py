@@ -90,26 +90,26 @@ def token_chunks(jsonl_path, tokenizer, body, ends=((), ()), framed=2):
     before, after = map(list, ends)
     stream = [t for row in read_jsonl(jsonl_path, ("title", "content"))
               for t in before + tokenizer.encode(row["title"]) + tokenizer.encode(row["content"]) + after]
-    n = len(stream) // body
+    n, left = divmod(len(stream), body)
     if n == 0:
         raise DataError(f"{jsonl_path}: {len(stream)} tokens, too few for one sequence of length {body + framed}")
     chunks = torch.tensor(stream[:n * body], dtype=torch.long).view(n, body)
-    return chunks, tail_cut(jsonl_path, len(stream), n * body, body)
+    return chunks, (f"{jsonl_path}: the corpus's last {left} of {len(stream)} tokens (less than one sequence of "
+                    f"{body}) are left out") if left else ""  # for the start-up report ("" if nothing was cut)
 
 
-def tail_cut(path, total, kept, length):
-    """What cutting a token stream into whole sequences left out, for the start-up report ("" if nothing)."""
-    return (f"{path}: the corpus's last {total - kept} of {total} tokens (less than one sequence of {length}) "
-            f"are left out") if total > kept else ""
+class _MLMBatches:
+    """get_batch of a dataset whose masked(i) is sample i's (inputs, labels), all of one length."""
 
-
-def _stack_mlm(samples):
-    """Batch dict from per-sample (inputs, labels) of equal length."""
-    inputs = torch.stack([s[0] for s in samples])
-    return {"input_ids": inputs,
-            "attention_mask": torch.ones_like(inputs),
-            "token_type_ids": torch.zeros_like(inputs),
-            "labels": torch.stack([s[1] for s in samples])}
+    def get_batch(self, indices):
+        """input_ids, attention_mask, token_type_ids, labels: [len(indices), seq_length]."""
+        check_indices(indices, len(self))
+        samples = [self.masked(i) for i in indices]
+        inputs = torch.stack([s[0] for s in samples])
+        return {"input_ids": inputs,
+                "attention_mask": torch.ones_like(inputs),
+                "token_type_ids": torch.zeros_like(inputs),
+                "labels": torch.stack([s[1] for s in samples])}
 
 
 def check_bert_pieces(tokenizer, seq_length, model):
@@ -122,7 +122,7 @@ def check_bert_pieces(tokenizer, seq_length, model):
         raise ValueError(f"seq_length must be >= 3, got {seq_length}")
 
 
-class BertPretrainData:
+class BertPretrainData(_MLMBatches):
     """{"title","content"} JSONL -> [CLS] + seq_length-2 tokens + [SEP] MLM samples.
 
     The samples are the corpus's token_chunks of seq_length-2 tokens (`cut`: the tail left out).
@@ -137,20 +137,14 @@ class BertPretrainData:
     def __len__(self):
         return len(self._chunks)
 
-    def get_batch(self, indices):
-        """input_ids, attention_mask, token_type_ids, labels: [len(indices), seq_length]."""
+    def masked(self, i):
         tok = self.tokenizer
-        check_indices(indices, len(self))
-        samples = []
-        for i in indices:
-            ids = torch.cat([torch.tensor([tok.cls_id]), self._chunks[i], torch.tensor([tok.sep_id])])
-            samples.append(mask_tokens(ids, vocab_size=tok.vocab_size, mask_id=tok.mask_id, special_ids=tok.special_ids,
-                                       mlm_probability=self.mlm_probability,
-                                       generator=generator(self.seed, "mlm masking", i)))
-        return _stack_mlm(samples)
+        ids = torch.cat([torch.tensor([tok.cls_id]), self._chunks[i], torch.tensor([tok.sep_id])])
+        return mask_tokens(ids, vocab_size=tok.vocab_size, mask_id=tok.mask_id, special_ids=tok.special_ids,
+                           mlm_probability=self.mlm_probability, generator=generator(self.seed, "mlm masking", i))
 
 
-class SyntheticMLM:
+class SyntheticMLM(_MLMBatches):
     """Random-token MLM samples in the BERT id layout, for benchmarks.
 
     Sample i is [CLS] + uniform non-special tokens + [SEP], masked like
@@ -166,13 +160,9 @@ class SyntheticMLM:
     def __len__(self):
         return self.num_samples
 
-    def get_batch(self, indices):
-        check_indices(indices, len(self))
-        samples = []
-        for i in indices:
-            gen = generator(self.seed, "synthetic sample", i)
-            body = torch.randint(MASK_ID + 1, self.vocab_size, (self.seq_length - 2,), generator=gen)
-            ids = torch.cat([torch.tensor([CLS_ID]), body, torch.tensor([SEP_ID])])
-            samples.append(mask_tokens(ids, vocab_size=self.vocab_size, mask_id=MASK_ID, special_ids=range(MASK_ID + 1),
-                                       generator=gen, mlm_probability=self.mlm_probability))
-        return _stack_mlm(samples)
+    def masked(self, i):
+        gen = generator(self.seed, "synthetic sample", i)
+        body = torch.randint(MASK_ID + 1, self.vocab_size, (self.seq_length - 2,), generator=gen)
+        ids = torch.cat([torch.tensor([CLS_ID]), body, torch.tensor([SEP_ID])])
+        return mask_tokens(ids, vocab_size=self.vocab_size, mask_id=MASK_ID, special_ids=range(MASK_ID + 1),
+                           generator=gen, mlm_probability=self.mlm_probability)

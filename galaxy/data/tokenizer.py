@@ -38,6 +38,13 @@ _KINDS = {
 }
 
 
+def padded(rows, length, value, left=False):
+    """Lists of ids as a LongTensor [len(rows), length], each filled up with `value` on its right (or left)."""
+    fill = [[value] * (length - len(row)) for row in rows]
+    return torch.tensor([f + row if left else row + f for row, f in zip(rows, fill, strict=True)],
+                        dtype=torch.long).view(len(rows), length)
+
+
 class _Batching:
     """encode_batch, shared by both kinds: each text with its special tokens, padded."""
 
@@ -53,12 +60,8 @@ class _Batching:
         rows = [self.encode_with_special_tokens(text, max_length) for text in texts]
         length = max_length if pad_to_max_length else max(map(len, rows))
         pad = next((i for i in (self.pad_id, self.eos_id) if i is not None), 0)  # masked out either way
-        ids = torch.full((len(rows), length), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, row in enumerate(rows):
-            at = slice(length - len(row), length) if self.padding_side == "left" else slice(0, len(row))
-            ids[i, at], mask[i, at] = torch.tensor(row, dtype=torch.long), 1
-        return ids, mask
+        left = self.padding_side == "left"
+        return padded(rows, length, pad, left), padded([[1] * len(row) for row in rows], length, 0, left)
 
 
 class Tokenizer(_Batching):
@@ -117,33 +120,22 @@ class Tokenizer(_Batching):
         return self._sp.id_to_piece(int(i))
 
 
+HF_FILES = ("tokenizer.json", "vocab.txt")  # in the order a directory's are looked for
 SPECIAL_TOKENS = ("pad", "unk", "bos", "eos", "cls", "sep", "mask")
 BERT_SPECIAL_TOKENS = dict(pad="[PAD]", unk="[UNK]", cls="[CLS]", sep="[SEP]", mask="[MASK]")  # BertTokenizer's defaults
-
-
-def _hf_tokenizers():
-    try:
-        import tokenizers
-    except ImportError:
-        raise DataError("Hugging Face tokenizer files (tokenizer.json, vocab.txt) need the `tokenizers` package: "
-                        "pip install 'galaxy[hf]' (or pip install tokenizers)") from None
-    return tokenizers
-
-
-def _read_json(file):
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{file}: not a readable JSON file ({e})") from None
 
 
 def _tokenizer_settings(directory):
     """tokenizer_config.json with special_tokens_map.json's tokens over it; a token given as an
     AddedToken dict ({"content": ...}) becomes its text."""
     settings = {}
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        if (directory / name).is_file():
-            settings.update({k: v for k, v in _read_json(directory / name).items() if v is not None})
+    for file in (directory / "tokenizer_config.json", directory / "special_tokens_map.json"):
+        if file.is_file():
+            try:
+                found = json.loads(file.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise DataError(f"{file}: not a readable JSON file ({e})") from None
+            settings.update({k: v for k, v in found.items() if v is not None})
     return {k: v["content"] if isinstance(v, dict) and "content" in v else v for k, v in settings.items()}
 
 
@@ -169,13 +161,15 @@ class HFTokenizer(_Batching):
     holding either (tokenizer.json first); special tokens come from the files beside it."""
 
     def __init__(self, path):
-        tokenizers = _hf_tokenizers()
+        try:
+            import tokenizers
+        except ImportError:
+            raise DataError("Hugging Face tokenizer files (tokenizer.json, vocab.txt) need the `tokenizers` package: "
+                            "pip install 'galaxy[hf]' (or pip install tokenizers)") from None
         self.model_file = path = Path(path)
         directory = path if path.is_dir() else path.parent
         settings = _tokenizer_settings(directory)
-        file = path / "tokenizer.json" if path.is_dir() else path
-        if path.is_dir() and not file.is_file():
-            file = path / "vocab.txt"
+        file = next((path / f for f in HF_FILES if (path / f).is_file()), path / "vocab.txt") if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"tokenizer not found: {file}")
         if file.suffix == ".txt":
@@ -193,17 +187,14 @@ class HFTokenizer(_Batching):
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         for kind in SPECIAL_TOKENS:
             token = settings.get(f"{kind}_token")
-            setattr(self, f"{kind}_id", None if token is None else self._id_of(token, file))
+            i = None if token is None else self._tok.token_to_id(token)
+            if token is not None and i is None:
+                raise DataError(f"{file}: special token {token!r} (named in its tokenizer_config.json or "
+                                "special_tokens_map.json) is not in its vocabulary")
+            setattr(self, f"{kind}_id", i)
         self.num_special_tokens = self._tok.num_special_tokens_to_add(is_pair=False)
         named = {getattr(self, f"{k}_id") for k in SPECIAL_TOKENS} - {None}
         self.special_ids = sorted(named | {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special})
-
-    def _id_of(self, token, file):
-        i = self._tok.token_to_id(token)
-        if i is None:
-            raise DataError(f"{file}: special token {token!r} (named in its tokenizer_config.json or "
-                            "special_tokens_map.json) is not in its vocabulary")
-        return i
 
     def encode(self, text):
         """Token ids of text, without any special tokens added."""
@@ -223,9 +214,6 @@ class HFTokenizer(_Batching):
     def token(self, i):
         """The vocabulary entry of one id (e.g. "##ing")."""
         return self._tok.id_to_token(int(i))
-
-
-HF_FILES = ("tokenizer.json", "vocab.txt")
 
 
 def tokenizer_from(path):
