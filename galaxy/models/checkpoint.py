@@ -147,7 +147,9 @@ def _match(params, where, handles, to_hf, strip_prefix):
             missing.append(named)
             continue
         f = where[hf]
-        view = handles.setdefault(f, safe_open(str(f), "pt")).get_slice(hf)
+        if f not in handles:  # one open per file (setdefault would open it for every parameter)
+            handles[f] = safe_open(str(f), "pt")
+        view = handles[f].get_slice(hf)
         shape, needed = tuple(view.get_shape()), full_shape(param)
         if shape != needed:
             reshaped.append(f"{named} is {shape} in the checkpoint, {needed} in the model")
