@@ -95,11 +95,9 @@ class Timeline:
         self.events.append(event)
 
     def _metadata(self) -> list[dict]:
-        meta = [{"name": "process_name", "ph": "M", "pid": self.rank, "tid": 0,
-                 "args": {"name": f"rank {self.rank}"}}]
-        meta += [{"name": "thread_name", "ph": "M", "pid": self.rank, "tid": tid,
-                  "args": {"name": lane}} for lane, tid in self._lanes.items()]
-        return meta
+        names = [("process_name", 0, f"rank {self.rank}")] + [("thread_name", t, n) for n, t in self._lanes.items()]
+        return [{"name": kind, "ph": "M", "pid": self.rank, "tid": tid, "args": {"name": name}}
+                for kind, tid, name in names]
 
     def save(self, path: str):
         """Write this rank's trace (creating the folder); comm bytes go in ``otherData``."""
