@@ -305,12 +305,12 @@ def plan_layouts(profiles, *, hidden, heads, intermediate, seq, layers, batch, b
     their times compare; choose with `min(candidates, key=lambda k: candidates[k][1])`."""
     dims = dict(heads=heads, intermediate=intermediate, seq=seq)
     embed = max(p.embed_s for p in profiles)
-    local = [layers * seq * _per_position_seconds(p, **dims) + p.embed_s for p in profiles]
+    per_position = [_per_position_seconds(p, **dims) for p in profiles]
+    local = [layers * seq * t + p.embed_s for t, p in zip(per_position, profiles, strict=True)]
     fastest = min(range(len(profiles)), key=local.__getitem__)
-    positions = apportion(seq, [_per_position_seconds(p, **dims) for p in profiles])
+    positions = apportion(seq, per_position)
     out_gather = _gather_seconds(positions, batch, hidden, bandwidth_Bps)
-    sp_layer = (max(n * _per_position_seconds(p, **dims) for n, p in zip(positions, profiles, strict=True))
-                + 2 * _gather_seconds(positions, batch, hidden, bandwidth_Bps))  # K and V
+    sp_layer = max(n * t for n, t in zip(positions, per_position, strict=True)) + 2 * out_gather  # K and V
     tp_layer = tp_layer_seconds(profiles, hidden=hidden, batch=batch, bandwidth_Bps=bandwidth_Bps, **dims)
     galaxy, galaxy_s = plan_galaxy(profiles, hidden=hidden, intermediate=intermediate, layers=layers, batch=batch,
                                    bandwidth_Bps=bandwidth_Bps, column_unit=column_unit, heads=heads, seq=seq)
