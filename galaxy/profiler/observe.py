@@ -79,7 +79,6 @@ def comm_table(comm):
     steps = comm.to_dict()
     kinds = sorted({k for row in steps.values() for k in row})
     lines = [f"{'step':>5} " + " ".join(f"{k:>20}" for k in kinds) + f" {'total MiB':>10}"]
-    for step, row in steps.items():
-        lines.append(f"{step:>5} " + " ".join(f"{row.get(k, 0) / 2**20:>20.3f}" for k in kinds)
-                     + f" {sum(row.values()) / 2**20:>10.3f}")
+    lines += [f"{step:>5} " + " ".join(f"{row.get(k, 0) / 2**20:>20.3f}" for k in kinds)
+              + f" {sum(row.values()) / 2**20:>10.3f}" for step, row in steps.items()]
     return "\n".join(lines)
