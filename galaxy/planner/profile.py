@@ -96,15 +96,14 @@ def profile_gflops(profile, flops, cfg):
     return out
 
 
-def measure_bandwidth(nbytes=8 << 20, repeats=3, group=None):
+def measure_bandwidth(nbytes=8 << 20, repeats=3):
     """Bytes per second one rank sends in Galaxy's own all-gather of nbytes per rank (ring volume
     (p-1)*n); the slowest rank's figure, so every rank plans with the same number."""
-    group = group or dist.group.WORLD
-    world = dist.get_world_size(group)
+    world = dist.get_world_size()
     x = torch.zeros(1, nbytes // 4)
-    dist.barrier(group=group)
-    seconds = torch.tensor(_best_time(lambda: C.start_all_gather(x, 0, [1] * world, group).wait(), repeats))
-    dist.all_reduce(seconds, op=dist.ReduceOp.MAX, group=group)
+    dist.barrier()
+    seconds = torch.tensor(_best_time(lambda: C.start_all_gather(x, 0, [1] * world, dist.group.WORLD).wait(), repeats))
+    dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
     return (world - 1) * nbytes / seconds.item()
 
 
