@@ -86,10 +86,9 @@ class Timeline:
         and lasted ``dur_s`` seconds; ``args`` (e.g. ``bytes=``) show in the viewer."""
         if not self.enabled:
             return
-        lane = lane or cat
         event = {"name": name, "cat": cat, "ph": "X",
                  "ts": (start_s + self._epoch_offset) * 1e6, "dur": dur_s * 1e6,
-                 "pid": self.rank, "tid": self._lanes.setdefault(lane, len(self._lanes))}
+                 "pid": self.rank, "tid": self._lanes.setdefault(lane or cat, len(self._lanes))}
         if args:
             event["args"] = args
         self.events.append(event)
