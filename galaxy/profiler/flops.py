@@ -93,9 +93,8 @@ def _sdpa(args, kwargs, out):
 
 
 def _layer_norm(args, kwargs, out):
-    n = out.numel()
     affine = sum(_arg(args, kwargs, i, name) is not None for i, name in ((2, "weight"), (3, "bias")))
-    return (5 + affine) * n, 0
+    return (5 + affine) * out.numel(), 0
 
 
 def _rms_norm(args, kwargs, out):
@@ -149,9 +148,9 @@ def call_flops(func, args, kwargs, out):
 
 # ----------------------------------------------------------------------------- profiler
 @dataclass
-class _Stats:
-    flops: int = 0  # inclusive of submodules
+class _Stats:  # in get_module_profile's order
     macs: int = 0
+    flops: int = 0  # inclusive of submodules
     self_flops: int = 0  # ops called directly in this module's forward
     duration: float = 0.0  # seconds, summed over calls
 
@@ -258,9 +257,7 @@ class FlopsProfiler:
     def get_module_profile(self, module: nn.Module) -> dict:
         """Numbers of one submodule: params, macs, flops (inclusive of its children),
         self_flops (its own code only) and duration (seconds)."""
-        s = self._stats[module]
-        return {"params": _params(module), "macs": s.macs, "flops": s.flops,
-                "self_flops": s.self_flops, "duration": s.duration}
+        return {"params": _params(module), **vars(self._stats[module])}
 
     def profile_table(self, depth: int = -1) -> str:
         """One row per module down to ``depth`` (root = 0, -1 = all), indented by depth."""
