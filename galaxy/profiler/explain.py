@@ -31,12 +31,12 @@ from galaxy.tuning.apply import apply_tuning
 Move = namedtuple("Move", "layer site kind phase shape nbytes")
 
 
-def batch(model, cfg, plan, device="meta"):
-    """One micro-step's batch (all zeros), with the id tensors the model's forward takes."""
-    rows = (cfg["batch_size"] // plan.dp_size, cfg["seq_length"])
+def batch(trainer):
+    """One micro-step's batch (all zeros) on the trainer's device, with the id tensors its model's forward takes."""
+    rows = (trainer.cfg["batch_size"] // trainer.ctx.plan.dp_size, trainer.cfg["seq_length"])
     wanted = ("input_ids", "decoder_input_ids", "labels")  # no attention_mask: all positions are real
-    params = inspect.signature(model.forward).parameters
-    return {k: torch.zeros(rows, dtype=torch.long, device=device) for k in wanted if k in params}
+    params = inspect.signature(trainer.model.forward).parameters
+    return {k: torch.zeros(rows, dtype=torch.long, device=trainer.ctx.device) for k in wanted if k in params}
 
 
 class _LayerLabels:
@@ -86,7 +86,7 @@ def record_step(plan, cfg, rank, build_model):
     with stats.listening(listen), warnings.catch_warnings():
         # a frozen layer (side-tuning) gets no input gradient; its label hook still fires, as wanted
         warnings.filterwarnings("ignore", "Full backward hook is firing")
-        batches = [batch(model, cfg, plan) for _ in range(cfg["gradient_accumulation_steps"])]
+        batches = [batch(trainer) for _ in range(cfg["gradient_accumulation_steps"])]
         trainer.forward_backward(batches, 1.0)
         trainer.sync.finish()
         trainer.opt.step()  # ZeRO-1/2 gather the updated parameter shards
