@@ -33,22 +33,18 @@ def _best_time(fn, repeats):
     return min(times)
 
 
-def _serial_blocks(cfg, plan):
-    """(one serial layer, the embeddings, the attention bias) of cfg's model family (bert, llama)."""
+def _block_calls(cfg):
+    """One serial layer of cfg's model (bert or llama, built at its batch and sequence) and a call per
+    block: attention, MLP, connective (a pre-norm model's connective includes its norm), embeddings."""
+    seq, heads, inter = cfg["seq_length"], cfg["num_attention_heads"], cfg["intermediate_size"]
+    plan = Plan(heads=(heads,), kv_heads=(heads,), columns=(inter,), positions=(seq,), stage_layers=(1,))
     if cfg["model"] == "llama":
         lcfg = LlamaConfig.from_dict(cfg)
         layer = llama_layer(lcfg, ParallelContext(plan), Rotary(lcfg), REPLICATE)
-        return layer, nn.Embedding(lcfg.vocab_size, lcfg.hidden_size), causal_bias(cfg["seq_length"])
-    bcfg = BertConfig.from_dict(cfg)
-    return bert_layer(bcfg, ParallelContext(plan), 0, REPLICATE), BertEmbeddings(bcfg), None
-
-
-def _block_calls(cfg):
-    """One serial layer of cfg's model (built at its batch and sequence) and a call per block:
-    attention, MLP, connective (a pre-norm model's connective includes its norm), embeddings."""
-    seq, heads, inter = cfg["seq_length"], cfg["num_attention_heads"], cfg["intermediate_size"]
-    plan = Plan(heads=(heads,), kv_heads=(heads,), columns=(inter,), positions=(seq,), stage_layers=(1,))
-    layer, embeddings, bias = _serial_blocks(cfg, plan)
+        embeddings, bias = nn.Embedding(lcfg.vocab_size, lcfg.hidden_size), causal_bias(seq)
+    else:
+        bcfg = BertConfig.from_dict(cfg)
+        layer, embeddings, bias = bert_layer(bcfg, ParallelContext(plan), 0, REPLICATE), BertEmbeddings(bcfg), None
     layer.eval()
     x = torch.randn(cfg["batch_size"], seq, cfg["hidden_size"])
     ids = torch.randint(cfg["vocab_size"], (cfg["batch_size"], seq))
