@@ -128,20 +128,13 @@ def ownership(plan):
     return lines
 
 
-def _sections(moves):
-    """[(layer, phase, [(row, count)])]: consecutive moves of one layer and phase, runs of equal rows counted."""
-    sections = []
-    for (layer, phase), section in groupby(moves, key=lambda m: (m.layer, m.phase)):
-        rows = groupby((m.site, m.kind, m.shape, m.nbytes) for m in section)
-        sections.append((layer, phase, [(row, len(list(run))) for row, run in rows]))
-    return sections
-
-
 def _move_lines(moves):
+    """Consecutive moves of one layer and phase under one heading, runs of equal rows counted."""
     lines = []
-    for layer, phase, rows in _sections(moves):
+    for (layer, phase), section in groupby(moves, key=lambda m: (m.layer, m.phase)):
         lines.append(f"  {layer or '(outside any layer)'}: {PASSES[phase]}")
-        for (site, kind, shape, nbytes), count in rows:
+        for (site, kind, shape, nbytes), run in groupby((m.site, m.kind, m.shape, m.nbytes) for m in section):
+            count = len(list(run))
             times = f"x{count}" if count > 1 else ""
             lines.append(f"    {site:<30} {stats.label(kind, phase):<20} {str(list(shape)):<18} {times:>3} "
                          f"{_mib(nbytes * count):>10}")
