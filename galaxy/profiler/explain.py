@@ -159,9 +159,8 @@ def explain(plan, cfg, build_model):
     kinds = sorted({k for t in totals.values() for k in t})
     lines += ["", "bytes per optimizer step, per rank:",
               f"{'rank':>4} " + " ".join(f"{k:>20}" for k in kinds) + f" {'total':>12}"]
-    for rank, t in totals.items():
-        lines.append(f"{rank:>4} " + " ".join(f"{_mib(t.get(k, 0)):>20}" for k in kinds)
-                     + f" {_mib(sum(t.values())):>12}")
+    lines += [f"{rank:>4} " + " ".join(f"{_mib(t.get(k, 0)):>20}" for k in kinds) + f" {_mib(sum(t.values())):>12}"
+              for rank, t in totals.items()]
     if schedule:
         lines += ["", f"pipeline schedule {cfg['pipeline_schedule']}, actions per stage:"] + schedule
     return "\n".join(lines)
