@@ -92,13 +92,11 @@ def _sdpa(args, kwargs, out):
     return 2 * macs + _SOFTMAX_FLOPS * scores, macs
 
 
-def _layer_norm(args, kwargs, out):
-    affine = sum(_arg(args, kwargs, i, name) is not None for i, name in ((2, "weight"), (3, "bias")))
-    return (5 + affine) * out.numel(), 0
-
-
-def _rms_norm(args, kwargs, out):
-    return (4 + (_arg(args, kwargs, 2, "weight") is not None)) * out.numel(), 0
+def _norm(base, *affine):
+    """A norm's rule: `base` FLOPs per element, plus one per affine argument (position, name) given."""
+    def rule(args, kwargs, out):
+        return (base + sum(_arg(args, kwargs, i, name) is not None for i, name in affine)) * out.numel(), 0
+    return rule
 
 
 def _per_element(flops_per_element):
@@ -109,9 +107,9 @@ _T = torch.Tensor
 _RULES = {
     F.linear: _linear,
     F.scaled_dot_product_attention: _sdpa,
-    F.layer_norm: _layer_norm,
+    F.layer_norm: _norm(5, (2, "weight"), (3, "bias")),
     F.embedding: _per_element(0),  # a gather; listed to make the 0 a decision, not an omission
-    F.rms_norm: _rms_norm,
+    F.rms_norm: _norm(4, (2, "weight")),
     F.gelu: _per_element(8),
     F.silu: _per_element(4),
     F.relu: _per_element(1),
