@@ -33,22 +33,18 @@ def _best_time(fn, repeats):
     return min(times)
 
 
-def _serial_blocks(cfg, plan):
-    """(one serial layer, the embeddings, the attention bias) of cfg's model family (bert, llama)."""
+def _block_calls(cfg):
+    """One serial layer of cfg's model (bert or llama, built at its batch and sequence) and a call per
+    block: attention, MLP, connective (a pre-norm model's connective includes its norm), embeddings."""
+    seq, heads, inter = cfg["seq_length"], cfg["num_attention_heads"], cfg["intermediate_size"]
+    plan = Plan(heads=(heads,), kv_heads=(heads,), columns=(inter,), positions=(seq,), stage_layers=(1,))
     if cfg["model"] == "llama":
         lcfg = LlamaConfig.from_dict(cfg)
         layer = llama_layer(lcfg, ParallelContext(plan), Rotary(lcfg), REPLICATE)
-        return layer, nn.Embedding(lcfg.vocab_size, lcfg.hidden_size), causal_bias(cfg["seq_length"])
-    bcfg = BertConfig.from_dict(cfg)
-    return bert_layer(bcfg, ParallelContext(plan), 0, REPLICATE), BertEmbeddings(bcfg), None
-
-
-def _block_calls(cfg):
-    """One serial layer of cfg's model (built at its batch and sequence) and a call per block:
-    attention, MLP, connective (a pre-norm model's connective includes its norm), embeddings."""
-    seq, heads, inter = cfg["seq_length"], cfg["num_attention_heads"], cfg["intermediate_size"]
-    plan = Plan(heads=(heads,), kv_heads=(heads,), columns=(inter,), positions=(seq,), stage_layers=(1,))
-    layer, embeddings, bias = _serial_blocks(cfg, plan)
+        embeddings, bias = nn.Embedding(lcfg.vocab_size, lcfg.hidden_size), causal_bias(seq)
+    else:
+        bcfg = BertConfig.from_dict(cfg)
+        layer, embeddings, bias = bert_layer(bcfg, ParallelContext(plan), 0, REPLICATE), BertEmbeddings(bcfg), None
     layer.eval()
     x = torch.randn(cfg["batch_size"], seq, cfg["hidden_size"])
     ids = torch.randint(cfg["vocab_size"], (cfg["batch_size"], seq))
@@ -96,15 +92,14 @@ def profile_gflops(profile, flops, cfg):
     return out
 
 
-def measure_bandwidth(nbytes=8 << 20, repeats=3, group=None):
+def measure_bandwidth(nbytes=8 << 20, repeats=3):
     """Bytes per second one rank sends in Galaxy's own all-gather of nbytes per rank (ring volume
     (p-1)*n); the slowest rank's figure, so every rank plans with the same number."""
-    group = group or dist.group.WORLD
-    world = dist.get_world_size(group)
+    world = dist.get_world_size()
     x = torch.zeros(1, nbytes // 4)
-    dist.barrier(group=group)
-    seconds = torch.tensor(_best_time(lambda: C.start_all_gather(x, 0, [1] * world, group).wait(), repeats))
-    dist.all_reduce(seconds, op=dist.ReduceOp.MAX, group=group)
+    dist.barrier()
+    seconds = torch.tensor(_best_time(lambda: C.start_all_gather(x, 0, [1] * world, dist.group.WORLD).wait(), repeats))
+    dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
     return (world - 1) * nbytes / seconds.item()
 
 

@@ -147,11 +147,9 @@ def fitted_profiles(costs, split, before=None):
     `split` and, when given, block_seconds at the share before the last move."""
     now = block_seconds(costs, split)
     before = before or [[None] * len(BLOCKS)] * len(costs)
-    out = []
-    for rank_now, rank_before in zip(now, before, strict=True):
-        (att0, att), (mlp0, mlp), (con0, con) = map(fit_block, rank_now, rank_before)
-        out.append(RankProfile(att, mlp, con, att_s_fixed=att0, mlp_s_fixed=mlp0, con_s_fixed=con0))
-    return out
+    fits = (map(fit_block, rank_now, rank_before) for rank_now, rank_before in zip(now, before, strict=True))
+    return [RankProfile(att, mlp, con, att_s_fixed=att0, mlp_s_fixed=mlp0, con_s_fixed=con0)
+            for (att0, att), (mlp0, mlp), (con0, con) in fits]
 
 
 def best_split(costs, split, dims, before=None):

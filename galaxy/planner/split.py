@@ -71,12 +71,17 @@ def comm_seconds(positions, batch, hidden, bandwidth_Bps, bytes_per=4):
     return 2 * (_gather_bytes(positions, batch, hidden, bytes_per) + scatter) / bandwidth_Bps
 
 
+SPLIT_KEYS = ("tp_num_attention_heads_list", "tp_intermediate_size_list", "seq_scatter_list")
+# per split list: the RankProfile's (seconds per unit, fixed seconds) of the block it splits
+_BLOCK_COSTS = {"tp_num_attention_heads_list": ("att_s_per_head", "att_s_fixed"),
+                "tp_intermediate_size_list": ("mlp_s_per_column", "mlp_s_fixed"),
+                "seq_scatter_list": ("con_s_per_position", "con_s_fixed")}
+
+
 def predict_layer_seconds(split, profiles, batch, hidden, bandwidth_Bps):
-    heads, cols, pos = split["tp_num_attention_heads_list"], split["tp_intermediate_size_list"], split["seq_scatter_list"]
-    att = max(p.att_s_fixed + h * p.att_s_per_head for h, p in zip(heads, profiles, strict=True))
-    mlp = max(p.mlp_s_fixed + c * p.mlp_s_per_column for c, p in zip(cols, profiles, strict=True))
-    con = max(p.con_s_fixed + n * p.con_s_per_position for n, p in zip(pos, profiles, strict=True))
-    return att + mlp + 2 * con + comm_seconds(pos, batch, hidden, bandwidth_Bps)
+    att, mlp, con = (max(getattr(p, fixed) + n * getattr(p, each) for n, p in zip(split[key], profiles, strict=True))
+                     for key, (each, fixed) in _BLOCK_COSTS.items())
+    return att + mlp + 2 * con + comm_seconds(split["seq_scatter_list"], batch, hidden, bandwidth_Bps)
 
 
 def layer_param_bytes(hidden, heads, bytes_per=4):
@@ -99,13 +104,6 @@ def memory_caps(profiles, hidden, heads, intermediate, layers):
     head_caps = [_fit(p.memory_bytes * att_share, per_head, heads) for p in profiles]
     col_caps = [_fit(p.memory_bytes * (1 - att_share), per_col, intermediate) for p in profiles]
     return head_caps, col_caps
-
-
-SPLIT_KEYS = ("tp_num_attention_heads_list", "tp_intermediate_size_list", "seq_scatter_list")
-# per split list: the RankProfile's (seconds per unit, fixed seconds) of the block it splits
-_BLOCK_COSTS = {"tp_num_attention_heads_list": ("att_s_per_head", "att_s_fixed"),
-                "tp_intermediate_size_list": ("mlp_s_per_column", "mlp_s_fixed"),
-                "seq_scatter_list": ("con_s_per_position", "con_s_fixed")}
 
 
 def split_layer(profiles, totals, units=None, caps=None, extra=None):
@@ -142,8 +140,7 @@ def plan_galaxy(profiles, *, hidden, heads, intermediate, seq, layers, batch, ba
 
 def even_galaxy(world, *, heads, intermediate, seq):
     """The even split (what a config without lists gets), for comparison."""
-    return {"parallel": "galaxy", "tp_num_attention_heads_list": even_split(heads, world),
-            "tp_intermediate_size_list": even_split(intermediate, world), "seq_scatter_list": even_split(seq, world)}
+    return {"parallel": "galaxy", **{k: even_split(n, world) for k, n in zip(SPLIT_KEYS, (heads, intermediate, seq))}}
 
 
 def pipeline_seconds(stage_layers, s_per_layer, microbatches, extra_s=None, link_s=0.0):
@@ -308,12 +305,12 @@ def plan_layouts(profiles, *, hidden, heads, intermediate, seq, layers, batch, b
     their times compare; choose with `min(candidates, key=lambda k: candidates[k][1])`."""
     dims = dict(heads=heads, intermediate=intermediate, seq=seq)
     embed = max(p.embed_s for p in profiles)
-    local = [layers * seq * _per_position_seconds(p, **dims) + p.embed_s for p in profiles]
+    per_position = [_per_position_seconds(p, **dims) for p in profiles]
+    local = [layers * seq * t + p.embed_s for t, p in zip(per_position, profiles, strict=True)]
     fastest = min(range(len(profiles)), key=local.__getitem__)
-    positions = apportion(seq, [_per_position_seconds(p, **dims) for p in profiles])
+    positions = apportion(seq, per_position)
     out_gather = _gather_seconds(positions, batch, hidden, bandwidth_Bps)
-    sp_layer = (max(n * _per_position_seconds(p, **dims) for n, p in zip(positions, profiles, strict=True))
-                + 2 * _gather_seconds(positions, batch, hidden, bandwidth_Bps))  # K and V
+    sp_layer = max(n * t for n, t in zip(positions, per_position, strict=True)) + 2 * out_gather  # K and V
     tp_layer = tp_layer_seconds(profiles, hidden=hidden, batch=batch, bandwidth_Bps=bandwidth_Bps, **dims)
     galaxy, galaxy_s = plan_galaxy(profiles, hidden=hidden, intermediate=intermediate, layers=layers, batch=batch,
                                    bandwidth_Bps=bandwidth_Bps, column_unit=column_unit, heads=heads, seq=seq)

@@ -31,12 +31,12 @@ from galaxy.tuning.apply import apply_tuning
 Move = namedtuple("Move", "layer site kind phase shape nbytes")
 
 
-def batch(model, cfg, plan, device="meta"):
-    """One micro-step's batch (all zeros), with the id tensors the model's forward takes."""
-    rows = (cfg["batch_size"] // plan.dp_size, cfg["seq_length"])
+def batch(trainer):
+    """One micro-step's batch (all zeros) on the trainer's device, with the id tensors its model's forward takes."""
+    rows = (trainer.cfg["batch_size"] // trainer.ctx.plan.dp_size, trainer.cfg["seq_length"])
     wanted = ("input_ids", "decoder_input_ids", "labels")  # no attention_mask: all positions are real
-    params = inspect.signature(model.forward).parameters
-    return {k: torch.zeros(rows, dtype=torch.long, device=device) for k in wanted if k in params}
+    params = inspect.signature(trainer.model.forward).parameters
+    return {k: torch.zeros(rows, dtype=torch.long, device=trainer.ctx.device) for k in wanted if k in params}
 
 
 class _LayerLabels:
@@ -86,7 +86,7 @@ def record_step(plan, cfg, rank, build_model):
     with stats.listening(listen), warnings.catch_warnings():
         # a frozen layer (side-tuning) gets no input gradient; its label hook still fires, as wanted
         warnings.filterwarnings("ignore", "Full backward hook is firing")
-        batches = [batch(model, cfg, plan) for _ in range(cfg["gradient_accumulation_steps"])]
+        batches = [batch(trainer) for _ in range(cfg["gradient_accumulation_steps"])]
         trainer.forward_backward(batches, 1.0)
         trainer.sync.finish()
         trainer.opt.step()  # ZeRO-1/2 gather the updated parameter shards
@@ -128,20 +128,13 @@ def ownership(plan):
     return lines
 
 
-def _sections(moves):
-    """[(layer, phase, [(row, count)])]: consecutive moves of one layer and phase, runs of equal rows counted."""
-    sections = []
-    for (layer, phase), section in groupby(moves, key=lambda m: (m.layer, m.phase)):
-        rows = groupby((m.site, m.kind, m.shape, m.nbytes) for m in section)
-        sections.append((layer, phase, [(row, len(list(run))) for row, run in rows]))
-    return sections
-
-
 def _move_lines(moves):
+    """Consecutive moves of one layer and phase under one heading, runs of equal rows counted."""
     lines = []
-    for layer, phase, rows in _sections(moves):
+    for (layer, phase), section in groupby(moves, key=lambda m: (m.layer, m.phase)):
         lines.append(f"  {layer or '(outside any layer)'}: {PASSES[phase]}")
-        for (site, kind, shape, nbytes), count in rows:
+        for (site, kind, shape, nbytes), run in groupby((m.site, m.kind, m.shape, m.nbytes) for m in section):
+            count = len(list(run))
             times = f"x{count}" if count > 1 else ""
             lines.append(f"    {site:<30} {stats.label(kind, phase):<20} {str(list(shape)):<18} {times:>3} "
                          f"{_mib(nbytes * count):>10}")
@@ -166,9 +159,8 @@ def explain(plan, cfg, build_model):
     kinds = sorted({k for t in totals.values() for k in t})
     lines += ["", "bytes per optimizer step, per rank:",
               f"{'rank':>4} " + " ".join(f"{k:>20}" for k in kinds) + f" {'total':>12}"]
-    for rank, t in totals.items():
-        lines.append(f"{rank:>4} " + " ".join(f"{_mib(t.get(k, 0)):>20}" for k in kinds)
-                     + f" {_mib(sum(t.values())):>12}")
+    lines += [f"{rank:>4} " + " ".join(f"{_mib(t.get(k, 0)):>20}" for k in kinds) + f" {_mib(sum(t.values())):>12}"
+              for rank, t in totals.items()]
     if schedule:
         lines += ["", f"pipeline schedule {cfg['pipeline_schedule']}, actions per stage:"] + schedule
     return "\n".join(lines)

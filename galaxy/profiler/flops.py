@@ -92,14 +92,11 @@ def _sdpa(args, kwargs, out):
     return 2 * macs + _SOFTMAX_FLOPS * scores, macs
 
 
-def _layer_norm(args, kwargs, out):
-    n = out.numel()
-    affine = sum(_arg(args, kwargs, i, name) is not None for i, name in ((2, "weight"), (3, "bias")))
-    return (5 + affine) * n, 0
-
-
-def _rms_norm(args, kwargs, out):
-    return (4 + (_arg(args, kwargs, 2, "weight") is not None)) * out.numel(), 0
+def _norm(base, *affine):
+    """A norm's rule: `base` FLOPs per element, plus one per affine argument (position, name) given."""
+    def rule(args, kwargs, out):
+        return (base + sum(_arg(args, kwargs, i, name) is not None for i, name in affine)) * out.numel(), 0
+    return rule
 
 
 def _per_element(flops_per_element):
@@ -110,24 +107,21 @@ _T = torch.Tensor
 _RULES = {
     F.linear: _linear,
     F.scaled_dot_product_attention: _sdpa,
-    F.layer_norm: _layer_norm,
+    F.layer_norm: _norm(5, (2, "weight"), (3, "bias")),
     F.embedding: _per_element(0),  # a gather; listed to make the 0 a decision, not an omission
-    F.rms_norm: _rms_norm,
+    F.rms_norm: _norm(4, (2, "weight")),
     F.gelu: _per_element(8),
     F.silu: _per_element(4),
     F.relu: _per_element(1),
     torch.addmm: _addmm,
     torch.baddbmm: _addmm,
+    **dict.fromkeys((torch.matmul, torch.mm, torch.bmm, _T.matmul, _T.mm, _T.bmm), _matmul),
+    **dict.fromkeys((F.softmax, torch.softmax, _T.softmax), _per_element(_SOFTMAX_FLOPS)),
+    # add / sub / mul / div (in-place forms too), then the scalar-on-the-left operators
+    **dict.fromkeys([getattr(owner, name + tail) for name in ("add", "sub", "mul", "div")
+                     for owner, tail in ((torch, ""), (_T, ""), (_T, "_"))] + [torch.rsub, _T.__rsub__, _T.__rdiv__],
+                    _per_element(1)),
 }
-for _f in (torch.matmul, torch.mm, torch.bmm, _T.matmul, _T.mm, _T.bmm):
-    _RULES[_f] = _matmul
-for _f in (F.softmax, torch.softmax, _T.softmax):
-    _RULES[_f] = _per_element(_SOFTMAX_FLOPS)
-for _name in ("add", "sub", "mul", "div"):
-    for _f in (getattr(torch, _name), getattr(_T, _name), getattr(_T, _name + "_")):
-        _RULES[_f] = _per_element(1)
-for _f in (torch.rsub, _T.__rsub__, _T.__rdiv__):  # scalar-on-the-left operators
-    _RULES[_f] = _per_element(1)
 
 
 def _local(x):
@@ -152,9 +146,9 @@ def call_flops(func, args, kwargs, out):
 
 # ----------------------------------------------------------------------------- profiler
 @dataclass
-class _Stats:
-    flops: int = 0  # inclusive of submodules
+class _Stats:  # in get_module_profile's order
     macs: int = 0
+    flops: int = 0  # inclusive of submodules
     self_flops: int = 0  # ops called directly in this module's forward
     duration: float = 0.0  # seconds, summed over calls
 
@@ -223,8 +217,7 @@ class FlopsProfiler:
     def reset(self):
         """Zero all counters (hooks stay as they are)."""
         self._stats = {m: _Stats() for m in self._names}
-        self._total_flops = self._total_macs = 0
-        self._total_duration = 0.0
+        self._total = _Stats()  # its duration: top-level calls only
 
     # -- hooks
     def _pre_hook(self, module, args):
@@ -237,42 +230,37 @@ class FlopsProfiler:
         dt = time.perf_counter() - t0
         self._stats[module].duration += dt
         if not self._stack:  # a top-level call: that is what the totals time
-            self._total_duration += dt
+            self._total.duration += dt
 
     def _charge(self, flops, macs):
-        self._total_flops += flops
-        self._total_macs += macs
-        for module, _ in self._stack:
-            s = self._stats[module]
+        for s in [self._total] + [self._stats[module] for module, _ in self._stack]:
             s.flops += flops
             s.macs += macs
         self._stats[self._stack[-1][0]].self_flops += flops
 
     # -- results (totals = ops run inside any forward of the model's modules)
     def get_total_flops(self) -> int:
-        return self._total_flops
+        return self._total.flops
 
     def get_total_macs(self) -> int:
-        return self._total_macs
+        return self._total.macs
 
     def get_total_params(self) -> int:
         return _params(self.model)
 
     def get_total_duration(self) -> float:
         """Seconds spent in top-level module forwards."""
-        return self._total_duration
+        return self._total.duration
 
     def get_module_profile(self, module: nn.Module) -> dict:
         """Numbers of one submodule: params, macs, flops (inclusive of its children),
         self_flops (its own code only) and duration (seconds)."""
-        s = self._stats[module]
-        return {"params": _params(module), "macs": s.macs, "flops": s.flops,
-                "self_flops": s.self_flops, "duration": s.duration}
+        return {"params": _params(module), **vars(self._stats[module])}
 
     def profile_table(self, depth: int = -1) -> str:
         """One row per module down to ``depth`` (root = 0, -1 = all), indented by depth."""
-        tot_flops = max(self._total_flops, 1)
-        tot_time = max(self._total_duration, 1e-12)
+        tot_flops = max(self._total.flops, 1)
+        tot_time = max(self._total.duration, 1e-12)
         header = ("module", "params", "MACs", "FLOPs", "%FLOPs", "latency", "%time")
         rows = []
         for name, m in self.model.named_modules():
@@ -296,17 +284,17 @@ class FlopsProfiler:
         """Totals, the per-module table, and the ``top_modules`` modules whose own
         code (excluding submodules) performs the most FLOPs."""
         file = file or sys.stdout
-        dur = self._total_duration
-        print(f"params: {_si(self.get_total_params())}  MACs: {_si(self._total_macs)}  "
-              f"FLOPs: {_si(self._total_flops)}  forward latency: {dur * 1e3:.3f} ms  "
-              f"achieved: {_si(self._total_flops / dur if dur else 0)}FLOP/s", file=file)
+        dur = self._total.duration
+        print(f"params: {_si(self.get_total_params())}  MACs: {_si(self._total.macs)}  "
+              f"FLOPs: {_si(self._total.flops)}  forward latency: {dur * 1e3:.3f} ms  "
+              f"achieved: {_si(self._total.flops / dur if dur else 0)}FLOP/s", file=file)
         print(self.profile_table(depth), file=file)
         top = sorted(self._names, key=lambda m: self._stats[m].self_flops, reverse=True)[:top_modules]
         print(f"top {len(top)} modules by own FLOPs:", file=file)
         for m in top:
             f = self._stats[m].self_flops
             print(f"  {self._names[m] or '(root)'} ({type(m).__name__}): {_si(f)}FLOPs "
-                  f"({100 * f / max(self._total_flops, 1):.1f}%)", file=file)
+                  f"({100 * f / max(self._total.flops, 1):.1f}%)", file=file)
 
 
 def _params(module: nn.Module) -> int:

@@ -40,7 +40,7 @@ def _unique_bytes(tensors):
 def saved_bytes(trainer):
     """Bytes autograd keeps for backward after one micro-batch's forward, each storage once,
     parameters not counted (they are model state)."""
-    micro_batch = batch(trainer.model, trainer.cfg, trainer.ctx.plan, trainer.ctx.device)
+    micro_batch = batch(trainer)
     own = {_key(p) for p in trainer.model.parameters()}
     saved = {}
 
@@ -156,8 +156,7 @@ def _step(trainer, batches):
 
 def peak_bytes(trainer):
     """The most bytes alive during the second optimizer step (the first creates AdamW's state)."""
-    device, cfg = trainer.ctx.device, trainer.cfg
-    batches = [batch(trainer.model, cfg, trainer.ctx.plan, device) for _ in range(cfg["gradient_accumulation_steps"])]
+    batches = [batch(trainer) for _ in range(trainer.cfg["gradient_accumulation_steps"])]
     _step(trainer, batches)
     with step_peak(trainer) as peak:
         _step(trainer, batches)

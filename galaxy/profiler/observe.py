@@ -20,15 +20,6 @@ from galaxy.layers.transformer import TransformerLayer
 from galaxy.profiler.trace import disable_tracing, enable_tracing
 
 
-def _collective_listener(timeline, current_step):
-    def listen(kind, nbytes, phase, start_s, dur_s, *_):
-        name = stats.label(kind, phase)
-        lane = "grad sync" if phase == stats.GRAD else "comm"
-        timeline.record(name, "comm", start_s, dur_s, lane=lane, bytes=nbytes, phase=phase, step=current_step())
-        timeline.comm.add(current_step(), name, nbytes)
-    return listen
-
-
 def _span_hooks(timeline, module, name):
     """Forward and backward spans of `module` in the compute lane; returns the hook handles."""
     starts = {}
@@ -57,8 +48,15 @@ def traced(trace_dir, rank, model, current_step):
     timeline = enable_tracing(rank)
     handles = [h for name, m in model.named_modules() if isinstance(m, TransformerLayer)
                for h in _span_hooks(timeline, m, f"layer {name.rsplit('.', 1)[-1]}")]
+
+    def listen(kind, nbytes, phase, start_s, dur_s, *_):  # every collective, in the comm or grad sync lane
+        name = stats.label(kind, phase)
+        lane = "grad sync" if phase == stats.GRAD else "comm"
+        timeline.record(name, "comm", start_s, dur_s, lane=lane, bytes=nbytes, phase=phase, step=current_step())
+        timeline.comm.add(current_step(), name, nbytes)
+
     try:
-        with stats.listening(_collective_listener(timeline, current_step)):
+        with stats.listening(listen):
             yield lambda metrics: step_span(timeline, metrics)
     finally:
         for h in handles:
@@ -79,7 +77,6 @@ def comm_table(comm):
     steps = comm.to_dict()
     kinds = sorted({k for row in steps.values() for k in row})
     lines = [f"{'step':>5} " + " ".join(f"{k:>20}" for k in kinds) + f" {'total MiB':>10}"]
-    for step, row in steps.items():
-        lines.append(f"{step:>5} " + " ".join(f"{row.get(k, 0) / 2**20:>20.3f}" for k in kinds)
-                     + f" {sum(row.values()) / 2**20:>10.3f}")
+    lines += [f"{step:>5} " + " ".join(f"{row.get(k, 0) / 2**20:>20.3f}" for k in kinds)
+              + f" {sum(row.values()) / 2**20:>10.3f}" for step, row in steps.items()]
     return "\n".join(lines)

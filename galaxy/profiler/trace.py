@@ -86,20 +86,17 @@ class Timeline:
         and lasted ``dur_s`` seconds; ``args`` (e.g. ``bytes=``) show in the viewer."""
         if not self.enabled:
             return
-        lane = lane or cat
         event = {"name": name, "cat": cat, "ph": "X",
                  "ts": (start_s + self._epoch_offset) * 1e6, "dur": dur_s * 1e6,
-                 "pid": self.rank, "tid": self._lanes.setdefault(lane, len(self._lanes))}
+                 "pid": self.rank, "tid": self._lanes.setdefault(lane or cat, len(self._lanes))}
         if args:
             event["args"] = args
         self.events.append(event)
 
     def _metadata(self) -> list[dict]:
-        meta = [{"name": "process_name", "ph": "M", "pid": self.rank, "tid": 0,
-                 "args": {"name": f"rank {self.rank}"}}]
-        meta += [{"name": "thread_name", "ph": "M", "pid": self.rank, "tid": tid,
-                  "args": {"name": lane}} for lane, tid in self._lanes.items()]
-        return meta
+        names = [("process_name", 0, f"rank {self.rank}")] + [("thread_name", t, n) for n, t in self._lanes.items()]
+        return [{"name": kind, "ph": "M", "pid": self.rank, "tid": tid, "args": {"name": name}}
+                for kind, tid, name in names]
 
     def save(self, path: str):
         """Write this rank's trace (creating the folder); comm bytes go in ``otherData``."""
