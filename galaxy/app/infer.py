@@ -321,12 +321,6 @@ def eval_model(cfg, plan, rank):
     return model.eval(), ctx
 
 
-def prepare(cfg, plan, rank):
-    """This rank's part of the model, ready for requests: returns (forward, ctx) for serve."""
-    model, ctx = eval_model(cfg, plan, rank)
-    return forward_fn(model, cfg["model"]), ctx
-
-
 def infer(rank, world, cfg, plan, args):
     model, ctx = eval_model(cfg, plan, rank)
     regroups = cfg["elastic_restarts"] if cfg["elastic"] and elastic.in_place(plan, resumes=False) else 0

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from galaxy.app import infer
-from galaxy.app.infer import prepare, serve
+from galaxy.app.infer import eval_model, forward_fn, serve
 from galaxy.config.load import load_config
 from galaxy.models.registry import build_model
 from galaxy.plan import build_plan
@@ -67,8 +67,8 @@ def _infer_cases(rank, world, checkpoint):
 
 
 def _infer_once(cfg, world, rank):
-    forward, ctx = prepare(cfg, build_plan(cfg, world), rank)
-    return [o for o, _ in serve(forward, [batch(cfg)], ctx)][0]
+    model, ctx = eval_model(cfg, build_plan(cfg, world), rank)  # the path infer() takes to serve()
+    return [o for o, _ in serve(forward_fn(model, cfg["model"]), [batch(cfg)], ctx)][0]
 
 
 @pytest.mark.parametrize("world", [2, 3])
