@@ -228,17 +228,21 @@ def _check_sizes(x, dim, sizes, group, full):
         raise ValueError(f"tensor has {x.shape[dim]} along dim {dim}, sizes {list(sizes)} expect {expected}")
 
 
-def _checked(function, full):
-    """A public collective of a split dimension: `function` on (x, dim, sizes, group), once checked."""
-    def collective(x, dim, sizes, group):
-        _check_sizes(x, dim, sizes, group, full)
-        return function.apply(x, dim, list(sizes), group)
+def _public(name, function, full=None):
+    """The collective `name` (CONJUGATES' key: the placement table and --explain name it so): `function`
+    on (x, group), or on (x, dim, sizes, group) with the split dimension checked (full: sizes sum to it)."""
+    def collective(x, *args):
+        if full is not None:
+            _check_sizes(x, *args, full)
+            args = (args[0], list(args[1]), args[2])
+        return function.apply(x, *args)
+    collective.__name__ = collective.__qualname__ = name
     return collective
 
 
-copy_to_all = _CopyToAll.apply  # (x, group)
-all_reduce = _AllReduce.apply
-split_scatter = _checked(_SplitScatter, full=True)
-gather_along_dim = _checked(_GatherAlongDim, full=False)
-reduce_scatter = _checked(_ReduceScatter, full=True)
-all_gather = _checked(_AllGather, full=False)
+copy_to_all = _public("copy_to_all", _CopyToAll)  # (x, group)
+all_reduce = _public("all_reduce", _AllReduce)
+split_scatter = _public("split_scatter", _SplitScatter, full=True)  # (x, dim, sizes, group)
+gather_along_dim = _public("gather_along_dim", _GatherAlongDim, full=False)
+reduce_scatter = _public("reduce_scatter", _ReduceScatter, full=True)
+all_gather = _public("all_gather", _AllGather, full=False)
