@@ -1,7 +1,7 @@
 """The Galaxy paper's experiment (issues 15, 23): forward latency of edge devices, emulated by
 throughput, over shaped links, every method side by side and beside the physical limit.
 
-    sudo python -m benchmarks.paper                   # the full grid (GRID, 28 minutes on a quiet machine)
+    sudo python -m benchmarks.paper                   # the full grid (GRID, 27 minutes on a quiet machine)
     sudo python -m benchmarks.paper --links 1gbit --devices 16,4 --models bert --seqs 128 --repeats 2
 
 Every rank runs in its own network namespace, linked to a switch by its own link of the given rate
@@ -75,7 +75,7 @@ RACED = {"local": "local", "tp": "tp", "sp": "sp_planned", "galaxy even": "galax
 OFF = 0.10  # an emulated device whose measured throughput is further than this from its target is "off"
 COMPUTE_BOUND = 3.0  # regime "compute": the fastest device's layer compute >= this x TP's link time per layer
 
-# The full grid: 28 minutes on a quiet 2-core machine (docs/results/paper.md has the time per row).
+# The full grid: 27 minutes on a quiet 2-core machine (docs/results/paper.md has the time per row).
 # 16 GFLOP/s devices are compute-dominated over 1 Gbit/s and 500 Mbit/s and link-bound over 100 Mbit/s;
 # 6 GFLOP/s ones are compute-dominated over 100 Mbit/s too (docs/emulation.md: the device classes). The
 # ranks of a row together stay below ~40 GFLOP/s: these 2 host cores do ~30 GFLOP/s each in a matmul.
@@ -400,8 +400,8 @@ def main(argv=None):
     p.add_argument("--delay", default="1ms", help="one-way delay (applied only where the kernel has netem)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--tiles", nargs="+", type=parse_tiles, default=[1, 2, 4],
-                   help="overlap_tiles the planner measures, counts or tile sizes (2 4 1,3)")
+    p.add_argument("--tiles", nargs="+", type=parse_tiles, default=[1, 2, 4, [1, 7]],
+                   help="overlap_tiles the planner measures, counts or tile sizes (2 4 1,3); [1, 7] won at seq 512")
     p.add_argument("--trial_repeats", type=int, default=5,
                    help=f"most rounds of the planner's check of its candidates (at least {MIN_ROUNDS}; it stops "
                         f"once one is clearly fastest)")
