@@ -48,6 +48,9 @@ class SideNetwork(nn.Module):
     def __init__(self, hidden_size: int, layers, side_reduction_factor: int = 8, add_bias_sampling: bool = True,
                  non_linearity: str = "gelu", first: bool = True, last: bool = True):
         super().__init__()
+        if hidden_size % side_reduction_factor:  # configs are refused earlier (check_tuning); a direct build here
+            raise ValueError(f"hidden_size={hidden_size} is not divisible by "
+                             f"side_reduction_factor={side_reduction_factor}")
         self.layers = range(layers) if isinstance(layers, int) else layers
         self.first, self.last = first, last
         self.width = width = hidden_size // side_reduction_factor

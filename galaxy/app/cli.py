@@ -82,7 +82,7 @@ def add_device_args(parser):
     group = parser.add_argument_group("emulated devices")
     group.add_argument("--device_gflops", type=argument(emulate.parse_gflops), default=None, metavar="G0,G1,...",
                        help="emulate edge devices: each rank's fp32 throughput in GFLOP/s, one per rank (e.g. 40,10); "
-                            "its forward computes that fast, its copies and sends keep the host's speed")
+                            "its forward and backward compute that fast, its copies and sends keep the host's speed")
     group.add_argument("--device_gflops_after", type=argument(emulate.parse_change), action="append", default=[],
                        metavar="STEP:G0,G1,...",
                        help="from after step (inference: request, warm-up ones included) STEP on, these throughputs "

@@ -2,8 +2,8 @@
 bandwidth, choose the Galaxy head / intermediate / sequence splits (and, for a pipeline, the
 layers of each stage) that minimise the predicted latency within memory budgets, write them into
 a config, and check the prediction: the even split and the planned one (with each --tiles) are
-timed in interleaved rounds until one is clearly fastest, else (after --repeats rounds) the simplest
-of the close ones is taken (galaxy.planner.check); --out keeps it.
+timed in interleaved rounds until one is clearly fastest, else (after --repeats rounds) the fastest
+median of the close ones is taken, or a simpler one within 2% of it (galaxy.planner.check); --out keeps it.
 
     python -m galaxy.planner --config train_config/bert/galaxy/full.json --world 2
     python -m galaxy.planner --config ... --world 2 --slow_rank 1 --out planned.json

@@ -231,11 +231,14 @@ def _check_sizes(x, dim, sizes, group, full):
 def _public(name, function, full=None):
     """The collective `name` (CONJUGATES' key: the placement table and --explain name it so): `function`
     on (x, group), or on (x, dim, sizes, group) with the split dimension checked (full: sizes sum to it)."""
-    def collective(x, *args):
-        if full is not None:
-            _check_sizes(x, *args, full)
-            args = (args[0], list(args[1]), args[2])
-        return function.apply(x, *args)
+    def whole(x, group):
+        return function.apply(x, group)
+
+    def split(x, dim, sizes, group):
+        _check_sizes(x, dim, sizes, group, full)
+        return function.apply(x, dim, list(sizes), group)
+
+    collective = whole if full is None else split
     collective.__name__ = collective.__qualname__ = name
     return collective
 

@@ -117,8 +117,9 @@ class Throughput(TorchFunctionMode):
         return out
 
     def __enter__(self):
+        entered = super().__enter__()
         self._backward = _Backward(self).__enter__()
-        return super().__enter__()
+        return entered
 
     def _host_clock(self):
         """The clock of the thread calling (a mode is entered per thread; opened on its first call)."""
@@ -132,8 +133,11 @@ class Throughput(TorchFunctionMode):
         if self._clock is not None:
             self._clock.close()
             self._clock = None
-        super().__exit__(*exc)
-        return self._backward.__exit__(*exc)
+        try:
+            self._backward.__exit__(*exc)
+        finally:
+            handled = super().__exit__(*exc)
+        return handled
 
     def _sleep(self, owed):
         """Add `owed` seconds (none when the host was slower) to the balance and sleep it off once it

@@ -58,8 +58,9 @@ LAYOUT_KEYS = ("parallel", "att_parallel_method", "con_parallel_method", "mlp_pa
 # from the resumed config at the saved position), how to launch and log
 RESUME_FREE_KEYS = LAYOUT_KEYS + (
     "max_steps", "num_epochs", "learning_rate", "warmup_steps", "lr_scheduler", "resume", "save_dir", "save_every",
-    "keep_checkpoints", "timeout_s", "save_on_signal", "log_every", "on_nonfinite", "init_method", "distributed_backend",
-    "load_checkpoint", "load_trainable", "device", "strict", "elastic", "elastic_restarts", "replan", "memory_report")
+    "keep_checkpoints", "timeout_s", "save_on_signal", "log_every", "on_nonfinite", "init_method",
+    "distributed_backend", "load_checkpoint", "load_trainable", "device", "strict", "elastic", "elastic_restarts",
+    "replan", "memory_report")
 
 
 def _rank_files(rank):
