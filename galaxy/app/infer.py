@@ -37,15 +37,18 @@ from galaxy.reshard.relayout import Holding, build_like, build_lost_part, fill a
 from galaxy.runtime import elastic, health, launch
 
 
-def positive_int(text, least=1):
+def positive_int(text):
     value = int(text)
-    if value < least:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1" if least else f"{value} must not be negative")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
     return value
 
 
 def non_negative_int(text):
-    return positive_int(text, least=0)
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must not be negative")
+    return value
 
 
 @cli.argument  # its ValueErrors (a DataError too) are the message: argparse would say only "invalid text_file value"

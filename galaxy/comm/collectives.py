@@ -228,24 +228,29 @@ def _check_sizes(x, dim, sizes, group, full):
         raise ValueError(f"tensor has {x.shape[dim]} along dim {dim}, sizes {list(sizes)} expect {expected}")
 
 
-def _public(name, function, full=None):
-    """The collective `name` (CONJUGATES' key: the placement table and --explain name it so): `function`
-    on (x, group), or on (x, dim, sizes, group) with the split dimension checked (full: sizes sum to it)."""
-    def whole(x, group):
-        return function.apply(x, group)
-
-    def split(x, dim, sizes, group):
-        _check_sizes(x, dim, sizes, group, full)
-        return function.apply(x, dim, list(sizes), group)
-
-    collective = whole if full is None else split
-    collective.__name__ = collective.__qualname__ = name
-    return collective
+def copy_to_all(x, group):
+    return _CopyToAll.apply(x, group)
 
 
-copy_to_all = _public("copy_to_all", _CopyToAll)  # (x, group)
-all_reduce = _public("all_reduce", _AllReduce)
-split_scatter = _public("split_scatter", _SplitScatter, full=True)  # (x, dim, sizes, group)
-gather_along_dim = _public("gather_along_dim", _GatherAlongDim, full=False)
-reduce_scatter = _public("reduce_scatter", _ReduceScatter, full=True)
-all_gather = _public("all_gather", _AllGather, full=False)
+def all_reduce(x, group):
+    return _AllReduce.apply(x, group)
+
+
+def split_scatter(x, dim, sizes, group):
+    _check_sizes(x, dim, sizes, group, full=True)
+    return _SplitScatter.apply(x, dim, list(sizes), group)
+
+
+def gather_along_dim(x, dim, sizes, group):
+    _check_sizes(x, dim, sizes, group, full=False)
+    return _GatherAlongDim.apply(x, dim, list(sizes), group)
+
+
+def reduce_scatter(x, dim, sizes, group):
+    _check_sizes(x, dim, sizes, group, full=True)
+    return _ReduceScatter.apply(x, dim, list(sizes), group)
+
+
+def all_gather(x, dim, sizes, group):
+    _check_sizes(x, dim, sizes, group, full=False)
+    return _AllGather.apply(x, dim, list(sizes), group)

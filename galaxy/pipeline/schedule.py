@@ -46,8 +46,14 @@ def gpipe_actions(num_stages, stage, num_microbatches):
 
 
 def one_f_one_b_actions(num_stages, stage, num_microbatches):
-    """ZB-H1's list without its W's (each B is then the whole backward)."""
-    return [a for a in zb_h1_actions(num_stages, stage, num_microbatches) if a.kind != WEIGHT]
+    _check(num_stages, stage, num_microbatches)
+    warmup = min(num_stages - stage - 1, num_microbatches)
+    steady = num_microbatches - warmup
+    actions = [Action(FORWARD, i) for i in range(warmup)]
+    for i in range(steady):
+        actions += [Action(FORWARD, warmup + i), Action(BACKWARD, i)]
+    actions += [Action(BACKWARD, i) for i in range(steady, num_microbatches)]
+    return actions
 
 
 def _interleaved_order(k, num_stages, chunks, reverse):

@@ -38,6 +38,7 @@ import threading
 import time
 
 import torch
+import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
@@ -151,9 +152,9 @@ class Throughput(TorchFunctionMode):
 
 
 def _fused_attention_backward(grad_out, query, key, value, *args, out_val=None, **kwargs):
-    """FLOPs of the CPU's fused attention backward: dQ, dK, dV and dP, twice the forward's products."""
-    scores = query.numel() // query.shape[-1] * key.shape[-2]  # B*H*Tq*Tk
-    return 2 * 2 * scores * (query.shape[-1] + value.shape[-1])
+    """FLOPs of the CPU's fused attention backward: dQ, dK, dV and dP, twice the forward's products
+    (2 FLOPs per MAC of the forward's rule)."""
+    return 2 * 2 * call_flops(F.scaled_dot_product_attention, (query, key, value), {}, None)[1]
 
 
 _BACKWARD_FLOPS = {**flop_registry,
