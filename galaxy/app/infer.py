@@ -32,7 +32,7 @@ from galaxy.data.build import load_tokenizer, tokenizer_path
 from galaxy.inference.generate import through_stages
 from galaxy.models.registry import MODELS
 from galaxy.planner.replan import Replanner
-from galaxy.profiler import emulate
+from galaxy.profiler import emulate, observe
 from galaxy.reshard.relayout import Holding, build_like, build_lost_part, fill as fill_after_loss
 from galaxy.runtime import elastic, health, launch
 
@@ -170,12 +170,13 @@ class Server(Holding):
         self.regroups, self.recoveries, self.verbose = regroups, [], verbose
         self.device = device or emulate.NoDevice()  # an emulated device's throughput changes between requests
         self.members = list(range(ctx.world))  # the launch's rank numbers of the ranks the model is laid out over
+        self.served, self.on_request = 0, None  # --trace_dir's callback for each request that ends (`step_span`)
         self._watch()
 
     def _watch(self):
         """Live re-planning (config replan) of the ranks the model is now laid out over, when it splits layers."""
         self.replanner = None
-        if self.cfg["replan"] and self.ctx.tp_size > 1:
+        if self.cfg["replan"] is not None and self.ctx.tp_size > 1:
             self.replanner = Replanner(self.model, self.ctx, self.cfg, self,
                                        log=lambda line: print(f"[rank 0] {line}", flush=True), verbose=self.verbose)
 
@@ -188,6 +189,9 @@ class Server(Holding):
                 for out, latency in serve(forward, batches[len(results):], self.ctx, self._after_request,
                                           len(results)):
                     results.append((latency, keep(out)))
+                    self.served = len(results)
+                    if self.on_request:
+                        self.on_request({"step": self.served, "step_time_s": latency})
             except Exception as e:  # a peer's loss surfaces as whatever its collective raised
                 # a survivor may have finished the request the others lost: all go on from the agreed count
                 del results[self._recover(e, len(results)):]
@@ -330,7 +334,7 @@ def infer(rank, world, cfg, plan, args):
     log = (lambda line: print(f"[rank 0] {line}", flush=True)) if rank == 0 else None
     device = emulate.device(args.device_gflops, args.device_gflops_after, rank, log, unit="request")
     server = Server(model, ctx, cfg, regroups, args.verbose, device)
-    with device:
+    with observe.traced(args.trace_dir, rank, model, lambda: server.served + 1) as server.on_request, device:
         if args.serve:
             return serve_http(server, args)
         if args.output:
@@ -412,8 +416,10 @@ def main(doc, default_config, argv=None):
     this rank, or on every rank spawned here."""
     args, cfg, plan, world, rank = cli.parse(doc.splitlines()[0], default_config, argv, add_args,
                                              metrics="one JSON line per timed request (request, latency_s)")
-    if args.explain or args.trace_dir:
-        cli.refuse("--explain and --trace_dir record a training step; inference has neither yet")
+    if args.explain:
+        cli.refuse("--explain records a training step; inference has no --explain yet")
+    if args.trace_dir and (cfg["replan"] is not None or cfg["elastic"]):
+        cli.refuse("--trace_dir traces the model a run starts with; replan and --elastic may rebuild it")
     if plan.virtual_stages > 1:
         cli.reject(f"virtual_stages {plan.virtual_stages}: inference runs each rank's layers as one stage "
                    "(virtual_stages 1)")

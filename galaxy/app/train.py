@@ -102,7 +102,7 @@ def _train(rank, world, cfg, plan, args):
     saver = checkpoint_saver(trainer, total) if cfg["save_every"] else None
     stopper = stop_on_signal(trainer) if cfg["save_on_signal"] else None
     # (may replace trainer.model)
-    replanner = Replanner(model, ctx, cfg, trainer, log, args.verbose) if cfg["replan"] else None
+    replanner = Replanner(model, ctx, cfg, trainer, log, args.verbose) if cfg["replan"] is not None else None
     device = emulate.device(args.device_gflops, args.device_gflops_after, rank, log if rank == 0 else None)
     with observe.traced(args.trace_dir, rank, model, lambda: trainer.step + 1) as trace_step, device:
         def on_step(metrics):
@@ -135,7 +135,7 @@ def main(doc, model, default_config, argv=None):
     if args.explain:  # the plan only: no process group, no training
         print(explain(plan, cfg, build_model))
         return
-    if args.trace_dir and cfg["replan"]:
+    if args.trace_dir and cfg["replan"] is not None:
         cli.reject("--trace_dir traces the model it starts with; replan may rebuild it in another split, so use "
                    "one or the other")
     try:

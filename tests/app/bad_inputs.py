@@ -211,7 +211,10 @@ INFER_CASES = [
      "reconstructs", 2),
     ("--serve with a model no endpoint answers", [*BART, "--serve", "127.0.0.1:0"],
      "--serve: a bart model answers none of ['embed', 'generate']", 2),
-    ("inference with --explain", ["--explain"], "--explain and --trace_dir record a training step", 2),
+    ("inference with --explain", ["--explain"], "--explain records a training step", 2),
+    ("inference traced while it may re-plan", ["--world", "2", "--parallel", "galaxy", "--replan", "{}",
+                                               "--trace_dir", "traces"],
+     "--trace_dir traces the model a run starts with; replan and --elastic may rebuild it", 2),
 ]
 
 CASES += [(what, ["infer_galaxy.py", *args], expected, code) for what, args, expected, code in INFER_CASES]

@@ -89,11 +89,12 @@ def test_inference_matches_serial(world, tmp_path):
 TINY = ["--hidden_size", "64", "--num_hidden_layers", "2", "--seq_length", "32", "--timeout_s", "60"]
 
 
-def test_script_prints_percentiles_and_writes_metrics(tmp_path):
+def test_script_prints_percentiles_and_writes_metrics_and_traces(tmp_path):
     texts, metrics = tmp_path / "texts.txt", tmp_path / "latency.jsonl"
     texts.write_text("The tuple is an immutable sequence.\nA list can change.\n")
     out = run_script("infer_galaxy.py", "--config_file", "train_config/bert/galaxy/full.json", "--world", "2",
-                     *TINY, "--requests", "3", "--warmup", "1", "--texts", str(texts), "--metrics_file", str(metrics))
+                     *TINY, "--requests", "3", "--warmup", "1", "--texts", str(texts), "--metrics_file", str(metrics),
+                     "--overlap_tiles", "2", "--trace_dir", str(tmp_path / "trace"))
     assert out.returncode == 0, out.stderr[-3000:]
     line = re.search(r"^latency over 3 requests \(batch 1, 32 tokens\): p50 ([\d.]+) ms, p90 ([\d.]+) ms, "
                      r"p99 ([\d.]+) ms, mean ([\d.]+) ms; throughput ([\d.]+) sequences/s", out.stdout, re.M)
@@ -103,6 +104,16 @@ def test_script_prints_percentiles_and_writes_metrics(tmp_path):
     rows = [json.loads(r) for r in metrics.read_text().splitlines()]
     assert [r["request"] for r in rows] == [0, 1, 2]
     assert abs(sum(r["latency_s"] for r in rows) / 3 * 1e3 - mean) < 0.01
+    for rank in range(2):
+        trace = json.loads((tmp_path / "trace" / f"trace_rank{rank}.json").read_text())
+        spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+        assert [e["name"] for e in spans if e["cat"] == "step"] == ["step 1", "step 2", "step 3", "step 4"]
+        per_request = trace["otherData"]["comm_bytes"]
+        assert list(per_request) == ["1", "2", "3", "4"] and len({json.dumps(b) for b in per_request.values()}) == 1
+        layer1 = next(e for e in spans if e["name"] == "layer 1 fwd" and e["ts"] > spans[0]["ts"])
+        end = layer1["ts"] + layer1["dur"]
+        inside = [e["name"] for e in spans if e["cat"] == "comm" and layer1["ts"] <= e["ts"] <= end]
+        assert sorted(inside) == ["all_gather"] * 4 + ["reduce_scatter"] * 4  # 2 tiles x (ATT's, MLP's)
 
 
 @pytest.mark.parametrize("argv, message", [

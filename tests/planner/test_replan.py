@@ -9,7 +9,7 @@ from dataclasses import astuple
 import pytest
 import torch
 
-from galaxy.app.infer import eval_model, forward_fn
+from galaxy.app.infer import Server, eval_model, forward_fn
 from galaxy.app.session import join, load_model
 from galaxy.config.load import load_config
 from galaxy.data import SyntheticMLM
@@ -163,6 +163,7 @@ def test_replan_is_refused_before_processes_start():
 
 def _infer_then_move(cfg, world, rank):
     model, ctx = eval_model(cfg, build_plan(cfg, world), rank)
+    assert Server(model, ctx, cfg).replanner is not None  # replan {} is on, with the default rule
     replanner = Replanner(model, ctx, cfg)
     replanner.move_to(dict(zip(KEYS, MOVED[cfg["model"], world], strict=True)))
     with torch.no_grad():
