@@ -32,11 +32,6 @@ def _key(t):
     return t.untyped_storage()._cdata  # one per storage, on meta too (where data_ptr is 0)
 
 
-def _unique_bytes(tensors):
-    """Bytes of the distinct storages under `tensors` (a freed ZeRO-3 buffer holds 0)."""
-    return sum({_key(t): t.untyped_storage().nbytes() for t in tensors}.values())
-
-
 def saved_bytes(trainer):
     """Bytes autograd keeps for backward after one micro-batch's forward, each storage once,
     parameters not counted (they are model state)."""
@@ -125,7 +120,8 @@ def held_bytes(trainer):
                                                   if torch.is_tensor(t)]
     tensors += [t for pair in getattr(opt, "moments", ()) for t in pair]
     tensors += [u.shard for u in zero.units] if zero and zero.stage == 3 else []
-    return _unique_bytes(tensors)
+    # each storage once, at its size now (a freed ZeRO-3 buffer holds 0)
+    return sum({_key(t): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
 @contextmanager
