@@ -20,8 +20,6 @@ caching its result at import time, which would keep the no-op timeline.  Spans m
 device time inside a span must synchronize before the span ends.
 """
 
-from __future__ import annotations
-
 import contextlib
 import json
 import os
