@@ -477,4 +477,3 @@ def check_serving(args, cfg):
     problem = http.check_address(*args.serve)
     if problem:
         cli.refuse(problem)
-
