@@ -72,6 +72,16 @@ def build_trainer(ctx, cfg, build_model):
     return trainer
 
 
+def run_step(trainer, batches):
+    """One optimizer step: forward/backward of every micro-step, the gradient sync, AdamW (ZeRO-1/2
+    gather the updated parameter shards). What is recorded here, and galaxy.profiler.memory's memory path."""
+    trainer.model.train()
+    trainer.forward_backward(batches, 1.0)
+    trainer.sync.finish()
+    trainer.opt.step()
+    trainer.opt.zero_grad(set_to_none=True)
+
+
 def record_step(plan, cfg, rank, build_model):
     """(moves of one optimizer step on `rank`, in order; the pipeline actions, or None)."""
     trainer = build_trainer(ParallelContext.recording(plan, rank), cfg, build_model)
@@ -86,10 +96,7 @@ def record_step(plan, cfg, rank, build_model):
     with stats.listening(listen), warnings.catch_warnings():
         # a frozen layer (side-tuning) gets no input gradient; its label hook still fires, as wanted
         warnings.filterwarnings("ignore", "Full backward hook is firing")
-        batches = [batch(trainer) for _ in range(cfg["gradient_accumulation_steps"])]
-        trainer.forward_backward(batches, 1.0)
-        trainer.sync.finish()
-        trainer.opt.step()  # ZeRO-1/2 gather the updated parameter shards
+        run_step(trainer, [batch(trainer) for _ in range(cfg["gradient_accumulation_steps"])])
     return moves, actions
 
 

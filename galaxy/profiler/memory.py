@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from galaxy.comm.context import ParallelContext
 from galaxy.models.registry import build_model
-from galaxy.profiler.explain import batch, build_trainer
+from galaxy.profiler.explain import batch, build_trainer, run_step
 from galaxy.train.optim import optimizer_state_bytes
 from galaxy.train.zero import model_state_bytes
 
@@ -141,21 +141,12 @@ def step_peak(trainer):
     peak.bytes = held + live.peak
 
 
-def _step(trainer, batches):
-    """One optimizer step's memory path: forward/backward of every micro-step, sync, AdamW."""
-    trainer.model.train()
-    trainer.forward_backward(batches, 1.0)
-    trainer.sync.finish()
-    trainer.opt.step()
-    trainer.opt.zero_grad(set_to_none=True)
-
-
 def peak_bytes(trainer):
     """The most bytes alive during the second optimizer step (the first creates AdamW's state)."""
     batches = [batch(trainer) for _ in range(trainer.cfg["gradient_accumulation_steps"])]
-    _step(trainer, batches)
+    run_step(trainer, batches)
     with step_peak(trainer) as peak:
-        _step(trainer, batches)
+        run_step(trainer, batches)
     return peak.bytes
 
 
