@@ -67,21 +67,10 @@ class ParallelContext:
         return self.pp_rank == self.plan.pp_size - 1
 
     # What this rank owns, as ranges into the full model.
-    @property
-    def heads(self):
-        return _owned(self.plan.heads, self.tp_rank)
-
-    @property
-    def kv_heads(self):
-        return _owned(self.plan.kv_heads, self.tp_rank)
-
-    @property
-    def columns(self):
-        return _owned(self.plan.columns, self.tp_rank)
-
-    @property
-    def positions(self):
-        return _owned(self.plan.positions, self.tp_rank)
+    heads = property(lambda self: _owned(self.plan.heads, self.tp_rank))
+    kv_heads = property(lambda self: _owned(self.plan.kv_heads, self.tp_rank))
+    columns = property(lambda self: _owned(self.plan.columns, self.tp_rank))
+    positions = property(lambda self: _owned(self.plan.positions, self.tp_rank))
 
     @property
     def layers(self):
