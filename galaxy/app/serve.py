@@ -229,7 +229,6 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, {"status": "ok", "model": front.name, "served": front.served, **front.health()})
 
     def do_POST(self):
-        front = self.server.front
         try:
             length = self.headers.get("Content-Length", "0")
             if not length.isdigit():
@@ -239,7 +238,7 @@ class _Handler(BaseHTTPRequestHandler):
             if length > MAX_BODY:
                 self.close_connection = True  # the body is left unread
                 raise BadRequest(f"the body is {length} bytes; at most {MAX_BODY}", 413)
-            self._send(200, front.answer(self.path, self.rfile.read(length)))
+            self._send(200, self.server.front.answer(self.path, self.rfile.read(length)))
         except BadRequest as e:
             self._send(e.status, _error(str(e), e.status))
 
