@@ -85,10 +85,9 @@ def run_step(trainer, batches):
 def record_step(plan, cfg, rank, build_model):
     """(moves of one optimizer step on `rank`, in order; the pipeline actions, or None)."""
     trainer = build_trainer(ParallelContext.recording(plan, rank), cfg, build_model)
-    model, actions = trainer.model, None
-    if plan.pp_size > 1:
-        actions = trainer.forward_backward.actions(cfg["gradient_accumulation_steps"] * cfg["num_microbatches"])
-    moves, labels = [], _LayerLabels(model)
+    actions = (trainer.forward_backward.actions(cfg["gradient_accumulation_steps"] * cfg["num_microbatches"])
+               if plan.pp_size > 1 else None)
+    moves, labels = [], _LayerLabels(trainer.model)
 
     def listen(kind, nbytes, phase, start_s, dur_s, shape, site):
         moves.append(Move(labels.now(phase), site, kind, phase, shape, nbytes))
