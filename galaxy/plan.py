@@ -90,9 +90,7 @@ class Plan:
         """Some block splits sequence positions (every batch then has the full sequence length)."""
         return SP in (self.att, self.con, self.mlp)
 
-    @property
-    def world(self):
-        return self.tp_size * self.dp_size * self.pp_size
+    world = property(lambda self: self.tp_size * self.dp_size * self.pp_size)
 
     def describe(self):
         return (f"ATT={self.att} CON={self.con} MLP={self.mlp} tp={self.tp_size} dp={self.dp_size} "

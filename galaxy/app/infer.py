@@ -453,8 +453,7 @@ def check_answers(args, cfg):
     if args.task == "fill-mask":
         if args.top_k > cfg["vocab_size"]:
             cli.refuse(f"--top_k {args.top_k} exceeds vocab_size {cfg['vocab_size']}")
-        tok = load_tokenizer(cfg)
-        if tok.mask_id is None:
+        if load_tokenizer(cfg).mask_id is None:
             cli.refuse(f"--task fill-mask: tokenizer {tokenizer_path(cfg)} has no mask token")
     if args.task == "generate":
         limit = MODELS["llama"].config.from_dict(cfg).position_limit
@@ -483,4 +482,3 @@ def check_serving(args, cfg):
     problem = http.check_address(*args.serve)
     if problem:
         cli.refuse(problem)
-

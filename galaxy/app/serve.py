@@ -145,8 +145,7 @@ class Front:
         request = _json_object(body)
         texts = _texts(request, key)
         ask = self._ask(task, request)
-        tokens = [self._tokens(text, i, key, ask) for i, text in enumerate(texts)]
-        job = Job(ask, texts, tokens)
+        job = Job(ask, texts, [self._tokens(text, i, key, ask) for i, text in enumerate(texts)])
         self.jobs.put(job)
         if not job.done.wait(self.answer_timeout_s):
             raise BadRequest(f"no answer within {self.answer_timeout_s:.0f} s", 503)
@@ -187,9 +186,8 @@ class Front:
                 "usage": {"prompt_tokens": used, "total_tokens": used}}
 
     def _completions(self, job):
-        eos = self.tok.eos_id
         choices = [{"index": i, "text": self.tok.decode(new), "logprobs": None,
-                    "finish_reason": "stop" if new and new[-1] == eos else "length"}
+                    "finish_reason": "stop" if new and new[-1] == self.tok.eos_id else "length"}
                    for i, new in enumerate(job.answers)]
         prompt, completion = sum(job.tokens), sum(len(new) for new in job.answers)
         return {"id": f"cmpl-{id(job):x}", "object": "text_completion", "created": int(time.time()),
@@ -231,7 +229,6 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, {"status": "ok", "model": front.name, "served": front.served, **front.health()})
 
     def do_POST(self):
-        front = self.server.front
         try:
             length = self.headers.get("Content-Length", "0")
             if not length.isdigit():
@@ -241,7 +238,7 @@ class _Handler(BaseHTTPRequestHandler):
             if length > MAX_BODY:
                 self.close_connection = True  # the body is left unread
                 raise BadRequest(f"the body is {length} bytes; at most {MAX_BODY}", 413)
-            self._send(200, front.answer(self.path, self.rfile.read(length)))
+            self._send(200, self.server.front.answer(self.path, self.rfile.read(length)))
         except BadRequest as e:
             self._send(e.status, _error(str(e), e.status))
 

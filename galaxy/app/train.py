@@ -112,8 +112,7 @@ def _train(rank, world, cfg, plan, args):
             device.after_step(metrics["step"])
             if replanner:  # last: a checkpoint of this step is written in the split it ran
                 replanner.after_step(metrics["step"])
-        around_step = report.around_step if report else nullcontext
-        run_training(trainer, total, args.metrics_file, on_step, around_step)
+        run_training(trainer, total, args.metrics_file, on_step, report.around_step if report else nullcontext)
     evaluate(trainer, held_out, log)
     if cfg["save_dir"]:
         with trainer.full_weights():

@@ -34,54 +34,24 @@ class ParallelContext:
     stage_group: object = None  # every rank of this pipeline stage (tensor x data ranks)
     device: torch.device = torch.device("cpu")
 
-    @property
-    def world(self):
-        return self.plan.world
+    # Where this rank sits in the plan's grid (tensor-fastest, then data, then pipeline).
+    world = property(lambda self: self.plan.world)
+    tp_size = property(lambda self: self.plan.tp_size)
+    tp_rank = property(lambda self: self.rank % self.plan.tp_size)
+    dp_rank = property(lambda self: (self.rank // self.plan.tp_size) % self.plan.dp_size)
+    pp_rank = property(lambda self: self.rank // (self.plan.tp_size * self.plan.dp_size))
+    is_first_stage = property(lambda self: self.pp_rank == 0)
+    is_last_stage = property(lambda self: self.pp_rank == self.plan.pp_size - 1)
 
-    @property
-    def tp_size(self):
-        return self.plan.tp_size
-
-    @property
-    def tp_rank(self):
-        return self.rank % self.plan.tp_size
-
-    @property
-    def dp_rank(self):
-        return (self.rank // self.plan.tp_size) % self.plan.dp_size
-
-    @property
-    def pp_rank(self):
-        return self.rank // (self.plan.tp_size * self.plan.dp_size)
+    # What this rank owns, as ranges into the full model.
+    heads = property(lambda self: _owned(self.plan.heads, self.tp_rank))
+    kv_heads = property(lambda self: _owned(self.plan.kv_heads, self.tp_rank))
+    columns = property(lambda self: _owned(self.plan.columns, self.tp_rank))
+    positions = property(lambda self: _owned(self.plan.positions, self.tp_rank))
 
     def pp_peer(self, stage):
         """Global rank of the same (dp, tp) coordinates at another pipeline stage."""
         return self.rank + (stage - self.pp_rank) * self.plan.tp_size * self.plan.dp_size
-
-    @property
-    def is_first_stage(self):
-        return self.pp_rank == 0
-
-    @property
-    def is_last_stage(self):
-        return self.pp_rank == self.plan.pp_size - 1
-
-    # What this rank owns, as ranges into the full model.
-    @property
-    def heads(self):
-        return _owned(self.plan.heads, self.tp_rank)
-
-    @property
-    def kv_heads(self):
-        return _owned(self.plan.kv_heads, self.tp_rank)
-
-    @property
-    def columns(self):
-        return _owned(self.plan.columns, self.tp_rank)
-
-    @property
-    def positions(self):
-        return _owned(self.plan.positions, self.tp_rank)
 
     @property
     def layers(self):

@@ -167,8 +167,7 @@ class HFTokenizer(_Batching):
             raise DataError("Hugging Face tokenizer files (tokenizer.json, vocab.txt) need the `tokenizers` package: "
                             "pip install 'galaxy[hf]' (or pip install tokenizers)") from None
         self.model_file = path = Path(path)
-        directory = path if path.is_dir() else path.parent
-        settings = _tokenizer_settings(directory)
+        settings = _tokenizer_settings(path if path.is_dir() else path.parent)
         file = next((path / f for f in HF_FILES if (path / f).is_file()), path / "vocab.txt") if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"tokenizer not found: {file}")

@@ -152,4 +152,3 @@ def run_layers(layers, x, attn_bias, checkpoint=False, extra=()):
         else:
             x = layer(x, attn_bias, *extra)
     return x, layers[-1].output_placement if layers else REPLICATE
-

@@ -34,4 +34,3 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
     """The part of model.state_dict() that LoRA fine-tuning changes."""
     keep = _bias_names(model, bias) | {n for n, _ in model.named_parameters() if "lora_" in n}
     return {k: v for k, v in model.state_dict().items() if k in keep}
-

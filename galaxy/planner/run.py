@@ -33,8 +33,7 @@ def gather_profiles(cfg, world, batch, memory_bytes=float("inf"), repeats=5):
     dist.all_gather_object(profiles, mine)
     # at the size of the layout's own messages (one rank's share of an activation): small messages
     # reach a lower rate than large ones, so a larger probe would overrate the link
-    bandwidth = measure_bandwidth(batch * cfg["seq_length"] * cfg["hidden_size"] * 4 // world)
-    return profiles, bandwidth
+    return profiles, measure_bandwidth(batch * cfg["seq_length"] * cfg["hidden_size"] * 4 // world)
 
 
 def profile_and_plan(cfg, world, memory_bytes=float("inf"), column_unit=1, stages=1, repeats=5):

@@ -32,6 +32,7 @@ matrix products and attention by torch's own FLOP rules (torch.utils.flop_counte
 fused attention backward as twice its forward's products. Element-wise backward ops run at the
 host's speed (memory-bound; see docs/emulation.md).
 """
+import contextlib
 import importlib
 import os
 import threading
@@ -227,14 +228,11 @@ class Device(Throughput):
             self.set(self.changes[step][self.rank])
 
 
-class NoDevice:
+class NoDevice(contextlib.nullcontext):
     """The host as it is (no --device_gflops)."""
 
     def __enter__(self):
         return self
-
-    def __exit__(self, *exc):
-        return False
 
     def after_step(self, step):
         pass

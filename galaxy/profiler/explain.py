@@ -72,13 +72,22 @@ def build_trainer(ctx, cfg, build_model):
     return trainer
 
 
+def run_step(trainer, batches):
+    """One optimizer step: forward/backward of every micro-step, the gradient sync, AdamW (ZeRO-1/2
+    gather the updated parameter shards). What is recorded here, and galaxy.profiler.memory's memory path."""
+    trainer.model.train()
+    trainer.forward_backward(batches, 1.0)
+    trainer.sync.finish()
+    trainer.opt.step()
+    trainer.opt.zero_grad(set_to_none=True)
+
+
 def record_step(plan, cfg, rank, build_model):
     """(moves of one optimizer step on `rank`, in order; the pipeline actions, or None)."""
     trainer = build_trainer(ParallelContext.recording(plan, rank), cfg, build_model)
-    model, actions = trainer.model, None
-    if plan.pp_size > 1:
-        actions = trainer.forward_backward.actions(cfg["gradient_accumulation_steps"] * cfg["num_microbatches"])
-    moves, labels = [], _LayerLabels(model)
+    actions = (trainer.forward_backward.actions(cfg["gradient_accumulation_steps"] * cfg["num_microbatches"])
+               if plan.pp_size > 1 else None)
+    moves, labels = [], _LayerLabels(trainer.model)
 
     def listen(kind, nbytes, phase, start_s, dur_s, shape, site):
         moves.append(Move(labels.now(phase), site, kind, phase, shape, nbytes))
@@ -86,10 +95,7 @@ def record_step(plan, cfg, rank, build_model):
     with stats.listening(listen), warnings.catch_warnings():
         # a frozen layer (side-tuning) gets no input gradient; its label hook still fires, as wanted
         warnings.filterwarnings("ignore", "Full backward hook is firing")
-        batches = [batch(trainer) for _ in range(cfg["gradient_accumulation_steps"])]
-        trainer.forward_backward(batches, 1.0)
-        trainer.sync.finish()
-        trainer.opt.step()  # ZeRO-1/2 gather the updated parameter shards
+        run_step(trainer, [batch(trainer) for _ in range(cfg["gradient_accumulation_steps"])])
     return moves, actions
 
 

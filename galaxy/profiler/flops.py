@@ -42,8 +42,6 @@ Latency is wall time of each module's forward (summed over calls), with a CUDA
 synchronize around it when CUDA is in use so device time is included.
 """
 
-from __future__ import annotations
-
 import sys
 import time
 from dataclasses import dataclass
@@ -159,7 +157,7 @@ def _sync():
 
 
 class _CountMode(TorchFunctionMode):
-    def __init__(self, profiler: FlopsProfiler):
+    def __init__(self, profiler: "FlopsProfiler"):
         super().__init__()
         self.profiler = profiler
 

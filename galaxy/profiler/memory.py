@@ -23,18 +23,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from galaxy.comm.context import ParallelContext
 from galaxy.models.registry import build_model
-from galaxy.profiler.explain import batch, build_trainer
+from galaxy.profiler.explain import batch, build_trainer, run_step
 from galaxy.train.optim import optimizer_state_bytes
 from galaxy.train.zero import model_state_bytes
 
 
 def _key(t):
     return t.untyped_storage()._cdata  # one per storage, on meta too (where data_ptr is 0)
-
-
-def _unique_bytes(tensors):
-    """Bytes of the distinct storages under `tensors` (a freed ZeRO-3 buffer holds 0)."""
-    return sum({_key(t): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
 def saved_bytes(trainer):
@@ -125,7 +120,8 @@ def held_bytes(trainer):
                                                   if torch.is_tensor(t)]
     tensors += [t for pair in getattr(opt, "moments", ()) for t in pair]
     tensors += [u.shard for u in zero.units] if zero and zero.stage == 3 else []
-    return _unique_bytes(tensors)
+    # each storage once, at its size now (a freed ZeRO-3 buffer holds 0)
+    return sum({_key(t): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
 @contextmanager
@@ -145,21 +141,12 @@ def step_peak(trainer):
     peak.bytes = held + live.peak
 
 
-def _step(trainer, batches):
-    """One optimizer step's memory path: forward/backward of every micro-step, sync, AdamW."""
-    trainer.model.train()
-    trainer.forward_backward(batches, 1.0)
-    trainer.sync.finish()
-    trainer.opt.step()
-    trainer.opt.zero_grad(set_to_none=True)
-
-
 def peak_bytes(trainer):
     """The most bytes alive during the second optimizer step (the first creates AdamW's state)."""
     batches = [batch(trainer) for _ in range(trainer.cfg["gradient_accumulation_steps"])]
-    _step(trainer, batches)
+    run_step(trainer, batches)
     with step_peak(trainer) as peak:
-        _step(trainer, batches)
+        run_step(trainer, batches)
     return peak.bytes
 
 

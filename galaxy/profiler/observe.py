@@ -55,21 +55,19 @@ def traced(trace_dir, rank, model, current_step):
         timeline.record(name, "comm", start_s, dur_s, lane=lane, bytes=nbytes, phase=phase, step=current_step())
         timeline.comm.add(current_step(), name, nbytes)
 
+    def step_span(metrics):  # the optimizer step that just ended, in the "step" lane
+        dur = metrics["step_time_s"]
+        timeline.record(f"step {metrics['step']}", "step", time.perf_counter() - dur, dur)
+
     try:
         with stats.listening(listen):
-            yield lambda metrics: step_span(timeline, metrics)
+            yield step_span
     finally:
         for h in handles:
             h.remove()
         disable_tracing()
     timeline.save(f"{trace_dir}/trace_rank{rank}.json")
     print(f"[rank {rank}] trace: {trace_dir}/trace_rank{rank}.json\n{comm_table(timeline.comm)}", flush=True)
-
-
-def step_span(timeline, metrics):
-    """An on_step callback body: the optimizer step that just ended, in the "step" lane."""
-    dur = metrics["step_time_s"]
-    timeline.record(f"step {metrics['step']}", "step", time.perf_counter() - dur, dur)
 
 
 def comm_table(comm):

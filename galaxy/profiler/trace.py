@@ -20,8 +20,6 @@ caching its result at import time, which would keep the no-op timeline.  Spans m
 device time inside a span must synchronize before the span ends.
 """
 
-from __future__ import annotations
-
 import contextlib
 import json
 import os
@@ -93,14 +91,12 @@ class Timeline:
             event["args"] = args
         self.events.append(event)
 
-    def _metadata(self) -> list[dict]:
-        names = [("process_name", 0, f"rank {self.rank}")] + [("thread_name", t, n) for n, t in self._lanes.items()]
-        return [{"name": kind, "ph": "M", "pid": self.rank, "tid": tid, "args": {"name": name}}
-                for kind, tid, name in names]
-
     def save(self, path: str):
         """Write this rank's trace (creating the folder); comm bytes go in ``otherData``."""
-        _write_json(path, {"traceEvents": self._metadata() + self.events, "displayTimeUnit": "ms",
+        names = [("process_name", 0, f"rank {self.rank}")] + [("thread_name", t, n) for n, t in self._lanes.items()]
+        metadata = [{"name": kind, "ph": "M", "pid": self.rank, "tid": tid, "args": {"name": name}}
+                    for kind, tid, name in names]
+        _write_json(path, {"traceEvents": metadata + self.events, "displayTimeUnit": "ms",
                            "otherData": {"rank": self.rank, "comm_bytes": self.comm.to_dict()}})
 
 

@@ -57,10 +57,10 @@ def current():
     return _current
 
 
-def host_store(init_method, timeout_s):
-    """The launcher's store at init_method's tcp:// address, for ranks that join as its clients."""
+def host_store(init_method, timeout_s, world=None):
+    """The store ranks join as clients at init_method's tcp:// address, hosted here (launcher or rank 0)."""
     url = urlparse(init_method)
-    return dist.TCPStore(url.hostname, url.port, None, is_master=True, timeout=timedelta(seconds=timeout_s),
+    return dist.TCPStore(url.hostname, url.port, world, is_master=True, timeout=timedelta(seconds=timeout_s),
                          wait_for_workers=False)
 
 
@@ -107,18 +107,17 @@ class Rendezvous:
         self.host, self.port, self.rank, self.world = url.hostname, url.port, rank, world
         self.where = f"{self.host}:{self.port}"
         self.members, self.generation = list(range(world)), 0  # original ranks still in the group
-        self.store = self._open(timeout_s, launcher_hosts_store)
+        self.store = self._open(init_method, timeout_s, launcher_hosts_store)
         self._stop = threading.Event()
         self._beat_store = None
         _current = self
 
-    def _open(self, timeout_s, launcher_hosts_store):
+    def _open(self, init_method, timeout_s, launcher_hosts_store):
         # torchrun's agent hosts its own store, and so does an --elastic launcher
         host_here = self.rank == 0 and not (launcher_hosts_store or _torchelastic_use_agent_store())
         try:
             if host_here:
-                return dist.TCPStore(self.host, self.port, self.world, is_master=True,
-                                     timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+                return host_store(init_method, timeout_s, self.world)
             return _client(self.host, self.port, timeout_s)
         except RuntimeError as e:
             if "address already in use" in str(e).lower() or "EADDRINUSE" in str(e):

@@ -168,10 +168,8 @@ class RankFailed(RuntimeError):
     `died` maps each rank whose process ended without a result to its exit code (-N: signal N)."""
 
     def __init__(self, rank, cause, details="", died=None):
-        super().__init__(f"rank {rank} failed: {cause}\n{details}".rstrip())
-        self.line = f"rank {rank} failed: {cause}"
-        self.details = details
-        self.died = died or {}
+        self.line, self.details, self.died = f"rank {rank} failed: {cause}", details, died or {}
+        super().__init__(f"{self.line}\n{details}".rstrip())
 
 
 def _deaths(died):
