@@ -176,45 +176,6 @@ class _LinearReduceScatter(torch.autograd.Function):
         return grad_h, None, None, grad_w, flat_g.sum(0) if ctx.has_bias else None
 
 
-class TileStream:
-    """Inference only (no autograd): a row-parallel linear's reduce-scatter, a connective and the next
-    block's all-gather as one stream of tiles, so the next block's first linears start on tile 0 while
-    later tiles are still on the link (TransformerLayer, between ATT and MLP). Tile i: linear(h)'s rows
-    of tile i reduce-scattered, connect(this rank's reduced rows, their local slice) -> the rows to
-    gather, and their all-gather posted at once. `ahead` scatters stay posted before the gathers that
-    follow them, so the link is not idle while a tile is connected; iterating yields (i, gathered tile i)."""
-
-    def __init__(self, h, weight, bias, connect, tiles, group, ahead=2):
-        self.h, self.weight, self.bias, self.connect = h, weight, bias, connect
-        self.tiles, self.group, self.ahead = tiles, group, ahead
-
-    def _scatter(self, i):
-        rows = F.linear(self.h.index_select(1, self.tiles.index[i]), self.weight, self.bias)
-        return _start_reduce_scatter(rows, self.tiles.sizes[i], self.group)
-
-    def __iter__(self):
-        tiles = self.tiles
-        scatters = {i: self._scatter(i) for i in range(min(self.ahead, tiles.count))}
-        for i in range(tiles.count):
-            rows = self.connect(scatters.pop(i).wait(), tiles.local[i])
-            gather = _start_all_gather(rows, tiles.sizes[i], self.group)
-            if i + self.ahead < tiles.count:
-                scatters[i + self.ahead] = self._scatter(i + self.ahead)
-            yield i, gather.wait()
-
-
-def stream_linear(stream, weights, biases):
-    """[F.linear(x, w, b) for each (w, b)] where x is the whole sequence a TileStream gathers, computed
-    tile by tile as the tiles arrive."""
-    outs, tiles = None, stream.tiles
-    for i, xi in stream:
-        if outs is None:
-            outs = [xi.new_empty(xi.shape[0], tiles.total, w.shape[0]) for w in weights]
-        for out, w, b in zip(outs, weights, biases, strict=True):
-            out.index_copy_(1, tiles.index[i], F.linear(xi, w, b))
-    return outs
-
-
 def gather_linear(x, weights, biases, tiles, group):
     """[F.linear(all_gather(x, seq), w, b) for each (w, b)], tiled; x is this rank's shard [B, t, H]."""
     params = [t for pair in zip(weights, biases, strict=True) for t in pair]

@@ -25,7 +25,6 @@ class Tiling:
         shares = overlap.tile_shares(tiles)
         self.gather_tiles = overlap.SeqTiles(ctx.plan.positions, ctx.tp_rank, shares)
         self.scatter_tiles = overlap.SeqTiles(ctx.plan.positions, ctx.tp_rank, shares[::-1])
-        self.streams = False  # True while TransformerLayer streams this block's output (overlap.TileStream)
 
 
 def tiling_for(method, src, con, ctx, tiles):
@@ -37,10 +36,7 @@ def tiling_for(method, src, con, ctx, tiles):
 
 
 def column_in(x, linears, tiling):
-    """Every linear applied to x (gathered along the sequence first when tiling.gather_in; x may be
-    an overlap.TileStream, which gathers it tile by tile)."""
-    if isinstance(x, overlap.TileStream):
-        return overlap.stream_linear(x, [lin.weight for lin in linears], [lin.bias for lin in linears])
+    """Every linear applied to x (gathered along the sequence first when tiling.gather_in)."""
     if tiling is None or not tiling.gather_in:
         return [lin(x) for lin in linears]
     if any(type(lin) is not ColumnLinear for lin in linears):  # e.g. LoRA-wrapped: unfused gather
@@ -51,12 +47,9 @@ def column_in(x, linears, tiling):
 
 
 def row_out(h, linear, tiling):
-    """linear(h) (reduce-scattered along the sequence when tiling.scatter_out); h itself while the
-    layer streams the block's output (tiling.streams: the stream applies the linear tile by tile)."""
+    """linear(h) (reduce-scattered along the sequence when tiling.scatter_out)."""
     if tiling is None or not tiling.scatter_out:
         return linear(h)
-    if tiling.streams:
-        return h
     if type(linear) is not RowLinear:
         return C.reduce_scatter(linear(h), SEQ_DIM, tiling.positions, tiling.group)
     bias = linear.bias if linear.owns_bias else None

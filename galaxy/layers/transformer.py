@@ -11,9 +11,8 @@ from functools import partial
 import torch
 from torch import nn
 
-from galaxy.comm import overlap, stats
+from galaxy.comm import stats
 from galaxy.layers.dropout import LayoutInvariantDropout, masks_as_in_forward
-from galaxy.layers.linear import ColumnLinear, RowLinear
 from galaxy.layers.param_spec import GradSum, set_spec
 from galaxy.layers.placement import PRODUCES, REPLICATE, SEQ, consumes, redistribute
 from galaxy.layers.tiling import tiling_for
@@ -64,46 +63,8 @@ class TransformerLayer(nn.Module):
         return consumes(self.plan.con)
 
     def forward(self, x, attn_bias=None):
-        if self.streams():
-            return self._streamed(x, attn_bias)
         x = sublayer(self.attn, self.plan.att, self.con1, x, self.input_placement, attn_bias, norm=self.norm_in)
         return sublayer(self.mlp, self.plan.mlp, self.con2, x, self.output_placement, norm=self.norm_mid)
-
-    def streams(self):
-        """Inference (no autograd, eval) with ATT's output scattered to an SP connective and MLP's input
-        gathered from it, both tiled over plain linears: the three run as one stream of tiles."""
-        att, mlp = self.attn.tiling, self.mlp.tiling
-        linears = [lin for lin in (self.mlp.gate, self.mlp.up) if lin is not None]
-        return (not torch.is_grad_enabled() and not self.training and att is not None and att.scatter_out
-                and mlp is not None and mlp.gather_in and type(self.attn.o) is RowLinear
-                and all(type(lin) is ColumnLinear for lin in linears))
-
-    def _streamed(self, x, attn_bias):
-        """sublayer(ATT) then sublayer(MLP), with ATT's reduce-scatter, CON1 and MLP's all-gather as one
-        overlap.TileStream over ATT's scatter tiles: the MLP's first linears start on tile 0."""
-        ctx, tiling, kept = self.con1.ctx, self.attn.tiling, []
-        h = x if self.norm_in is None else self.norm_in(x)
-        with stats.site("Attention in"):
-            h = h if tiling.gather_in else redistribute(h, self.input_placement, self.plan.att, ctx)
-        tiling.streams = True
-        try:
-            with stats.site("Attention"):
-                h = self.attn(h, attn_bias)  # the output projection's input: the stream applies it
-        finally:
-            tiling.streams = False
-        with stats.site("residual -> connective"):
-            residual = redistribute(x, self.input_placement, self.plan.con, ctx)
-
-        def connect(rows, local):  # CON1 on this rank's rows of one tile; MLP's input is their norm
-            kept.append(self.con1(rows, residual[:, local]))
-            return kept[-1] if self.norm_mid is None else self.norm_mid(kept[-1])
-
-        o = self.attn.o
-        stream = overlap.TileStream(h, o.weight, o.bias if o.owns_bias else None, connect,
-                                    tiling.scatter_tiles, tiling.group)
-        with stats.site("MLP"):
-            out = self.mlp(stream)
-        return self.con2(out, torch.cat(kept, dim=1))
 
 
 def sublayer(block, method, con, x, placement, *args, norm=None, **kwargs):
