@@ -24,6 +24,7 @@ MODELS = {"bert": (BERT, BERT_SPLITS), "llama": (LLAMA, LLAMA_SPLITS), "bart": (
 CASES = [("bert", "galaxy"), ("bert", "tp"), ("llama", "galaxy"), ("bart", "galaxy"), ("bert", "pp"), ("llama", "pp")]
 # 3 layers: uneven stages at world 2, one layer a stage at world 3
 STAGES = {2: [2, 1], 3: [1, 1, 1]}
+TILED = {"bert": [1, 2], "llama": 3, "bart": 2}
 
 
 def config(model, layout, world, **extra):
@@ -63,6 +64,9 @@ def _infer_cases(rank, world, checkpoint):
         out[model, layout] = _infer_once(config(model, layout, world), world, rank)
     # weights from a checkpoint, not from the seed: built with another seed, then loaded
     out["bert", "galaxy, loaded"] = _infer_once(config("bert", "galaxy", world, load_checkpoint=checkpoint), world, rank)
+    for model, tiles in TILED.items():  # the tiled collectives fused into the linears, in eval
+        cfg = config(model, "galaxy", world, overlap_tiles=tiles)
+        out[model, f"galaxy, tiles {tiles}"] = _infer_once(cfg, world, rank)
     return out
 
 
@@ -75,6 +79,7 @@ def _infer_once(cfg, world, rank):
 def test_inference_matches_serial(world, tmp_path):
     want = {(model, layout): serial_output(model) for model, layout in CASES}
     want["bert", "galaxy, loaded"] = serial_output("bert", tmp_path, seed=7)
+    want.update({(model, f"galaxy, tiles {tiles}"): serial_output(model) for model, tiles in TILED.items()})
     for rank, outputs in enumerate(run_ranks(_infer_cases, world, str(tmp_path), timeout_s=240)):
         assert outputs.keys() == want.keys()
         last_stage = rank == world - 1
