@@ -55,7 +55,7 @@ def traced(trace_dir, rank, model, current_step):
         timeline.record(name, "comm", start_s, dur_s, lane=lane, bytes=nbytes, phase=phase, step=current_step())
         timeline.comm.add(current_step(), name, nbytes)
 
-    def step_span(metrics):  # the optimizer step that just ended, in the "step" lane
+    def step_span(metrics):  # the step that just ended (an optimizer step, or a request), in the "step" lane
         dur = metrics["step_time_s"]
         timeline.record(f"step {metrics['step']}", "step", time.perf_counter() - dur, dur)
 
